@@ -1,0 +1,226 @@
+//! Parsing: the tokens of `#[cached(...)]` into [`CachedArgs`], each value kept with its span.
+//! Nothing here judges a value against the rules; that is `validate.rs`.
+
+use proc_macro2::{Span, TokenStream};
+use syn::ext::IdentExt;
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Expr, ExprLit, Ident, Lit, LitInt, LitStr, Meta, Path, Token};
+
+use crate::ctxt::{Errors, Once};
+
+/// What `db = ...` names.
+pub(crate) enum DbArg {
+    /// `db = MarketData`: a marker type (the only accepted form).
+    Type(Path),
+    /// `db = 5`: a hard-coded number, kept so that validation can reject it on its token.
+    Number(LitInt),
+}
+
+/// A TTL in seconds, from `ttl = 300` or `ttl = "5m"`, with the literal's span.
+pub(crate) struct Ttl {
+    pub(crate) seconds: u64,
+    pub(crate) span: Span,
+}
+
+/// The options of one `#[cached(...)]`, as written. Absent options are `None`.
+pub(crate) struct CachedArgs {
+    pub(crate) db: Option<DbArg>,
+    pub(crate) prefix: Option<LitStr>,
+    pub(crate) ttl: Option<Ttl>,
+    pub(crate) skip: Vec<Ident>,
+    pub(crate) version: Option<(u32, Span)>,
+}
+
+pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version";
+
+impl CachedArgs {
+    /// Parses every option, recording each problem in `errors` and going on with the next.
+    pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> CachedArgs {
+        let mut db = Once::new("db");
+        let mut prefix = Once::new("prefix");
+        let mut ttl = Once::new("ttl");
+        let mut skip = Once::new("skip");
+        let mut version = Once::new("version");
+
+        let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
+            Ok(metas) => metas,
+            Err(e) => {
+                errors.push(e);
+                Punctuated::new()
+            }
+        };
+        for meta in metas {
+            let name = meta
+                .path()
+                .get_ident()
+                .map(Ident::to_string)
+                .unwrap_or_default();
+            let at = meta.path().span();
+            match (name.as_str(), &meta) {
+                ("db", Meta::NameValue(nv)) => {
+                    if let Some(v) = parse_db(&nv.value, errors) {
+                        db.set(errors, at, v)
+                    }
+                }
+                ("prefix", Meta::NameValue(nv)) => match &nv.value {
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Str(s), ..
+                    }) => prefix.set(errors, at, s.clone()),
+                    other => errors.on(
+                        other,
+                        "`prefix` takes a string literal, e.g. `prefix = \"market\"`",
+                    ),
+                },
+                ("ttl", Meta::NameValue(nv)) => {
+                    if let Some(v) = parse_ttl(&nv.value, errors) {
+                        ttl.set(errors, at, v)
+                    }
+                }
+                ("version", Meta::NameValue(nv)) => match &nv.value {
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Int(i), ..
+                    }) => match i.base10_parse::<u32>() {
+                        Ok(n) => version.set(errors, at, (n, i.span())),
+                        Err(_) => errors.on(i, "`version` is a whole number from 0 to 4294967295"),
+                    },
+                    other => errors.on(other, "`version` takes a number, e.g. `version = 2`"),
+                },
+                ("skip", Meta::List(list)) => {
+                    match list.parse_args_with(|input: syn::parse::ParseStream| {
+                        Punctuated::<Ident, Token![,]>::parse_terminated_with(
+                            input,
+                            Ident::parse_any,
+                        )
+                    }) {
+                        Ok(names) => skip.set(errors, at, names.into_iter().collect()),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                ("db" | "prefix" | "ttl" | "version", _) => {
+                    errors.on(&meta, format_args!("write `{name} = ...`"))
+                }
+                ("skip", _) => errors.on(
+                    &meta,
+                    "write `skip(arg, ...)` with the parameters to leave out of the key",
+                ),
+                _ => errors.on(
+                    meta.path(),
+                    format_args!(
+                        "unknown option `{}`: #[cached] takes {OPTIONS}",
+                        path_text(meta.path())
+                    ),
+                ),
+            }
+        }
+        CachedArgs {
+            db: db.get(),
+            prefix: prefix.get(),
+            ttl: ttl.get(),
+            skip: skip.get().unwrap_or_default(),
+            version: version.get(),
+        }
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect::<Vec<_>>()
+        .join("::")
+}
+
+fn parse_db(value: &Expr, errors: &mut Errors) -> Option<DbArg> {
+    match value {
+        Expr::Path(p) if p.qself.is_none() => Some(DbArg::Type(p.path.clone())),
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => Some(DbArg::Number(i.clone())),
+        other => {
+            errors.on(
+                other,
+                "`db` takes a DB type, e.g. `db = MarketData` (see cache_runtime::db)",
+            );
+            None
+        }
+    }
+}
+
+fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
+    let parsed = match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i
+            .base10_parse::<u64>()
+            .map_err(|_| "`ttl` is a whole number of seconds"),
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => parse_duration(&s.value()),
+        _ => Err("`ttl` takes seconds or a duration literal, e.g. `ttl = 300` or `ttl = \"5m\"`"),
+    };
+    match parsed {
+        Ok(seconds) => Some(Ttl {
+            seconds,
+            span: value.span(),
+        }),
+        Err(message) => {
+            errors.on(value, message);
+            None
+        }
+    }
+}
+
+/// `"90s"`, `"5m"`, `"1h30m"`, `"2d"`: numbers each followed by a unit (s, m, h, d).
+pub(crate) fn parse_duration(text: &str) -> Result<u64, &'static str> {
+    const HELP: &str =
+        "a duration is numbers with units s, m, h or d, e.g. \"90s\", \"5m\", \"1h30m\"";
+    let mut total: u64 = 0;
+    let mut number: Option<u64> = None;
+    for c in text.trim().chars() {
+        if let Some(d) = c.to_digit(10) {
+            number = Some(
+                number
+                    .unwrap_or(0)
+                    .checked_mul(10)
+                    .and_then(|n| n.checked_add(u64::from(d)))
+                    .ok_or(HELP)?,
+            );
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(HELP),
+        };
+        let n = number.take().ok_or(HELP)?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|s| total.checked_add(s))
+            .ok_or(HELP)?;
+    }
+    if number.is_some() || text.trim().is_empty() {
+        return Err(HELP);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration("2d"), Ok(172_800));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

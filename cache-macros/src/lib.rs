@@ -1,0 +1,36 @@
+//! Attribute macros of `cache-runtime`. Depend on `cache-runtime`, which re-exports them; the
+//! user documentation is there and on each macro below.
+//!
+//! Where things are: `args.rs` parses an attribute into a model, `validate.rs` holds every rule
+//! and its message, `expand/` generates code (one file per attribute), `ctxt.rs` collects errors.
+
+mod args;
+mod ctxt;
+mod expand;
+mod validate;
+
+use proc_macro::TokenStream;
+
+/// Caches an `async fn`'s results under a namespaced, hashed key with a TTL.
+///
+/// ```ignore
+/// use cache_runtime::{cached, db::MarketData};
+///
+/// #[cached(db = MarketData, prefix = "market", ttl = 300)]
+/// async fn quote(symbol: &str) -> Result<Quote, FeedError> { feed.fetch(symbol).await }
+/// ```
+///
+/// | option | required | meaning |
+/// |---|---|---|
+/// | `db = Type` | yes | the Redis DB, by marker type (`cache_runtime::db`); numbers and `Reserved` do not compile |
+/// | `prefix = "..."` | yes | namespace: lowercase letters, digits, `_`, `-` |
+/// | `ttl = 300` / `ttl = "5m"` | yes | seconds (or s/m/h/d units), more than 0 |
+/// | `skip(a, b)` | no | parameters left out of the key (pools, handles); `self` never is in it |
+/// | `version = 2` | no | goes into the key, to retire entries when the value's shape changes |
+///
+/// `Result<T, E>` caches only `Ok`, `Option<T>` only `Some`, any other type always. Cache
+/// failures never reach the caller: the function runs, and the failure is logged and counted.
+#[proc_macro_attribute]
+pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::cached::expand(args.into(), item.into()).into()
+}

@@ -1,0 +1,190 @@
+//! Validation: the parsed options of `#[cached]` and the function they sit on, checked against
+//! the platform's rules. Every rule the compiler enforces for users is here, with its message.
+
+use proc_macro2::Span;
+use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Type};
+
+use crate::args::{CachedArgs, DbArg, OPTIONS};
+use crate::ctxt::Errors;
+
+/// Which part of the return value is cached (see `cache_runtime::__private::Policy`).
+pub(crate) enum Policy {
+    Whole,
+    OkOnly,
+    SomeOnly,
+}
+
+/// A `#[cached]` function that follows every rule: what the expansion needs, nothing more.
+pub(crate) struct CachedFn {
+    pub(crate) db: Path,
+    pub(crate) prefix: LitStr,
+    pub(crate) ttl_seconds: u64,
+    pub(crate) version: Option<u32>,
+    /// The parameters hashed into the key, in declaration order.
+    pub(crate) key_params: Vec<Ident>,
+    pub(crate) ret: Type,
+    pub(crate) policy: Policy,
+}
+
+/// Checks everything, reporting every problem; `None` if there was any.
+pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Option<CachedFn> {
+    let db = db(args.db, errors);
+    let prefix = prefix(args.prefix, errors);
+    let ttl_seconds = ttl(args.ttl, errors);
+    let key_params = key_params(func, &args.skip, errors);
+    let ret = return_type(func, errors);
+    if func.sig.asyncness.is_none() {
+        errors.on(
+            func.sig.fn_token,
+            "#[cached] needs an `async fn`: a cache lookup is network I/O and must not block the caller; write `async fn`",
+        );
+    }
+    let (policy, ret) = ret?;
+    Some(CachedFn {
+        db: db?,
+        prefix: prefix?,
+        ttl_seconds: ttl_seconds?,
+        version: args.version.map(|(v, _)| v),
+        key_params: key_params?,
+        ret,
+        policy,
+    })
+}
+
+fn missing(option: &str, example: &str, why: &str) -> syn::Error {
+    syn::Error::new(
+        Span::call_site(),
+        format!("missing option `{option}`: {why}; add `{example}` (options: {OPTIONS})"),
+    )
+}
+
+fn db(db: Option<DbArg>, errors: &mut Errors) -> Option<Path> {
+    match db {
+        None => {
+            errors.push(missing(
+                "db",
+                "db = MarketData",
+                "every cached function names its Redis DB by type",
+            ));
+            None
+        }
+        Some(DbArg::Number(n)) => {
+            errors.on(
+                &n,
+                format_args!(
+                    "hard-coded DB numbers are forbidden by the DB allocation standard: name the DB by its type instead of `{n}`, e.g. `db = MarketData` (the types are in cache_runtime::db)"
+                ),
+            );
+            None
+        }
+        Some(DbArg::Type(path)) if path.segments.last().is_some_and(|s| s.ident == "Reserved") => {
+            errors.on(&path, "DB 15 (`Reserved`) is reserved for the platform: pick a DB type for 0-14 from cache_runtime::db");
+            None
+        }
+        Some(DbArg::Type(path)) => Some(path),
+    }
+}
+
+fn prefix(prefix: Option<LitStr>, errors: &mut Errors) -> Option<LitStr> {
+    let Some(lit) = prefix else {
+        errors.push(missing(
+            "prefix",
+            "prefix = \"market\"",
+            "keys without a namespace are forbidden",
+        ));
+        return None;
+    };
+    // The same rule as `cache_runtime::prefix_problem`, which checks handles at run time.
+    let text = lit.value();
+    let problem = if text.is_empty() {
+        Some("a prefix may not be empty: every key needs a namespace")
+    } else if text.contains(':') {
+        Some(
+            "a prefix may not contain `:`: the runtime adds the separators (`prefix:function:...`)",
+        )
+    } else if !text
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        Some("a prefix may hold only lowercase letters, digits, `_` and `-`")
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => {
+            errors.on(&lit, problem);
+            None
+        }
+        None => Some(lit),
+    }
+}
+
+fn ttl(ttl: Option<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
+    match ttl {
+        None => {
+            errors.push(missing("ttl", "ttl = 300", "every cache entry must expire"));
+            None
+        }
+        Some(t) if t.seconds == 0 => {
+            errors.at(
+                t.span,
+                "`ttl` must be more than 0 seconds: every cache entry must expire",
+            );
+            None
+        }
+        Some(t) => Some(t.seconds),
+    }
+}
+
+/// The typed parameters, minus `skip`ped ones; every `skip` name must be a parameter.
+fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<Ident>> {
+    let mut ok = true;
+    let mut params = Vec::new();
+    for input in &func.sig.inputs {
+        let FnArg::Typed(typed) = input else { continue };
+        match &*typed.pat {
+            Pat::Ident(p) if p.subpat.is_none() => params.push(p.ident.clone()),
+            other => {
+                ok = false;
+                errors.on(other, "#[cached] hashes each parameter by name: bind this parameter to a plain name (destructure it in the body)");
+            }
+        }
+    }
+    for name in skip {
+        if name == "self" {
+            ok = false;
+            errors.on(
+                name,
+                "`self` is never part of the key: remove it from `skip`",
+            );
+        } else if !params.contains(name) {
+            ok = false;
+            errors.on(name, format_args!("`{name}` is not a parameter of `{}`: `skip` names parameters to leave out of the key", func.sig.ident));
+        }
+    }
+    ok.then(|| params.into_iter().filter(|p| !skip.contains(p)).collect())
+}
+
+fn return_type(func: &ItemFn, errors: &mut Errors) -> Option<(Policy, Type)> {
+    let ReturnType::Type(_, ty) = &func.sig.output else {
+        errors.on(
+            &func.sig.ident,
+            "a #[cached] function must return the value to cache: this one returns nothing",
+        );
+        return None;
+    };
+    let last = match &**ty {
+        Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.to_string()),
+        _ => None,
+    };
+    let policy = match last.as_deref() {
+        Some("Result") => Policy::OkOnly,
+        Some("Option") => Policy::SomeOnly,
+        _ => Policy::Whole,
+    };
+    if matches!(&**ty, Type::ImplTrait(_)) {
+        errors.on(ty, "a #[cached] function must return a concrete type the cache can store (Serialize + Deserialize), not `impl Trait`");
+        return None;
+    }
+    Some((policy, (**ty).clone()))
+}

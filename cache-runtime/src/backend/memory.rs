@@ -1,0 +1,123 @@
+//! The embedded backend: one moka cache per DB, each entry expiring at its own deadline.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use moka::Expiry;
+
+#[derive(Clone)]
+struct Entry {
+    bytes: Arc<[u8]>,
+    expires_at: Instant,
+}
+
+impl Entry {
+    fn remaining(&self, now: Instant) -> Duration {
+        self.expires_at.saturating_duration_since(now)
+    }
+}
+
+/// Each entry lives until its own `expires_at`, as with `SET ... EX` on Redis.
+struct UntilDeadline;
+
+impl Expiry<String, Entry> for UntilDeadline {
+    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
+        Some(entry.remaining(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.remaining(now))
+    }
+}
+
+pub(crate) struct MemoryBackend {
+    capacity: u64,
+    dbs: [OnceLock<Cache<String, Entry>>; 16],
+}
+
+impl MemoryBackend {
+    pub(crate) fn new(capacity: u64) -> Self {
+        MemoryBackend {
+            capacity,
+            dbs: Default::default(),
+        }
+    }
+
+    fn db(&self, db: u8) -> &Cache<String, Entry> {
+        self.dbs[usize::from(db & 0x0f)].get_or_init(|| {
+            Cache::builder()
+                .max_capacity(self.capacity)
+                .expire_after(UntilDeadline)
+                .build()
+        })
+    }
+
+    /// A live entry; moka may still hold an expired one until its next maintenance run.
+    fn live(&self, db: u8, key: &str) -> Option<Entry> {
+        let now = Instant::now();
+        self.db(db).get(key).filter(|e| e.expires_at > now)
+    }
+
+    pub(crate) fn get_with<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Option<T> {
+        self.live(db, key).map(|e| decode(&e.bytes))
+    }
+
+    pub(crate) fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) {
+        let entry = Entry {
+            bytes: Arc::from(value),
+            expires_at: Instant::now() + ttl,
+        };
+        self.db(db).insert(key.to_owned(), entry);
+    }
+
+    pub(crate) fn delete(&self, db: u8, key: &str) -> bool {
+        self.db(db)
+            .remove(key)
+            .is_some_and(|e| e.expires_at > Instant::now())
+    }
+
+    pub(crate) fn exists(&self, db: u8, key: &str) -> bool {
+        self.live(db, key).is_some()
+    }
+
+    pub(crate) fn expire(&self, db: u8, key: &str, ttl: Duration) -> bool {
+        match self.live(db, key) {
+            Some(mut entry) => {
+                entry.expires_at = Instant::now() + ttl;
+                self.db(db).insert(key.to_owned(), entry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn ttl(&self, db: u8, key: &str) -> Option<Duration> {
+        self.live(db, key).map(|e| e.remaining(Instant::now()))
+    }
+
+    pub(crate) fn clear(&self, db: u8, prefix: &str) -> u64 {
+        let pattern = format!("{prefix}:");
+        let cache = self.db(db);
+        let keys: Vec<Arc<String>> = cache
+            .iter()
+            .filter(|(k, _)| k.starts_with(&pattern))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &keys {
+            cache.invalidate(key.as_str());
+        }
+        keys.len() as u64
+    }
+}

@@ -1,0 +1,160 @@
+//! The Redis backend: one auto-reconnecting multiplexed connection per DB number, the DB selected
+//! when the connection is made (so no `SELECT` ever travels with a command).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::RedisTarget;
+use crate::error::BackendError;
+
+/// How many keys one `SCAN` step asks for when clearing a prefix.
+const SCAN_COUNT: usize = 1000;
+
+pub(crate) struct RedisBackend {
+    target: RedisTarget,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    dbs: [OnceLock<ConnectionManager>; 16],
+}
+
+impl RedisBackend {
+    pub(crate) fn new(
+        target: RedisTarget,
+        connect_timeout: Duration,
+        op_timeout: Duration,
+    ) -> Self {
+        RedisBackend {
+            target,
+            connect_timeout,
+            op_timeout,
+            dbs: Default::default(),
+        }
+    }
+
+    /// The connection for `db`, made on first use. `ConnectionManager` connects lazily and
+    /// reconnects by itself after the server comes back, so a server that is down at start-up is
+    /// not an error here: the first command reports it.
+    fn conn(&self, db: u8) -> Result<ConnectionManager, BackendError> {
+        let cell = &self.dbs[usize::from(db & 0x0f)];
+        if let Some(conn) = cell.get() {
+            return Ok(conn.clone());
+        }
+        let client = redis::Client::open(self.target.for_db(db))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.op_timeout))
+            // Reconnect attempts are cheap and bounded; the caller's own timeout bounds the wait,
+            // and the next command starts a fresh attempt.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(cell.get_or_init(|| conn).clone())
+    }
+
+    pub(crate) async fn get_with<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, BackendError> {
+        let mut conn = self.conn(db)?;
+        let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
+        Ok(bytes.map(|b| decode(&b)))
+    }
+
+    pub(crate) async fn set(
+        &self,
+        db: u8,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let mut conn = self.conn(db)?;
+        // PX in the same command: no key is ever left without an expiry.
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        let mut conn = self.conn(db)?;
+        let n: u64 = redis::cmd("UNLINK").arg(key).query_async(&mut conn).await?;
+        Ok(n > 0)
+    }
+
+    pub(crate) async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        let mut conn = self.conn(db)?;
+        let n: u64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
+        Ok(n > 0)
+    }
+
+    pub(crate) async fn expire(
+        &self,
+        db: u8,
+        key: &str,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let mut conn = self.conn(db)?;
+        let n: u64 = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl_millis(ttl))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n > 0)
+    }
+
+    pub(crate) async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
+        let mut conn = self.conn(db)?;
+        // -2: no such key; -1: no expiry (never written by this crate).
+        let ms: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    /// SCAN + UNLINK over `prefix:*` only: never `KEYS`, never `FLUSHDB`.
+    pub(crate) async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
+        let mut conn = self.conn(db)?;
+        let pattern = format!("{prefix}:*");
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await?;
+                removed += n;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    pub(crate) async fn ping(&self, db: u8) -> Result<(), BackendError> {
+        let mut conn = self.conn(db)?;
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// Milliseconds for `PX`/`PEXPIRE`, never 0 (Redis rejects 0).
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}

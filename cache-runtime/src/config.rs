@@ -1,0 +1,353 @@
+//! What the runtime connects to: built in code ([`CacheConfig`]) or read from the environment the
+//! Python services already use ([`CacheConfig::from_env`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::IntoConnectionInfo;
+
+/// Default bound on every backend call; a dead server costs a cached call at most this much.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default bound on opening a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default number of entries the embedded backend keeps per DB before evicting.
+pub const DEFAULT_MEMORY_CAPACITY: u64 = 100_000;
+
+/// Which store serves the cache.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// The embedded in-process backend (moka): no server, per-entry TTL, not shared between
+    /// processes.
+    Memory,
+    /// A Redis server, one pooled client per DB number.
+    Redis(RedisTarget),
+    /// No caching: every call runs the function.
+    None,
+}
+
+/// Where the Redis server is. Its `Debug` and `Display` never show the password.
+#[derive(Clone)]
+pub struct RedisTarget {
+    pub(crate) info: redis::ConnectionInfo,
+}
+
+impl RedisTarget {
+    /// Parses a `redis://[user:password@]host:port[/db]` URL. The DB in the URL is ignored:
+    /// each cached function names its DB by type.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let info = url
+            .into_connection_info()
+            .map_err(|e| ConfigError::InvalidRedisUrl {
+                url: redact_url(url),
+                reason: e.to_string(),
+            })?;
+        Ok(RedisTarget { info })
+    }
+
+    /// `host:port`, for logs.
+    pub fn address(&self) -> String {
+        self.info.addr().to_string()
+    }
+
+    pub(crate) fn for_db(&self, db: u8) -> redis::ConnectionInfo {
+        let settings = self.info.redis_settings().clone().set_db(i64::from(db));
+        self.info.clone().set_redis_settings(settings)
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let has_password = self.info.redis_settings().password().is_some();
+        f.debug_struct("RedisTarget")
+            .field("address", &self.address())
+            .field(
+                "password",
+                &if has_password { "<redacted>" } else { "<none>" },
+            )
+            .finish()
+    }
+}
+
+impl fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis://{}", self.address())
+    }
+}
+
+/// Replaces the password of a URL-like string by `***`, for error messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The runtime's configuration. Build it with [`CacheConfig::memory`], [`CacheConfig::redis`],
+/// [`CacheConfig::disabled`] or [`CacheConfig::from_env`], then adjust with the `with_*` methods.
+///
+/// ```
+/// use std::time::Duration;
+/// use cache_runtime::CacheConfig;
+///
+/// let config = CacheConfig::redis("redis://:secret@127.0.0.1:6379")?
+///     .with_op_timeout(Duration::from_millis(100));
+/// assert!(!format!("{config:?}").contains("secret"));
+/// # Ok::<(), cache_runtime::ConfigError>(())
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CacheConfig {
+    /// Which store serves the cache.
+    pub backend: BackendKind,
+    /// Bound on each backend call (get, set, delete, ...). A call that takes longer counts as a
+    /// backend error and the cached function runs as if it had missed.
+    pub op_timeout: Duration,
+    /// Bound on opening a connection to Redis.
+    pub connect_timeout: Duration,
+    /// Entries the embedded backend keeps per DB.
+    pub memory_capacity: u64,
+}
+
+impl CacheConfig {
+    fn with_backend(backend: BackendKind) -> Self {
+        CacheConfig {
+            backend,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            memory_capacity: DEFAULT_MEMORY_CAPACITY,
+        }
+    }
+
+    /// The embedded in-process backend.
+    pub fn memory() -> Self {
+        Self::with_backend(BackendKind::Memory)
+    }
+
+    /// A Redis server at `url` (`redis://[:password@]host:port`).
+    pub fn redis(url: &str) -> Result<Self, ConfigError> {
+        Ok(Self::with_backend(BackendKind::Redis(
+            RedisTarget::from_url(url)?,
+        )))
+    }
+
+    /// No caching at all.
+    pub fn disabled() -> Self {
+        Self::with_backend(BackendKind::None)
+    }
+
+    /// Sets the bound on each backend call.
+    pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Sets the bound on opening a connection.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets how many entries the embedded backend keeps per DB.
+    pub fn with_memory_capacity(mut self, entries: u64) -> Self {
+        self.memory_capacity = entries;
+        self
+    }
+
+    /// Reads the variables the services already use:
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `CACHE_ENABLED` | `false`/`0`/`no`/`off` turns caching off |
+    /// | `CACHE_BACKEND` | `memory`, `redis` or `none` (case-insensitive) |
+    /// | `REDIS_URL` | `redis://[:password@]host:port` |
+    /// | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD` | used when `REDIS_URL` is unset |
+    /// | `CACHE_OP_TIMEOUT_MS` | bound on each backend call, in milliseconds |
+    ///
+    /// With no `CACHE_BACKEND`, Redis serves when `REDIS_URL` or `REDIS_HOST` is set, and the
+    /// embedded backend otherwise. `CACHE_BACKEND=redis` with neither set means
+    /// `redis://127.0.0.1:6379`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+    }
+
+    /// [`Self::from_env`] over any source of variables (tests use a map).
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        if let Some(enabled) = var("CACHE_ENABLED") {
+            match enabled.trim().to_ascii_lowercase().as_str() {
+                "false" | "0" | "no" | "off" => return Ok(Self::disabled().with_env_timeout(&var)?),
+                "true" | "1" | "yes" | "on" => {}
+                _ => {
+                    return Err(ConfigError::InvalidValue {
+                        variable: "CACHE_ENABLED",
+                        value: enabled,
+                        expected: "true or false",
+                    })
+                }
+            }
+        }
+        let redis_url = || -> Result<Option<String>, ConfigError> {
+            if let Some(url) = var("REDIS_URL") {
+                return Ok(Some(url));
+            }
+            let Some(host) = var("REDIS_HOST") else {
+                return Ok(None);
+            };
+            let port = var("REDIS_PORT").unwrap_or_else(|| "6379".to_owned());
+            if port.trim().parse::<u16>().is_err() {
+                return Err(ConfigError::InvalidValue {
+                    variable: "REDIS_PORT",
+                    value: port,
+                    expected: "a port number",
+                });
+            }
+            let auth = var("REDIS_PASSWORD")
+                .map(|p| format!(":{p}@"))
+                .unwrap_or_default();
+            Ok(Some(format!(
+                "redis://{auth}{}:{}",
+                host.trim(),
+                port.trim()
+            )))
+        };
+        let config = match var("CACHE_BACKEND").map(|b| b.trim().to_ascii_lowercase()) {
+            None => match redis_url()? {
+                Some(url) => Self::redis(&url)?,
+                None => Self::memory(),
+            },
+            Some(b) if b == "memory" => Self::memory(),
+            Some(b) if b == "none" => Self::disabled(),
+            Some(b) if b == "redis" => {
+                Self::redis(&redis_url()?.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()))?
+            }
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    variable: "CACHE_BACKEND",
+                    value: other,
+                    expected: "memory, redis or none",
+                })
+            }
+        };
+        config.with_env_timeout(&var)
+    }
+
+    fn with_env_timeout(self, var: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        match var("CACHE_OP_TIMEOUT_MS") {
+            None => Ok(self),
+            Some(ms) => match ms.trim().parse::<u64>() {
+                Ok(ms) if ms > 0 => Ok(self.with_op_timeout(Duration::from_millis(ms))),
+                _ => Err(ConfigError::InvalidValue {
+                    variable: "CACHE_OP_TIMEOUT_MS",
+                    value: ms,
+                    expected: "a whole number of milliseconds greater than 0",
+                }),
+            },
+        }
+    }
+}
+
+/// Configuration that cannot be used. Reported when the runtime is built, never later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The Redis URL does not parse (the password, if any, is replaced by `***`).
+    InvalidRedisUrl {
+        /// The URL, redacted.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// An environment variable holds a value the runtime does not understand.
+    InvalidValue {
+        /// The variable's name.
+        variable: &'static str,
+        /// What it held.
+        value: String,
+        /// What it may hold.
+        expected: &'static str,
+    },
+    /// [`crate::init`] was called after a runtime was already installed.
+    AlreadyInitialized,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::InvalidRedisUrl { url, reason } => {
+                write!(f, "invalid Redis URL `{url}`: {reason} (expected redis://[:password@]host:port)")
+            }
+            ConfigError::InvalidValue { variable, value, expected } => {
+                write!(f, "{variable}=`{value}` is not valid: expected {expected}")
+            }
+            ConfigError::AlreadyInitialized => write!(
+                f,
+                "the cache runtime is already initialized (cache_runtime::init runs once, before the first cached call)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<CacheConfig, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        CacheConfig::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn nothing_configured_means_memory() {
+        assert!(matches!(from(&[]).unwrap().backend, BackendKind::Memory));
+    }
+
+    #[test]
+    fn redis_host_without_backend_means_redis() {
+        let config = from(&[("REDIS_HOST", "10.1.2.3"), ("REDIS_PORT", "6380")]).unwrap();
+        match config.backend {
+            BackendKind::Redis(target) => assert_eq!(target.address(), "10.1.2.3:6380"),
+            other => panic!("expected redis, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cache_enabled_false_wins() {
+        let config = from(&[("CACHE_ENABLED", "false"), ("REDIS_URL", "redis://x:1")]).unwrap();
+        assert!(matches!(config.backend, BackendKind::None));
+    }
+
+    #[test]
+    fn unknown_backend_is_an_error() {
+        let err = from(&[("CACHE_BACKEND", "memcached")]).unwrap_err();
+        assert!(err.to_string().contains("memory, redis or none"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_is_an_error_without_the_password() {
+        let err = from(&[("REDIS_URL", "redis://:hunter2@exa mple:notaport")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("invalid Redis URL"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn password_never_in_debug_or_display() {
+        let config = from(&[("REDIS_HOST", "h"), ("REDIS_PASSWORD", "hunter2")]).unwrap();
+        let BackendKind::Redis(target) = &config.backend else {
+            panic!("expected redis")
+        };
+        assert_eq!(target.info.redis_settings().password(), Some("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert!(!format!("{target}").contains("hunter2"));
+    }
+}

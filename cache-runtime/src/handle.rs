@@ -1,0 +1,238 @@
+//! [`Cache`]: a typed handle for direct use, the equivalent of the teams' `BaseRedisCache[T]`.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::db::CacheDb;
+use crate::error::CacheError;
+use crate::runtime::Runtime;
+
+/// Why a prefix breaks the naming rule, or `None` when it follows it: lowercase ASCII letters,
+/// digits, `_` and `-`, not empty. (`#[cached]` applies the same rule at compile time, in
+/// `cache-macros/src/validate.rs`.)
+pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
+    if prefix.is_empty() {
+        return Some("a prefix may not be empty: every key needs a namespace");
+    }
+    if prefix.contains(':') {
+        return Some("a prefix may not contain `:`: the runtime adds the separators");
+    }
+    if !prefix
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Some("a prefix may hold only lowercase letters, digits, `_` and `-`");
+    }
+    None
+}
+
+/// Values of type `T` under `{prefix}:{key}` in DB `D`, each written with a TTL.
+///
+/// Same behaviour on every backend. It uses the runtime current where each call is made
+/// ([`Runtime::current`]) unless [`Cache::with_runtime`] names one.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use cache_runtime::{db::MarketData, Cache, CacheConfig, Runtime};
+///
+/// let runtime = Runtime::new(CacheConfig::memory());
+/// let prices = Cache::<MarketData, f64>::new("price", Duration::from_secs(60))?.with_runtime(runtime);
+/// prices.set("AAPL", &150.25).await?;
+/// assert_eq!(prices.get("AAPL").await?, Some(150.25));
+/// assert!(prices.ttl("AAPL").await?.unwrap() <= Duration::from_secs(60));
+/// # Ok::<(), cache_runtime::CacheError>(())
+/// # }).unwrap();
+/// ```
+pub struct Cache<D: CacheDb, T> {
+    prefix: String,
+    default_ttl: Duration,
+    runtime: Option<Runtime>,
+    _types: PhantomData<fn() -> (D, T)>,
+}
+
+impl<D: CacheDb, T> Clone for Cache<D, T> {
+    fn clone(&self) -> Self {
+        Cache {
+            prefix: self.prefix.clone(),
+            default_ttl: self.default_ttl,
+            runtime: self.runtime.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<D: CacheDb, T> std::fmt::Debug for Cache<D, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("db", &D::NAME)
+            .field("prefix", &self.prefix)
+            .field("default_ttl", &self.default_ttl)
+            .finish()
+    }
+}
+
+impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
+    const DB: u8 = D::CHECKED_INDEX;
+
+    /// A handle over `{prefix}:*` in DB `D`. The prefix follows the naming rule
+    /// ([`prefix_problem`]) and the default TTL is more than zero: every entry expires.
+    pub fn new(prefix: &str, default_ttl: Duration) -> Result<Self, CacheError> {
+        if let Some(problem) = prefix_problem(prefix) {
+            return Err(CacheError::InvalidKey(format!(
+                "prefix `{prefix}`: {problem}"
+            )));
+        }
+        if default_ttl.is_zero() {
+            return Err(CacheError::InvalidKey(
+                "the default TTL must be more than zero: every entry must expire".into(),
+            ));
+        }
+        Ok(Cache {
+            prefix: prefix.to_owned(),
+            default_ttl,
+            runtime: None,
+            _types: PhantomData,
+        })
+    }
+
+    /// Serves this handle from `runtime` instead of the current one.
+    pub fn with_runtime(mut self, runtime: Runtime) -> Self {
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// The full key of `key`: `{prefix}:{key}`.
+    pub fn key(&self, key: &str) -> String {
+        format!("{}:{key}", self.prefix)
+    }
+
+    fn runtime(&self) -> Runtime {
+        self.runtime.clone().unwrap_or_else(Runtime::current)
+    }
+
+    /// The value under `key`, or `None`. A value that does not decode as `T` is an error.
+    pub async fn get(&self, key: &str) -> Result<Option<T>, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let found = rt
+            .backend
+            .get_with(rt.op_timeout, Self::DB, &self.key(key), |b| {
+                serde_json::from_slice::<T>(b)
+            })
+            .await
+            .inspect_err(|_| counters.backend_error())?;
+        match found {
+            Some(Ok(value)) => {
+                counters.hit();
+                Ok(Some(value))
+            }
+            Some(Err(e)) => {
+                counters.decode_failure();
+                counters.miss();
+                Err(CacheError::Decode(e))
+            }
+            None => {
+                counters.miss();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores `value` under `key` with the default TTL.
+    pub async fn set(&self, key: &str, value: &T) -> Result<(), CacheError> {
+        self.set_with_ttl(key, value, self.default_ttl).await
+    }
+
+    /// Stores `value` under `key` for `ttl` (more than zero).
+    pub async fn set_with_ttl(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<(), CacheError> {
+        if ttl.is_zero() {
+            return Err(CacheError::InvalidKey(
+                "a TTL must be more than zero: every entry must expire".into(),
+            ));
+        }
+        let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        rt.backend
+            .set(rt.op_timeout, Self::DB, &self.key(key), &bytes, ttl)
+            .await
+            .inspect_err(|_| counters.backend_error())?;
+        counters.fill();
+        Ok(())
+    }
+
+    /// Removes `key`; `true` if it was there.
+    pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        Ok(rt
+            .backend
+            .delete(rt.op_timeout, Self::DB, &self.key(key))
+            .await?)
+    }
+
+    /// Whether `key` holds a live entry.
+    pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        Ok(rt
+            .backend
+            .exists(rt.op_timeout, Self::DB, &self.key(key))
+            .await?)
+    }
+
+    /// Sets a new TTL (more than zero) on `key`; `false` if it was not there.
+    pub async fn expire(&self, key: &str, ttl: Duration) -> Result<bool, CacheError> {
+        if ttl.is_zero() {
+            return Err(CacheError::InvalidKey(
+                "a TTL must be more than zero; use delete to remove".into(),
+            ));
+        }
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        Ok(rt
+            .backend
+            .expire(rt.op_timeout, Self::DB, &self.key(key), ttl)
+            .await?)
+    }
+
+    /// Time left before `key` expires, or `None` if it is not there.
+    pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        Ok(rt
+            .backend
+            .ttl(rt.op_timeout, Self::DB, &self.key(key))
+            .await?)
+    }
+
+    /// Removes every key under this handle's prefix, and nothing else (SCAN + UNLINK on Redis;
+    /// never `KEYS`, never `FLUSHDB`). Returns how many were removed.
+    pub async fn clear(&self) -> Result<u64, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        // A clear walks the keyspace: give it many op timeouts, not one.
+        Ok(rt
+            .backend
+            .clear(rt.op_timeout * 100, Self::DB, &self.prefix)
+            .await?)
+    }
+
+    /// Whether the backend answers (PING on Redis).
+    pub async fn health_check(&self) -> Result<(), CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        Ok(rt.backend.ping(rt.op_timeout, Self::DB).await?)
+    }
+}

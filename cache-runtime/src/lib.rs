@@ -1,0 +1,44 @@
+//! Compiler-checked caching for async services, on Redis or an embedded in-process backend.
+//!
+//! ```
+//! use cache_runtime::{cached, db::MarketData};
+//! # #[derive(serde::Serialize, serde::Deserialize, Clone, Debug, PartialEq)]
+//! # pub struct Quote { price: f64 }
+//! # #[derive(Debug)] pub struct FeedError;
+//!
+//! #[cached(db = MarketData, prefix = "market", ttl = 300)]
+//! async fn quote(symbol: &str) -> Result<Quote, FeedError> {
+//!     Ok(Quote { price: 150.25 })
+//! }
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! assert_eq!(quote("AAPL").await.unwrap(), Quote { price: 150.25 }); // miss: runs the body
+//! assert_eq!(quote("AAPL").await.unwrap(), Quote { price: 150.25 }); // hit
+//! # });
+//! ```
+//!
+//! The runtime is chosen by [`init`], or read from the environment on the first cached call
+//! ([`CacheConfig::from_env`]): Redis when `REDIS_URL`/`REDIS_HOST` is set, otherwise the embedded
+//! backend. See README for the options, the key format and what happens when Redis fails.
+
+mod backend;
+mod config;
+pub mod db;
+mod error;
+mod handle;
+mod key;
+mod runtime;
+mod stats;
+
+pub use cache_macros::cached;
+pub use config::{
+    BackendKind, CacheConfig, ConfigError, RedisTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT,
+};
+pub use error::{BackendError, CacheError};
+pub use handle::{prefix_problem, Cache};
+pub use key::KeyBuilder;
+pub use runtime::{global, init, init_from_env, Runtime};
+pub use stats::{PrefixStats, StatsSnapshot};
+
+/// Not a public API: what `#[cached]` expands into. May change in any release.
+#[doc(hidden)]
+pub mod __private;

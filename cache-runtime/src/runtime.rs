@@ -1,0 +1,128 @@
+//! The runtime every cached call reads through: the configured backend, its timeouts and the
+//! counters. One is installed for the process ([`init`], or read from the environment on first
+//! use); [`Runtime::scope`] runs a future against another one (tests, multi-tenant services).
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::config::{BackendKind, CacheConfig, ConfigError};
+use crate::stats::{StatsRegistry, StatsSnapshot};
+
+/// A configured cache: backend, timeouts and counters. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: Backend,
+    pub(crate) op_timeout: Duration,
+    pub(crate) stats: StatsRegistry,
+    description: String,
+}
+
+static GLOBAL: OnceLock<Runtime> = OnceLock::new();
+
+tokio::task_local! {
+    static SCOPED: Runtime;
+}
+
+impl Runtime {
+    /// Builds a runtime. Nothing connects yet: Redis connections are opened per DB on first use.
+    pub fn new(config: CacheConfig) -> Self {
+        let description = match &config.backend {
+            BackendKind::Memory => "memory".to_owned(),
+            BackendKind::Redis(target) => format!("redis at {}", target.address()),
+            BackendKind::None => "none (caching disabled)".to_owned(),
+        };
+        Runtime {
+            inner: Arc::new(Inner {
+                backend: Backend::new(&config),
+                op_timeout: config.op_timeout,
+                stats: StatsRegistry::default(),
+                description,
+            }),
+        }
+    }
+
+    /// Builds a runtime from the environment ([`CacheConfig::from_env`]).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self::new(CacheConfig::from_env()?))
+    }
+
+    /// The runtime serving the current task: the one of an enclosing [`Runtime::scope`], else the
+    /// process-wide one (initialized from the environment on first use).
+    pub fn current() -> Runtime {
+        SCOPED
+            .try_with(Runtime::clone)
+            .unwrap_or_else(|_| global().clone())
+    }
+
+    /// Runs `fut` with this runtime serving every cached call made inside it (on this task; a task
+    /// spawned inside needs its own `scope`).
+    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
+        SCOPED.scope(self.clone(), fut).await
+    }
+
+    /// The counters of every DB and prefix used so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// `memory`, `redis` or `none`.
+    pub fn backend_kind(&self) -> &'static str {
+        self.inner.backend.kind()
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("backend", &self.inner.description)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Installs the process-wide runtime. Call it once, before the first cached call; without it the
+/// first cached call reads the environment ([`CacheConfig::from_env`]).
+///
+/// ```
+/// let runtime = cache_runtime::init(cache_runtime::CacheConfig::memory())?;
+/// assert_eq!(runtime.backend_kind(), "memory");
+/// # Ok::<(), cache_runtime::ConfigError>(())
+/// ```
+pub fn init(config: CacheConfig) -> Result<Runtime, ConfigError> {
+    let runtime = Runtime::new(config);
+    GLOBAL
+        .set(runtime.clone())
+        .map_err(|_| ConfigError::AlreadyInitialized)?;
+    tracing::info!(backend = %runtime.inner.description, "cache runtime initialized");
+    Ok(runtime)
+}
+
+/// Reads the environment and installs the result; a bad configuration is returned, not logged.
+pub fn init_from_env() -> Result<Runtime, ConfigError> {
+    init(CacheConfig::from_env()?)
+}
+
+/// The process-wide runtime, from the environment if nobody called [`init`]. A bad environment is
+/// logged as an error and caching is turned off: cached functions still run, uncached.
+pub fn global() -> &'static Runtime {
+    GLOBAL.get_or_init(|| match CacheConfig::from_env() {
+        Ok(config) => {
+            let runtime = Runtime::new(config);
+            tracing::info!(backend = %runtime.inner.description, "cache runtime initialized from the environment");
+            runtime
+        }
+        Err(error) => {
+            tracing::error!(%error, "cache configuration is invalid; caching is disabled until it is fixed");
+            Runtime::new(CacheConfig::disabled())
+        }
+    })
+}

@@ -1,0 +1,132 @@
+//! Counters per DB and prefix: hits, misses, fills, decode failures, backend errors.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+/// Live counters of one (DB, prefix) pair. Cheap to bump from any thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fills: AtomicU64,
+    decode_failures: AtomicU64,
+    encode_failures: AtomicU64,
+    backend_errors: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn hit(&self) {
+        self.hits.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn miss(&self) {
+        self.misses.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn fill(&self) {
+        self.fills.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn decode_failure(&self) {
+        self.decode_failures.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn encode_failure(&self) {
+        self.encode_failures.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn backend_error(&self) {
+        self.backend_errors.fetch_add(1, Relaxed);
+    }
+
+    fn snapshot(&self, db: u8, prefix: &str) -> PrefixStats {
+        PrefixStats {
+            db,
+            prefix: prefix.to_owned(),
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            fills: self.fills.load(Relaxed),
+            decode_failures: self.decode_failures.load(Relaxed),
+            encode_failures: self.encode_failures.load(Relaxed),
+            backend_errors: self.backend_errors.load(Relaxed),
+        }
+    }
+}
+
+/// All counters of one runtime, one set per DB and prefix.
+#[derive(Debug, Default)]
+pub(crate) struct StatsRegistry {
+    by_db: [RwLock<HashMap<String, Arc<Counters>>>; 16],
+}
+
+impl StatsRegistry {
+    /// The counters for `db` and `prefix`, created on first use.
+    pub(crate) fn counters(&self, db: u8, prefix: &str) -> Arc<Counters> {
+        let map = &self.by_db[usize::from(db & 0x0f)];
+        if let Some(c) = map.read().unwrap_or_else(|e| e.into_inner()).get(prefix) {
+            return Arc::clone(c);
+        }
+        let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(map.entry(prefix.to_owned()).or_default())
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let mut entries = Vec::new();
+        for (db, map) in self.by_db.iter().enumerate() {
+            let map = map.read().unwrap_or_else(|e| e.into_inner());
+            entries.extend(map.iter().map(|(prefix, c)| c.snapshot(db as u8, prefix)));
+        }
+        entries.sort_by(|a, b| (a.db, &a.prefix).cmp(&(b.db, &b.prefix)));
+        StatsSnapshot { entries }
+    }
+}
+
+/// The counters of one DB and prefix at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrefixStats {
+    /// DB number.
+    pub db: u8,
+    /// Key prefix (the `prefix` option of `#[cached]` or of a [`Cache`](crate::Cache) handle).
+    pub prefix: String,
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that ran the function: absent entries, entries that no longer decode, and lookups
+    /// the backend failed to answer.
+    pub misses: u64,
+    /// Values written to the cache.
+    pub fills: u64,
+    /// Stored values that no longer decode as the function's type (recomputed and overwritten).
+    pub decode_failures: u64,
+    /// Values that could not be encoded (not cached; the caller still got them).
+    pub encode_failures: u64,
+    /// Backend calls that failed or timed out.
+    pub backend_errors: u64,
+}
+
+impl PrefixStats {
+    /// `hits / (hits + misses)`, or `None` before the first lookup.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let lookups = self.hits + self.misses;
+        (lookups > 0).then(|| self.hits as f64 / lookups as f64)
+    }
+}
+
+/// Every DB and prefix the runtime has seen, ordered by DB then prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// One entry per DB and prefix.
+    pub entries: Vec<PrefixStats>,
+}
+
+impl StatsSnapshot {
+    /// The counters of one DB and prefix, if it was used.
+    pub fn get(&self, db: u8, prefix: &str) -> Option<&PrefixStats> {
+        self.entries
+            .iter()
+            .find(|e| e.db == db && e.prefix == prefix)
+    }
+
+    /// The hit rate over every DB and prefix.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let hits: u64 = self.entries.iter().map(|e| e.hits).sum();
+        let misses: u64 = self.entries.iter().map(|e| e.misses).sum();
+        (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64)
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared home of the examples and tests; see README.md.
