@@ -1,0 +1,292 @@
+//! Test support: a real `redis-server` per test, and a fixture that runs one behaviour test
+//! against each backend.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::CacheDb;
+use cache_runtime::{Cache, CacheConfig, Runtime};
+
+pub const INSTALL_HINT: &str = "redis-server was not found on PATH. The Redis tests need a real server: \
+install it (Debian/Ubuntu: `apt-get install redis-server`, macOS: `brew install redis`) and run the tests again.";
+
+/// A `redis-server` on a free loopback port with a temporary directory and no persistence. It is
+/// stopped when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir for redis-server");
+        let mut last_error = String::new();
+        // A free port can be taken by someone else between our probe and the server's bind: retry.
+        for _ in 0..5 {
+            let port = free_port();
+            match spawn(port, dir.path()) {
+                Ok(child) => {
+                    return RedisServer {
+                        child: Some(child),
+                        port,
+                        dir,
+                    }
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Kills the server (connections are refused from now on).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match spawn(self.port, self.dir.path()) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    panic!("could not restart redis-server: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): it accepts connections but never answers, like a hung host.
+    pub fn freeze(&self) {
+        signal(self.pid(), "-STOP");
+    }
+
+    pub fn thaw(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
+    /// A plain client on `db`, bypassing the toolkit.
+    pub async fn raw(&self, db: u8) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("{}/{db}", self.url())).expect("client");
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            signal(child.id(), "-CONT");
+        }
+        self.stop();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn spawn(port: u16, dir: &Path) -> Result<Child, String> {
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                panic!("{INSTALL_HINT}");
+            }
+            format!("spawn redis-server: {e}")
+        })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "redis-server exited at start ({status}); port {port} may be taken"
+            ));
+        }
+        if ping(port) {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    Err(format!(
+        "redis-server on port {port} did not answer PING within 10 s"
+    ))
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// One backend under test: its runtime, and (for Redis) the server behind it.
+pub struct Fixture {
+    pub runtime: Runtime,
+    pub server: Option<RedisServer>,
+}
+
+impl Fixture {
+    pub fn memory() -> Fixture {
+        Fixture {
+            runtime: Runtime::new(CacheConfig::memory()),
+            server: None,
+        }
+    }
+
+    pub fn redis() -> Fixture {
+        Self::redis_with(|c| c)
+    }
+
+    pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
+        let server = RedisServer::start();
+        let config = adjust(CacheConfig::redis(&server.url()).expect("loopback URL parses"));
+        Fixture {
+            runtime: Runtime::new(config),
+            server: Some(server),
+        }
+    }
+
+    pub fn server(&mut self) -> &mut RedisServer {
+        self.server.as_mut().expect("a Redis fixture")
+    }
+
+    /// Runs `fut` with this fixture's runtime serving the cached calls in it.
+    pub async fn run<F: std::future::Future>(&self, fut: F) -> F::Output {
+        self.runtime.scope(fut).await
+    }
+
+    /// Time left on a full key in DB `D`: `PTTL` through a raw client on Redis, the backend's own
+    /// answer on the embedded backend.
+    pub async fn ttl<D: CacheDb>(&self, full_key: &str) -> Option<Duration> {
+        match &self.server {
+            Some(server) => {
+                let ms: i64 = ::redis::cmd("PTTL")
+                    .arg(full_key)
+                    .query_async(&mut server.raw(D::INDEX).await)
+                    .await
+                    .unwrap();
+                assert_ne!(ms, -1, "{full_key} exists without an expiry");
+                u64::try_from(ms).ok().map(Duration::from_millis)
+            }
+            None => {
+                let (prefix, rest) = full_key.split_once(':').expect("a namespaced key");
+                let handle =
+                    Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(1)).unwrap();
+                handle
+                    .with_runtime(self.runtime.clone())
+                    .ttl(rest)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Overwrites a full key in DB `D` with raw bytes (to plant a corrupt value).
+    pub async fn plant<D: CacheDb>(&self, full_key: &str, bytes: &[u8]) {
+        match &self.server {
+            Some(server) => {
+                ::redis::cmd("SET")
+                    .arg(full_key)
+                    .arg(bytes)
+                    .arg("EX")
+                    .arg(60)
+                    .query_async::<()>(&mut server.raw(D::INDEX).await)
+                    .await
+                    .unwrap();
+            }
+            None => {
+                // The embedded backend stores bytes as given; a handle of raw JSON values cannot
+                // write invalid JSON, so plant a value of the wrong shape instead.
+                let (prefix, rest) = full_key.split_once(':').expect("a namespaced key");
+                let handle =
+                    Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(60)).unwrap();
+                let wrong: serde_json::Value = serde_json::from_slice(bytes)
+                    .unwrap_or_else(|_| serde_json::json!({"corrupt": true}));
+                handle
+                    .with_runtime(self.runtime.clone())
+                    .set(rest, &wrong)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Writes `mod memory` and `mod redis`, each with one `#[tokio::test]` per listed behaviour,
+/// calling `behaviour(&mut Fixture)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&mut $crate::support::Fixture::memory()).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&mut $crate::support::Fixture::redis()).await
+                }
+            )*
+        }
+    };
+}
