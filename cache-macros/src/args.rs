@@ -8,7 +8,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitInt, LitStr, Meta, Path, Token};
 
-use crate::ctxt::{Errors, Once};
+use crate::ctxt::{Errors, Given, Once};
 
 /// What `db = ...` names.
 pub(crate) enum DbArg {
@@ -26,11 +26,11 @@ pub(crate) struct Ttl {
 
 /// The options of one `#[cached(...)]`, as written. Absent options are `None`.
 pub(crate) struct CachedArgs {
-    pub(crate) db: Option<DbArg>,
-    pub(crate) prefix: Option<LitStr>,
-    pub(crate) ttl: Option<Ttl>,
+    pub(crate) db: Given<DbArg>,
+    pub(crate) prefix: Given<LitStr>,
+    pub(crate) ttl: Given<Ttl>,
     pub(crate) skip: Vec<Ident>,
-    pub(crate) version: Option<(u32, Span)>,
+    pub(crate) version: Option<u32>,
 }
 
 pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version";
@@ -59,44 +59,24 @@ impl CachedArgs {
                 .unwrap_or_default();
             let at = meta.path().span();
             match (name.as_str(), &meta) {
-                ("db", Meta::NameValue(nv)) => {
-                    if let Some(v) = parse_db(&nv.value, errors) {
-                        db.set(errors, at, v)
-                    }
+                ("db", Meta::NameValue(nv)) => db.set(at, parse_db(&nv.value, errors), errors),
+                ("prefix", Meta::NameValue(nv)) => {
+                    prefix.set(at, parse_prefix(&nv.value, errors), errors)
                 }
-                ("prefix", Meta::NameValue(nv)) => match &nv.value {
-                    Expr::Lit(ExprLit {
-                        lit: Lit::Str(s), ..
-                    }) => prefix.set(errors, at, s.clone()),
-                    other => errors.on(
-                        other,
-                        "`prefix` takes a string literal, e.g. `prefix = \"market\"`",
-                    ),
-                },
-                ("ttl", Meta::NameValue(nv)) => {
-                    if let Some(v) = parse_ttl(&nv.value, errors) {
-                        ttl.set(errors, at, v)
-                    }
+                ("ttl", Meta::NameValue(nv)) => ttl.set(at, parse_ttl(&nv.value, errors), errors),
+                ("version", Meta::NameValue(nv)) => {
+                    version.set(at, parse_version(&nv.value, errors), errors)
                 }
-                ("version", Meta::NameValue(nv)) => match &nv.value {
-                    Expr::Lit(ExprLit {
-                        lit: Lit::Int(i), ..
-                    }) => match i.base10_parse::<u32>() {
-                        Ok(n) => version.set(errors, at, (n, i.span())),
-                        Err(_) => errors.on(i, "`version` is a whole number from 0 to 4294967295"),
-                    },
-                    other => errors.on(other, "`version` takes a number, e.g. `version = 2`"),
-                },
                 ("skip", Meta::List(list)) => {
-                    match list.parse_args_with(|input: syn::parse::ParseStream| {
+                    let names = list.parse_args_with(|input: syn::parse::ParseStream| {
+                        // `any`: so that `skip(self)` parses and gets its own error.
                         Punctuated::<Ident, Token![,]>::parse_terminated_with(
                             input,
                             Ident::parse_any,
                         )
-                    }) {
-                        Ok(names) => skip.set(errors, at, names.into_iter().collect()),
-                        Err(e) => errors.push(e),
-                    }
+                    });
+                    let names = names.map_err(|e| errors.push(e)).ok();
+                    skip.set(at, names.map(|n| n.into_iter().collect()), errors)
                 }
                 ("db" | "prefix" | "ttl" | "version", _) => {
                     errors.on(&meta, format_args!("write `{name} = ...`"))
@@ -118,8 +98,14 @@ impl CachedArgs {
             db: db.get(),
             prefix: prefix.get(),
             ttl: ttl.get(),
-            skip: skip.get().unwrap_or_default(),
-            version: version.get(),
+            skip: match skip.get() {
+                Given::Valid(names) => names,
+                Given::Absent | Given::Invalid => Vec::new(),
+            },
+            version: match version.get() {
+                Given::Valid(v) => Some(v),
+                Given::Absent | Given::Invalid => None,
+            },
         }
     }
 }
@@ -130,6 +116,36 @@ fn path_text(path: &Path) -> String {
         .map(|s| s.ident.to_string())
         .collect::<Vec<_>>()
         .join("::")
+}
+
+fn parse_prefix(value: &Expr, errors: &mut Errors) -> Option<LitStr> {
+    match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Str(s), ..
+        }) => Some(s.clone()),
+        other => {
+            errors.on(
+                other,
+                "`prefix` takes a string literal, e.g. `prefix = \"market\"`",
+            );
+            None
+        }
+    }
+}
+
+fn parse_version(value: &Expr, errors: &mut Errors) -> Option<u32> {
+    match value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i
+            .base10_parse::<u32>()
+            .map_err(|_| errors.on(i, "`version` is a whole number from 0 to 4294967295"))
+            .ok(),
+        other => {
+            errors.on(other, "`version` takes a number, e.g. `version = 2`");
+            None
+        }
+    }
 }
 
 fn parse_db(value: &Expr, errors: &mut Errors) -> Option<DbArg> {

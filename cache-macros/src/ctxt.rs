@@ -35,30 +35,41 @@ impl Errors {
     }
 }
 
+/// What became of one option: not written, written but unparsable (already reported), or parsed.
+pub(crate) enum Given<T> {
+    Absent,
+    Invalid,
+    Valid(T),
+}
+
 /// An option that may be given once; a second one is an error on its name. One helper for every
 /// option, so no option can forget the duplicate check.
 pub(crate) struct Once<T> {
     name: &'static str,
-    value: Option<T>,
+    given: Given<T>,
 }
 
 impl<T> Once<T> {
     pub(crate) fn new(name: &'static str) -> Self {
-        Once { name, value: None }
+        Once {
+            name,
+            given: Given::Absent,
+        }
     }
 
-    pub(crate) fn set(&mut self, errors: &mut Errors, at: Span, value: T) {
-        if self.value.is_some() {
+    /// Records the option written at `at`; `None` when its value did not parse (and was reported).
+    pub(crate) fn set(&mut self, at: Span, value: Option<T>, errors: &mut Errors) {
+        if !matches!(self.given, Given::Absent) {
             errors.at(
                 at,
                 format_args!("duplicate option `{}`: give each option once", self.name),
             );
-        } else {
-            self.value = Some(value);
+            return;
         }
+        self.given = value.map_or(Given::Invalid, Given::Valid);
     }
 
-    pub(crate) fn get(self) -> Option<T> {
-        self.value
+    pub(crate) fn get(self) -> Given<T> {
+        self.given
     }
 }

@@ -5,7 +5,7 @@ use proc_macro2::Span;
 use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Type};
 
 use crate::args::{CachedArgs, DbArg, OPTIONS};
-use crate::ctxt::Errors;
+use crate::ctxt::{Errors, Given};
 
 /// Which part of the return value is cached (see `cache_runtime::__private::Policy`).
 pub(crate) enum Policy {
@@ -44,7 +44,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         db: db?,
         prefix: prefix?,
         ttl_seconds: ttl_seconds?,
-        version: args.version.map(|(v, _)| v),
+        version: args.version,
         key_params: key_params?,
         ret,
         policy,
@@ -58,9 +58,10 @@ fn missing(option: &str, example: &str, why: &str) -> syn::Error {
     )
 }
 
-fn db(db: Option<DbArg>, errors: &mut Errors) -> Option<Path> {
+fn db(db: Given<DbArg>, errors: &mut Errors) -> Option<Path> {
     match db {
-        None => {
+        Given::Invalid => None,
+        Given::Absent => {
             errors.push(missing(
                 "db",
                 "db = MarketData",
@@ -68,7 +69,7 @@ fn db(db: Option<DbArg>, errors: &mut Errors) -> Option<Path> {
             ));
             None
         }
-        Some(DbArg::Number(n)) => {
+        Given::Valid(DbArg::Number(n)) => {
             errors.on(
                 &n,
                 format_args!(
@@ -77,22 +78,25 @@ fn db(db: Option<DbArg>, errors: &mut Errors) -> Option<Path> {
             );
             None
         }
-        Some(DbArg::Type(path)) if path.segments.last().is_some_and(|s| s.ident == "Reserved") => {
+        Given::Valid(DbArg::Type(path))
+            if path.segments.last().is_some_and(|s| s.ident == "Reserved") =>
+        {
             errors.on(&path, "DB 15 (`Reserved`) is reserved for the platform: pick a DB type for 0-14 from cache_runtime::db");
             None
         }
-        Some(DbArg::Type(path)) => Some(path),
+        Given::Valid(DbArg::Type(path)) => Some(path),
     }
 }
 
-fn prefix(prefix: Option<LitStr>, errors: &mut Errors) -> Option<LitStr> {
-    let Some(lit) = prefix else {
-        errors.push(missing(
-            "prefix",
-            "prefix = \"market\"",
-            "keys without a namespace are forbidden",
-        ));
-        return None;
+fn prefix(prefix: Given<LitStr>, errors: &mut Errors) -> Option<LitStr> {
+    let lit = match prefix {
+        Given::Valid(lit) => lit,
+        Given::Invalid => return None,
+        Given::Absent => {
+            let why = "keys without a namespace are forbidden";
+            errors.push(missing("prefix", "prefix = \"market\"", why));
+            return None;
+        }
     };
     // The same rule as `cache_runtime::prefix_problem`, which checks handles at run time.
     let text = lit.value();
@@ -119,20 +123,21 @@ fn prefix(prefix: Option<LitStr>, errors: &mut Errors) -> Option<LitStr> {
     }
 }
 
-fn ttl(ttl: Option<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
+fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
     match ttl {
-        None => {
+        Given::Invalid => None,
+        Given::Absent => {
             errors.push(missing("ttl", "ttl = 300", "every cache entry must expire"));
             None
         }
-        Some(t) if t.seconds == 0 => {
+        Given::Valid(t) if t.seconds == 0 => {
             errors.at(
                 t.span,
                 "`ttl` must be more than 0 seconds: every cache entry must expire",
             );
             None
         }
-        Some(t) => Some(t.seconds),
+        Given::Valid(t) => Some(t.seconds),
     }
 }
 

@@ -65,10 +65,6 @@ impl<T: Serialize + DeserializeOwned> Policy<Option<T>> for SomeOnly {
     }
 }
 
-/// Spanned at the return type by the macro, so a return type that cannot be cached is reported
-/// there.
-pub const fn assert_policy<P: Policy<R>, R>() {}
-
 /// Spanned at an argument by the macro, so an argument that cannot be hashed is reported there.
 pub fn key_arg<T: Serialize + ?Sized>(hasher: &mut KeyHasher, value: &T) {
     hasher.arg(value)
@@ -101,6 +97,7 @@ where
             serde_json::from_slice::<P::Stored>(bytes)
         })
         .await;
+    let backend_answered = looked_up.is_ok();
     match looked_up {
         Ok(Some(Ok(value))) => {
             counters.hit();
@@ -123,6 +120,11 @@ where
         }
     }
     let output = body.await;
+    // A backend that just failed the lookup would most likely fail the fill too, costing the
+    // caller a second timeout: skip it (the next call tries again).
+    if !backend_answered {
+        return output;
+    }
     if let Some(value) = P::stored(&output) {
         match serde_json::to_vec(value) {
             Ok(bytes) => match rt

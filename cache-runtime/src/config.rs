@@ -179,7 +179,7 @@ impl CacheConfig {
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         if let Some(enabled) = var("CACHE_ENABLED") {
             match enabled.trim().to_ascii_lowercase().as_str() {
-                "false" | "0" | "no" | "off" => return Ok(Self::disabled().with_env_timeout(&var)?),
+                "false" | "0" | "no" | "off" => return Self::disabled().with_env_timeout(&var),
                 "true" | "1" | "yes" | "on" => {}
                 _ => {
                     return Err(ConfigError::InvalidValue {

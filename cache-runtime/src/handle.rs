@@ -81,6 +81,8 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     /// A handle over `{prefix}:*` in DB `D`. The prefix follows the naming rule
     /// ([`prefix_problem`]) and the default TTL is more than zero: every entry expires.
     pub fn new(prefix: &str, default_ttl: Duration) -> Result<Self, CacheError> {
+        // Evaluated at compile time for each `D`: a handle on DB 15 does not compile.
+        const { assert!(Self::DB < crate::db::RESERVED_DB) };
         if let Some(problem) = prefix_problem(prefix) {
             return Err(CacheError::InvalidKey(format!(
                 "prefix `{prefix}`: {problem}"

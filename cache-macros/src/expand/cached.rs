@@ -63,19 +63,18 @@ fn emit(func: &ItemFn, model: &CachedFn) -> TokenStream {
         quote_spanned!(param.span()=> ::cache_runtime::__private::key_arg(&mut #hasher, &#param);)
     });
     let policy = match policy {
-        Policy::Whole => quote!(::cache_runtime::__private::Whole),
-        Policy::OkOnly => quote!(::cache_runtime::__private::OkOnly),
-        Policy::SomeOnly => quote!(::cache_runtime::__private::SomeOnly),
+        Policy::Whole => quote_spanned!(ret.span()=> ::cache_runtime::__private::Whole),
+        Policy::OkOnly => quote_spanned!(ret.span()=> ::cache_runtime::__private::OkOnly),
+        Policy::SomeOnly => quote_spanned!(ret.span()=> ::cache_runtime::__private::SomeOnly),
     };
     // Spanned at the return type: a value that cannot be stored is reported there.
-    let assert_policy = quote_spanned!(ret.span()=>
-        ::cache_runtime::__private::assert_policy::<#policy, #ret>();
-    );
+    let call = quote_spanned!(ret.span()=> ::cache_runtime::__private::call::<#policy, _, _>);
+    let body = &block.stmts;
     // The fake return pins the inner block's type to the declared return type, so `?` and
     // `return` in the body type-check exactly as they did before the attribute (and type errors
     // point at the user's return type, not at generated code).
     let fake_return = quote_spanned!(ret.span()=>
-        #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::needless_return)]
+        #[allow(unreachable_code, clippy::empty_loop, clippy::diverging_sub_expression, clippy::needless_return)]
         if false {
             let __cache_fake_return: #ret = loop {};
             return __cache_fake_return;
@@ -92,15 +91,14 @@ fn emit(func: &ItemFn, model: &CachedFn) -> TokenStream {
                 ttl: ::core::time::Duration::from_secs(#ttl_seconds),
                 version: #version,
             };
-            #assert_policy
             let #key = {
                 let mut #hasher = ::cache_runtime::__private::KeyHasher::new();
                 #(#hash_args)*
                 #hasher.finish(&#spec)
             };
-            ::cache_runtime::__private::call::<#policy, _, _>(&#spec, #key, async move {
+            #call(&#spec, #key, async move {
                 #fake_return
-                #block
+                #(#body)*
             })
             .await
         }

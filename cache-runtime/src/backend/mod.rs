@@ -12,6 +12,8 @@ use std::time::Duration;
 use crate::config::{BackendKind, CacheConfig};
 use crate::error::BackendError;
 
+// One per runtime, behind its `Arc`: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     Memory(memory::MemoryBackend),
     Redis(redis::RedisBackend),

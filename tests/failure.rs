@@ -1,0 +1,125 @@
+//! What callers see when Redis fails in the middle: correct results, bounded time, counted errors.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use cache_runtime::cached;
+use cache_runtime::db::Indicator;
+use support::Fixture;
+
+const OP_TIMEOUT: Duration = Duration::from_millis(200);
+/// Generous: proves the timeout fires (a hung server would otherwise block for ever), not speed.
+const CALL_BOUND: Duration = Duration::from_secs(2);
+
+#[cached(db = Indicator, prefix = "indicator", ttl = 600, skip(calls))]
+async fn sma(symbol: &str, window: u32, calls: &AtomicUsize) -> Result<f64, String> {
+    calls.fetch_add(1, SeqCst);
+    Ok(symbol.len() as f64 * f64::from(window))
+}
+
+/// Calls `sma` `n` times on fresh arguments and returns the slowest call.
+async fn slowest_of(fx: &Fixture, n: u32, calls: &AtomicUsize) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for window in 0..n {
+        let started = Instant::now();
+        let value = fx.run(sma("ABCD", window, calls)).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            value,
+            Ok(4.0 * f64::from(window)),
+            "the caller always gets the function's result"
+        );
+    }
+    slowest
+}
+
+fn errors(fx: &Fixture) -> u64 {
+    fx.runtime
+        .stats()
+        .get(7, "indicator")
+        .map_or(0, |s| s.backend_errors)
+}
+
+#[tokio::test]
+async fn killed_server_callers_still_get_results_then_cache_resumes() {
+    let mut fx = Fixture::redis_with(|c| c.with_op_timeout(OP_TIMEOUT));
+    let calls = AtomicUsize::new(0);
+    fx.run(sma("WARM", 1, &calls)).await.unwrap();
+    fx.run(sma("WARM", 1, &calls)).await.unwrap();
+    assert_eq!(calls.load(SeqCst), 1, "cache works before the failure");
+
+    fx.server().stop();
+    let slowest = slowest_of(&fx, 20, &calls).await;
+    eprintln!("server killed: slowest of 20 calls took {slowest:?}");
+    assert!(
+        slowest < CALL_BOUND,
+        "a call took {slowest:?} with the server down"
+    );
+    assert!(
+        errors(&fx) >= 20,
+        "every failed lookup is counted, got {}",
+        errors(&fx)
+    );
+
+    fx.server().restart();
+    // The connection comes back by itself; give it a few attempts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = calls.load(SeqCst);
+        fx.run(sma("BACK", 3, &calls)).await.unwrap();
+        fx.run(sma("BACK", 3, &calls)).await.unwrap();
+        if calls.load(SeqCst) == before + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache did not resume after the server came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn hung_server_costs_at_most_the_timeout() {
+    let fx = Fixture::redis_with(|c| c.with_op_timeout(OP_TIMEOUT));
+    let calls = AtomicUsize::new(0);
+    fx.run(sma("WARM", 1, &calls)).await.unwrap();
+    fx.server.as_ref().unwrap().freeze();
+    let started = Instant::now();
+    let slowest = slowest_of(&fx, 5, &calls).await;
+    let total = started.elapsed();
+    fx.server.as_ref().unwrap().thaw();
+    eprintln!("server frozen: slowest call {slowest:?}, 5 calls in {total:?}");
+    // Each call waits for the lookup's timeout, and skips the fill after a failed lookup.
+    assert!(
+        slowest >= OP_TIMEOUT,
+        "the frozen server cannot have answered ({slowest:?})"
+    );
+    assert!(
+        slowest < CALL_BOUND,
+        "a call took {slowest:?} with the server hung"
+    );
+    assert!(errors(&fx) >= 5);
+}
+
+#[tokio::test]
+async fn unreachable_server_from_the_start() {
+    let mut server = support::RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let fx = Fixture {
+        runtime: cache_runtime::Runtime::new(
+            cache_runtime::CacheConfig::redis(&url)
+                .unwrap()
+                .with_op_timeout(OP_TIMEOUT),
+        ),
+        server: None,
+    };
+    let calls = AtomicUsize::new(0);
+    let slowest = slowest_of(&fx, 10, &calls).await;
+    assert!(slowest < CALL_BOUND, "{slowest:?}");
+    assert_eq!(calls.load(SeqCst), 10, "every call ran the function");
+    assert!(errors(&fx) >= 10);
+}

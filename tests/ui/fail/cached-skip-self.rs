@@ -1,0 +1,10 @@
+use cache_runtime::cached;
+use cache_runtime::db::*;
+
+struct S;
+impl S {
+    #[cached(db = MarketData, prefix = "market", ttl = 60, skip(self))]
+    async fn f(&self, x: u32) -> u32 { x }
+}
+
+fn main() {}
