@@ -12,6 +12,12 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default number of entries the embedded backend keeps per DB before evicting.
 pub const DEFAULT_MEMORY_CAPACITY: u64 = 100_000;
+/// Default life of a fill lease: how long one caller may compute a missing value while the others
+/// (in every process) wait for it, and so the longest they wait if it never finishes.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// Default bound on how stale this process's copy of a function's generation may be (Redis only):
+/// how soon another process's `function(..)` invalidation is seen here.
+pub const DEFAULT_GENERATION_REFRESH: Duration = Duration::from_millis(100);
 
 /// Which store serves the cache.
 #[derive(Clone, Debug)]
@@ -111,6 +117,11 @@ pub struct CacheConfig {
     pub connect_timeout: Duration,
     /// Entries the embedded backend keeps per DB.
     pub memory_capacity: u64,
+    /// Life of a fill lease (see README, "Stampedes and leases").
+    pub lease_ttl: Duration,
+    /// How long this process trusts its copy of a function's generation before reading it again
+    /// with the next lookup (same round trip). Zero reads it with every lookup.
+    pub generation_refresh: Duration,
 }
 
 impl CacheConfig {
@@ -120,6 +131,8 @@ impl CacheConfig {
             op_timeout: DEFAULT_OP_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             memory_capacity: DEFAULT_MEMORY_CAPACITY,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            generation_refresh: DEFAULT_GENERATION_REFRESH,
         }
     }
 
@@ -149,6 +162,18 @@ impl CacheConfig {
     /// Sets the bound on opening a connection.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets the life of a fill lease (more than zero).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets how long a function's generation is trusted before it is read again.
+    pub fn with_generation_refresh(mut self, refresh: Duration) -> Self {
+        self.generation_refresh = refresh;
         self
     }
 

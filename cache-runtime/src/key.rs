@@ -111,6 +111,24 @@ impl KeyHasher {
     }
 }
 
+/// The lease companion of an entry: same hash tag, so the same Cluster slot.
+pub(crate) fn lease_key(entry: &str) -> String {
+    format!("{entry}:lease")
+}
+
+/// `{prefix}:{function}[:v{version}]`: what every key of one function starts with.
+pub(crate) fn function_base(spec: &Spec) -> String {
+    match spec.version {
+        Some(v) => format!("{}:{}:v{v}", spec.prefix, spec.function),
+        None => format!("{}:{}", spec.prefix, spec.function),
+    }
+}
+
+/// The key holding a function's generation, bumped by `function(..)` invalidations.
+pub(crate) fn generation_key(spec: &Spec) -> String {
+    format!("{}:gen", function_base(spec))
+}
+
 fn format_key(prefix: &str, function: &str, version: Option<u32>, hash: &[u8]) -> String {
     use std::fmt::Write;
     let mut key = String::with_capacity(prefix.len() + function.len() + 48);

@@ -24,10 +24,15 @@ mod backend;
 mod config;
 pub mod db;
 mod error;
+mod flight;
+mod generation;
 mod handle;
+mod invalidate;
 mod key;
+mod read_through;
 mod runtime;
 mod stats;
+mod value;
 
 pub use cache_macros::cached;
 pub use config::{

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::config::{BackendKind, CacheConfig, ConfigError};
+use crate::flight::Flights;
+use crate::generation::Generations;
+use crate::invalidate::Pending;
 use crate::stats::{StatsRegistry, StatsSnapshot};
 
 /// A configured cache: backend, timeouts and counters. Cheap to clone (one `Arc`).
@@ -19,7 +22,11 @@ pub struct Runtime {
 pub(crate) struct Inner {
     pub(crate) backend: Backend,
     pub(crate) op_timeout: Duration,
+    pub(crate) lease_ttl: Duration,
     pub(crate) stats: StatsRegistry,
+    pub(crate) flights: Flights,
+    pub(crate) generations: Generations,
+    pub(crate) pending: Pending,
     description: String,
 }
 
@@ -41,7 +48,14 @@ impl Runtime {
             inner: Arc::new(Inner {
                 backend: Backend::new(&config),
                 op_timeout: config.op_timeout,
+                lease_ttl: config.lease_ttl,
                 stats: StatsRegistry::default(),
+                flights: Flights::default(),
+                generations: Generations::new(
+                    !matches!(config.backend, BackendKind::Redis(_)),
+                    config.generation_refresh,
+                ),
+                pending: Pending::default(),
                 description,
             }),
         }

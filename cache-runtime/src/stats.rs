@@ -13,9 +13,29 @@ pub(crate) struct Counters {
     decode_failures: AtomicU64,
     encode_failures: AtomicU64,
     backend_errors: AtomicU64,
+    invalidations: AtomicU64,
+    invalidation_retries: AtomicU64,
+    invalidations_expired: AtomicU64,
+    refused_fills: AtomicU64,
+    lease_waits: AtomicU64,
 }
 
 impl Counters {
+    pub(crate) fn invalidation(&self) {
+        self.invalidations.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn invalidation_retry(&self) {
+        self.invalidation_retries.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn invalidation_expired(&self) {
+        self.invalidations_expired.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn refused_fill(&self) {
+        self.refused_fills.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn lease_wait(&self) {
+        self.lease_waits.fetch_add(1, Relaxed);
+    }
     pub(crate) fn hit(&self) {
         self.hits.fetch_add(1, Relaxed);
     }
@@ -45,6 +65,11 @@ impl Counters {
             decode_failures: self.decode_failures.load(Relaxed),
             encode_failures: self.encode_failures.load(Relaxed),
             backend_errors: self.backend_errors.load(Relaxed),
+            invalidations: self.invalidations.load(Relaxed),
+            invalidation_retries: self.invalidation_retries.load(Relaxed),
+            invalidations_expired: self.invalidations_expired.load(Relaxed),
+            refused_fills: self.refused_fills.load(Relaxed),
+            lease_waits: self.lease_waits.load(Relaxed),
         }
     }
 }
@@ -98,6 +123,16 @@ pub struct PrefixStats {
     pub encode_failures: u64,
     /// Backend calls that failed or timed out.
     pub backend_errors: u64,
+    /// Invalidations applied to the backend (first try or a retry).
+    pub invalidations: u64,
+    /// Invalidation attempts that failed and were queued for another try.
+    pub invalidation_retries: u64,
+    /// Queued invalidations given up because every entry they covered had expired by then.
+    pub invalidations_expired: u64,
+    /// Fills refused because an invalidation revoked their lease (a stale write prevented).
+    pub refused_fills: u64,
+    /// Misses that waited for another caller's fill instead of running the function.
+    pub lease_waits: u64,
 }
 
 impl PrefixStats {

@@ -40,6 +40,7 @@ impl Expiry<String, Entry> for UntilDeadline {
 pub(crate) struct MemoryBackend {
     capacity: u64,
     dbs: [OnceLock<Cache<String, Entry>>; 16],
+    leases: MemoryLeases,
 }
 
 impl MemoryBackend {
@@ -47,6 +48,7 @@ impl MemoryBackend {
         MemoryBackend {
             capacity,
             dbs: Default::default(),
+            leases: MemoryLeases::default(),
         }
     }
 
@@ -119,5 +121,84 @@ impl MemoryBackend {
             cache.invalidate(key.as_str());
         }
         keys.len() as u64
+    }
+}
+
+/// A fill lease on the embedded backend: the same protocol as the Redis scripts, under one lock.
+struct Lease {
+    token: u64,
+    expires_at: Instant,
+}
+
+/// Leases of the embedded backend, and the lock that makes fill and invalidation atomic.
+#[derive(Default)]
+pub(crate) struct MemoryLeases {
+    leases: std::sync::Mutex<std::collections::HashMap<(u8, String), Lease>>,
+}
+
+impl MemoryBackend {
+    fn leases(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(u8, String), Lease>> {
+        self.leases.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh value (written at `min_generation` or later), else the lease for `token`, else busy.
+    pub(crate) fn acquire<T>(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        lease_ttl: Duration,
+        min_generation: u64,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> super::Acquired<T> {
+        let mut leases = self.leases();
+        if let Some(entry) = self.live(db, key) {
+            if crate::value::generation_of(&entry.bytes).is_some_and(|g| g >= min_generation) {
+                return super::Acquired::Value(decode(&entry.bytes));
+            }
+        }
+        let now = Instant::now();
+        let slot = (db, key.to_owned());
+        if leases.get(&slot).is_some_and(|l| l.expires_at > now) {
+            return super::Acquired::Busy;
+        }
+        leases.insert(
+            slot,
+            Lease {
+                token,
+                expires_at: now + lease_ttl,
+            },
+        );
+        super::Acquired::Granted
+    }
+
+    /// Writes `value` if the lease for `token` is still held; `false` if it was revoked or expired.
+    pub(crate) fn fill(&self, db: u8, key: &str, token: u64, value: &[u8], ttl: Duration) -> bool {
+        let mut leases = self.leases();
+        let slot = (db, key.to_owned());
+        let held = leases
+            .get(&slot)
+            .is_some_and(|l| l.token == token && l.expires_at > Instant::now());
+        if held {
+            leases.remove(&slot);
+            self.set(db, key, value, ttl);
+        }
+        held
+    }
+
+    /// Gives the lease up if it is still held by `token`.
+    pub(crate) fn release(&self, db: u8, key: &str, token: u64) {
+        let mut leases = self.leases();
+        let slot = (db, key.to_owned());
+        if leases.get(&slot).is_some_and(|l| l.token == token) {
+            leases.remove(&slot);
+        }
+    }
+
+    /// Deletes the entry and revokes its lease, atomically with respect to `fill`.
+    pub(crate) fn invalidate(&self, db: u8, key: &str) {
+        let mut leases = self.leases();
+        leases.remove(&(db, key.to_owned()));
+        self.db(db).invalidate(key);
     }
 }

@@ -14,6 +14,16 @@ use crate::error::BackendError;
 
 // One per runtime, behind its `Arc`: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
+/// What a miss finds when it asks for the fill lease.
+pub(crate) enum Acquired<T> {
+    /// Someone filled the entry meanwhile (at the generation asked for or later).
+    Value(T),
+    /// The lease is ours: compute and fill with our token.
+    Granted,
+    /// Another caller (maybe in another process) holds the lease: wait for its value.
+    Busy,
+}
+
 pub(crate) enum Backend {
     Memory(memory::MemoryBackend),
     Redis(redis::RedisBackend),
@@ -94,6 +104,116 @@ impl Backend {
             Backend::Memory(m) => Ok(m.get_with(db, key, decode)),
             Backend::Redis(r) => bounded(limit, r.get_with(db, key, decode)).await,
             Backend::None => Ok(None),
+        }
+    }
+
+    /// Reads the entry, and (on Redis) the function's generation in the same round trip. The
+    /// embedded backend keeps generations in the runtime, so it returns `None` for it.
+    pub(crate) async fn get_with_generation<T>(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+        generation_key: &str,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<u64>), BackendError> {
+        match self {
+            Backend::Redis(r) => bounded(
+                limit,
+                r.get_with_generation(db, key, generation_key, decode),
+            )
+            .await
+            .map(|(v, g)| (v, Some(g))),
+            _ => Ok((self.get_with(limit, db, key, decode).await?, None)),
+        }
+    }
+
+    pub(crate) async fn acquire<T>(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+        token: u64,
+        lease_ttl: Duration,
+        min_generation: u64,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Acquired<T>, BackendError> {
+        match self {
+            Backend::Memory(m) => Ok(m.acquire(db, key, token, lease_ttl, min_generation, decode)),
+            Backend::Redis(r) => {
+                bounded(
+                    limit,
+                    r.acquire(db, key, token, lease_ttl, min_generation, decode),
+                )
+                .await
+            }
+            Backend::None => Ok(Acquired::Granted),
+        }
+    }
+
+    pub(crate) async fn fill(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+        token: u64,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Backend::Memory(m) => Ok(m.fill(db, key, token, value, ttl)),
+            Backend::Redis(r) => bounded(limit, r.fill(db, key, token, value, ttl)).await,
+            Backend::None => Ok(false),
+        }
+    }
+
+    pub(crate) async fn release(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+        token: u64,
+    ) -> Result<(), BackendError> {
+        match self {
+            Backend::Memory(m) => {
+                m.release(db, key, token);
+                Ok(())
+            }
+            Backend::Redis(r) => bounded(limit, r.release(db, key, token)).await,
+            Backend::None => Ok(()),
+        }
+    }
+
+    pub(crate) async fn invalidate(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+    ) -> Result<(), BackendError> {
+        match self {
+            Backend::Memory(m) => {
+                m.invalidate(db, key);
+                Ok(())
+            }
+            Backend::Redis(r) => bounded(limit, r.invalidate(db, key)).await,
+            Backend::None => Ok(()),
+        }
+    }
+
+    /// Raises a function's generation on Redis and returns it; the embedded backend's generations
+    /// live in the runtime (`None`).
+    pub(crate) async fn bump_generation(
+        &self,
+        limit: Duration,
+        db: u8,
+        generation_key: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, BackendError> {
+        match self {
+            Backend::Redis(r) => bounded(limit, r.bump_generation(db, generation_key, ttl))
+                .await
+                .map(Some),
+            Backend::Memory(_) | Backend::None => Ok(None),
         }
     }
 

@@ -12,6 +12,63 @@ use crate::error::BackendError;
 /// How many keys one `SCAN` step asks for when clearing a prefix.
 const SCAN_COUNT: usize = 1000;
 
+/// KEYS: entry, lease. ARGV: token, lease ms, minimum generation.
+/// A fresh entry: `{1, value}`. Lease taken: `{2}`. Someone else holds it: `{3}`.
+const ACQUIRE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local g = tonumber(string.match(v, '^%[(%d+),'))
+  if g and g >= tonumber(ARGV[3]) then return {1, v} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, false} end
+return {3, false}
+";
+
+/// KEYS: entry, lease. ARGV: token, value, ttl ms. Writes only while the lease is ours.
+const FILL: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+";
+
+/// KEYS: generation. ARGV: ttl ms. The new generation is the server's clock in microseconds (or
+/// one more than the old one): larger than any generation stamped before, even after the key
+/// expired, so entries written before this bump are stale for good.
+const BUMP_GENERATION: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local g = math.max(now, cur + 1)
+redis.call('SET', KEYS[1], string.format('%.0f', g), 'PX', ARGV[1])
+return g
+";
+
+/// KEYS: lease. ARGV: token. Gives the lease up if it is still ours.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+struct Scripts {
+    acquire: redis::Script,
+    fill: redis::Script,
+    release: redis::Script,
+    bump_generation: redis::Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        acquire: redis::Script::new(ACQUIRE),
+        fill: redis::Script::new(FILL),
+        release: redis::Script::new(RELEASE),
+        bump_generation: redis::Script::new(BUMP_GENERATION),
+    })
+}
+
 pub(crate) struct RedisBackend {
     target: RedisTarget,
     connect_timeout: Duration,
@@ -63,6 +120,110 @@ impl RedisBackend {
         let mut conn = self.conn(db)?;
         let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
         Ok(bytes.map(|b| decode(&b)))
+    }
+
+    /// GET of the entry and of the function's generation, pipelined in one round trip.
+    pub(crate) async fn get_with_generation<T>(
+        &self,
+        db: u8,
+        key: &str,
+        generation_key: &str,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<(Option<T>, u64), BackendError> {
+        let mut conn = self.conn(db)?;
+        let (bytes, generation): (Option<Vec<u8>>, Option<u64>) = redis::pipe()
+            .cmd("GET")
+            .arg(key)
+            .cmd("GET")
+            .arg(generation_key)
+            .query_async(&mut conn)
+            .await?;
+        Ok((bytes.map(|b| decode(&b)), generation.unwrap_or(0)))
+    }
+
+    pub(crate) async fn acquire<T>(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        lease_ttl: Duration,
+        min_generation: u64,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<super::Acquired<T>, BackendError> {
+        let mut conn = self.conn(db)?;
+        let (state, value): (u8, Option<Vec<u8>>) = scripts()
+            .acquire
+            .key(key)
+            .key(crate::key::lease_key(key))
+            .arg(token)
+            .arg(ttl_millis(lease_ttl))
+            .arg(min_generation)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match (state, value) {
+            (1, Some(bytes)) => super::Acquired::Value(decode(&bytes)),
+            (2, _) => super::Acquired::Granted,
+            _ => super::Acquired::Busy,
+        })
+    }
+
+    pub(crate) async fn fill(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let mut conn = self.conn(db)?;
+        let written: u8 = scripts()
+            .fill
+            .key(key)
+            .key(crate::key::lease_key(key))
+            .arg(token)
+            .arg(value)
+            .arg(ttl_millis(ttl))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(written == 1)
+    }
+
+    pub(crate) async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
+        let mut conn = self.conn(db)?;
+        scripts()
+            .release
+            .key(crate::key::lease_key(key))
+            .arg(token)
+            .invoke_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the entry and its lease in one command: a fill holding the old lease is refused.
+    pub(crate) async fn invalidate(&self, db: u8, key: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn(db)?;
+        redis::cmd("UNLINK")
+            .arg(key)
+            .arg(crate::key::lease_key(key))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn bump_generation(
+        &self,
+        db: u8,
+        generation_key: &str,
+        ttl: Duration,
+    ) -> Result<u64, BackendError> {
+        let mut conn = self.conn(db)?;
+        let generation: u64 = scripts()
+            .bump_generation
+            .key(generation_key)
+            .arg(ttl_millis(ttl))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(generation)
     }
 
     pub(crate) async fn set(

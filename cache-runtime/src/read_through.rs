@@ -1,0 +1,319 @@
+//! A cached call, step by step: lookup; on a miss, one computation per key in this process
+//! (single flight) and one across processes (fill lease); a fill that an invalidation revoked is
+//! refused. No cache failure reaches the caller.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::__private::{Policy, Spec};
+use crate::backend::{Acquired, Backend};
+use crate::flight::{self, Join, Leader, Outcome};
+use crate::key;
+use crate::runtime::{Inner, Runtime};
+use crate::stats::Counters;
+use crate::value;
+
+/// What the first lookup decided.
+enum Lookup<T> {
+    Hit(T),
+    /// Run the read-through protocol, knowing this generation; `overwrite` when the stored value
+    /// exists but is unusable (does not decode).
+    Miss {
+        generation: u64,
+        overwrite: bool,
+    },
+    /// The backend failed: run the function, touch nothing.
+    Unavailable,
+}
+
+pub(crate) async fn call<P, R, F>(spec: &'static Spec, key: Option<String>, body: F) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    let Some(key) = key else {
+        tracing::warn!(
+            prefix = spec.prefix,
+            function = spec.function,
+            "an argument failed to serialize; calling uncached"
+        );
+        return body.await;
+    };
+    let runtime = Runtime::current();
+    let rt = runtime.inner();
+    if matches!(rt.backend, Backend::None) {
+        return body.await;
+    }
+    let counters = rt.stats.counters(spec.db, spec.prefix);
+    let (generation, overwrite) = match lookup::<P::Stored>(rt, spec, &key, &counters).await {
+        Lookup::Hit(value) => return P::restore(value),
+        Lookup::Miss {
+            generation,
+            overwrite,
+        } => (generation, overwrite),
+        Lookup::Unavailable => return body.await,
+    };
+    let mut body = Some(body);
+    loop {
+        match rt.flights.join(spec.db, &key) {
+            Join::Leader(leader) => {
+                let body = body.take().expect("a caller leads at most once");
+                let miss = Miss {
+                    runtime: &runtime,
+                    spec,
+                    key: &key,
+                    generation,
+                    counters: &counters,
+                };
+                return lead::<P, R, F>(miss, overwrite, body, leader).await;
+            }
+            Join::Follower(rx) => match flight::wait(rx).await {
+                Outcome::Value(bytes) => {
+                    if let Ok((_, value)) = value::decode::<P::Stored>(&bytes) {
+                        return P::restore(value);
+                    }
+                    break;
+                }
+                Outcome::Uncached => break,
+                Outcome::Refused | Outcome::Abandoned => continue,
+            },
+        }
+    }
+    body.take()
+        .expect("a follower still holds its function")
+        .await
+}
+
+async fn lookup<T: serde::de::DeserializeOwned>(
+    rt: &Inner,
+    spec: &Spec,
+    key: &str,
+    counters: &Counters,
+) -> Lookup<T> {
+    let (known, refresh) = rt.generations.current(spec);
+    let decode = |bytes: &[u8]| value::decode::<T>(bytes);
+    let found = if refresh {
+        let generation_key = key::generation_key(spec);
+        rt.backend
+            .get_with_generation(rt.op_timeout, spec.db, key, &generation_key, decode)
+            .await
+    } else {
+        rt.backend
+            .get_with(rt.op_timeout, spec.db, key, decode)
+            .await
+            .map(|v| (v, None))
+    };
+    let (found, read) = match found {
+        Ok(found) => found,
+        Err(error) => {
+            counters.backend_error();
+            counters.miss();
+            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache lookup failed; calling the function");
+            return Lookup::Unavailable;
+        }
+    };
+    let generation = read.map_or(known, |g| rt.generations.observe(spec, g));
+    let overwrite = match found {
+        Some(Ok((written, value))) if written >= generation && !rt.pending.covers(spec, key) => {
+            counters.hit();
+            tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
+            return Lookup::Hit(value);
+        }
+        Some(Ok(_)) => false,
+        Some(Err(error)) => {
+            counters.decode_failure();
+            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cached value no longer decodes; recomputing");
+            true
+        }
+        None => false,
+    };
+    counters.miss();
+    tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache miss");
+    Lookup::Miss {
+        generation,
+        overwrite,
+    }
+}
+
+/// One miss being served.
+struct Miss<'a> {
+    runtime: &'a Runtime,
+    spec: &'static Spec,
+    key: &'a str,
+    generation: u64,
+    counters: &'a Counters,
+}
+
+/// A granted fill lease. Given back when the value is not filled (an `Err`, a `None`, a panic, a
+/// cancelled caller) so that the next caller need not wait for it to expire.
+struct LeaseHeld {
+    armed: bool,
+    runtime: Runtime,
+    db: u8,
+    key: String,
+    token: u64,
+}
+
+impl Drop for LeaseHeld {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (runtime, db, key, token) = (
+            self.runtime.clone(),
+            self.db,
+            std::mem::take(&mut self.key),
+            self.token,
+        );
+        let release = async move {
+            let rt = runtime.inner();
+            if let Err(error) = rt.backend.release(rt.op_timeout, db, &key, token).await {
+                tracing::debug!(db, %key, %error, "lease release failed; it expires by itself");
+            }
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(release);
+        }
+    }
+}
+
+/// The leader of this process's flight: takes the fill lease (or waits for whoever holds it),
+/// computes, fills with its token, and tells the followers.
+async fn lead<P, R, F>(miss: Miss<'_>, mut overwrite: bool, body: F, leader: Leader<'_>) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    let Miss {
+        runtime,
+        spec,
+        key,
+        generation,
+        counters,
+    } = miss;
+    let rt = runtime.inner();
+    let token = new_token();
+    // A holder that never finishes loses its lease after `lease_ttl`; past that we stop waiting.
+    let give_up_at = Instant::now() + rt.lease_ttl + rt.op_timeout;
+    let mut pause = Duration::from_millis(2);
+    let mut waited = false;
+    loop {
+        // An unusable stored value must not be returned again: ask for a generation none has.
+        let min_generation = if overwrite { u64::MAX } else { generation };
+        let decode = |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(bytes));
+        let acquired = rt
+            .backend
+            .acquire(
+                rt.op_timeout,
+                spec.db,
+                key,
+                token,
+                rt.lease_ttl,
+                min_generation,
+                decode,
+            )
+            .await;
+        match acquired {
+            Ok(Acquired::Value((bytes, Ok((_, value))))) => {
+                leader.finish(Outcome::Value(bytes));
+                return P::restore(value);
+            }
+            Ok(Acquired::Value((_, Err(_)))) => overwrite = true,
+            Ok(Acquired::Granted) => {
+                let mut held = LeaseHeld {
+                    armed: true,
+                    runtime: runtime.clone(),
+                    db: spec.db,
+                    key: key.to_owned(),
+                    token,
+                };
+                let output = body.await;
+                let outcome =
+                    fill::<P, R>(rt, spec, key, generation, token, &output, counters).await;
+                if matches!(outcome, Outcome::Value(_) | Outcome::Refused) {
+                    // Filled (the lease is gone with it) or revoked: nothing to give back.
+                    held.armed = false;
+                }
+                leader.finish(outcome);
+                return output;
+            }
+            Ok(Acquired::Busy) if Instant::now() < give_up_at => {
+                if !waited {
+                    waited = true;
+                    counters.lease_wait();
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Ok(Acquired::Busy) | Err(_) => {
+                if let Err(error) = acquired {
+                    counters.backend_error();
+                    tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "fill lease unavailable; calling the function");
+                }
+                // No lease: compute without filling, and share the value with the followers,
+                // who joined before we started computing.
+                let output = body.await;
+                let outcome = match P::stored(&output).map(|v| value::encode(generation, v)) {
+                    Some(Ok(bytes)) => Outcome::Value(bytes.into()),
+                    _ => Outcome::Uncached,
+                };
+                leader.finish(outcome);
+                return output;
+            }
+        }
+    }
+}
+
+async fn fill<P: Policy<R>, R>(
+    rt: &Inner,
+    spec: &Spec,
+    key: &str,
+    generation: u64,
+    token: u64,
+    output: &R,
+    counters: &Counters,
+) -> Outcome {
+    let Some(stored) = P::stored(output) else {
+        return Outcome::Uncached;
+    };
+    let bytes = match value::encode(generation, stored) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            counters.encode_failure();
+            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "value does not encode; not cached");
+            return Outcome::Uncached;
+        }
+    };
+    match rt
+        .backend
+        .fill(rt.op_timeout, spec.db, key, token, &bytes, spec.ttl)
+        .await
+    {
+        Ok(true) => {
+            counters.fill();
+            Outcome::Value(bytes.into())
+        }
+        Ok(false) => {
+            counters.refused_fill();
+            tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "fill refused: invalidated while computing");
+            Outcome::Refused
+        }
+        Err(error) => {
+            counters.backend_error();
+            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache fill failed");
+            // The value is as fresh as the lease protocol can know with the backend down.
+            Outcome::Value(bytes.into())
+        }
+    }
+}
+
+/// A token no other fill will carry: per-process random start, then a counter.
+fn new_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Relaxed));
+    h.finish()
+}
