@@ -240,3 +240,24 @@ mod tests {
         assert!(parse_duration("").is_err());
     }
 }
+
+/// The entries of `#[invalidates(...)]` or `invalidate!(...)`, as written.
+pub(crate) struct InvalidatesArgs {
+    pub(crate) entries: Vec<Expr>,
+}
+
+impl InvalidatesArgs {
+    pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> InvalidatesArgs {
+        match Punctuated::<Expr, Token![,]>::parse_terminated.parse2(tokens) {
+            Ok(entries) => InvalidatesArgs {
+                entries: entries.into_iter().collect(),
+            },
+            Err(e) => {
+                errors.push(e);
+                InvalidatesArgs {
+                    entries: Vec::new(),
+                }
+            }
+        }
+    }
+}

@@ -34,3 +34,28 @@ use proc_macro::TokenStream;
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::cached::expand(args.into(), item.into()).into()
 }
+
+/// Drops cache entries after the function succeeds (`Ok`, or any non-`Result` return).
+///
+/// ```ignore
+/// #[invalidates(quote(symbol), top_movers(..))]
+/// async fn update_quote(symbol: &str, q: Quote) -> Result<(), DbError> { ... }
+/// ```
+///
+/// Each entry names a `#[cached]` function (a path: `quote`, `crate::market::quote`,
+/// `Self::quote`) with expressions for its key arguments (the ones it does not `skip`), or `..`
+/// to drop every entry of that function in O(1) (its generation is raised). The compiler checks
+/// that the function is `#[cached]` and that the arguments fit. Keys are computed from the
+/// arguments before the body runs; on `Err` nothing is dropped. An invalidation the backend fails
+/// is retried in the background until it succeeds or every entry it covers has expired.
+#[proc_macro_attribute]
+pub fn invalidates(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::invalidates::expand_attribute(args.into(), item.into()).into()
+}
+
+/// `invalidate!(quote(symbol), top_movers(..)).await`: the runtime form of `#[invalidates]`,
+/// with the same compile-time checks, for code that cannot be annotated.
+#[proc_macro]
+pub fn invalidate(input: TokenStream) -> TokenStream {
+    expand::invalidates::expand_macro(input.into()).into()
+}

@@ -20,8 +20,8 @@ pub(crate) struct CachedFn {
     pub(crate) prefix: LitStr,
     pub(crate) ttl_seconds: u64,
     pub(crate) version: Option<u32>,
-    /// The parameters hashed into the key, in declaration order.
-    pub(crate) key_params: Vec<Ident>,
+    /// The parameters hashed into the key, in declaration order, with their types.
+    pub(crate) key_params: Vec<(Ident, Type)>,
     pub(crate) ret: Type,
     pub(crate) policy: Policy,
 }
@@ -142,13 +142,15 @@ fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
 }
 
 /// The typed parameters, minus `skip`ped ones; every `skip` name must be a parameter.
-fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<Ident>> {
+fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<(Ident, Type)>> {
     let mut ok = true;
     let mut params = Vec::new();
     for input in &func.sig.inputs {
         let FnArg::Typed(typed) = input else { continue };
         match &*typed.pat {
-            Pat::Ident(p) if p.subpat.is_none() => params.push(p.ident.clone()),
+            Pat::Ident(p) if p.subpat.is_none() => {
+                params.push((p.ident.clone(), (*typed.ty).clone()))
+            }
             other => {
                 ok = false;
                 errors.on(other, "#[cached] hashes each parameter by name: bind this parameter to a plain name (destructure it in the body)");
@@ -162,12 +164,17 @@ fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<
                 name,
                 "`self` is never part of the key: remove it from `skip`",
             );
-        } else if !params.contains(name) {
+        } else if !params.iter().any(|(p, _)| p == name) {
             ok = false;
             errors.on(name, format_args!("`{name}` is not a parameter of `{}`: `skip` names parameters to leave out of the key", func.sig.ident));
         }
     }
-    ok.then(|| params.into_iter().filter(|p| !skip.contains(p)).collect())
+    ok.then(|| {
+        params
+            .into_iter()
+            .filter(|(p, _)| !skip.contains(p))
+            .collect()
+    })
 }
 
 fn return_type(func: &ItemFn, errors: &mut Errors) -> Option<(Policy, Type)> {
@@ -192,4 +199,74 @@ fn return_type(func: &ItemFn, errors: &mut Errors) -> Option<(Policy, Type)> {
         return None;
     }
     Some((policy, (**ty).clone()))
+}
+
+/// One checked entry of `#[invalidates(...)]`: a path to a `#[cached]` function and what to drop.
+pub(crate) struct Invalidation {
+    pub(crate) path: Path,
+    /// `None` for `f(..)`: every entry of the function.
+    pub(crate) args: Option<Vec<syn::Expr>>,
+}
+
+/// Checks the entries (and, for the attribute, that the function is `async`).
+pub(crate) fn invalidations(
+    entries: Vec<syn::Expr>,
+    func: Option<&ItemFn>,
+    errors: &mut Errors,
+) -> Vec<Invalidation> {
+    const FORM: &str = "each entry names a #[cached] function with its key arguments, `quote(symbol)`, or `quote(..)` to drop every entry of it";
+    if let Some(func) = func {
+        if func.sig.asyncness.is_none() {
+            errors.on(func.sig.fn_token, "#[invalidates] needs an `async fn`: invalidation talks to the cache after the body returns; write `async fn`");
+        }
+    }
+    if entries.is_empty() {
+        errors.at(
+            Span::call_site(),
+            format_args!("name what to invalidate: {FORM}"),
+        );
+    }
+    let mut checked = Vec::new();
+    for entry in entries {
+        let syn::Expr::Call(call) = entry else {
+            errors.on(&entry, FORM);
+            continue;
+        };
+        let syn::Expr::Path(path) = &*call.func else {
+            errors.on(&call.func, FORM);
+            continue;
+        };
+        if path.qself.is_some() {
+            errors.on(&call.func, FORM);
+            continue;
+        }
+        let is_all = |e: &syn::Expr| matches!(e, syn::Expr::Range(r) if r.start.is_none() && r.end.is_none());
+        let args: Vec<syn::Expr> = call.args.into_iter().collect();
+        let args = match args.as_slice() {
+            [only] if is_all(only) => None,
+            _ => {
+                if let Some(range) = args.iter().find(|a| is_all(a)) {
+                    errors.on(range, "`..` stands alone: `quote(..)` drops every entry of `quote`; name all key arguments to drop one");
+                    continue;
+                }
+                Some(args)
+            }
+        };
+        checked.push(Invalidation {
+            path: path.path.clone(),
+            args,
+        });
+    }
+    checked
+}
+
+/// Whether the function's result says "it worked", by the return type as written: `Result`
+/// means `Ok`; anything else always.
+pub(crate) fn returns_result(func: &ItemFn) -> bool {
+    match &func.sig.output {
+        ReturnType::Type(_, ty) => {
+            matches!(&**ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Result"))
+        }
+        ReturnType::Default => false,
+    }
 }

@@ -34,7 +34,7 @@ mod runtime;
 mod stats;
 mod value;
 
-pub use cache_macros::cached;
+pub use cache_macros::{cached, invalidate, invalidates};
 pub use config::{
     BackendKind, CacheConfig, ConfigError, RedisTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT,
 };

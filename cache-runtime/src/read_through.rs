@@ -116,19 +116,22 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         }
     };
     let generation = read.map_or(known, |g| rt.generations.observe(spec, g));
+    // An invalidation of this key that has not reached the backend yet: the stored value, if any,
+    // is the one it drops, so do not return it (here, or from the lease step).
+    let distrusted = rt.pending.covers(spec, key);
     let overwrite = match found {
-        Some(Ok((written, value))) if written >= generation && !rt.pending.covers(spec, key) => {
+        Some(Ok((written, value))) if written >= generation && !distrusted => {
             counters.hit();
             tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
             return Lookup::Hit(value);
         }
-        Some(Ok(_)) => false,
+        Some(Ok(_)) => distrusted,
         Some(Err(error)) => {
             counters.decode_failure();
             tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cached value no longer decodes; recomputing");
             true
         }
-        None => false,
+        None => distrusted,
     };
     counters.miss();
     tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache miss");

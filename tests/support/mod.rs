@@ -20,22 +20,34 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    persistent: bool,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// A server that writes every command to an append-only file in its temp dir before
+    /// answering, so that a killed server restarts with its data (for tests that restart it).
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let mut last_error = String::new();
         // A free port can be taken by someone else between our probe and the server's bind: retry.
         for _ in 0..5 {
             let port = free_port();
-            match spawn(port, dir.path()) {
+            match spawn(port, dir.path(), persistent) {
                 Ok(child) => {
                     return RedisServer {
                         child: Some(child),
                         port,
                         dir,
-                    }
+                        persistent,
+                    };
                 }
                 Err(e) => last_error = e,
             }
@@ -63,12 +75,12 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port, empty.
+    /// Starts the server again on the same port (empty, unless it is persistent).
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match spawn(self.port, self.dir.path()) {
+            match spawn(self.port, self.dir.path(), self.persistent) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -122,7 +134,12 @@ fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-fn spawn(port: u16, dir: &Path) -> Result<Child, String> {
+fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
+    let aof: &[&str] = if persistent {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
     let mut child = Command::new("redis-server")
         .args([
             "--port",
@@ -131,9 +148,8 @@ fn spawn(port: u16, dir: &Path) -> Result<Child, String> {
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
         ])
+        .args(aof)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())

@@ -3,12 +3,76 @@
 //! attribute does not turn into a cascade of "cannot find function" errors at every call site.
 
 pub(crate) mod cached;
+pub(crate) mod invalidates;
 
-use proc_macro2::TokenStream;
-use quote::ToTokens;
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
+use syn::{Block, Ident, Type};
 
 pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
     let mut tokens = error.to_compile_error();
     item.to_tokens(&mut tokens);
     tokens
+}
+
+/// Where `#[cached]` puts the companions of a function `f` that `#[invalidates(f(..))]` and
+/// `invalidate!` call (a key function, `Option<String>` from the key arguments, and a spec
+/// function, `&'static Spec`). This and the two names below are the whole contract between the
+/// attributes.
+pub(crate) enum Site {
+    /// A free function: a hidden module `f` (the type namespace, so `use m::f;` brings it along
+    /// with the function) holding `f::__cache_key_f` and `f::__cache_spec_f`.
+    Module,
+    /// A method (it has a receiver, or names `Self`): associated functions
+    /// `Self::__cache_key_f` and `Self::__cache_spec_f` in the same `impl` block.
+    Associated,
+}
+
+pub(crate) fn companion_site(sig: &syn::Signature) -> Site {
+    let names_self = sig.to_token_stream().into_iter().any(|t| mentions_self(&t));
+    if sig.receiver().is_some() || names_self {
+        Site::Associated
+    } else {
+        Site::Module
+    }
+}
+
+fn mentions_self(token: &proc_macro2::TokenTree) -> bool {
+    match token {
+        proc_macro2::TokenTree::Ident(i) => i == "Self",
+        proc_macro2::TokenTree::Group(g) => g.stream().into_iter().any(|t| mentions_self(&t)),
+        _ => false,
+    }
+}
+
+/// The new names carry the user's span, so an error points at the `f` the user wrote.
+pub(crate) fn key_fn_name(function: &Ident) -> Ident {
+    format_ident!("__cache_key_{}", function, span = function.span())
+}
+
+pub(crate) fn spec_fn_name(function: &Ident) -> Ident {
+    format_ident!("__cache_spec_{}", function, span = function.span())
+}
+
+/// The user's body as an `async move` block whose output type is pinned to `ret` by a fake
+/// return edge (after tracing-attributes), so `?` and `return` type-check exactly as they did
+/// before the attribute and type errors point at the user's return type.
+pub(crate) fn async_body(ret: Option<&Type>, block: &Block) -> TokenStream {
+    let stmts = &block.stmts;
+    let span = ret.map_or_else(Span::call_site, |r| r.span());
+    let ret = ret.map_or_else(|| quote!(()), |r| quote!(#r));
+    let fake_return = quote_spanned!(span=>
+        #[allow(unreachable_code, clippy::empty_loop, clippy::diverging_sub_expression, clippy::needless_return)]
+        if false {
+            let __cache_fake_return: #ret = loop {};
+            return __cache_fake_return;
+        }
+    );
+    quote! {
+        async move {
+            #fake_return
+            #(#stmts)*
+        }
+    }
 }
