@@ -31,7 +31,8 @@ pub mod market {
     #[cached(db = MarketData, prefix = "inv", ttl = 300, skip(db))]
     pub async fn quote(symbol: &str, db: &Db) -> Result<u32, String> {
         db.reads.fetch_add(1, SeqCst);
-        Ok(db.price.load(SeqCst) + symbol.len() as u32 * 0)
+        assert!(!symbol.is_empty());
+        Ok(db.price.load(SeqCst))
     }
 
     #[cached(db = MarketData, prefix = "inv", ttl = 300, skip(db))]
@@ -228,7 +229,8 @@ async fn generation_reaches_other_processes() {
 #[cached(db = MarketData, prefix = "retry", ttl = 600, skip(db))]
 async fn balance(account: u32, db: &Db) -> u32 {
     db.reads.fetch_add(1, SeqCst);
-    db.price.load(SeqCst) + account * 0
+    assert!(account > 0);
+    db.price.load(SeqCst)
 }
 
 #[invalidates(balance(account))]

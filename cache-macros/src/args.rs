@@ -224,23 +224,6 @@ pub(crate) fn parse_duration(text: &str) -> Result<u64, &'static str> {
     Ok(total)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(90));
-        assert_eq!(parse_duration("5m"), Ok(300));
-        assert_eq!(parse_duration("1h30m"), Ok(5400));
-        assert_eq!(parse_duration("2d"), Ok(172_800));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("").is_err());
-    }
-}
-
 /// The entries of `#[invalidates(...)]` or `invalidate!(...)`, as written.
 pub(crate) struct InvalidatesArgs {
     pub(crate) entries: Vec<Expr>,
@@ -259,5 +242,22 @@ impl InvalidatesArgs {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration("2d"), Ok(172_800));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5 minutes").is_err());
+        assert!(parse_duration("").is_err());
     }
 }

@@ -24,11 +24,12 @@ pub(crate) enum Outcome {
 }
 
 type Slot = (u8, String);
+type Running = HashMap<Slot, (u64, watch::Receiver<Option<Outcome>>)>;
 
 #[derive(Default)]
 pub(crate) struct Flights {
     next_id: AtomicU64,
-    running: Mutex<HashMap<Slot, (u64, watch::Receiver<Option<Outcome>>)>>,
+    running: Mutex<Running>,
 }
 
 pub(crate) enum Join<'a> {
@@ -45,9 +46,7 @@ pub(crate) struct Leader<'a> {
 }
 
 impl Flights {
-    fn running(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Slot, (u64, watch::Receiver<Option<Outcome>>)>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 

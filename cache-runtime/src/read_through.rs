@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::__private::{Policy, Spec};
-use crate::backend::{Acquired, Backend};
+use crate::backend::{Acquired, Backend, LeaseAsk};
 use crate::flight::{self, Join, Leader, Outcome};
 use crate::key;
 use crate::runtime::{Inner, Runtime};
@@ -207,17 +207,14 @@ where
         // An unusable stored value must not be returned again: ask for a generation none has.
         let min_generation = if overwrite { u64::MAX } else { generation };
         let decode = |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(bytes));
+        let ask = LeaseAsk {
+            token,
+            ttl: rt.lease_ttl,
+            min_generation,
+        };
         let acquired = rt
             .backend
-            .acquire(
-                rt.op_timeout,
-                spec.db,
-                key,
-                token,
-                rt.lease_ttl,
-                min_generation,
-                decode,
-            )
+            .acquire(rt.op_timeout, spec.db, key, ask, decode)
             .await;
         match acquired {
             Ok(Acquired::Value((bytes, Ok((_, value))))) => {

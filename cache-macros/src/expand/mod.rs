@@ -21,8 +21,9 @@ pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
 /// function, `&'static Spec`). This and the two names below are the whole contract between the
 /// attributes.
 pub(crate) enum Site {
-    /// A free function: a hidden module `f` (the type namespace, so `use m::f;` brings it along
-    /// with the function) holding `f::__cache_key_f` and `f::__cache_spec_f`.
+    /// A free function: a hidden empty struct `f` (in the type namespace, so `use m::f;` brings
+    /// it along with the function, and an `impl` resolves names where the function does, even in
+    /// a function body) with `f::__cache_key_f` and `f::__cache_spec_f`.
     Module,
     /// A method (it has a receiver, or names `Self`): associated functions
     /// `Self::__cache_key_f` and `Self::__cache_spec_f` in the same `impl` block.

@@ -146,14 +146,12 @@ impl MemoryBackend {
         &self,
         db: u8,
         key: &str,
-        token: u64,
-        lease_ttl: Duration,
-        min_generation: u64,
+        ask: super::LeaseAsk,
         decode: impl FnOnce(&[u8]) -> T,
     ) -> super::Acquired<T> {
         let mut leases = self.leases();
         if let Some(entry) = self.live(db, key) {
-            if crate::value::generation_of(&entry.bytes).is_some_and(|g| g >= min_generation) {
+            if crate::value::generation_of(&entry.bytes).is_some_and(|g| g >= ask.min_generation) {
                 return super::Acquired::Value(decode(&entry.bytes));
             }
         }
@@ -165,8 +163,8 @@ impl MemoryBackend {
         leases.insert(
             slot,
             Lease {
-                token,
-                expires_at: now + lease_ttl,
+                token: ask.token,
+                expires_at: now + ask.ttl,
             },
         );
         super::Acquired::Granted

@@ -12,8 +12,17 @@ use std::time::Duration;
 use crate::config::{BackendKind, CacheConfig};
 use crate::error::BackendError;
 
-// One per runtime, behind its `Arc`: the size difference costs nothing.
-#[allow(clippy::large_enum_variant)]
+/// A miss asking for the fill lease of a key.
+#[derive(Clone, Copy)]
+pub(crate) struct LeaseAsk {
+    /// Ours alone; the fill must carry it.
+    pub(crate) token: u64,
+    /// How long the lease lives if its holder never fills.
+    pub(crate) ttl: Duration,
+    /// A stored value older than this generation does not count as "filled meanwhile".
+    pub(crate) min_generation: u64,
+}
+
 /// What a miss finds when it asks for the fill lease.
 pub(crate) enum Acquired<T> {
     /// Someone filled the entry meanwhile (at the generation asked for or later).
@@ -24,6 +33,8 @@ pub(crate) enum Acquired<T> {
     Busy,
 }
 
+// One per runtime, behind its `Arc`: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     Memory(memory::MemoryBackend),
     Redis(redis::RedisBackend),
@@ -133,20 +144,12 @@ impl Backend {
         limit: Duration,
         db: u8,
         key: &str,
-        token: u64,
-        lease_ttl: Duration,
-        min_generation: u64,
+        ask: LeaseAsk,
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<Acquired<T>, BackendError> {
         match self {
-            Backend::Memory(m) => Ok(m.acquire(db, key, token, lease_ttl, min_generation, decode)),
-            Backend::Redis(r) => {
-                bounded(
-                    limit,
-                    r.acquire(db, key, token, lease_ttl, min_generation, decode),
-                )
-                .await
-            }
+            Backend::Memory(m) => Ok(m.acquire(db, key, ask, decode)),
+            Backend::Redis(r) => bounded(limit, r.acquire(db, key, ask, decode)).await,
             Backend::None => Ok(Acquired::Granted),
         }
     }

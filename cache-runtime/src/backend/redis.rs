@@ -145,9 +145,7 @@ impl RedisBackend {
         &self,
         db: u8,
         key: &str,
-        token: u64,
-        lease_ttl: Duration,
-        min_generation: u64,
+        ask: super::LeaseAsk,
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<super::Acquired<T>, BackendError> {
         let mut conn = self.conn(db)?;
@@ -155,9 +153,9 @@ impl RedisBackend {
             .acquire
             .key(key)
             .key(crate::key::lease_key(key))
-            .arg(token)
-            .arg(ttl_millis(lease_ttl))
-            .arg(min_generation)
+            .arg(ask.token)
+            .arg(ttl_millis(ask.ttl))
+            .arg(ask.min_generation)
             .invoke_async(&mut conn)
             .await?;
         Ok(match (state, value) {
