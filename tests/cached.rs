@@ -44,7 +44,7 @@ async fn miss_then_hit(fx: &mut Fixture) {
     assert_eq!(calls.load(SeqCst), 1, "the second call must be a hit");
     fx.run(quote("MSFT", &calls)).await.unwrap();
     assert_eq!(calls.load(SeqCst), 2, "another argument is another entry");
-    let stats = fx.runtime.stats();
+    let stats = fx.stats().await;
     let market = stats.get(5, "market").expect("counted under DB 5 / market");
     assert_eq!((market.hits, market.misses, market.fills), (1, 2, 2));
     assert_eq!(market.hit_rate(), Some(1.0 / 3.0));
@@ -257,7 +257,7 @@ async fn version_retires_old_entries(fx: &mut Fixture) {
     assert!(v2_key.starts_with("market:depth:v2:{"), "{v2_key}");
     assert!(fx.ttl::<MarketData>(&v2_key).await.is_some());
     assert_eq!(
-        fx.runtime.stats().get(5, "market").unwrap().decode_failures,
+        fx.stats().await.get(5, "market").unwrap().decode_failures,
         0
     );
 }
@@ -316,7 +316,7 @@ async fn corrupt_value_is_recomputed(fx: &mut Fixture) {
         1,
         "the entry was overwritten with a good value"
     );
-    let market = fx.runtime.stats().get(5, "market").cloned().unwrap();
+    let market = fx.stats().await.get(5, "market").cloned().unwrap();
     assert_eq!((market.decode_failures, market.hits), (1, 1));
 }
 

@@ -38,7 +38,7 @@ async fn get_set_delete_exists(fx: &mut Fixture) {
         "second delete finds nothing"
     );
     assert_eq!(cache.get("job:123").await.unwrap(), None);
-    let stats = fx.runtime.stats();
+    let stats = fx.stats().await;
     let s = stats.get(6, "walkforward").unwrap();
     assert_eq!((s.hits, s.misses, s.fills), (1, 2, 1));
 }

@@ -76,7 +76,7 @@ async fn drops_the_entry_after_ok(fx: &mut Fixture) {
         "MSFT's entry was not dropped"
     );
     assert_eq!(db.reads.load(SeqCst), 3);
-    let s = fx.runtime.stats().get(5, "inv").cloned().unwrap();
+    let s = fx.stats().await.get(5, "inv").cloned().unwrap();
     assert_eq!(s.invalidations, 1);
 }
 
@@ -95,7 +95,7 @@ async fn nothing_dropped_on_err(fx: &mut Fixture) {
         Ok(100),
         "still the cached value"
     );
-    assert_eq!(fx.runtime.stats().get(5, "inv").unwrap().invalidations, 0);
+    assert_eq!(fx.stats().await.get(5, "inv").unwrap().invalidations, 0);
 }
 
 async fn dot_dot_drops_every_entry_in_one_write(fx: &mut Fixture) {
@@ -253,6 +253,7 @@ async fn failed_invalidation_is_retried_after_the_server_returns() {
     let rt = Runtime::new(config());
     let db = Db::new(10);
     assert_eq!(rt.scope(balance(1, &db)).await, 10);
+    rt.flush().await; // the fill is written behind the call: make sure it is on the server
     let key = KeyBuilder::new("retry", "balance")
         .arg(&1u32)
         .finish()

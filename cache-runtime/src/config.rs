@@ -12,6 +12,15 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default number of entries the embedded backend keeps per DB before evicting.
 pub const DEFAULT_MEMORY_CAPACITY: u64 = 100_000;
+/// Default connections per DB. One multiplexed connection pipelines every concurrent command;
+/// `cargo run --release --example bench` measures 1 against more (see README).
+pub const DEFAULT_POOL_SIZE: usize = 1;
+/// Default most fills per pipeline.
+pub const DEFAULT_BATCH_MAX: usize = 256;
+/// Default wait for more fills before writing a batch.
+pub const DEFAULT_BATCH_DELAY: Duration = Duration::ZERO;
+/// Default fills queued per DB before callers write directly.
+pub const DEFAULT_BATCH_QUEUE: usize = 16_384;
 /// Default life of a fill lease: how long one caller may compute a missing value while the others
 /// (in every process) wait for it, and so the longest they wait if it never finishes.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
@@ -122,6 +131,18 @@ pub struct CacheConfig {
     /// How long this process trusts its copy of a function's generation before reading it again
     /// with the next lookup (same round trip). Zero reads it with every lookup.
     pub generation_refresh: Duration,
+    /// Multiplexed connections per DB, handed out round robin (Redis).
+    pub pool_size: usize,
+    /// Most fills written in one pipeline (Redis).
+    pub batch_max: usize,
+    /// How long the batcher waits for more fills after the first before writing (zero: it writes
+    /// what has queued up while the previous pipeline was in flight).
+    pub batch_delay: Duration,
+    /// Fills the batcher holds per DB; a full queue means the caller writes directly. Zero turns
+    /// write-behind off.
+    pub batch_queue: usize,
+    /// Whether a lookup that timed out is tried once more (each try bounded by `op_timeout`).
+    pub retry_on_timeout: bool,
 }
 
 impl CacheConfig {
@@ -133,6 +154,11 @@ impl CacheConfig {
             memory_capacity: DEFAULT_MEMORY_CAPACITY,
             lease_ttl: DEFAULT_LEASE_TTL,
             generation_refresh: DEFAULT_GENERATION_REFRESH,
+            pool_size: DEFAULT_POOL_SIZE,
+            batch_max: DEFAULT_BATCH_MAX,
+            batch_delay: DEFAULT_BATCH_DELAY,
+            batch_queue: DEFAULT_BATCH_QUEUE,
+            retry_on_timeout: false,
         }
     }
 
@@ -174,6 +200,47 @@ impl CacheConfig {
     /// Sets how long a function's generation is trusted before it is read again.
     pub fn with_generation_refresh(mut self, refresh: Duration) -> Self {
         self.generation_refresh = refresh;
+        self
+    }
+
+    /// Sets the number of multiplexed connections per DB (at least 1).
+    pub fn with_pool_size(mut self, connections: usize) -> Self {
+        self.pool_size = connections.max(1);
+        self
+    }
+
+    /// Sets the write-behind batcher: most fills per pipeline, wait for more, queue per DB (0
+    /// turns write-behind off: every fill is written before the call returns).
+    pub fn with_batching(mut self, max: usize, delay: Duration, queue: usize) -> Self {
+        self.batch_max = max.max(1);
+        self.batch_delay = delay;
+        self.batch_queue = queue;
+        self
+    }
+
+    /// Whether a lookup that timed out is tried once more.
+    pub fn with_retry_on_timeout(mut self, retry: bool) -> Self {
+        self.retry_on_timeout = retry;
+        self
+    }
+
+    /// Applies a documented preset (see [`Environment`]) to the timeouts, pool and queue.
+    pub fn for_environment(mut self, environment: Environment) -> Self {
+        match environment {
+            Environment::Development => {
+                self.op_timeout = Duration::from_secs(1);
+                self.connect_timeout = Duration::from_secs(1);
+                self.pool_size = 1;
+                self.batch_queue = 1024;
+            }
+            Environment::Production => {
+                self.op_timeout = DEFAULT_OP_TIMEOUT;
+                self.connect_timeout = DEFAULT_CONNECT_TIMEOUT;
+                self.pool_size = DEFAULT_POOL_SIZE;
+                self.batch_queue = DEFAULT_BATCH_QUEUE;
+                self.retry_on_timeout = false;
+            }
+        }
         self
     }
 
@@ -257,6 +324,22 @@ impl CacheConfig {
                 })
             }
         };
+        let config = match var("CACHE_ENV").map(|e| e.trim().to_ascii_lowercase()) {
+            None => config,
+            Some(e) if e == "development" || e == "dev" => {
+                config.for_environment(Environment::Development)
+            }
+            Some(e) if e == "production" || e == "prod" => {
+                config.for_environment(Environment::Production)
+            }
+            Some(other) => {
+                return Err(ConfigError::InvalidValue {
+                    variable: "CACHE_ENV",
+                    value: other,
+                    expected: "development or production",
+                })
+            }
+        };
         config.with_env_timeout(&var)
     }
 
@@ -273,6 +356,21 @@ impl CacheConfig {
             },
         }
     }
+}
+
+/// Presets for [`CacheConfig::for_environment`] (also `CACHE_ENV=development|production`).
+///
+/// | preset | op timeout | connect timeout | pool per DB | batch queue per DB |
+/// |---|---|---|---|---|
+/// | development | 1 s | 1 s | 1 | 1,024 |
+/// | production (the defaults) | 250 ms | 250 ms | 1 | 16,384 |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Environment {
+    /// A laptop or a shared dev server: lenient timeouts, little memory.
+    Development,
+    /// Services under load: tight timeouts so a slow Redis costs little.
+    Production,
 }
 
 /// Configuration that cannot be used. Reported when the runtime is built, never later.

@@ -12,6 +12,8 @@ pub enum BackendError {
     Redis(redis::RedisError),
     /// The call took longer than the configured bound.
     Timeout(Duration),
+    /// A pipelined batch of writes failed as a whole (the connection's error, as text).
+    Batch(String),
 }
 
 impl fmt::Display for BackendError {
@@ -19,6 +21,7 @@ impl fmt::Display for BackendError {
         match self {
             BackendError::Redis(e) => write!(f, "redis: {e}"),
             BackendError::Timeout(d) => write!(f, "backend call timed out after {d:?}"),
+            BackendError::Batch(e) => write!(f, "batched write failed: {e}"),
         }
     }
 }
@@ -27,7 +30,7 @@ impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BackendError::Redis(e) => Some(e),
-            BackendError::Timeout(_) => None,
+            BackendError::Timeout(_) | BackendError::Batch(_) => None,
         }
     }
 }

@@ -2,10 +2,12 @@
 //! wait for that caller's value.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+
+use crate::runtime::Runtime;
 
 /// How a flight ended, as its followers see it.
 #[derive(Clone)]
@@ -29,17 +31,21 @@ type Running = HashMap<Slot, (u64, watch::Receiver<Option<Outcome>>)>;
 #[derive(Default)]
 pub(crate) struct Flights {
     next_id: AtomicU64,
+    /// How many flights are running: lets a hit skip the lock when there are none.
+    count: AtomicUsize,
     running: Mutex<Running>,
 }
 
-pub(crate) enum Join<'a> {
-    Leader(Leader<'a>),
+pub(crate) enum Join {
+    Leader(Leader),
     Follower(watch::Receiver<Option<Outcome>>),
 }
 
-/// The caller that computes for a key. Dropping it unfinished releases the followers.
-pub(crate) struct Leader<'a> {
-    flights: &'a Flights,
+/// The caller that computes for a key. Dropping it unfinished releases the followers. It owns a
+/// handle on the runtime so that a write-behind fill can finish the flight after the caller has
+/// returned.
+pub(crate) struct Leader {
+    runtime: Runtime,
     slot: Slot,
     id: u64,
     tx: watch::Sender<Option<Outcome>>,
@@ -50,51 +56,69 @@ impl Flights {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Joins the flight for `key`, or starts one.
-    pub(crate) fn join(&self, db: u8, key: &str) -> Join<'_> {
-        let mut running = self.running();
+    /// Joins the flight for `key` on `runtime`, or starts one.
+    pub(crate) fn join(runtime: &Runtime, db: u8, key: &str) -> Join {
+        let this = &runtime.inner().flights;
+        let mut running = this.running();
         let slot = (db, key.to_owned());
         if let Some((_, rx)) = running.get(&slot) {
             return Join::Follower(rx.clone());
         }
-        let id = self.next_id.fetch_add(1, Relaxed);
+        let id = this.next_id.fetch_add(1, Relaxed);
         let (tx, rx) = watch::channel(None);
         running.insert(slot.clone(), (id, rx));
+        this.count.store(running.len(), Relaxed);
         Join::Leader(Leader {
-            flights: self,
+            runtime: runtime.clone(),
             slot,
             id,
             tx,
         })
     }
 
+    pub(crate) fn any_running(&self) -> bool {
+        self.count.load(Relaxed) > 0
+    }
+
+    pub(crate) fn is_running(&self, db: u8, key: &str) -> bool {
+        // A (u8, String) map cannot be probed with a &str without building the key: flights are
+        // rare on the hit path, so the allocation is paid only while some flight runs.
+        self.running().contains_key(&(db, key.to_owned()))
+    }
+
     /// Callers arriving from now on start a new flight (an invalidation of `key` returned).
     pub(crate) fn revoke(&self, db: u8, key: &str) {
-        self.running().remove(&(db, key.to_owned()));
+        let mut running = self.running();
+        running.remove(&(db, key.to_owned()));
+        self.count.store(running.len(), Relaxed);
     }
 
     /// Same, for every key starting with `prefix` (a `function(..)` invalidation).
     pub(crate) fn revoke_prefix(&self, db: u8, prefix: &str) {
-        self.running()
-            .retain(|(d, key), _| !(*d == db && key.starts_with(prefix)));
+        let mut running = self.running();
+        running.retain(|(d, key), _| !(*d == db && key.starts_with(prefix)));
+        self.count.store(running.len(), Relaxed);
     }
 }
 
-impl Leader<'_> {
+impl Leader {
     pub(crate) fn finish(self, outcome: Outcome) {
         self.tx.send_replace(Some(outcome));
     }
 }
 
-impl Drop for Leader<'_> {
+impl Drop for Leader {
     fn drop(&mut self) {
-        let mut running = self.flights.running();
+        let flights = &self.runtime.inner().flights;
+        let mut running = flights.running();
         if running
             .get(&self.slot)
             .is_some_and(|(id, _)| *id == self.id)
         {
             running.remove(&self.slot);
         }
+        flights.count.store(running.len(), Relaxed);
+        drop(running);
         // An unfinished flight (cancelled or panicking leader) tells its followers so.
         if self.tx.borrow().is_none() {
             self.tx.send_replace(Some(Outcome::Abandoned));

@@ -36,12 +36,13 @@ mod value;
 
 pub use cache_macros::{cached, invalidate, invalidates};
 pub use config::{
-    BackendKind, CacheConfig, ConfigError, RedisTarget, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT,
+    BackendKind, CacheConfig, ConfigError, Environment, RedisTarget, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_OP_TIMEOUT,
 };
 pub use error::{BackendError, CacheError};
 pub use handle::{prefix_problem, Cache};
 pub use key::KeyBuilder;
-pub use runtime::{global, init, init_from_env, Runtime};
+pub use runtime::{global, init, init_from_env, Runtime, ShutdownGuard};
 pub use stats::{PrefixStats, StatsSnapshot};
 
 /// Not a public API: what `#[cached]` expands into. May change in any release.

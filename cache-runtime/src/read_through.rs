@@ -1,6 +1,11 @@
 //! A cached call, step by step: lookup; on a miss, one computation per key in this process
-//! (single flight) and one across processes (fill lease); a fill that an invalidation revoked is
-//! refused. No cache failure reaches the caller.
+//! (single flight) and one across processes (fill lease); the fill goes to the write-behind
+//! batcher, and a fill that an invalidation revoked is refused. No cache failure reaches the
+//! caller.
+//!
+//! Counting: a call is a *hit* when it returns a value it did not compute (from the backend, from
+//! another caller's flight, or after waiting for another process's lease), a *miss* when it ran
+//! the function.
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -9,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::__private::{Policy, Spec};
+use crate::backend::batch::Write;
 use crate::backend::{Acquired, Backend, LeaseAsk};
-use crate::flight::{self, Join, Leader, Outcome};
+use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::key;
 use crate::runtime::{Inner, Runtime};
 use crate::stats::Counters;
@@ -20,13 +26,22 @@ use crate::value;
 enum Lookup<T> {
     Hit(T),
     /// Run the read-through protocol, knowing this generation; `overwrite` when the stored value
-    /// exists but is unusable (does not decode).
+    /// must not be returned (it does not decode, or an unapplied invalidation covers it).
     Miss {
         generation: u64,
         overwrite: bool,
     },
     /// The backend failed: run the function, touch nothing.
     Unavailable,
+}
+
+/// One miss being served.
+struct Miss<'a> {
+    runtime: &'a Runtime,
+    spec: &'static Spec,
+    key: &'a str,
+    generation: u64,
+    counters: &'a Arc<Counters>,
 }
 
 pub(crate) async fn call<P, R, F>(spec: &'static Spec, key: Option<String>, body: F) -> R
@@ -48,17 +63,32 @@ where
         return body.await;
     }
     let counters = rt.stats.counters(spec.db, spec.prefix);
-    let (generation, overwrite) = match lookup::<P::Stored>(rt, spec, &key, &counters).await {
-        Lookup::Hit(value) => return P::restore(value),
-        Lookup::Miss {
-            generation,
-            overwrite,
-        } => (generation, overwrite),
-        Lookup::Unavailable => return body.await,
-    };
+    // A flight already under way for this key (its fill may still be queued): follow it rather
+    // than read what it has not written yet. One atomic load when no flight is running.
+    let mut lookup_first = true;
+    if rt.flights.any_running() {
+        lookup_first = !rt.flights.is_running(spec.db, &key);
+    }
+    let (mut generation, mut overwrite) = (rt.generations.current(spec).0, false);
+    if lookup_first {
+        match lookup::<P::Stored>(rt, spec, &key, &counters).await {
+            Lookup::Hit(value) => {
+                counters.hit();
+                return P::restore(value);
+            }
+            Lookup::Miss {
+                generation: g,
+                overwrite: o,
+            } => (generation, overwrite) = (g, o),
+            Lookup::Unavailable => {
+                counters.miss();
+                return body.await;
+            }
+        }
+    }
     let mut body = Some(body);
     loop {
-        match rt.flights.join(spec.db, &key) {
+        match Flights::join(&runtime, spec.db, &key) {
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
                 let miss = Miss {
@@ -73,6 +103,8 @@ where
             Join::Follower(rx) => match flight::wait(rx).await {
                 Outcome::Value(bytes) => {
                     if let Ok((_, value)) = value::decode::<P::Stored>(&bytes) {
+                        counters.hit();
+                        tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit (shared flight)");
                         return P::restore(value);
                     }
                     break;
@@ -82,6 +114,7 @@ where
             },
         }
     }
+    counters.miss();
     body.take()
         .expect("a follower still holds its function")
         .await
@@ -110,7 +143,6 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         Ok(found) => found,
         Err(error) => {
             counters.backend_error();
-            counters.miss();
             tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache lookup failed; calling the function");
             return Lookup::Unavailable;
         }
@@ -121,7 +153,6 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let distrusted = rt.pending.covers(spec, key);
     let overwrite = match found {
         Some(Ok((written, value))) if written >= generation && !distrusted => {
-            counters.hit();
             tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
             return Lookup::Hit(value);
         }
@@ -133,21 +164,11 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         }
         None => distrusted,
     };
-    counters.miss();
     tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache miss");
     Lookup::Miss {
         generation,
         overwrite,
     }
-}
-
-/// One miss being served.
-struct Miss<'a> {
-    runtime: &'a Runtime,
-    spec: &'static Spec,
-    key: &'a str,
-    generation: u64,
-    counters: &'a Counters,
 }
 
 /// A granted fill lease. Given back when the value is not filled (an `Err`, a `None`, a panic, a
@@ -184,8 +205,8 @@ impl Drop for LeaseHeld {
 }
 
 /// The leader of this process's flight: takes the fill lease (or waits for whoever holds it),
-/// computes, fills with its token, and tells the followers.
-async fn lead<P, R, F>(miss: Miss<'_>, mut overwrite: bool, body: F, leader: Leader<'_>) -> R
+/// computes, hands the fill to the batcher, and (through the fill's result) tells the followers.
+async fn lead<P, R, F>(miss: Miss<'_>, mut overwrite: bool, body: F, leader: Leader) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -204,7 +225,7 @@ where
     let mut pause = Duration::from_millis(2);
     let mut waited = false;
     loop {
-        // An unusable stored value must not be returned again: ask for a generation none has.
+        // A stored value that must not be returned: ask for a generation none has.
         let min_generation = if overwrite { u64::MAX } else { generation };
         let decode = |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(bytes));
         let ask = LeaseAsk {
@@ -218,6 +239,7 @@ where
             .await;
         match acquired {
             Ok(Acquired::Value((bytes, Ok((_, value))))) => {
+                counters.hit();
                 leader.finish(Outcome::Value(bytes));
                 return P::restore(value);
             }
@@ -230,14 +252,27 @@ where
                     key: key.to_owned(),
                     token,
                 };
+                counters.miss();
                 let output = body.await;
-                let outcome =
-                    fill::<P, R>(rt, spec, key, generation, token, &output, counters).await;
-                if matches!(outcome, Outcome::Value(_) | Outcome::Refused) {
-                    // Filled (the lease is gone with it) or revoked: nothing to give back.
-                    held.armed = false;
+                match P::stored(&output).map(|v| value::encode(generation, v)) {
+                    Some(Ok(bytes)) => {
+                        held.armed = false; // the fill script consumes the lease
+                        let write = Write {
+                            key: key.to_owned(),
+                            value: bytes.into(),
+                            ttl: spec.ttl,
+                            token: Some(token),
+                            done: None,
+                        };
+                        fill(rt, spec.db, write, leader, Arc::clone(counters)).await;
+                    }
+                    Some(Err(error)) => {
+                        counters.encode_failure();
+                        tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "value does not encode; not cached");
+                        leader.finish(Outcome::Uncached);
+                    }
+                    None => leader.finish(Outcome::Uncached),
                 }
-                leader.finish(outcome);
                 return output;
             }
             Ok(Acquired::Busy) if Instant::now() < give_up_at => {
@@ -255,6 +290,7 @@ where
                 }
                 // No lease: compute without filling, and share the value with the followers,
                 // who joined before we started computing.
+                counters.miss();
                 let output = body.await;
                 let outcome = match P::stored(&output).map(|v| value::encode(generation, v)) {
                     Some(Ok(bytes)) => Outcome::Value(bytes.into()),
@@ -267,45 +303,49 @@ where
     }
 }
 
-async fn fill<P: Policy<R>, R>(
-    rt: &Inner,
-    spec: &Spec,
-    key: &str,
-    generation: u64,
-    token: u64,
-    output: &R,
-    counters: &Counters,
-) -> Outcome {
-    let Some(stored) = P::stored(output) else {
-        return Outcome::Uncached;
+/// Writes a lease-checked fill: through the batcher when it takes it (the caller returns at
+/// once; the flight ends when the server answers), directly otherwise. The flight's followers
+/// learn whether the fill was accepted, and start over if it was refused.
+async fn fill(rt: &Inner, db: u8, mut write: Write, leader: Leader, counters: Arc<Counters>) {
+    let value = Arc::clone(&write.value);
+    let finish = move |result: Result<bool, crate::error::BackendError>| {
+        let outcome = match result {
+            Ok(true) => {
+                counters.fill();
+                Outcome::Value(value)
+            }
+            Ok(false) => {
+                counters.refused_fill();
+                tracing::debug!(db, "fill refused: invalidated while computing");
+                Outcome::Refused
+            }
+            Err(error) => {
+                counters.backend_error();
+                tracing::warn!(db, %error, "cache fill failed");
+                // As fresh as the lease protocol can know with the backend failing.
+                Outcome::Value(value)
+            }
+        };
+        leader.finish(outcome);
     };
-    let bytes = match value::encode(generation, stored) {
-        Ok(bytes) => bytes,
-        Err(error) => {
-            counters.encode_failure();
-            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "value does not encode; not cached");
-            return Outcome::Uncached;
-        }
-    };
-    match rt
-        .backend
-        .fill(rt.op_timeout, spec.db, key, token, &bytes, spec.ttl)
-        .await
-    {
-        Ok(true) => {
-            counters.fill();
-            Outcome::Value(bytes.into())
-        }
-        Ok(false) => {
-            counters.refused_fill();
-            tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "fill refused: invalidated while computing");
-            Outcome::Refused
-        }
-        Err(error) => {
-            counters.backend_error();
-            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache fill failed");
-            // The value is as fresh as the lease protocol can know with the backend down.
-            Outcome::Value(bytes.into())
+    write.done = Some(Box::new(finish));
+    match rt.backend.offer(db, write) {
+        Ok(()) => {}
+        Err(mut write) => {
+            let done = write.done.take().expect("the write carries its completion");
+            let token = write.token.expect("fills are lease-checked");
+            let result = rt
+                .backend
+                .fill(
+                    rt.op_timeout,
+                    db,
+                    &write.key,
+                    token,
+                    &write.value,
+                    write.ttl,
+                )
+                .await;
+            done(result);
         }
     }
 }

@@ -85,6 +85,34 @@ impl Runtime {
         self.inner.stats.snapshot()
     }
 
+    /// Waits until every cache write this runtime accepted so far has been answered by the
+    /// backend (fills are written behind the caller's back, in batches).
+    pub async fn flush(&self) {
+        self.inner.backend.flush().await;
+    }
+
+    /// Flushes every accepted write, then writes fills directly (before the call returns) from now
+    /// on. Call it before the process exits; [`Runtime::shutdown_guard`] does it on drop.
+    pub async fn shutdown(&self) {
+        self.inner.backend.shutdown().await;
+        tracing::info!(backend = %self.inner.description, "cache runtime shut down; accepted writes flushed");
+    }
+
+    /// A guard that shuts this runtime down when dropped: it blocks the dropping thread until the
+    /// accepted writes are flushed, which a multi-threaded tokio runtime allows. Where it cannot
+    /// block (a current-thread runtime, or no runtime), it logs an error with the number of writes
+    /// still queued: call [`Runtime::shutdown`] there.
+    pub fn shutdown_guard(&self) -> ShutdownGuard {
+        ShutdownGuard {
+            runtime: self.clone(),
+        }
+    }
+
+    /// Cache writes accepted and not yet answered by the backend.
+    pub fn queued_writes(&self) -> usize {
+        self.inner.backend.queued()
+    }
+
     /// `memory`, `redis` or `none`.
     pub fn backend_kind(&self) -> &'static str {
         self.inner.backend.kind()
@@ -92,6 +120,29 @@ impl Runtime {
 
     pub(crate) fn inner(&self) -> &Inner {
         &self.inner
+    }
+}
+
+/// Flushes the runtime's accepted writes when dropped (see [`Runtime::shutdown_guard`]).
+#[must_use = "the guard flushes when dropped; bind it to a variable that lives until shutdown"]
+pub struct ShutdownGuard {
+    runtime: Runtime,
+}
+
+impl Drop for ShutdownGuard {
+    fn drop(&mut self) {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| handle.block_on(self.runtime.shutdown()));
+            }
+            _ => {
+                let queued = self.runtime.queued_writes();
+                if queued > 0 {
+                    tracing::error!(queued, "cache runtime dropped where it cannot block: call `shutdown().await` before exiting, or these writes are not made");
+                }
+            }
+        }
     }
 }
 

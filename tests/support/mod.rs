@@ -226,9 +226,16 @@ impl Fixture {
         self.runtime.scope(fut).await
     }
 
-    /// Time left on a full key in DB `D`: `PTTL` through a raw client on Redis, the backend's own
-    /// answer on the embedded backend.
+    /// The counters, once every write the runtime accepted has been answered.
+    pub async fn stats(&self) -> cache_runtime::StatsSnapshot {
+        self.runtime.flush().await;
+        self.runtime.stats()
+    }
+
+    /// Time left on a full key in DB `D`: `PTTL` through a raw client on Redis (after the
+    /// runtime's queued writes are flushed), the backend's own answer on the embedded backend.
     pub async fn ttl<D: CacheDb>(&self, full_key: &str) -> Option<Duration> {
+        self.runtime.flush().await;
         match &self.server {
             Some(server) => {
                 let ms: i64 = ::redis::cmd("PTTL")

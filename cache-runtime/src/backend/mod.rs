@@ -3,6 +3,7 @@
 //! configured timeout; it is an enum rather than a trait object so the hit path makes no virtual
 //! call and boxes no future.
 
+pub(crate) mod batch;
 pub(crate) mod memory;
 pub(crate) mod redis;
 
@@ -47,11 +48,9 @@ impl Backend {
             BackendKind::Memory => {
                 Backend::Memory(memory::MemoryBackend::new(config.memory_capacity))
             }
-            BackendKind::Redis(target) => Backend::Redis(redis::RedisBackend::new(
-                target.clone(),
-                config.connect_timeout,
-                config.op_timeout,
-            )),
+            BackendKind::Redis(target) => {
+                Backend::Redis(redis::RedisBackend::new(target.clone(), config))
+            }
             BackendKind::None => Backend::None,
         }
     }
@@ -109,12 +108,47 @@ impl Backend {
         limit: Duration,
         db: u8,
         key: &str,
-        decode: impl FnOnce(&[u8]) -> T,
+        decode: impl Fn(&[u8]) -> T,
     ) -> Result<Option<T>, BackendError> {
         match self {
             Backend::Memory(m) => Ok(m.get_with(db, key, decode)),
-            Backend::Redis(r) => bounded(limit, r.get_with(db, key, decode)).await,
+            Backend::Redis(r) => match bounded(limit, r.get_with(db, key, &decode)).await {
+                Err(BackendError::Timeout(_)) if r.retry_on_timeout => {
+                    bounded(limit, r.get_with(db, key, &decode)).await
+                }
+                result => result,
+            },
             Backend::None => Ok(None),
+        }
+    }
+
+    /// Hands a write to the write-behind batcher (Redis, batching on, queue not full), or back.
+    pub(crate) fn offer(&self, db: u8, write: batch::Write) -> Result<(), batch::Write> {
+        match self {
+            Backend::Redis(r) => r.batcher.offer(db, write, || r.conn(db).ok()),
+            Backend::Memory(_) | Backend::None => Err(write),
+        }
+    }
+
+    /// Waits until every write accepted so far has been answered.
+    pub(crate) async fn flush(&self) {
+        if let Backend::Redis(r) = self {
+            r.batcher.flush().await;
+        }
+    }
+
+    /// Flushes and stops accepting writes for the background.
+    pub(crate) async fn shutdown(&self) {
+        if let Backend::Redis(r) = self {
+            r.batcher.shutdown().await;
+        }
+    }
+
+    /// Writes accepted for the background and not yet answered.
+    pub(crate) fn queued(&self) -> usize {
+        match self {
+            Backend::Redis(r) => r.batcher.queued(),
+            Backend::Memory(_) | Backend::None => 0,
         }
     }
 
@@ -126,7 +160,7 @@ impl Backend {
         db: u8,
         key: &str,
         generation_key: &str,
-        decode: impl FnOnce(&[u8]) -> T,
+        decode: impl Fn(&[u8]) -> T,
     ) -> Result<(Option<T>, Option<u64>), BackendError> {
         match self {
             Backend::Redis(r) => bounded(

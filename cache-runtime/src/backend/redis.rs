@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::config::RedisTarget;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use super::batch::Batcher;
+use crate::config::{CacheConfig, RedisTarget};
 use crate::error::BackendError;
 
 /// How many keys one `SCAN` step asks for when clearing a prefix.
@@ -52,14 +55,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-struct Scripts {
+pub(crate) struct Scripts {
     acquire: redis::Script,
-    fill: redis::Script,
+    pub(crate) fill: redis::Script,
     release: redis::Script,
     bump_generation: redis::Script,
 }
 
-fn scripts() -> &'static Scripts {
+pub(crate) fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
         acquire: redis::Script::new(ACQUIRE),
@@ -73,31 +76,58 @@ pub(crate) struct RedisBackend {
     target: RedisTarget,
     connect_timeout: Duration,
     op_timeout: Duration,
-    dbs: [OnceLock<ConnectionManager>; 16],
+    pool_size: usize,
+    pub(crate) retry_on_timeout: bool,
+    /// Per DB, `pool_size` multiplexed connections, made on first use.
+    dbs: [OnceLock<Pool>; 16],
+    pub(crate) batcher: Batcher,
+}
+
+/// A DB's connections, handed out round robin.
+struct Pool {
+    conns: Vec<ConnectionManager>,
+    next: AtomicUsize,
 }
 
 impl RedisBackend {
-    pub(crate) fn new(
-        target: RedisTarget,
-        connect_timeout: Duration,
-        op_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(target: RedisTarget, config: &CacheConfig) -> Self {
         RedisBackend {
             target,
-            connect_timeout,
-            op_timeout,
+            connect_timeout: config.connect_timeout,
+            op_timeout: config.op_timeout,
+            pool_size: config.pool_size.max(1),
+            retry_on_timeout: config.retry_on_timeout,
             dbs: Default::default(),
+            batcher: Batcher::new(config),
         }
     }
 
-    /// The connection for `db`, made on first use. `ConnectionManager` connects lazily and
-    /// reconnects by itself after the server comes back, so a server that is down at start-up is
-    /// not an error here: the first command reports it.
-    fn conn(&self, db: u8) -> Result<ConnectionManager, BackendError> {
+    /// A connection for `db`, round robin over the DB's pool. `ConnectionManager` connects lazily
+    /// and reconnects by itself after the server comes back, so a server that is down at start-up
+    /// is not an error here: the first command reports it. No connection is opened per call.
+    pub(crate) fn conn(&self, db: u8) -> Result<ConnectionManager, BackendError> {
         let cell = &self.dbs[usize::from(db & 0x0f)];
-        if let Some(conn) = cell.get() {
-            return Ok(conn.clone());
-        }
+        let pool = match cell.get() {
+            Some(pool) => pool,
+            None => {
+                let conns = (0..self.pool_size)
+                    .map(|_| self.connect(db))
+                    .collect::<Result<_, _>>()?;
+                cell.get_or_init(|| Pool {
+                    conns,
+                    next: AtomicUsize::new(0),
+                })
+            }
+        };
+        let i = if pool.conns.len() == 1 {
+            0
+        } else {
+            pool.next.fetch_add(1, Relaxed) % pool.conns.len()
+        };
+        Ok(pool.conns[i].clone())
+    }
+
+    fn connect(&self, db: u8) -> Result<ConnectionManager, BackendError> {
         let client = redis::Client::open(self.target.for_db(db))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
@@ -107,8 +137,7 @@ impl RedisBackend {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(cell.get_or_init(|| conn).clone())
+        Ok(ConnectionManager::new_lazy_with_config(client, config)?)
     }
 
     pub(crate) async fn get_with<T>(
@@ -314,6 +343,6 @@ impl RedisBackend {
 }
 
 /// Milliseconds for `PX`/`PEXPIRE`, never 0 (Redis rejects 0).
-fn ttl_millis(ttl: Duration) -> u64 {
+pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
