@@ -174,6 +174,77 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         Ok(())
     }
 
+    /// The values under `keys`, in order, in one round trip (`MGET`). A value that does not decode
+    /// as `T` reads as `None` and is counted as a decode failure (one bad entry does not fail the
+    /// batch).
+    pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<T>>, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        let found = rt
+            .backend
+            .get_many_with(rt.op_timeout, Self::DB, &full, |b| {
+                serde_json::from_slice::<T>(b)
+            })
+            .await
+            .inspect_err(|_| counters.backend_error())?;
+        Ok(found
+            .into_iter()
+            .map(|v| match v {
+                Some(Ok(value)) => {
+                    counters.hit();
+                    Some(value)
+                }
+                Some(Err(_)) => {
+                    counters.decode_failure();
+                    counters.miss();
+                    None
+                }
+                None => {
+                    counters.miss();
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Stores every `(key, value)` with the default TTL in one round trip (a pipeline of
+    /// `SET ... PX`).
+    pub async fn set_many(&self, items: &[(&str, &T)]) -> Result<(), CacheError> {
+        let encoded = items
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    self.key(k),
+                    serde_json::to_vec(v).map_err(CacheError::Encode)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, CacheError>>()?;
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        rt.backend
+            .set_many(rt.op_timeout, Self::DB, &encoded, self.default_ttl)
+            .await
+            .inspect_err(|_| counters.backend_error())?;
+        for _ in items {
+            counters.fill();
+        }
+        Ok(())
+    }
+
+    /// Removes every key in one round trip (`UNLINK`); how many were there.
+    pub async fn delete_many(&self, keys: &[&str]) -> Result<u64, CacheError> {
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        Ok(rt
+            .backend
+            .delete_many(rt.op_timeout, Self::DB, &full)
+            .await?)
+    }
+
     /// Removes `key`; `true` if it was there.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();

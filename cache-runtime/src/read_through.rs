@@ -308,6 +308,7 @@ where
 /// learn whether the fill was accepted, and start over if it was refused.
 async fn fill(rt: &Inner, db: u8, mut write: Write, leader: Leader, counters: Arc<Counters>) {
     let value = Arc::clone(&write.value);
+    let direct = Arc::clone(&counters);
     let finish = move |result: Result<bool, crate::error::BackendError>| {
         let outcome = match result {
             Ok(true) => {
@@ -332,6 +333,9 @@ async fn fill(rt: &Inner, db: u8, mut write: Write, leader: Leader, counters: Ar
     match rt.backend.offer(db, write) {
         Ok(()) => {}
         Err(mut write) => {
+            if matches!(rt.backend, Backend::Redis(_)) {
+                direct.direct_fill();
+            }
             let done = write.done.take().expect("the write carries its completion");
             let token = write.token.expect("fills are lease-checked");
             let result = rt

@@ -18,9 +18,13 @@ pub(crate) struct Counters {
     invalidations_expired: AtomicU64,
     refused_fills: AtomicU64,
     lease_waits: AtomicU64,
+    direct_fills: AtomicU64,
 }
 
 impl Counters {
+    pub(crate) fn direct_fill(&self) {
+        self.direct_fills.fetch_add(1, Relaxed);
+    }
     pub(crate) fn invalidation(&self) {
         self.invalidations.fetch_add(1, Relaxed);
     }
@@ -70,6 +74,7 @@ impl Counters {
             invalidations_expired: self.invalidations_expired.load(Relaxed),
             refused_fills: self.refused_fills.load(Relaxed),
             lease_waits: self.lease_waits.load(Relaxed),
+            direct_fills: self.direct_fills.load(Relaxed),
         }
     }
 }
@@ -133,6 +138,9 @@ pub struct PrefixStats {
     pub refused_fills: u64,
     /// Misses that waited for another caller's fill instead of running the function.
     pub lease_waits: u64,
+    /// Fills written before the call returned because the write-behind queue was full or shut
+    /// down (on Redis; the embedded backend always writes at once and does not count here).
+    pub direct_fills: u64,
 }
 
 impl PrefixStats {

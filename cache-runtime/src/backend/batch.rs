@@ -131,6 +131,9 @@ async fn flush_loop(
 ) {
     let mut items = Vec::with_capacity(max);
     let mut writes = Vec::with_capacity(max);
+    // Load the fill script up front so that pipelines can use EVALSHA; if this fails (server
+    // down), the NOSCRIPT path below loads it later.
+    let _ = scripts().fill.load_async(&mut conn).await;
     loop {
         if rx.recv_many(&mut items, max).await == 0 {
             return; // the runtime is gone, and every write it accepted was answered
@@ -191,10 +194,10 @@ async fn write_all(conn: &mut ConnectionManager, writes: &mut Vec<Write>, queued
     match replies {
         Ok(replies) => {
             for (w, reply) in writes.drain(..).zip(replies) {
-                let result = match reply {
-                    Ok(redis::Value::Int(n)) => Ok(n == 1),
-                    Ok(_) => Ok(true),
-                    // The server lost its scripts (a restart): `invoke` loads the script again.
+                let result = match written(reply) {
+                    Ok(written) => Ok(written),
+                    // The script is not loaded yet, or the server lost it (a restart): `invoke`
+                    // loads it and runs it.
                     Err(e) if e.code() == Some("NOSCRIPT") => {
                         let mut invocation = fill.key(&w.key);
                         invocation
@@ -225,4 +228,20 @@ async fn write_all(conn: &mut ConnectionManager, writes: &mut Vec<Write>, queued
         }
     }
     queued.fetch_sub(count, SeqCst);
+}
+
+/// What one pipelined write answered: the fill script's 1 (written) or 0 (lease revoked), or
+/// `SET`'s OK. Anything else, an error reply included, is an error: never a silent success.
+fn written(reply: redis::RedisResult<redis::Value>) -> redis::RedisResult<bool> {
+    match reply? {
+        redis::Value::Int(n) => Ok(n == 1),
+        redis::Value::Okay => Ok(true),
+        redis::Value::SimpleString(s) if s == "OK" => Ok(true),
+        redis::Value::ServerError(e) => Err(e.into()),
+        other => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply to a batched write",
+            format!("{other:?}"),
+        ))),
+    }
 }

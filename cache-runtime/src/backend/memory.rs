@@ -90,6 +90,25 @@ impl MemoryBackend {
             .is_some_and(|e| e.expires_at > Instant::now())
     }
 
+    pub(crate) fn get_many_with<T>(
+        &self,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Vec<Option<T>> {
+        keys.iter().map(|k| self.get_with(db, k, &decode)).collect()
+    }
+
+    pub(crate) fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) {
+        for (key, value) in items {
+            self.set(db, key, value, ttl);
+        }
+    }
+
+    pub(crate) fn delete_many(&self, db: u8, keys: &[String]) -> u64 {
+        keys.iter().filter(|k| self.delete(db, k)).count() as u64
+    }
+
     pub(crate) fn exists(&self, db: u8, key: &str) -> bool {
         self.live(db, key).is_some()
     }

@@ -95,6 +95,8 @@ macro_rules! dispatch {
 dispatch! {
     fn set(key: &str, value: &[u8], ttl: Duration) -> (), none = ();
     fn delete(key: &str) -> bool, none = false;
+    fn set_many(items: &[(String, Vec<u8>)], ttl: Duration) -> (), none = ();
+    fn delete_many(keys: &[String]) -> u64, none = 0;
     fn exists(key: &str) -> bool, none = false;
     fn expire(key: &str, ttl: Duration) -> bool, none = false;
     fn ttl(key: &str) -> Option<Duration>, none = None;
@@ -119,6 +121,20 @@ impl Backend {
                 result => result,
             },
             Backend::None => Ok(None),
+        }
+    }
+
+    pub(crate) async fn get_many_with<T>(
+        &self,
+        limit: Duration,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<Option<T>>, BackendError> {
+        match self {
+            Backend::Memory(m) => Ok(m.get_many_with(db, keys, decode)),
+            Backend::Redis(r) => bounded(limit, r.get_many_with(db, keys, decode)).await,
+            Backend::None => Ok(keys.iter().map(|_| None).collect()),
         }
     }
 

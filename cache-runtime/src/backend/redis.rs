@@ -278,6 +278,58 @@ impl RedisBackend {
         Ok(n > 0)
     }
 
+    /// One `MGET` for all of `keys`.
+    pub(crate) async fn get_many_with<T>(
+        &self,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<Option<T>>, BackendError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn(db)?;
+        let values: Vec<Option<Vec<u8>>> =
+            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(values.into_iter().map(|v| v.map(|b| decode(&b))).collect())
+    }
+
+    /// One pipeline of `SET ... PX` for all of `items`.
+    pub(crate) async fn set_many(
+        &self,
+        db: u8,
+        items: &[(String, Vec<u8>)],
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn(db)?;
+        let mut pipe = redis::pipe();
+        for (key, value) in items {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_millis(ttl))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// One `UNLINK` for all of `keys`; how many existed.
+    pub(crate) async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.conn(db)?;
+        Ok(redis::cmd("UNLINK")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await?)
+    }
+
     pub(crate) async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
         let mut conn = self.conn(db)?;
         let n: u64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
