@@ -245,6 +245,41 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             .await?)
     }
 
+    /// Stores `value` under `key` with the default TTL, written behind the caller's back: on Redis
+    /// it joins the runtime's write-behind batcher (pipelined with other writes) and this returns
+    /// at once; when the queue is full, or after [`Runtime::shutdown`], it is written before this
+    /// returns. [`Runtime::flush`] waits for it. A failure of the background write is logged and
+    /// counted (`backend_errors`), not returned.
+    pub async fn set_behind(&self, key: &str, value: &T) -> Result<(), CacheError> {
+        let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
+        let runtime = self.runtime();
+        let rt = runtime.inner();
+        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let done_counters = std::sync::Arc::clone(&counters);
+        let done: crate::backend::batch::Done = Box::new(move |result| match result {
+            Ok(_) => done_counters.fill(),
+            Err(error) => {
+                done_counters.backend_error();
+                tracing::warn!(%error, "write-behind set failed");
+            }
+        });
+        let write = crate::backend::batch::Write {
+            key: self.key(key),
+            value: bytes.into(),
+            ttl: self.default_ttl,
+            token: None,
+            done: Some(done),
+        };
+        if let Err(write) = rt.backend.offer(Self::DB, write) {
+            rt.backend
+                .set(rt.op_timeout, Self::DB, &write.key, &write.value, write.ttl)
+                .await
+                .inspect_err(|_| counters.backend_error())?;
+            counters.fill();
+        }
+        Ok(())
+    }
+
     /// Removes `key`; `true` if it was there.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();

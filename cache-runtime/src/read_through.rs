@@ -74,6 +74,11 @@ where
         match lookup::<P::Stored>(rt, spec, &key, &counters).await {
             Lookup::Hit(value) => {
                 counters.hit();
+                if matches!(rt.backend, Backend::Memory(_)) {
+                    // An embedded hit never waits on I/O, so it never yields: spend tokio's
+                    // cooperative budget so that a loop of hits cannot starve other tasks.
+                    tokio::task::coop::consume_budget().await;
+                }
                 return P::restore(value);
             }
             Lookup::Miss {

@@ -1,0 +1,453 @@
+//! `cargo run --release --example bench`: the toolkit against a hand-written `redis` client and
+//! against the `cached` crate, side by side in one run, on one server (started here, or
+//! `REDIS_URL`), with one ~200-byte JSON value. Prints a table, then one JSON line of ratios.
+//!
+//! Throughput is measured in alternating rounds (raw, ours, cached crate, raw, ...) and each
+//! contender's median round is used: on shared virtual machines absolute figures swing from run
+//! to run while ratios measured this way hold. Latency percentiles are over every call of every
+//! round.
+
+use std::future::Future;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::{Indicator, MarketData};
+use cache_runtime::{cached, Cache, CacheConfig, Runtime};
+use serde::{Deserialize, Serialize};
+
+/// About 200 bytes of JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quote {
+    symbol: String,
+    exchange: String,
+    currency: String,
+    bid: f64,
+    ask: f64,
+    last: f64,
+    volume: u64,
+    open_interest: u64,
+    timestamp_ms: u64,
+    source: String,
+}
+
+fn make_quote(symbol: &str) -> Quote {
+    Quote {
+        symbol: symbol.to_owned(),
+        exchange: "XNAS".into(),
+        currency: "USD".into(),
+        bid: 150.24,
+        ask: 150.26,
+        last: 150.25,
+        volume: 48_213_377,
+        open_interest: 1_204_551,
+        timestamp_ms: 1_763_769_600_000,
+        source: "consolidated-feed-primary-a".into(),
+    }
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // carried for the caller, never read here
+pub struct FeedError(String);
+
+static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+static BODY_DELAY_MS: AtomicUsize = AtomicUsize::new(0);
+
+async fn feed(symbol: &str) -> Quote {
+    EXECUTIONS.fetch_add(1, SeqCst);
+    let delay = BODY_DELAY_MS.load(SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+    make_quote(symbol)
+}
+
+// --- the three contenders -------------------------------------------------------------------
+
+#[cached(db = MarketData, prefix = "bench", ttl = 600)]
+async fn ours(symbol: &str) -> Result<Quote, FeedError> {
+    Ok(feed(symbol).await)
+}
+
+static URL: OnceLock<String> = OnceLock::new();
+
+#[cached::macros::concurrent_cached(
+    ty = "cached::AsyncRedisCache<String, Quote>",
+    create = r##"{
+        cached::AsyncRedisCache::builder("bench-cached-crate")
+            .ttl(std::time::Duration::from_secs(600))
+            .connection_string(URL.get().expect("url set"))
+            .build()
+            .await
+            .expect("the cached crate's store connects")
+    }"##,
+    convert = r##"{ symbol.to_owned() }"##,
+    map_error = r##"|e| FeedError(format!("{e:?}"))"##
+)]
+async fn theirs(symbol: &str) -> Result<Quote, FeedError> {
+    Ok(feed(symbol).await)
+}
+
+/// What a team writes by hand today: GET, decode; on a miss, compute and SET EX.
+async fn raw(conn: &mut redis::aio::ConnectionManager, symbol: &str) -> Quote {
+    let key = format!("raw:quote:{symbol}");
+    let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.expect("GET");
+    if let Some(quote) = bytes.and_then(|b| serde_json::from_slice(&b).ok()) {
+        return quote;
+    }
+    let quote = feed(symbol).await;
+    let _: () = redis::cmd("SET").arg(&key).arg(serde_json::to_vec(&quote).unwrap()).arg("EX").arg(600).query_async(conn).await.expect("SET");
+    quote
+}
+
+// --- measurement ----------------------------------------------------------------------------
+
+struct Round {
+    ops: u64,
+    elapsed: Duration,
+    latencies_ns: Vec<u64>,
+}
+
+impl Round {
+    fn throughput(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// `concurrency` tasks calling `op(i)` in a loop for `duration`.
+async fn round<F, Fut>(concurrency: usize, duration: Duration, op: F) -> Round
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let (op, stop) = (Arc::clone(&op), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(1 << 16);
+            let mut i = t;
+            while !stop.load(SeqCst) {
+                let t0 = Instant::now();
+                op(i).await;
+                latencies.push(t0.elapsed().as_nanos() as u64);
+                i += concurrency;
+            }
+            latencies
+        }));
+    }
+    // A std thread, not a tokio timer, ends the round: tasks that never wait on I/O (embedded
+    // hits) may keep every worker busy until they see the flag.
+    let stopper = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        std::thread::sleep(duration);
+        stopper.store(true, SeqCst);
+    });
+    let mut latencies_ns = Vec::new();
+    for task in tasks {
+        latencies_ns.extend(task.await.unwrap());
+    }
+    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+}
+
+#[derive(Default)]
+struct Contender {
+    throughputs: Vec<f64>,
+    latencies_ns: Vec<u64>,
+}
+
+impl Contender {
+    fn add(&mut self, r: Round) {
+        self.throughputs.push(r.throughput());
+        self.latencies_ns.extend(r.latencies_ns);
+    }
+    fn median(&self) -> f64 {
+        let mut t = self.throughputs.clone();
+        t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        t[t.len() / 2]
+    }
+    fn percentile_us(&mut self, p: f64) -> f64 {
+        self.latencies_ns.sort_unstable();
+        let i = ((self.latencies_ns.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_ns[i] as f64 / 1000.0
+    }
+}
+
+const HOT_KEYS: usize = 1000;
+
+fn symbols() -> &'static [String] {
+    static S: OnceLock<Vec<String>> = OnceLock::new();
+    S.get_or_init(|| (0..HOT_KEYS).map(|i| format!("SYM{i:04}")).collect())
+}
+
+struct Table(Vec<[String; 5]>);
+
+impl Table {
+    fn row(&mut self, what: &str, who: &str, throughput: String, p50: String, p99: String) {
+        self.0.push([what.into(), who.into(), throughput, p50, p99]);
+    }
+    fn print(&self) {
+        println!("{:<34} {:<22} {:>14} {:>10} {:>10}", "measure", "contender", "ops/s", "p50 us", "p99 us");
+        for r in &self.0 {
+            println!("{:<34} {:<22} {:>14} {:>10} {:>10}", r[0], r[1], r[2], r[3], r[4]);
+        }
+    }
+}
+
+/// The server started here (if any) and its directory, both removed on drop.
+struct Server(Option<Child>, #[allow(dead_code)] Option<tempdir::Dir>);
+
+mod tempdir {
+    /// A temporary directory removed on drop (the benchmark's redis-server works in it).
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `REDIS_URL`, or a `redis-server` started on a free loopback port with no persistence.
+fn server() -> (String, Server) {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return (url, Server(None, None));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("cache-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("redis-server could not start ({e}); install it (apt-get install redis-server) or set REDIS_URL"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    (format!("redis://127.0.0.1:{port}"), Server(Some(child), Some(tempdir::Dir(dir))))
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let (url, _server) = server();
+    URL.set(url.clone()).unwrap();
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+    let round_time = Duration::from_millis(std::env::var("BENCH_ROUND_MS").ok().and_then(|r| r.parse().ok()).unwrap_or(600));
+    let fill_keys: usize = std::env::var("BENCH_FILL_KEYS").ok().and_then(|r| r.parse().ok()).unwrap_or(20_000);
+    let runtime = cache_runtime::init(CacheConfig::redis(&url).unwrap()).unwrap();
+    let raw_conn = redis::aio::ConnectionManager::new(redis::Client::open(format!("{url}/5")).unwrap()).await.unwrap();
+    let mut table = Table(Vec::new());
+    let mut json = serde_json::Map::new();
+    println!("server: {url}; {rounds} alternating rounds of {round_time:?}; tokio with 2 worker threads");
+
+    // Warm every contender on the hot keys.
+    for s in symbols() {
+        ours(s).await.unwrap();
+        theirs(s).await.unwrap();
+        raw(&mut raw_conn.clone(), s).await;
+    }
+    runtime.flush().await;
+
+    // 1. Warm hits at concurrency 1 and 64.
+    for concurrency in [1usize, 64] {
+        let (mut r, mut o, mut c) = (Contender::default(), Contender::default(), Contender::default());
+        for _ in 0..rounds {
+            let conn = raw_conn.clone();
+            r.add(round(concurrency, round_time, move |i| {
+                let mut conn = conn.clone();
+                async move {
+                    raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                }
+            }).await);
+            o.add(round(concurrency, round_time, |i| async move {
+                ours(&symbols()[i % HOT_KEYS]).await.unwrap();
+            }).await);
+            c.add(round(concurrency, round_time, |i| async move {
+                theirs(&symbols()[i % HOT_KEYS]).await.unwrap();
+            }).await);
+        }
+        for (name, x) in [("raw redis GET+decode", &mut r), ("#[cached]", &mut o), ("cached crate", &mut c)] {
+            let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
+            table.row(&format!("warm hit, concurrency {concurrency}"), name, format!("{:.0}", x.median()), format!("{p50:.1}"), format!("{p99:.1}"));
+        }
+        json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
+        json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
+        json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
+    }
+
+    // 2. Pool size: one multiplexed connection against four, same workload, alternating.
+    {
+        let pool4 = Runtime::new(CacheConfig::redis(&url).unwrap().with_pool_size(4));
+        let (mut one, mut four) = (Contender::default(), Contender::default());
+        for _ in 0..rounds {
+            one.add(round(64, round_time, |i| async move {
+                ours(&symbols()[i % HOT_KEYS]).await.unwrap();
+            }).await);
+            let p = pool4.clone();
+            four.add(round(64, round_time, move |i| {
+                let p = p.clone();
+                async move {
+                    p.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                }
+            }).await);
+        }
+        table.row("warm hit c64, pool of 1", "#[cached]", format!("{:.0}", one.median()), "".into(), "".into());
+        table.row("warm hit c64, pool of 4", "#[cached]", format!("{:.0}", four.median()), "".into(), "".into());
+        json.insert("pool4_vs_pool1_c64".into(), ratio(four.median(), one.median()));
+    }
+
+    // 3. Fills of distinct keys: a loop of single SET EX, the write-behind batcher, the cached
+    //    crate's store (each awaited in a loop, as their APIs are used).
+    {
+        let value = serde_json::to_vec(&make_quote("FILL")).unwrap();
+        let mut conn = raw_conn.clone();
+        let t0 = Instant::now();
+        for i in 0..fill_keys {
+            let _: () = redis::cmd("SET").arg(format!("rawfill:{i}")).arg(&value).arg("EX").arg(600).query_async(&mut conn).await.unwrap();
+        }
+        let set_loop = fill_keys as f64 / t0.elapsed().as_secs_f64();
+
+        let handle: Cache<Indicator, Quote> = Cache::new("fill", Duration::from_secs(600)).unwrap();
+        let quote = make_quote("FILL");
+        let t0 = Instant::now();
+        for i in 0..fill_keys {
+            handle.set_behind(&i.to_string(), &quote).await.unwrap();
+        }
+        runtime.flush().await;
+        let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
+
+        use cached::ConcurrentCachedAsync;
+        let store: cached::AsyncRedisCache<String, Quote> = cached::AsyncRedisCache::builder("bench-fill")
+            .ttl(Duration::from_secs(600))
+            .connection_string(&url)
+            .build()
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        for i in 0..fill_keys {
+            store.async_cache_set(i.to_string(), quote.clone()).await.unwrap();
+        }
+        let theirs_fill = fill_keys as f64 / t0.elapsed().as_secs_f64();
+        let label = format!("fill {fill_keys} distinct keys");
+        table.row(&label, "loop of single SET EX", format!("{set_loop:.0}"), "".into(), "".into());
+        table.row(&label, "write-behind batcher", format!("{batched:.0}"), "".into(), "".into());
+        table.row(&label, "cached crate cache_set", format!("{theirs_fill:.0}"), "".into(), "".into());
+        json.insert("batched_fill_vs_set_loop".into(), ratio(batched, set_loop));
+        json.insert("batched_fill_vs_cached_crate".into(), ratio(batched, theirs_fill));
+        let stats = runtime.stats();
+        let s = stats.get(7, "fill").unwrap();
+        assert_eq!((s.fills, s.backend_errors), (fill_keys as u64, 0), "every batched fill was written");
+    }
+
+    // 4. The miss path per call (hash + lookup + lease + encode + fill), sequential, distinct
+    //    keys, on both backends; and the hand-written miss (GET, SET) for scale.
+    {
+        let n = 5_000;
+        let memory = Runtime::new(CacheConfig::memory());
+        let mut per_call = Vec::new();
+        for (name, rt) in [("redis", runtime.clone()), ("memory", memory.clone())] {
+            let t0 = Instant::now();
+            for i in 0..n {
+                rt.scope(ours(&format!("MISS-{name}-{i}"))).await.unwrap();
+            }
+            rt.flush().await;
+            let us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+            table.row(&format!("miss path, sequential ({name})"), "#[cached]", format!("{:.0}", 1e6 / us), format!("{us:.1}"), "".into());
+            per_call.push(us);
+        }
+        let mut conn = raw_conn.clone();
+        let t0 = Instant::now();
+        for i in 0..n {
+            raw(&mut conn, &format!("MISS-raw-{i}")).await;
+        }
+        let raw_us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+        table.row("miss path, sequential (redis)", "raw GET + SET EX", format!("{:.0}", 1e6 / raw_us), format!("{raw_us:.1}"), "".into());
+        json.insert("miss_us_redis".into(), round2(per_call[0]));
+        json.insert("miss_us_memory".into(), round2(per_call[1]));
+        json.insert("miss_vs_raw_redis".into(), ratio(per_call[0], raw_us));
+    }
+
+    // 5. The embedded backend: warm hits.
+    {
+        let memory = Runtime::new(CacheConfig::memory());
+        for s in symbols() {
+            memory.scope(ours(s)).await.unwrap();
+        }
+        let mut c1 = Contender::default();
+        let mut c64 = Contender::default();
+        for _ in 0..rounds {
+            let m = memory.clone();
+            c1.add(round(1, round_time, move |i| {
+                let m = m.clone();
+                async move {
+                    m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                }
+            }).await);
+            let m = memory.clone();
+            c64.add(round(64, round_time, move |i| {
+                let m = m.clone();
+                async move {
+                    m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                }
+            }).await);
+        }
+        let (p50, p99) = (c1.percentile_us(0.5), c1.percentile_us(0.99));
+        table.row("embedded warm hit, concurrency 1", "#[cached]", format!("{:.0}", c1.median()), format!("{p50:.2}"), format!("{p99:.2}"));
+        let (p50_64, p99_64) = (c64.percentile_us(0.5), c64.percentile_us(0.99));
+        table.row("embedded warm hit, concurrency 64", "#[cached]", format!("{:.0}", c64.median()), format!("{p50_64:.2}"), format!("{p99_64:.2}"));
+        json.insert("memory_hit_p50_ns".into(), ((p50 * 1000.0).round()).into());
+        json.insert("memory_hit_ops_per_s_c1".into(), (c1.median().round()).into());
+    }
+
+    // 6. Stampede: 1,000 concurrent calls on a cold key, the body taking 50 ms.
+    {
+        BODY_DELAY_MS.store(50, SeqCst);
+        let count = |f: fn(usize) -> tokio::task::JoinHandle<()>| async move {
+            EXECUTIONS.store(0, SeqCst);
+            let tasks: Vec<_> = (0..1000).map(f).collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            EXECUTIONS.load(SeqCst)
+        };
+        let ours_execs = count(|_| tokio::spawn(async { ours("COLD-STAMPEDE").await.unwrap(); })).await;
+        let theirs_execs = count(|_| tokio::spawn(async { theirs("COLD-STAMPEDE").await.unwrap(); })).await;
+        BODY_DELAY_MS.store(0, SeqCst);
+        table.row("stampede: 1000 calls, cold key", "#[cached]", format!("{ours_execs} exec"), "".into(), "".into());
+        table.row("stampede: 1000 calls, cold key", "cached crate", format!("{theirs_execs} exec"), "".into(), "".into());
+        json.insert("stampede_execs".into(), ours_execs.into());
+        json.insert("cached_crate_stampede_execs".into(), theirs_execs.into());
+    }
+
+    runtime.shutdown().await;
+    table.print();
+    println!("{}", serde_json::Value::Object(json));
+}
+
+fn ratio(ours: f64, theirs: f64) -> serde_json::Value {
+    round2(ours / theirs)
+}
+
+fn round2(x: f64) -> serde_json::Value {
+    ((x * 100.0).round() / 100.0).into()
+}
