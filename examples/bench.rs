@@ -92,12 +92,23 @@ async fn theirs(symbol: &str) -> Result<Quote, FeedError> {
 /// What a team writes by hand today: GET, decode; on a miss, compute and SET EX.
 async fn raw(conn: &mut redis::aio::ConnectionManager, symbol: &str) -> Quote {
     let key = format!("raw:quote:{symbol}");
-    let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.expect("GET");
+    let bytes: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(conn)
+        .await
+        .expect("GET");
     if let Some(quote) = bytes.and_then(|b| serde_json::from_slice(&b).ok()) {
         return quote;
     }
     let quote = feed(symbol).await;
-    let _: () = redis::cmd("SET").arg(&key).arg(serde_json::to_vec(&quote).unwrap()).arg("EX").arg(600).query_async(conn).await.expect("SET");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(serde_json::to_vec(&quote).unwrap())
+        .arg("EX")
+        .arg(600)
+        .query_async(conn)
+        .await
+        .expect("SET");
     quote
 }
 
@@ -150,7 +161,11 @@ where
     for task in tasks {
         latencies_ns.extend(task.await.unwrap());
     }
-    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+    Round {
+        ops: latencies_ns.len() as u64,
+        elapsed: started.elapsed(),
+        latencies_ns,
+    }
 }
 
 #[derive(Default)]
@@ -190,9 +205,15 @@ impl Table {
         self.0.push([what.into(), who.into(), throughput, p50, p99]);
     }
     fn print(&self) {
-        println!("{:<34} {:<22} {:>14} {:>10} {:>10}", "measure", "contender", "ops/s", "p50 us", "p99 us");
+        println!(
+            "{:<34} {:<22} {:>14} {:>10} {:>10}",
+            "measure", "contender", "ops/s", "p50 us", "p99 us"
+        );
         for r in &self.0 {
-            println!("{:<34} {:<22} {:>14} {:>10} {:>10}", r[0], r[1], r[2], r[3], r[4]);
+            println!(
+                "{:<34} {:<22} {:>14} {:>10} {:>10}",
+                r[0], r[1], r[2], r[3], r[4]
+            );
         }
     }
 }
@@ -224,7 +245,11 @@ fn server() -> (String, Server) {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return (url, Server(None, None));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = std::env::temp_dir().join(format!("cache-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let child = Command::new("redis-server")
@@ -240,25 +265,48 @@ fn server() -> (String, Server) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));
-    (format!("redis://127.0.0.1:{port}"), Server(Some(child), Some(tempdir::Dir(dir))))
+    (
+        format!("redis://127.0.0.1:{port}"),
+        Server(Some(child), Some(tempdir::Dir(dir))),
+    )
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run());
 }
 
 async fn run() {
     let (url, _server) = server();
     URL.set(url.clone()).unwrap();
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
-    let round_time = Duration::from_millis(std::env::var("BENCH_ROUND_MS").ok().and_then(|r| r.parse().ok()).unwrap_or(600));
-    let fill_keys: usize = std::env::var("BENCH_FILL_KEYS").ok().and_then(|r| r.parse().ok()).unwrap_or(20_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(7);
+    let round_time = Duration::from_millis(
+        std::env::var("BENCH_ROUND_MS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(1000),
+    );
+    let fill_keys: usize = std::env::var("BENCH_FILL_KEYS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20_000);
     let runtime = cache_runtime::init(CacheConfig::redis(&url).unwrap()).unwrap();
-    let raw_conn = redis::aio::ConnectionManager::new(redis::Client::open(format!("{url}/5")).unwrap()).await.unwrap();
+    let raw_conn =
+        redis::aio::ConnectionManager::new(redis::Client::open(format!("{url}/5")).unwrap())
+            .await
+            .unwrap();
     let mut table = Table(Vec::new());
     let mut json = serde_json::Map::new();
-    println!("server: {url}; {rounds} alternating rounds of {round_time:?}; tokio with 2 worker threads");
+    println!(
+        "server: {url}; {rounds} alternating rounds of {round_time:?}; tokio with 2 worker threads"
+    );
 
     // Warm every contender on the hot keys.
     for s in symbols() {
@@ -270,29 +318,61 @@ async fn run() {
 
     // 1. Warm hits at concurrency 1 and 64.
     for concurrency in [1usize, 64] {
-        let (mut r, mut o, mut c) = (Contender::default(), Contender::default(), Contender::default());
+        let (mut r, mut o, mut c) = (
+            Contender::default(),
+            Contender::default(),
+            Contender::default(),
+        );
         for _ in 0..rounds {
             let conn = raw_conn.clone();
-            r.add(round(concurrency, round_time, move |i| {
-                let mut conn = conn.clone();
-                async move {
-                    raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                }
-            }).await);
-            o.add(round(concurrency, round_time, |i| async move {
-                ours(&symbols()[i % HOT_KEYS]).await.unwrap();
-            }).await);
-            c.add(round(concurrency, round_time, |i| async move {
-                theirs(&symbols()[i % HOT_KEYS]).await.unwrap();
-            }).await);
+            r.add(
+                round(concurrency, round_time, move |i| {
+                    let mut conn = conn.clone();
+                    async move {
+                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                    }
+                })
+                .await,
+            );
+            o.add(
+                round(concurrency, round_time, |i| async move {
+                    ours(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await,
+            );
+            c.add(
+                round(concurrency, round_time, |i| async move {
+                    theirs(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await,
+            );
         }
-        for (name, x) in [("raw redis GET+decode", &mut r), ("#[cached]", &mut o), ("cached crate", &mut c)] {
+        for (name, x) in [
+            ("raw redis GET+decode", &mut r),
+            ("#[cached]", &mut o),
+            ("cached crate", &mut c),
+        ] {
             let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
-            table.row(&format!("warm hit, concurrency {concurrency}"), name, format!("{:.0}", x.median()), format!("{p50:.1}"), format!("{p99:.1}"));
+            table.row(
+                &format!("warm hit, concurrency {concurrency}"),
+                name,
+                format!("{:.0}", x.median()),
+                format!("{p50:.1}"),
+                format!("{p99:.1}"),
+            );
         }
-        json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
-        json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
-        json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
+        json.insert(
+            format!("hit_vs_raw_c{concurrency}"),
+            ratio(o.median(), r.median()),
+        );
+        json.insert(
+            format!("hit_vs_cached_crate_c{concurrency}"),
+            ratio(o.median(), c.median()),
+        );
+        json.insert(
+            format!("hit_ops_per_s_c{concurrency}"),
+            (o.median().round()).into(),
+        );
     }
 
     // 2. Pool size: one multiplexed connection against four, same workload, alternating.
@@ -300,20 +380,41 @@ async fn run() {
         let pool4 = Runtime::new(CacheConfig::redis(&url).unwrap().with_pool_size(4));
         let (mut one, mut four) = (Contender::default(), Contender::default());
         for _ in 0..rounds {
-            one.add(round(64, round_time, |i| async move {
-                ours(&symbols()[i % HOT_KEYS]).await.unwrap();
-            }).await);
+            one.add(
+                round(64, round_time, |i| async move {
+                    ours(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await,
+            );
             let p = pool4.clone();
-            four.add(round(64, round_time, move |i| {
-                let p = p.clone();
-                async move {
-                    p.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
-                }
-            }).await);
+            four.add(
+                round(64, round_time, move |i| {
+                    let p = p.clone();
+                    async move {
+                        p.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                    }
+                })
+                .await,
+            );
         }
-        table.row("warm hit c64, pool of 1", "#[cached]", format!("{:.0}", one.median()), "".into(), "".into());
-        table.row("warm hit c64, pool of 4", "#[cached]", format!("{:.0}", four.median()), "".into(), "".into());
-        json.insert("pool4_vs_pool1_c64".into(), ratio(four.median(), one.median()));
+        table.row(
+            "warm hit c64, pool of 1",
+            "#[cached]",
+            format!("{:.0}", one.median()),
+            "".into(),
+            "".into(),
+        );
+        table.row(
+            "warm hit c64, pool of 4",
+            "#[cached]",
+            format!("{:.0}", four.median()),
+            "".into(),
+            "".into(),
+        );
+        json.insert(
+            "pool4_vs_pool1_c64".into(),
+            ratio(four.median(), one.median()),
+        );
     }
 
     // 3. Fills of distinct keys: a loop of single SET EX, the write-behind batcher, the cached
@@ -323,7 +424,14 @@ async fn run() {
         let mut conn = raw_conn.clone();
         let t0 = Instant::now();
         for i in 0..fill_keys {
-            let _: () = redis::cmd("SET").arg(format!("rawfill:{i}")).arg(&value).arg("EX").arg(600).query_async(&mut conn).await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(format!("rawfill:{i}"))
+                .arg(&value)
+                .arg("EX")
+                .arg(600)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
         }
         let set_loop = fill_keys as f64 / t0.elapsed().as_secs_f64();
 
@@ -337,26 +445,55 @@ async fn run() {
         let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
 
         use cached::ConcurrentCachedAsync;
-        let store: cached::AsyncRedisCache<String, Quote> = cached::AsyncRedisCache::builder("bench-fill")
-            .ttl(Duration::from_secs(600))
-            .connection_string(&url)
-            .build()
-            .await
-            .unwrap();
+        let store: cached::AsyncRedisCache<String, Quote> =
+            cached::AsyncRedisCache::builder("bench-fill")
+                .ttl(Duration::from_secs(600))
+                .connection_string(&url)
+                .build()
+                .await
+                .unwrap();
         let t0 = Instant::now();
         for i in 0..fill_keys {
-            store.async_cache_set(i.to_string(), quote.clone()).await.unwrap();
+            store
+                .async_cache_set(i.to_string(), quote.clone())
+                .await
+                .unwrap();
         }
         let theirs_fill = fill_keys as f64 / t0.elapsed().as_secs_f64();
         let label = format!("fill {fill_keys} distinct keys");
-        table.row(&label, "loop of single SET EX", format!("{set_loop:.0}"), "".into(), "".into());
-        table.row(&label, "write-behind batcher", format!("{batched:.0}"), "".into(), "".into());
-        table.row(&label, "cached crate cache_set", format!("{theirs_fill:.0}"), "".into(), "".into());
+        table.row(
+            &label,
+            "loop of single SET EX",
+            format!("{set_loop:.0}"),
+            "".into(),
+            "".into(),
+        );
+        table.row(
+            &label,
+            "write-behind batcher",
+            format!("{batched:.0}"),
+            "".into(),
+            "".into(),
+        );
+        table.row(
+            &label,
+            "cached crate cache_set",
+            format!("{theirs_fill:.0}"),
+            "".into(),
+            "".into(),
+        );
         json.insert("batched_fill_vs_set_loop".into(), ratio(batched, set_loop));
-        json.insert("batched_fill_vs_cached_crate".into(), ratio(batched, theirs_fill));
+        json.insert(
+            "batched_fill_vs_cached_crate".into(),
+            ratio(batched, theirs_fill),
+        );
         let stats = runtime.stats();
         let s = stats.get(7, "fill").unwrap();
-        assert_eq!((s.fills, s.backend_errors), (fill_keys as u64, 0), "every batched fill was written");
+        assert_eq!(
+            (s.fills, s.backend_errors),
+            (fill_keys as u64, 0),
+            "every batched fill was written"
+        );
     }
 
     // 4. The miss path per call (hash + lookup + lease + encode + fill), sequential, distinct
@@ -372,7 +509,13 @@ async fn run() {
             }
             rt.flush().await;
             let us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
-            table.row(&format!("miss path, sequential ({name})"), "#[cached]", format!("{:.0}", 1e6 / us), format!("{us:.1}"), "".into());
+            table.row(
+                &format!("miss path, sequential ({name})"),
+                "#[cached]",
+                format!("{:.0}", 1e6 / us),
+                format!("{us:.1}"),
+                "".into(),
+            );
             per_call.push(us);
         }
         let mut conn = raw_conn.clone();
@@ -381,7 +524,13 @@ async fn run() {
             raw(&mut conn, &format!("MISS-raw-{i}")).await;
         }
         let raw_us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
-        table.row("miss path, sequential (redis)", "raw GET + SET EX", format!("{:.0}", 1e6 / raw_us), format!("{raw_us:.1}"), "".into());
+        table.row(
+            "miss path, sequential (redis)",
+            "raw GET + SET EX",
+            format!("{:.0}", 1e6 / raw_us),
+            format!("{raw_us:.1}"),
+            "".into(),
+        );
         json.insert("miss_us_redis".into(), round2(per_call[0]));
         json.insert("miss_us_memory".into(), round2(per_call[1]));
         json.insert("miss_vs_raw_redis".into(), ratio(per_call[0], raw_us));
@@ -397,26 +546,47 @@ async fn run() {
         let mut c64 = Contender::default();
         for _ in 0..rounds {
             let m = memory.clone();
-            c1.add(round(1, round_time, move |i| {
-                let m = m.clone();
-                async move {
-                    m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
-                }
-            }).await);
+            c1.add(
+                round(1, round_time, move |i| {
+                    let m = m.clone();
+                    async move {
+                        m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                    }
+                })
+                .await,
+            );
             let m = memory.clone();
-            c64.add(round(64, round_time, move |i| {
-                let m = m.clone();
-                async move {
-                    m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
-                }
-            }).await);
+            c64.add(
+                round(64, round_time, move |i| {
+                    let m = m.clone();
+                    async move {
+                        m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                    }
+                })
+                .await,
+            );
         }
         let (p50, p99) = (c1.percentile_us(0.5), c1.percentile_us(0.99));
-        table.row("embedded warm hit, concurrency 1", "#[cached]", format!("{:.0}", c1.median()), format!("{p50:.2}"), format!("{p99:.2}"));
+        table.row(
+            "embedded warm hit, concurrency 1",
+            "#[cached]",
+            format!("{:.0}", c1.median()),
+            format!("{p50:.2}"),
+            format!("{p99:.2}"),
+        );
         let (p50_64, p99_64) = (c64.percentile_us(0.5), c64.percentile_us(0.99));
-        table.row("embedded warm hit, concurrency 64", "#[cached]", format!("{:.0}", c64.median()), format!("{p50_64:.2}"), format!("{p99_64:.2}"));
+        table.row(
+            "embedded warm hit, concurrency 64",
+            "#[cached]",
+            format!("{:.0}", c64.median()),
+            format!("{p50_64:.2}"),
+            format!("{p99_64:.2}"),
+        );
         json.insert("memory_hit_p50_ns".into(), ((p50 * 1000.0).round()).into());
-        json.insert("memory_hit_ops_per_s_c1".into(), (c1.median().round()).into());
+        json.insert(
+            "memory_hit_ops_per_s_c1".into(),
+            (c1.median().round()).into(),
+        );
     }
 
     // 6. Stampede: 1,000 concurrent calls on a cold key, the body taking 50 ms.
@@ -430,11 +600,33 @@ async fn run() {
             }
             EXECUTIONS.load(SeqCst)
         };
-        let ours_execs = count(|_| tokio::spawn(async { ours("COLD-STAMPEDE").await.unwrap(); })).await;
-        let theirs_execs = count(|_| tokio::spawn(async { theirs("COLD-STAMPEDE").await.unwrap(); })).await;
+        let ours_execs = count(|_| {
+            tokio::spawn(async {
+                ours("COLD-STAMPEDE").await.unwrap();
+            })
+        })
+        .await;
+        let theirs_execs = count(|_| {
+            tokio::spawn(async {
+                theirs("COLD-STAMPEDE").await.unwrap();
+            })
+        })
+        .await;
         BODY_DELAY_MS.store(0, SeqCst);
-        table.row("stampede: 1000 calls, cold key", "#[cached]", format!("{ours_execs} exec"), "".into(), "".into());
-        table.row("stampede: 1000 calls, cold key", "cached crate", format!("{theirs_execs} exec"), "".into(), "".into());
+        table.row(
+            "stampede: 1000 calls, cold key",
+            "#[cached]",
+            format!("{ours_execs} exec"),
+            "".into(),
+            "".into(),
+        );
+        table.row(
+            "stampede: 1000 calls, cold key",
+            "cached crate",
+            format!("{theirs_execs} exec"),
+            "".into(),
+            "".into(),
+        );
         json.insert("stampede_execs".into(), ours_execs.into());
         json.insert("cached_crate_stampede_execs".into(), theirs_execs.into());
     }

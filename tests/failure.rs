@@ -123,3 +123,16 @@ async fn unreachable_server_from_the_start() {
     assert_eq!(calls.load(SeqCst), 10, "every call ran the function");
     assert!(errors(&fx) >= 10);
 }
+
+#[tokio::test]
+async fn retry_on_timeout_tries_a_lookup_twice() {
+    let fx = Fixture::redis_with(|c| c.with_op_timeout(OP_TIMEOUT).with_retry_on_timeout(true));
+    let calls = AtomicUsize::new(0);
+    fx.run(sma("WARM", 1, &calls)).await.unwrap();
+    fx.server.as_ref().unwrap().freeze();
+    let slowest = slowest_of(&fx, 2, &calls).await;
+    fx.server.as_ref().unwrap().thaw();
+    eprintln!("retry on timeout, server frozen: slowest call {slowest:?}");
+    assert!(slowest >= OP_TIMEOUT * 2, "two bounded tries ({slowest:?})");
+    assert!(slowest < CALL_BOUND, "{slowest:?}");
+}

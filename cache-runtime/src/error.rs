@@ -26,6 +26,17 @@ impl fmt::Display for BackendError {
     }
 }
 
+impl BackendError {
+    /// Whether the backend did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            BackendError::Timeout(_) => true,
+            BackendError::Redis(e) => e.is_timeout(),
+            BackendError::Batch(_) => false,
+        }
+    }
+}
+
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

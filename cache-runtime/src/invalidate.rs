@@ -75,8 +75,10 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
                 .bump_generation(rt.op_timeout, spec.db, &key::generation_key(spec), spec.ttl)
                 .await?
             {
-                Some(generation) => rt.generations.observe(spec, generation),
-                None => rt.generations.bump_local(spec),
+                Some(generation) => rt
+                    .functions
+                    .observe(&rt.functions.get(spec, &rt.stats), generation),
+                None => rt.functions.bump_local(&rt.functions.get(spec, &rt.stats)),
             };
             Ok(())
         }

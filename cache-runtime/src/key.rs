@@ -63,11 +63,20 @@ impl KeyBuilder {
     }
 }
 
-/// Streams the key arguments of one call into blake3.
+/// Streams the key arguments of one call into blake3. Postcard writes many small pieces; they
+/// go through a small buffer, and the (large) incremental hasher is only made when the arguments
+/// outgrow it: short keys, nearly all of them, are one `blake3::hash` call. Same bytes, same hash.
 #[doc(hidden)]
 pub struct KeyHasher {
-    hasher: blake3::Hasher,
+    hasher: Option<Box<blake3::Hasher>>,
+    buffer: Buffer,
     failed: bool,
+}
+
+/// Up to 128 bytes of pending input, handed to blake3 when full and at the end.
+struct Buffer {
+    bytes: [u8; 128],
+    len: usize,
 }
 
 impl Default for KeyHasher {
@@ -79,7 +88,11 @@ impl Default for KeyHasher {
 impl KeyHasher {
     pub fn new() -> Self {
         KeyHasher {
-            hasher: blake3::Hasher::new(),
+            hasher: None,
+            buffer: Buffer {
+                bytes: [0; 128],
+                len: 0,
+            },
             failed: false,
         }
     }
@@ -87,7 +100,7 @@ impl KeyHasher {
     /// Adds one argument. An argument whose `Serialize` impl fails makes the whole key unusable
     /// (the call then runs uncached) rather than silently colliding with another key.
     pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
-        if postcard::to_io(value, &mut self.hasher).is_err() {
+        if postcard::to_io(value, &mut *self).is_err() {
             self.failed = true;
         }
     }
@@ -97,17 +110,48 @@ impl KeyHasher {
         self.finish_parts(spec.prefix, spec.function, spec.version)
     }
 
-    fn finish_parts(self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
+    fn finish_parts(
+        mut self,
+        prefix: &str,
+        function: &str,
+        version: Option<u32>,
+    ) -> Option<String> {
         if self.failed {
             return None;
         }
-        let digest = self.hasher.finalize();
+        let pending = &self.buffer.bytes[..self.buffer.len];
+        let digest = match &mut self.hasher {
+            Some(hasher) => hasher.update(pending).finalize(),
+            None => blake3::hash(pending),
+        };
         Some(format_key(
             prefix,
             function,
             version,
             &digest.as_bytes()[..16],
         ))
+    }
+}
+
+impl std::io::Write for KeyHasher {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let Buffer { bytes, len } = &mut self.buffer;
+        if *len + data.len() > bytes.len() {
+            let hasher = self.hasher.get_or_insert_with(Default::default);
+            hasher.update(&bytes[..*len]);
+            *len = 0;
+            if data.len() > bytes.len() {
+                hasher.update(data);
+                return Ok(data.len());
+            }
+        }
+        bytes[*len..*len + data.len()].copy_from_slice(data);
+        *len += data.len();
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -130,17 +174,19 @@ pub(crate) fn generation_key(spec: &Spec) -> String {
 }
 
 fn format_key(prefix: &str, function: &str, version: Option<u32>, hash: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut key = String::with_capacity(prefix.len() + function.len() + 48);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = String::with_capacity(prefix.len() + function.len() + 50);
     key.push_str(prefix);
     key.push(':');
     key.push_str(function);
     if let Some(v) = version {
-        let _ = write!(key, ":v{v}");
+        key.push_str(":v");
+        key.push_str(&v.to_string());
     }
     key.push_str(":{");
     for byte in hash {
-        let _ = write!(key, "{byte:02x}");
+        key.push(char::from(HEX[usize::from(byte >> 4)]));
+        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
     }
     key.push('}');
     key
@@ -166,6 +212,17 @@ mod tests {
         let mut b = KeyHasher::new();
         b.arg(&String::from("AAPL"));
         assert_eq!(a.finish(&SPEC), b.finish(&SPEC));
+    }
+
+    #[test]
+    fn long_arguments_hash_as_one_stream() {
+        // Crosses the 128-byte buffer several times, in pieces of every size.
+        let long: Vec<String> = (0..40).map(|i| "x".repeat(i)).collect();
+        let mut streamed = KeyHasher::new();
+        streamed.arg(&long);
+        let one_shot = blake3::hash(&postcard::to_allocvec(&long).unwrap());
+        let expected = format_key("market", "quote", Some(2), &one_shot.as_bytes()[..16]);
+        assert_eq!(streamed.finish(&SPEC), Some(expected));
     }
 
     #[test]

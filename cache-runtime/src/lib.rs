@@ -25,7 +25,7 @@ mod config;
 pub mod db;
 mod error;
 mod flight;
-mod generation;
+mod functions;
 mod handle;
 mod invalidate;
 mod key;

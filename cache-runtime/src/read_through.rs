@@ -17,6 +17,7 @@ use crate::__private::{Policy, Spec};
 use crate::backend::batch::Write;
 use crate::backend::{Acquired, Backend, LeaseAsk};
 use crate::flight::{self, Flights, Join, Leader, Outcome};
+use crate::functions::Function;
 use crate::key;
 use crate::runtime::{Inner, Runtime};
 use crate::stats::Counters;
@@ -57,21 +58,22 @@ where
         );
         return body.await;
     };
-    let runtime = Runtime::current();
+    let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if matches!(rt.backend, Backend::None) {
         return body.await;
     }
-    let counters = rt.stats.counters(spec.db, spec.prefix);
+    let function = rt.functions.get(spec, &rt.stats);
+    let counters = &function.counters;
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;
     if rt.flights.any_running() {
         lookup_first = !rt.flights.is_running(spec.db, &key);
     }
-    let (mut generation, mut overwrite) = (rt.generations.current(spec).0, false);
+    let (mut generation, mut overwrite) = (rt.functions.current(&function).0, false);
     if lookup_first {
-        match lookup::<P::Stored>(rt, spec, &key, &counters).await {
+        match lookup::<P::Stored>(rt, spec, &key, &function).await {
             Lookup::Hit(value) => {
                 counters.hit();
                 if matches!(rt.backend, Backend::Memory(_)) {
@@ -101,7 +103,7 @@ where
                     spec,
                     key: &key,
                     generation,
-                    counters: &counters,
+                    counters,
                 };
                 return lead::<P, R, F>(miss, overwrite, body, leader).await;
             }
@@ -129,9 +131,10 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     rt: &Inner,
     spec: &Spec,
     key: &str,
-    counters: &Counters,
+    function: &Function,
 ) -> Lookup<T> {
-    let (known, refresh) = rt.generations.current(spec);
+    let counters = &function.counters;
+    let (known, refresh) = rt.functions.current(function);
     let decode = |bytes: &[u8]| value::decode::<T>(bytes);
     let found = if refresh {
         let generation_key = key::generation_key(spec);
@@ -152,7 +155,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
             return Lookup::Unavailable;
         }
     };
-    let generation = read.map_or(known, |g| rt.generations.observe(spec, g));
+    let generation = read.map_or(known, |g| rt.functions.observe(function, g));
     // An invalidation of this key that has not reached the backend yet: the stored value, if any,
     // is the one it drops, so do not return it (here, or from the lease step).
     let distrusted = rt.pending.covers(spec, key);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::backend::Backend;
 use crate::config::{BackendKind, CacheConfig, ConfigError};
 use crate::flight::Flights;
-use crate::generation::Generations;
+use crate::functions::Functions;
 use crate::invalidate::Pending;
 use crate::stats::{StatsRegistry, StatsSnapshot};
 
@@ -25,7 +25,7 @@ pub(crate) struct Inner {
     pub(crate) lease_ttl: Duration,
     pub(crate) stats: StatsRegistry,
     pub(crate) flights: Flights,
-    pub(crate) generations: Generations,
+    pub(crate) functions: Functions,
     pub(crate) pending: Pending,
     description: String,
 }
@@ -51,7 +51,7 @@ impl Runtime {
                 lease_ttl: config.lease_ttl,
                 stats: StatsRegistry::default(),
                 flights: Flights::default(),
-                generations: Generations::new(
+                functions: Functions::new(
                     !matches!(config.backend, BackendKind::Redis(_)),
                     config.generation_refresh,
                 ),
@@ -72,6 +72,15 @@ impl Runtime {
         SCOPED
             .try_with(Runtime::clone)
             .unwrap_or_else(|_| global().clone())
+    }
+
+    /// [`Runtime::current`] without touching the reference count when the process-wide runtime
+    /// serves (the hit path).
+    pub(crate) fn current_ref() -> Current {
+        match SCOPED.try_with(Runtime::clone) {
+            Ok(scoped) => Current::Scoped(scoped),
+            Err(_) => Current::Global(global()),
+        }
     }
 
     /// Runs `fut` with this runtime serving every cached call made inside it (on this task; a task
@@ -120,6 +129,22 @@ impl Runtime {
 
     pub(crate) fn inner(&self) -> &Inner {
         &self.inner
+    }
+}
+
+/// The runtime serving the current task, borrowed when it is the process-wide one.
+pub(crate) enum Current {
+    Global(&'static Runtime),
+    Scoped(Runtime),
+}
+
+impl std::ops::Deref for Current {
+    type Target = Runtime;
+    fn deref(&self) -> &Runtime {
+        match self {
+            Current::Global(r) => r,
+            Current::Scoped(r) => r,
+        }
     }
 }
 

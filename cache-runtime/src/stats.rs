@@ -82,7 +82,7 @@ impl Counters {
 /// All counters of one runtime, one set per DB and prefix.
 #[derive(Debug, Default)]
 pub(crate) struct StatsRegistry {
-    by_db: [RwLock<HashMap<String, Arc<Counters>>>; 16],
+    by_db: [RwLock<HashMap<String, Arc<Counters>, foldhash::fast::RandomState>>; 16],
 }
 
 impl StatsRegistry {

@@ -114,8 +114,10 @@ impl Backend {
     ) -> Result<Option<T>, BackendError> {
         match self {
             Backend::Memory(m) => Ok(m.get_with(db, key, decode)),
-            Backend::Redis(r) => match bounded(limit, r.get_with(db, key, &decode)).await {
-                Err(BackendError::Timeout(_)) if r.retry_on_timeout => {
+            // The hit path: the connection's own response timeout (set to the same `op_timeout`)
+            // bounds it, so no second timer is armed per lookup.
+            Backend::Redis(r) => match r.get_with(db, key, &decode).await {
+                Err(e) if r.retry_on_timeout && e.is_timeout() => {
                     bounded(limit, r.get_with(db, key, &decode)).await
                 }
                 result => result,

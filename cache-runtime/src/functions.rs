@@ -1,4 +1,5 @@
-//! Per-function generations: what makes `function(..)` invalidation O(1).
+//! Per-function state of one runtime, found with one lookup per call: the function's counters,
+//! and its generation, which is what makes `function(..)` invalidation O(1).
 //!
 //! Every stored value carries the generation its writer saw (`value.rs`); a lookup treats a value
 //! from an older generation as a miss. Invalidating every entry of a function is one write: raise
@@ -13,55 +14,57 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::__private::Spec;
+use crate::stats::{Counters, StatsRegistry};
 
 type FunctionId = (u8, &'static str, &'static str, Option<u32>);
 
-fn id(spec: &Spec) -> FunctionId {
-    (spec.db, spec.prefix, spec.function, spec.version)
-}
-
-#[derive(Default)]
-struct State {
+/// One cached function's state in one runtime.
+pub(crate) struct Function {
+    /// The counters of the function's DB and prefix (shared with other functions of that prefix).
+    pub(crate) counters: Arc<Counters>,
     generation: AtomicU64,
-    /// Nanoseconds since `Generations::epoch` when last read from the backend; 0 = never.
+    /// Nanoseconds since `Functions::epoch` when last read from the backend; 0 = never.
     read_at: AtomicU64,
 }
 
-pub(crate) struct Generations {
+pub(crate) struct Functions {
     /// The copy is the truth (embedded backend): never read again.
     authoritative: bool,
     refresh: Duration,
     epoch: Instant,
-    by_function: RwLock<HashMap<FunctionId, Arc<State>>>,
+    by_id: RwLock<HashMap<FunctionId, Arc<Function>, foldhash::fast::RandomState>>,
 }
 
-impl Generations {
+impl Functions {
     pub(crate) fn new(authoritative: bool, refresh: Duration) -> Self {
-        Generations {
+        Functions {
             authoritative,
             refresh,
             epoch: Instant::now(),
-            by_function: RwLock::default(),
+            by_id: RwLock::default(),
         }
     }
 
-    fn state(&self, spec: &Spec) -> Arc<State> {
-        let id = id(spec);
-        if let Some(s) = self
-            .by_function
+    /// The state of `spec`'s function, created on first use.
+    pub(crate) fn get(&self, spec: &'static Spec, stats: &StatsRegistry) -> Arc<Function> {
+        let id = (spec.db, spec.prefix, spec.function, spec.version);
+        if let Some(f) = self
+            .by_id
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
         {
-            return Arc::clone(s);
+            return Arc::clone(f);
         }
-        Arc::clone(
-            self.by_function
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(id)
-                .or_default(),
-        )
+        let counters = stats.counters(spec.db, spec.prefix);
+        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(by_id.entry(id).or_insert_with(|| {
+            Arc::new(Function {
+                counters,
+                generation: AtomicU64::new(0),
+                read_at: AtomicU64::new(0),
+            })
+        }))
     }
 
     fn now(&self) -> u64 {
@@ -70,30 +73,25 @@ impl Generations {
     }
 
     /// The generation this process knows, and whether it must be read again with this lookup.
-    pub(crate) fn current(&self, spec: &Spec) -> (u64, bool) {
-        let state = self.state(spec);
-        let generation = state.generation.load(Relaxed);
+    pub(crate) fn current(&self, f: &Function) -> (u64, bool) {
+        let generation = f.generation.load(Relaxed);
         if self.authoritative {
             return (generation, false);
         }
-        let read_at = state.read_at.load(Relaxed);
+        let read_at = f.read_at.load(Relaxed);
         let stale =
             read_at == 0 || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64;
         (generation, stale)
     }
 
     /// Records a generation read from (or returned by) the backend; returns the one to use.
-    pub(crate) fn observe(&self, spec: &Spec, generation: u64) -> u64 {
-        let state = self.state(spec);
-        state.read_at.store(self.now(), Relaxed);
-        state
-            .generation
-            .fetch_max(generation, Relaxed)
-            .max(generation)
+    pub(crate) fn observe(&self, f: &Function, generation: u64) -> u64 {
+        f.read_at.store(self.now(), Relaxed);
+        f.generation.fetch_max(generation, Relaxed).max(generation)
     }
 
     /// Raises the generation kept here (embedded backend: this is the invalidation itself).
-    pub(crate) fn bump_local(&self, spec: &Spec) -> u64 {
-        self.state(spec).generation.fetch_add(1, Relaxed) + 1
+    pub(crate) fn bump_local(&self, f: &Function) -> u64 {
+        f.generation.fetch_add(1, Relaxed) + 1
     }
 }
