@@ -92,11 +92,7 @@ async fn theirs(symbol: &str) -> Result<Quote, FeedError> {
 /// What a team writes by hand today: GET, decode; on a miss, compute and SET EX.
 async fn raw(conn: &mut redis::aio::ConnectionManager, symbol: &str) -> Quote {
     let key = format!("raw:quote:{symbol}");
-    let bytes: Option<Vec<u8>> = redis::cmd("GET")
-        .arg(&key)
-        .query_async(conn)
-        .await
-        .expect("GET");
+    let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.expect("GET");
     if let Some(quote) = bytes.and_then(|b| serde_json::from_slice(&b).ok()) {
         return quote;
     }
@@ -161,11 +157,7 @@ where
     for task in tasks {
         latencies_ns.extend(task.await.unwrap());
     }
-    Round {
-        ops: latencies_ns.len() as u64,
-        elapsed: started.elapsed(),
-        latencies_ns,
-    }
+    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
 }
 
 #[derive(Default)]
@@ -205,15 +197,9 @@ impl Table {
         self.0.push([what.into(), who.into(), throughput, p50, p99]);
     }
     fn print(&self) {
-        println!(
-            "{:<34} {:<22} {:>14} {:>10} {:>10}",
-            "measure", "contender", "ops/s", "p50 us", "p99 us"
-        );
+        println!("{:<34} {:<22} {:>14} {:>10} {:>10}", "measure", "contender", "ops/s", "p50 us", "p99 us");
         for r in &self.0 {
-            println!(
-                "{:<34} {:<22} {:>14} {:>10} {:>10}",
-                r[0], r[1], r[2], r[3], r[4]
-            );
+            println!("{:<34} {:<22} {:>14} {:>10} {:>10}", r[0], r[1], r[2], r[3], r[4]);
         }
     }
 }
@@ -245,11 +231,7 @@ fn server() -> (String, Server) {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return (url, Server(None, None));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = std::env::temp_dir().join(format!("cache-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let child = Command::new("redis-server")
@@ -265,48 +247,29 @@ fn server() -> (String, Server) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));
-    (
-        format!("redis://127.0.0.1:{port}"),
-        Server(Some(child), Some(tempdir::Dir(dir))),
-    )
+    (format!("redis://127.0.0.1:{port}"), Server(Some(child), Some(tempdir::Dir(dir))))
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(run());
 }
 
 async fn run() {
     let (url, _server) = server();
     URL.set(url.clone()).unwrap();
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(7);
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(7);
     let round_time = Duration::from_millis(
-        std::env::var("BENCH_ROUND_MS")
-            .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(1000),
+        std::env::var("BENCH_ROUND_MS").ok().and_then(|r| r.parse().ok()).unwrap_or(1000),
     );
-    let fill_keys: usize = std::env::var("BENCH_FILL_KEYS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20_000);
+    let fill_keys: usize =
+        std::env::var("BENCH_FILL_KEYS").ok().and_then(|r| r.parse().ok()).unwrap_or(20_000);
     let runtime = cache_runtime::init(CacheConfig::redis(&url).unwrap()).unwrap();
     let raw_conn =
-        redis::aio::ConnectionManager::new(redis::Client::open(format!("{url}/5")).unwrap())
-            .await
-            .unwrap();
+        redis::aio::ConnectionManager::new(redis::Client::open(format!("{url}/5")).unwrap()).await.unwrap();
     let mut table = Table(Vec::new());
     let mut json = serde_json::Map::new();
-    println!(
-        "server: {url}; {rounds} alternating rounds of {round_time:?}; tokio with 2 worker threads"
-    );
+    println!("server: {url}; {rounds} alternating rounds of {round_time:?}; tokio with 2 worker threads");
 
     // Warm every contender on the hot keys.
     for s in symbols() {
@@ -318,11 +281,7 @@ async fn run() {
 
     // 1. Warm hits at concurrency 1 and 64.
     for concurrency in [1usize, 64] {
-        let (mut r, mut o, mut c) = (
-            Contender::default(),
-            Contender::default(),
-            Contender::default(),
-        );
+        let (mut r, mut o, mut c) = (Contender::default(), Contender::default(), Contender::default());
         for _ in 0..rounds {
             let conn = raw_conn.clone();
             r.add(
@@ -347,11 +306,7 @@ async fn run() {
                 .await,
             );
         }
-        for (name, x) in [
-            ("raw redis GET+decode", &mut r),
-            ("#[cached]", &mut o),
-            ("cached crate", &mut c),
-        ] {
+        for (name, x) in [("raw redis GET+decode", &mut r), ("#[cached]", &mut o), ("cached crate", &mut c)] {
             let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
             table.row(
                 &format!("warm hit, concurrency {concurrency}"),
@@ -361,18 +316,9 @@ async fn run() {
                 format!("{p99:.1}"),
             );
         }
-        json.insert(
-            format!("hit_vs_raw_c{concurrency}"),
-            ratio(o.median(), r.median()),
-        );
-        json.insert(
-            format!("hit_vs_cached_crate_c{concurrency}"),
-            ratio(o.median(), c.median()),
-        );
-        json.insert(
-            format!("hit_ops_per_s_c{concurrency}"),
-            (o.median().round()).into(),
-        );
+        json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
+        json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
+        json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
     }
 
     // 2. Pool size: one multiplexed connection against four, same workload, alternating.
@@ -411,10 +357,7 @@ async fn run() {
             "".into(),
             "".into(),
         );
-        json.insert(
-            "pool4_vs_pool1_c64".into(),
-            ratio(four.median(), one.median()),
-        );
+        json.insert("pool4_vs_pool1_c64".into(), ratio(four.median(), one.median()));
     }
 
     // 3. Fills of distinct keys: a loop of single SET EX, the write-behind batcher, the cached
@@ -445,55 +388,26 @@ async fn run() {
         let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
 
         use cached::ConcurrentCachedAsync;
-        let store: cached::AsyncRedisCache<String, Quote> =
-            cached::AsyncRedisCache::builder("bench-fill")
-                .ttl(Duration::from_secs(600))
-                .connection_string(&url)
-                .build()
-                .await
-                .unwrap();
+        let store: cached::AsyncRedisCache<String, Quote> = cached::AsyncRedisCache::builder("bench-fill")
+            .ttl(Duration::from_secs(600))
+            .connection_string(&url)
+            .build()
+            .await
+            .unwrap();
         let t0 = Instant::now();
         for i in 0..fill_keys {
-            store
-                .async_cache_set(i.to_string(), quote.clone())
-                .await
-                .unwrap();
+            store.async_cache_set(i.to_string(), quote.clone()).await.unwrap();
         }
         let theirs_fill = fill_keys as f64 / t0.elapsed().as_secs_f64();
         let label = format!("fill {fill_keys} distinct keys");
-        table.row(
-            &label,
-            "loop of single SET EX",
-            format!("{set_loop:.0}"),
-            "".into(),
-            "".into(),
-        );
-        table.row(
-            &label,
-            "write-behind batcher",
-            format!("{batched:.0}"),
-            "".into(),
-            "".into(),
-        );
-        table.row(
-            &label,
-            "cached crate cache_set",
-            format!("{theirs_fill:.0}"),
-            "".into(),
-            "".into(),
-        );
+        table.row(&label, "loop of single SET EX", format!("{set_loop:.0}"), "".into(), "".into());
+        table.row(&label, "write-behind batcher", format!("{batched:.0}"), "".into(), "".into());
+        table.row(&label, "cached crate cache_set", format!("{theirs_fill:.0}"), "".into(), "".into());
         json.insert("batched_fill_vs_set_loop".into(), ratio(batched, set_loop));
-        json.insert(
-            "batched_fill_vs_cached_crate".into(),
-            ratio(batched, theirs_fill),
-        );
+        json.insert("batched_fill_vs_cached_crate".into(), ratio(batched, theirs_fill));
         let stats = runtime.stats();
         let s = stats.get(7, "fill").unwrap();
-        assert_eq!(
-            (s.fills, s.backend_errors),
-            (fill_keys as u64, 0),
-            "every batched fill was written"
-        );
+        assert_eq!((s.fills, s.backend_errors), (fill_keys as u64, 0), "every batched fill was written");
     }
 
     // 4. The miss path per call (hash + lookup + lease + encode + fill), sequential, distinct
@@ -583,10 +497,7 @@ async fn run() {
             format!("{p99_64:.2}"),
         );
         json.insert("memory_hit_p50_ns".into(), ((p50 * 1000.0).round()).into());
-        json.insert(
-            "memory_hit_ops_per_s_c1".into(),
-            (c1.median().round()).into(),
-        );
+        json.insert("memory_hit_ops_per_s_c1".into(), (c1.median().round()).into());
     }
 
     // 6. Stampede: 1,000 concurrent calls on a cold key, the body taking 50 ms.

@@ -20,10 +20,7 @@ struct FeedError(String);
 #[cached(db = MarketData, prefix = "market", ttl = 300)]
 async fn quote(symbol: &str) -> Result<Quote, FeedError> {
     tokio::time::sleep(Duration::from_millis(50)).await;
-    Ok(Quote {
-        symbol: symbol.to_owned(),
-        price: 150.25,
-    })
+    Ok(Quote { symbol: symbol.to_owned(), price: 150.25 })
 }
 
 #[tokio::main]
@@ -37,19 +34,11 @@ async fn main() {
     for attempt in ["first call (miss)", "second call (hit)"] {
         let started = Instant::now();
         let q = quote("AAPL").await.expect("the feed never fails here");
-        println!(
-            "{attempt:<18} {:>10.3?}  {} = {}",
-            started.elapsed(),
-            q.symbol,
-            q.price
-        );
+        println!("{attempt:<18} {:>10.3?}  {} = {}", started.elapsed(), q.symbol, q.price);
     }
     println!(
         "key: {}",
-        cache_runtime::KeyBuilder::new("market", "quote")
-            .arg("AAPL")
-            .finish()
-            .unwrap_or_default()
+        cache_runtime::KeyBuilder::new("market", "quote").arg("AAPL").finish().unwrap_or_default()
     );
     let stats = Runtime::current().stats();
     let market = stats.get(5, "market").expect("the calls were counted");

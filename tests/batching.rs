@@ -19,10 +19,7 @@ async fn render(id: u32, calls: &AtomicUsize) -> String {
 }
 
 fn key_of(id: u32) -> String {
-    KeyBuilder::new("batch", "render")
-        .arg(&id)
-        .finish()
-        .unwrap()
+    KeyBuilder::new("batch", "render").arg(&id).finish().unwrap()
 }
 
 /// How many of `ids` exist in DB 1, read by a fresh client (not the runtime's connections).
@@ -31,11 +28,8 @@ async fn present(server: &RedisServer, ids: impl Iterator<Item = u32>) -> usize 
     let mut raw = server.raw(1).await;
     let mut found = 0;
     for chunk in keys.chunks(1000) {
-        let values: Vec<Option<Vec<u8>>> = ::redis::cmd("MGET")
-            .arg(chunk)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        let values: Vec<Option<Vec<u8>>> =
+            ::redis::cmd("MGET").arg(chunk).query_async(&mut raw).await.unwrap();
         found += values.iter().filter(|v| v.is_some()).count();
     }
     found
@@ -57,17 +51,16 @@ async fn fill_all(runtime: &Runtime, ids: std::ops::Range<u32>, calls: &'static 
 async fn shutdown_flushes_every_accepted_fill() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let server = RedisServer::start();
-    let rt = Runtime::new(CacheConfig::redis(&server.url()).unwrap());
+    let rt = support::redis_runtime(&server.url(), |c| c);
     fill_all(&rt, 0..10_000, &CALLS).await;
     let queued_before = rt.queued_writes();
     rt.shutdown().await;
-    eprintln!("10,000 fills: {queued_before} still queued when the callers had returned; after shutdown: {}", rt.queued_writes());
-    assert_eq!(rt.queued_writes(), 0);
-    assert_eq!(
-        present(&server, 0..10_000).await,
-        10_000,
-        "every fill reached the server"
+    eprintln!(
+        "10,000 fills: {queued_before} still queued when the callers had returned; after shutdown: {}",
+        rt.queued_writes()
     );
+    assert_eq!(rt.queued_writes(), 0);
+    assert_eq!(present(&server, 0..10_000).await, 10_000, "every fill reached the server");
     let s = rt.stats().get(1, "batch").cloned().unwrap();
     assert_eq!((s.fills, s.backend_errors), (10_000, 0), "{s:?}");
     // After shutdown, fills are written before the call returns.
@@ -79,22 +72,17 @@ async fn shutdown_flushes_every_accepted_fill() {
 async fn a_tiny_queue_falls_back_to_direct_writes_and_loses_nothing() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let server = RedisServer::start();
-    let config =
-        CacheConfig::redis(&server.url())
-            .unwrap()
-            .with_batching(8, Duration::from_millis(5), 4);
+    let config = support::relaxed(CacheConfig::redis(&server.url()).unwrap()).with_batching(
+        8,
+        Duration::from_millis(5),
+        4,
+    );
     let rt = Runtime::new(config);
     fill_all(&rt, 0..2_000, &CALLS).await;
     rt.flush().await;
     let s = rt.stats().get(1, "batch").cloned().unwrap();
-    eprintln!(
-        "queue of 4: {} fills, {} of them written directly",
-        s.fills, s.direct_fills
-    );
-    assert!(
-        s.direct_fills > 0,
-        "a queue of 4 must overflow under 2,000 concurrent fills"
-    );
+    eprintln!("queue of 4: {} fills, {} of them written directly", s.fills, s.direct_fills);
+    assert!(s.direct_fills > 0, "a queue of 4 must overflow under 2,000 concurrent fills");
     assert_eq!(s.fills, 2_000);
     assert_eq!(present(&server, 0..2_000).await, 2_000);
 }
@@ -103,7 +91,7 @@ async fn a_tiny_queue_falls_back_to_direct_writes_and_loses_nothing() {
 async fn dropping_the_guard_flushes() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let server = RedisServer::start();
-    let rt = Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_batching(
+    let rt = Runtime::new(support::relaxed(CacheConfig::redis(&server.url()).unwrap()).with_batching(
         256,
         Duration::from_millis(200),
         16_384,
@@ -111,10 +99,7 @@ async fn dropping_the_guard_flushes() {
     {
         let _guard = rt.shutdown_guard();
         fill_all(&rt, 0..500, &CALLS).await;
-        assert!(
-            rt.queued_writes() > 0,
-            "a 200 ms batch delay keeps the fills queued here"
-        );
+        assert!(rt.queued_writes() > 0, "a 200 ms batch delay keeps the fills queued here");
     }
     assert_eq!(rt.queued_writes(), 0);
     assert_eq!(present(&server, 0..500).await, 500);
@@ -126,7 +111,7 @@ async fn dropping_the_guard_flushes() {
 async fn a_queued_fill_never_overtakes_an_invalidation() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let server = RedisServer::start();
-    let rt = Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_batching(
+    let rt = Runtime::new(support::relaxed(CacheConfig::redis(&server.url()).unwrap()).with_batching(
         1024,
         Duration::from_millis(300),
         16_384,
@@ -137,11 +122,7 @@ async fn a_queued_fill_never_overtakes_an_invalidation() {
         rt.scope(invalidate!(render(id))).await;
     }
     rt.flush().await;
-    assert_eq!(
-        present(&server, 0..200).await,
-        0,
-        "no invalidated entry came back"
-    );
+    assert_eq!(present(&server, 0..200).await, 0, "no invalidated entry came back");
     assert_eq!(rt.stats().get(1, "batch").unwrap().refused_fills, 200);
 }
 
@@ -149,44 +130,31 @@ async fn a_queued_fill_never_overtakes_an_invalidation() {
 async fn the_pool_spreads_over_its_connections() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     let server = RedisServer::start();
-    let rt = Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_pool_size(3));
+    let rt = support::redis_runtime(&server.url(), |c| c.with_pool_size(3));
     for id in 0..30 {
         rt.scope(render(id, &CALLS)).await;
     }
-    let clients: String = ::redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut server.raw(0).await)
-        .await
-        .unwrap();
+    let clients: String =
+        ::redis::cmd("CLIENT").arg("LIST").query_async(&mut server.raw(0).await).await.unwrap();
     let on_db1 = clients.lines().filter(|l| l.contains(" db=1 ")).count();
-    assert_eq!(
-        on_db1, 3,
-        "three connections to DB 1, no more (none opened per call):\n{clients}"
-    );
+    assert_eq!(on_db1, 3, "three connections to DB 1, no more (none opened per call):\n{clients}");
 }
 
 async fn batch_api(fx: &mut Fixture) {
-    let jobs: Cache<Backtest, u32> = Cache::new("jobs", Duration::from_secs(60))
-        .unwrap()
-        .with_runtime(fx.runtime.clone());
+    let jobs: Cache<Backtest, u32> =
+        Cache::new("jobs", Duration::from_secs(60)).unwrap().with_runtime(fx.runtime.clone());
     let items: Vec<(String, u32)> = (0..100).map(|i| (format!("j{i}"), i)).collect();
     let refs: Vec<(&str, &u32)> = items.iter().map(|(k, v)| (k.as_str(), v)).collect();
     jobs.set_many(&refs).await.unwrap();
     let keys: Vec<&str> = vec!["j0", "missing", "j99", "j50"];
-    assert_eq!(
-        jobs.get_many(&keys).await.unwrap(),
-        vec![Some(0), None, Some(99), Some(50)]
-    );
+    assert_eq!(jobs.get_many(&keys).await.unwrap(), vec![Some(0), None, Some(99), Some(50)]);
     let ttl = jobs.ttl("j42").await.unwrap().unwrap();
     assert!(
         ttl > Duration::from_secs(55) && ttl <= Duration::from_secs(60),
         "set_many sets the TTL: {ttl:?}"
     );
     assert_eq!(jobs.delete_many(&["j0", "j1", "missing"]).await.unwrap(), 2);
-    assert_eq!(
-        jobs.get_many(&["j0", "j1", "j2"]).await.unwrap(),
-        vec![None, None, Some(2)]
-    );
+    assert_eq!(jobs.get_many(&["j0", "j1", "j2"]).await.unwrap(), vec![None, None, Some(2)]);
     assert_eq!(jobs.get_many(&[]).await.unwrap(), Vec::<Option<u32>>::new());
 }
 

@@ -22,17 +22,11 @@ pub struct FeedError;
 #[cached(db = MarketData, prefix = "market", ttl = 300, skip(calls))]
 async fn quote(symbol: &str, calls: &AtomicUsize) -> Result<Quote, FeedError> {
     calls.fetch_add(1, SeqCst);
-    Ok(Quote {
-        symbol: symbol.to_owned(),
-        price: 150.25,
-    })
+    Ok(Quote { symbol: symbol.to_owned(), price: 150.25 })
 }
 
 fn quote_key(symbol: &str) -> String {
-    KeyBuilder::new("market", "quote")
-        .arg(symbol)
-        .finish()
-        .unwrap()
+    KeyBuilder::new("market", "quote").arg(symbol).finish().unwrap()
 }
 
 async fn miss_then_hit(fx: &mut Fixture) {
@@ -53,29 +47,17 @@ async fn miss_then_hit(fx: &mut Fixture) {
 async fn key_is_pinned(fx: &mut Fixture) {
     // The exact key of known arguments: if this changes, every deployed cache is cold and every
     // other language reading these keys breaks. Change it only on purpose.
-    assert_eq!(
-        quote_key("AAPL"),
-        "market:quote:{63b04ab902239bc406df619d1ca6f940}"
-    );
+    assert_eq!(quote_key("AAPL"), "market:quote:{63b04ab902239bc406df619d1ca6f940}");
     let calls = AtomicUsize::new(0);
     fx.run(quote("AAPL", &calls)).await.unwrap();
-    assert!(
-        fx.ttl::<MarketData>(&quote_key("AAPL")).await.is_some(),
-        "the call wrote the pinned key"
-    );
+    assert!(fx.ttl::<MarketData>(&quote_key("AAPL")).await.is_some(), "the call wrote the pinned key");
 }
 
 async fn every_entry_has_a_bounded_ttl(fx: &mut Fixture) {
     let calls = AtomicUsize::new(0);
     fx.run(quote("TTL", &calls)).await.unwrap();
-    let ttl = fx
-        .ttl::<MarketData>(&quote_key("TTL"))
-        .await
-        .expect("entry present with a TTL");
-    assert!(
-        ttl > Duration::from_secs(290) && ttl <= Duration::from_secs(300),
-        "ttl = {ttl:?}"
-    );
+    let ttl = fx.ttl::<MarketData>(&quote_key("TTL")).await.expect("entry present with a TTL");
+    assert!(ttl > Duration::from_secs(290) && ttl <= Duration::from_secs(300), "ttl = {ttl:?}");
 }
 
 #[cached(db = MarketData, prefix = "market", ttl = "2s", skip(calls))]
@@ -101,11 +83,8 @@ async fn entry_lands_in_its_db_only(fx: &mut Fixture) {
     match &fx.server {
         Some(server) => {
             for db in 0..16u8 {
-                let n: u64 = ::redis::cmd("EXISTS")
-                    .arg(&key)
-                    .query_async(&mut server.raw(db).await)
-                    .await
-                    .unwrap();
+                let n: u64 =
+                    ::redis::cmd("EXISTS").arg(&key).query_async(&mut server.raw(db).await).await.unwrap();
                 assert_eq!(n, u64::from(db == 5), "key in DB {db}");
             }
         }
@@ -123,10 +102,7 @@ mod other_team {
     #[cached(db = MarketData, prefix = "market-eu", ttl = 300, skip(calls))]
     pub async fn quote(symbol: &str, calls: &AtomicUsize) -> Result<Quote, FeedError> {
         calls.fetch_add(1, SeqCst);
-        Ok(Quote {
-            symbol: symbol.to_owned(),
-            price: 99.0,
-        })
+        Ok(Quote { symbol: symbol.to_owned(), price: 99.0 })
     }
 }
 
@@ -136,10 +112,7 @@ async fn prefixes_namespace_keys(fx: &mut Fixture) {
     let theirs = fx.run(other_team::quote("NS", &calls)).await.unwrap();
     assert_eq!(calls.load(SeqCst), 2, "one entry per prefix");
     assert_ne!(ours, theirs);
-    let key = KeyBuilder::new("market-eu", "quote")
-        .arg("NS")
-        .finish()
-        .unwrap();
+    let key = KeyBuilder::new("market-eu", "quote").arg("NS").finish().unwrap();
     assert!(key.starts_with("market-eu:quote:{"), "{key}");
     assert!(fx.ttl::<MarketData>(&key).await.is_some());
 }
@@ -163,10 +136,7 @@ async fn lookup(n: i32, calls: &AtomicUsize) -> Option<i32> {
 async fn result_caches_ok_only(fx: &mut Fixture) {
     let calls = AtomicUsize::new(0);
     for _ in 0..3 {
-        assert_eq!(
-            fx.run(fallible(-1, &calls)).await,
-            Err("-1 is negative".to_owned())
-        );
+        assert_eq!(fx.run(fallible(-1, &calls)).await, Err("-1 is negative".to_owned()));
     }
     assert_eq!(calls.load(SeqCst), 3, "errors are never cached");
     for _ in 0..3 {
@@ -200,28 +170,15 @@ async fn candles(pool: &Pool, symbol: String, trace_id: u64, interval: &str) -> 
 }
 
 async fn skipped_args_are_not_in_the_key(fx: &mut Fixture) {
-    let pool = Pool {
-        calls: AtomicUsize::new(0),
-    };
+    let pool = Pool { calls: AtomicUsize::new(0) };
     let a = fx.run(candles(&pool, "AAPL".into(), 1, "1m")).await;
     let b = fx.run(candles(&pool, "AAPL".into(), 2, "1m")).await;
     assert_eq!(a, b);
-    assert_eq!(
-        pool.calls.load(SeqCst),
-        1,
-        "trace_id is skipped: same entry"
-    );
+    assert_eq!(pool.calls.load(SeqCst), 1, "trace_id is skipped: same entry");
     fx.run(candles(&pool, "AAPL".into(), 1, "5m")).await;
     assert_eq!(pool.calls.load(SeqCst), 2, "interval is part of the key");
-    let key = KeyBuilder::new("market", "candles")
-        .arg("AAPL")
-        .arg("1m")
-        .finish()
-        .unwrap();
-    assert!(
-        fx.ttl::<MarketData>(&key).await.is_some(),
-        "key = symbol and interval, in order"
-    );
+    let key = KeyBuilder::new("market", "candles").arg("AAPL").arg("1m").finish().unwrap();
+    assert!(fx.ttl::<MarketData>(&key).await.is_some(), "key = symbol and interval, in order");
 }
 
 mod v1 {
@@ -249,17 +206,10 @@ async fn version_retires_old_entries(fx: &mut Fixture) {
     assert_eq!(fx.run(v2::depth("ABC", &calls)).await, "abc");
     assert_eq!(fx.run(v2::depth("ABC", &calls)).await, "abc");
     assert_eq!(calls.load(SeqCst), 2);
-    let v2_key = KeyBuilder::new("market", "depth")
-        .version(2)
-        .arg("ABC")
-        .finish()
-        .unwrap();
+    let v2_key = KeyBuilder::new("market", "depth").version(2).arg("ABC").finish().unwrap();
     assert!(v2_key.starts_with("market:depth:v2:{"), "{v2_key}");
     assert!(fx.ttl::<MarketData>(&v2_key).await.is_some());
-    assert_eq!(
-        fx.stats().await.get(5, "market").unwrap().decode_failures,
-        0
-    );
+    assert_eq!(fx.stats().await.get(5, "market").unwrap().decode_failures, 0);
 }
 
 pub struct QuoteService {
@@ -277,18 +227,12 @@ impl QuoteService {
 }
 
 async fn methods_on_self(fx: &mut Fixture) {
-    let svc = QuoteService {
-        calls: AtomicUsize::new(0),
-        venue: "XNAS".into(),
-    };
+    let svc = QuoteService { calls: AtomicUsize::new(0), venue: "XNAS".into() };
     assert_eq!(fx.run(svc.best_bid("AAPL")).await, Ok(8.0));
     assert_eq!(fx.run(svc.best_bid("AAPL")).await, Ok(8.0));
     assert_eq!(svc.calls.load(SeqCst), 1);
     // `self` is never part of the key: another instance reads the same entry.
-    let other = QuoteService {
-        calls: AtomicUsize::new(0),
-        venue: "XNYS".into(),
-    };
+    let other = QuoteService { calls: AtomicUsize::new(0), venue: "XNYS".into() };
     assert_eq!(fx.run(other.best_bid("AAPL")).await, Ok(8.0));
     assert_eq!(other.calls.load(SeqCst), 0);
 }
@@ -298,24 +242,10 @@ async fn corrupt_value_is_recomputed(fx: &mut Fixture) {
     let key = quote_key("BAD");
     fx.plant::<MarketData>(&key, b"\xff\xfenot json").await;
     let q = fx.run(quote("BAD", &calls)).await.unwrap();
-    assert_eq!(
-        q,
-        Quote {
-            symbol: "BAD".into(),
-            price: 150.25
-        }
-    );
-    assert_eq!(
-        calls.load(SeqCst),
-        1,
-        "a value that does not decode is a miss"
-    );
+    assert_eq!(q, Quote { symbol: "BAD".into(), price: 150.25 });
+    assert_eq!(calls.load(SeqCst), 1, "a value that does not decode is a miss");
     fx.run(quote("BAD", &calls)).await.unwrap();
-    assert_eq!(
-        calls.load(SeqCst),
-        1,
-        "the entry was overwritten with a good value"
-    );
+    assert_eq!(calls.load(SeqCst), 1, "the entry was overwritten with a good value");
     let market = fx.stats().await.get(5, "market").cloned().unwrap();
     assert_eq!((market.decode_failures, market.hits), (1, 1));
 }
@@ -330,10 +260,7 @@ async fn disabled_runtime_always_runs(_: &mut Fixture) {
         off.run(quote("OFF", &calls)).await.unwrap();
     }
     assert_eq!(calls.load(SeqCst), 3);
-    assert!(
-        off.runtime.stats().entries.is_empty(),
-        "nothing is counted when caching is off"
-    );
+    assert!(off.runtime.stats().entries.is_empty(), "nothing is counted when caching is off");
 }
 
 on_both_backends!(
@@ -351,3 +278,28 @@ on_both_backends!(
     corrupt_value_is_recomputed,
     disabled_runtime_always_runs,
 );
+
+#[cached(db = MarketData, prefix = "packed", ttl = 300, format = MessagePack, skip(calls))]
+async fn packed_quote(symbol: &str, calls: &AtomicUsize) -> Result<Quote, FeedError> {
+    calls.fetch_add(1, SeqCst);
+    Ok(Quote { symbol: symbol.to_owned(), price: 99.5 })
+}
+
+async fn message_pack_format(fx: &mut Fixture) {
+    let calls = AtomicUsize::new(0);
+    let first = fx.run(packed_quote("MP", &calls)).await.unwrap();
+    assert_eq!(fx.run(packed_quote("MP", &calls)).await.unwrap(), first);
+    assert_eq!(calls.load(SeqCst), 1);
+    let key = KeyBuilder::new("packed", "packed_quote").arg("MP").finish().unwrap();
+    assert!(fx.ttl::<MarketData>(&key).await.is_some());
+    if let Some(server) = &fx.server {
+        let raw: Vec<u8> = ::redis::cmd("GET").arg(&key).query_async(&mut server.raw(5).await).await.unwrap();
+        assert_eq!(raw[0], 0x92, "a two-element MessagePack array, not JSON: {raw:?}");
+        assert!(raw.len() < 20, "compact: fields by position ({} bytes)", raw.len());
+    }
+}
+
+mod formats {
+    use super::*;
+    on_both_backends!(message_pack_format);
+}

@@ -13,27 +13,13 @@ async fn greet(name: &str, calls: &AtomicUsize) -> String {
 
 #[tokio::test]
 async fn nothing_configured_means_the_embedded_backend() {
-    for var in [
-        "CACHE_BACKEND",
-        "CACHE_ENABLED",
-        "REDIS_URL",
-        "REDIS_HOST",
-        "REDIS_PORT",
-        "REDIS_PASSWORD",
-    ] {
-        assert!(
-            std::env::var_os(var).is_none(),
-            "run this test without {var} set"
-        );
+    for var in ["CACHE_BACKEND", "CACHE_ENABLED", "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD"] {
+        assert!(std::env::var_os(var).is_none(), "run this test without {var} set");
     }
     let calls = AtomicUsize::new(0);
     assert_eq!(greet("ada", &calls).await, "hello ada");
     assert_eq!(greet("ada", &calls).await, "hello ada");
-    assert_eq!(
-        calls.load(SeqCst),
-        1,
-        "the second call is served from the embedded backend"
-    );
+    assert_eq!(calls.load(SeqCst), 1, "the second call is served from the embedded backend");
     assert_eq!(cache_runtime::global().backend_kind(), "memory");
     assert!(matches!(
         cache_runtime::init(cache_runtime::CacheConfig::memory()),

@@ -26,20 +26,13 @@ async fn slowest_of(fx: &Fixture, n: u32, calls: &AtomicUsize) -> Duration {
         let started = Instant::now();
         let value = fx.run(sma("ABCD", window, calls)).await;
         slowest = slowest.max(started.elapsed());
-        assert_eq!(
-            value,
-            Ok(4.0 * f64::from(window)),
-            "the caller always gets the function's result"
-        );
+        assert_eq!(value, Ok(4.0 * f64::from(window)), "the caller always gets the function's result");
     }
     slowest
 }
 
 fn errors(fx: &Fixture) -> u64 {
-    fx.runtime
-        .stats()
-        .get(7, "indicator")
-        .map_or(0, |s| s.backend_errors)
+    fx.runtime.stats().get(7, "indicator").map_or(0, |s| s.backend_errors)
 }
 
 #[tokio::test]
@@ -53,15 +46,8 @@ async fn killed_server_callers_still_get_results_then_cache_resumes() {
     fx.server().stop();
     let slowest = slowest_of(&fx, 20, &calls).await;
     eprintln!("server killed: slowest of 20 calls took {slowest:?}");
-    assert!(
-        slowest < CALL_BOUND,
-        "a call took {slowest:?} with the server down"
-    );
-    assert!(
-        errors(&fx) >= 20,
-        "every failed lookup is counted, got {}",
-        errors(&fx)
-    );
+    assert!(slowest < CALL_BOUND, "a call took {slowest:?} with the server down");
+    assert!(errors(&fx) >= 20, "every failed lookup is counted, got {}", errors(&fx));
 
     fx.server().restart();
     // The connection comes back by itself; give it a few attempts.
@@ -73,10 +59,7 @@ async fn killed_server_callers_still_get_results_then_cache_resumes() {
         if calls.load(SeqCst) == before + 1 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the cache did not resume after the server came back"
-        );
+        assert!(Instant::now() < deadline, "the cache did not resume after the server came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -93,14 +76,8 @@ async fn hung_server_costs_at_most_the_timeout() {
     fx.server.as_ref().unwrap().thaw();
     eprintln!("server frozen: slowest call {slowest:?}, 5 calls in {total:?}");
     // Each call waits for the lookup's timeout, and skips the fill after a failed lookup.
-    assert!(
-        slowest >= OP_TIMEOUT,
-        "the frozen server cannot have answered ({slowest:?})"
-    );
-    assert!(
-        slowest < CALL_BOUND,
-        "a call took {slowest:?} with the server hung"
-    );
+    assert!(slowest >= OP_TIMEOUT, "the frozen server cannot have answered ({slowest:?})");
+    assert!(slowest < CALL_BOUND, "a call took {slowest:?} with the server hung");
     assert!(errors(&fx) >= 5);
 }
 
@@ -111,9 +88,7 @@ async fn unreachable_server_from_the_start() {
     server.stop();
     let fx = Fixture {
         runtime: cache_runtime::Runtime::new(
-            cache_runtime::CacheConfig::redis(&url)
-                .unwrap()
-                .with_op_timeout(OP_TIMEOUT),
+            cache_runtime::CacheConfig::redis(&url).unwrap().with_op_timeout(OP_TIMEOUT),
         ),
         server: None,
     };

@@ -18,10 +18,7 @@ pub struct Db {
 
 impl Db {
     fn new(price: u32) -> Db {
-        Db {
-            price: AtomicU32::new(price),
-            reads: AtomicUsize::new(0),
-        }
+        Db { price: AtomicU32::new(price), reads: AtomicUsize::new(0) }
     }
 }
 
@@ -65,16 +62,8 @@ async fn drops_the_entry_after_ok(fx: &mut Fixture) {
     assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(100));
     assert_eq!(fx.run(quote("MSFT", &db)).await, Ok(100));
     fx.run(update_quote("AAPL", 101, &db, false)).await.unwrap();
-    assert_eq!(
-        fx.run(quote("AAPL", &db)).await,
-        Ok(101),
-        "the new value, not the cached one"
-    );
-    assert_eq!(
-        fx.run(quote("MSFT", &db)).await,
-        Ok(100),
-        "MSFT's entry was not dropped"
-    );
+    assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(101), "the new value, not the cached one");
+    assert_eq!(fx.run(quote("MSFT", &db)).await, Ok(100), "MSFT's entry was not dropped");
     assert_eq!(db.reads.load(SeqCst), 3);
     let s = fx.stats().await.get(5, "inv").cloned().unwrap();
     assert_eq!(s.invalidations, 1);
@@ -85,16 +74,8 @@ async fn nothing_dropped_on_err(fx: &mut Fixture) {
     assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(100));
     db.price.store(555, SeqCst); // a change the failed write path did not own
     let result = fx.run(update_quote("AAPL", 101, &db, true)).await;
-    assert_eq!(
-        result,
-        Err("the database refused the write".to_owned()),
-        "the caller's result is untouched"
-    );
-    assert_eq!(
-        fx.run(quote("AAPL", &db)).await,
-        Ok(100),
-        "still the cached value"
-    );
+    assert_eq!(result, Err("the database refused the write".to_owned()), "the caller's result is untouched");
+    assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(100), "still the cached value");
     assert_eq!(fx.stats().await.get(5, "inv").unwrap().invalidations, 0);
 }
 
@@ -107,27 +88,14 @@ async fn dot_dot_drops_every_entry_in_one_write(fx: &mut Fixture) {
     fx.run(reprice_all("AAPL", 8, &db)).await;
     if let Some(server) = &fx.server {
         // O(1): the 20 entries are still there, untouched; only the generation moved.
-        let n: u64 = ::redis::cmd("DBSIZE")
-            .query_async(&mut server.raw(5).await)
-            .await
-            .unwrap();
+        let n: u64 = ::redis::cmd("DBSIZE").query_async(&mut server.raw(5).await).await.unwrap();
         assert_eq!(n, 21, "20 old entries and the generation key");
-        let ttl: i64 = ::redis::cmd("PTTL")
-            .arg("inv:movers:gen")
-            .query_async(&mut server.raw(5).await)
-            .await
-            .unwrap();
-        assert!(
-            ttl > 0 && ttl <= 300_000,
-            "the generation key expires too ({ttl} ms)"
-        );
+        let ttl: i64 =
+            ::redis::cmd("PTTL").arg("inv:movers:gen").query_async(&mut server.raw(5).await).await.unwrap();
+        assert!(ttl > 0 && ttl <= 300_000, "the generation key expires too ({ttl} ms)");
     }
     for limit in 1..=20 {
-        assert_eq!(
-            fx.run(movers(limit, &db)).await,
-            vec![8; limit as usize],
-            "limit {limit}"
-        );
+        assert_eq!(fx.run(movers(limit, &db)).await, vec![8; limit as usize], "limit {limit}");
     }
     assert_eq!(db.reads.load(SeqCst), 40, "every entry was recomputed");
     for limit in 1..=20 {
@@ -141,8 +109,7 @@ async fn runtime_form_checks_and_drops(fx: &mut Fixture) {
     assert_eq!(fx.run(quote("IBM", &db)).await, Ok(1));
     db.price.store(2, SeqCst);
     let symbol = String::from("IBM");
-    fx.run(invalidate!(quote(&symbol), market::movers(..)))
-        .await;
+    fx.run(invalidate!(quote(&symbol), market::movers(..))).await;
     assert_eq!(fx.run(quote("IBM", &db)).await, Ok(2));
 }
 
@@ -186,13 +153,8 @@ on_both_backends!(
 #[tokio::test]
 async fn generation_reaches_other_processes() {
     let server = support::RedisServer::start();
-    let with_refresh = |refresh| {
-        Runtime::new(
-            CacheConfig::redis(&server.url())
-                .unwrap()
-                .with_generation_refresh(refresh),
-        )
-    };
+    let with_refresh =
+        |refresh| support::redis_runtime(&server.url(), |c| c.with_generation_refresh(refresh));
     let writer = with_refresh(Duration::from_millis(100));
     let strict = with_refresh(Duration::ZERO);
     let lazy = with_refresh(Duration::from_secs(3600));
@@ -204,26 +166,14 @@ async fn generation_reaches_other_processes() {
     writer.scope(reprice_all("X", 2, &db)).await;
     // `lazy` read the generation less than its refresh (an hour) ago: it may serve the old entry
     // until then. This is the documented bound, shown so that the next line proves something.
-    assert_eq!(
-        lazy.scope(movers(3, &db)).await,
-        vec![1; 3],
-        "documented staleness bound"
-    );
+    assert_eq!(lazy.scope(movers(3, &db)).await, vec![1; 3], "documented staleness bound");
     assert_eq!(
         strict.scope(movers(3, &db)).await,
         vec![2; 3],
         "refresh 0 reads the generation with every lookup"
     );
-    assert_eq!(
-        writer.scope(movers(3, &db)).await,
-        vec![2; 3],
-        "the invalidating process sees it at once"
-    );
-    assert_eq!(
-        lazy.scope(movers(3, &db)).await,
-        vec![2; 3],
-        "a newer entry is always taken"
-    );
+    assert_eq!(writer.scope(movers(3, &db)).await, vec![2; 3], "the invalidating process sees it at once");
+    assert_eq!(lazy.scope(movers(3, &db)).await, vec![2; 3], "a newer entry is always taken");
 }
 
 #[cached(db = MarketData, prefix = "retry", ttl = 600, skip(db))]
@@ -245,19 +195,12 @@ async fn set_balance(account: u32, value: u32, db: &Db) {
 async fn failed_invalidation_is_retried_after_the_server_returns() {
     let mut server = support::RedisServer::start_persistent();
     let url = server.url();
-    let config = || {
-        CacheConfig::redis(&url)
-            .unwrap()
-            .with_op_timeout(Duration::from_millis(200))
-    };
+    let config = || CacheConfig::redis(&url).unwrap().with_op_timeout(Duration::from_millis(200));
     let rt = Runtime::new(config());
     let db = Db::new(10);
     assert_eq!(rt.scope(balance(1, &db)).await, 10);
     rt.flush().await; // the fill is written behind the call: make sure it is on the server
-    let key = KeyBuilder::new("retry", "balance")
-        .arg(&1u32)
-        .finish()
-        .unwrap();
+    let key = KeyBuilder::new("retry", "balance").arg(&1u32).finish().unwrap();
 
     server.stop();
     rt.scope(set_balance(1, 20, &db)).await; // the write returns; its invalidation could not
@@ -265,35 +208,22 @@ async fn failed_invalidation_is_retried_after_the_server_returns() {
     assert!(s.invalidation_retries >= 1 && s.invalidations == 0, "{s:?}");
 
     server.restart(); // the stale entry is back from the append-only file
-    let exists: u64 = ::redis::cmd("EXISTS")
-        .arg(&key)
-        .query_async(&mut server.raw(5).await)
-        .await
-        .unwrap();
+    let exists: u64 = ::redis::cmd("EXISTS").arg(&key).query_async(&mut server.raw(5).await).await.unwrap();
     let mut stale_seen_raw = exists == 1;
     // This process never serves it, even before the retry lands.
     assert_eq!(rt.scope(balance(1, &db)).await, 20);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let exists: u64 = ::redis::cmd("EXISTS")
-            .arg(&key)
-            .query_async(&mut server.raw(5).await)
-            .await
-            .unwrap();
+        let exists: u64 =
+            ::redis::cmd("EXISTS").arg(&key).query_async(&mut server.raw(5).await).await.unwrap();
         if exists == 0 || rt.stats().get(5, "retry").unwrap().invalidations >= 1 {
             break;
         }
         stale_seen_raw = true;
-        assert!(
-            Instant::now() < deadline,
-            "the queued invalidation never reached the server"
-        );
+        assert!(Instant::now() < deadline, "the queued invalidation never reached the server");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        stale_seen_raw,
-        "the test needs the stale entry to survive the restart, or it proves nothing"
-    );
+    assert!(stale_seen_raw, "the test needs the stale entry to survive the restart, or it proves nothing");
     // Another process (fresh runtime, own connections) sees the new value.
     let other = Runtime::new(config());
     assert_eq!(other.scope(balance(1, &db)).await, 20);

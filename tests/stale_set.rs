@@ -136,20 +136,14 @@ async fn write(
 /// Runs `ROUNDS` seeded rounds; returns how many reads broke the property.
 async fn stale_reads(fx: &Fixture, mode: Mode, seed: u64) -> usize {
     let truth = Arc::new(Truth::default());
-    let naive: Cache<MarketData, u64> = Cache::new("naive", Duration::from_secs(60))
-        .unwrap()
-        .with_runtime(fx.runtime.clone());
+    let naive: Cache<MarketData, u64> =
+        Cache::new("naive", Duration::from_secs(60)).unwrap().with_runtime(fx.runtime.clone());
     let stale = Arc::new(AtomicUsize::new(0));
     let next_round = Arc::new(AtomicU64::new(0));
     let mut lanes = JoinSet::new();
     for lane in 0..LANES {
-        let (truth, naive, stale, next_round, runtime) = (
-            truth.clone(),
-            naive.clone(),
-            stale.clone(),
-            next_round.clone(),
-            fx.runtime.clone(),
-        );
+        let (truth, naive, stale, next_round, runtime) =
+            (truth.clone(), naive.clone(), stale.clone(), next_round.clone(), fx.runtime.clone());
         lanes.spawn(async move {
             let mut rng = Rng(seed ^ lane.wrapping_mul(0x2545_F491_4F6C_DD1D));
             loop {
@@ -195,26 +189,13 @@ async fn leases_prevent_stale_sets_that_naive_cache_aside_makes(fx: &mut Fixture
     let seed = 0x5EED_0000_0000_0001;
     let naive = stale_reads(fx, Mode::Naive, seed).await;
     let leases = stale_reads(fx, Mode::Leases, seed).await;
-    let refused = fx
-        .runtime
-        .stats()
-        .get(5, "race")
-        .map_or(0, |s| s.refused_fills);
+    let refused = fx.runtime.stats().get(5, "race").map_or(0, |s| s.refused_fills);
     eprintln!(
         "{ROUNDS} rounds (seed {seed:#x}): naive cache-aside {naive} stale reads; leases {leases} stale reads, {refused} stale fills refused"
     );
-    assert!(
-        naive > 0,
-        "the naive schedule must show the race, or this test proves nothing (seed {seed:#x})"
-    );
-    assert_eq!(
-        leases, 0,
-        "a read returned a value older than a completed write (seed {seed:#x})"
-    );
-    assert!(
-        refused > 0,
-        "the leases refused the stale fills the naive run wrote"
-    );
+    assert!(naive > 0, "the naive schedule must show the race, or this test proves nothing (seed {seed:#x})");
+    assert_eq!(leases, 0, "a read returned a value older than a completed write (seed {seed:#x})");
+    assert!(refused > 0, "the leases refused the stale fills the naive run wrote");
 }
 
 on_both_backends!(leases_prevent_stale_sets_that_naive_cache_aside_makes);

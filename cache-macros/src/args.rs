@@ -31,9 +31,11 @@ pub(crate) struct CachedArgs {
     pub(crate) ttl: Given<Ttl>,
     pub(crate) skip: Vec<Ident>,
     pub(crate) version: Option<u32>,
+    /// `format = Json` or `format = MessagePack`, as written (checked in `validate.rs`).
+    pub(crate) format: Option<Ident>,
 }
 
-pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version";
+pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version, format";
 
 impl CachedArgs {
     /// Parses every option, recording each problem in `errors` and going on with the next.
@@ -43,6 +45,7 @@ impl CachedArgs {
         let mut ttl = Once::new("ttl");
         let mut skip = Once::new("skip");
         let mut version = Once::new("version");
+        let mut format = Once::new("format");
 
         let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
             Ok(metas) => metas,
@@ -52,45 +55,31 @@ impl CachedArgs {
             }
         };
         for meta in metas {
-            let name = meta
-                .path()
-                .get_ident()
-                .map(Ident::to_string)
-                .unwrap_or_default();
+            let name = meta.path().get_ident().map(Ident::to_string).unwrap_or_default();
             let at = meta.path().span();
             match (name.as_str(), &meta) {
                 ("db", Meta::NameValue(nv)) => db.set(at, parse_db(&nv.value, errors), errors),
-                ("prefix", Meta::NameValue(nv)) => {
-                    prefix.set(at, parse_prefix(&nv.value, errors), errors)
-                }
+                ("prefix", Meta::NameValue(nv)) => prefix.set(at, parse_prefix(&nv.value, errors), errors),
                 ("ttl", Meta::NameValue(nv)) => ttl.set(at, parse_ttl(&nv.value, errors), errors),
-                ("version", Meta::NameValue(nv)) => {
-                    version.set(at, parse_version(&nv.value, errors), errors)
-                }
+                ("version", Meta::NameValue(nv)) => version.set(at, parse_version(&nv.value, errors), errors),
+                ("format", Meta::NameValue(nv)) => format.set(at, parse_format(&nv.value, errors), errors),
                 ("skip", Meta::List(list)) => {
                     let names = list.parse_args_with(|input: syn::parse::ParseStream| {
                         // `any`: so that `skip(self)` parses and gets its own error.
-                        Punctuated::<Ident, Token![,]>::parse_terminated_with(
-                            input,
-                            Ident::parse_any,
-                        )
+                        Punctuated::<Ident, Token![,]>::parse_terminated_with(input, Ident::parse_any)
                     });
                     let names = names.map_err(|e| errors.push(e)).ok();
                     skip.set(at, names.map(|n| n.into_iter().collect()), errors)
                 }
-                ("db" | "prefix" | "ttl" | "version", _) => {
+                ("db" | "prefix" | "ttl" | "version" | "format", _) => {
                     errors.on(&meta, format_args!("write `{name} = ...`"))
                 }
-                ("skip", _) => errors.on(
-                    &meta,
-                    "write `skip(arg, ...)` with the parameters to leave out of the key",
-                ),
+                ("skip", _) => {
+                    errors.on(&meta, "write `skip(arg, ...)` with the parameters to leave out of the key")
+                }
                 _ => errors.on(
                     meta.path(),
-                    format_args!(
-                        "unknown option `{}`: #[cached] takes {OPTIONS}",
-                        path_text(meta.path())
-                    ),
+                    format_args!("unknown option `{}`: #[cached] takes {OPTIONS}", path_text(meta.path())),
                 ),
             }
         }
@@ -106,28 +95,33 @@ impl CachedArgs {
                 Given::Valid(v) => Some(v),
                 Given::Absent | Given::Invalid => None,
             },
+            format: match format.get() {
+                Given::Valid(f) => Some(f),
+                Given::Absent | Given::Invalid => None,
+            },
         }
     }
 }
 
 fn path_text(path: &Path) -> String {
-    path.segments
-        .iter()
-        .map(|s| s.ident.to_string())
-        .collect::<Vec<_>>()
-        .join("::")
+    path.segments.iter().map(|s| s.ident.to_string()).collect::<Vec<_>>().join("::")
 }
 
 fn parse_prefix(value: &Expr, errors: &mut Errors) -> Option<LitStr> {
     match value {
-        Expr::Lit(ExprLit {
-            lit: Lit::Str(s), ..
-        }) => Some(s.clone()),
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Some(s.clone()),
         other => {
-            errors.on(
-                other,
-                "`prefix` takes a string literal, e.g. `prefix = \"market\"`",
-            );
+            errors.on(other, "`prefix` takes a string literal, e.g. `prefix = \"market\"`");
+            None
+        }
+    }
+}
+
+fn parse_format(value: &Expr, errors: &mut Errors) -> Option<Ident> {
+    match value {
+        Expr::Path(p) if p.qself.is_none() && p.path.get_ident().is_some() => p.path.get_ident().cloned(),
+        other => {
+            errors.on(other, "`format` takes `Json` or `MessagePack`, e.g. `format = MessagePack`");
             None
         }
     }
@@ -135,9 +129,7 @@ fn parse_prefix(value: &Expr, errors: &mut Errors) -> Option<LitStr> {
 
 fn parse_version(value: &Expr, errors: &mut Errors) -> Option<u32> {
     match value {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => i
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i
             .base10_parse::<u32>()
             .map_err(|_| errors.on(i, "`version` is a whole number from 0 to 4294967295"))
             .ok(),
@@ -151,14 +143,9 @@ fn parse_version(value: &Expr, errors: &mut Errors) -> Option<u32> {
 fn parse_db(value: &Expr, errors: &mut Errors) -> Option<DbArg> {
     match value {
         Expr::Path(p) if p.qself.is_none() => Some(DbArg::Type(p.path.clone())),
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => Some(DbArg::Number(i.clone())),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Some(DbArg::Number(i.clone())),
         other => {
-            errors.on(
-                other,
-                "`db` takes a DB type, e.g. `db = MarketData` (see cache_runtime::db)",
-            );
+            errors.on(other, "`db` takes a DB type, e.g. `db = MarketData` (see cache_runtime::db)");
             None
         }
     }
@@ -166,21 +153,14 @@ fn parse_db(value: &Expr, errors: &mut Errors) -> Option<DbArg> {
 
 fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
     let parsed = match value {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => i
-            .base10_parse::<u64>()
-            .map_err(|_| "`ttl` is a whole number of seconds"),
-        Expr::Lit(ExprLit {
-            lit: Lit::Str(s), ..
-        }) => parse_duration(&s.value()),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => {
+            i.base10_parse::<u64>().map_err(|_| "`ttl` is a whole number of seconds")
+        }
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
         _ => Err("`ttl` takes seconds or a duration literal, e.g. `ttl = 300` or `ttl = \"5m\"`"),
     };
     match parsed {
-        Ok(seconds) => Some(Ttl {
-            seconds,
-            span: value.span(),
-        }),
+        Ok(seconds) => Some(Ttl { seconds, span: value.span() }),
         Err(message) => {
             errors.on(value, message);
             None
@@ -190,18 +170,13 @@ fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
 
 /// `"90s"`, `"5m"`, `"1h30m"`, `"2d"`: numbers each followed by a unit (s, m, h, d).
 pub(crate) fn parse_duration(text: &str) -> Result<u64, &'static str> {
-    const HELP: &str =
-        "a duration is numbers with units s, m, h or d, e.g. \"90s\", \"5m\", \"1h30m\"";
+    const HELP: &str = "a duration is numbers with units s, m, h or d, e.g. \"90s\", \"5m\", \"1h30m\"";
     let mut total: u64 = 0;
     let mut number: Option<u64> = None;
     for c in text.trim().chars() {
         if let Some(d) = c.to_digit(10) {
             number = Some(
-                number
-                    .unwrap_or(0)
-                    .checked_mul(10)
-                    .and_then(|n| n.checked_add(u64::from(d)))
-                    .ok_or(HELP)?,
+                number.unwrap_or(0).checked_mul(10).and_then(|n| n.checked_add(u64::from(d))).ok_or(HELP)?,
             );
             continue;
         }
@@ -213,10 +188,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<u64, &'static str> {
             _ => return Err(HELP),
         };
         let n = number.take().ok_or(HELP)?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|s| total.checked_add(s))
-            .ok_or(HELP)?;
+        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or(HELP)?;
     }
     if number.is_some() || text.trim().is_empty() {
         return Err(HELP);
@@ -232,14 +204,10 @@ pub(crate) struct InvalidatesArgs {
 impl InvalidatesArgs {
     pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> InvalidatesArgs {
         match Punctuated::<Expr, Token![,]>::parse_terminated.parse2(tokens) {
-            Ok(entries) => InvalidatesArgs {
-                entries: entries.into_iter().collect(),
-            },
+            Ok(entries) => InvalidatesArgs { entries: entries.into_iter().collect() },
             Err(e) => {
                 errors.push(e);
-                InvalidatesArgs {
-                    entries: Vec::new(),
-                }
+                InvalidatesArgs { entries: Vec::new() }
             }
         }
     }

@@ -51,19 +51,13 @@ pub(crate) struct Once<T> {
 
 impl<T> Once<T> {
     pub(crate) fn new(name: &'static str) -> Self {
-        Once {
-            name,
-            given: Given::Absent,
-        }
+        Once { name, given: Given::Absent }
     }
 
     /// Records the option written at `at`; `None` when its value did not parse (and was reported).
     pub(crate) fn set(&mut self, at: Span, value: Option<T>, errors: &mut Errors) {
         if !matches!(self.given, Given::Absent) {
-            errors.at(
-                at,
-                format_args!("duplicate option `{}`: give each option once", self.name),
-            );
+            errors.at(at, format_args!("duplicate option `{}`: give each option once", self.name));
             return;
         }
         self.given = value.map_or(Given::Invalid, Given::Valid);

@@ -27,6 +27,7 @@ use proc_macro::TokenStream;
 /// | `ttl = 300` / `ttl = "5m"` | yes | seconds (or s/m/h/d units), more than 0 |
 /// | `skip(a, b)` | no | parameters left out of the key (pools, handles); `self` never is in it |
 /// | `version = 2` | no | goes into the key, to retire entries when the value's shape changes |
+/// | `format = MessagePack` | no | `Json` (default, readable by other languages) or `MessagePack` (smaller, faster) |
 ///
 /// `Result<T, E>` caches only `Ok`, `Option<T>` only `Some`, any other type always. Cache
 /// failures never reach the caller: the function runs, and the failure is logged and counted.

@@ -20,6 +20,8 @@ pub(crate) struct CachedFn {
     pub(crate) prefix: LitStr,
     pub(crate) ttl_seconds: u64,
     pub(crate) version: Option<u32>,
+    /// The value format's variant name in `cache_runtime::__private::Format`.
+    pub(crate) format: Ident,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
     pub(crate) ret: Type,
@@ -32,6 +34,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     let prefix = prefix(args.prefix, errors);
     let ttl_seconds = ttl(args.ttl, errors);
     let key_params = key_params(func, &args.skip, errors);
+    let format = format(args.format, errors);
     let ret = return_type(func, errors);
     if func.sig.asyncness.is_none() {
         errors.on(
@@ -45,6 +48,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         prefix: prefix?,
         ttl_seconds: ttl_seconds?,
         version: args.version,
+        format: format?,
         key_params: key_params?,
         ret,
         policy,
@@ -62,11 +66,7 @@ fn db(db: Given<DbArg>, errors: &mut Errors) -> Option<Path> {
     match db {
         Given::Invalid => None,
         Given::Absent => {
-            errors.push(missing(
-                "db",
-                "db = MarketData",
-                "every cached function names its Redis DB by type",
-            ));
+            errors.push(missing("db", "db = MarketData", "every cached function names its Redis DB by type"));
             None
         }
         Given::Valid(DbArg::Number(n)) => {
@@ -78,9 +78,7 @@ fn db(db: Given<DbArg>, errors: &mut Errors) -> Option<Path> {
             );
             None
         }
-        Given::Valid(DbArg::Type(path))
-            if path.segments.last().is_some_and(|s| s.ident == "Reserved") =>
-        {
+        Given::Valid(DbArg::Type(path)) if path.segments.last().is_some_and(|s| s.ident == "Reserved") => {
             errors.on(&path, "DB 15 (`Reserved`) is reserved for the platform: pick a DB type for 0-14 from cache_runtime::db");
             None
         }
@@ -103,13 +101,8 @@ fn prefix(prefix: Given<LitStr>, errors: &mut Errors) -> Option<LitStr> {
     let problem = if text.is_empty() {
         Some("a prefix may not be empty: every key needs a namespace")
     } else if text.contains(':') {
-        Some(
-            "a prefix may not contain `:`: the runtime adds the separators (`prefix:function:...`)",
-        )
-    } else if !text
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    {
+        Some("a prefix may not contain `:`: the runtime adds the separators (`prefix:function:...`)")
+    } else if !text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
         Some("a prefix may hold only lowercase letters, digits, `_` and `-`")
     } else {
         None
@@ -123,6 +116,17 @@ fn prefix(prefix: Given<LitStr>, errors: &mut Errors) -> Option<LitStr> {
     }
 }
 
+fn format(format: Option<Ident>, errors: &mut Errors) -> Option<Ident> {
+    match format {
+        None => Some(Ident::new("Json", Span::call_site())),
+        Some(f) if f == "Json" || f == "MessagePack" => Some(f),
+        Some(f) => {
+            errors.on(&f, format_args!("unknown format `{f}`: `format` is `Json` (the default, readable by other languages) or `MessagePack`"));
+            None
+        }
+    }
+}
+
 fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
     match ttl {
         Given::Invalid => None,
@@ -131,10 +135,7 @@ fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
             None
         }
         Given::Valid(t) if t.seconds == 0 => {
-            errors.at(
-                t.span,
-                "`ttl` must be more than 0 seconds: every cache entry must expire",
-            );
+            errors.at(t.span, "`ttl` must be more than 0 seconds: every cache entry must expire");
             None
         }
         Given::Valid(t) => Some(t.seconds),
@@ -148,9 +149,7 @@ fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<
     for input in &func.sig.inputs {
         let FnArg::Typed(typed) = input else { continue };
         match &*typed.pat {
-            Pat::Ident(p) if p.subpat.is_none() => {
-                params.push((p.ident.clone(), (*typed.ty).clone()))
-            }
+            Pat::Ident(p) if p.subpat.is_none() => params.push((p.ident.clone(), (*typed.ty).clone())),
             other => {
                 ok = false;
                 errors.on(other, "#[cached] hashes each parameter by name: bind this parameter to a plain name (destructure it in the body)");
@@ -160,21 +159,19 @@ fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<
     for name in skip {
         if name == "self" {
             ok = false;
-            errors.on(
-                name,
-                "`self` is never part of the key: remove it from `skip`",
-            );
+            errors.on(name, "`self` is never part of the key: remove it from `skip`");
         } else if !params.iter().any(|(p, _)| p == name) {
             ok = false;
-            errors.on(name, format_args!("`{name}` is not a parameter of `{}`: `skip` names parameters to leave out of the key", func.sig.ident));
+            errors.on(
+                name,
+                format_args!(
+                    "`{name}` is not a parameter of `{}`: `skip` names parameters to leave out of the key",
+                    func.sig.ident
+                ),
+            );
         }
     }
-    ok.then(|| {
-        params
-            .into_iter()
-            .filter(|(p, _)| !skip.contains(p))
-            .collect()
-    })
+    ok.then(|| params.into_iter().filter(|(p, _)| !skip.contains(p)).collect())
 }
 
 fn return_type(func: &ItemFn, errors: &mut Errors) -> Option<(Policy, Type)> {
@@ -221,10 +218,7 @@ pub(crate) fn invalidations(
         }
     }
     if entries.is_empty() {
-        errors.at(
-            Span::call_site(),
-            format_args!("name what to invalidate: {FORM}"),
-        );
+        errors.at(Span::call_site(), format_args!("name what to invalidate: {FORM}"));
     }
     let mut checked = Vec::new();
     for entry in entries {
@@ -252,10 +246,7 @@ pub(crate) fn invalidations(
                 Some(args)
             }
         };
-        checked.push(Invalidation {
-            path: path.path.clone(),
-            args,
-        });
+        checked.push(Invalidation { path: path.path.clone(), args });
     }
     checked
 }

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use crate::key::KeyHasher;
+pub use crate::value::Format;
 
 /// Everything the macro knows about one cached function, as a constant.
 #[derive(Debug, Clone, Copy)]
@@ -17,6 +18,7 @@ pub struct Spec {
     pub function: &'static str,
     pub ttl: Duration,
     pub version: Option<u32>,
+    pub format: Format,
 }
 
 /// Which part of a function's return value is cached, chosen by the macro from the return type

@@ -53,10 +53,7 @@ impl RedisTarget {
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let info = url
             .into_connection_info()
-            .map_err(|e| ConfigError::InvalidRedisUrl {
-                url: redact_url(url),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::InvalidRedisUrl { url: redact_url(url), reason: e.to_string() })?;
         Ok(RedisTarget { info })
     }
 
@@ -76,10 +73,7 @@ impl fmt::Debug for RedisTarget {
         let has_password = self.info.redis_settings().password().is_some();
         f.debug_struct("RedisTarget")
             .field("address", &self.address())
-            .field(
-                "password",
-                &if has_password { "<redacted>" } else { "<none>" },
-            )
+            .field("password", &if has_password { "<redacted>" } else { "<none>" })
             .finish()
     }
 }
@@ -169,9 +163,7 @@ impl CacheConfig {
 
     /// A Redis server at `url` (`redis://[:password@]host:port`).
     pub fn redis(url: &str) -> Result<Self, ConfigError> {
-        Ok(Self::with_backend(BackendKind::Redis(
-            RedisTarget::from_url(url)?,
-        )))
+        Ok(Self::with_backend(BackendKind::Redis(RedisTarget::from_url(url)?)))
     }
 
     /// No caching at all.
@@ -297,14 +289,8 @@ impl CacheConfig {
                     expected: "a port number",
                 });
             }
-            let auth = var("REDIS_PASSWORD")
-                .map(|p| format!(":{p}@"))
-                .unwrap_or_default();
-            Ok(Some(format!(
-                "redis://{auth}{}:{}",
-                host.trim(),
-                port.trim()
-            )))
+            let auth = var("REDIS_PASSWORD").map(|p| format!(":{p}@")).unwrap_or_default();
+            Ok(Some(format!("redis://{auth}{}:{}", host.trim(), port.trim())))
         };
         let config = match var("CACHE_BACKEND").map(|b| b.trim().to_ascii_lowercase()) {
             None => match redis_url()? {
@@ -326,12 +312,8 @@ impl CacheConfig {
         };
         let config = match var("CACHE_ENV").map(|e| e.trim().to_ascii_lowercase()) {
             None => config,
-            Some(e) if e == "development" || e == "dev" => {
-                config.for_environment(Environment::Development)
-            }
-            Some(e) if e == "production" || e == "prod" => {
-                config.for_environment(Environment::Production)
-            }
+            Some(e) if e == "development" || e == "dev" => config.for_environment(Environment::Development),
+            Some(e) if e == "production" || e == "prod" => config.for_environment(Environment::Production),
             Some(other) => {
                 return Err(ConfigError::InvalidValue {
                     variable: "CACHE_ENV",
@@ -422,10 +404,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn from(vars: &[(&str, &str)]) -> Result<CacheConfig, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         CacheConfig::from_lookup(|name| map.get(name).cloned())
     }
 
@@ -466,9 +445,7 @@ mod tests {
     #[test]
     fn password_never_in_debug_or_display() {
         let config = from(&[("REDIS_HOST", "h"), ("REDIS_PASSWORD", "hunter2")]).unwrap();
-        let BackendKind::Redis(target) = &config.backend else {
-            panic!("expected redis")
-        };
+        let BackendKind::Redis(target) = &config.backend else { panic!("expected redis") };
         assert_eq!(target.info.redis_settings().password(), Some("hunter2"));
         assert!(!format!("{config:?}").contains("hunter2"));
         assert!(!format!("{target}").contains("hunter2"));

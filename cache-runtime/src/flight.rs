@@ -68,12 +68,7 @@ impl Flights {
         let (tx, rx) = watch::channel(None);
         running.insert(slot.clone(), (id, rx));
         this.count.store(running.len(), Relaxed);
-        Join::Leader(Leader {
-            runtime: runtime.clone(),
-            slot,
-            id,
-            tx,
-        })
+        Join::Leader(Leader { runtime: runtime.clone(), slot, id, tx })
     }
 
     pub(crate) fn any_running(&self) -> bool {
@@ -111,10 +106,7 @@ impl Drop for Leader {
     fn drop(&mut self) {
         let flights = &self.runtime.inner().flights;
         let mut running = flights.running();
-        if running
-            .get(&self.slot)
-            .is_some_and(|(id, _)| *id == self.id)
-        {
+        if running.get(&self.slot).is_some_and(|(id, _)| *id == self.id) {
             running.remove(&self.slot);
         }
         flights.count.store(running.len(), Relaxed);

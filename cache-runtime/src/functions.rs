@@ -37,33 +37,19 @@ pub(crate) struct Functions {
 
 impl Functions {
     pub(crate) fn new(authoritative: bool, refresh: Duration) -> Self {
-        Functions {
-            authoritative,
-            refresh,
-            epoch: Instant::now(),
-            by_id: RwLock::default(),
-        }
+        Functions { authoritative, refresh, epoch: Instant::now(), by_id: RwLock::default() }
     }
 
     /// The state of `spec`'s function, created on first use.
     pub(crate) fn get(&self, spec: &'static Spec, stats: &StatsRegistry) -> Arc<Function> {
         let id = (spec.db, spec.prefix, spec.function, spec.version);
-        if let Some(f) = self
-            .by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-        {
+        if let Some(f) = self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
             return Arc::clone(f);
         }
         let counters = stats.counters(spec.db, spec.prefix);
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(by_id.entry(id).or_insert_with(|| {
-            Arc::new(Function {
-                counters,
-                generation: AtomicU64::new(0),
-                read_at: AtomicU64::new(0),
-            })
+            Arc::new(Function { counters, generation: AtomicU64::new(0), read_at: AtomicU64::new(0) })
         }))
     }
 
@@ -79,8 +65,7 @@ impl Functions {
             return (generation, false);
         }
         let read_at = f.read_at.load(Relaxed);
-        let stale =
-            read_at == 0 || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64;
+        let stale = read_at == 0 || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64;
         (generation, stale)
     }
 

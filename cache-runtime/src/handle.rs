@@ -20,10 +20,7 @@ pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
     if prefix.contains(':') {
         return Some("a prefix may not contain `:`: the runtime adds the separators");
     }
-    if !prefix
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    {
+    if !prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
         return Some("a prefix may hold only lowercase letters, digits, `_` and `-`");
     }
     None
@@ -84,21 +81,14 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         // Evaluated at compile time for each `D`: a handle on DB 15 does not compile.
         const { assert!(Self::DB < crate::db::RESERVED_DB) };
         if let Some(problem) = prefix_problem(prefix) {
-            return Err(CacheError::InvalidKey(format!(
-                "prefix `{prefix}`: {problem}"
-            )));
+            return Err(CacheError::InvalidKey(format!("prefix `{prefix}`: {problem}")));
         }
         if default_ttl.is_zero() {
             return Err(CacheError::InvalidKey(
                 "the default TTL must be more than zero: every entry must expire".into(),
             ));
         }
-        Ok(Cache {
-            prefix: prefix.to_owned(),
-            default_ttl,
-            runtime: None,
-            _types: PhantomData,
-        })
+        Ok(Cache { prefix: prefix.to_owned(), default_ttl, runtime: None, _types: PhantomData })
     }
 
     /// Serves this handle from `runtime` instead of the current one.
@@ -123,9 +113,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let counters = rt.stats.counters(Self::DB, &self.prefix);
         let found = rt
             .backend
-            .get_with(rt.op_timeout, Self::DB, &self.key(key), |b| {
-                serde_json::from_slice::<T>(b)
-            })
+            .get_with(rt.op_timeout, Self::DB, &self.key(key), |b| serde_json::from_slice::<T>(b))
             .await
             .inspect_err(|_| counters.backend_error())?;
         match found {
@@ -151,12 +139,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     }
 
     /// Stores `value` under `key` for `ttl` (more than zero).
-    pub async fn set_with_ttl(
-        &self,
-        key: &str,
-        value: &T,
-        ttl: Duration,
-    ) -> Result<(), CacheError> {
+    pub async fn set_with_ttl(&self, key: &str, value: &T, ttl: Duration) -> Result<(), CacheError> {
         if ttl.is_zero() {
             return Err(CacheError::InvalidKey(
                 "a TTL must be more than zero: every entry must expire".into(),
@@ -184,9 +167,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         let found = rt
             .backend
-            .get_many_with(rt.op_timeout, Self::DB, &full, |b| {
-                serde_json::from_slice::<T>(b)
-            })
+            .get_many_with(rt.op_timeout, Self::DB, &full, |b| serde_json::from_slice::<T>(b))
             .await
             .inspect_err(|_| counters.backend_error())?;
         Ok(found
@@ -214,12 +195,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     pub async fn set_many(&self, items: &[(&str, &T)]) -> Result<(), CacheError> {
         let encoded = items
             .iter()
-            .map(|(k, v)| {
-                Ok((
-                    self.key(k),
-                    serde_json::to_vec(v).map_err(CacheError::Encode)?,
-                ))
-            })
+            .map(|(k, v)| Ok((self.key(k), serde_json::to_vec(v).map_err(CacheError::Encode)?)))
             .collect::<Result<Vec<_>, CacheError>>()?;
         let runtime = self.runtime();
         let rt = runtime.inner();
@@ -239,10 +215,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
-        Ok(rt
-            .backend
-            .delete_many(rt.op_timeout, Self::DB, &full)
-            .await?)
+        Ok(rt.backend.delete_many(rt.op_timeout, Self::DB, &full).await?)
     }
 
     /// Stores `value` under `key` with the default TTL, written behind the caller's back: on Redis
@@ -284,45 +257,31 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt
-            .backend
-            .delete(rt.op_timeout, Self::DB, &self.key(key))
-            .await?)
+        Ok(rt.backend.delete(rt.op_timeout, Self::DB, &self.key(key)).await?)
     }
 
     /// Whether `key` holds a live entry.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt
-            .backend
-            .exists(rt.op_timeout, Self::DB, &self.key(key))
-            .await?)
+        Ok(rt.backend.exists(rt.op_timeout, Self::DB, &self.key(key)).await?)
     }
 
     /// Sets a new TTL (more than zero) on `key`; `false` if it was not there.
     pub async fn expire(&self, key: &str, ttl: Duration) -> Result<bool, CacheError> {
         if ttl.is_zero() {
-            return Err(CacheError::InvalidKey(
-                "a TTL must be more than zero; use delete to remove".into(),
-            ));
+            return Err(CacheError::InvalidKey("a TTL must be more than zero; use delete to remove".into()));
         }
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt
-            .backend
-            .expire(rt.op_timeout, Self::DB, &self.key(key), ttl)
-            .await?)
+        Ok(rt.backend.expire(rt.op_timeout, Self::DB, &self.key(key), ttl).await?)
     }
 
     /// Time left before `key` expires, or `None` if it is not there.
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt
-            .backend
-            .ttl(rt.op_timeout, Self::DB, &self.key(key))
-            .await?)
+        Ok(rt.backend.ttl(rt.op_timeout, Self::DB, &self.key(key)).await?)
     }
 
     /// Removes every key under this handle's prefix, and nothing else (SCAN + UNLINK on Redis;
@@ -331,10 +290,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         // A clear walks the keyspace: give it many op timeouts, not one.
-        Ok(rt
-            .backend
-            .clear(rt.op_timeout * 100, Self::DB, &self.prefix)
-            .await?)
+        Ok(rt.backend.clear(rt.op_timeout * 100, Self::DB, &self.prefix).await?)
     }
 
     /// Whether the backend answers (PING on Redis).

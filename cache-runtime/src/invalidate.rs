@@ -75,9 +75,7 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
                 .bump_generation(rt.op_timeout, spec.db, &key::generation_key(spec), spec.ttl)
                 .await?
             {
-                Some(generation) => rt
-                    .functions
-                    .observe(&rt.functions.get(spec, &rt.stats), generation),
+                Some(generation) => rt.functions.observe(&rt.functions.get(spec, &rt.stats), generation),
                 None => rt.functions.bump_local(&rt.functions.get(spec, &rt.stats)),
             };
             Ok(())
@@ -146,12 +144,8 @@ async fn retry_until_done(runtime: Runtime) {
     let mut pause = FIRST_RETRY;
     loop {
         tokio::time::sleep(pause).await;
-        let batch: Vec<(Target, Instant)> = rt
-            .pending
-            .queue()
-            .iter()
-            .map(|q| (q.target.clone(), q.give_up_at))
-            .collect();
+        let batch: Vec<(Target, Instant)> =
+            rt.pending.queue().iter().map(|q| (q.target.clone(), q.give_up_at)).collect();
         let mut settled = Vec::new();
         for (target, give_up_at) in batch {
             let spec = target.spec();
@@ -193,10 +187,6 @@ async fn retry_until_done(runtime: Runtime) {
                 return;
             }
         }
-        pause = if settled.is_empty() {
-            (pause * 2).min(MAX_RETRY)
-        } else {
-            FIRST_RETRY
-        };
+        pause = if settled.is_empty() { (pause * 2).min(MAX_RETRY) } else { FIRST_RETRY };
     }
 }

@@ -58,8 +58,7 @@ impl KeyBuilder {
 
     /// The key, or `None` if an argument failed to serialize.
     pub fn finish(self) -> Option<String> {
-        self.hasher
-            .finish_parts(&self.prefix, &self.function, self.version)
+        self.hasher.finish_parts(&self.prefix, &self.function, self.version)
     }
 }
 
@@ -87,14 +86,7 @@ impl Default for KeyHasher {
 
 impl KeyHasher {
     pub fn new() -> Self {
-        KeyHasher {
-            hasher: None,
-            buffer: Buffer {
-                bytes: [0; 128],
-                len: 0,
-            },
-            failed: false,
-        }
+        KeyHasher { hasher: None, buffer: Buffer { bytes: [0; 128], len: 0 }, failed: false }
     }
 
     /// Adds one argument. An argument whose `Serialize` impl fails makes the whole key unusable
@@ -110,12 +102,7 @@ impl KeyHasher {
         self.finish_parts(spec.prefix, spec.function, spec.version)
     }
 
-    fn finish_parts(
-        mut self,
-        prefix: &str,
-        function: &str,
-        version: Option<u32>,
-    ) -> Option<String> {
+    fn finish_parts(mut self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
         if self.failed {
             return None;
         }
@@ -124,12 +111,7 @@ impl KeyHasher {
             Some(hasher) => hasher.update(pending).finalize(),
             None => blake3::hash(pending),
         };
-        Some(format_key(
-            prefix,
-            function,
-            version,
-            &digest.as_bytes()[..16],
-        ))
+        Some(format_key(prefix, function, version, &digest.as_bytes()[..16]))
     }
 }
 
@@ -198,6 +180,7 @@ mod tests {
     use std::time::Duration;
 
     const SPEC: Spec = Spec {
+        format: crate::value::Format::Json,
         db: 5,
         prefix: "market",
         function: "quote",

@@ -44,6 +44,7 @@ pub use handle::{prefix_problem, Cache};
 pub use key::KeyBuilder;
 pub use runtime::{global, init, init_from_env, Runtime, ShutdownGuard};
 pub use stats::{PrefixStats, StatsSnapshot};
+pub use value::Format;
 
 /// Not a public API: what `#[cached]` expands into. May change in any release.
 #[doc(hidden)]

@@ -83,10 +83,7 @@ where
                 }
                 return P::restore(value);
             }
-            Lookup::Miss {
-                generation: g,
-                overwrite: o,
-            } => (generation, overwrite) = (g, o),
+            Lookup::Miss { generation: g, overwrite: o } => (generation, overwrite) = (g, o),
             Lookup::Unavailable => {
                 counters.miss();
                 return body.await;
@@ -98,18 +95,12 @@ where
         match Flights::join(&runtime, spec.db, &key) {
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
-                let miss = Miss {
-                    runtime: &runtime,
-                    spec,
-                    key: &key,
-                    generation,
-                    counters,
-                };
+                let miss = Miss { runtime: &runtime, spec, key: &key, generation, counters };
                 return lead::<P, R, F>(miss, overwrite, body, leader).await;
             }
             Join::Follower(rx) => match flight::wait(rx).await {
                 Outcome::Value(bytes) => {
-                    if let Ok((_, value)) = value::decode::<P::Stored>(&bytes) {
+                    if let Ok((_, value)) = value::decode::<P::Stored>(spec.format, &bytes) {
                         counters.hit();
                         tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit (shared flight)");
                         return P::restore(value);
@@ -122,9 +113,7 @@ where
         }
     }
     counters.miss();
-    body.take()
-        .expect("a follower still holds its function")
-        .await
+    body.take().expect("a follower still holds its function").await
 }
 
 async fn lookup<T: serde::de::DeserializeOwned>(
@@ -135,17 +124,12 @@ async fn lookup<T: serde::de::DeserializeOwned>(
 ) -> Lookup<T> {
     let counters = &function.counters;
     let (known, refresh) = rt.functions.current(function);
-    let decode = |bytes: &[u8]| value::decode::<T>(bytes);
+    let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
     let found = if refresh {
         let generation_key = key::generation_key(spec);
-        rt.backend
-            .get_with_generation(rt.op_timeout, spec.db, key, &generation_key, decode)
-            .await
+        rt.backend.get_with_generation(rt.op_timeout, spec.db, key, &generation_key, decode).await
     } else {
-        rt.backend
-            .get_with(rt.op_timeout, spec.db, key, decode)
-            .await
-            .map(|v| (v, None))
+        rt.backend.get_with(rt.op_timeout, spec.db, key, decode).await.map(|v| (v, None))
     };
     let (found, read) = match found {
         Ok(found) => found,
@@ -173,10 +157,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         None => distrusted,
     };
     tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache miss");
-    Lookup::Miss {
-        generation,
-        overwrite,
-    }
+    Lookup::Miss { generation, overwrite }
 }
 
 /// A granted fill lease. Given back when the value is not filled (an `Err`, a `None`, a panic, a
@@ -194,12 +175,8 @@ impl Drop for LeaseHeld {
         if !self.armed {
             return;
         }
-        let (runtime, db, key, token) = (
-            self.runtime.clone(),
-            self.db,
-            std::mem::take(&mut self.key),
-            self.token,
-        );
+        let (runtime, db, key, token) =
+            (self.runtime.clone(), self.db, std::mem::take(&mut self.key), self.token);
         let release = async move {
             let rt = runtime.inner();
             if let Err(error) = rt.backend.release(rt.op_timeout, db, &key, token).await {
@@ -219,13 +196,7 @@ where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    let Miss {
-        runtime,
-        spec,
-        key,
-        generation,
-        counters,
-    } = miss;
+    let Miss { runtime, spec, key, generation, counters } = miss;
     let rt = runtime.inner();
     let token = new_token();
     // A holder that never finishes loses its lease after `lease_ttl`; past that we stop waiting.
@@ -235,16 +206,10 @@ where
     loop {
         // A stored value that must not be returned: ask for a generation none has.
         let min_generation = if overwrite { u64::MAX } else { generation };
-        let decode = |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(bytes));
-        let ask = LeaseAsk {
-            token,
-            ttl: rt.lease_ttl,
-            min_generation,
-        };
-        let acquired = rt
-            .backend
-            .acquire(rt.op_timeout, spec.db, key, ask, decode)
-            .await;
+        let decode =
+            |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(spec.format, bytes));
+        let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation };
+        let acquired = rt.backend.acquire(rt.op_timeout, spec.db, key, ask, decode).await;
         match acquired {
             Ok(Acquired::Value((bytes, Ok((_, value))))) => {
                 counters.hit();
@@ -262,7 +227,7 @@ where
                 };
                 counters.miss();
                 let output = body.await;
-                match P::stored(&output).map(|v| value::encode(generation, v)) {
+                match P::stored(&output).map(|v| value::encode(spec.format, generation, v)) {
                     Some(Ok(bytes)) => {
                         held.armed = false; // the fill script consumes the lease
                         let write = Write {
@@ -300,7 +265,7 @@ where
                 // who joined before we started computing.
                 counters.miss();
                 let output = body.await;
-                let outcome = match P::stored(&output).map(|v| value::encode(generation, v)) {
+                let outcome = match P::stored(&output).map(|v| value::encode(spec.format, generation, v)) {
                     Some(Ok(bytes)) => Outcome::Value(bytes.into()),
                     _ => Outcome::Uncached,
                 };
@@ -346,17 +311,7 @@ async fn fill(rt: &Inner, db: u8, mut write: Write, leader: Leader, counters: Ar
             }
             let done = write.done.take().expect("the write carries its completion");
             let token = write.token.expect("fills are lease-checked");
-            let result = rt
-                .backend
-                .fill(
-                    rt.op_timeout,
-                    db,
-                    &write.key,
-                    token,
-                    &write.value,
-                    write.ttl,
-                )
-                .await;
+            let result = rt.backend.fill(rt.op_timeout, db, &write.key, token, &write.value, write.ttl).await;
             done(result);
         }
     }

@@ -69,9 +69,7 @@ impl Runtime {
     /// The runtime serving the current task: the one of an enclosing [`Runtime::scope`], else the
     /// process-wide one (initialized from the environment on first use).
     pub fn current() -> Runtime {
-        SCOPED
-            .try_with(Runtime::clone)
-            .unwrap_or_else(|_| global().clone())
+        SCOPED.try_with(Runtime::clone).unwrap_or_else(|_| global().clone())
     }
 
     /// [`Runtime::current`] without touching the reference count when the process-wide runtime
@@ -112,9 +110,7 @@ impl Runtime {
     /// block (a current-thread runtime, or no runtime), it logs an error with the number of writes
     /// still queued: call [`Runtime::shutdown`] there.
     pub fn shutdown_guard(&self) -> ShutdownGuard {
-        ShutdownGuard {
-            runtime: self.clone(),
-        }
+        ShutdownGuard { runtime: self.clone() }
     }
 
     /// Cache writes accepted and not yet answered by the backend.
@@ -173,9 +169,7 @@ impl Drop for ShutdownGuard {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime")
-            .field("backend", &self.inner.description)
-            .finish_non_exhaustive()
+        f.debug_struct("Runtime").field("backend", &self.inner.description).finish_non_exhaustive()
     }
 }
 
@@ -189,9 +183,7 @@ impl std::fmt::Debug for Runtime {
 /// ```
 pub fn init(config: CacheConfig) -> Result<Runtime, ConfigError> {
     let runtime = Runtime::new(config);
-    GLOBAL
-        .set(runtime.clone())
-        .map_err(|_| ConfigError::AlreadyInitialized)?;
+    GLOBAL.set(runtime.clone()).map_err(|_| ConfigError::AlreadyInitialized)?;
     tracing::info!(backend = %runtime.inner.description, "cache runtime initialized");
     Ok(runtime)
 }

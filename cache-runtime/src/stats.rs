@@ -161,9 +161,7 @@ pub struct StatsSnapshot {
 impl StatsSnapshot {
     /// The counters of one DB and prefix, if it was used.
     pub fn get(&self, db: u8, prefix: &str) -> Option<&PrefixStats> {
-        self.entries
-            .iter()
-            .find(|e| e.db == db && e.prefix == prefix)
+        self.entries.iter().find(|e| e.db == db && e.prefix == prefix)
     }
 
     /// The hit rate over every DB and prefix.

@@ -42,12 +42,7 @@ impl RedisServer {
             let port = free_port();
             match spawn(port, dir.path(), persistent) {
                 Ok(child) => {
-                    return RedisServer {
-                        child: Some(child),
-                        port,
-                        dir,
-                        persistent,
-                    };
+                    return RedisServer { child: Some(child), port, dir, persistent };
                 }
                 Err(e) => last_error = e,
             }
@@ -105,10 +100,7 @@ impl RedisServer {
     /// A plain client on `db`, bypassing the toolkit.
     pub async fn raw(&self, db: u8) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(format!("{}/{db}", self.url())).expect("client");
-        client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("raw connection")
+        client.get_multiplexed_async_connection().await.expect("raw connection")
     }
 }
 
@@ -122,10 +114,7 @@ impl Drop for RedisServer {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill(1)");
+    let status = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill(1)");
     assert!(status.success(), "kill {sig} {pid} failed");
 }
 
@@ -141,14 +130,7 @@ fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
         &["--appendonly", "no"]
     };
     let mut child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
         .args(aof)
         .arg("--dir")
         .arg(dir)
@@ -164,9 +146,7 @@ fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "redis-server exited at start ({status}); port {port} may be taken"
-            ));
+            return Err(format!("redis-server exited at start ({status}); port {port} may be taken"));
         }
         if ping(port) {
             return Ok(child);
@@ -174,9 +154,7 @@ fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
-    Err(format!(
-        "redis-server on port {port} did not answer PING within 10 s"
-    ))
+    Err(format!("redis-server on port {port} did not answer PING within 10 s"))
 }
 
 fn ping(port: u16) -> bool {
@@ -185,9 +163,19 @@ fn ping(port: u16) -> bool {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// Behaviour tests measure behaviour, not timeouts: on a loaded CI machine a thousand commands
+/// queued on one connection must not time out and take another code path. Tests of timeouts set
+/// their own.
+pub fn relaxed(config: CacheConfig) -> CacheConfig {
+    config.with_op_timeout(Duration::from_secs(10)).with_connect_timeout(Duration::from_secs(5))
+}
+
+/// A Redis runtime for `url` with [`relaxed`] timeouts.
+pub fn redis_runtime(url: &str, adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Runtime {
+    Runtime::new(adjust(relaxed(CacheConfig::redis(url).expect("loopback URL parses"))))
 }
 
 /// One backend under test: its runtime, and (for Redis) the server behind it.
@@ -198,10 +186,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn memory() -> Fixture {
-        Fixture {
-            runtime: Runtime::new(CacheConfig::memory()),
-            server: None,
-        }
+        Fixture { runtime: Runtime::new(CacheConfig::memory()), server: None }
     }
 
     pub fn redis() -> Fixture {
@@ -210,11 +195,8 @@ impl Fixture {
 
     pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
         let server = RedisServer::start();
-        let config = adjust(CacheConfig::redis(&server.url()).expect("loopback URL parses"));
-        Fixture {
-            runtime: Runtime::new(config),
-            server: Some(server),
-        }
+        let config = adjust(relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses")));
+        Fixture { runtime: Runtime::new(config), server: Some(server) }
     }
 
     pub fn server(&mut self) -> &mut RedisServer {
@@ -248,13 +230,8 @@ impl Fixture {
             }
             None => {
                 let (prefix, rest) = full_key.split_once(':').expect("a namespaced key");
-                let handle =
-                    Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(1)).unwrap();
-                handle
-                    .with_runtime(self.runtime.clone())
-                    .ttl(rest)
-                    .await
-                    .unwrap()
+                let handle = Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(1)).unwrap();
+                handle.with_runtime(self.runtime.clone()).ttl(rest).await.unwrap()
             }
         }
     }
@@ -276,15 +253,10 @@ impl Fixture {
                 // The embedded backend stores bytes as given; a handle of raw JSON values cannot
                 // write invalid JSON, so plant a value of the wrong shape instead.
                 let (prefix, rest) = full_key.split_once(':').expect("a namespaced key");
-                let handle =
-                    Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(60)).unwrap();
-                let wrong: serde_json::Value = serde_json::from_slice(bytes)
-                    .unwrap_or_else(|_| serde_json::json!({"corrupt": true}));
-                handle
-                    .with_runtime(self.runtime.clone())
-                    .set(rest, &wrong)
-                    .await
-                    .unwrap();
+                let handle = Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(60)).unwrap();
+                let wrong: serde_json::Value =
+                    serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::json!({"corrupt": true}));
+                handle.with_runtime(self.runtime.clone()).set(rest, &wrong).await.unwrap();
             }
         }
     }

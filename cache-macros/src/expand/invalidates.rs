@@ -16,10 +16,8 @@ pub(crate) fn expand_attribute(args: TokenStream, item: TokenStream) -> TokenStr
     let func: ItemFn = match syn::parse2(item.clone()) {
         Ok(func) => func,
         Err(e) => {
-            let e = syn::Error::new(
-                e.span(),
-                format!("#[invalidates] goes on an `async fn` with a body: {e}"),
-            );
+            let e =
+                syn::Error::new(e.span(), format!("#[invalidates] goes on an `async fn` with a body: {e}"));
             return super::fallback(item, e);
         }
     };
@@ -29,12 +27,7 @@ pub(crate) fn expand_attribute(args: TokenStream, item: TokenStream) -> TokenStr
     if let Err(e) = errors.into_result() {
         return super::fallback(&func, e);
     }
-    let ItemFn {
-        attrs,
-        vis,
-        sig,
-        block,
-    } = &func;
+    let ItemFn { attrs, vis, sig, block } = &func;
     let targets_ident = Ident::new("__cache_targets", Span::mixed_site());
     let output = Ident::new("__cache_output", Span::mixed_site());
     let targets = targets(&checked);

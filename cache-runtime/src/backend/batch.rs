@@ -77,13 +77,7 @@ impl Batcher {
                 };
                 cell.get_or_init(|| {
                     let (tx, rx) = mpsc::channel(self.capacity);
-                    tokio::spawn(flush_loop(
-                        rx,
-                        conn,
-                        self.max,
-                        self.delay,
-                        Arc::clone(&self.queued),
-                    ));
+                    tokio::spawn(flush_loop(rx, conn, self.max, self.delay, Arc::clone(&self.queued)));
                     tx
                 })
             }
@@ -180,16 +174,10 @@ async fn write_all(conn: &mut ConnectionManager, writes: &mut Vec<Write>, queued
                 .arg(token)
                 .arg(&*w.value)
                 .arg(ttl_millis(w.ttl)),
-            None => pipe
-                .cmd("SET")
-                .arg(&w.key)
-                .arg(&*w.value)
-                .arg("PX")
-                .arg(ttl_millis(w.ttl)),
+            None => pipe.cmd("SET").arg(&w.key).arg(&*w.value).arg("PX").arg(ttl_millis(w.ttl)),
         };
     }
-    let replies: redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> =
-        pipe.query_async(conn).await;
+    let replies: redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> = pipe.query_async(conn).await;
     let count = writes.len();
     match replies {
         Ok(replies) => {
@@ -205,11 +193,7 @@ async fn write_all(conn: &mut ConnectionManager, writes: &mut Vec<Write>, queued
                             .arg(w.token)
                             .arg(&*w.value)
                             .arg(ttl_millis(w.ttl));
-                        invocation
-                            .invoke_async::<u8>(conn)
-                            .await
-                            .map(|n| n == 1)
-                            .map_err(BackendError::from)
+                        invocation.invoke_async::<u8>(conn).await.map(|n| n == 1).map_err(BackendError::from)
                     }
                     Err(e) => Err(BackendError::from(e)),
                 };

@@ -45,20 +45,12 @@ pub(crate) struct MemoryBackend {
 
 impl MemoryBackend {
     pub(crate) fn new(capacity: u64) -> Self {
-        MemoryBackend {
-            capacity,
-            dbs: Default::default(),
-            leases: MemoryLeases::default(),
-        }
+        MemoryBackend { capacity, dbs: Default::default(), leases: MemoryLeases::default() }
     }
 
     fn db(&self, db: u8) -> &Cache<String, Entry> {
-        self.dbs[usize::from(db & 0x0f)].get_or_init(|| {
-            Cache::builder()
-                .max_capacity(self.capacity)
-                .expire_after(UntilDeadline)
-                .build()
-        })
+        self.dbs[usize::from(db & 0x0f)]
+            .get_or_init(|| Cache::builder().max_capacity(self.capacity).expire_after(UntilDeadline).build())
     }
 
     /// A live entry; moka may still hold an expired one until its next maintenance run.
@@ -67,29 +59,19 @@ impl MemoryBackend {
         self.db(db).get(key).filter(|e| e.expires_at > now)
     }
 
-    pub(crate) fn get_with<T>(
-        &self,
-        db: u8,
-        key: &str,
-        decode: impl FnOnce(&[u8]) -> T,
-    ) -> Option<T> {
+    pub(crate) fn get_with<T>(&self, db: u8, key: &str, decode: impl FnOnce(&[u8]) -> T) -> Option<T> {
         // moka does not return an entry past its per-entry expiry, so the hit path skips `live`'s
         // clock read (`tests/cached.rs` checks expiry on this backend).
         self.db(db).get(key).map(|e| decode(&e.bytes))
     }
 
     pub(crate) fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) {
-        let entry = Entry {
-            bytes: Arc::from(value),
-            expires_at: Instant::now() + ttl,
-        };
+        let entry = Entry { bytes: Arc::from(value), expires_at: Instant::now() + ttl };
         self.db(db).insert(key.to_owned(), entry);
     }
 
     pub(crate) fn delete(&self, db: u8, key: &str) -> bool {
-        self.db(db)
-            .remove(key)
-            .is_some_and(|e| e.expires_at > Instant::now())
+        self.db(db).remove(key).is_some_and(|e| e.expires_at > Instant::now())
     }
 
     pub(crate) fn get_many_with<T>(
@@ -133,11 +115,8 @@ impl MemoryBackend {
     pub(crate) fn clear(&self, db: u8, prefix: &str) -> u64 {
         let pattern = format!("{prefix}:");
         let cache = self.db(db);
-        let keys: Vec<Arc<String>> = cache
-            .iter()
-            .filter(|(k, _)| k.starts_with(&pattern))
-            .map(|(k, _)| k)
-            .collect();
+        let keys: Vec<Arc<String>> =
+            cache.iter().filter(|(k, _)| k.starts_with(&pattern)).map(|(k, _)| k).collect();
         for key in &keys {
             cache.invalidate(key.as_str());
         }
@@ -181,13 +160,7 @@ impl MemoryBackend {
         if leases.get(&slot).is_some_and(|l| l.expires_at > now) {
             return super::Acquired::Busy;
         }
-        leases.insert(
-            slot,
-            Lease {
-                token: ask.token,
-                expires_at: now + ask.ttl,
-            },
-        );
+        leases.insert(slot, Lease { token: ask.token, expires_at: now + ask.ttl });
         super::Acquired::Granted
     }
 
@@ -195,9 +168,7 @@ impl MemoryBackend {
     pub(crate) fn fill(&self, db: u8, key: &str, token: u64, value: &[u8], ttl: Duration) -> bool {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
-        let held = leases
-            .get(&slot)
-            .is_some_and(|l| l.token == token && l.expires_at > Instant::now());
+        let held = leases.get(&slot).is_some_and(|l| l.token == token && l.expires_at > Instant::now());
         if held {
             leases.remove(&slot);
             self.set(db, key, value, ttl);

@@ -45,12 +45,8 @@ pub(crate) enum Backend {
 impl Backend {
     pub(crate) fn new(config: &CacheConfig) -> Self {
         match &config.backend {
-            BackendKind::Memory => {
-                Backend::Memory(memory::MemoryBackend::new(config.memory_capacity))
-            }
-            BackendKind::Redis(target) => {
-                Backend::Redis(redis::RedisBackend::new(target.clone(), config))
-            }
+            BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config.memory_capacity)),
+            BackendKind::Redis(target) => Backend::Redis(redis::RedisBackend::new(target.clone(), config)),
             BackendKind::None => Backend::None,
         }
     }
@@ -181,12 +177,9 @@ impl Backend {
         decode: impl Fn(&[u8]) -> T,
     ) -> Result<(Option<T>, Option<u64>), BackendError> {
         match self {
-            Backend::Redis(r) => bounded(
-                limit,
-                r.get_with_generation(db, key, generation_key, decode),
-            )
-            .await
-            .map(|(v, g)| (v, Some(g))),
+            Backend::Redis(r) => bounded(limit, r.get_with_generation(db, key, generation_key, decode))
+                .await
+                .map(|(v, g)| (v, Some(g))),
             _ => Ok((self.get_with(limit, db, key, decode).await?, None)),
         }
     }
@@ -239,12 +232,7 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn invalidate(
-        &self,
-        limit: Duration,
-        db: u8,
-        key: &str,
-    ) -> Result<(), BackendError> {
+    pub(crate) async fn invalidate(&self, limit: Duration, db: u8, key: &str) -> Result<(), BackendError> {
         match self {
             Backend::Memory(m) => {
                 m.invalidate(db, key);
@@ -265,9 +253,7 @@ impl Backend {
         ttl: Duration,
     ) -> Result<Option<u64>, BackendError> {
         match self {
-            Backend::Redis(r) => bounded(limit, r.bump_generation(db, generation_key, ttl))
-                .await
-                .map(Some),
+            Backend::Redis(r) => bounded(limit, r.bump_generation(db, generation_key, ttl)).await.map(Some),
             Backend::Memory(_) | Backend::None => Ok(None),
         }
     }

@@ -15,12 +15,19 @@ use crate::error::BackendError;
 /// How many keys one `SCAN` step asks for when clearing a prefix.
 const SCAN_COUNT: usize = 1000;
 
-/// KEYS: entry, lease. ARGV: token, lease ms, minimum generation.
+/// KEYS: entry, lease. ARGV: token, lease ms, minimum generation. The generation is read from a
+/// JSON (`[g,...]`) or MessagePack value (see `value.rs`).
 /// A fresh entry: `{1, value}`. Lease taken: `{2}`. Someone else holds it: `{3}`.
 const ACQUIRE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
-  local g = tonumber(string.match(v, '^%[(%d+),'))
+  local g
+  if string.sub(v, 1, 1) == '[' then
+    g = tonumber(string.match(v, '^%[(%d+),'))
+  else
+    local ok, pair = pcall(cmsgpack.unpack, v)
+    if ok and type(pair) == 'table' then g = tonumber(pair[1]) end
+  end
   if g and g >= tonumber(ARGV[3]) then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, false} end
@@ -110,20 +117,11 @@ impl RedisBackend {
         let pool = match cell.get() {
             Some(pool) => pool,
             None => {
-                let conns = (0..self.pool_size)
-                    .map(|_| self.connect(db))
-                    .collect::<Result<_, _>>()?;
-                cell.get_or_init(|| Pool {
-                    conns,
-                    next: AtomicUsize::new(0),
-                })
+                let conns = (0..self.pool_size).map(|_| self.connect(db)).collect::<Result<_, _>>()?;
+                cell.get_or_init(|| Pool { conns, next: AtomicUsize::new(0) })
             }
         };
-        let i = if pool.conns.len() == 1 {
-            0
-        } else {
-            pool.next.fetch_add(1, Relaxed) % pool.conns.len()
-        };
+        let i = if pool.conns.len() == 1 { 0 } else { pool.next.fetch_add(1, Relaxed) % pool.conns.len() };
         Ok(pool.conns[i].clone())
     }
 
@@ -160,13 +158,8 @@ impl RedisBackend {
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<(Option<T>, u64), BackendError> {
         let mut conn = self.conn(db)?;
-        let (bytes, generation): (Option<Vec<u8>>, Option<u64>) = redis::pipe()
-            .cmd("GET")
-            .arg(key)
-            .cmd("GET")
-            .arg(generation_key)
-            .query_async(&mut conn)
-            .await?;
+        let (bytes, generation): (Option<Vec<u8>>, Option<u64>) =
+            redis::pipe().cmd("GET").arg(key).cmd("GET").arg(generation_key).query_async(&mut conn).await?;
         Ok((bytes.map(|b| decode(&b)), generation.unwrap_or(0)))
     }
 
@@ -217,23 +210,14 @@ impl RedisBackend {
 
     pub(crate) async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
         let mut conn = self.conn(db)?;
-        scripts()
-            .release
-            .key(crate::key::lease_key(key))
-            .arg(token)
-            .invoke_async::<()>(&mut conn)
-            .await?;
+        scripts().release.key(crate::key::lease_key(key)).arg(token).invoke_async::<()>(&mut conn).await?;
         Ok(())
     }
 
     /// Deletes the entry and its lease in one command: a fill holding the old lease is refused.
     pub(crate) async fn invalidate(&self, db: u8, key: &str) -> Result<(), BackendError> {
         let mut conn = self.conn(db)?;
-        redis::cmd("UNLINK")
-            .arg(key)
-            .arg(crate::key::lease_key(key))
-            .query_async::<()>(&mut conn)
-            .await?;
+        redis::cmd("UNLINK").arg(key).arg(crate::key::lease_key(key)).query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
@@ -289,8 +273,7 @@ impl RedisBackend {
             return Ok(Vec::new());
         }
         let mut conn = self.conn(db)?;
-        let values: Vec<Option<Vec<u8>>> =
-            redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
         Ok(values.into_iter().map(|v| v.map(|b| decode(&b))).collect())
     }
 
@@ -307,12 +290,7 @@ impl RedisBackend {
         let mut conn = self.conn(db)?;
         let mut pipe = redis::pipe();
         for (key, value) in items {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl_millis(ttl))
-                .ignore();
+            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(ttl_millis(ttl)).ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
@@ -324,10 +302,7 @@ impl RedisBackend {
             return Ok(0);
         }
         let mut conn = self.conn(db)?;
-        Ok(redis::cmd("UNLINK")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await?)
+        Ok(redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await?)
     }
 
     pub(crate) async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
@@ -336,18 +311,9 @@ impl RedisBackend {
         Ok(n > 0)
     }
 
-    pub(crate) async fn expire(
-        &self,
-        db: u8,
-        key: &str,
-        ttl: Duration,
-    ) -> Result<bool, BackendError> {
+    pub(crate) async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
         let mut conn = self.conn(db)?;
-        let n: u64 = redis::cmd("PEXPIRE")
-            .arg(key)
-            .arg(ttl_millis(ttl))
-            .query_async(&mut conn)
-            .await?;
+        let n: u64 = redis::cmd("PEXPIRE").arg(key).arg(ttl_millis(ttl)).query_async(&mut conn).await?;
         Ok(n > 0)
     }
 
@@ -374,10 +340,7 @@ impl RedisBackend {
                 .query_async(&mut conn)
                 .await?;
             if !keys.is_empty() {
-                let n: u64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await?;
+                let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
                 removed += n;
             }
             if next == 0 {
