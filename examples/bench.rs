@@ -70,6 +70,12 @@ async fn ours(symbol: &str) -> Result<Quote, FeedError> {
     Ok(feed(symbol).await)
 }
 
+/// The same, stored as MessagePack (the `cached` crate's format) instead of JSON.
+#[cached(db = MarketData, prefix = "bench", ttl = 600, format = MessagePack)]
+async fn ours_packed(symbol: &str) -> Result<Quote, FeedError> {
+    Ok(feed(symbol).await)
+}
+
 static URL: OnceLock<String> = OnceLock::new();
 
 #[cached::macros::concurrent_cached(
@@ -274,6 +280,7 @@ async fn run() {
     // Warm every contender on the hot keys.
     for s in symbols() {
         ours(s).await.unwrap();
+        ours_packed(s).await.unwrap();
         theirs(s).await.unwrap();
         raw(&mut raw_conn.clone(), s).await;
     }
@@ -281,7 +288,8 @@ async fn run() {
 
     // 1. Warm hits at concurrency 1 and 64.
     for concurrency in [1usize, 64] {
-        let (mut r, mut o, mut c) = (Contender::default(), Contender::default(), Contender::default());
+        let (mut r, mut o, mut c, mut m) =
+            (Contender::default(), Contender::default(), Contender::default(), Contender::default());
         for _ in 0..rounds {
             let conn = raw_conn.clone();
             r.add(
@@ -305,8 +313,19 @@ async fn run() {
                 })
                 .await,
             );
+            m.add(
+                round(concurrency, round_time, |i| async move {
+                    ours_packed(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await,
+            );
         }
-        for (name, x) in [("raw redis GET+decode", &mut r), ("#[cached]", &mut o), ("cached crate", &mut c)] {
+        for (name, x) in [
+            ("raw redis GET+decode", &mut r),
+            ("#[cached]", &mut o),
+            ("#[cached] MessagePack", &mut m),
+            ("cached crate", &mut c),
+        ] {
             let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
             table.row(
                 &format!("warm hit, concurrency {concurrency}"),
@@ -319,6 +338,8 @@ async fn run() {
         json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
         json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
         json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
+        json.insert(format!("hit_msgpack_vs_cached_crate_c{concurrency}"), ratio(m.median(), c.median()));
+        json.insert(format!("hit_msgpack_vs_raw_c{concurrency}"), ratio(m.median(), r.median()));
     }
 
     // 2. Pool size: one multiplexed connection against four, same workload, alternating.
@@ -387,6 +408,29 @@ async fn run() {
         runtime.flush().await;
         let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
 
+        // The batcher's settings, same loop, each on its own runtime: what chose the defaults.
+        for (max, delay_ms) in [(64usize, 0u64), (256, 1), (1024, 0)] {
+            let config =
+                CacheConfig::redis(&url).unwrap().with_batching(max, Duration::from_millis(delay_ms), 16_384);
+            let other = Runtime::new(config);
+            let handle = handle.clone().with_runtime(other.clone());
+            let t0 = Instant::now();
+            for i in 0..fill_keys {
+                handle.set_behind(&format!("{max}-{delay_ms}-{i}"), &quote).await.unwrap();
+            }
+            other.flush().await;
+            let rate = fill_keys as f64 / t0.elapsed().as_secs_f64();
+            let label = format!("batcher max {max}, delay {delay_ms} ms");
+            table.row(
+                &format!("fill {fill_keys} distinct keys"),
+                &label,
+                format!("{rate:.0}"),
+                "".into(),
+                "".into(),
+            );
+            json.insert(format!("batched_fill_max{max}_delay{delay_ms}ms_vs_default"), ratio(rate, batched));
+        }
+
         use cached::ConcurrentCachedAsync;
         let store: cached::AsyncRedisCache<String, Quote> = cached::AsyncRedisCache::builder("bench-fill")
             .ttl(Duration::from_secs(600))
@@ -450,54 +494,30 @@ async fn run() {
         json.insert("miss_vs_raw_redis".into(), ratio(per_call[0], raw_us));
     }
 
-    // 5. The embedded backend: warm hits.
+    // 5. The embedded backend: warm hits, one task looping inside the runtime's scope (as a
+    //    service with the embedded backend installed by `init` runs), JSON and MessagePack.
     {
         let memory = Runtime::new(CacheConfig::memory());
         for s in symbols() {
             memory.scope(ours(s)).await.unwrap();
+            memory.scope(ours_packed(s)).await.unwrap();
         }
-        let mut c1 = Contender::default();
-        let mut c64 = Contender::default();
+        let (mut json_c1, mut packed_c1) = (Contender::default(), Contender::default());
         for _ in 0..rounds {
-            let m = memory.clone();
-            c1.add(
-                round(1, round_time, move |i| {
-                    let m = m.clone();
-                    async move {
-                        m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
-                    }
-                })
-                .await,
-            );
-            let m = memory.clone();
-            c64.add(
-                round(64, round_time, move |i| {
-                    let m = m.clone();
-                    async move {
-                        m.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
-                    }
-                })
-                .await,
-            );
+            json_c1.add(memory.scope(hit_loop(round_time, false)).await);
+            packed_c1.add(memory.scope(hit_loop(round_time, true)).await);
         }
-        let (p50, p99) = (c1.percentile_us(0.5), c1.percentile_us(0.99));
-        table.row(
-            "embedded warm hit, concurrency 1",
-            "#[cached]",
-            format!("{:.0}", c1.median()),
-            format!("{p50:.2}"),
-            format!("{p99:.2}"),
+        for (name, c) in [("#[cached]", &mut json_c1), ("#[cached] MessagePack", &mut packed_c1)] {
+            let (p50, p99) = (c.percentile_us(0.5), c.percentile_us(0.99));
+            let (ops, p50s, p99s) = (format!("{:.0}", c.median()), format!("{p50:.2}"), format!("{p99:.2}"));
+            table.row("embedded warm hit, concurrency 1", name, ops, p50s, p99s);
+        }
+        json.insert("memory_hit_p50_ns".into(), ((json_c1.percentile_us(0.5) * 1000.0).round()).into());
+        json.insert(
+            "memory_hit_p50_ns_msgpack".into(),
+            ((packed_c1.percentile_us(0.5) * 1000.0).round()).into(),
         );
-        let (p50_64, p99_64) = (c64.percentile_us(0.5), c64.percentile_us(0.99));
-        table.row(
-            "embedded warm hit, concurrency 64",
-            "#[cached]",
-            format!("{:.0}", c64.median()),
-            format!("{p50_64:.2}"),
-            format!("{p99_64:.2}"),
-        );
-        json.insert("memory_hit_p50_ns".into(), ((p50 * 1000.0).round()).into());
-        json.insert("memory_hit_ops_per_s_c1".into(), (c1.median().round()).into());
+        json.insert("memory_hit_ops_per_s_c1".into(), (json_c1.median().round()).into());
     }
 
     // 6. Stampede: 1,000 concurrent calls on a cold key, the body taking 50 ms.
@@ -545,6 +565,25 @@ async fn run() {
     runtime.shutdown().await;
     table.print();
     println!("{}", serde_json::Value::Object(json));
+}
+
+/// Warm hits in a loop on the current task for `duration`.
+async fn hit_loop(duration: Duration, packed: bool) -> Round {
+    let mut latencies_ns = Vec::with_capacity(1 << 20);
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < duration {
+        let symbol = &symbols()[i % HOT_KEYS];
+        let t0 = Instant::now();
+        if packed {
+            std::hint::black_box(ours_packed(symbol).await.unwrap());
+        } else {
+            std::hint::black_box(ours(symbol).await.unwrap());
+        }
+        latencies_ns.push(t0.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
 }
 
 fn ratio(ours: f64, theirs: f64) -> serde_json::Value {
