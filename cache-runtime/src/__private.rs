@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use crate::db::CacheDb;
 pub use crate::key::KeyHasher;
 pub use crate::value::Format;
 

@@ -42,7 +42,7 @@ fn spec_const(func: &ItemFn, model: &CachedFn, name: &Ident) -> TokenStream {
         None => quote!(::core::option::Option::None),
     };
     // Spanned at the `db` path: a hand-written CacheDb impl at index 15 is reported there.
-    let db_index = quote_spanned!(db.span()=> <#db as ::cache_runtime::db::CacheDb>::CHECKED_INDEX);
+    let db_index = quote_spanned!(db.span()=> <#db as ::cache_runtime::__private::CacheDb>::CHECKED_INDEX);
     quote! {
         const #name: ::cache_runtime::__private::Spec = ::cache_runtime::__private::Spec {
             db: #db_index,
