@@ -159,3 +159,30 @@ async fn batch_api(fx: &mut Fixture) {
 }
 
 on_both_backends!(batch_api);
+
+/// After the server restarts (empty, without the fill script), the batcher's connection comes
+/// back, loads the script again and writes every fill accepted after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batcher_reconnects_and_reloads_its_script() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let mut server = RedisServer::start();
+    let rt = support::redis_runtime(&server.url(), |c| c);
+    fill_all(&rt, 0..100, &CALLS).await;
+    rt.flush().await;
+    assert_eq!(present(&server, 0..100).await, 100);
+    server.restart();
+    // Let the connections notice; the first calls may fail over while they do.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        fill_all(&rt, 1_000..1_001, &CALLS).await;
+        rt.flush().await;
+        if present(&server, 1_000..1_001).await == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "fills never reached the restarted server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fill_all(&rt, 2_000..2_500, &CALLS).await;
+    rt.flush().await;
+    assert_eq!(present(&server, 2_000..2_500).await, 500, "every fill after the restart was written");
+}

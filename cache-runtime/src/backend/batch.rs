@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-use super::redis::{scripts, ttl_millis};
+use super::redis::{fill_on, scripts, ttl_millis};
 use crate::config::CacheConfig;
 use crate::error::BackendError;
 use crate::key;
@@ -184,17 +184,12 @@ async fn write_all(conn: &mut ConnectionManager, writes: &mut Vec<Write>, queued
             for (w, reply) in writes.drain(..).zip(replies) {
                 let result = match written(reply) {
                     Ok(written) => Ok(written),
-                    // The script is not loaded yet, or the server lost it (a restart): `invoke`
-                    // loads it and runs it.
-                    Err(e) if e.code() == Some("NOSCRIPT") => {
-                        let mut invocation = fill.key(&w.key);
-                        invocation
-                            .key(key::lease_key(&w.key))
-                            .arg(w.token)
-                            .arg(&*w.value)
-                            .arg(ttl_millis(w.ttl));
-                        invocation.invoke_async::<u8>(conn).await.map(|n| n == 1).map_err(BackendError::from)
-                    }
+                    // The script is not loaded yet, or the server lost it (a restart): the
+                    // direct fill loads it and runs it. (Only fills run a script.)
+                    Err(e) if e.code() == Some("NOSCRIPT") => match w.token {
+                        Some(token) => fill_on(conn, &w.key, token, &w.value, w.ttl).await,
+                        None => Err(BackendError::from(e)),
+                    },
                     Err(e) => Err(BackendError::from(e)),
                 };
                 if let Some(done) = w.done {

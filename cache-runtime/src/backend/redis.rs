@@ -195,17 +195,7 @@ impl RedisBackend {
         value: &[u8],
         ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let mut conn = self.conn(db)?;
-        let written: u8 = scripts()
-            .fill
-            .key(key)
-            .key(crate::key::lease_key(key))
-            .arg(token)
-            .arg(value)
-            .arg(ttl_millis(ttl))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(written == 1)
+        fill_on(&mut self.conn(db)?, key, token, value, ttl).await
     }
 
     pub(crate) async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
@@ -355,6 +345,27 @@ impl RedisBackend {
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
     }
+}
+
+/// The lease-checked fill on `conn`: `true` if written, `false` if its lease was revoked. Loads
+/// the script when the server does not have it.
+pub(crate) async fn fill_on(
+    conn: &mut ConnectionManager,
+    key: &str,
+    token: u64,
+    value: &[u8],
+    ttl: Duration,
+) -> Result<bool, BackendError> {
+    let written: u8 = scripts()
+        .fill
+        .key(key)
+        .key(crate::key::lease_key(key))
+        .arg(token)
+        .arg(value)
+        .arg(ttl_millis(ttl))
+        .invoke_async(conn)
+        .await?;
+    Ok(written == 1)
 }
 
 /// Milliseconds for `PX`/`PEXPIRE`, never 0 (Redis rejects 0).
