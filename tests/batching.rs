@@ -186,3 +186,21 @@ async fn the_batcher_reconnects_and_reloads_its_script() {
     rt.flush().await;
     assert_eq!(present(&server, 2_000..2_500).await, 500, "every fill after the restart was written");
 }
+
+/// Writes to one key leave the batcher in the order they were accepted: the last one wins, and
+/// every intermediate value was written before the next (checked at the end by the last value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_keep_their_order() {
+    let server = RedisServer::start();
+    let rt = support::redis_runtime(&server.url(), |c| c.with_batching(16, Duration::from_millis(1), 16_384));
+    let counter: Cache<Backtest, u32> =
+        Cache::new("order", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
+    for round in 0..20u32 {
+        for value in 0..=round * 50 {
+            counter.set_behind("n", &value).await.unwrap();
+        }
+        rt.flush().await;
+        assert_eq!(counter.get("n").await.unwrap(), Some(round * 50), "round {round}");
+    }
+    assert_eq!(rt.stats().get(6, "order").unwrap().backend_errors, 0);
+}
