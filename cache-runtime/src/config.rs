@@ -251,6 +251,8 @@ impl CacheConfig {
     /// | `REDIS_URL` | `redis://[:password@]host:port` |
     /// | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD` | used when `REDIS_URL` is unset |
     /// | `CACHE_OP_TIMEOUT_MS` | bound on each backend call, in milliseconds |
+    /// | `CACHE_POOL_SIZE` | multiplexed connections per DB (Redis) |
+    /// | `CACHE_ENV` | `development` or `production` preset ([`Environment`]) |
     ///
     /// With no `CACHE_BACKEND`, Redis serves when `REDIS_URL` or `REDIS_HOST` is set, and the
     /// embedded backend otherwise. `CACHE_BACKEND=redis` with neither set means
@@ -325,18 +327,24 @@ impl CacheConfig {
         config.with_env_timeout(&var)
     }
 
-    fn with_env_timeout(self, var: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        match var("CACHE_OP_TIMEOUT_MS") {
-            None => Ok(self),
-            Some(ms) => match ms.trim().parse::<u64>() {
-                Ok(ms) if ms > 0 => Ok(self.with_op_timeout(Duration::from_millis(ms))),
-                _ => Err(ConfigError::InvalidValue {
-                    variable: "CACHE_OP_TIMEOUT_MS",
-                    value: ms,
-                    expected: "a whole number of milliseconds greater than 0",
-                }),
-            },
+    /// The numeric settings: `CACHE_OP_TIMEOUT_MS`, `CACHE_POOL_SIZE`.
+    fn with_env_timeout(mut self, var: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let positive = |variable: &'static str, expected: &'static str| -> Result<Option<u64>, ConfigError> {
+            match var(variable) {
+                None => Ok(None),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Some(n)),
+                    _ => Err(ConfigError::InvalidValue { variable, value: v, expected }),
+                },
+            }
+        };
+        if let Some(ms) = positive("CACHE_OP_TIMEOUT_MS", "a whole number of milliseconds greater than 0")? {
+            self = self.with_op_timeout(Duration::from_millis(ms));
         }
+        if let Some(n) = positive("CACHE_POOL_SIZE", "a whole number of connections greater than 0")? {
+            self = self.with_pool_size(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        Ok(self)
     }
 }
 
@@ -426,6 +434,21 @@ mod tests {
     fn cache_enabled_false_wins() {
         let config = from(&[("CACHE_ENABLED", "false"), ("REDIS_URL", "redis://x:1")]).unwrap();
         assert!(matches!(config.backend, BackendKind::None));
+    }
+
+    #[test]
+    fn numeric_settings_and_presets() {
+        let c =
+            from(&[("CACHE_POOL_SIZE", "3"), ("CACHE_OP_TIMEOUT_MS", "80"), ("CACHE_ENV", "dev")]).unwrap();
+        assert_eq!(
+            (c.pool_size, c.op_timeout),
+            (3, Duration::from_millis(80)),
+            "explicit values win over the preset"
+        );
+        assert!(from(&[("CACHE_POOL_SIZE", "0")]).unwrap_err().to_string().contains("CACHE_POOL_SIZE"));
+        assert!(from(&[("CACHE_ENV", "staging")]).is_err());
+        let dev = from(&[("CACHE_ENV", "development")]).unwrap();
+        assert_eq!(dev.op_timeout, Duration::from_secs(1));
     }
 
     #[test]
