@@ -25,15 +25,15 @@ pub(crate) enum Outcome {
     Abandoned,
 }
 
-type Slot = (u8, String);
-type Running = HashMap<Slot, (u64, watch::Receiver<Option<Outcome>>)>;
+type Running = HashMap<String, (u64, watch::Receiver<Option<Outcome>>), foldhash::fast::RandomState>;
 
 #[derive(Default)]
 pub(crate) struct Flights {
     next_id: AtomicU64,
-    /// How many flights are running: lets a hit skip the lock when there are none.
+    /// How many flights are running: lets a hit skip the locks when there are none.
     count: AtomicUsize,
-    running: Mutex<Running>,
+    /// Per DB, so that a probe by `&str` needs no key built and DBs do not contend.
+    running: [Mutex<Running>; 16],
 }
 
 pub(crate) enum Join {
@@ -46,29 +46,29 @@ pub(crate) enum Join {
 /// returned.
 pub(crate) struct Leader {
     runtime: Runtime,
-    slot: Slot,
+    db: u8,
+    key: String,
     id: u64,
     tx: watch::Sender<Option<Outcome>>,
 }
 
 impl Flights {
-    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    fn running(&self, db: u8) -> std::sync::MutexGuard<'_, Running> {
+        self.running[usize::from(db & 0x0f)].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Joins the flight for `key` on `runtime`, or starts one.
     pub(crate) fn join(runtime: &Runtime, db: u8, key: &str) -> Join {
         let this = &runtime.inner().flights;
-        let mut running = this.running();
-        let slot = (db, key.to_owned());
-        if let Some((_, rx)) = running.get(&slot) {
+        let mut running = this.running(db);
+        if let Some((_, rx)) = running.get(key) {
             return Join::Follower(rx.clone());
         }
         let id = this.next_id.fetch_add(1, Relaxed);
         let (tx, rx) = watch::channel(None);
-        running.insert(slot.clone(), (id, rx));
-        this.count.store(running.len(), Relaxed);
-        Join::Leader(Leader { runtime: runtime.clone(), slot, id, tx })
+        running.insert(key.to_owned(), (id, rx));
+        this.count.fetch_add(1, Relaxed);
+        Join::Leader(Leader { runtime: runtime.clone(), db, key: key.to_owned(), id, tx })
     }
 
     pub(crate) fn any_running(&self) -> bool {
@@ -76,23 +76,22 @@ impl Flights {
     }
 
     pub(crate) fn is_running(&self, db: u8, key: &str) -> bool {
-        // A (u8, String) map cannot be probed with a &str without building the key: flights are
-        // rare on the hit path, so the allocation is paid only while some flight runs.
-        self.running().contains_key(&(db, key.to_owned()))
+        self.running(db).contains_key(key)
     }
 
     /// Callers arriving from now on start a new flight (an invalidation of `key` returned).
     pub(crate) fn revoke(&self, db: u8, key: &str) {
-        let mut running = self.running();
-        running.remove(&(db, key.to_owned()));
-        self.count.store(running.len(), Relaxed);
+        if self.running(db).remove(key).is_some() {
+            self.count.fetch_sub(1, Relaxed);
+        }
     }
 
     /// Same, for every key starting with `prefix` (a `function(..)` invalidation).
     pub(crate) fn revoke_prefix(&self, db: u8, prefix: &str) {
-        let mut running = self.running();
-        running.retain(|(d, key), _| !(*d == db && key.starts_with(prefix)));
-        self.count.store(running.len(), Relaxed);
+        let mut running = self.running(db);
+        let before = running.len();
+        running.retain(|key, _| !key.starts_with(prefix));
+        self.count.fetch_sub(before - running.len(), Relaxed);
     }
 }
 
@@ -105,11 +104,11 @@ impl Leader {
 impl Drop for Leader {
     fn drop(&mut self) {
         let flights = &self.runtime.inner().flights;
-        let mut running = flights.running();
-        if running.get(&self.slot).is_some_and(|(id, _)| *id == self.id) {
-            running.remove(&self.slot);
+        let mut running = flights.running(self.db);
+        if running.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+            running.remove(&self.key);
+            flights.count.fetch_sub(1, Relaxed);
         }
-        flights.count.store(running.len(), Relaxed);
         drop(running);
         // An unfinished flight (cancelled or panicking leader) tells its followers so.
         if self.tx.borrow().is_none() {
