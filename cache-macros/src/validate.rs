@@ -96,17 +96,8 @@ fn prefix(prefix: Given<LitStr>, errors: &mut Errors) -> Option<LitStr> {
             return None;
         }
     };
-    // The same rule as `cache_runtime::prefix_problem`, which checks handles at run time.
-    let text = lit.value();
-    let problem = if text.is_empty() {
-        Some("a prefix may not be empty: every key needs a namespace")
-    } else if text.contains(':') {
-        Some("a prefix may not contain `:`: the runtime adds the separators (`prefix:function:...`)")
-    } else if !text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
-        Some("a prefix may hold only lowercase letters, digits, `_` and `-`")
-    } else {
-        None
-    };
+    // One rule for compile time and run time (`cache_runtime::Cache::new` applies it too).
+    let problem = cache_rules::prefix_problem(&lit.value());
     match problem {
         Some(problem) => {
             errors.on(&lit, problem);

@@ -10,21 +10,9 @@ use crate::db::CacheDb;
 use crate::error::CacheError;
 use crate::runtime::Runtime;
 
-/// Why a prefix breaks the naming rule, or `None` when it follows it: lowercase ASCII letters,
-/// digits, `_` and `-`, not empty. (`#[cached]` applies the same rule at compile time, in
-/// `cache-macros/src/validate.rs`.)
-pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
-    if prefix.is_empty() {
-        return Some("a prefix may not be empty: every key needs a namespace");
-    }
-    if prefix.contains(':') {
-        return Some("a prefix may not contain `:`: the runtime adds the separators");
-    }
-    if !prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-') {
-        return Some("a prefix may hold only lowercase letters, digits, `_` and `-`");
-    }
-    None
-}
+/// Why a prefix breaks the naming rule, or `None` when it follows it (the rule `#[cached]`
+/// applies at compile time, from the same function).
+pub use cache_rules::prefix_problem;
 
 /// Values of type `T` under `{prefix}:{key}` in DB `D`, each written with a TTL.
 ///
