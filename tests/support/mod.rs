@@ -88,6 +88,21 @@ impl RedisServer {
         }
     }
 
+    /// Whether the server's files (its append-only file, for a persistent server) hold `needle`.
+    pub fn data_contains(&self, needle: &str) -> bool {
+        fn walk(dir: &Path, needle: &[u8]) -> bool {
+            std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, needle)
+                } else {
+                    std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                }
+            })
+        }
+        walk(self.dir.path(), needle.as_bytes())
+    }
+
     /// Freezes the server (SIGSTOP): it accepts connections but never answers, like a hung host.
     pub fn freeze(&self) {
         signal(self.pid(), "-STOP");
