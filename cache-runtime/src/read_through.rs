@@ -71,8 +71,7 @@ where
     if rt.flights.any_running() {
         lookup_first = !rt.flights.is_running(spec.db, &key);
     }
-    let (mut generation, mut overwrite) = (rt.functions.current(&function).0, false);
-    if lookup_first {
+    let (generation, overwrite) = if lookup_first {
         match lookup::<P::Stored>(rt, spec, &key, &function).await {
             Lookup::Hit(value) => {
                 counters.hit();
@@ -83,13 +82,16 @@ where
                 }
                 return P::restore(value);
             }
-            Lookup::Miss { generation: g, overwrite: o } => (generation, overwrite) = (g, o),
+            Lookup::Miss { generation, overwrite } => (generation, overwrite),
             Lookup::Unavailable => {
                 counters.miss();
                 return body.await;
             }
         }
-    }
+    } else {
+        // Following a running flight: the generation this process knows is enough.
+        (rt.functions.current(&function).0, false)
+    };
     let mut body = Some(body);
     loop {
         match Flights::join(&runtime, spec.db, &key) {
