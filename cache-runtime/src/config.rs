@@ -10,8 +10,20 @@ use redis::IntoConnectionInfo;
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default bound on opening a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
-/// Default number of entries the embedded backend keeps per DB before evicting.
+/// Default number of entries the embedded backend keeps (over all DBs) before evicting.
 pub const DEFAULT_MEMORY_CAPACITY: u64 = 100_000;
+/// Default bound on the embedded backend's memory, in bytes (keys, values and a fixed overhead
+/// per entry, over all DBs): 256 MiB. `CACHE_MAX_SIZE` sets it.
+pub const DEFAULT_MEMORY_MAX_BYTES: u64 = 256 << 20;
+/// Default consecutive server failures that open the circuit breaker.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+/// Default time the breaker stays open before one probe call decides.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_millis(500);
+/// Default bound on `flush`, `shutdown` and the shutdown guard.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest any duration setting may be: longer ones are taken as this (so no caller-supplied
+/// duration, `Duration::MAX` included, can overflow the arithmetic done with it).
+pub const MAX_SETTING: Duration = Duration::from_secs(86_400);
 /// Default connections per DB. One multiplexed connection pipelines every concurrent command;
 /// `cargo run --release --example bench` measures 1 against more (see README).
 pub const DEFAULT_POOL_SIZE: usize = 1;
@@ -51,6 +63,12 @@ impl RedisTarget {
     /// Parses a `redis://[user:password@]host:port[/db]` URL. The DB in the URL is ignored:
     /// each cached function names its DB by type.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        if !url.contains("://") {
+            return Err(ConfigError::InvalidRedisUrl {
+                url: redact_url(url),
+                reason: "no scheme".into(),
+            });
+        }
         let info = url
             .into_connection_info()
             .map_err(|e| ConfigError::InvalidRedisUrl { url: redact_url(url), reason: e.to_string() })?;
@@ -84,16 +102,32 @@ impl fmt::Display for RedisTarget {
     }
 }
 
-/// Replaces the password of a URL-like string by `***`, for error messages.
+/// Replaces the password of a URL-like string by `***`, for error messages: whatever stands
+/// between the user (after the scheme, if any) and the last `@`.
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url[start..].rfind('@') {
+        Some(at) => {
+            let at = start + at;
+            let user = url[start..at].split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..start], user, &url[at..])
         }
-        _ => url.to_owned(),
+        None => url.to_owned(),
     }
+}
+
+/// Percent-encodes a password for the userinfo of a URL (RFC 3986: everything but unreserved
+/// characters), so `@ / ? # %` and the like reach the server unchanged.
+fn encode_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// The runtime's configuration. Build it with [`CacheConfig::memory`], [`CacheConfig::redis`],
@@ -111,32 +145,78 @@ fn redact_url(url: &str) -> String {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct CacheConfig {
+    pub(crate) backend: BackendKind,
+    pub(crate) op_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) memory_capacity: u64,
+    pub(crate) memory_max_bytes: u64,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) generation_refresh: Duration,
+    pub(crate) pool_size: usize,
+    pub(crate) batch_max: usize,
+    pub(crate) batch_delay: Duration,
+    pub(crate) batch_queue: usize,
+    pub(crate) retry_on_timeout: bool,
+    pub(crate) breaker_threshold: u32,
+    pub(crate) breaker_cooldown: Duration,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+/// A duration setting, bounded up front (see [`MAX_SETTING`]).
+fn bounded(d: Duration) -> Duration {
+    d.min(MAX_SETTING)
+}
+
+/// The settings as read back; each one is documented on its `with_*` method.
+impl CacheConfig {
     /// Which store serves the cache.
-    pub backend: BackendKind,
-    /// Bound on each backend call (get, set, delete, ...). A call that takes longer counts as a
-    /// backend error and the cached function runs as if it had missed.
-    pub op_timeout: Duration,
-    /// Bound on opening a connection to Redis.
-    pub connect_timeout: Duration,
-    /// Entries the embedded backend keeps per DB.
-    pub memory_capacity: u64,
-    /// Life of a fill lease (see README, "Stampedes and leases").
-    pub lease_ttl: Duration,
-    /// How long this process trusts its copy of a function's generation before reading it again
-    /// with the next lookup (same round trip). Zero reads it with every lookup.
-    pub generation_refresh: Duration,
-    /// Multiplexed connections per DB, handed out round robin (Redis).
-    pub pool_size: usize,
-    /// Most fills written in one pipeline (Redis).
-    pub batch_max: usize,
-    /// How long the batcher waits for more fills after the first before writing (zero: it writes
-    /// what has queued up while the previous pipeline was in flight).
-    pub batch_delay: Duration,
-    /// Fills the batcher holds per DB; a full queue means the caller writes directly. Zero turns
-    /// write-behind off.
-    pub batch_queue: usize,
-    /// Whether a lookup that timed out is tried once more (each try bounded by `op_timeout`).
-    pub retry_on_timeout: bool,
+    pub fn backend(&self) -> &BackendKind {
+        &self.backend
+    }
+    /// Bound on each backend call.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+    /// Bound on opening a connection.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+    /// Most entries the embedded backend keeps.
+    pub fn memory_capacity(&self) -> u64 {
+        self.memory_capacity
+    }
+    /// Most bytes the embedded backend keeps.
+    pub fn memory_max_bytes(&self) -> u64 {
+        self.memory_max_bytes
+    }
+    /// Life of a fill lease between renewals.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+    /// How long a function's generation is trusted before it is read again.
+    pub fn generation_refresh(&self) -> Duration {
+        self.generation_refresh
+    }
+    /// Multiplexed connections per DB.
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
+    }
+    /// Most fills per pipeline, wait for more, and fills queued per DB.
+    pub fn batching(&self) -> (usize, Duration, usize) {
+        (self.batch_max, self.batch_delay, self.batch_queue)
+    }
+    /// Whether a timed-out lookup is tried once more.
+    pub fn retry_on_timeout(&self) -> bool {
+        self.retry_on_timeout
+    }
+    /// Consecutive failures that open the breaker (0: never), and its cool-down.
+    pub fn breaker(&self) -> (u32, Duration) {
+        (self.breaker_threshold, self.breaker_cooldown)
+    }
+    /// Bound on `flush`, `shutdown` and the shutdown guard.
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout
+    }
 }
 
 impl CacheConfig {
@@ -146,6 +226,7 @@ impl CacheConfig {
             op_timeout: DEFAULT_OP_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             memory_capacity: DEFAULT_MEMORY_CAPACITY,
+            memory_max_bytes: DEFAULT_MEMORY_MAX_BYTES,
             lease_ttl: DEFAULT_LEASE_TTL,
             generation_refresh: DEFAULT_GENERATION_REFRESH,
             pool_size: DEFAULT_POOL_SIZE,
@@ -153,6 +234,9 @@ impl CacheConfig {
             batch_delay: DEFAULT_BATCH_DELAY,
             batch_queue: DEFAULT_BATCH_QUEUE,
             retry_on_timeout: false,
+            breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 
@@ -171,27 +255,47 @@ impl CacheConfig {
         Self::with_backend(BackendKind::None)
     }
 
-    /// Sets the bound on each backend call.
+    /// Sets the bound on each backend call (at least 1 ms, at most [`MAX_SETTING`]). A call that
+    /// takes longer counts as a backend error and the cached function runs as if it had missed.
     pub fn with_op_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout;
+        self.op_timeout = bounded(timeout).max(Duration::from_millis(1));
         self
     }
 
-    /// Sets the bound on opening a connection.
+    /// Sets the bound on opening a connection (at most [`MAX_SETTING`]).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = bounded(timeout).max(Duration::from_millis(1));
         self
     }
 
-    /// Sets the life of a fill lease (more than zero).
+    /// Sets the life of a fill lease between renewals (at least 10 ms, at most [`MAX_SETTING`]).
+    /// Its holder renews it every third of this while the function runs, so a function of any
+    /// duration keeps it; a holder that dies or hangs loses it after this (see README, "Stampedes
+    /// and leases").
     pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl.max(Duration::from_millis(1));
+        self.lease_ttl = bounded(ttl).max(Duration::from_millis(10));
         self
     }
 
-    /// Sets how long a function's generation is trusted before it is read again.
+    /// Sets how long this process trusts its copy of a function's generation before reading it
+    /// again with the next lookup (same round trip). Zero reads it with every lookup.
     pub fn with_generation_refresh(mut self, refresh: Duration) -> Self {
-        self.generation_refresh = refresh;
+        self.generation_refresh = bounded(refresh);
+        self
+    }
+
+    /// Sets the circuit breaker: `threshold` consecutive server failures open it (0 turns it
+    /// off), and it stays open `cooldown` before one probe call decides (see README, "Failure
+    /// model").
+    pub fn with_breaker(mut self, threshold: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = threshold;
+        self.breaker_cooldown = bounded(cooldown);
+        self
+    }
+
+    /// Sets the bound on `flush`, `shutdown` and the shutdown guard (at most [`MAX_SETTING`]).
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = bounded(timeout);
         self
     }
 
@@ -205,7 +309,7 @@ impl CacheConfig {
     /// turns write-behind off: every fill is written before the call returns).
     pub fn with_batching(mut self, max: usize, delay: Duration, queue: usize) -> Self {
         self.batch_max = max.max(1);
-        self.batch_delay = delay;
+        self.batch_delay = bounded(delay);
         self.batch_queue = queue;
         self
     }
@@ -236,9 +340,16 @@ impl CacheConfig {
         self
     }
 
-    /// Sets how many entries the embedded backend keeps per DB.
+    /// Sets how many entries the embedded backend keeps, over all DBs (at least 1).
     pub fn with_memory_capacity(mut self, entries: u64) -> Self {
-        self.memory_capacity = entries;
+        self.memory_capacity = entries.max(1);
+        self
+    }
+
+    /// Sets how many bytes the embedded backend keeps, over all DBs: keys, values and about 100
+    /// bytes per entry (at least 1 KiB). Also `CACHE_MAX_SIZE`.
+    pub fn with_memory_max_bytes(mut self, bytes: u64) -> Self {
+        self.memory_max_bytes = bytes.max(1024);
         self
     }
 
@@ -252,6 +363,10 @@ impl CacheConfig {
     /// | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD` | used when `REDIS_URL` is unset |
     /// | `CACHE_OP_TIMEOUT_MS` | bound on each backend call, in milliseconds |
     /// | `CACHE_POOL_SIZE` | multiplexed connections per DB (Redis) |
+    /// | `CACHE_MAX_SIZE` | bytes the embedded backend keeps |
+    /// | `CACHE_BREAKER_THRESHOLD` | consecutive failures that open the breaker (0: off) |
+    /// | `CACHE_BREAKER_COOLDOWN_MS` | how long it stays open before a probe |
+    /// | `CACHE_SHUTDOWN_TIMEOUT_MS` | bound on flush and shutdown |
     /// | `CACHE_ENV` | `development` or `production` preset ([`Environment`]) |
     ///
     /// With no `CACHE_BACKEND`, Redis serves when `REDIS_URL` or `REDIS_HOST` is set, and the
@@ -291,7 +406,7 @@ impl CacheConfig {
                     expected: "a port number",
                 });
             }
-            let auth = var("REDIS_PASSWORD").map(|p| format!(":{p}@")).unwrap_or_default();
+            let auth = var("REDIS_PASSWORD").map(|p| format!(":{}@", encode_userinfo(&p))).unwrap_or_default();
             Ok(Some(format!("redis://{auth}{}:{}", host.trim(), port.trim())))
         };
         let config = match var("CACHE_BACKEND").map(|b| b.trim().to_ascii_lowercase()) {
@@ -327,17 +442,32 @@ impl CacheConfig {
         config.with_env_timeout(&var)
     }
 
-    /// The numeric settings: `CACHE_OP_TIMEOUT_MS`, `CACHE_POOL_SIZE`.
+    /// The numeric settings: `CACHE_OP_TIMEOUT_MS`, `CACHE_POOL_SIZE`, `CACHE_MAX_SIZE`,
+    /// `CACHE_BREAKER_THRESHOLD`, `CACHE_BREAKER_COOLDOWN_MS`, `CACHE_SHUTDOWN_TIMEOUT_MS`.
     fn with_env_timeout(mut self, var: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let positive = |variable: &'static str, expected: &'static str| -> Result<Option<u64>, ConfigError> {
+        let number = |variable: &'static str, min: u64, expected: &'static str| -> Result<Option<u64>, ConfigError> {
             match var(variable) {
                 None => Ok(None),
                 Some(v) => match v.trim().parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(Some(n)),
+                    Ok(n) if n >= min => Ok(Some(n)),
                     _ => Err(ConfigError::InvalidValue { variable, value: v, expected }),
                 },
             }
         };
+        let positive = |variable, expected| number(variable, 1, expected);
+        if let Some(bytes) = positive("CACHE_MAX_SIZE", "a whole number of bytes greater than 0")? {
+            self = self.with_memory_max_bytes(bytes);
+        }
+        let threshold = number("CACHE_BREAKER_THRESHOLD", 0, "a whole number of failures (0 turns the breaker off)")?;
+        let cooldown = positive("CACHE_BREAKER_COOLDOWN_MS", "a whole number of milliseconds greater than 0")?;
+        if threshold.is_some() || cooldown.is_some() {
+            let threshold = threshold.map_or(self.breaker_threshold, |t| u32::try_from(t).unwrap_or(u32::MAX));
+            let cooldown = cooldown.map_or(self.breaker_cooldown, Duration::from_millis);
+            self = self.with_breaker(threshold, cooldown);
+        }
+        if let Some(ms) = positive("CACHE_SHUTDOWN_TIMEOUT_MS", "a whole number of milliseconds greater than 0")? {
+            self = self.with_shutdown_timeout(Duration::from_millis(ms));
+        }
         if let Some(ms) = positive("CACHE_OP_TIMEOUT_MS", "a whole number of milliseconds greater than 0")? {
             self = self.with_op_timeout(Duration::from_millis(ms));
         }
@@ -463,6 +593,44 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("invalid Redis URL"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
+        // Without a scheme (issue: the password was printed).
+        let err = from(&[("REDIS_URL", ":s3cret@cache:6379")]).unwrap_err().to_string();
+        assert!(!err.contains("s3cret") && err.contains("no scheme"), "{err}");
+    }
+
+    #[test]
+    fn password_with_reserved_characters_reaches_the_server_unchanged() {
+        let password = "p@ss/w?rd#1%2 :x";
+        let config = from(&[("REDIS_HOST", "h"), ("REDIS_PASSWORD", password)]).unwrap();
+        let BackendKind::Redis(target) = &config.backend else { panic!("expected redis") };
+        assert_eq!(target.info.redis_settings().password(), Some(password));
+        assert_eq!(target.address(), "h:6379");
+    }
+
+    #[test]
+    fn durations_are_bounded_up_front() {
+        let c = CacheConfig::memory()
+            .with_op_timeout(Duration::MAX)
+            .with_lease_ttl(Duration::MAX)
+            .with_breaker(3, Duration::MAX)
+            .with_shutdown_timeout(Duration::MAX);
+        assert_eq!((c.op_timeout(), c.lease_ttl(), c.breaker().1), (MAX_SETTING, MAX_SETTING, MAX_SETTING));
+        assert_eq!(CacheConfig::memory().with_lease_ttl(Duration::ZERO).lease_ttl(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn breaker_and_size_from_the_environment() {
+        let c = from(&[
+            ("CACHE_MAX_SIZE", "1048576"),
+            ("CACHE_BREAKER_THRESHOLD", "0"),
+            ("CACHE_BREAKER_COOLDOWN_MS", "750"),
+            ("CACHE_SHUTDOWN_TIMEOUT_MS", "1200"),
+        ])
+        .unwrap();
+        assert_eq!(c.memory_max_bytes(), 1 << 20);
+        assert_eq!(c.breaker(), (0, Duration::from_millis(750)));
+        assert_eq!(c.shutdown_timeout(), Duration::from_millis(1200));
+        assert!(from(&[("CACHE_MAX_SIZE", "lots")]).is_err());
     }
 
     #[test]

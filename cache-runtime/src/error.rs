@@ -9,12 +9,40 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum BackendError {
     /// Redis answered with an error, or the connection failed.
-    Redis(redis::RedisError),
+    Redis(RedisFailure),
     /// The call took longer than the configured bound.
     Timeout(Duration),
     /// A pipelined batch of writes failed as a whole (the connection's error, as text).
     Batch(String),
+    /// The circuit breaker is open: the server failed repeatedly, and calls skip it until a
+    /// probe succeeds.
+    Bypassed,
 }
+
+/// What Redis (or the connection to it) answered, without exposing the `redis` crate's types.
+#[derive(Debug)]
+pub struct RedisFailure(redis::RedisError);
+
+impl RedisFailure {
+    /// The error code Redis answered with (`WRONGPASS`, `NOPERM`, `LOADING`...), if it answered.
+    pub fn code(&self) -> Option<&str> {
+        self.0.code()
+    }
+
+    /// Whether the connection failed (refused, reset, dropped, an I/O error), rather than the
+    /// server answering with an error.
+    pub fn is_connection_failure(&self) -> bool {
+        self.0.is_io_error() || self.0.is_connection_dropped() || self.0.is_connection_refusal()
+    }
+}
+
+impl fmt::Display for RedisFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for RedisFailure {}
 
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -22,6 +50,7 @@ impl fmt::Display for BackendError {
             BackendError::Redis(e) => write!(f, "redis: {e}"),
             BackendError::Timeout(d) => write!(f, "backend call timed out after {d:?}"),
             BackendError::Batch(e) => write!(f, "batched write failed: {e}"),
+            BackendError::Bypassed => f.write_str("the cache breaker is open: the backend is skipped"),
         }
     }
 }
@@ -31,8 +60,34 @@ impl BackendError {
     pub fn is_timeout(&self) -> bool {
         match self {
             BackendError::Timeout(_) => true,
-            BackendError::Redis(e) => e.is_timeout(),
-            BackendError::Batch(_) => false,
+            BackendError::Redis(e) => e.0.is_timeout(),
+            BackendError::Batch(_) | BackendError::Bypassed => false,
+        }
+    }
+
+    /// Whether the call was refused by the open circuit breaker, without reaching the server.
+    pub fn is_bypassed(&self) -> bool {
+        matches!(self, BackendError::Bypassed)
+    }
+
+    /// Whether this says the server is unusable (what the circuit breaker counts): the
+    /// connection failed or timed out, authentication failed, the server is loading, down or
+    /// read-only. An error answer about the request itself (a script error, a wrong type) is not.
+    pub(crate) fn is_server_failure(&self) -> bool {
+        use redis::{ErrorKind, ServerErrorKind as S};
+        match self {
+            BackendError::Timeout(_) | BackendError::Batch(_) => true,
+            BackendError::Bypassed => false,
+            BackendError::Redis(e) => match e.0.kind() {
+                ErrorKind::Io
+                | ErrorKind::AuthenticationFailed
+                | ErrorKind::Parse
+                | ErrorKind::ClusterConnectionNotFound => true,
+                ErrorKind::Server(
+                    S::BusyLoading | S::TryAgain | S::ClusterDown | S::MasterDown | S::ReadOnly | S::NoPerm,
+                ) => true,
+                _ => matches!(e.0.code(), Some("NOAUTH" | "WRONGPASS")),
+            },
         }
     }
 }
@@ -41,14 +96,14 @@ impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BackendError::Redis(e) => Some(e),
-            BackendError::Timeout(_) | BackendError::Batch(_) => None,
+            BackendError::Timeout(_) | BackendError::Batch(_) | BackendError::Bypassed => None,
         }
     }
 }
 
 impl From<redis::RedisError> for BackendError {
     fn from(e: redis::RedisError) -> Self {
-        BackendError::Redis(e)
+        BackendError::Redis(RedisFailure(e))
     }
 }
 
@@ -64,6 +119,9 @@ pub enum CacheError {
     Encode(serde_json::Error),
     /// The handle's prefix or a key breaks the naming rules.
     InvalidKey(String),
+    /// A TTL of zero, or longer than the longest an entry may live
+    /// (`cache_rules::MAX_TTL_SECONDS`, 365 days).
+    InvalidTtl(Duration),
 }
 
 impl fmt::Display for CacheError {
@@ -73,6 +131,11 @@ impl fmt::Display for CacheError {
             CacheError::Decode(e) => write!(f, "stored value does not decode: {e}"),
             CacheError::Encode(e) => write!(f, "value does not encode: {e}"),
             CacheError::InvalidKey(why) => write!(f, "invalid cache key: {why}"),
+            CacheError::InvalidTtl(ttl) => write!(
+                f,
+                "invalid TTL {ttl:?}: every entry must expire, after more than 0 and at most {} seconds",
+                cache_rules::MAX_TTL_SECONDS
+            ),
         }
     }
 }
@@ -82,7 +145,7 @@ impl std::error::Error for CacheError {
         match self {
             CacheError::Backend(e) => Some(e),
             CacheError::Decode(e) | CacheError::Encode(e) => Some(e),
-            CacheError::InvalidKey(_) => None,
+            CacheError::InvalidKey(_) | CacheError::InvalidTtl(_) => None,
         }
     }
 }

@@ -9,22 +9,32 @@
 //! embedded backend this copy is the generation itself.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::__private::Spec;
+use crate::key;
+use crate::spec::{CachedFn, FunctionId};
 use crate::stats::{Counters, StatsRegistry};
-
-type FunctionId = (u8, &'static str, &'static str, Option<u32>);
 
 /// One cached function's state in one runtime.
 pub(crate) struct Function {
     /// The counters of the function's DB and prefix (shared with other functions of that prefix).
     pub(crate) counters: Arc<Counters>,
+    /// Where its generation lives on the backend (`key::generation_key`).
+    pub(crate) generation_key: String,
     generation: AtomicU64,
     /// Nanoseconds since `Functions::epoch` when last read from the backend; 0 = never.
     read_at: AtomicU64,
+    /// Whether a key failure was logged already (logged once per function, counted always).
+    key_failure_logged: AtomicBool,
+}
+
+impl Function {
+    /// `true` the first time it is asked: the one key failure of this function to log.
+    pub(crate) fn first_key_failure(&self) -> bool {
+        !self.key_failure_logged.swap(true, Relaxed)
+    }
 }
 
 pub(crate) struct Functions {
@@ -41,15 +51,23 @@ impl Functions {
     }
 
     /// The state of `spec`'s function, created on first use.
-    pub(crate) fn get(&self, spec: &'static Spec, stats: &StatsRegistry) -> Arc<Function> {
-        let id = (spec.db, spec.prefix, spec.function, spec.version);
+    pub(crate) fn get(&self, function: &CachedFn, stats: &StatsRegistry) -> Arc<Function> {
+        let id = function.id();
         if let Some(f) = self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
             return Arc::clone(f);
         }
+        let spec = function.spec();
         let counters = stats.counters(spec.db, spec.prefix);
+        let generation_key = key::generation_key(function);
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(by_id.entry(id).or_insert_with(|| {
-            Arc::new(Function { counters, generation: AtomicU64::new(0), read_at: AtomicU64::new(0) })
+            Arc::new(Function {
+                counters,
+                generation_key,
+                generation: AtomicU64::new(0),
+                read_at: AtomicU64::new(0),
+                key_failure_logged: AtomicBool::new(false),
+            })
         }))
     }
 

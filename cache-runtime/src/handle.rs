@@ -71,11 +71,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         if let Some(problem) = prefix_problem(prefix) {
             return Err(CacheError::InvalidKey(format!("prefix `{prefix}`: {problem}")));
         }
-        if default_ttl.is_zero() {
-            return Err(CacheError::InvalidKey(
-                "the default TTL must be more than zero: every entry must expire".into(),
-            ));
-        }
+        check_ttl(default_ttl)?;
         Ok(Cache { prefix: prefix.to_owned(), default_ttl, runtime: None, _types: PhantomData })
     }
 
@@ -126,19 +122,18 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         self.set_with_ttl(key, value, self.default_ttl).await
     }
 
-    /// Stores `value` under `key` for `ttl` (more than zero).
+    /// Stores `value` under `key` for `ttl` (more than zero, at most 365 days: otherwise
+    /// [`CacheError::InvalidTtl`]). It lands after any earlier [`Cache::set_behind`] of `key`.
     pub async fn set_with_ttl(&self, key: &str, value: &T, ttl: Duration) -> Result<(), CacheError> {
-        if ttl.is_zero() {
-            return Err(CacheError::InvalidKey(
-                "a TTL must be more than zero: every entry must expire".into(),
-            ));
-        }
+        check_ttl(ttl)?;
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
         let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let key = self.key(key);
+        rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
         rt.backend
-            .set(rt.op_timeout, Self::DB, &self.key(key), &bytes, ttl)
+            .set(rt.op_timeout, Self::DB, &key, &bytes, ttl)
             .await
             .inspect_err(|_| counters.backend_error())?;
         counters.fill();
@@ -210,7 +205,8 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     /// it joins the runtime's write-behind batcher (pipelined with other writes) and this returns
     /// at once; when the queue is full, or after [`Runtime::shutdown`], it is written before this
     /// returns. [`Runtime::flush`] waits for it. A failure of the background write is logged and
-    /// counted (`backend_errors`), not returned.
+    /// counted (`backend_errors`), not returned. A later [`Cache::set`] or [`Cache::delete`] of
+    /// `key` wins over it: it cancels it if still queued, or waits for it if already sent.
     pub async fn set_behind(&self, key: &str, value: &T) -> Result<(), CacheError> {
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();
@@ -228,10 +224,11 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             key: self.key(key),
             value: bytes.into(),
             ttl: self.default_ttl,
-            token: None,
+            lease: None,
             done: Some(done),
+            ticket: None,
         };
-        if let Err(write) = rt.backend.offer(Self::DB, write) {
+        if let Err(write) = rt.backend.offer_handle_write(Self::DB, write) {
             rt.backend
                 .set(rt.op_timeout, Self::DB, &write.key, &write.value, write.ttl)
                 .await
@@ -241,11 +238,14 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         Ok(())
     }
 
-    /// Removes `key`; `true` if it was there.
+    /// Removes `key`; `true` if it was there. It lands after any earlier [`Cache::set_behind`]
+    /// of `key`.
     pub async fn delete(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.delete(rt.op_timeout, Self::DB, &self.key(key)).await?)
+        let key = self.key(key);
+        rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
+        Ok(rt.backend.delete(rt.op_timeout, Self::DB, &key).await?)
     }
 
     /// Whether `key` holds a live entry.
@@ -255,11 +255,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         Ok(rt.backend.exists(rt.op_timeout, Self::DB, &self.key(key)).await?)
     }
 
-    /// Sets a new TTL (more than zero) on `key`; `false` if it was not there.
+    /// Sets a new TTL (more than zero, at most 365 days) on `key`; `false` if it was not there.
     pub async fn expire(&self, key: &str, ttl: Duration) -> Result<bool, CacheError> {
-        if ttl.is_zero() {
-            return Err(CacheError::InvalidKey("a TTL must be more than zero; use delete to remove".into()));
-        }
+        check_ttl(ttl)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
         Ok(rt.backend.expire(rt.op_timeout, Self::DB, &self.key(key), ttl).await?)
@@ -278,7 +276,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         // A clear walks the keyspace: give it many op timeouts, not one.
-        Ok(rt.backend.clear(rt.op_timeout * 100, Self::DB, &self.prefix).await?)
+        Ok(rt.backend.clear(rt.op_timeout.saturating_mul(100), Self::DB, &self.prefix).await?)
     }
 
     /// Whether the backend answers (PING on Redis).
@@ -287,4 +285,13 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let rt = runtime.inner();
         Ok(rt.backend.ping(rt.op_timeout, Self::DB).await?)
     }
+}
+
+/// Every entry expires, within `cache_rules::MAX_TTL_SECONDS`: the rule `#[cached]` applies to its
+/// `ttl` at compile time.
+fn check_ttl(ttl: Duration) -> Result<(), CacheError> {
+    if ttl.is_zero() || ttl > Duration::from_secs(cache_rules::MAX_TTL_SECONDS) {
+        return Err(CacheError::InvalidTtl(ttl));
+    }
+    Ok(())
 }

@@ -1,19 +1,30 @@
-//! The key format, in one place.
+//! The key format, in one place. Stable from release 0.1 on: a key changes only when the
+//! function's prefix, name, version, module or arguments do.
 //!
 //! A cached call's key is `{prefix}:{function}[:v{version}]:{{hash}}`, where `hash` is the first
-//! 16 bytes (32 lowercase hex digits) of blake3 over the arguments that are part of the key, in
-//! the order the function declares them, each encoded with postcard (a stable, documented binary
-//! serde format) straight into the hasher. Example: `market:quote:v2:{6f0c...}`. The braces are
-//! a Redis Cluster hash tag, so the entry and any key derived from it for the same call share a
-//! slot.
+//! 16 bytes (32 lowercase hex digits) of blake3 over, in this order and each encoded with
+//! postcard (a stable, documented binary serde format) straight into the hasher:
+//!
+//! 1. the module path where the function is written (`module_path!()`), so two same-named
+//!    functions with one prefix in two modules never share entries;
+//! 2. for methods, the `Self` type's name (`std::any::type_name`, generic arguments included),
+//!    for free functions the empty string;
+//! 3. for generic functions, each type argument's `type_name` and each const argument's value;
+//! 4. the receiver, unless the function says `skip(self)`;
+//! 5. the arguments that are part of the key, in the order the function declares them.
+//!
+//! Example: `market:quote:v2:{6f0c...}`. The braces are a Redis Cluster hash tag, so the entry and
+//! any key derived from it for the same call share a slot.
 //!
 //! Because the encoding is serde's data model, `&str` and `String` (or `&[T]` and `Vec<T>`) hash
 //! alike. Types whose serialization is not deterministic (a `HashMap`'s iteration order) give
-//! different keys for equal values: use `BTreeMap` in arguments.
+//! different keys for equal values: use `BTreeMap` in arguments. `type_name`'s text is chosen by
+//! the compiler: a Rust release that spells a type differently gives methods and generic
+//! functions new keys (misses, never another function's entry).
 
 use serde::Serialize;
 
-use crate::__private::Spec;
+use crate::spec::{CachedFn, Spec};
 
 /// The key a `#[cached]` function uses for given arguments, built by hand: for logs, tools, and
 /// code that reads the cache without calling the function.
@@ -21,26 +32,36 @@ use crate::__private::Spec;
 /// ```
 /// use cache_runtime::KeyBuilder;
 ///
-/// // #[cached(db = MarketData, prefix = "market", ttl = 300)] async fn quote(symbol: &str) ...
-/// let key = KeyBuilder::new("market", "quote").arg("AAPL").finish();
-/// assert_eq!(key.as_deref(), Some("market:quote:{63b04ab902239bc406df619d1ca6f940}"));
+/// // mod market { #[cached(db = MarketData, prefix = "market", ttl = 300)] async fn quote(symbol: &str) ... }
+/// // in the crate `my_service`:
+/// let key = KeyBuilder::new("my_service::market", "market", "quote").arg("AAPL").finish();
+/// assert_eq!(key.as_deref(), Some("market:quote:{b8c6c06e0c2bfd8b4c8df2e6e5e8c1a4}"));
 /// ```
-#[derive(Default)]
 pub struct KeyBuilder {
     prefix: String,
     function: String,
     version: Option<u32>,
-    hasher: KeyHasher,
+    module: String,
+    owner: Option<String>,
+    pending: Vec<KeyPart>,
+}
+
+enum KeyPart {
+    TypeArg(String),
+    Arg(Result<Vec<u8>, ()>),
 }
 
 impl KeyBuilder {
-    /// Starts the key of `function` under `prefix`.
-    pub fn new(prefix: &str, function: &str) -> Self {
+    /// Starts the key of `function` under `prefix`, written in the module `module` (the function's
+    /// `module_path!()`, e.g. `my_service::market`).
+    pub fn new(module: &str, prefix: &str, function: &str) -> Self {
         KeyBuilder {
             prefix: prefix.to_owned(),
             function: function.to_owned(),
             version: None,
-            hasher: KeyHasher::new(),
+            module: module.to_owned(),
+            owner: None,
+            pending: Vec::new(),
         }
     }
 
@@ -50,68 +71,123 @@ impl KeyBuilder {
         self
     }
 
-    /// The next argument that is part of the key (skipped ones are left out).
+    /// For a method: the `Self` type's `std::any::type_name`.
+    pub fn owner(mut self, type_name: &str) -> Self {
+        self.owner = Some(type_name.to_owned());
+        self
+    }
+
+    /// For a generic function: the next type argument's `std::any::type_name`.
+    pub fn type_arg(mut self, type_name: &str) -> Self {
+        self.pending.push(KeyPart::TypeArg(type_name.to_owned()));
+        self
+    }
+
+    /// The next argument that is part of the key (the receiver first, for a method that does not
+    /// skip it; skipped ones are left out).
     pub fn arg<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
-        self.hasher.arg(value);
+        self.pending.push(KeyPart::Arg(postcard::to_allocvec(value).map_err(|_| ())));
         self
     }
 
     /// The key, or `None` if an argument failed to serialize.
     pub fn finish(self) -> Option<String> {
-        self.hasher.finish_parts(&self.prefix, &self.function, self.version)
+        let mut hasher = KeyHasher::start(&self.module, self.owner.as_deref().unwrap_or(""));
+        for part in &self.pending {
+            match part {
+                KeyPart::TypeArg(name) => hasher.arg(name.as_str()),
+                KeyPart::Arg(Ok(bytes)) => std::io::Write::write_all(&mut hasher, bytes).ok()?,
+                KeyPart::Arg(Err(())) => return None,
+            }
+        }
+        hasher.finish_parts(&self.prefix, &self.function, self.version)
     }
 }
 
-/// Streams the key arguments of one call into blake3. Postcard writes many small pieces; they
-/// go through a small buffer, and the (large) incremental hasher is only made when the arguments
-/// outgrow it: short keys, nearly all of them, are one `blake3::hash` call. Same bytes, same hash.
+/// What a method's receiver must be to enter its key; the macro reports a receiver that is not
+/// with the advice to write `skip(self)`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not `Serialize`, so this method's receiver cannot be part of its cache key",
+    label = "the receiver is hashed into the cache key unless the method says `skip(self)`",
+    note = "write `skip(self)` in `#[cached(...)]` if every instance may share entries, or derive `Serialize` for `{Self}` so each instance's state enters the key"
+)]
+pub trait KeyReceiver {
+    #[doc(hidden)]
+    fn hash_into(&self, hasher: &mut KeyHasher);
+}
+
+impl<T: Serialize + ?Sized> KeyReceiver for T {
+    fn hash_into(&self, hasher: &mut KeyHasher) {
+        hasher.arg(self)
+    }
+}
+
+/// Streams the key parts of one call into blake3. Postcard writes many small pieces; they go
+/// through a small buffer, and the (large) incremental hasher is only made when the parts outgrow
+/// it: short keys, nearly all of them, are one `blake3::hash` call. Same bytes, same hash.
 #[doc(hidden)]
 pub struct KeyHasher {
+    spec: Option<&'static Spec>,
     hasher: Option<Box<blake3::Hasher>>,
     buffer: Buffer,
     failed: bool,
 }
 
-/// Up to 128 bytes of pending input, handed to blake3 when full and at the end.
+/// Up to 192 bytes of pending input, handed to blake3 when full and at the end.
 struct Buffer {
-    bytes: [u8; 128],
+    bytes: [u8; 192],
     len: usize,
 }
 
-impl Default for KeyHasher {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl KeyHasher {
-    pub fn new() -> Self {
-        KeyHasher { hasher: None, buffer: Buffer { bytes: [0; 128], len: 0 }, failed: false }
+    /// Starts the key of one call of `function`: its module and owner come first.
+    pub fn new(function: &CachedFn) -> Self {
+        let mut hasher = Self::start(function.spec().module, function.owner());
+        hasher.spec = Some(function.spec());
+        hasher
+    }
+
+    fn start(module: &str, owner: &str) -> Self {
+        let mut hasher =
+            KeyHasher { spec: None, hasher: None, buffer: Buffer { bytes: [0; 192], len: 0 }, failed: false };
+        hasher.arg(module);
+        hasher.arg(owner);
+        hasher
+    }
+
+    /// A generic type argument's name (`std::any::type_name::<T>()`).
+    pub fn type_arg(&mut self, name: &'static str) {
+        self.arg(name)
     }
 
     /// Adds one argument. An argument whose `Serialize` impl fails makes the whole key unusable
-    /// (the call then runs uncached) rather than silently colliding with another key.
+    /// (the call then runs uncached, counted as `key_failures`) rather than silently colliding
+    /// with another key.
     pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
         if postcard::to_io(value, &mut *self).is_err() {
             self.failed = true;
         }
     }
 
-    /// The key for `spec`, or `None` when an argument failed to serialize.
-    pub fn finish(self, spec: &Spec) -> Option<String> {
+    /// The key, or `None` when an argument failed to serialize.
+    pub fn finish(self) -> Option<String> {
+        let spec = self.spec.expect("KeyHasher::new names the function");
         self.finish_parts(spec.prefix, spec.function, spec.version)
     }
 
-    fn finish_parts(mut self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
+    fn finish_parts(self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
         if self.failed {
             return None;
         }
+        Some(format_key(prefix, function, version, &self.digest().as_bytes()[..16]))
+    }
+
+    fn digest(mut self) -> blake3::Hash {
         let pending = &self.buffer.bytes[..self.buffer.len];
-        let digest = match &mut self.hasher {
+        match &mut self.hasher {
             Some(hasher) => hasher.update(pending).finalize(),
             None => blake3::hash(pending),
-        };
-        Some(format_key(prefix, function, version, &digest.as_bytes()[..16]))
+        }
     }
 }
 
@@ -142,7 +218,8 @@ pub(crate) fn lease_key(entry: &str) -> String {
     format!("{entry}:lease")
 }
 
-/// `{prefix}:{function}[:v{version}]`: what every key of one function starts with.
+/// `{prefix}:{function}[:v{version}]`: what every key of one function starts with (and of a
+/// same-named function of another module: the hash tells them apart).
 pub(crate) fn function_base(spec: &Spec) -> String {
     match spec.version {
         Some(v) => format!("{}:{}:v{v}", spec.prefix, spec.function),
@@ -150,13 +227,38 @@ pub(crate) fn function_base(spec: &Spec) -> String {
     }
 }
 
-/// The key holding a function's generation, bumped by `function(..)` invalidations.
-pub(crate) fn generation_key(spec: &Spec) -> String {
-    format!("{}:gen", function_base(spec))
+/// The key holding a function's generation, bumped by `function(..)` invalidations:
+/// `{prefix}:{function}[:vN]:gen:{id}`, `id` telling same-named functions of other modules or
+/// types apart (16 hex digits of blake3 over the module and the owner without generic arguments).
+pub(crate) fn generation_key(function: &CachedFn) -> String {
+    let (.., module, owner) = function.id();
+    let digest = KeyHasher::start(module, owner).digest();
+    let mut key = function_base(function.spec());
+    key.push_str(":gen:");
+    push_hex(&mut key, &digest.as_bytes()[..8]);
+    key
+}
+
+/// How long a function's generation key lives after it is last read or raised: twice the
+/// function's TTL, so it outlives every entry written under it while the function is in use.
+pub(crate) fn generation_life(ttl: std::time::Duration) -> std::time::Duration {
+    ttl.saturating_mul(2)
+}
+
+/// The invalidation stamp of an entry (`K:inv`, same hash tag): when it was last invalidated.
+pub(crate) fn invalidation_key(entry: &str) -> String {
+    format!("{entry}:inv")
+}
+
+fn push_hex(key: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        key.push(char::from(HEX[usize::from(byte >> 4)]));
+        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
 }
 
 fn format_key(prefix: &str, function: &str, version: Option<u32>, hash: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut key = String::with_capacity(prefix.len() + function.len() + 50);
     key.push_str(prefix);
     key.push(':');
@@ -166,10 +268,7 @@ fn format_key(prefix: &str, function: &str, version: Option<u32>, hash: &[u8]) -
         key.push_str(&v.to_string());
     }
     key.push_str(":{");
-    for byte in hash {
-        key.push(char::from(HEX[usize::from(byte >> 4)]));
-        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
-    }
+    push_hex(&mut key, hash);
     key.push('}');
     key
 }
@@ -184,38 +283,89 @@ mod tests {
         db: 5,
         prefix: "market",
         function: "quote",
+        module: "my_service::market",
         ttl: Duration::from_secs(300),
         version: Some(2),
     };
+    const FREE: CachedFn = CachedFn::free(&SPEC);
+
+    fn key(function: &CachedFn, args: &[&dyn erased::Arg]) -> Option<String> {
+        let mut h = KeyHasher::new(function);
+        for a in args {
+            a.add(&mut h);
+        }
+        h.finish()
+    }
+
+    mod erased {
+        pub trait Arg {
+            fn add(&self, h: &mut super::KeyHasher);
+        }
+        impl<T: serde::Serialize> Arg for T {
+            fn add(&self, h: &mut super::KeyHasher) {
+                h.arg(self)
+            }
+        }
+    }
 
     #[test]
     fn str_and_string_give_the_same_key() {
-        let mut a = KeyHasher::new();
-        a.arg("AAPL");
-        let mut b = KeyHasher::new();
-        b.arg(&String::from("AAPL"));
-        assert_eq!(a.finish(&SPEC), b.finish(&SPEC));
+        assert_eq!(key(&FREE, &[&"AAPL"]), key(&FREE, &[&String::from("AAPL")]));
     }
 
     #[test]
     fn long_arguments_hash_as_one_stream() {
-        // Crosses the 128-byte buffer several times, in pieces of every size.
+        // Crosses the buffer several times, in pieces of every size.
         let long: Vec<String> = (0..40).map(|i| "x".repeat(i)).collect();
-        let mut streamed = KeyHasher::new();
-        streamed.arg(&long);
-        let one_shot = blake3::hash(&postcard::to_allocvec(&long).unwrap());
+        let mut bytes = postcard::to_allocvec("my_service::market").unwrap();
+        bytes.extend(postcard::to_allocvec("").unwrap());
+        bytes.extend(postcard::to_allocvec(&long).unwrap());
+        let one_shot = blake3::hash(&bytes);
         let expected = format_key("market", "quote", Some(2), &one_shot.as_bytes()[..16]);
-        assert_eq!(streamed.finish(&SPEC), Some(expected));
+        assert_eq!(key(&FREE, &[&long]), Some(expected));
     }
 
     #[test]
     fn argument_order_matters() {
-        let mut a = KeyHasher::new();
-        a.arg(&1u32);
-        a.arg(&2u32);
-        let mut b = KeyHasher::new();
-        b.arg(&2u32);
-        b.arg(&1u32);
-        assert_ne!(a.finish(&SPEC), b.finish(&SPEC));
+        assert_ne!(key(&FREE, &[&1u32, &2u32]), key(&FREE, &[&2u32, &1u32]));
+    }
+
+    #[test]
+    fn module_and_owner_enter_the_key_but_not_the_readable_part() {
+        const OTHER: Spec = Spec { module: "my_service::us", ..SPEC };
+        let eu = key(&FREE, &[&"X"]).unwrap();
+        let us = key(&CachedFn::free(&OTHER), &[&"X"]).unwrap();
+        let method = key(&CachedFn::method(&SPEC, "my_service::Feed"), &[&"X"]).unwrap();
+        assert_ne!(eu, us);
+        assert_ne!(eu, method);
+        for k in [&eu, &us, &method] {
+            assert!(k.starts_with("market:quote:v2:{"), "{k}");
+        }
+        assert_ne!(generation_key(&FREE), generation_key(&CachedFn::free(&OTHER)));
+    }
+
+    #[test]
+    fn instantiations_share_a_generation_but_not_keys() {
+        let a = CachedFn::method(&SPEC, "my_service::Repo<u32>");
+        let b = CachedFn::method(&SPEC, "my_service::Repo<u64>");
+        assert_ne!(key(&a, &[&1]), key(&b, &[&1]));
+        assert_eq!(generation_key(&a), generation_key(&b));
+        assert_eq!(a.id(), b.id());
+    }
+
+    #[test]
+    fn builder_matches_the_hasher() {
+        let by_hand = KeyBuilder::new("my_service::market", "market", "quote")
+            .version(2)
+            .owner("my_service::Feed")
+            .type_arg("f64")
+            .arg(&7u8)
+            .arg("X")
+            .finish();
+        let mut h = KeyHasher::new(&CachedFn::method(&SPEC, "my_service::Feed"));
+        h.type_arg("f64");
+        h.arg(&7u8);
+        h.arg("X");
+        assert_eq!(by_hand, h.finish());
     }
 }

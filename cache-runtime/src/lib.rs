@@ -20,6 +20,7 @@
 //! ([`CacheConfig::from_env`]): Redis when `REDIS_URL`/`REDIS_HOST` is set, otherwise the embedded
 //! backend. See README for the options, the key format and what happens when Redis fails.
 
+mod background;
 mod backend;
 mod config;
 pub mod db;
@@ -29,20 +30,23 @@ mod functions;
 mod handle;
 mod invalidate;
 mod key;
+mod policy;
 mod read_through;
 mod runtime;
+mod spec;
 mod stats;
 mod value;
 
 pub use cache_macros::{cached, invalidate, invalidates};
 pub use config::{
-    BackendKind, CacheConfig, ConfigError, Environment, RedisTarget, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_OP_TIMEOUT,
+    BackendKind, CacheConfig, ConfigError, Environment, RedisTarget, DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_THRESHOLD, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LEASE_TTL, DEFAULT_MEMORY_CAPACITY,
+    DEFAULT_MEMORY_MAX_BYTES, DEFAULT_OP_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SETTING,
 };
-pub use error::{BackendError, CacheError};
+pub use error::{BackendError, CacheError, RedisFailure};
 pub use handle::{prefix_problem, Cache};
 pub use key::KeyBuilder;
-pub use runtime::{global, init, init_from_env, Runtime, ShutdownGuard};
+pub use runtime::{global, init, init_from_env, Runtime, ShutdownGuard, Unflushed};
 pub use stats::{PrefixStats, StatsSnapshot};
 pub use value::Format;
 

@@ -1,5 +1,6 @@
 //! A cached call, step by step: lookup; on a miss, one computation per key in this process
-//! (single flight) and one across processes (fill lease); the fill goes to the write-behind
+//! (single flight) and one across processes (fill lease, renewed while the function runs, so a
+//! function slower than `lease_ttl` still computes once); the fill goes to the write-behind
 //! batcher, and a fill that an invalidation revoked is refused. No cache failure reaches the
 //! caller.
 //!
@@ -9,17 +10,20 @@
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::__private::{Policy, Spec};
 use crate::backend::batch::Write;
-use crate::backend::{Acquired, Backend, LeaseAsk};
+use crate::backend::{Acquired, Backend, FillOutcome, LeaseAsk, Renewal};
+use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
 use crate::key;
+use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
+use crate::spec::{CachedFn, Spec};
 use crate::stats::Counters;
 use crate::value;
 
@@ -45,26 +49,31 @@ struct Miss<'a> {
     counters: &'a Arc<Counters>,
 }
 
-pub(crate) async fn call<P, R, F>(spec: &'static Spec, key: Option<String>, body: F) -> R
+pub(crate) async fn call<P, R, F>(cached: CachedFn, key: Option<String>, body: F) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    let Some(key) = key else {
-        tracing::warn!(
-            prefix = spec.prefix,
-            function = spec.function,
-            "an argument failed to serialize; calling uncached"
-        );
-        return body.await;
-    };
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if matches!(rt.backend, Backend::None) {
         return body.await;
     }
-    let function = rt.functions.get(spec, &rt.stats);
+    let spec = cached.spec();
+    let function = rt.functions.get(&cached, &rt.stats);
     let counters = &function.counters;
+    let Some(key) = key else {
+        counters.key_failure();
+        counters.miss();
+        if function.first_key_failure() {
+            tracing::warn!(
+                prefix = spec.prefix,
+                function = spec.function,
+                "an argument failed to serialize into the cache key; calling uncached (logged once per function, counted as key_failures)"
+            );
+        }
+        return body.await;
+    };
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;
@@ -72,7 +81,7 @@ where
         lookup_first = !rt.flights.is_running(spec.db, &key);
     }
     let (generation, overwrite) = if lookup_first {
-        match lookup::<P::Stored>(rt, spec, &key, &function).await {
+        match lookup::<P::Stored>(rt, &cached, &key, &function).await {
             Lookup::Hit(value) => {
                 counters.hit();
                 if matches!(rt.backend, Backend::Memory(_)) {
@@ -118,33 +127,44 @@ where
     body.take().expect("a follower still holds its function").await
 }
 
+/// Counts a failed backend call: `bypassed` when the breaker refused it (no network), else a
+/// backend error. The breaker logs the failure once per episode; here it is debug only.
+fn count_failure(counters: &Counters, spec: &Spec, key: &str, error: &BackendError, what: &str) {
+    if error.is_bypassed() {
+        counters.bypass();
+    } else {
+        counters.backend_error();
+        tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache {what} failed; calling the function");
+    }
+}
+
 async fn lookup<T: serde::de::DeserializeOwned>(
     rt: &Inner,
-    spec: &Spec,
+    cached: &CachedFn,
     key: &str,
     function: &Function,
 ) -> Lookup<T> {
+    let spec = cached.spec();
     let counters = &function.counters;
     let (known, refresh) = rt.functions.current(function);
     let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
     let found = if refresh {
-        let generation_key = key::generation_key(spec);
-        rt.backend.get_with_generation(rt.op_timeout, spec.db, key, &generation_key, decode).await
+        let life = key::generation_life(spec.ttl);
+        rt.backend.get_with_generation(rt.op_timeout, spec.db, key, &function.generation_key, life, decode).await
     } else {
         rt.backend.get_with(rt.op_timeout, spec.db, key, decode).await.map(|v| (v, None))
     };
     let (found, read) = match found {
         Ok(found) => found,
         Err(error) => {
-            counters.backend_error();
-            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache lookup failed; calling the function");
+            count_failure(counters, spec, key, &error, "lookup");
             return Lookup::Unavailable;
         }
     };
     let generation = read.map_or(known, |g| rt.functions.observe(function, g));
     // An invalidation of this key that has not reached the backend yet: the stored value, if any,
     // is the one it drops, so do not return it (here, or from the lease step).
-    let distrusted = rt.pending.covers(spec, key);
+    let distrusted = rt.pending.covers(cached, key);
     let overwrite = match found {
         Some(Ok((written, value))) if written >= generation && !distrusted => {
             tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
@@ -179,15 +199,45 @@ impl Drop for LeaseHeld {
         }
         let (runtime, db, key, token) =
             (self.runtime.clone(), self.db, std::mem::take(&mut self.key), self.token);
-        let release = async move {
+        crate::background::spawn(async move {
             let rt = runtime.inner();
             if let Err(error) = rt.backend.release(rt.op_timeout, db, &key, token).await {
                 tracing::debug!(db, %key, %error, "lease release failed; it expires by itself");
             }
-        };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(release);
+        });
+    }
+}
+
+/// Runs `body` while renewing the lease every third of `lease_ttl`, in the caller's own task (a
+/// holder that hangs or dies stops renewing, and loses the lease after `lease_ttl`). Returns the
+/// output and what the last renewal found: `Renewed` while the lease is ours.
+async fn compute_renewing<R>(
+    rt: &Inner,
+    db: u8,
+    key: &str,
+    lease: (u64, u64),
+    counters: &Counters,
+    body: impl Future<Output = R>,
+) -> (R, Renewal) {
+    let (token, granted_at) = lease;
+    let period = (rt.lease_ttl / 3).max(Duration::from_millis(1));
+    let renewing = async {
+        loop {
+            tokio::time::sleep(period).await;
+            match rt.backend.renew(rt.op_timeout, db, key, token, granted_at, rt.lease_ttl).await {
+                Ok(Renewal::Renewed) => counters.renewal(),
+                Ok(ended) => return ended,
+                // Unreachable backend: try again next period; the fill script decides whether the
+                // value may still be written.
+                Err(_) => {}
+            }
         }
+    };
+    let mut body = pin!(body);
+    tokio::select! {
+        biased;
+        output = &mut body => (output, Renewal::Renewed),
+        ended = renewing => (body.await, ended),
     }
 }
 
@@ -201,8 +251,6 @@ where
     let Miss { runtime, spec, key, generation, counters } = miss;
     let rt = runtime.inner();
     let token = new_token();
-    // A holder that never finishes loses its lease after `lease_ttl`; past that we stop waiting.
-    let give_up_at = Instant::now() + rt.lease_ttl + rt.op_timeout;
     let mut pause = Duration::from_millis(2);
     let mut waited = false;
     loop {
@@ -219,7 +267,7 @@ where
                 return P::restore(value);
             }
             Ok(Acquired::Value((_, Err(_)))) => overwrite = true,
-            Ok(Acquired::Granted) => {
+            Ok(Acquired::Granted(granted_at)) => {
                 let mut held = LeaseHeld {
                     armed: true,
                     runtime: runtime.clone(),
@@ -228,18 +276,28 @@ where
                     token,
                 };
                 counters.miss();
-                let output = body.await;
-                match P::stored(&output).map(|v| value::encode(spec.format, generation, v)) {
+                let (output, lease) =
+                    compute_renewing(rt, spec.db, key, (token, granted_at), counters, body).await;
+                let encoded = P::stored(&output).map(|v| value::encode(spec.format, generation, v));
+                match encoded {
+                    Some(Ok(_)) if lease == Renewal::Revoked => {
+                        // An invalidation came while it computed: the value may predate the
+                        // write, so it is neither filled nor shared.
+                        held.armed = false;
+                        counters.refused_fill();
+                        leader.finish(Outcome::Refused);
+                    }
                     Some(Ok(bytes)) => {
                         held.armed = false; // the fill script consumes the lease
                         let write = Write {
                             key: key.to_owned(),
                             value: bytes.into(),
                             ttl: spec.ttl,
-                            token: Some(token),
+                            lease: Some((token, granted_at)),
                             done: None,
+                            ticket: None,
                         };
-                        fill(rt, spec.db, write, leader, Arc::clone(counters)).await;
+                        fill(rt, spec, write, leader, Arc::clone(counters)).await;
                     }
                     Some(Err(error)) => {
                         counters.encode_failure();
@@ -250,7 +308,9 @@ where
                 }
                 return output;
             }
-            Ok(Acquired::Busy) if Instant::now() < give_up_at => {
+            Ok(Acquired::Busy) => {
+                // Another caller holds the lease and renews it while it computes: wait for its
+                // value, or for the lease to go (its holder died, hung, or gave it back).
                 if !waited {
                     waited = true;
                     counters.lease_wait();
@@ -258,11 +318,8 @@ where
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            Ok(Acquired::Busy) | Err(_) => {
-                if let Err(error) = acquired {
-                    counters.backend_error();
-                    tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "fill lease unavailable; calling the function");
-                }
+            Err(error) => {
+                count_failure(counters, spec, key, &error, "fill lease");
                 // No lease: compute without filling, and share the value with the followers,
                 // who joined before we started computing.
                 counters.miss();
@@ -281,23 +338,30 @@ where
 /// Writes a lease-checked fill: through the batcher when it takes it (the caller returns at
 /// once; the flight ends when the server answers), directly otherwise. The flight's followers
 /// learn whether the fill was accepted, and start over if it was refused.
-async fn fill(rt: &Inner, db: u8, mut write: Write, leader: Leader, counters: Arc<Counters>) {
+async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, leader: Leader, counters: Arc<Counters>) {
     let value = Arc::clone(&write.value);
     let direct = Arc::clone(&counters);
-    let finish = move |result: Result<bool, crate::error::BackendError>| {
+    let db = spec.db;
+    let finish = move |result: Result<FillOutcome, BackendError>| {
         let outcome = match result {
-            Ok(true) => {
+            Ok(FillOutcome::Written) => {
                 counters.fill();
                 Outcome::Value(value)
             }
-            Ok(false) => {
+            // Not stale: another caller fills; the followers may take this value.
+            Ok(FillOutcome::Superseded) => Outcome::Value(value),
+            Ok(FillOutcome::Revoked) => {
                 counters.refused_fill();
                 tracing::debug!(db, "fill refused: invalidated while computing");
                 Outcome::Refused
             }
             Err(error) => {
-                counters.backend_error();
-                tracing::warn!(db, %error, "cache fill failed");
+                if error.is_bypassed() {
+                    counters.bypass();
+                } else {
+                    counters.backend_error();
+                    tracing::debug!(db, %error, "cache fill failed");
+                }
                 // As fresh as the lease protocol can know with the backend failing.
                 Outcome::Value(value)
             }
@@ -312,8 +376,9 @@ async fn fill(rt: &Inner, db: u8, mut write: Write, leader: Leader, counters: Ar
                 direct.direct_fill();
             }
             let done = write.done.take().expect("the write carries its completion");
-            let token = write.token.expect("fills are lease-checked");
-            let result = rt.backend.fill(rt.op_timeout, db, &write.key, token, &write.value, write.ttl).await;
+            let (token, granted_at) = write.lease.expect("fills are lease-checked");
+            let result =
+                rt.backend.fill(rt.op_timeout, db, &write.key, token, granted_at, &write.value, write.ttl).await;
             done(result);
         }
     }

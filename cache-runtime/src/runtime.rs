@@ -23,6 +23,7 @@ pub(crate) struct Inner {
     pub(crate) backend: Backend,
     pub(crate) op_timeout: Duration,
     pub(crate) lease_ttl: Duration,
+    pub(crate) shutdown_timeout: Duration,
     pub(crate) stats: StatsRegistry,
     pub(crate) flights: Flights,
     pub(crate) functions: Functions,
@@ -49,6 +50,7 @@ impl Runtime {
                 backend: Backend::new(&config),
                 op_timeout: config.op_timeout,
                 lease_ttl: config.lease_ttl,
+                shutdown_timeout: config.shutdown_timeout,
                 stats: StatsRegistry::default(),
                 flights: Flights::default(),
                 functions: Functions::new(
@@ -93,24 +95,53 @@ impl Runtime {
     }
 
     /// Waits until every cache write this runtime accepted so far has been answered by the
-    /// backend (fills are written behind the caller's back, in batches).
-    pub async fn flush(&self) {
-        self.inner.backend.flush().await;
+    /// backend (fills are written behind the caller's back, in batches), for at most the
+    /// configured `shutdown_timeout` (default 5 s). `Err` says how many were still unanswered.
+    pub async fn flush(&self) -> Result<(), Unflushed> {
+        let left = self.inner.backend.flush(self.inner.shutdown_timeout).await;
+        self.unflushed(left)
     }
 
-    /// Flushes every accepted write, then writes fills directly (before the call returns) from now
-    /// on. Call it before the process exits; [`Runtime::shutdown_guard`] does it on drop.
-    pub async fn shutdown(&self) {
-        self.inner.backend.shutdown().await;
-        tracing::info!(backend = %self.inner.description, "cache runtime shut down; accepted writes flushed");
+    /// Flushes every accepted write (within `shutdown_timeout`), then writes fills directly
+    /// (before the call returns) from now on. Call it before the process exits;
+    /// [`Runtime::shutdown_guard`] does it on drop.
+    pub async fn shutdown(&self) -> Result<(), Unflushed> {
+        let left = self.inner.backend.shutdown(self.inner.shutdown_timeout).await;
+        match self.unflushed(left) {
+            Ok(()) => {
+                tracing::info!(backend = %self.inner.description, "cache runtime shut down; accepted writes flushed");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(backend = %self.inner.description, unanswered = e.writes, "cache runtime shut down with writes unanswered");
+                Err(e)
+            }
+        }
+    }
+
+    fn unflushed(&self, writes: usize) -> Result<(), Unflushed> {
+        match writes {
+            0 => Ok(()),
+            writes => Err(Unflushed { writes, waited: self.inner.shutdown_timeout }),
+        }
     }
 
     /// A guard that shuts this runtime down when dropped: it blocks the dropping thread until the
-    /// accepted writes are flushed, which a multi-threaded tokio runtime allows. Where it cannot
-    /// block (a current-thread runtime, or no runtime), it logs an error with the number of writes
-    /// still queued: call [`Runtime::shutdown`] there.
+    /// accepted writes are flushed or `shutdown_timeout` has passed, which a multi-threaded tokio
+    /// runtime allows. Where it cannot block (a current-thread runtime, or no runtime), it logs
+    /// an error with the number of writes still queued: call [`Runtime::shutdown`] there.
     pub fn shutdown_guard(&self) -> ShutdownGuard {
         ShutdownGuard { runtime: self.clone() }
+    }
+
+    /// Whether the circuit breaker is open: cached calls skip the backend until a probe succeeds.
+    pub fn breaker_open(&self) -> bool {
+        self.inner.backend.breaker_open()
+    }
+
+    /// Invalidations that failed (or were interrupted) and are queued for retry.
+    pub fn pending_invalidations(&self) -> usize {
+        self.inner.pending.len()
     }
 
     /// Cache writes accepted and not yet answered by the backend.
@@ -155,7 +186,8 @@ impl Drop for ShutdownGuard {
         use tokio::runtime::{Handle, RuntimeFlavor};
         match Handle::try_current() {
             Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| handle.block_on(self.runtime.shutdown()));
+                // Bounded by `shutdown_timeout`; an error is logged by `shutdown`.
+                let _ = tokio::task::block_in_place(|| handle.block_on(self.runtime.shutdown()));
             }
             _ => {
                 let queued = self.runtime.queued_writes();
@@ -166,6 +198,23 @@ impl Drop for ShutdownGuard {
         }
     }
 }
+
+/// Writes still unanswered when `flush` or `shutdown` gave up waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unflushed {
+    /// Accepted writes the backend had not answered.
+    pub writes: usize,
+    /// How long it waited (the runtime's `shutdown_timeout`).
+    pub waited: Duration,
+}
+
+impl std::fmt::Display for Unflushed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} cache writes were still unanswered after {:?}", self.writes, self.waited)
+    }
+}
+
+impl std::error::Error for Unflushed {}
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -19,9 +19,25 @@ pub(crate) struct Counters {
     refused_fills: AtomicU64,
     lease_waits: AtomicU64,
     direct_fills: AtomicU64,
+    bypassed: AtomicU64,
+    key_failures: AtomicU64,
+    invalidations_coalesced: AtomicU64,
+    renewals: AtomicU64,
 }
 
 impl Counters {
+    pub(crate) fn bypass(&self) {
+        self.bypassed.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn key_failure(&self) {
+        self.key_failures.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn invalidations_coalesced(&self, n: u64) {
+        self.invalidations_coalesced.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn renewal(&self) {
+        self.renewals.fetch_add(1, Relaxed);
+    }
     pub(crate) fn direct_fill(&self) {
         self.direct_fills.fetch_add(1, Relaxed);
     }
@@ -75,6 +91,10 @@ impl Counters {
             refused_fills: self.refused_fills.load(Relaxed),
             lease_waits: self.lease_waits.load(Relaxed),
             direct_fills: self.direct_fills.load(Relaxed),
+            bypassed: self.bypassed.load(Relaxed),
+            key_failures: self.key_failures.load(Relaxed),
+            invalidations_coalesced: self.invalidations_coalesced.load(Relaxed),
+            renewals: self.renewals.load(Relaxed),
         }
     }
 }
@@ -117,8 +137,8 @@ pub struct PrefixStats {
     pub prefix: String,
     /// Lookups answered from the cache.
     pub hits: u64,
-    /// Lookups that ran the function: absent entries, entries that no longer decode, and lookups
-    /// the backend failed to answer.
+    /// Calls that ran the function: absent entries, entries that no longer decode, lookups the
+    /// backend failed to answer, and calls that skipped the cache (`bypassed`, `key_failures`).
     pub misses: u64,
     /// Values written to the cache.
     pub fills: u64,
@@ -141,6 +161,15 @@ pub struct PrefixStats {
     /// Fills written before the call returned because the write-behind queue was full or shut
     /// down (on Redis; the embedded backend always writes at once and does not count here).
     pub direct_fills: u64,
+    /// Calls that skipped the cache because the circuit breaker was open (no network cost).
+    pub bypassed: u64,
+    /// Calls that ran uncached because an argument failed to serialize into the key.
+    pub key_failures: u64,
+    /// Single-key invalidations folded into one function-wide invalidation because too many of
+    /// one function were queued for retry (the queue's memory bound).
+    pub invalidations_coalesced: u64,
+    /// Fill leases renewed while a slow function computed.
+    pub renewals: u64,
 }
 
 impl PrefixStats {

@@ -1,10 +1,21 @@
-//! The embedded backend: one moka cache per DB, each entry expiring at its own deadline.
+//! The embedded backend: one moka cache for every DB, each entry expiring at its own deadline,
+//! bounded in bytes and in entries (see [`MemoryBackend::new`]). Leases follow the same protocol
+//! as the Redis scripts (`redis/scripts.rs`), under one lock.
 
-use std::sync::{Arc, OnceLock};
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 use moka::Expiry;
+
+use super::{Acquired, FillOutcome, LeaseAsk, Renewal};
+use crate::config::CacheConfig;
+
+/// Memory moka charges per entry beyond its key and value bytes (its node, our `Entry`).
+const ENTRY_OVERHEAD: u64 = 96;
 
 #[derive(Clone)]
 struct Entry {
@@ -18,68 +29,159 @@ impl Entry {
     }
 }
 
-/// Each entry lives until its own `expires_at`, as with `SET ... EX` on Redis.
+/// A key of one DB. Looked up by `(db, &str)` without building one (see [`SlotRef`]).
+#[derive(Clone, PartialEq, Eq)]
+struct Slot {
+    db: u8,
+    key: Box<str>,
+}
+
+/// What a lookup borrows a [`Slot`] as: its DB and key, from a `Slot` or a `(u8, &str)`.
+trait SlotRef {
+    fn parts(&self) -> (u8, &str);
+}
+
+impl SlotRef for Slot {
+    fn parts(&self) -> (u8, &str) {
+        (self.db, &self.key)
+    }
+}
+
+impl SlotRef for (u8, &str) {
+    fn parts(&self) -> (u8, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> Borrow<dyn SlotRef + 'a> for Slot {
+    fn borrow(&self) -> &(dyn SlotRef + 'a) {
+        self
+    }
+}
+
+impl Hash for dyn SlotRef + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for dyn SlotRef + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn SlotRef + '_ {}
+
+impl Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+/// Each entry lives until its own `expires_at`, as with `SET ... PX` on Redis.
 struct UntilDeadline;
 
-impl Expiry<String, Entry> for UntilDeadline {
-    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
+impl Expiry<Slot, Entry> for UntilDeadline {
+    fn expire_after_create(&self, _: &Slot, entry: &Entry, now: Instant) -> Option<Duration> {
         Some(entry.remaining(now))
     }
 
-    fn expire_after_update(
-        &self,
-        _: &String,
-        entry: &Entry,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
+    fn expire_after_update(&self, _: &Slot, entry: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
         Some(entry.remaining(now))
     }
 }
 
 pub(crate) struct MemoryBackend {
-    capacity: u64,
-    dbs: [OnceLock<Cache<String, Entry>>; 16],
-    leases: MemoryLeases,
+    entries: Cache<Slot, Entry>,
+    leases: Mutex<Leases>,
+    epoch: Instant,
+    /// How long an invalidation is remembered for fills whose lease aged out before it.
+    stamp_life: Duration,
+}
+
+/// A fill lease, as on Redis: the token of its holder and when it was granted and expires.
+struct Lease {
+    token: u64,
+    expires_at: Instant,
+}
+
+#[derive(Default)]
+struct Leases {
+    held: HashMap<(u8, String), Lease>,
+    /// When each key was last invalidated (µs since `epoch`), pruned once past `stamp_life`.
+    stamps: HashMap<(u8, String), u64>,
 }
 
 impl MemoryBackend {
-    pub(crate) fn new(capacity: u64) -> Self {
-        MemoryBackend { capacity, dbs: Default::default(), leases: MemoryLeases::default() }
+    /// Bounded by `config.memory_max_bytes()` bytes (key, value and a fixed overhead per entry)
+    /// and `config.memory_capacity()` entries over all DBs: each entry weighs at least
+    /// `max_bytes / capacity`, so neither bound can be passed. Past either, moka evicts what it
+    /// expects to be used least (TinyLFU: a scan of many new keys does not push out a hot set,
+    /// though keys seen once may still evict keys seen a few times).
+    pub(crate) fn new(config: &CacheConfig) -> Self {
+        let max_bytes = config.memory_max_bytes().max(1);
+        let floor = (max_bytes / config.memory_capacity().max(1)).max(1);
+        let entries = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(move |slot: &Slot, entry: &Entry| {
+                let bytes = slot.key.len() as u64 + entry.bytes.len() as u64 + ENTRY_OVERHEAD;
+                u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
+            })
+            .expire_after(UntilDeadline)
+            .build();
+        MemoryBackend {
+            entries,
+            leases: Mutex::default(),
+            epoch: Instant::now(),
+            stamp_life: super::stamp_life(config.lease_ttl()),
+        }
     }
 
-    fn db(&self, db: u8) -> &Cache<String, Entry> {
-        self.dbs[usize::from(db & 0x0f)]
-            .get_or_init(|| Cache::builder().max_capacity(self.capacity).expire_after(UntilDeadline).build())
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn micros(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    fn slot(db: u8, key: &str) -> Slot {
+        Slot { db, key: key.into() }
     }
 
     /// A live entry; moka may still hold an expired one until its next maintenance run.
     fn live(&self, db: u8, key: &str) -> Option<Entry> {
         let now = Instant::now();
-        self.db(db).get(key).filter(|e| e.expires_at > now)
+        self.entries.get(&(db, key) as &dyn SlotRef).filter(|e| e.expires_at > now)
+    }
+
+    /// Entries moka holds now (tests check the byte bound with it).
+    #[cfg(test)]
+    fn weight(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
     }
 
     pub(crate) fn get_with<T>(&self, db: u8, key: &str, decode: impl FnOnce(&[u8]) -> T) -> Option<T> {
         // moka does not return an entry past its per-entry expiry, so the hit path skips `live`'s
         // clock read (`tests/cached.rs` checks expiry on this backend).
-        self.db(db).get(key).map(|e| decode(&e.bytes))
+        self.entries.get(&(db, key) as &dyn SlotRef).map(|e| decode(&e.bytes))
     }
 
     pub(crate) fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) {
-        let entry = Entry { bytes: Arc::from(value), expires_at: Instant::now() + ttl };
-        self.db(db).insert(key.to_owned(), entry);
+        // TTLs are bounded where they come in (`cache_rules::MAX_TTL_SECONDS`); `checked_add`
+        // keeps a bad one from panicking here all the same.
+        let now = Instant::now();
+        let expires_at = now.checked_add(ttl).unwrap_or(now + Duration::from_secs(cache_rules::MAX_TTL_SECONDS));
+        self.entries.insert(Self::slot(db, key), Entry { bytes: Arc::from(value), expires_at });
     }
 
     pub(crate) fn delete(&self, db: u8, key: &str) -> bool {
-        self.db(db).remove(key).is_some_and(|e| e.expires_at > Instant::now())
+        self.entries.remove(&(db, key) as &dyn SlotRef).is_some_and(|e| e.expires_at > Instant::now())
     }
 
-    pub(crate) fn get_many_with<T>(
-        &self,
-        db: u8,
-        keys: &[String],
-        decode: impl Fn(&[u8]) -> T,
-    ) -> Vec<Option<T>> {
+    pub(crate) fn get_many_with<T>(&self, db: u8, keys: &[String], decode: impl Fn(&[u8]) -> T) -> Vec<Option<T>> {
         keys.iter().map(|k| self.get_with(db, k, &decode)).collect()
     }
 
@@ -99,9 +201,8 @@ impl MemoryBackend {
 
     pub(crate) fn expire(&self, db: u8, key: &str, ttl: Duration) -> bool {
         match self.live(db, key) {
-            Some(mut entry) => {
-                entry.expires_at = Instant::now() + ttl;
-                self.db(db).insert(key.to_owned(), entry);
+            Some(entry) => {
+                self.set(db, key, &entry.bytes, ttl);
                 true
             }
             None => false,
@@ -114,81 +215,151 @@ impl MemoryBackend {
 
     pub(crate) fn clear(&self, db: u8, prefix: &str) -> u64 {
         let pattern = format!("{prefix}:");
-        let cache = self.db(db);
-        let keys: Vec<Arc<String>> =
-            cache.iter().filter(|(k, _)| k.starts_with(&pattern)).map(|(k, _)| k).collect();
-        for key in &keys {
-            cache.invalidate(key.as_str());
+        let slots: Vec<Arc<Slot>> = self
+            .entries
+            .iter()
+            .filter(|(slot, _)| slot.db == db && slot.key.starts_with(&pattern))
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in &slots {
+            self.entries.invalidate(slot.as_ref());
         }
-        keys.len() as u64
-    }
-}
-
-/// A fill lease on the embedded backend: the same protocol as the Redis scripts, under one lock.
-struct Lease {
-    token: u64,
-    expires_at: Instant,
-}
-
-/// Leases of the embedded backend, and the lock that makes fill and invalidation atomic.
-#[derive(Default)]
-pub(crate) struct MemoryLeases {
-    leases: std::sync::Mutex<std::collections::HashMap<(u8, String), Lease>>,
-}
-
-impl MemoryBackend {
-    fn leases(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(u8, String), Lease>> {
-        self.leases.leases.lock().unwrap_or_else(|e| e.into_inner())
+        slots.len() as u64
     }
 
     /// A fresh value (written at `min_generation` or later), else the lease for `token`, else busy.
-    pub(crate) fn acquire<T>(
-        &self,
-        db: u8,
-        key: &str,
-        ask: super::LeaseAsk,
-        decode: impl FnOnce(&[u8]) -> T,
-    ) -> super::Acquired<T> {
+    pub(crate) fn acquire<T>(&self, db: u8, key: &str, ask: LeaseAsk, decode: impl FnOnce(&[u8]) -> T) -> Acquired<T> {
         let mut leases = self.leases();
         if let Some(entry) = self.live(db, key) {
             if crate::value::generation_of(&entry.bytes).is_some_and(|g| g >= ask.min_generation) {
-                return super::Acquired::Value(decode(&entry.bytes));
+                return Acquired::Value(decode(&entry.bytes));
             }
         }
         let now = Instant::now();
         let slot = (db, key.to_owned());
-        if leases.get(&slot).is_some_and(|l| l.expires_at > now) {
-            return super::Acquired::Busy;
+        if leases.held.get(&slot).is_some_and(|l| l.expires_at > now) {
+            return Acquired::Busy;
         }
-        leases.insert(slot, Lease { token: ask.token, expires_at: now + ask.ttl });
-        super::Acquired::Granted
+        leases.held.insert(slot, Lease { token: ask.token, expires_at: deadline(now, ask.ttl) });
+        Acquired::Granted(self.micros())
     }
 
-    /// Writes `value` if the lease for `token` is still held; `false` if it was revoked or expired.
-    pub(crate) fn fill(&self, db: u8, key: &str, token: u64, value: &[u8], ttl: Duration) -> bool {
+    /// Whether `key` was invalidated after `granted_at`.
+    fn revoked_since(leases: &Leases, slot: &(u8, String), granted_at: u64) -> bool {
+        leases.stamps.get(slot).is_some_and(|stamp| *stamp >= granted_at)
+    }
+
+    /// Extends the lease of `token` (see `RENEW` in `redis/scripts.rs`).
+    pub(crate) fn renew(&self, db: u8, key: &str, token: u64, granted_at: u64, ttl: Duration) -> Renewal {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
-        let held = leases.get(&slot).is_some_and(|l| l.token == token && l.expires_at > Instant::now());
-        if held {
-            leases.remove(&slot);
-            self.set(db, key, value, ttl);
+        let now = Instant::now();
+        let renewed = Lease { token, expires_at: deadline(now, ttl) };
+        match leases.held.get(&slot) {
+            Some(lease) if lease.token == token => {}
+            _ if Self::revoked_since(&leases, &slot, granted_at) => return Renewal::Revoked,
+            Some(lease) if lease.expires_at > now => return Renewal::Superseded,
+            _ => {}
         }
-        held
+        leases.held.insert(slot, renewed);
+        Renewal::Renewed
+    }
+
+    /// Writes `value` under the lease of `token` (see `FILL` in `redis/scripts.rs`).
+    pub(crate) fn fill(&self, db: u8, key: &str, token: u64, granted_at: u64, value: &[u8], ttl: Duration) -> FillOutcome {
+        let mut leases = self.leases();
+        let slot = (db, key.to_owned());
+        let now = Instant::now();
+        match leases.held.get(&slot) {
+            Some(lease) if lease.token == token => {
+                leases.held.remove(&slot);
+            }
+            _ if Self::revoked_since(&leases, &slot, granted_at) => return FillOutcome::Revoked,
+            Some(lease) if lease.expires_at > now => return FillOutcome::Superseded,
+            _ => {}
+        }
+        self.set(db, key, value, ttl);
+        FillOutcome::Written
     }
 
     /// Gives the lease up if it is still held by `token`.
     pub(crate) fn release(&self, db: u8, key: &str, token: u64) {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
-        if leases.get(&slot).is_some_and(|l| l.token == token) {
-            leases.remove(&slot);
+        if leases.held.get(&slot).is_some_and(|l| l.token == token) {
+            leases.held.remove(&slot);
         }
     }
 
-    /// Deletes the entry and revokes its lease, atomically with respect to `fill`.
+    /// Deletes the entry, revokes its lease and stamps the invalidation, atomically with respect
+    /// to `fill`.
     pub(crate) fn invalidate(&self, db: u8, key: &str) {
         let mut leases = self.leases();
-        leases.remove(&(db, key.to_owned()));
-        self.db(db).invalidate(key);
+        let slot = (db, key.to_owned());
+        leases.held.remove(&slot);
+        let now = self.micros();
+        let life = u64::try_from(self.stamp_life.as_micros()).unwrap_or(u64::MAX);
+        if leases.stamps.len() >= 1024 {
+            // Forget stamps no fill can still need.
+            leases.stamps.retain(|_, stamp| now.saturating_sub(*stamp) < life);
+        }
+        leases.stamps.insert(slot, now);
+        self.entries.invalidate(&(db, key) as &dyn SlotRef);
+    }
+}
+
+fn deadline(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl).unwrap_or(now + Duration::from_secs(86_400))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_in_bytes() {
+        // 8 MiB for 100,000 entries: 64 values of 1 MiB cannot all stay.
+        let config = CacheConfig::memory().with_memory_max_bytes(8 << 20);
+        let m = MemoryBackend::new(&config);
+        let value = vec![7u8; 1 << 20];
+        for i in 0..64 {
+            m.set(5, &format!("big:{i}"), &value, Duration::from_secs(60));
+        }
+        let weight = m.weight();
+        assert!(weight <= 8 << 20, "held {weight} bytes");
+        assert!(weight >= 4 << 20, "kept too little: {weight} bytes");
+    }
+
+    #[test]
+    fn bounded_in_entries() {
+        let config = CacheConfig::memory().with_memory_capacity(100);
+        let m = MemoryBackend::new(&config);
+        for i in 0..1000 {
+            m.set(5, &format!("k:{i}"), b"v", Duration::from_secs(60));
+        }
+        m.entries.run_pending_tasks();
+        let count = m.entries.entry_count();
+        assert!((50..=100).contains(&count), "{count} entries");
+    }
+
+    #[test]
+    fn duration_max_does_not_panic() {
+        let m = MemoryBackend::new(&CacheConfig::memory());
+        m.set(5, "k", b"v", Duration::MAX);
+        assert!(m.exists(5, "k"));
+    }
+
+    #[test]
+    fn aged_lease_fills_unless_invalidated() {
+        let m = MemoryBackend::new(&CacheConfig::memory());
+        let ask = |token| LeaseAsk { token, ttl: Duration::from_millis(1), min_generation: 0 };
+        let Acquired::Granted(at) = m.acquire(5, "a", ask(1), |_| ()) else { panic!("granted") };
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(m.fill(5, "a", 1, at, b"[0,1]", Duration::from_secs(9)), FillOutcome::Written);
+        let Acquired::Granted(at) = m.acquire(5, "b", ask(2), |_| ()) else { panic!("granted") };
+        std::thread::sleep(Duration::from_millis(5));
+        m.invalidate(5, "b");
+        assert_eq!(m.fill(5, "b", 2, at, b"[0,1]", Duration::from_secs(9)), FillOutcome::Revoked);
+        assert_eq!(m.renew(5, "b", 2, at, Duration::from_secs(1)), Renewal::Revoked);
     }
 }

@@ -1,11 +1,15 @@
-//! The stores behind the cache, side by side: [`memory`] (embedded, the default with nothing
-//! configured) and [`redis`]. [`Backend`] dispatches to one of them and bounds every call with the
-//! configured timeout; it is an enum rather than a trait object so the hit path makes no virtual
-//! call and boxes no future.
+//! The stores behind the cache, side by side, each in its own folder or file: [`memory`]
+//! (embedded, the default with nothing configured) and [`redis`] (with its scripts and batcher).
+//! [`Backend`] dispatches to one of them; every Redis call goes through the circuit breaker
+//! ([`breaker`]) and is bounded by the configured timeout. It is an enum rather than a trait
+//! object so the hit path makes no virtual call and boxes no future. Choosing a store is the one
+//! `match` in [`Backend::new`].
 
-pub(crate) mod batch;
+pub(crate) mod breaker;
 pub(crate) mod memory;
 pub(crate) mod redis;
+
+pub(crate) use self::redis::batch;
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,10 +32,45 @@ pub(crate) struct LeaseAsk {
 pub(crate) enum Acquired<T> {
     /// Someone filled the entry meanwhile (at the generation asked for or later).
     Value(T),
-    /// The lease is ours: compute and fill with our token.
-    Granted,
+    /// The lease is ours, granted at this backend time (µs): compute, renew while computing, and
+    /// fill with our token.
+    Granted(u64),
     /// Another caller (maybe in another process) holds the lease: wait for its value.
     Busy,
+}
+
+/// What a lease-checked fill did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FillOutcome {
+    /// Written (under our lease, or after it aged out with no invalidation since it was granted).
+    Written,
+    /// Refused: an invalidation of the key came after the lease was granted. The value may be
+    /// older than a write that has been acknowledged: it must not be served.
+    Revoked,
+    /// Not written: our lease aged out and another caller holds the key's lease now (it fills).
+    /// No invalidation came since ours was granted, so the value itself is not stale.
+    Superseded,
+}
+
+impl FillOutcome {
+    pub(crate) fn from_code(code: u8) -> Self {
+        match code {
+            1 | 2 => FillOutcome::Written,
+            3 => FillOutcome::Superseded,
+            _ => FillOutcome::Revoked,
+        }
+    }
+}
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// Ours for another `lease_ttl`.
+    Renewed,
+    /// An invalidation revoked it: the value being computed must not be filled.
+    Revoked,
+    /// It aged out and another caller holds it now.
+    Superseded,
 }
 
 // One per runtime, behind its `Arc`: the size difference costs nothing.
@@ -45,7 +84,7 @@ pub(crate) enum Backend {
 impl Backend {
     pub(crate) fn new(config: &CacheConfig) -> Self {
         match &config.backend {
-            BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config.memory_capacity)),
+            BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config)),
             BackendKind::Redis(target) => Backend::Redis(redis::RedisBackend::new(target.clone(), config)),
             BackendKind::None => Backend::None,
         }
@@ -58,6 +97,13 @@ impl Backend {
             Backend::None => "none",
         }
     }
+}
+
+/// How long an invalidation stamp lives: fills whose lease aged out before the invalidation came
+/// are refused for this long after it (their holders, renewing every third of `lease_ttl`, learn
+/// of the revocation well before).
+pub(crate) fn stamp_life(lease_ttl: Duration) -> Duration {
+    lease_ttl.saturating_mul(4).max(Duration::from_secs(1))
 }
 
 /// Runs `op` with the runtime's bound on backend calls.
@@ -79,7 +125,7 @@ macro_rules! dispatch {
                 pub(crate) async fn $name(&self, limit: Duration, db: u8, $($arg: $ty),*) -> Result<$ret, BackendError> {
                     match self {
                         Backend::Memory(m) => Ok(m.$name(db, $($arg),*)),
-                        Backend::Redis(r) => bounded(limit, r.$name(db, $($arg),*)).await,
+                        Backend::Redis(r) => r.guarded(limit, r.$name(db, $($arg),*)).await,
                         Backend::None => Ok($none),
                     }
                 }
@@ -110,11 +156,9 @@ impl Backend {
     ) -> Result<Option<T>, BackendError> {
         match self {
             Backend::Memory(m) => Ok(m.get_with(db, key, decode)),
-            // The hit path: the connection's own response timeout (set to the same `op_timeout`)
-            // bounds it, so no second timer is armed per lookup.
-            Backend::Redis(r) => match r.get_with(db, key, &decode).await {
+            Backend::Redis(r) => match r.guarded(limit, r.get_with(db, key, &decode)).await {
                 Err(e) if r.retry_on_timeout && e.is_timeout() => {
-                    bounded(limit, r.get_with(db, key, &decode)).await
+                    r.guarded(limit, r.get_with(db, key, &decode)).await
                 }
                 result => result,
             },
@@ -131,8 +175,17 @@ impl Backend {
     ) -> Result<Vec<Option<T>>, BackendError> {
         match self {
             Backend::Memory(m) => Ok(m.get_many_with(db, keys, decode)),
-            Backend::Redis(r) => bounded(limit, r.get_many_with(db, keys, decode)).await,
+            Backend::Redis(r) => r.guarded(limit, r.get_many_with(db, keys, decode)).await,
             Backend::None => Ok(keys.iter().map(|_| None).collect()),
+        }
+    }
+
+    /// Hands a handle's write (`set_behind`) to the batcher, with a ticket that a later `set` or
+    /// `delete` of the key cancels or waits for; or back.
+    pub(crate) fn offer_handle_write(&self, db: u8, write: batch::Write) -> Result<(), batch::Write> {
+        match self {
+            Backend::Redis(r) => r.batcher.offer_handle_write(db, write, || r.conn(db).ok()),
+            Backend::Memory(_) | Backend::None => Err(write),
         }
     }
 
@@ -144,18 +197,34 @@ impl Backend {
         }
     }
 
-    /// Waits until every write accepted so far has been answered.
-    pub(crate) async fn flush(&self) {
-        if let Backend::Redis(r) = self {
-            r.batcher.flush().await;
+    /// Waits until every write accepted so far has been answered, or `limit` has passed; how
+    /// many writes were still unanswered then.
+    pub(crate) async fn flush(&self, limit: Duration) -> usize {
+        match self {
+            Backend::Redis(r) => r.batcher.flush(limit).await,
+            Backend::Memory(_) | Backend::None => 0,
         }
     }
 
-    /// Flushes and stops accepting writes for the background.
-    pub(crate) async fn shutdown(&self) {
-        if let Backend::Redis(r) = self {
-            r.batcher.shutdown().await;
+    /// Flushes (within `limit`) and stops accepting writes for the background.
+    pub(crate) async fn shutdown(&self, limit: Duration) -> usize {
+        match self {
+            Backend::Redis(r) => r.batcher.shutdown(limit).await,
+            Backend::Memory(_) | Backend::None => 0,
         }
+    }
+
+    /// Cancels the queued handle writes of `key` and waits (within `limit`) for one already
+    /// sent, so that a later write or delete of `key` lands after it.
+    pub(crate) async fn supersede(&self, limit: Duration, db: u8, key: &str) {
+        if let Backend::Redis(r) = self {
+            r.batcher.supersede(limit, db, key).await;
+        }
+    }
+
+    /// Whether the circuit breaker is open (Redis only).
+    pub(crate) fn breaker_open(&self) -> bool {
+        matches!(self, Backend::Redis(r) if r.breaker.is_open())
     }
 
     /// Writes accepted for the background and not yet answered.
@@ -174,10 +243,12 @@ impl Backend {
         db: u8,
         key: &str,
         generation_key: &str,
+        generation_life: Duration,
         decode: impl Fn(&[u8]) -> T,
     ) -> Result<(Option<T>, Option<u64>), BackendError> {
         match self {
-            Backend::Redis(r) => bounded(limit, r.get_with_generation(db, key, generation_key, decode))
+            Backend::Redis(r) => r
+                .guarded(limit, r.get_with_generation(db, key, generation_key, generation_life, decode))
                 .await
                 .map(|(v, g)| (v, Some(g))),
             _ => Ok((self.get_with(limit, db, key, decode).await?, None)),
@@ -194,24 +265,43 @@ impl Backend {
     ) -> Result<Acquired<T>, BackendError> {
         match self {
             Backend::Memory(m) => Ok(m.acquire(db, key, ask, decode)),
-            Backend::Redis(r) => bounded(limit, r.acquire(db, key, ask, decode)).await,
-            Backend::None => Ok(Acquired::Granted),
+            Backend::Redis(r) => r.guarded(limit, r.acquire(db, key, ask, decode)).await,
+            Backend::None => Ok(Acquired::Busy),
         }
     }
 
+    /// Extends a held lease by `lease` (see [`Renewal`]).
+    pub(crate) async fn renew(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+        token: u64,
+        granted_at: u64,
+        lease: Duration,
+    ) -> Result<Renewal, BackendError> {
+        match self {
+            Backend::Memory(m) => Ok(m.renew(db, key, token, granted_at, lease)),
+            Backend::Redis(r) => r.guarded(limit, r.renew(db, key, token, granted_at, lease)).await,
+            Backend::None => Ok(Renewal::Superseded),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn fill(
         &self,
         limit: Duration,
         db: u8,
         key: &str,
         token: u64,
+        granted_at: u64,
         value: &[u8],
         ttl: Duration,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<FillOutcome, BackendError> {
         match self {
-            Backend::Memory(m) => Ok(m.fill(db, key, token, value, ttl)),
-            Backend::Redis(r) => bounded(limit, r.fill(db, key, token, value, ttl)).await,
-            Backend::None => Ok(false),
+            Backend::Memory(m) => Ok(m.fill(db, key, token, granted_at, value, ttl)),
+            Backend::Redis(r) => r.guarded(limit, r.fill(db, key, token, granted_at, value, ttl)).await,
+            Backend::None => Ok(FillOutcome::Superseded),
         }
     }
 
@@ -227,18 +317,27 @@ impl Backend {
                 m.release(db, key, token);
                 Ok(())
             }
+            // Not through the breaker: giving a lease back is worth a try even while it is open.
             Backend::Redis(r) => bounded(limit, r.release(db, key, token)).await,
             Backend::None => Ok(()),
         }
     }
 
-    pub(crate) async fn invalidate(&self, limit: Duration, db: u8, key: &str) -> Result<(), BackendError> {
+    /// Drops `key`, revokes its lease, and remembers for `stamp_life` that it was invalidated
+    /// (so a fill whose lease aged out before is still refused).
+    pub(crate) async fn invalidate(
+        &self,
+        limit: Duration,
+        db: u8,
+        key: &str,
+        stamp_life: Duration,
+    ) -> Result<(), BackendError> {
         match self {
             Backend::Memory(m) => {
                 m.invalidate(db, key);
                 Ok(())
             }
-            Backend::Redis(r) => bounded(limit, r.invalidate(db, key)).await,
+            Backend::Redis(r) => r.guarded(limit, r.invalidate(db, key, stamp_life)).await,
             Backend::None => Ok(()),
         }
     }
@@ -253,14 +352,14 @@ impl Backend {
         ttl: Duration,
     ) -> Result<Option<u64>, BackendError> {
         match self {
-            Backend::Redis(r) => bounded(limit, r.bump_generation(db, generation_key, ttl)).await.map(Some),
+            Backend::Redis(r) => r.guarded(limit, r.bump_generation(db, generation_key, ttl)).await.map(Some),
             Backend::Memory(_) | Backend::None => Ok(None),
         }
     }
 
     pub(crate) async fn ping(&self, limit: Duration, db: u8) -> Result<(), BackendError> {
         match self {
-            Backend::Redis(r) => bounded(limit, r.ping(db)).await,
+            Backend::Redis(r) => r.guarded(limit, r.ping(db)).await,
             Backend::Memory(_) | Backend::None => Ok(()),
         }
     }

@@ -1,83 +1,27 @@
-//! The Redis backend: one auto-reconnecting multiplexed connection per DB number, the DB selected
-//! when the connection is made (so no `SELECT` ever travels with a command).
+//! The Redis backend: `pool_size` auto-reconnecting multiplexed connections per DB number, the DB
+//! selected when the connection is made (so no `SELECT` ever travels with a command), a circuit
+//! breaker in front of them ([`super::breaker`]), the protocol scripts (`scripts.rs`) and the
+//! write-behind batcher (`batch.rs`).
 
-use std::sync::OnceLock;
+pub(crate) mod batch;
+pub(crate) mod scripts;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-use super::batch::Batcher;
+use self::batch::Batcher;
+use self::scripts::{millis, AcquireReply};
+use super::breaker::Breaker;
+use super::{bounded, Acquired, FillOutcome, LeaseAsk, Renewal};
 use crate::config::{CacheConfig, RedisTarget};
 use crate::error::BackendError;
 
 /// How many keys one `SCAN` step asks for when clearing a prefix.
 const SCAN_COUNT: usize = 1000;
-
-/// KEYS: entry, lease. ARGV: token, lease ms, minimum generation. The generation is read from a
-/// JSON (`[g,...]`) or MessagePack value (see `value.rs`).
-/// A fresh entry: `{1, value}`. Lease taken: `{2}`. Someone else holds it: `{3}`.
-const ACQUIRE: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v then
-  local g
-  if string.sub(v, 1, 1) == '[' then
-    g = tonumber(string.match(v, '^%[(%d+),'))
-  else
-    local ok, pair = pcall(cmsgpack.unpack, v)
-    if ok and type(pair) == 'table' then g = tonumber(pair[1]) end
-  end
-  if g and g >= tonumber(ARGV[3]) then return {1, v} end
-end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, false} end
-return {3, false}
-";
-
-/// KEYS: entry, lease. ARGV: token, value, ttl ms. Writes only while the lease is ours.
-const FILL: &str = r"
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-return 0
-";
-
-/// KEYS: generation. ARGV: ttl ms. The new generation is the server's clock in microseconds (or
-/// one more than the old one): larger than any generation stamped before, even after the key
-/// expired, so entries written before this bump are stale for good.
-const BUMP_GENERATION: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-local g = math.max(now, cur + 1)
-redis.call('SET', KEYS[1], string.format('%.0f', g), 'PX', ARGV[1])
-return g
-";
-
-/// KEYS: lease. ARGV: token. Gives the lease up if it is still ours.
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
-
-pub(crate) struct Scripts {
-    acquire: redis::Script,
-    pub(crate) fill: redis::Script,
-    release: redis::Script,
-    bump_generation: redis::Script,
-}
-
-pub(crate) fn scripts() -> &'static Scripts {
-    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
-    SCRIPTS.get_or_init(|| Scripts {
-        acquire: redis::Script::new(ACQUIRE),
-        fill: redis::Script::new(FILL),
-        release: redis::Script::new(RELEASE),
-        bump_generation: redis::Script::new(BUMP_GENERATION),
-    })
-}
 
 pub(crate) struct RedisBackend {
     target: RedisTarget,
@@ -85,6 +29,7 @@ pub(crate) struct RedisBackend {
     op_timeout: Duration,
     pool_size: usize,
     pub(crate) retry_on_timeout: bool,
+    pub(crate) breaker: Arc<Breaker>,
     /// Per DB, `pool_size` multiplexed connections, made on first use.
     dbs: [OnceLock<Pool>; 16],
     pub(crate) batcher: Batcher,
@@ -98,14 +43,16 @@ struct Pool {
 
 impl RedisBackend {
     pub(crate) fn new(target: RedisTarget, config: &CacheConfig) -> Self {
+        let breaker = Arc::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown, target.address()));
         RedisBackend {
+            batcher: Batcher::new(config, Arc::clone(&breaker)),
+            breaker,
             target,
             connect_timeout: config.connect_timeout,
             op_timeout: config.op_timeout,
             pool_size: config.pool_size.max(1),
             retry_on_timeout: config.retry_on_timeout,
             dbs: Default::default(),
-            batcher: Batcher::new(config),
         }
     }
 
@@ -138,6 +85,19 @@ impl RedisBackend {
         Ok(ConnectionManager::new_lazy_with_config(client, config)?)
     }
 
+    /// Runs `op` through the breaker, bounded by `limit`: refused at once while the breaker is
+    /// open, and its result moves the breaker.
+    pub(crate) async fn guarded<T>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let permit = self.breaker.admit()?;
+        let result = bounded(limit, op).await;
+        permit.record(&result);
+        result
+    }
+
     pub(crate) async fn get_with<T>(
         &self,
         db: u8,
@@ -149,42 +109,68 @@ impl RedisBackend {
         Ok(bytes.map(|b| decode(&b)))
     }
 
-    /// GET of the entry and of the function's generation, pipelined in one round trip.
+    /// GET of the entry and of the function's generation (extending the generation key's life:
+    /// it lives as long as the function is read), pipelined in one round trip. A missing
+    /// generation key is recreated at the server's clock (one more round trip), so that entries
+    /// older than a lost key are never trusted.
     pub(crate) async fn get_with_generation<T>(
         &self,
         db: u8,
         key: &str,
         generation_key: &str,
+        generation_life: Duration,
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<(Option<T>, u64), BackendError> {
         let mut conn = self.conn(db)?;
-        let (bytes, generation): (Option<Vec<u8>>, Option<u64>) =
-            redis::pipe().cmd("GET").arg(key).cmd("GET").arg(generation_key).query_async(&mut conn).await?;
-        Ok((bytes.map(|b| decode(&b)), generation.unwrap_or(0)))
+        let (bytes, generation): (Option<Vec<u8>>, Option<u64>) = redis::pipe()
+            .cmd("GET")
+            .arg(key)
+            .cmd("GETEX")
+            .arg(generation_key)
+            .arg("PX")
+            .arg(millis(generation_life))
+            .query_async(&mut conn)
+            .await?;
+        let generation = match generation {
+            Some(g) => g,
+            None => scripts::init_generation(&mut conn, generation_key, generation_life).await?,
+        };
+        Ok((bytes.map(|b| decode(&b)), generation))
     }
 
+    /// Asks for the fill lease. If the reply never arrives (the call timed out, or the caller
+    /// went away), the server may still run the request later and set a lease nobody holds: a
+    /// release of our token then follows it on the same connection, so such a lease lives only
+    /// until the server reaches the release.
     pub(crate) async fn acquire<T>(
         &self,
         db: u8,
         key: &str,
-        ask: super::LeaseAsk,
+        ask: LeaseAsk,
         decode: impl FnOnce(&[u8]) -> T,
-    ) -> Result<super::Acquired<T>, BackendError> {
-        let mut conn = self.conn(db)?;
-        let (state, value): (u8, Option<Vec<u8>>) = scripts()
-            .acquire
-            .key(key)
-            .key(crate::key::lease_key(key))
-            .arg(ask.token)
-            .arg(ttl_millis(ask.ttl))
-            .arg(ask.min_generation)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(match (state, value) {
-            (1, Some(bytes)) => super::Acquired::Value(decode(&bytes)),
-            (2, _) => super::Acquired::Granted,
-            _ => super::Acquired::Busy,
+    ) -> Result<Acquired<T>, BackendError> {
+        let conn = self.conn(db)?;
+        let mut orphan = OrphanGuard { conn: Some(conn.clone()), key, token: ask.token };
+        let reply = scripts::acquire(&mut conn.clone(), key, ask.token, ask.ttl, ask.min_generation).await;
+        if reply.is_ok() {
+            orphan.conn = None; // answered: whatever we got, we know it
+        }
+        Ok(match reply? {
+            AcquireReply::Value(bytes) => Acquired::Value(decode(&bytes)),
+            AcquireReply::Granted(granted_at) => Acquired::Granted(granted_at),
+            AcquireReply::Busy => Acquired::Busy,
         })
+    }
+
+    pub(crate) async fn renew(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        granted_at: u64,
+        lease: Duration,
+    ) -> Result<Renewal, BackendError> {
+        scripts::renew(&mut self.conn(db)?, key, token, granted_at, lease).await
     }
 
     pub(crate) async fn fill(
@@ -192,39 +178,30 @@ impl RedisBackend {
         db: u8,
         key: &str,
         token: u64,
+        granted_at: u64,
         value: &[u8],
         ttl: Duration,
-    ) -> Result<bool, BackendError> {
-        fill_on(&mut self.conn(db)?, key, token, value, ttl).await
+    ) -> Result<FillOutcome, BackendError> {
+        scripts::fill(&mut self.conn(db)?, key, token, granted_at, value, ttl).await
     }
 
     pub(crate) async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
-        let mut conn = self.conn(db)?;
-        scripts().release.key(crate::key::lease_key(key)).arg(token).invoke_async::<()>(&mut conn).await?;
-        Ok(())
+        scripts::release(&mut self.conn(db)?, key, token).await
     }
 
-    /// Deletes the entry and its lease in one command: a fill holding the old lease is refused.
-    pub(crate) async fn invalidate(&self, db: u8, key: &str) -> Result<(), BackendError> {
-        let mut conn = self.conn(db)?;
-        redis::cmd("UNLINK").arg(key).arg(crate::key::lease_key(key)).query_async::<()>(&mut conn).await?;
-        Ok(())
+    /// Deletes the entry and its lease and stamps the invalidation, in one script: a fill holding
+    /// the old lease is refused.
+    pub(crate) async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
+        scripts::invalidate(&mut self.conn(db)?, key, stamp_life).await
     }
 
     pub(crate) async fn bump_generation(
         &self,
         db: u8,
         generation_key: &str,
-        ttl: Duration,
+        life: Duration,
     ) -> Result<u64, BackendError> {
-        let mut conn = self.conn(db)?;
-        let generation: u64 = scripts()
-            .bump_generation
-            .key(generation_key)
-            .arg(ttl_millis(ttl))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(generation)
+        scripts::bump_generation(&mut self.conn(db)?, generation_key, life).await
     }
 
     pub(crate) async fn set(
@@ -240,7 +217,7 @@ impl RedisBackend {
             .arg(key)
             .arg(value)
             .arg("PX")
-            .arg(ttl_millis(ttl))
+            .arg(millis(ttl))
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
@@ -280,7 +257,7 @@ impl RedisBackend {
         let mut conn = self.conn(db)?;
         let mut pipe = redis::pipe();
         for (key, value) in items {
-            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(ttl_millis(ttl)).ignore();
+            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
@@ -303,7 +280,7 @@ impl RedisBackend {
 
     pub(crate) async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
         let mut conn = self.conn(db)?;
-        let n: u64 = redis::cmd("PEXPIRE").arg(key).arg(ttl_millis(ttl)).query_async(&mut conn).await?;
+        let n: u64 = redis::cmd("PEXPIRE").arg(key).arg(millis(ttl)).query_async(&mut conn).await?;
         Ok(n > 0)
     }
 
@@ -347,28 +324,22 @@ impl RedisBackend {
     }
 }
 
-/// The lease-checked fill on `conn`: `true` if written, `false` if its lease was revoked. Loads
-/// the script when the server does not have it.
-pub(crate) async fn fill_on(
-    conn: &mut ConnectionManager,
-    key: &str,
+/// Armed while a lease request is unanswered; dropped armed, it sends the release of its token
+/// on the same connection, so the server runs it right after the request if it runs that at all.
+struct OrphanGuard<'a> {
+    conn: Option<ConnectionManager>,
+    key: &'a str,
     token: u64,
-    value: &[u8],
-    ttl: Duration,
-) -> Result<bool, BackendError> {
-    let written: u8 = scripts()
-        .fill
-        .key(key)
-        .key(crate::key::lease_key(key))
-        .arg(token)
-        .arg(value)
-        .arg(ttl_millis(ttl))
-        .invoke_async(conn)
-        .await?;
-    Ok(written == 1)
 }
 
-/// Milliseconds for `PX`/`PEXPIRE`, never 0 (Redis rejects 0).
-pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+impl Drop for OrphanGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        let (key, token) = (self.key.to_owned(), self.token);
+        // Written to the connection now, in order after the request; the answer does not matter
+        // (the background task only keeps the future alive until it is sent).
+        crate::background::spawn(async move {
+            let _ = scripts::release(&mut conn, &key, token).await;
+        });
+    }
 }

@@ -1,0 +1,200 @@
+//! A circuit breaker per server: after `threshold` consecutive failures (connection errors,
+//! timeouts, authentication failures, a server that is loading or down) it opens, and while it
+//! is open every call fails at once with [`BackendError::Bypassed`] (cached functions run
+//! uncached, at no network cost). After `cooldown` the next call is let through as the one
+//! probe: success closes the breaker, failure opens it for another cool-down.
+//!
+//! It also owns the failure log: one `warn` when the backend starts failing (the first failure
+//! after a success), one `warn` when the breaker opens, one `info` when it closes; the calls in
+//! between log at debug level only.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use crate::error::BackendError;
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const PROBING: u8 = 2;
+
+pub(crate) struct Breaker {
+    /// Consecutive failures that open it; 0 = never opens.
+    threshold: u32,
+    cooldown: Duration,
+    server: String,
+    state: AtomicU8,
+    consecutive: AtomicU32,
+    /// When it last opened, in nanoseconds since `epoch`.
+    opened_at: AtomicU64,
+    epoch: Instant,
+    /// Whether the last call failed (so the next failure is not logged again).
+    failing: AtomicBool,
+    opened: AtomicU64,
+}
+
+/// A call the breaker let through; its result must be recorded.
+pub(crate) struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration, server: String) -> Self {
+        Breaker {
+            threshold,
+            cooldown,
+            server,
+            state: AtomicU8::new(CLOSED),
+            consecutive: AtomicU32::new(0),
+            opened_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            failing: AtomicBool::new(false),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Lets a call through, or refuses it while the breaker is open.
+    pub(crate) fn admit(&self) -> Result<Permit<'_>, BackendError> {
+        match self.state.load(SeqCst) {
+            CLOSED => Ok(Permit { breaker: self, probe: false, recorded: false }),
+            OPEN => {
+                let cooled = self.now().saturating_sub(self.opened_at.load(SeqCst))
+                    >= u64::try_from(self.cooldown.as_nanos()).unwrap_or(u64::MAX);
+                if cooled && self.state.compare_exchange(OPEN, PROBING, SeqCst, SeqCst).is_ok() {
+                    tracing::debug!(server = %self.server, "cache breaker: probing the backend");
+                    return Ok(Permit { breaker: self, probe: true, recorded: false });
+                }
+                Err(BackendError::Bypassed)
+            }
+            _ => Err(BackendError::Bypassed),
+        }
+    }
+
+    /// Whether the breaker is open (or probing): cached calls skip the backend.
+    pub(crate) fn is_open(&self) -> bool {
+        self.state.load(SeqCst) != CLOSED
+    }
+
+    /// How many times it has opened.
+    #[cfg(test)]
+    pub(crate) fn times_opened(&self) -> u64 {
+        self.opened.load(SeqCst)
+    }
+
+    fn open(&self) {
+        self.opened_at.store(self.now(), SeqCst);
+        self.state.store(OPEN, SeqCst);
+    }
+
+    fn succeeded(&self, probe: bool) {
+        self.consecutive.store(0, SeqCst);
+        let was_failing = self.failing.swap(false, SeqCst);
+        if probe || self.state.load(SeqCst) != CLOSED {
+            self.state.store(CLOSED, SeqCst);
+            tracing::info!(server = %self.server, "cache backend answers again: breaker closed, caching resumes");
+        } else if was_failing {
+            tracing::info!(server = %self.server, "cache backend answers again");
+        }
+    }
+
+    fn failed(&self, probe: bool, error: &BackendError) {
+        let consecutive = self.consecutive.fetch_add(1, SeqCst).saturating_add(1);
+        if !self.failing.swap(true, SeqCst) {
+            tracing::warn!(server = %self.server, %error, "cache backend failing: cached functions run uncached (logged once until it recovers)");
+        } else {
+            tracing::debug!(server = %self.server, %error, "cache backend call failed");
+        }
+        if probe {
+            self.open();
+            return;
+        }
+        if self.threshold > 0
+            && consecutive >= self.threshold
+            && self.state.compare_exchange(CLOSED, OPEN, SeqCst, SeqCst).is_ok()
+        {
+            self.opened_at.store(self.now(), SeqCst);
+            self.opened.fetch_add(1, SeqCst);
+            tracing::warn!(
+                server = %self.server,
+                consecutive,
+                cooldown_ms = self.cooldown.as_millis() as u64,
+                "cache breaker opened: calls skip the cache until a probe succeeds"
+            );
+        }
+    }
+}
+
+impl Permit<'_> {
+    /// Records the call's result: what counts as a failure of the server moves the breaker.
+    pub(crate) fn record<T>(mut self, result: &Result<T, BackendError>) {
+        self.recorded = true;
+        match result {
+            Ok(_) => self.breaker.succeeded(self.probe),
+            Err(e) if e.is_server_failure() => self.breaker.failed(self.probe, e),
+            // An answer about the request (a script error, a refused command): the server is up.
+            Err(_) => self.breaker.succeeded(self.probe),
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        // A probe whose caller went away decided nothing: open for another cool-down.
+        if self.probe && !self.recorded {
+            self.breaker.open();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout() -> Result<(), BackendError> {
+        Err(BackendError::Timeout(Duration::from_millis(1)))
+    }
+
+    #[test]
+    fn opens_after_threshold_and_closes_on_a_probe() {
+        let b = Breaker::new(3, Duration::from_millis(30), "test".into());
+        for _ in 0..2 {
+            b.admit().unwrap().record(&timeout());
+        }
+        assert!(!b.is_open());
+        b.admit().unwrap().record(&timeout());
+        assert!(b.is_open());
+        assert!(matches!(b.admit(), Err(BackendError::Bypassed)));
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = b.admit().unwrap();
+        assert!(matches!(b.admit(), Err(BackendError::Bypassed)), "one probe at a time");
+        probe.record(&Ok(()));
+        assert!(!b.is_open());
+        assert_eq!(b.times_opened(), 1);
+    }
+
+    #[test]
+    fn a_failed_or_dropped_probe_reopens() {
+        let b = Breaker::new(1, Duration::from_millis(20), "test".into());
+        b.admit().unwrap().record(&timeout());
+        std::thread::sleep(Duration::from_millis(30));
+        b.admit().unwrap().record(&timeout());
+        assert!(matches!(b.admit(), Err(BackendError::Bypassed)), "cooling down again");
+        std::thread::sleep(Duration::from_millis(30));
+        drop(b.admit().unwrap());
+        assert!(matches!(b.admit(), Err(BackendError::Bypassed)));
+    }
+
+    #[test]
+    fn threshold_zero_never_opens() {
+        let b = Breaker::new(0, Duration::from_millis(20), "test".into());
+        for _ in 0..100 {
+            b.admit().unwrap().record(&timeout());
+        }
+        assert!(!b.is_open());
+    }
+}

@@ -1,0 +1,48 @@
+//! Which part of a function's return value is cached, chosen by the macro from the return type
+//! as written: `Result` caches `Ok`, `Option` caches `Some`, anything else is cached whole.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub trait Policy<R> {
+    type Stored: Serialize + DeserializeOwned;
+    fn stored(output: &R) -> Option<&Self::Stored>;
+    fn restore(stored: Self::Stored) -> R;
+}
+
+/// Caches the whole value.
+pub struct Whole;
+/// Caches `Ok(T)` only.
+pub struct OkOnly;
+/// Caches `Some(T)` only.
+pub struct SomeOnly;
+
+impl<T: Serialize + DeserializeOwned> Policy<T> for Whole {
+    type Stored = T;
+    fn stored(output: &T) -> Option<&T> {
+        Some(output)
+    }
+    fn restore(stored: T) -> T {
+        stored
+    }
+}
+
+impl<T: Serialize + DeserializeOwned, E> Policy<Result<T, E>> for OkOnly {
+    type Stored = T;
+    fn stored(output: &Result<T, E>) -> Option<&T> {
+        output.as_ref().ok()
+    }
+    fn restore(stored: T) -> Result<T, E> {
+        Ok(stored)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Policy<Option<T>> for SomeOnly {
+    type Stored = T;
+    fn stored(output: &Option<T>) -> Option<&T> {
+        output.as_ref()
+    }
+    fn restore(stored: T) -> Option<T> {
+        Some(stored)
+    }
+}
