@@ -284,7 +284,7 @@ async fn run() {
         theirs(s).await.unwrap();
         raw(&mut raw_conn.clone(), s).await;
     }
-    runtime.flush().await;
+    runtime.flush().await.unwrap();
 
     // 1. Warm hits at concurrency 1 and 64.
     for concurrency in [1usize, 64] {
@@ -405,7 +405,7 @@ async fn run() {
         for i in 0..fill_keys {
             handle.set_behind(&i.to_string(), &quote).await.unwrap();
         }
-        runtime.flush().await;
+        runtime.flush().await.unwrap();
         let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
 
         // The batcher's settings, same loop, each on its own runtime: what chose the defaults.
@@ -418,7 +418,7 @@ async fn run() {
             for i in 0..fill_keys {
                 handle.set_behind(&format!("{max}-{delay_ms}-{i}"), &quote).await.unwrap();
             }
-            other.flush().await;
+            other.flush().await.unwrap();
             let rate = fill_keys as f64 / t0.elapsed().as_secs_f64();
             let label = format!("batcher max {max}, delay {delay_ms} ms");
             table.row(
@@ -465,7 +465,7 @@ async fn run() {
             for i in 0..n {
                 rt.scope(ours(&format!("MISS-{name}-{i}"))).await.unwrap();
             }
-            rt.flush().await;
+            rt.flush().await.unwrap();
             let us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
             table.row(
                 &format!("miss path, sequential ({name})"),
@@ -562,7 +562,7 @@ async fn run() {
         json.insert("cached_crate_stampede_execs".into(), theirs_execs.into());
     }
 
-    runtime.shutdown().await;
+    runtime.shutdown().await.unwrap();
     table.print();
     println!("{}", serde_json::Value::Object(json));
 }

@@ -38,7 +38,10 @@ async fn main() {
     }
     println!(
         "key: {}",
-        cache_runtime::KeyBuilder::new("market", "quote").arg("AAPL").finish().unwrap_or_default()
+        cache_runtime::KeyBuilder::new(module_path!(), "market", "quote")
+            .arg("AAPL")
+            .finish()
+            .unwrap_or_default()
     );
     let stats = Runtime::current().stats();
     let market = stats.get(5, "market").expect("the calls were counted");

@@ -19,7 +19,7 @@ async fn render(id: u32, calls: &AtomicUsize) -> String {
 }
 
 fn key_of(id: u32) -> String {
-    KeyBuilder::new("batch", "render").arg(&id).finish().unwrap()
+    KeyBuilder::new("batching", "batch", "render").arg(&id).finish().unwrap()
 }
 
 /// How many of `ids` exist in DB 1, read by a fresh client (not the runtime's connections).
@@ -54,7 +54,7 @@ async fn shutdown_flushes_every_accepted_fill() {
     let rt = support::redis_runtime(&server.url(), |c| c);
     fill_all(&rt, 0..10_000, &CALLS).await;
     let queued_before = rt.queued_writes();
-    rt.shutdown().await;
+    rt.shutdown().await.unwrap();
     eprintln!(
         "10,000 fills: {queued_before} still queued when the callers had returned; after shutdown: {}",
         rt.queued_writes()
@@ -79,7 +79,7 @@ async fn a_tiny_queue_falls_back_to_direct_writes_and_loses_nothing() {
     );
     let rt = Runtime::new(config);
     fill_all(&rt, 0..2_000, &CALLS).await;
-    rt.flush().await;
+    rt.flush().await.unwrap();
     let s = rt.stats().get(1, "batch").cloned().unwrap();
     eprintln!("queue of 4: {} fills, {} of them written directly", s.fills, s.direct_fills);
     assert!(s.direct_fills > 0, "a queue of 4 must overflow under 2,000 concurrent fills");
@@ -121,7 +121,7 @@ async fn a_queued_fill_never_overtakes_an_invalidation() {
     for id in 0..200u32 {
         rt.scope(invalidate!(render(id))).await;
     }
-    rt.flush().await;
+    rt.flush().await.unwrap();
     assert_eq!(present(&server, 0..200).await, 0, "no invalidated entry came back");
     assert_eq!(rt.stats().get(1, "batch").unwrap().refused_fills, 200);
 }
@@ -168,14 +168,14 @@ async fn the_batcher_reconnects_and_reloads_its_script() {
     let mut server = RedisServer::start();
     let rt = support::redis_runtime(&server.url(), |c| c);
     fill_all(&rt, 0..100, &CALLS).await;
-    rt.flush().await;
+    rt.flush().await.unwrap();
     assert_eq!(present(&server, 0..100).await, 100);
     server.restart();
     // Let the connections notice; the first calls may fail over while they do.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         fill_all(&rt, 1_000..1_001, &CALLS).await;
-        rt.flush().await;
+        rt.flush().await.unwrap();
         if present(&server, 1_000..1_001).await == 1 {
             break;
         }
@@ -183,7 +183,7 @@ async fn the_batcher_reconnects_and_reloads_its_script() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     fill_all(&rt, 2_000..2_500, &CALLS).await;
-    rt.flush().await;
+    rt.flush().await.unwrap();
     assert_eq!(present(&server, 2_000..2_500).await, 500, "every fill after the restart was written");
 }
 
@@ -199,7 +199,7 @@ async fn writes_keep_their_order() {
         for value in 0..=round * 50 {
             counter.set_behind("n", &value).await.unwrap();
         }
-        rt.flush().await;
+        rt.flush().await.unwrap();
         assert_eq!(counter.get("n").await.unwrap(), Some(round * 50), "round {round}");
     }
     assert_eq!(rt.stats().get(6, "order").unwrap().backend_errors, 0);

@@ -54,7 +54,13 @@ async fn ttl_and_expire(fx: &mut Fixture) {
     cache.set_with_ttl("c", &job, Duration::from_millis(300)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cache.get("c").await.unwrap(), None, "expired");
-    assert!(matches!(cache.set_with_ttl("d", &job, Duration::ZERO).await, Err(CacheError::InvalidKey(_))));
+    assert!(matches!(cache.set_with_ttl("d", &job, Duration::ZERO).await, Err(CacheError::InvalidTtl(_))));
+    // A caller-supplied Duration::MAX is an error, never a panic (Instant overflow).
+    assert!(matches!(cache.set_with_ttl("d", &job, Duration::MAX).await, Err(CacheError::InvalidTtl(_))));
+    assert!(matches!(cache.expire("a", Duration::MAX).await, Err(CacheError::InvalidTtl(_))));
+    let year_and_a_day = Duration::from_secs(366 * 86_400);
+    assert!(matches!(cache.set_with_ttl("d", &job, year_and_a_day).await, Err(CacheError::InvalidTtl(_))));
+    assert!(cache.set_with_ttl("d", &job, Duration::from_secs(365 * 86_400)).await.is_ok());
 }
 
 async fn clear_removes_its_prefix_only(fx: &mut Fixture) {

@@ -50,8 +50,10 @@ impl CachedArgs {
         let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
             Ok(metas) => metas,
             Err(e) => {
+                // What the list says is unknown, so no option is reported missing: the syntax
+                // error is the one mistake to show.
                 errors.push(e);
-                Punctuated::new()
+                return CachedArgs::unknown();
             }
         };
         for meta in metas {
@@ -65,7 +67,7 @@ impl CachedArgs {
                 ("format", Meta::NameValue(nv)) => format.set(at, parse_format(&nv.value, errors), errors),
                 ("skip", Meta::List(list)) => {
                     let names = list.parse_args_with(|input: syn::parse::ParseStream| {
-                        // `any`: so that `skip(self)` parses and gets its own error.
+                        // `any`: so that `skip(self)` parses (`self` is a keyword).
                         Punctuated::<Ident, Token![,]>::parse_terminated_with(input, Ident::parse_any)
                     });
                     let names = names.map_err(|e| errors.push(e)).ok();
@@ -99,6 +101,18 @@ impl CachedArgs {
                 Given::Valid(f) => Some(f),
                 Given::Absent | Given::Invalid => None,
             },
+        }
+    }
+
+    /// The options of a list that did not parse: each one unknown, none absent.
+    fn unknown() -> CachedArgs {
+        CachedArgs {
+            db: Given::Invalid,
+            prefix: Given::Invalid,
+            ttl: Given::Invalid,
+            skip: Vec::new(),
+            version: None,
+            format: None,
         }
     }
 }
@@ -153,9 +167,9 @@ fn parse_db(value: &Expr, errors: &mut Errors) -> Option<DbArg> {
 
 fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
     let parsed = match value {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => {
-            i.base10_parse::<u64>().map_err(|_| "`ttl` is a whole number of seconds")
-        }
+        // A number too large for `u64` is over any bound: kept saturated, so that validation
+        // reports it as too long (syn's digits are base 10, so overflow is the only failure).
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX)),
         Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
         _ => Err("`ttl` takes seconds or a duration literal, e.g. `ttl = 300` or `ttl = \"5m\"`"),
     };
@@ -168,16 +182,15 @@ fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
     }
 }
 
-/// `"90s"`, `"5m"`, `"1h30m"`, `"2d"`: numbers each followed by a unit (s, m, h, d).
+/// `"90s"`, `"5m"`, `"1h30m"`, `"2d"`: numbers each followed by a unit (s, m, h, d). A total
+/// beyond `u64` saturates (validation reports it as too long).
 pub(crate) fn parse_duration(text: &str) -> Result<u64, &'static str> {
     const HELP: &str = "a duration is numbers with units s, m, h or d, e.g. \"90s\", \"5m\", \"1h30m\"";
     let mut total: u64 = 0;
     let mut number: Option<u64> = None;
     for c in text.trim().chars() {
         if let Some(d) = c.to_digit(10) {
-            number = Some(
-                number.unwrap_or(0).checked_mul(10).and_then(|n| n.checked_add(u64::from(d))).ok_or(HELP)?,
-            );
+            number = Some(number.unwrap_or(0).saturating_mul(10).saturating_add(u64::from(d)));
             continue;
         }
         let unit = match c {
@@ -188,7 +201,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<u64, &'static str> {
             _ => return Err(HELP),
         };
         let n = number.take().ok_or(HELP)?;
-        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or(HELP)?;
+        total = total.saturating_add(n.saturating_mul(unit));
     }
     if number.is_some() || text.trim().is_empty() {
         return Err(HELP);

@@ -24,13 +24,17 @@ use proc_macro::TokenStream;
 /// |---|---|---|
 /// | `db = Type` | yes | the Redis DB, by marker type (`cache_runtime::db`); numbers and `Reserved` do not compile |
 /// | `prefix = "..."` | yes | namespace: lowercase letters, digits, `_`, `-` |
-/// | `ttl = 300` / `ttl = "5m"` | yes | seconds (or s/m/h/d units), more than 0 |
-/// | `skip(a, b)` | no | parameters left out of the key (pools, handles); `self` never is in it |
+/// | `ttl = 300` / `ttl = "5m"` | yes | seconds (or s/m/h/d units), more than 0, at most 365 days |
+/// | `skip(a, b)` | no | parameters left out of the key (pools, handles); `skip(self)` lets every instance share entries, otherwise a method's receiver is part of the key (`Self: Serialize`) |
 /// | `version = 2` | no | goes into the key, to retire entries when the value's shape changes |
 /// | `format = MessagePack` | no | `Json` (default, readable by other languages) or `MessagePack` (smaller, faster) |
 ///
 /// `Result<T, E>` caches only `Ok`, `Option<T>` only `Some`, any other type always. Cache
 /// failures never reach the caller: the function runs, and the failure is logged and counted.
+///
+/// Entries of different computations never share a key: besides the key arguments, the key
+/// holds the module the function is written in, for a method its `Self` type (and its receiver,
+/// unless `skip(self)`), and for a generic function its type and const arguments.
 #[proc_macro_attribute]
 pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::cached::expand(args.into(), item.into()).into()
@@ -44,11 +48,14 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
 /// ```
 ///
 /// Each entry names a `#[cached]` function (a path: `quote`, `crate::market::quote`,
-/// `Self::quote`) with expressions for its key arguments (the ones it does not `skip`), or `..`
-/// to drop every entry of that function in O(1) (its generation is raised). The compiler checks
-/// that the function is `#[cached]` and that the arguments fit. Keys are computed from the
-/// arguments before the body runs; on `Err` nothing is dropped. An invalidation the backend fails
-/// is retried in the background until it succeeds or every entry it covers has expired.
+/// `Self::quote`, `temperature::<Celsius>`) with expressions for its key arguments (the ones it
+/// does not `skip`; for a method whose receiver is part of the key, the instance first:
+/// `Self::quote(self, symbol)`, `Feed::quote(&feed, symbol)`), or `..` to drop every entry of
+/// that function, whatever its generic arguments, in O(1) (its generation is raised). The
+/// compiler checks that the function is `#[cached]` and that the arguments fit. Keys are
+/// computed from the arguments before the body runs; on `Err` nothing is dropped. An
+/// invalidation the backend fails is retried in the background until it succeeds or every entry
+/// it covers has expired.
 #[proc_macro_attribute]
 pub fn invalidates(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::invalidates::expand_attribute(args.into(), item.into()).into()

@@ -2,7 +2,7 @@
 //! the platform's rules. Every rule the compiler enforces for users is here, with its message.
 
 use proc_macro2::Span;
-use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Type};
+use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Token, Type};
 
 use crate::args::{CachedArgs, DbArg, OPTIONS};
 use crate::ctxt::{Errors, Given};
@@ -14,14 +14,26 @@ pub(crate) enum Policy {
     SomeOnly,
 }
 
+/// How a method's receiver enters the key.
+pub(crate) enum Receiver {
+    /// The function takes no `self`.
+    None,
+    /// `skip(self)`: every instance shares the function's entries.
+    Skipped,
+    /// Hashed, so instances with different state have different entries: through `&*self`
+    /// (`&self`, `&mut self`, `self: Arc<Self>`, ...) or, for `self` taken by value, `&self`.
+    Hashed { self_token: Token![self], by_value: bool },
+}
+
 /// A `#[cached]` function that follows every rule: what the expansion needs, nothing more.
-pub(crate) struct CachedFn {
+pub(crate) struct Cached {
     pub(crate) db: Path,
     pub(crate) prefix: LitStr,
     pub(crate) ttl_seconds: u64,
     pub(crate) version: Option<u32>,
     /// The value format's variant name in `cache_runtime::__private::Format`.
     pub(crate) format: Ident,
+    pub(crate) receiver: Receiver,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
     pub(crate) ret: Type,
@@ -29,10 +41,11 @@ pub(crate) struct CachedFn {
 }
 
 /// Checks everything, reporting every problem; `None` if there was any.
-pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Option<CachedFn> {
+pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Option<Cached> {
     let db = db(args.db, errors);
     let prefix = prefix(args.prefix, errors);
     let ttl_seconds = ttl(args.ttl, errors);
+    let receiver = receiver(func, &args.skip, errors);
     let key_params = key_params(func, &args.skip, errors);
     let format = format(args.format, errors);
     let ret = return_type(func, errors);
@@ -43,12 +56,13 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         );
     }
     let (policy, ret) = ret?;
-    Some(CachedFn {
+    Some(Cached {
         db: db?,
         prefix: prefix?,
         ttl_seconds: ttl_seconds?,
         version: args.version,
         format: format?,
+        receiver: receiver?,
         key_params: key_params?,
         ret,
         policy,
@@ -129,11 +143,46 @@ fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
             errors.at(t.span, "`ttl` must be more than 0 seconds: every cache entry must expire");
             None
         }
+        Given::Valid(t) if t.seconds > cache_rules::MAX_TTL_SECONDS => {
+            let max = cache_rules::MAX_TTL_SECONDS;
+            errors.at(
+                t.span,
+                format_args!(
+                    "`ttl` may be at most {days} days ({max} seconds): write `ttl = \"{days}d\"` or less",
+                    days = max / 86_400
+                ),
+            );
+            None
+        }
         Given::Valid(t) => Some(t.seconds),
     }
 }
 
-/// The typed parameters, minus `skip`ped ones; every `skip` name must be a parameter.
+/// Whether `self` is hashed, skipped, or absent; `skip(self)` needs a `self`.
+fn receiver(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Receiver> {
+    let skipped = skip.iter().find(|name| *name == "self");
+    match (func.sig.receiver(), skipped) {
+        (Some(_), Some(_)) => Some(Receiver::Skipped),
+        (Some(r), None) => {
+            let by_value = r.reference.is_none()
+                && matches!(&*r.ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident("Self"));
+            Some(Receiver::Hashed { self_token: r.self_token, by_value })
+        }
+        (None, None) => Some(Receiver::None),
+        (None, Some(name)) => {
+            errors.on(
+                name,
+                format_args!(
+                    "`{}` takes no `self`: `skip(self)` leaves a method's receiver out of the key; remove it",
+                    func.sig.ident
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// The typed parameters, minus `skip`ped ones; every other `skip` name must be a parameter.
 fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<(Ident, Type)>> {
     let mut ok = true;
     let mut params = Vec::new();
@@ -147,11 +196,9 @@ fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<
             }
         }
     }
-    for name in skip {
-        if name == "self" {
-            ok = false;
-            errors.on(name, "`self` is never part of the key: remove it from `skip`");
-        } else if !params.iter().any(|(p, _)| p == name) {
+    // `self` is judged by `receiver`.
+    for name in skip.iter().filter(|name| *name != "self") {
+        if !params.iter().any(|(p, _)| p == name) {
             ok = false;
             errors.on(
                 name,

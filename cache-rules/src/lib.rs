@@ -22,3 +22,12 @@ pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
     }
     None
 }
+
+/// The longest TTL an entry may have, in seconds: 365 days. `#[cached(ttl = ...)]` rejects a
+/// longer one at compile time, and the runtime's `Cache` handle applies the same bound, so every
+/// TTL that reaches the backend (and any arithmetic on it) is bounded where it comes in.
+///
+/// ```
+/// assert_eq!(cache_rules::MAX_TTL_SECONDS, 31_536_000);
+/// ```
+pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 3600;

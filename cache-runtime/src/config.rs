@@ -64,10 +64,7 @@ impl RedisTarget {
     /// each cached function names its DB by type.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         if !url.contains("://") {
-            return Err(ConfigError::InvalidRedisUrl {
-                url: redact_url(url),
-                reason: "no scheme".into(),
-            });
+            return Err(ConfigError::InvalidRedisUrl { url: redact_url(url), reason: "no scheme".into() });
         }
         let info = url
             .into_connection_info()
@@ -406,7 +403,8 @@ impl CacheConfig {
                     expected: "a port number",
                 });
             }
-            let auth = var("REDIS_PASSWORD").map(|p| format!(":{}@", encode_userinfo(&p))).unwrap_or_default();
+            let auth =
+                var("REDIS_PASSWORD").map(|p| format!(":{}@", encode_userinfo(&p))).unwrap_or_default();
             Ok(Some(format!("redis://{auth}{}:{}", host.trim(), port.trim())))
         };
         let config = match var("CACHE_BACKEND").map(|b| b.trim().to_ascii_lowercase()) {
@@ -445,27 +443,33 @@ impl CacheConfig {
     /// The numeric settings: `CACHE_OP_TIMEOUT_MS`, `CACHE_POOL_SIZE`, `CACHE_MAX_SIZE`,
     /// `CACHE_BREAKER_THRESHOLD`, `CACHE_BREAKER_COOLDOWN_MS`, `CACHE_SHUTDOWN_TIMEOUT_MS`.
     fn with_env_timeout(mut self, var: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let number = |variable: &'static str, min: u64, expected: &'static str| -> Result<Option<u64>, ConfigError> {
-            match var(variable) {
-                None => Ok(None),
-                Some(v) => match v.trim().parse::<u64>() {
-                    Ok(n) if n >= min => Ok(Some(n)),
-                    _ => Err(ConfigError::InvalidValue { variable, value: v, expected }),
-                },
-            }
-        };
+        let number =
+            |variable: &'static str, min: u64, expected: &'static str| -> Result<Option<u64>, ConfigError> {
+                match var(variable) {
+                    None => Ok(None),
+                    Some(v) => match v.trim().parse::<u64>() {
+                        Ok(n) if n >= min => Ok(Some(n)),
+                        _ => Err(ConfigError::InvalidValue { variable, value: v, expected }),
+                    },
+                }
+            };
         let positive = |variable, expected| number(variable, 1, expected);
         if let Some(bytes) = positive("CACHE_MAX_SIZE", "a whole number of bytes greater than 0")? {
             self = self.with_memory_max_bytes(bytes);
         }
-        let threshold = number("CACHE_BREAKER_THRESHOLD", 0, "a whole number of failures (0 turns the breaker off)")?;
-        let cooldown = positive("CACHE_BREAKER_COOLDOWN_MS", "a whole number of milliseconds greater than 0")?;
+        let threshold =
+            number("CACHE_BREAKER_THRESHOLD", 0, "a whole number of failures (0 turns the breaker off)")?;
+        let cooldown =
+            positive("CACHE_BREAKER_COOLDOWN_MS", "a whole number of milliseconds greater than 0")?;
         if threshold.is_some() || cooldown.is_some() {
-            let threshold = threshold.map_or(self.breaker_threshold, |t| u32::try_from(t).unwrap_or(u32::MAX));
+            let threshold =
+                threshold.map_or(self.breaker_threshold, |t| u32::try_from(t).unwrap_or(u32::MAX));
             let cooldown = cooldown.map_or(self.breaker_cooldown, Duration::from_millis);
             self = self.with_breaker(threshold, cooldown);
         }
-        if let Some(ms) = positive("CACHE_SHUTDOWN_TIMEOUT_MS", "a whole number of milliseconds greater than 0")? {
+        if let Some(ms) =
+            positive("CACHE_SHUTDOWN_TIMEOUT_MS", "a whole number of milliseconds greater than 0")?
+        {
             self = self.with_shutdown_timeout(Duration::from_millis(ms));
         }
         if let Some(ms) = positive("CACHE_OP_TIMEOUT_MS", "a whole number of milliseconds greater than 0")? {
@@ -615,7 +619,10 @@ mod tests {
             .with_breaker(3, Duration::MAX)
             .with_shutdown_timeout(Duration::MAX);
         assert_eq!((c.op_timeout(), c.lease_ttl(), c.breaker().1), (MAX_SETTING, MAX_SETTING, MAX_SETTING));
-        assert_eq!(CacheConfig::memory().with_lease_ttl(Duration::ZERO).lease_ttl(), Duration::from_millis(10));
+        assert_eq!(
+            CacheConfig::memory().with_lease_ttl(Duration::ZERO).lease_ttl(),
+            Duration::from_millis(10)
+        );
     }
 
     #[test]

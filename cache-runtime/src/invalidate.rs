@@ -72,7 +72,12 @@ impl Drop for Unapplied<'_> {
     fn drop(&mut self) {
         for target in self.targets.drain(..) {
             let spec = target.function().spec();
-            tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, "invalidation interrupted (its future was dropped); queued");
+            tracing::debug!(
+                db = spec.db,
+                prefix = spec.prefix,
+                function = spec.function,
+                "invalidation interrupted (its future was dropped); queued"
+            );
             self.runtime.inner().pending.push(self.runtime, target);
         }
     }
@@ -223,7 +228,13 @@ impl Pending {
             if let Some((function, n)) = queue.insert(target) {
                 let spec = function.spec();
                 runtime.inner().stats.counters(spec.db, spec.prefix).invalidations_coalesced(n as u64);
-                tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, keys = n, "too many invalidations queued for one function: dropping all of its entries instead");
+                tracing::warn!(
+                    db = spec.db,
+                    prefix = spec.prefix,
+                    function = spec.function,
+                    keys = n,
+                    "too many invalidations queued for one function: dropping all of its entries instead"
+                );
             }
             self.count.store(queue.len(), SeqCst);
         }
@@ -272,13 +283,23 @@ async fn retry_until_done(runtime: Runtime) {
             match apply(rt, &target).await {
                 Ok(()) => {
                     counters.invalidation();
-                    tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, "queued invalidation applied");
+                    tracing::debug!(
+                        db = spec.db,
+                        prefix = spec.prefix,
+                        function = spec.function,
+                        "queued invalidation applied"
+                    );
                     rt.pending.queue().settle(&target, seq);
                     progress = true;
                 }
                 Err(_) if Instant::now() >= give_up_at => {
                     counters.invalidation_expired();
-                    tracing::info!(db = spec.db, prefix = spec.prefix, function = spec.function, "queued invalidation dropped: every entry it covered has expired");
+                    tracing::info!(
+                        db = spec.db,
+                        prefix = spec.prefix,
+                        function = spec.function,
+                        "queued invalidation dropped: every entry it covered has expired"
+                    );
                     rt.pending.queue().settle(&target, seq);
                 }
                 Err(error) => {

@@ -20,8 +20,8 @@
 //! ([`CacheConfig::from_env`]): Redis when `REDIS_URL`/`REDIS_HOST` is set, otherwise the embedded
 //! backend. See README for the options, the key format and what happens when Redis fails.
 
-mod background;
 mod backend;
+mod background;
 mod config;
 pub mod db;
 mod error;

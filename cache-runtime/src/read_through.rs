@@ -150,7 +150,9 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
     let found = if refresh {
         let life = key::generation_life(spec.ttl);
-        rt.backend.get_with_generation(rt.op_timeout, spec.db, key, &function.generation_key, life, decode).await
+        rt.backend
+            .get_with_generation(rt.op_timeout, spec.db, key, &function.generation_key, life, decode)
+            .await
     } else {
         rt.backend.get_with(rt.op_timeout, spec.db, key, decode).await.map(|v| (v, None))
     };
@@ -377,8 +379,10 @@ async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, leader: Leader,
             }
             let done = write.done.take().expect("the write carries its completion");
             let (token, granted_at) = write.lease.expect("fills are lease-checked");
-            let result =
-                rt.backend.fill(rt.op_timeout, db, &write.key, token, granted_at, &write.value, write.ttl).await;
+            let result = rt
+                .backend
+                .fill(rt.op_timeout, db, &write.key, token, granted_at, &write.value, write.ttl)
+                .await;
             done(result);
         }
     }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use cache_runtime::db::CacheDb;
 use cache_runtime::{Cache, CacheConfig, Runtime};
 
+pub mod proxy;
+
 pub const INSTALL_HINT: &str = "redis-server was not found on PATH. The Redis tests need a real server: \
 install it (Debian/Ubuntu: `apt-get install redis-server`, macOS: `brew install redis`) and run the tests again.";
 
@@ -225,14 +227,14 @@ impl Fixture {
 
     /// The counters, once every write the runtime accepted has been answered.
     pub async fn stats(&self) -> cache_runtime::StatsSnapshot {
-        self.runtime.flush().await;
+        self.runtime.flush().await.expect("every accepted write answered");
         self.runtime.stats()
     }
 
     /// Time left on a full key in DB `D`: `PTTL` through a raw client on Redis (after the
     /// runtime's queued writes are flushed), the backend's own answer on the embedded backend.
     pub async fn ttl<D: CacheDb>(&self, full_key: &str) -> Option<Duration> {
-        self.runtime.flush().await;
+        self.runtime.flush().await.expect("every accepted write answered");
         match &self.server {
             Some(server) => {
                 let ms: i64 = ::redis::cmd("PTTL")

@@ -1,15 +1,16 @@
 //! What `#[cached]` emits: the user's function, signature re-emitted piece by piece, whose body
 //! builds the key and reads through `::cache_runtime::__private::call`; and beside it the two
-//! companions that invalidation calls (see `expand::key_fn_name`).
+//! companions that invalidation calls (see `expand::Site`).
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Ident, ItemFn};
 
+use super::Site;
 use crate::args::CachedArgs;
 use crate::ctxt::Errors;
-use crate::validate::{self, CachedFn, Policy};
+use crate::validate::{self, Cached, Policy, Receiver};
 
 pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
@@ -33,49 +34,108 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-/// `const __CACHE_SPEC: Spec = ...;`, the same in the function and in its companions.
-fn spec_const(func: &ItemFn, model: &CachedFn, name: &Ident) -> TokenStream {
-    let CachedFn { db, prefix, ttl_seconds, version, format, .. } = model;
-    let function = func.sig.ident.to_string();
+/// `const __CACHE_SPEC: Spec = ...;` then `let __cache_fn: CachedFn = ...;`: the function as the
+/// runtime identifies it, the same in the function and in its companions.
+fn identity(func: &ItemFn, model: &Cached, function: &Ident) -> TokenStream {
+    let Cached { db, prefix, ttl_seconds, version, format, .. } = model;
+    let spec = Ident::new("__CACHE_SPEC", Span::mixed_site());
+    let name = func.sig.ident.to_string();
     let version = match version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
     };
     // Spanned at the `db` path: a hand-written CacheDb impl at index 15 is reported there.
     let db_index = quote_spanned!(db.span()=> <#db as ::cache_runtime::__private::CacheDb>::CHECKED_INDEX);
+    // A method's entries are also told apart by `Self` (two `impl` blocks, or one generic `impl`
+    // with several type arguments).
+    let value = match super::companion_site(&func.sig) {
+        Site::Module => quote!(::cache_runtime::__private::CachedFn::free(&#spec)),
+        Site::Associated => quote! {
+            ::cache_runtime::__private::CachedFn::method(&#spec, ::core::any::type_name::<Self>())
+        },
+    };
     quote! {
-        const #name: ::cache_runtime::__private::Spec = ::cache_runtime::__private::Spec {
+        const #spec: ::cache_runtime::__private::Spec = ::cache_runtime::__private::Spec {
             db: #db_index,
             prefix: #prefix,
-            function: #function,
+            function: #name,
+            module: ::core::module_path!(),
             ttl: ::core::time::Duration::from_secs(#ttl_seconds),
             version: #version,
             format: ::cache_runtime::__private::Format::#format,
         };
+        let #function: ::cache_runtime::__private::CachedFn = #value;
     }
 }
 
-/// A block evaluating to the key (`Option<String>`) of the key parameters in scope.
-fn key_expr(model: &CachedFn, spec: &Ident) -> TokenStream {
+/// Where a key is computed: in the function, whose receiver is as the user wrote it, or in its
+/// key companion, whose receiver is always `&self`.
+#[derive(Clone, Copy)]
+enum KeyIn {
+    Function,
+    Companion,
+}
+
+/// A block evaluating to the key (`Option<String>`) of one call of `function` (a `CachedFn` in
+/// scope), from what is in scope: the generic parameters, the receiver, the key parameters. Both
+/// the function and its key companion use it, so invalidation hashes exactly what the call does.
+fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> TokenStream {
     let hasher = Ident::new("__cache_hasher", Span::mixed_site());
+    let generics = &func.sig.generics;
+    // Instantiations are different computations: each type argument's name, each const
+    // argument's value, and the type of each key parameter written `impl Trait` (a type
+    // parameter without a name).
+    let type_arg = quote!(::cache_runtime::__private::KeyHasher::type_arg);
+    let type_args = generics.type_params().map(|p| {
+        let name = &p.ident;
+        quote!(#type_arg(&mut #hasher, ::core::any::type_name::<#name>());)
+    });
+    let impl_trait_params = model.key_params.iter().filter(|(_, ty)| super::mentions(ty, "impl"));
+    let impl_trait_args = impl_trait_params
+        .map(|(param, _)| quote!(#type_arg(&mut #hasher, ::core::any::type_name_of_val(&#param));));
+    let const_args = generics.const_params().map(|p| {
+        let name = &p.ident;
+        quote_spanned!(name.span()=> ::cache_runtime::__private::key_arg(&mut #hasher, &#name);)
+    });
+    // Spanned at `self`, and the same tokens in both places: a receiver that is not Serialize is
+    // reported once, there.
+    let receiver = match &model.receiver {
+        Receiver::Hashed { self_token, by_value } => {
+            let value = match (scope, by_value) {
+                (KeyIn::Function, true) => quote_spanned!(self_token.span=> &#self_token),
+                (KeyIn::Function, false) | (KeyIn::Companion, _) => {
+                    quote_spanned!(self_token.span=> &*#self_token)
+                }
+            };
+            Some(
+                quote_spanned!(self_token.span=> ::cache_runtime::__private::key_receiver(&mut #hasher, #value);),
+            )
+        }
+        Receiver::None | Receiver::Skipped => None,
+    };
     // Spanned at each argument: an argument that is not Serialize is reported on its name.
-    let hash_args = model.key_params.iter().map(|(param, _)| {
+    let args = model.key_params.iter().map(|(param, _)| {
         quote_spanned!(param.span()=> ::cache_runtime::__private::key_arg(&mut #hasher, &#param);)
     });
     quote! {{
-        let mut #hasher = ::cache_runtime::__private::KeyHasher::new();
-        #(#hash_args)*
-        #hasher.finish(&#spec)
+        #[allow(unused_mut)]
+        let mut #hasher = ::cache_runtime::__private::KeyHasher::new(&#function);
+        #(#type_args)*
+        #(#impl_trait_args)*
+        #(#const_args)*
+        #receiver
+        #(#args)*
+        ::cache_runtime::__private::KeyHasher::finish(#hasher)
     }}
 }
 
-fn function(func: &ItemFn, model: &CachedFn) -> TokenStream {
+fn function(func: &ItemFn, model: &Cached) -> TokenStream {
     let ItemFn { attrs, vis, sig, block } = func;
-    let CachedFn { ret, policy, .. } = model;
-    let spec = Ident::new("__CACHE_SPEC", Span::mixed_site());
+    let Cached { ret, policy, .. } = model;
+    let function = Ident::new("__cache_fn", Span::mixed_site());
     let key = Ident::new("__cache_key", Span::mixed_site());
-    let spec_const = spec_const(func, model, &spec);
-    let key_expr = key_expr(model, &spec);
+    let identity = identity(func, model, &function);
+    let key_expr = key_expr(func, model, &function, KeyIn::Function);
     let policy = match policy {
         Policy::Whole => quote_spanned!(ret.span()=> ::cache_runtime::__private::Whole),
         Policy::OkOnly => quote_spanned!(ret.span()=> ::cache_runtime::__private::OkOnly),
@@ -87,27 +147,33 @@ fn function(func: &ItemFn, model: &CachedFn) -> TokenStream {
     quote! {
         #(#attrs)*
         #vis #sig {
-            #spec_const
+            #identity
             let #key = #key_expr;
-            #call(&#spec, #key, #body).await
+            #call(#function, #key, #body).await
         }
     }
 }
 
-/// The key and spec functions that invalidation calls (see `expand::companions`).
-fn companions(func: &ItemFn, model: &CachedFn) -> TokenStream {
+/// The key and spec functions that invalidation calls (see `expand::Site`).
+fn companions(func: &ItemFn, model: &Cached) -> TokenStream {
     let generics = &func.sig.generics;
     let where_clause = &generics.where_clause;
-    let spec = Ident::new("__CACHE_SPEC", Span::mixed_site());
-    let spec_const = spec_const(func, model, &spec);
-    let key_expr = key_expr(model, &spec);
-    let params = model.key_params.iter().map(|(name, ty)| quote!(#name: #ty));
+    let function = Ident::new("__cache_fn", Span::mixed_site());
+    let identity = identity(func, model, &function);
+    // When the receiver is part of the key, the instance comes first, as `&self` (the user's
+    // `self` token): `Self::quote(self, symbol)`, `Feed::quote(&feed, symbol)`.
+    let receiver = match &model.receiver {
+        Receiver::Hashed { self_token, .. } => Some(quote!(&#self_token)),
+        Receiver::None | Receiver::Skipped => None,
+    };
+    let key_expr = key_expr(func, model, &function, KeyIn::Companion);
+    let params = receiver.into_iter().chain(model.key_params.iter().map(|(name, ty)| quote!(#name: #ty)));
     let key_sig = |vis: TokenStream, name: &Ident| {
         quote! {
             #[doc(hidden)]
             #[allow(non_snake_case, dead_code, clippy::needless_lifetimes)]
             #vis fn #name #generics (#(#params),*) -> ::core::option::Option<::std::string::String> #where_clause {
-                #spec_const
+                #identity
                 #key_expr
             }
         }
@@ -116,20 +182,20 @@ fn companions(func: &ItemFn, model: &CachedFn) -> TokenStream {
         quote! {
             #[doc(hidden)]
             #[allow(non_snake_case, dead_code)]
-            #vis fn #name() -> &'static ::cache_runtime::__private::Spec {
-                #spec_const
-                &#spec
+            #vis fn #name() -> ::cache_runtime::__private::CachedFn {
+                #identity
+                #function
             }
         }
     };
     let vis = &func.vis;
     match super::companion_site(&func.sig) {
-        super::Site::Associated => {
+        Site::Associated => {
             let key_fn = key_sig(quote!(#vis), &super::key_fn_name(&func.sig.ident));
             let spec_fn = spec_sig(quote!(#vis), &super::spec_fn_name(&func.sig.ident));
             quote!(#key_fn #spec_fn)
         }
-        super::Site::Module => {
+        Site::Module => {
             let holder = &func.sig.ident;
             let key_fn = key_sig(quote!(pub), &super::key_fn_name(holder));
             let spec_fn = spec_sig(quote!(pub), &super::spec_fn_name(holder));
@@ -145,6 +211,168 @@ fn companions(func: &ItemFn, model: &CachedFn) -> TokenStream {
                     #spec_fn
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proc_macro2::TokenStream;
+    use quote::quote;
+
+    fn expand(args: TokenStream, item: TokenStream) -> String {
+        super::expand(args, item).to_string()
+    }
+
+    /// The messages of the `compile_error!`s in an expansion.
+    fn errors(expansion: &str) -> Vec<String> {
+        expansion
+            .split("compile_error !")
+            .skip(1)
+            .map(|rest| rest.split('"').nth(1).unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    fn assert_valid(expansion: &str) {
+        assert!(errors(expansion).is_empty(), "{expansion}");
+        syn::parse_file(expansion).unwrap_or_else(|e| panic!("{e}: {expansion}"));
+    }
+
+    #[test]
+    fn syntax_error_is_the_only_error() {
+        let out = expand(
+            quote!(db = MarketData prefix = "m", ttl = 300),
+            quote!(
+                async fn f(x: u32) -> u32 {
+                    x
+                }
+            ),
+        );
+        let errors = errors(&out);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(!errors[0].contains("missing"), "{errors:?}");
+        // The function is still emitted, so call sites do not fail too.
+        assert!(out.contains("async fn f"));
+    }
+
+    #[test]
+    fn ttl_is_bounded() {
+        let item = quote!(
+            async fn f(x: u32) -> u32 {
+                x
+            }
+        );
+        for ttl in
+            [quote!(18446744073709551615), quote!(18446744073709551616), quote!("400d"), quote!(31536001)]
+        {
+            let errors = errors(&expand(quote!(db = MarketData, prefix = "m", ttl = #ttl), item.clone()));
+            assert_eq!(errors.len(), 1, "{ttl}: {errors:?}");
+            assert!(errors[0].starts_with("`ttl` may be at most 365 days (31536000 seconds)"), "{errors:?}");
+        }
+        for ttl in [quote!(31536000), quote!("365d")] {
+            assert_valid(&expand(quote!(db = MarketData, prefix = "m", ttl = #ttl), item.clone()));
+        }
+    }
+
+    #[test]
+    fn skip_self_needs_a_receiver() {
+        let out = expand(
+            quote!(db = MarketData, prefix = "m", ttl = 60, skip(self)),
+            quote!(
+                async fn f(x: u32) -> u32 {
+                    x
+                }
+            ),
+        );
+        assert_eq!(
+            errors(&out),
+            ["`f` takes no `self`: `skip(self)` leaves a method's receiver out of the key; remove it"]
+        );
+    }
+
+    #[test]
+    fn skipped_receiver_is_not_hashed() {
+        let out = expand(
+            quote!(db = MarketData, prefix = "m", ttl = 60, skip(self)),
+            quote!(
+                async fn f(&self, x: u32) -> u32 {
+                    x
+                }
+            ),
+        );
+        assert_valid(&out);
+        assert!(!out.contains("key_receiver"), "{out}");
+        assert!(out.contains("fn __cache_key_f (x : u32)"), "{out}");
+        assert!(out.contains("CachedFn :: method"), "{out}");
+    }
+
+    #[test]
+    fn receiver_is_hashed() {
+        let args = quote!(db = MarketData, prefix = "m", ttl = 60);
+        for (receiver, value) in [
+            (quote!(&self), "& * self"),
+            (quote!(&mut self), "& * self"),
+            (quote!(self: std::sync::Arc<Self>), "& * self"),
+            (quote!(self), "& self"),
+            (quote!(mut self), "& self"),
+        ] {
+            let out = expand(args.clone(), quote!(async fn f(#receiver, x: u32) -> u32 { x }));
+            assert_valid(&out);
+            assert!(out.contains(&format!("key_receiver (& mut __cache_hasher , {value}) ;")), "{out}");
+            // The key companion takes the instance first, as `&self`, and hashes it as `Self`.
+            assert!(out.contains("fn __cache_key_f (& self , x : u32)"), "{out}");
+            assert!(out.contains("key_receiver (& mut __cache_hasher , & * self) ;"), "{out}");
+        }
+    }
+
+    #[test]
+    fn generic_arguments_are_hashed_in_order() {
+        let out = expand(
+            quote!(db = MarketData, prefix = "m", ttl = 60),
+            quote!(
+                async fn f<'a, U: Unit, const N: usize, V>(x: &'a str, y: impl Serialize) -> u32 {
+                    0
+                }
+            ),
+        );
+        assert_valid(&out);
+        let hashed = |item: &str| out.find(item).unwrap_or_else(|| panic!("no {item} in {out}"));
+        let order = [
+            "type_name :: < U > ()",
+            "type_name :: < V > ()",
+            "type_name_of_val (& y)",
+            "key_arg (& mut __cache_hasher , & N)",
+            "key_arg (& mut __cache_hasher , & x)",
+            "key_arg (& mut __cache_hasher , & y)",
+        ];
+        assert!(order.windows(2).all(|w| hashed(w[0]) < hashed(w[1])), "{out}");
+        assert!(!out.contains("type_name :: < 'a >"), "{out}");
+        assert!(out.contains("CachedFn :: free"), "{out}");
+        assert!(out.contains("module : :: core :: module_path ! ()"), "{out}");
+    }
+
+    #[test]
+    fn errors_never_name_generated_items() {
+        let cases = [
+            (
+                quote!(db = 15, prefix = "Bad", ttl = 0, skip(nope, self), colour = 1),
+                quote!(
+                    fn f(x: u32) {}
+                ),
+            ),
+            (
+                quote!(db = MarketData, prefix = "m", ttl = "forever"),
+                quote!(
+                    async fn f((a, b): (u8, u8)) -> u8 {
+                        a
+                    }
+                ),
+            ),
+        ];
+        for (args, item) in cases {
+            let out = expand(args, item);
+            assert!(!errors(&out).is_empty());
+            assert!(errors(&out).iter().all(|e| !e.contains("__cache")), "{out}");
         }
     }
 }

@@ -17,9 +17,11 @@ pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
 }
 
 /// Where `#[cached]` puts the companions of a function `f` that `#[invalidates(f(..))]` and
-/// `invalidate!` call (a key function, `Option<String>` from the key arguments, and a spec
-/// function, `&'static Spec`). This and the two names below are the whole contract between the
-/// attributes.
+/// `invalidate!` call: a key function, `Option<String>` from the key arguments (after `&self`
+/// when the receiver is part of the key, so callers name the instance first), with the
+/// function's generics; and a spec function, the `CachedFn` the runtime identifies `f` by. This
+/// and the two names below are the whole contract between the attributes. The site also decides
+/// whether the runtime identifies `f` as a method, by its `Self` type.
 pub(crate) enum Site {
     /// A free function: a hidden empty struct `f` (in the type namespace, so `use m::f;` brings
     /// it along with the function, and an `impl` resolves names where the function does, even in
@@ -31,20 +33,23 @@ pub(crate) enum Site {
 }
 
 pub(crate) fn companion_site(sig: &syn::Signature) -> Site {
-    let names_self = sig.to_token_stream().into_iter().any(|t| mentions_self(&t));
-    if sig.receiver().is_some() || names_self {
+    if sig.receiver().is_some() || mentions(sig, "Self") {
         Site::Associated
     } else {
         Site::Module
     }
 }
 
-fn mentions_self(token: &proc_macro2::TokenTree) -> bool {
-    match token {
-        proc_macro2::TokenTree::Ident(i) => i == "Self",
-        proc_macro2::TokenTree::Group(g) => g.stream().into_iter().any(|t| mentions_self(&t)),
-        _ => false,
+/// Whether `tokens` contain the identifier or keyword `word`, at any depth.
+pub(crate) fn mentions(tokens: impl ToTokens, word: &str) -> bool {
+    fn walk(stream: TokenStream, word: &str) -> bool {
+        stream.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Ident(i) => i == word,
+            proc_macro2::TokenTree::Group(g) => walk(g.stream(), word),
+            _ => false,
+        })
     }
+    walk(tokens.to_token_stream(), word)
 }
 
 /// The new names carry the user's span, so an error points at the `f` the user wrote.

@@ -87,7 +87,13 @@ impl Expiry<Slot, Entry> for UntilDeadline {
         Some(entry.remaining(now))
     }
 
-    fn expire_after_update(&self, _: &Slot, entry: &Entry, now: Instant, _: Option<Duration>) -> Option<Duration> {
+    fn expire_after_update(
+        &self,
+        _: &Slot,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(entry.remaining(now))
     }
 }
@@ -173,7 +179,8 @@ impl MemoryBackend {
         // TTLs are bounded where they come in (`cache_rules::MAX_TTL_SECONDS`); `checked_add`
         // keeps a bad one from panicking here all the same.
         let now = Instant::now();
-        let expires_at = now.checked_add(ttl).unwrap_or(now + Duration::from_secs(cache_rules::MAX_TTL_SECONDS));
+        let expires_at =
+            now.checked_add(ttl).unwrap_or(now + Duration::from_secs(cache_rules::MAX_TTL_SECONDS));
         self.entries.insert(Self::slot(db, key), Entry { bytes: Arc::from(value), expires_at });
     }
 
@@ -181,7 +188,12 @@ impl MemoryBackend {
         self.entries.remove(&(db, key) as &dyn SlotRef).is_some_and(|e| e.expires_at > Instant::now())
     }
 
-    pub(crate) fn get_many_with<T>(&self, db: u8, keys: &[String], decode: impl Fn(&[u8]) -> T) -> Vec<Option<T>> {
+    pub(crate) fn get_many_with<T>(
+        &self,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Vec<Option<T>> {
         keys.iter().map(|k| self.get_with(db, k, &decode)).collect()
     }
 
@@ -228,7 +240,13 @@ impl MemoryBackend {
     }
 
     /// A fresh value (written at `min_generation` or later), else the lease for `token`, else busy.
-    pub(crate) fn acquire<T>(&self, db: u8, key: &str, ask: LeaseAsk, decode: impl FnOnce(&[u8]) -> T) -> Acquired<T> {
+    pub(crate) fn acquire<T>(
+        &self,
+        db: u8,
+        key: &str,
+        ask: LeaseAsk,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Acquired<T> {
         let mut leases = self.leases();
         if let Some(entry) = self.live(db, key) {
             if crate::value::generation_of(&entry.bytes).is_some_and(|g| g >= ask.min_generation) {
@@ -266,7 +284,15 @@ impl MemoryBackend {
     }
 
     /// Writes `value` under the lease of `token` (see `FILL` in `redis/scripts.rs`).
-    pub(crate) fn fill(&self, db: u8, key: &str, token: u64, granted_at: u64, value: &[u8], ttl: Duration) -> FillOutcome {
+    pub(crate) fn fill(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        granted_at: u64,
+        value: &[u8],
+        ttl: Duration,
+    ) -> FillOutcome {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
         let now = Instant::now();

@@ -36,6 +36,7 @@ async fn reset(limit: u32) {
     let _ = limit;
 }
 
+#[derive(serde::Serialize)]
 struct Book;
 
 impl Book {
@@ -44,7 +45,8 @@ impl Book {
         symbol.len() as u32
     }
 
-    #[invalidates(Self::depth(symbol), Book::depth("X"))]
+    // The receiver is part of `depth`'s key: the instance comes first.
+    #[invalidates(Self::depth(self, symbol), Book::depth(&Book, "X"))]
     async fn trade(&self, symbol: &str) -> Result<u32, String> {
         Ok(self.depth(symbol).await)
     }

@@ -235,10 +235,8 @@ async fn flush_loop(mut rx: mpsc::Receiver<Item>, mut writer: Writer, max: usize
     let mut writes = Vec::with_capacity(max);
     // Load the fill script up front so that pipelines can use EVALSHA; if this fails (server
     // down), the NOSCRIPT path below loads it later.
-    let _ = bounded(writer.op_timeout, async {
-        Ok(scripts().fill.load_async(&mut writer.conn).await?)
-    })
-    .await;
+    let _ =
+        bounded(writer.op_timeout, async { Ok(scripts().fill.load_async(&mut writer.conn).await?) }).await;
     loop {
         if rx.recv_many(&mut items, max).await == 0 {
             return; // the runtime is gone, and every write it accepted was answered
@@ -313,7 +311,8 @@ impl Writer {
                         // direct fill loads it and runs it. (Only fills run a script.)
                         Err(e) if e.code() == Some("NOSCRIPT") => match w.lease {
                             Some((token, granted_at)) => {
-                                let fill = scripts::fill(&mut self.conn, &w.key, token, granted_at, &w.value, w.ttl);
+                                let fill =
+                                    scripts::fill(&mut self.conn, &w.key, token, granted_at, &w.value, w.ttl);
                                 bounded(self.op_timeout, fill).await
                             }
                             None => Err(BackendError::from(e)),

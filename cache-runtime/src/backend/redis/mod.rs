@@ -43,7 +43,8 @@ struct Pool {
 
 impl RedisBackend {
     pub(crate) fn new(target: RedisTarget, config: &CacheConfig) -> Self {
-        let breaker = Arc::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown, target.address()));
+        let breaker =
+            Arc::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown, target.address()));
         RedisBackend {
             batcher: Batcher::new(config, Arc::clone(&breaker)),
             breaker,
@@ -191,7 +192,12 @@ impl RedisBackend {
 
     /// Deletes the entry and its lease and stamps the invalidation, in one script: a fill holding
     /// the old lease is refused.
-    pub(crate) async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
+    pub(crate) async fn invalidate(
+        &self,
+        db: u8,
+        key: &str,
+        stamp_life: Duration,
+    ) -> Result<(), BackendError> {
         scripts::invalidate(&mut self.conn(db)?, key, stamp_life).await
     }
 
@@ -213,13 +219,7 @@ impl RedisBackend {
     ) -> Result<(), BackendError> {
         let mut conn = self.conn(db)?;
         // PX in the same command: no key is ever left without an expiry.
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("PX")
-            .arg(millis(ttl))
-            .query_async::<()>(&mut conn)
-            .await?;
+        redis::cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).query_async::<()>(&mut conn).await?;
         Ok(())
     }
 

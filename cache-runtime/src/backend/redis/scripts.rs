@@ -16,7 +16,7 @@ use crate::key;
 
 /// KEYS: entry, lease. ARGV: token, lease ms, minimum generation. The generation is read from a
 /// JSON (`[g,...]`) or MessagePack value (see `value.rs`).
-/// A fresh entry: `{1, value}`. Lease taken: `{2, false, granted_at}`. Someone else holds it: `{3}`.
+/// A fresh entry: `{1, value}`. Lease taken: `{2, granted_at}`. Someone else holds it: `{3}`.
 const ACQUIRE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -31,9 +31,9 @@ if v then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('TIME')
-  return {2, false, t[1] * 1000000 + t[2]}
+  return {2, t[1] * 1000000 + t[2]}
 end
-return {3, false}
+return {3}
 ";
 
 /// KEYS: entry, lease, invalidation stamp. ARGV: token, value, ttl ms, granted_at.
@@ -148,7 +148,7 @@ pub(crate) async fn acquire(
     lease: Duration,
     min_generation: u64,
 ) -> Result<AcquireReply, BackendError> {
-    let (state, value, granted_at): (u8, Option<Vec<u8>>, Option<u64>) = scripts()
+    let reply: Vec<redis::Value> = scripts()
         .acquire
         .key(key)
         .key(key::lease_key(key))
@@ -157,10 +157,19 @@ pub(crate) async fn acquire(
         .arg(min_generation)
         .invoke_async(conn)
         .await?;
-    Ok(match (state, value) {
-        (1, Some(bytes)) => AcquireReply::Value(bytes),
-        (2, _) => AcquireReply::Granted(granted_at.unwrap_or(0)),
-        _ => AcquireReply::Busy,
+    Ok(match reply.as_slice() {
+        [redis::Value::Int(1), redis::Value::BulkString(bytes)] => AcquireReply::Value(bytes.clone()),
+        [redis::Value::Int(2), redis::Value::Int(granted_at)] => {
+            AcquireReply::Granted(u64::try_from(*granted_at).unwrap_or(0))
+        }
+        [redis::Value::Int(3)] => AcquireReply::Busy,
+        other => {
+            return Err(BackendError::from(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply to the lease request",
+                format!("{other:?}"),
+            ))))
+        }
     })
 }
 

@@ -1,9 +1,9 @@
 use cache_runtime::cached;
 use cache_runtime::db::*;
 
-struct S;
-impl S {
-    #[cached(db = MarketData, prefix = "market", ttl = 60, skip(self))]
+struct Conn;
+impl Conn {
+    #[cached(db = MarketData, prefix = "market", ttl = 60)]
     async fn f(&self, x: u32) -> u32 { x }
 }
 

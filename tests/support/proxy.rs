@@ -1,0 +1,170 @@
+//! A TCP proxy between the runtime and a real `redis-server` whose behaviour is switched while it
+//! runs (after the chaos wrappers of .NET's FusionCache): pass, added latency, blackhole (accept,
+//! never answer: bytes are held, not lost, and flow again when it ends), reset (every open
+//! connection is closed with RST, new ones too) and refuse (the port stops listening).
+//! It runs on its own thread and runtime, so any test can drive it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Bytes flow both ways.
+    Pass,
+    /// Each reply waits this long before it is forwarded.
+    Latency(Duration),
+    /// Connections are accepted, nothing is forwarded or answered until the fault ends.
+    Blackhole,
+    /// Open connections are reset; new ones are reset as soon as they are accepted.
+    Reset,
+    /// The port stops listening: connections are refused.
+    Refuse,
+}
+
+#[derive(Clone, Copy)]
+struct State {
+    fault: Fault,
+    /// Raised on every switch to `Reset`: connections opened before it are reset.
+    resets: u64,
+}
+
+pub struct FaultProxy {
+    port: u16,
+    state: Arc<watch::Sender<State>>,
+    _runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl FaultProxy {
+    /// A proxy on a free loopback port forwarding to `127.0.0.1:upstream`.
+    pub fn start(upstream: u16) -> FaultProxy {
+        let runtime = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .thread_name("fault-proxy")
+                .build()
+                .expect("proxy runtime"),
+        );
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).expect("proxy port");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let (tx, _) = watch::channel(State { fault: Fault::Pass, resets: 0 });
+        let state = Arc::new(tx);
+        runtime.spawn(serve(listener, port, upstream, Arc::clone(&state)));
+        FaultProxy { port, state, _runtime: runtime }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set(&self, fault: Fault) {
+        self.state.send_modify(|s| {
+            s.fault = fault;
+            if fault == Fault::Reset {
+                s.resets += 1;
+            }
+        });
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.set(Fault::Reset);
+    }
+}
+
+async fn serve(mut listener: TcpListener, port: u16, upstream: u16, state: Arc<watch::Sender<State>>) {
+    let mut rx = state.subscribe();
+    loop {
+        if rx.borrow().fault == Fault::Refuse {
+            drop(listener);
+            let _ = rx.wait_for(|s| s.fault != Fault::Refuse).await;
+            listener = loop {
+                // Re-bind the same port (tokio sets SO_REUSEADDR); retry while the OS frees it.
+                match TcpListener::bind(("127.0.0.1", port)).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+        }
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((client, _)) = accepted {
+                    tokio::spawn(connection(client, upstream, state.subscribe()));
+                }
+            }
+            _ = rx.changed() => {}
+        }
+    }
+}
+
+async fn connection(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>) {
+    let born = rx.borrow().resets;
+    if rx.borrow().fault == Fault::Reset {
+        return reset(client);
+    }
+    // Blackholed: accepted, but nothing happens until the fault ends.
+    let _ = rx.wait_for(|s| s.fault != Fault::Blackhole).await;
+    let Ok(server) = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], upstream))).await else {
+        return reset(client);
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let up = pump(&mut client_read, &mut server_write, rx.clone(), born, false);
+    let down = pump(&mut server_read, &mut client_write, rx.clone(), born, true);
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = rx.wait_for(|s| s.resets != born) => {}
+    }
+    if let (Ok(client), Ok(_)) = (client_read.reunite(client_write), server_read.reunite(server_write)) {
+        reset(client);
+    }
+}
+
+/// Copies `from` to `to`, holding bytes while blackholed and delaying replies under latency.
+async fn pump(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut rx: watch::Receiver<State>,
+    born: u64,
+    replies: bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let state = *rx.borrow();
+        if state.resets != born {
+            return;
+        }
+        if let (Fault::Latency(d), true) = (state.fault, replies) {
+            tokio::time::sleep(d).await;
+        }
+        if rx.borrow().fault == Fault::Blackhole {
+            let _ = rx.wait_for(|s| s.fault != Fault::Blackhole).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn reset(stream: TcpStream) {
+    // Linger 0: close sends RST, as a crashed peer or a middlebox would.
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
