@@ -23,6 +23,7 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -36,15 +37,24 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// A server started with extra arguments (`--requirepass`, ...).
+    pub fn start_with_args(extra: &[&str]) -> RedisServer {
+        Self::start_full(false, extra.iter().map(|s| s.to_string()).collect())
+    }
+
     fn start_with(persistent: bool) -> RedisServer {
+        Self::start_full(persistent, Vec::new())
+    }
+
+    fn start_full(persistent: bool, extra: Vec<String>) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let mut last_error = String::new();
         // A free port can be taken by someone else between our probe and the server's bind: retry.
         for _ in 0..5 {
             let port = free_port();
-            match spawn(port, dir.path(), persistent) {
+            match spawn(port, dir.path(), persistent, &extra) {
                 Ok(child) => {
-                    return RedisServer { child: Some(child), port, dir, persistent };
+                    return RedisServer { child: Some(child), port, dir, persistent, extra };
                 }
                 Err(e) => last_error = e,
             }
@@ -77,7 +87,7 @@ impl RedisServer {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match spawn(self.port, self.dir.path(), self.persistent) {
+            match spawn(self.port, self.dir.path(), self.persistent, &self.extra) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -114,6 +124,18 @@ impl RedisServer {
         signal(self.pid(), "-CONT");
     }
 
+    /// `CLIENT PAUSE ms WRITE` from a raw client: writes (and scripts) wait, reads are answered,
+    /// as during a failover.
+    pub async fn pause_writes(&self, ms: u64) {
+        ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("WRITE")
+            .query_async::<()>(&mut self.raw(0).await)
+            .await
+            .unwrap();
+    }
+
     /// A plain client on `db`, bypassing the toolkit.
     pub async fn raw(&self, db: u8) -> redis::aio::MultiplexedConnection {
         let client = redis::Client::open(format!("{}/{db}", self.url())).expect("client");
@@ -140,7 +162,7 @@ fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
+fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Child, String> {
     let aof: &[&str] = if persistent {
         &["--appendonly", "yes", "--appendfsync", "always"]
     } else {
@@ -149,6 +171,7 @@ fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
         .args(aof)
+        .args(extra)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -165,6 +188,7 @@ fn spawn(port: u16, dir: &Path, persistent: bool) -> Result<Child, String> {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("redis-server exited at start ({status}); port {port} may be taken"));
         }
+        // A server with a password answers PING with NOAUTH: it is up all the same.
         if ping(port) {
             return Ok(child);
         }
@@ -180,7 +204,9 @@ fn ping(port: u16) -> bool {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
 }
 
 /// Behaviour tests measure behaviour, not timeouts: on a loaded CI machine a thousand commands

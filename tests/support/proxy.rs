@@ -36,26 +36,36 @@ struct State {
 pub struct FaultProxy {
     port: u16,
     state: Arc<watch::Sender<State>>,
-    _runtime: Arc<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl FaultProxy {
-    /// A proxy on a free loopback port forwarding to `127.0.0.1:upstream`.
+    /// A proxy on a free loopback port forwarding to `127.0.0.1:upstream`, on a thread of its own.
     pub fn start(upstream: u16) -> FaultProxy {
-        let runtime = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .thread_name("fault-proxy")
-                .build()
-                .expect("proxy runtime"),
-        );
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).expect("proxy port");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy port");
+        listener.set_nonblocking(true).expect("nonblocking listener");
         let port = listener.local_addr().expect("proxy addr").port();
         let (tx, _) = watch::channel(State { fault: Fault::Pass, resets: 0 });
         let state = Arc::new(tx);
-        runtime.spawn(serve(listener, port, upstream, Arc::clone(&state)));
-        FaultProxy { port, state, _runtime: runtime }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = Arc::clone(&state);
+        std::thread::Builder::new()
+            .name("fault-proxy".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("proxy runtime");
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).expect("tokio listener");
+                    tokio::select! {
+                        _ = serve(listener, port, upstream, serving) => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .expect("proxy thread");
+        FaultProxy { port, state, stop: Some(stop) }
     }
 
     pub fn port(&self) -> u16 {
@@ -79,6 +89,9 @@ impl FaultProxy {
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.set(Fault::Reset);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 

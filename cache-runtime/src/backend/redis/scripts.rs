@@ -116,7 +116,6 @@ pub(crate) struct Scripts {
     pub(crate) fill: redis::Script,
     renew: redis::Script,
     invalidate: redis::Script,
-    release: redis::Script,
     bump_generation: redis::Script,
     init_generation: redis::Script,
 }
@@ -128,7 +127,6 @@ pub(crate) fn scripts() -> &'static Scripts {
         fill: redis::Script::new(FILL),
         renew: redis::Script::new(RENEW),
         invalidate: redis::Script::new(INVALIDATE),
-        release: redis::Script::new(RELEASE),
         bump_generation: redis::Script::new(BUMP_GENERATION),
         init_generation: redis::Script::new(INIT_GENERATION),
     })
@@ -256,8 +254,17 @@ pub(crate) async fn invalidate(
     Ok(())
 }
 
+/// Gives a lease back. Sent as `EVAL` with the script's text, not `EVALSHA`: it is often the
+/// first script a connection sends after a timeout (the release of an orphaned lease request),
+/// and a NOSCRIPT answer that arrives after the caller stopped waiting would never be retried.
 pub(crate) async fn release(conn: &mut ConnectionManager, key: &str, token: u64) -> Result<(), BackendError> {
-    scripts().release.key(key::lease_key(key)).arg(token).invoke_async::<()>(conn).await?;
+    redis::cmd("EVAL")
+        .arg(RELEASE)
+        .arg(1)
+        .arg(key::lease_key(key))
+        .arg(token)
+        .query_async::<()>(conn)
+        .await?;
     Ok(())
 }
 

@@ -1,0 +1,237 @@
+//! Faults injected for real: `CLIENT PAUSE WRITE` (what a failover does), `SIGSTOP` (a hung
+//! host), a proxy that blackholes connections, a wrong password. Each test states the bound it
+//! checks and prints its figures (`cargo test --test faults -- --nocapture`).
+
+mod support;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::Indicator;
+use cache_runtime::{cached, CacheConfig, KeyBuilder, Runtime};
+use support::proxy::{Fault, FaultProxy};
+use support::RedisServer;
+use tokio::task::JoinSet;
+
+const OP_TIMEOUT: Duration = Duration::from_millis(200);
+
+#[cached(db = Indicator, prefix = "fault", ttl = 60, skip(ran))]
+async fn ema(symbol: &str, ran: &AtomicBool) -> u64 {
+    ran.store(true, SeqCst);
+    symbol.len() as u64
+}
+
+fn runtime(url: &str, adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Runtime {
+    Runtime::new(adjust(
+        CacheConfig::redis(url).unwrap().with_op_timeout(OP_TIMEOUT).with_connect_timeout(OP_TIMEOUT),
+    ))
+}
+
+/// A call's duration, and whether it was a hit (the body did not run).
+async fn timed(rt: &Runtime, symbol: &str) -> (Duration, bool) {
+    let ran = AtomicBool::new(false);
+    let started = Instant::now();
+    rt.scope(ema(symbol, &ran)).await;
+    (started.elapsed(), !ran.load(SeqCst))
+}
+
+/// A lease request whose reply timed out is still run by the server when it resumes; the lease it
+/// sets must not make another process wait for a value nobody computes. Shown against the same
+/// paused server with a lease set by a request nobody releases (what happened before): that one
+/// costs the other process the lease's whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_lease_request_does_not_stall_other_processes() {
+    let server = RedisServer::start();
+    let lease = Duration::from_secs(2);
+    // Generations trusted for an hour: lookups are a plain GET, answered during CLIENT PAUSE WRITE,
+    // so the pause hits the lease request.
+    let config = |c: CacheConfig| c.with_lease_ttl(lease).with_generation_refresh(Duration::from_secs(3600));
+    let (a, b) = (runtime(&server.url(), config), runtime(&server.url(), config));
+    for rt in [&a, &b] {
+        timed(rt, "warm").await; // reads the generation once
+    }
+
+    // Protected: A's lease request times out during a 600 ms pause; the server runs it on resume.
+    server.pause_writes(600).await;
+    let (took, _) = timed(&a, "orphan").await;
+    assert!(
+        took >= OP_TIMEOUT && took < OP_TIMEOUT * 2,
+        "A paid one timeout for the lease request ({took:?})"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await; // the pause is over
+    let (waited, _) = timed(&b, "orphan").await;
+
+    // Unprotected: the same request, sent by hand and abandoned after the same timeout.
+    let key = KeyBuilder::new("faults", "fault", "ema").arg("naked").finish().unwrap();
+    server.pause_writes(600).await;
+    let mut raw = server.raw(7).await;
+    let orphan =
+        redis::cmd("SET").arg(format!("{key}:lease")).arg("42").arg("NX").arg("PX").arg(2000).to_owned();
+    let _ = tokio::time::timeout(OP_TIMEOUT, orphan.query_async::<()>(&mut raw)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (stalled, _) = timed(&b, "naked").await;
+
+    eprintln!("after a 600 ms CLIENT PAUSE WRITE: the other process waited {waited:?} (released orphan) vs {stalled:?} (unreleased orphan, lease {lease:?})");
+    assert!(waited < Duration::from_millis(300), "no orphaned lease stalled the other process ({waited:?})");
+    assert!(stalled > Duration::from_millis(1000), "the race exists without the release ({stalled:?})");
+}
+
+/// 200 concurrent callers in a loop; the server frozen (SIGSTOP) for 3 s, then resumed. With the
+/// breaker, only the calls in flight when it froze (and one probe per cool-down) pay a full
+/// timeout; without it, every call does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_server_with_and_without_the_breaker() {
+    let server = RedisServer::start();
+    let with = freeze_under_load(&server, runtime(&server.url(), |c| c)).await;
+    let without =
+        freeze_under_load(&server, runtime(&server.url(), |c| c.with_breaker(0, Duration::ZERO))).await;
+    eprintln!("frozen 3 s, 200 callers, op timeout {OP_TIMEOUT:?}:");
+    eprintln!("  breaker on:  {with}");
+    eprintln!("  breaker off: {without}");
+    assert!(with.full_timeouts * 4 < without.full_timeouts, "the breaker spares most calls the timeout");
+    assert!(without.full_timeouts > 1000, "without it, calls keep paying the timeout ({without})");
+    let bound = OP_TIMEOUT + Duration::from_millis(250);
+    assert!(with.slowest < bound, "no call longer than one timeout plus scheduling ({with})");
+    assert!(with.resumed_after < Duration::from_millis(1500), "hits resume soon after the server ({with})");
+}
+
+struct Freeze {
+    calls: usize,
+    full_timeouts: usize,
+    slowest: Duration,
+    resumed_after: Duration,
+}
+
+impl std::fmt::Display for Freeze {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} calls, {} paid a full op timeout, slowest {:?}, first hit {:?} after the server resumed",
+            self.calls, self.full_timeouts, self.slowest, self.resumed_after
+        )
+    }
+}
+
+async fn freeze_under_load(server: &RedisServer, rt: Runtime) -> Freeze {
+    const CALLERS: usize = 200;
+    const SYMBOLS: [&str; 10] = ["A", "BB", "CCC", "DDDD", "EEEEE", "F", "GG", "HHH", "IIII", "JJJJJ"];
+    for s in SYMBOLS {
+        timed(&rt, s).await;
+    }
+    rt.flush().await.unwrap();
+    let start = Instant::now();
+    let (freeze_at, thaw_at, end_at) =
+        (Duration::from_millis(500), Duration::from_millis(3500), Duration::from_millis(5000));
+    let log = Arc::new(Mutex::new(Vec::<(Duration, Duration, bool)>::new()));
+    let mut set = JoinSet::new();
+    for i in 0..CALLERS {
+        let (rt, log) = (rt.clone(), Arc::clone(&log));
+        set.spawn(async move {
+            let mut n = i;
+            while start.elapsed() < end_at {
+                let at = start.elapsed();
+                let (took, hit) = timed(&rt, SYMBOLS[n % SYMBOLS.len()]).await;
+                log.lock().unwrap().push((at, took, hit));
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+    tokio::time::sleep_until((start + freeze_at).into()).await;
+    server.freeze();
+    tokio::time::sleep_until((start + thaw_at).into()).await;
+    server.thaw();
+    while set.join_next().await.is_some() {}
+    let log = log.lock().unwrap();
+    let full_timeouts = log.iter().filter(|(_, took, _)| *took >= OP_TIMEOUT).count();
+    let slowest = log.iter().map(|(_, took, _)| *took).max().unwrap_or_default();
+    let resumed =
+        log.iter().filter(|(at, _, hit)| *hit && *at >= thaw_at).map(|(at, took, _)| *at + *took).min();
+    Freeze {
+        calls: log.len(),
+        full_timeouts,
+        slowest,
+        resumed_after: resumed.map_or(Duration::MAX, |r| r - thaw_at),
+    }
+}
+
+/// A host that accepts connections and never answers (a blackhole, behind the proxy), met while
+/// the connection is being re-made: every call is still bounded by `op_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_reconnect_is_bounded() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port());
+    // A long connect timeout, and no breaker: every call meets the blackhole, and only the
+    // runtime's own bound can cut it short.
+    let rt = runtime(&proxy.url(), |c| {
+        c.with_connect_timeout(Duration::from_secs(5)).with_breaker(0, Duration::ZERO)
+    });
+    assert!(!timed(&rt, "warm").await.1);
+    rt.flush().await.unwrap();
+    assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
+    proxy.set(Fault::Reset);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.set(Fault::Blackhole);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        slowest = slowest.max(timed(&rt, "warm").await.0);
+    }
+    proxy.set(Fault::Pass);
+    eprintln!("blackholed reconnect: slowest of 10 calls {slowest:?} (op timeout {OP_TIMEOUT:?}, connect timeout 5 s)");
+    assert!(slowest < OP_TIMEOUT + Duration::from_millis(150), "bounded by op_timeout ({slowest:?})");
+    // And the cache comes back with the host.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !timed(&rt, "warm").await.1 {
+        assert!(Instant::now() < deadline, "the cache did not come back after the blackhole");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A wrong password: every call still runs its function, and the log says so a bounded number of
+/// times (not once per call), never with the password.
+#[tokio::test]
+async fn wrong_password_is_logged_once_not_per_call() {
+    let server = RedisServer::start_with_args(&["--requirepass", "right-one"]);
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let url = format!("redis://:wrong-one@127.0.0.1:{}", server.port());
+    let rt = runtime(&url, |c| c);
+    let ran = AtomicUsize::new(0);
+    for i in 0..100 {
+        let (_, hit) = timed(&rt, &format!("S{i}")).await;
+        ran.fetch_add(usize::from(!hit), SeqCst);
+    }
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+    let stats = rt.stats().get(7, "fault").cloned().unwrap();
+    eprintln!(
+        "wrong password, 100 calls: {warnings} warning lines, {} backend errors, {} bypassed",
+        stats.backend_errors, stats.bypassed
+    );
+    eprintln!("{text}");
+    assert_eq!(ran.load(SeqCst), 100, "every call ran its function");
+    assert!(warnings <= 2, "one warning when it starts failing, one when the breaker opens:\n{text}");
+    assert!(stats.bypassed >= 90, "the open breaker skips the server ({})", stats.bypassed);
+    assert!(!text.contains("wrong-one"), "the password never appears in logs");
+}
