@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
@@ -267,4 +268,95 @@ async fn a_pending_invalidation_is_not_served_meanwhile() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(support::redis_runtime(&server.url(), |c| c).scope(balance(2, &db)).await, 30);
+}
+
+#[invalidates(balance(from), balance(to))]
+async fn transfer(from: u32, to: u32, db: &Db) -> Result<(), String> {
+    db.price.fetch_add(from + to, SeqCst);
+    Ok(())
+}
+
+async fn stored(server: &support::RedisServer, account: u32) -> bool {
+    let key = KeyBuilder::new("invalidates", "retry", "balance").arg(&account).finish().unwrap();
+    let n: u64 = ::redis::cmd("EXISTS").arg(&key).query_async(&mut server.raw(5).await).await.unwrap();
+    n == 1
+}
+
+/// An `#[invalidates]` future dropped after its body returned (a client that disconnects, a
+/// `tokio::time::timeout` around the call) still invalidates: what it had not applied is queued.
+/// Right after the drop the second entry is still on the server (so nothing but the queue can
+/// remove it), and then it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_write_path_still_invalidates() {
+    let server = support::RedisServer::start();
+    let rt = support::redis_runtime(&server.url(), |c| c.with_op_timeout(Duration::from_millis(300)));
+    let db = Db::new(10);
+    for account in [3, 4] {
+        rt.scope(balance(account, &db)).await;
+    }
+    rt.flush().await.unwrap();
+    server.pause_writes(800).await;
+    let dropped = tokio::time::timeout(Duration::from_millis(100), rt.scope(transfer(3, 4, &db))).await;
+    assert!(dropped.is_err(), "the call was dropped while invalidating");
+    assert_eq!(db.price.load(SeqCst), 17, "its body had committed");
+    assert!(stored(&server, 4).await, "the second entry was not touched by the interrupted call");
+    assert!(rt.pending_invalidations() >= 1, "what it had not applied was queued");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored(&server, 3).await || stored(&server, 4).await {
+        assert!(Instant::now() < deadline, "the dropped call's invalidations never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fresh = support::redis_runtime(&server.url(), |c| c);
+    assert_eq!(fresh.scope(balance(4, &db)).await, 17);
+}
+
+/// The retry worker does not belong to the tokio runtime that queued the invalidation: that
+/// runtime ends (a test's, a request's), and the invalidation still lands when the server returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_worker_outlives_the_tokio_runtime_that_queued() {
+    let mut server = support::RedisServer::start_persistent();
+    let rt = Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_op_timeout(Duration::from_millis(200)));
+    let db = Arc::new(Db::new(10));
+    rt.scope(balance(6, &db)).await;
+    rt.flush().await.unwrap();
+    server.stop();
+    let (queued_rt, queued_db) = (rt.clone(), Arc::clone(&db));
+    std::thread::spawn(move || {
+        let local = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        local.block_on(queued_rt.scope(set_balance(6, 60, &queued_db)));
+        // `local` ends here, and with it every task it spawned.
+    })
+    .join()
+    .unwrap();
+    assert!(rt.pending_invalidations() >= 1);
+    server.restart();
+    assert!(server.data_contains(&KeyBuilder::new("invalidates", "retry", "balance").arg(&6u32).finish().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while stored(&server, 6).await {
+        assert!(Instant::now() < deadline, "the queued invalidation died with its runtime");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rt.pending_invalidations(), 0);
+}
+
+/// A generation key that is lost (evicted under maxmemory, deleted by an operator) is not read as
+/// generation 0: a fresh process does not serve an entry older than the last `f(..)`, though the
+/// server still holds it.
+#[tokio::test]
+async fn a_lost_generation_key_is_not_read_as_zero() {
+    let server = support::RedisServer::start();
+    let writer = support::redis_runtime(&server.url(), |c| c);
+    let db = Db::new(1);
+    assert_eq!(writer.scope(movers(5, &db)).await, vec![1; 5]);
+    writer.flush().await.unwrap();
+    writer.scope(reprice_all("X", 2, &db)).await;
+    let mut raw = server.raw(5).await;
+    let gens: Vec<String> = ::redis::cmd("KEYS").arg("inv:movers:gen:*").query_async(&mut raw).await.unwrap();
+    assert_eq!(gens.len(), 1);
+    ::redis::cmd("DEL").arg(&gens[0]).query_async::<()>(&mut raw).await.unwrap();
+    let old: Vec<String> = ::redis::cmd("KEYS").arg("inv:movers:{*").query_async(&mut raw).await.unwrap();
+    assert_eq!(old.len(), 1, "the entry from before movers(..) is still stored (a reader taking the lost key as 0 would serve it)");
+    let fresh = support::redis_runtime(&server.url(), |c| c);
+    assert_eq!(fresh.scope(movers(5, &db)).await, vec![2; 5], "the fresh process does not serve it");
+    assert_eq!(db.reads.load(SeqCst), 2);
 }
