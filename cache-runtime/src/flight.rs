@@ -12,8 +12,13 @@ use crate::runtime::Runtime;
 /// How a flight ended, as its followers see it.
 #[derive(Clone)]
 pub(crate) enum Outcome {
-    /// The value to return (JSON of the cached part, as stored).
+    /// The value to return (JSON of the cached part, as stored), checked by the lease protocol:
+    /// no invalidation of the key came between the lease's grant and the fill.
     Value(Arc<[u8]>),
+    /// A value the lease protocol could not check (the backend failed: no lease, or the fill
+    /// failed), computed from this moment on. A follower that joined before it takes it; one that
+    /// joined later starts over, since a write acknowledged in between may be newer.
+    Unverified(Arc<[u8]>, std::time::Instant),
     /// The leader's fill was refused: an invalidation happened while it computed, so its value
     /// may predate a write that some followers must see. They start over.
     Refused,

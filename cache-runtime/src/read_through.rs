@@ -103,6 +103,7 @@ where
     };
     let mut body = Some(body);
     loop {
+        let joined_at = std::time::Instant::now();
         match Flights::join(&runtime, spec.db, &key) {
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
@@ -118,8 +119,15 @@ where
                     }
                     break;
                 }
+                Outcome::Unverified(bytes, computed_from) if joined_at <= computed_from => {
+                    if let Ok((_, value)) = value::decode::<P::Stored>(spec.format, &bytes) {
+                        counters.hit();
+                        return P::restore(value);
+                    }
+                    break;
+                }
                 Outcome::Uncached => break,
-                Outcome::Refused | Outcome::Abandoned => continue,
+                Outcome::Refused | Outcome::Abandoned | Outcome::Unverified(..) => continue,
             },
         }
     }
@@ -278,6 +286,7 @@ where
                     token,
                 };
                 counters.miss();
+                let computed_from = std::time::Instant::now();
                 let (output, lease) =
                     compute_renewing(rt, spec.db, key, (token, granted_at), counters, body).await;
                 let encoded = P::stored(&output).map(|v| value::encode(spec.format, generation, v));
@@ -299,7 +308,7 @@ where
                             done: None,
                             ticket: None,
                         };
-                        fill(rt, spec, write, leader, Arc::clone(counters)).await;
+                        fill(rt, spec, write, (leader, computed_from), Arc::clone(counters)).await;
                     }
                     Some(Err(error)) => {
                         counters.encode_failure();
@@ -325,9 +334,10 @@ where
                 // No lease: compute without filling, and share the value with the followers,
                 // who joined before we started computing.
                 counters.miss();
+                let computed_from = std::time::Instant::now();
                 let output = body.await;
                 let outcome = match P::stored(&output).map(|v| value::encode(spec.format, generation, v)) {
-                    Some(Ok(bytes)) => Outcome::Value(bytes.into()),
+                    Some(Ok(bytes)) => Outcome::Unverified(bytes.into(), computed_from),
                     _ => Outcome::Uncached,
                 };
                 leader.finish(outcome);
@@ -340,7 +350,13 @@ where
 /// Writes a lease-checked fill: through the batcher when it takes it (the caller returns at
 /// once; the flight ends when the server answers), directly otherwise. The flight's followers
 /// learn whether the fill was accepted, and start over if it was refused.
-async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, leader: Leader, counters: Arc<Counters>) {
+async fn fill(
+    rt: &Inner,
+    spec: &'static Spec,
+    mut write: Write,
+    (leader, computed_from): (Leader, std::time::Instant),
+    counters: Arc<Counters>,
+) {
     let value = Arc::clone(&write.value);
     let direct = Arc::clone(&counters);
     let db = spec.db;
@@ -364,8 +380,9 @@ async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, leader: Leader,
                     counters.backend_error();
                     tracing::debug!(db, %error, "cache fill failed");
                 }
-                // As fresh as the lease protocol can know with the backend failing.
-                Outcome::Value(value)
+                // The lease protocol could not check it: only followers that joined before the
+                // computation started may take it.
+                Outcome::Unverified(value, computed_from)
             }
         };
         leader.finish(outcome);
