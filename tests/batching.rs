@@ -211,10 +211,15 @@ async fn writes_keep_their_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_set_or_delete_wins_over_a_queued_set_behind() {
     let server = RedisServer::start();
-    let rt = support::redis_runtime(&server.url(), |c| c.with_batching(256, Duration::from_millis(150), 1024));
-    let jobs: Cache<Backtest, u32> = Cache::new("jobs", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
+    let rt =
+        support::redis_runtime(&server.url(), |c| c.with_batching(256, Duration::from_millis(150), 1024));
+    let jobs: Cache<Backtest, u32> =
+        Cache::new("jobs", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
     jobs.set_behind("deleted", &1).await.unwrap();
-    assert!(!jobs.delete("deleted").await.unwrap(), "nothing was written yet: the queued write was cancelled");
+    assert!(
+        !jobs.delete("deleted").await.unwrap(),
+        "nothing was written yet: the queued write was cancelled"
+    );
     jobs.set_behind("replaced", &1).await.unwrap();
     jobs.set("replaced", &2).await.unwrap();
     jobs.set_behind("raced", &1).await.unwrap();
@@ -225,12 +230,23 @@ async fn a_later_set_or_delete_wins_over_a_queued_set_behind() {
     assert_eq!(jobs.get("raced").await.unwrap(), Some(1), "around the handle, the queued write lands last");
     // Already sent when the delete comes: the delete waits for it and still lands last.
     let slow = support::redis_runtime(&server.url(), |c| c);
-    let jobs: Cache<Backtest, u32> = Cache::new("jobs", Duration::from_secs(60)).unwrap().with_runtime(slow.clone());
+    let jobs: Cache<Backtest, u32> =
+        Cache::new("jobs", Duration::from_secs(60)).unwrap().with_runtime(slow.clone());
     for i in 0..200 {
         jobs.set_behind(&format!("burst{i}"), &i).await.unwrap();
         assert!(jobs.delete(&format!("burst{i}")).await.is_ok());
     }
     slow.flush().await.unwrap();
-    let left: Vec<Option<u32>> = jobs.get_many(&(0..200).map(|i| format!("burst{i}")).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
+    let left: Vec<Option<u32>> = jobs
+        .get_many(
+            &(0..200)
+                .map(|i| format!("burst{i}"))
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
     assert!(left.iter().all(Option::is_none), "every delete landed after its set_behind");
 }

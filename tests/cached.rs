@@ -266,7 +266,33 @@ async fn disabled_runtime_always_runs() {
     assert!(off.runtime.stats().entries.is_empty(), "nothing is counted when caching is off");
 }
 
+/// An argument whose `Serialize` fails cannot make a key: the call runs uncached, and is counted
+/// (`key_failures`) and logged once.
+pub struct Unhashable;
+
+impl Serialize for Unhashable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this argument cannot be serialized"))
+    }
+}
+
+#[cached(db = MarketData, prefix = "unhashable", ttl = 60, skip(calls))]
+async fn odd(arg: Unhashable, calls: &AtomicUsize) -> u32 {
+    let _ = arg;
+    calls.fetch_add(1, SeqCst) as u32
+}
+
+async fn key_failures_run_uncached_and_are_counted(fx: &mut Fixture) {
+    let calls = AtomicUsize::new(0);
+    for i in 0..3 {
+        assert_eq!(fx.run(odd(Unhashable, &calls)).await, i, "each call runs the function");
+    }
+    let s = fx.stats().await.get(5, "unhashable").cloned().unwrap();
+    assert_eq!((s.key_failures, s.misses, s.hits, s.fills), (3, 3, 0, 0));
+}
+
 on_both_backends!(
+    key_failures_run_uncached_and_are_counted,
     miss_then_hit,
     key_is_pinned,
     every_entry_has_a_bounded_ttl,

@@ -3,8 +3,8 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::MarketData;
@@ -315,7 +315,8 @@ async fn a_dropped_write_path_still_invalidates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_worker_outlives_the_tokio_runtime_that_queued() {
     let mut server = support::RedisServer::start_persistent();
-    let rt = Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_op_timeout(Duration::from_millis(200)));
+    let rt =
+        Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_op_timeout(Duration::from_millis(200)));
     let db = Arc::new(Db::new(10));
     rt.scope(balance(6, &db)).await;
     rt.flush().await.unwrap();
@@ -330,7 +331,8 @@ async fn the_retry_worker_outlives_the_tokio_runtime_that_queued() {
     .unwrap();
     assert!(rt.pending_invalidations() >= 1);
     server.restart();
-    assert!(server.data_contains(&KeyBuilder::new("invalidates", "retry", "balance").arg(&6u32).finish().unwrap()));
+    assert!(server
+        .data_contains(&KeyBuilder::new("invalidates", "retry", "balance").arg(&6u32).finish().unwrap()));
     let deadline = Instant::now() + Duration::from_secs(15);
     while stored(&server, 6).await {
         assert!(Instant::now() < deadline, "the queued invalidation died with its runtime");
@@ -355,7 +357,11 @@ async fn a_lost_generation_key_is_not_read_as_zero() {
     assert_eq!(gens.len(), 1);
     ::redis::cmd("DEL").arg(&gens[0]).query_async::<()>(&mut raw).await.unwrap();
     let old: Vec<String> = ::redis::cmd("KEYS").arg("inv:movers:{*").query_async(&mut raw).await.unwrap();
-    assert_eq!(old.len(), 1, "the entry from before movers(..) is still stored (a reader taking the lost key as 0 would serve it)");
+    assert_eq!(
+        old.len(),
+        1,
+        "the entry from before movers(..) is still stored (a reader taking the lost key as 0 would serve it)"
+    );
     let fresh = support::redis_runtime(&server.url(), |c| c);
     assert_eq!(fresh.scope(movers(5, &db)).await, vec![2; 5], "the fresh process does not serve it");
     assert_eq!(db.reads.load(SeqCst), 2);

@@ -284,3 +284,26 @@ async fn waiters_read_a_message_pack_fill() {
     assert!(results.iter().all(|r| *r == Ok(4)));
     assert_eq!(source.executions(), 1);
 }
+
+/// A cached call dropped at each of its `.await`s (lookup, lease request, body, fill), by a
+/// timeout of 0 to 30 ms around it: no caller after it hangs, and the lease it may have taken is
+/// given back, so another process does not wait `lease_ttl` (here 5 s) for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_at_any_await_leaves_nothing_behind() {
+    let server = support::RedisServer::start();
+    let (a, b) = (support::redis_runtime(&server.url(), |c| c), support::redis_runtime(&server.url(), |c| c));
+    let source = Source::new(Script::Succeed, Duration::from_millis(10));
+    let mut slowest = Duration::ZERO;
+    for (i, ms) in (0..30u64).enumerate() {
+        let symbol: &'static str = Box::leak(format!("DROP{i}").into_boxed_str());
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(ms), a.scope(rsi(symbol, Arc::clone(&source)))).await;
+        let started = Instant::now();
+        let value =
+            tokio::time::timeout(NO_HANG, b.scope(rsi(symbol, Arc::clone(&source)))).await.expect("hung");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(value, Ok(symbol.len() as u64 * 10), "after a drop at {ms} ms ({dropped:?})");
+    }
+    eprintln!("calls dropped after 0-30 ms: the next call from another process took at most {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "no orphaned lease made the next call wait ({slowest:?})");
+}
