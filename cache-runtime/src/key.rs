@@ -35,7 +35,7 @@ use crate::spec::{CachedFn, Spec};
 /// // mod market { #[cached(db = MarketData, prefix = "market", ttl = 300)] async fn quote(symbol: &str) ... }
 /// // in the crate `my_service`:
 /// let key = KeyBuilder::new("my_service::market", "market", "quote").arg("AAPL").finish();
-/// assert_eq!(key.as_deref(), Some("market:quote:{b8c6c06e0c2bfd8b4c8df2e6e5e8c1a4}"));
+/// assert_eq!(key.as_deref(), Some("market:quote:{88c1b1604f9e2487dbe3c8094ac4588a}"));
 /// ```
 pub struct KeyBuilder {
     prefix: String,
