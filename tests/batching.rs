@@ -250,3 +250,24 @@ async fn a_later_set_or_delete_wins_over_a_queued_set_behind() {
         .unwrap();
     assert!(left.iter().all(Option::is_none), "every delete landed after its set_behind");
 }
+
+/// A `set_behind` already sent (held by `CLIENT PAUSE WRITE` on the server) when a `delete` of
+/// its key comes, on another connection of the pool: the delete waits for its answer, so it lands
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_waits_for_a_set_behind_already_sent() {
+    let server = RedisServer::start();
+    let rt = support::redis_runtime(&server.url(), |c| c.with_pool_size(2));
+    let jobs: Cache<Backtest, u32> =
+        Cache::new("sent", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
+    jobs.set("warm", &0).await.unwrap(); // both connections and the batcher exist
+    server.pause_writes(500).await;
+    jobs.set_behind("k", &1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await; // the batcher has sent it; the server holds it
+    let started = std::time::Instant::now();
+    jobs.delete("k").await.unwrap();
+    let waited = started.elapsed();
+    rt.flush().await.unwrap();
+    assert_eq!(jobs.get("k").await.unwrap(), None, "the delete landed after the set_behind");
+    assert!(waited >= Duration::from_millis(300), "it waited for the paused write ({waited:?})");
+}

@@ -277,8 +277,10 @@ async fn soak_under_a_fault_schedule() {
     let mut server = RedisServer::start();
     let proxy = FaultProxy::start(server.port());
     let clients = (0..RUNTIMES).map(|_| Client::Toolkit(Runtime::new(config(&proxy.url())))).collect();
+    let rss_before = rss();
     let protected = soak(clients, &mut server, &proxy).await;
-    eprintln!("soak, #[cached] + #[invalidates]: {protected}");
+    let rss_growth = rss().saturating_sub(rss_before);
+    eprintln!("soak, #[cached] + #[invalidates]: {protected}; the process grew by {} MiB", rss_growth >> 20);
 
     let naive_rt = || Runtime::new(config(&proxy.url()).with_breaker(0, Duration::ZERO));
     let clients = (0..RUNTIMES)
@@ -311,4 +313,11 @@ async fn soak_under_a_fault_schedule() {
     assert!(protected.hit_rate_after_recovery > 0.5, "caching resumed: {protected}");
     // The checks can fail: the hand-written cache-aside serves stale values under the same load.
     assert!(naive.stale > 0, "the stale-set race exists without leases: {naive}");
+}
+
+/// This process's resident memory in bytes (Linux `/proc/self/statm`; 0 elsewhere).
+fn rss() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
 }

@@ -21,6 +21,10 @@ pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_millis(500);
 /// Default bound on `flush`, `shutdown` and the shutdown guard.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most connections per DB `with_pool_size` and `CACHE_POOL_SIZE` take; more are taken as this.
+pub const MAX_POOL_SIZE: usize = 64;
+/// The longest write-behind queue per DB (and largest batch) `with_batching` takes.
+pub const MAX_BATCH_QUEUE: usize = 1 << 20;
 /// The longest any duration setting may be: longer ones are taken as this (so no caller-supplied
 /// duration, `Duration::MAX` included, can overflow the arithmetic done with it).
 pub const MAX_SETTING: Duration = Duration::from_secs(86_400);
@@ -296,18 +300,18 @@ impl CacheConfig {
         self
     }
 
-    /// Sets the number of multiplexed connections per DB (at least 1).
+    /// Sets the number of multiplexed connections per DB (1 to [`MAX_POOL_SIZE`]).
     pub fn with_pool_size(mut self, connections: usize) -> Self {
-        self.pool_size = connections.max(1);
+        self.pool_size = connections.clamp(1, MAX_POOL_SIZE);
         self
     }
 
     /// Sets the write-behind batcher: most fills per pipeline, wait for more, queue per DB (0
     /// turns write-behind off: every fill is written before the call returns).
     pub fn with_batching(mut self, max: usize, delay: Duration, queue: usize) -> Self {
-        self.batch_max = max.max(1);
+        self.batch_max = max.clamp(1, MAX_BATCH_QUEUE);
         self.batch_delay = bounded(delay);
-        self.batch_queue = queue;
+        self.batch_queue = queue.min(MAX_BATCH_QUEUE);
         self
     }
 

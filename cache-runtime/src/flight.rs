@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use crate::runtime::Runtime;
-
 /// How a flight ended, as its followers see it.
 #[derive(Clone)]
 pub(crate) enum Outcome {
@@ -47,10 +45,10 @@ pub(crate) enum Join {
 }
 
 /// The caller that computes for a key. Dropping it unfinished releases the followers. It owns a
-/// handle on the runtime so that a write-behind fill can finish the flight after the caller has
+/// handle on its flights so that a write-behind fill can finish the flight after the caller has
 /// returned.
 pub(crate) struct Leader {
-    runtime: Runtime,
+    flights: Arc<Flights>,
     db: u8,
     key: String,
     id: u64,
@@ -62,9 +60,8 @@ impl Flights {
         self.running[usize::from(db & 0x0f)].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Joins the flight for `key` on `runtime`, or starts one.
-    pub(crate) fn join(runtime: &Runtime, db: u8, key: &str) -> Join {
-        let this = &runtime.inner().flights;
+    /// Joins the flight for `key`, or starts one.
+    pub(crate) fn join(this: &Arc<Flights>, db: u8, key: &str) -> Join {
         let mut running = this.running(db);
         if let Some((_, rx)) = running.get(key) {
             return Join::Follower(rx.clone());
@@ -73,7 +70,7 @@ impl Flights {
         let (tx, rx) = watch::channel(None);
         running.insert(key.to_owned(), (id, rx));
         this.count.fetch_add(1, Relaxed);
-        Join::Leader(Leader { runtime: runtime.clone(), db, key: key.to_owned(), id, tx })
+        Join::Leader(Leader { flights: Arc::clone(this), db, key: key.to_owned(), id, tx })
     }
 
     pub(crate) fn any_running(&self) -> bool {
@@ -108,7 +105,7 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        let flights = &self.runtime.inner().flights;
+        let flights = &self.flights;
         let mut running = flights.running(self.db);
         if running.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
             running.remove(&self.key);

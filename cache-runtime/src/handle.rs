@@ -183,6 +183,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         let counters = rt.stats.counters(Self::DB, &self.prefix);
+        for (key, _) in &encoded {
+            rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
+        }
         rt.backend
             .set_many(rt.op_timeout, Self::DB, &encoded, self.default_ttl)
             .await
@@ -198,6 +201,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        for key in &full {
+            rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
+        }
         Ok(rt.backend.delete_many(rt.op_timeout, Self::DB, &full).await?)
     }
 
@@ -205,8 +211,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     /// it joins the runtime's write-behind batcher (pipelined with other writes) and this returns
     /// at once; when the queue is full, or after [`Runtime::shutdown`], it is written before this
     /// returns. [`Runtime::flush`] waits for it. A failure of the background write is logged and
-    /// counted (`backend_errors`), not returned. A later [`Cache::set`] or [`Cache::delete`] of
-    /// `key` wins over it: it cancels it if still queued, or waits for it if already sent.
+    /// counted (`backend_errors`), not returned. A later `set`, `set_with_ttl`, `set_many`,
+    /// `delete` or `delete_many` of `key` through a handle wins over it: it cancels it if still
+    /// queued, or waits (within `op_timeout`) for it if already sent. (`expire` does not wait.)
     pub async fn set_behind(&self, key: &str, value: &T) -> Result<(), CacheError> {
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();

@@ -15,6 +15,7 @@ use crate::error::BackendError;
 use crate::key;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, FunctionId};
+use crate::stats::Counters;
 
 /// What one entry of `#[invalidates(...)]` drops.
 #[derive(Debug, Clone)]
@@ -50,10 +51,7 @@ pub async fn invalidate(targets: &[Target]) {
         match apply(runtime.inner(), &target).await {
             Ok(()) => counters.invalidation(),
             Err(error) => {
-                if !error.is_bypassed() {
-                    counters.backend_error();
-                }
-                counters.invalidation_retry();
+                count_failure(&counters, &error);
                 tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %error, "invalidation failed; retrying in the background");
                 runtime.inner().pending.push(&runtime, target);
             }
@@ -80,6 +78,17 @@ impl Drop for Unapplied<'_> {
             );
             self.runtime.inner().pending.push(self.runtime, target);
         }
+    }
+}
+
+/// A failed attempt: queued for another try (`invalidation_retries`), and counted as a backend
+/// error, or as bypassed when the open breaker skipped it.
+fn count_failure(counters: &Counters, error: &BackendError) {
+    counters.invalidation_retry();
+    if error.is_bypassed() {
+        counters.bypass();
+    } else {
+        counters.backend_error();
     }
 }
 
@@ -303,10 +312,7 @@ async fn retry_until_done(runtime: Runtime) {
                     rt.pending.queue().settle(&target, seq);
                 }
                 Err(error) => {
-                    if !error.is_bypassed() {
-                        counters.backend_error();
-                    }
-                    counters.invalidation_retry();
+                    count_failure(&counters, &error);
                     tracing::debug!(db = spec.db, prefix = spec.prefix, %error, "invalidation retry failed");
                 }
             }

@@ -9,9 +9,7 @@
 //! the function.
 
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +41,7 @@ enum Lookup<T> {
 /// One miss being served.
 struct Miss<'a> {
     runtime: &'a Runtime,
+    cached: &'a CachedFn,
     spec: &'static Spec,
     key: &'a str,
     generation: u64,
@@ -104,10 +103,10 @@ where
     let mut body = Some(body);
     loop {
         let joined_at = std::time::Instant::now();
-        match Flights::join(&runtime, spec.db, &key) {
+        match Flights::join(&rt.flights, spec.db, &key) {
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
-                let miss = Miss { runtime: &runtime, spec, key: &key, generation, counters };
+                let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
                 return lead::<P, R, F>(miss, overwrite, body, leader).await;
             }
             Join::Follower(rx) => match flight::wait(rx).await {
@@ -229,12 +228,12 @@ async fn compute_renewing<R>(
     counters: &Counters,
     body: impl Future<Output = R>,
 ) -> (R, Renewal) {
-    let (token, granted_at) = lease;
+    let (token, grant) = lease;
     let period = (rt.lease_ttl / 3).max(Duration::from_millis(1));
     let renewing = async {
         loop {
             tokio::time::sleep(period).await;
-            match rt.backend.renew(rt.op_timeout, db, key, token, granted_at, rt.lease_ttl).await {
+            match rt.backend.renew(rt.op_timeout, db, key, token, grant, rt.lease_ttl).await {
                 Ok(Renewal::Renewed) => counters.renewal(),
                 Ok(ended) => return ended,
                 // Unreachable backend: try again next period; the fill script decides whether the
@@ -258,14 +257,16 @@ where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    let Miss { runtime, spec, key, generation, counters } = miss;
+    let Miss { runtime, cached, spec, key, generation, counters } = miss;
     let rt = runtime.inner();
-    let token = new_token();
+    let token = crate::backend::unique();
     let mut pause = Duration::from_millis(2);
     let mut waited = false;
     loop {
-        // A stored value that must not be returned: ask for a generation none has.
-        let min_generation = if overwrite { u64::MAX } else { generation };
+        // A stored value that must not be returned (it does not decode, or an invalidation of it
+        // is still queued, checked on every turn): ask for a generation none has.
+        let distrusted = overwrite || rt.pending.covers(cached, key);
+        let min_generation = if distrusted { u64::MAX } else { generation };
         let decode =
             |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(spec.format, bytes));
         let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation };
@@ -277,7 +278,7 @@ where
                 return P::restore(value);
             }
             Ok(Acquired::Value((_, Err(_)))) => overwrite = true,
-            Ok(Acquired::Granted(granted_at)) => {
+            Ok(Acquired::Granted(grant)) => {
                 let mut held = LeaseHeld {
                     armed: true,
                     runtime: runtime.clone(),
@@ -288,7 +289,7 @@ where
                 counters.miss();
                 let computed_from = std::time::Instant::now();
                 let (output, lease) =
-                    compute_renewing(rt, spec.db, key, (token, granted_at), counters, body).await;
+                    compute_renewing(rt, spec.db, key, (token, grant), counters, body).await;
                 let encoded = P::stored(&output).map(|v| value::encode(spec.format, generation, v));
                 match encoded {
                     Some(Ok(_)) if lease == Renewal::Revoked => {
@@ -299,16 +300,17 @@ where
                         leader.finish(Outcome::Refused);
                     }
                     Some(Ok(bytes)) => {
-                        held.armed = false; // the fill script consumes the lease
                         let write = Write {
                             key: key.to_owned(),
                             value: bytes.into(),
                             ttl: spec.ttl,
-                            lease: Some((token, granted_at)),
+                            lease: Some((token, grant)),
                             done: None,
                             ticket: None,
                         };
-                        fill(rt, spec, write, (leader, computed_from), Arc::clone(counters)).await;
+                        // The fill script consumes the lease; `held` gives it back if the fill fails.
+                        let flight = Flight { leader, computed_from, held };
+                        fill(rt, spec, write, flight, Arc::clone(counters)).await;
                     }
                     Some(Err(error)) => {
                         counters.encode_failure();
@@ -347,20 +349,26 @@ where
     }
 }
 
+/// What a fill finishes: the flight its followers wait on, when the value's computation started,
+/// and the lease, given back if the fill fails.
+struct Flight {
+    leader: Leader,
+    computed_from: std::time::Instant,
+    held: LeaseHeld,
+}
+
 /// Writes a lease-checked fill: through the batcher when it takes it (the caller returns at
 /// once; the flight ends when the server answers), directly otherwise. The flight's followers
 /// learn whether the fill was accepted, and start over if it was refused.
-async fn fill(
-    rt: &Inner,
-    spec: &'static Spec,
-    mut write: Write,
-    (leader, computed_from): (Leader, std::time::Instant),
-    counters: Arc<Counters>,
-) {
+async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, flight: Flight, counters: Arc<Counters>) {
     let value = Arc::clone(&write.value);
     let direct = Arc::clone(&counters);
     let db = spec.db;
+    let Flight { leader, computed_from, mut held } = flight;
     let finish = move |result: Result<FillOutcome, BackendError>| {
+        // Answered: the script consumed or judged the lease. Failed: `held` releases it on drop.
+        held.armed = result.is_err();
+        drop(held);
         let outcome = match result {
             Ok(FillOutcome::Written) => {
                 counters.fill();
@@ -403,12 +411,4 @@ async fn fill(
             done(result);
         }
     }
-}
-
-/// A token no other fill will carry: per-process random start, then a counter.
-fn new_token() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(NEXT.fetch_add(1, Relaxed));
-    h.finish()
 }

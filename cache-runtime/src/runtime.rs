@@ -25,7 +25,7 @@ pub(crate) struct Inner {
     pub(crate) lease_ttl: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) stats: StatsRegistry,
-    pub(crate) flights: Flights,
+    pub(crate) flights: Arc<Flights>,
     pub(crate) functions: Functions,
     pub(crate) pending: Pending,
     description: String,
@@ -52,7 +52,7 @@ impl Runtime {
                 lease_ttl: config.lease_ttl,
                 shutdown_timeout: config.shutdown_timeout,
                 stats: StatsRegistry::default(),
-                flights: Flights::default(),
+                flights: Arc::default(),
                 functions: Functions::new(
                     !matches!(config.backend, BackendKind::Redis(_)),
                     config.generation_refresh,

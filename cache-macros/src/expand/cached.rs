@@ -84,16 +84,35 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
     let generics = &func.sig.generics;
     // Instantiations are different computations: each type argument's name, each const
     // argument's value, and the type of each key parameter written `impl Trait` (a type
-    // parameter without a name).
+    // parameter without a name). A generic parameter that only `skip`ped parameters name (an
+    // executor, a pool) stays out of the key, as those parameters do; every other one is in it,
+    // including one named only in the body or by a turbofish.
+    let in_key_or_return = |name: &str| {
+        super::mentions(&model.ret, name) || model.key_params.iter().any(|(_, ty)| super::mentions(ty, name))
+    };
+    let only_in_skipped = |name: &str| {
+        !in_key_or_return(name)
+            && func.sig.inputs.iter().any(|input| match input {
+                syn::FnArg::Typed(t) => {
+                    !model
+                        .key_params
+                        .iter()
+                        .any(|(p, _)| matches!(&*t.pat, syn::Pat::Ident(i) if i.ident == *p))
+                        && super::mentions(&t.ty, name)
+                }
+                syn::FnArg::Receiver(_) => false,
+            })
+    };
+    let matters = |name: &Ident| !only_in_skipped(&name.to_string());
     let type_arg = quote!(::cache_runtime::__private::KeyHasher::type_arg);
-    let type_args = generics.type_params().map(|p| {
+    let type_args = generics.type_params().filter(|p| matters(&p.ident)).map(|p| {
         let name = &p.ident;
         quote!(#type_arg(&mut #hasher, ::core::any::type_name::<#name>());)
     });
     let impl_trait_params = model.key_params.iter().filter(|(_, ty)| super::mentions(ty, "impl"));
     let impl_trait_args = impl_trait_params
         .map(|(param, _)| quote!(#type_arg(&mut #hasher, ::core::any::type_name_of_val(&#param));));
-    let const_args = generics.const_params().map(|p| {
+    let const_args = generics.const_params().filter(|p| matters(&p.ident)).map(|p| {
         let name = &p.ident;
         quote_spanned!(name.span()=> ::cache_runtime::__private::key_arg(&mut #hasher, &#name);)
     });
@@ -349,6 +368,22 @@ mod tests {
         assert!(!out.contains("type_name :: < 'a >"), "{out}");
         assert!(out.contains("CachedFn :: free"), "{out}");
         assert!(out.contains("module : :: core :: module_path ! ()"), "{out}");
+    }
+
+    #[test]
+    fn a_type_parameter_only_skipped_arguments_name_stays_out_of_the_key() {
+        let out = expand(
+            quote!(db = MarketData, prefix = "m", ttl = 60, skip(ex)),
+            quote!(
+                async fn load<E: Executor, R: Default, T>(ex: E, id: u32) -> T {
+                    todo!()
+                }
+            ),
+        );
+        assert_valid(&out);
+        assert!(!out.contains("type_name :: < E > ()"), "the executor's type is not part of the key: {out}");
+        assert!(out.contains("type_name :: < R > ()"), "named only in the body: still part of the key");
+        assert!(out.contains("type_name :: < T > ()"), "the return type's parameter is part of the key");
     }
 
     #[test]

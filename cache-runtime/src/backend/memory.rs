@@ -101,22 +101,32 @@ impl Expiry<Slot, Entry> for UntilDeadline {
 pub(crate) struct MemoryBackend {
     entries: Cache<Slot, Entry>,
     leases: Mutex<Leases>,
-    epoch: Instant,
     /// How long an invalidation is remembered for fills whose lease aged out before it.
     stamp_life: Duration,
 }
 
-/// A fill lease, as on Redis: the token of its holder and when it was granted and expires.
+/// A fill lease, as on Redis: the token of its holder and when it expires.
 struct Lease {
     token: u64,
     expires_at: Instant,
 }
 
+/// Leases and invalidation stamps, under the one lock that makes acquire, renew, fill and
+/// invalidate atomic with respect to each other (the Redis scripts' atomicity).
 #[derive(Default)]
 struct Leases {
     held: HashMap<(u8, String), Lease>,
-    /// When each key was last invalidated (µs since `epoch`), pruned once past `stamp_life`.
-    stamps: HashMap<(u8, String), u64>,
+    /// Each invalidated key's current stamp (a fresh number per invalidation), and when it was set.
+    stamps: HashMap<(u8, String), (u64, Instant)>,
+    /// Stamps older than `stamp_life` are forgotten when the map reaches this size (then twice the
+    /// size left): amortized O(1) per invalidation.
+    prune_at: usize,
+}
+
+impl Leases {
+    fn stamp(&self, slot: &(u8, String)) -> u64 {
+        self.stamps.get(slot).map_or(0, |(stamp, _)| *stamp)
+    }
 }
 
 impl MemoryBackend {
@@ -136,20 +146,11 @@ impl MemoryBackend {
             })
             .expire_after(UntilDeadline)
             .build();
-        MemoryBackend {
-            entries,
-            leases: Mutex::default(),
-            epoch: Instant::now(),
-            stamp_life: super::stamp_life(config.lease_ttl()),
-        }
+        MemoryBackend { entries, leases: Mutex::default(), stamp_life: super::stamp_life(config.lease_ttl()) }
     }
 
     fn leases(&self) -> MutexGuard<'_, Leases> {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn micros(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX).saturating_add(1)
     }
 
     fn slot(db: u8, key: &str) -> Slot {
@@ -258,29 +259,25 @@ impl MemoryBackend {
         if leases.held.get(&slot).is_some_and(|l| l.expires_at > now) {
             return Acquired::Busy;
         }
+        let stamp = leases.stamp(&slot);
         leases.held.insert(slot, Lease { token: ask.token, expires_at: deadline(now, ask.ttl) });
-        Acquired::Granted(self.micros())
-    }
-
-    /// Whether `key` was invalidated after `granted_at`.
-    fn revoked_since(leases: &Leases, slot: &(u8, String), granted_at: u64) -> bool {
-        leases.stamps.get(slot).is_some_and(|stamp| *stamp >= granted_at)
+        Acquired::Granted(stamp)
     }
 
     /// Extends the lease of `token` (see `RENEW` in `redis/scripts.rs`).
-    pub(crate) fn renew(&self, db: u8, key: &str, token: u64, granted_at: u64, ttl: Duration) -> Renewal {
+    pub(crate) fn renew(&self, db: u8, key: &str, token: u64, grant: u64, ttl: Duration) -> Renewal {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
         let now = Instant::now();
-        let renewed = Lease { token, expires_at: deadline(now, ttl) };
-        match leases.held.get(&slot) {
-            Some(lease) if lease.token == token => {}
-            _ if Self::revoked_since(&leases, &slot, granted_at) => return Renewal::Revoked,
-            Some(lease) if lease.expires_at > now => return Renewal::Superseded,
-            _ => {}
+        // An expired lease is gone, as its key would be on Redis.
+        if let Some(lease) = leases.held.get_mut(&slot).filter(|l| l.token == token && l.expires_at > now) {
+            lease.expires_at = deadline(now, ttl);
+            return Renewal::Renewed;
         }
-        leases.held.insert(slot, renewed);
-        Renewal::Renewed
+        if leases.stamp(&slot) != grant {
+            return Renewal::Revoked;
+        }
+        Renewal::Lost
     }
 
     /// Writes `value` under the lease of `token` (see `FILL` in `redis/scripts.rs`).
@@ -289,19 +286,18 @@ impl MemoryBackend {
         db: u8,
         key: &str,
         token: u64,
-        granted_at: u64,
+        grant: u64,
         value: &[u8],
         ttl: Duration,
     ) -> FillOutcome {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
-        let now = Instant::now();
         match leases.held.get(&slot) {
             Some(lease) if lease.token == token => {
                 leases.held.remove(&slot);
             }
-            _ if Self::revoked_since(&leases, &slot, granted_at) => return FillOutcome::Revoked,
-            Some(lease) if lease.expires_at > now => return FillOutcome::Superseded,
+            _ if leases.stamp(&slot) != grant => return FillOutcome::Revoked,
+            Some(lease) if lease.expires_at > Instant::now() => return FillOutcome::Superseded,
             _ => {}
         }
         self.set(db, key, value, ttl);
@@ -317,25 +313,29 @@ impl MemoryBackend {
         }
     }
 
-    /// Deletes the entry, revokes its lease and stamps the invalidation, atomically with respect
-    /// to `fill`.
+    /// Deletes the entry, revokes its lease and gives the key a fresh stamp, atomically with
+    /// respect to `fill`.
     pub(crate) fn invalidate(&self, db: u8, key: &str) {
         let mut leases = self.leases();
         let slot = (db, key.to_owned());
         leases.held.remove(&slot);
-        let now = self.micros();
-        let life = u64::try_from(self.stamp_life.as_micros()).unwrap_or(u64::MAX);
-        if leases.stamps.len() >= 1024 {
-            // Forget stamps no fill can still need.
-            leases.stamps.retain(|_, stamp| now.saturating_sub(*stamp) < life);
+        let now = Instant::now();
+        if leases.stamps.len() >= leases.prune_at {
+            // Forget stamps no fill can still need; a holder granted under a forgotten stamp is
+            // refused (its stamp no longer matches), never wrongly written.
+            let life = self.stamp_life;
+            leases.stamps.retain(|_, (_, at)| now.duration_since(*at) < life);
+            leases.prune_at = (leases.stamps.len() * 2).max(1024);
         }
-        leases.stamps.insert(slot, now);
+        leases.stamps.insert(slot, (super::unique(), now));
         self.entries.invalidate(&(db, key) as &dyn SlotRef);
     }
 }
 
+/// `now + ttl`, or `now` + the longest TTL for a `ttl` past what an `Instant` holds (callers bound
+/// TTLs where they come in; this keeps a bad one from panicking all the same).
 fn deadline(now: Instant, ttl: Duration) -> Instant {
-    now.checked_add(ttl).unwrap_or(now + Duration::from_secs(86_400))
+    now.checked_add(ttl).unwrap_or_else(|| now + Duration::from_secs(cache_rules::MAX_TTL_SECONDS))
 }
 
 #[cfg(test)]
@@ -381,7 +381,9 @@ mod tests {
         let ask = |token| LeaseAsk { token, ttl: Duration::from_millis(1), min_generation: 0 };
         let Acquired::Granted(at) = m.acquire(5, "a", ask(1), |_| ()) else { panic!("granted") };
         std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(m.renew(5, "a", 1, at, Duration::from_secs(1)), Renewal::Lost, "aged, not taken back");
         assert_eq!(m.fill(5, "a", 1, at, b"[0,1]", Duration::from_secs(9)), FillOutcome::Written);
+        m.invalidate(5, "b");
         let Acquired::Granted(at) = m.acquire(5, "b", ask(2), |_| ()) else { panic!("granted") };
         std::thread::sleep(Duration::from_millis(5));
         m.invalidate(5, "b");

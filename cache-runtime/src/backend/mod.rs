@@ -32,8 +32,8 @@ pub(crate) struct LeaseAsk {
 pub(crate) enum Acquired<T> {
     /// Someone filled the entry meanwhile (at the generation asked for or later).
     Value(T),
-    /// The lease is ours, granted at this backend time (µs): compute, renew while computing, and
-    /// fill with our token.
+    /// The lease is ours, granted while the key's invalidation stamp was this (0: none): compute,
+    /// renew while computing, and fill with our token and this stamp.
     Granted(u64),
     /// Another caller (maybe in another process) holds the lease: wait for its value.
     Busy,
@@ -69,8 +69,20 @@ pub(crate) enum Renewal {
     Renewed,
     /// An invalidation revoked it: the value being computed must not be filled.
     Revoked,
-    /// It aged out and another caller holds it now.
-    Superseded,
+    /// It aged out (and may be held by another caller now); not revoked. Renewal stops; the fill
+    /// decides whether the value is still written.
+    Lost,
+}
+
+/// A number no other caller will draw: a per-process random start, then a counter (lease tokens
+/// and invalidation stamps). Never 0, which means "no stamp".
+pub(crate) fn unique() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Relaxed));
+    h.finish().max(1)
 }
 
 // One per runtime, behind its `Arc`: the size difference costs nothing.
@@ -266,7 +278,8 @@ impl Backend {
         match self {
             Backend::Memory(m) => Ok(m.acquire(db, key, ask, decode)),
             Backend::Redis(r) => r.guarded(limit, r.acquire(db, key, ask, decode)).await,
-            Backend::None => Ok(Acquired::Busy),
+            // Never asked: a runtime without a backend runs functions before any lookup.
+            Backend::None => Err(BackendError::Bypassed),
         }
     }
 
@@ -277,13 +290,13 @@ impl Backend {
         db: u8,
         key: &str,
         token: u64,
-        granted_at: u64,
+        grant: u64,
         lease: Duration,
     ) -> Result<Renewal, BackendError> {
         match self {
-            Backend::Memory(m) => Ok(m.renew(db, key, token, granted_at, lease)),
-            Backend::Redis(r) => r.guarded(limit, r.renew(db, key, token, granted_at, lease)).await,
-            Backend::None => Ok(Renewal::Superseded),
+            Backend::Memory(m) => Ok(m.renew(db, key, token, grant, lease)),
+            Backend::Redis(r) => r.guarded(limit, r.renew(db, key, token, grant, lease)).await,
+            Backend::None => Ok(Renewal::Lost),
         }
     }
 
@@ -294,13 +307,13 @@ impl Backend {
         db: u8,
         key: &str,
         token: u64,
-        granted_at: u64,
+        grant: u64,
         value: &[u8],
         ttl: Duration,
     ) -> Result<FillOutcome, BackendError> {
         match self {
-            Backend::Memory(m) => Ok(m.fill(db, key, token, granted_at, value, ttl)),
-            Backend::Redis(r) => r.guarded(limit, r.fill(db, key, token, granted_at, value, ttl)).await,
+            Backend::Memory(m) => Ok(m.fill(db, key, token, grant, value, ttl)),
+            Backend::Redis(r) => r.guarded(limit, r.fill(db, key, token, grant, value, ttl)).await,
             Backend::None => Ok(FillOutcome::Superseded),
         }
     }

@@ -32,7 +32,7 @@ pub(crate) struct Write {
     pub(crate) key: String,
     pub(crate) value: Arc<[u8]>,
     pub(crate) ttl: Duration,
-    /// `Some((token, granted_at))`: the lease-checked fill script; `None`: a plain `SET ... PX`.
+    /// `Some((token, grant))`: the lease-checked fill script; `None`: a plain `SET ... PX`.
     pub(crate) lease: Option<(u64, u64)>,
     pub(crate) done: Option<Done>,
     /// For a handle's `set_behind`: lets a later operation on the key cancel or wait for it.
@@ -44,11 +44,14 @@ const CANCELLED: u8 = 1;
 const SENT: u8 = 2;
 const ANSWERED: u8 = 3;
 
-/// The state of one queued handle write: queued, cancelled, sent, answered.
+/// The state of one queued handle write: queued, cancelled, sent, answered; and the earlier
+/// write of the same key that was already sent when this one was queued (so a later operation
+/// waits for both).
 #[derive(Default)]
 pub(crate) struct Ticket {
     state: AtomicU8,
     answered: Notify,
+    earlier: Mutex<Option<Arc<Ticket>>>,
 }
 
 impl Ticket {
@@ -122,8 +125,11 @@ impl Batcher {
         // Registered first: a cancellation racing with the offer finds it.
         let previous = self.tickets().insert(key.clone(), Arc::clone(&ticket));
         if let Some(previous) = previous {
-            // The earlier queued write of this key is superseded by this one.
-            let _ = previous.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst);
+            // The earlier write of this key is superseded by this one: cancelled if still queued,
+            // remembered if already sent.
+            if previous.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_err() {
+                *ticket.earlier.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
+            }
         }
         self.offer(db, write, conn).inspect_err(|_| {
             let mut tickets = self.tickets();
@@ -136,15 +142,19 @@ impl Batcher {
     /// Cancels the queued handle write of `key`, or waits (within `limit`) for its answer if it
     /// was already sent, so that an operation on `key` made next lands after it.
     pub(crate) async fn supersede(&self, limit: Duration, db: u8, key: &str) {
-        let ticket = self.tickets().remove(&(db, key.to_owned()));
-        let Some(ticket) = ticket else { return };
-        if ticket.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_ok() {
-            return;
-        }
-        let answered = ticket.answered.notified();
-        if ticket.state.load(SeqCst) == SENT {
-            let _ = tokio::time::timeout(limit, answered).await;
-        }
+        let mut next = self.tickets().remove(&(db, key.to_owned()));
+        let wait = async {
+            while let Some(ticket) = next {
+                if ticket.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_err() {
+                    let answered = ticket.answered.notified();
+                    if ticket.state.load(SeqCst) == SENT {
+                        answered.await;
+                    }
+                }
+                next = ticket.earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
     }
 
     /// Takes `write` for the background, or gives it back (batching off, queue full, shut down)
@@ -283,9 +293,7 @@ impl Writer {
         pipe.ignore_errors();
         for w in writes.iter() {
             match w.lease {
-                Some((token, granted_at)) => {
-                    scripts::pipe_fill(&mut pipe, &w.key, token, granted_at, &w.value, w.ttl)
-                }
+                Some((token, grant)) => scripts::pipe_fill(&mut pipe, &w.key, token, grant, &w.value, w.ttl),
                 None => {
                     pipe.cmd("SET").arg(&w.key).arg(&*w.value).arg("PX").arg(millis(w.ttl));
                 }
@@ -310,9 +318,9 @@ impl Writer {
                         // The script is not loaded yet, or the server lost it (a restart): the
                         // direct fill loads it and runs it. (Only fills run a script.)
                         Err(e) if e.code() == Some("NOSCRIPT") => match w.lease {
-                            Some((token, granted_at)) => {
+                            Some((token, grant)) => {
                                 let fill =
-                                    scripts::fill(&mut self.conn, &w.key, token, granted_at, &w.value, w.ttl);
+                                    scripts::fill(&mut self.conn, &w.key, token, grant, &w.value, w.ttl);
                                 bounded(self.op_timeout, fill).await
                             }
                             None => Err(BackendError::from(e)),
@@ -325,7 +333,12 @@ impl Writer {
             Err(e) => {
                 let message = e.to_string();
                 for mut w in writes.drain(..) {
-                    self.finish(&mut w, Err(BackendError::Batch(message.clone())));
+                    let error = match e {
+                        // Skipped by the open breaker: counted as bypassed, not as an error.
+                        BackendError::Bypassed => BackendError::Bypassed,
+                        _ => BackendError::Batch(message.clone()),
+                    };
+                    self.finish(&mut w, Err(error));
                 }
             }
         }

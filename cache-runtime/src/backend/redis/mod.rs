@@ -158,7 +158,7 @@ impl RedisBackend {
         }
         Ok(match reply? {
             AcquireReply::Value(bytes) => Acquired::Value(decode(&bytes)),
-            AcquireReply::Granted(granted_at) => Acquired::Granted(granted_at),
+            AcquireReply::Granted(grant) => Acquired::Granted(grant),
             AcquireReply::Busy => Acquired::Busy,
         })
     }
@@ -168,10 +168,10 @@ impl RedisBackend {
         db: u8,
         key: &str,
         token: u64,
-        granted_at: u64,
+        grant: u64,
         lease: Duration,
     ) -> Result<Renewal, BackendError> {
-        scripts::renew(&mut self.conn(db)?, key, token, granted_at, lease).await
+        scripts::renew(&mut self.conn(db)?, key, token, grant, lease).await
     }
 
     pub(crate) async fn fill(
@@ -179,11 +179,11 @@ impl RedisBackend {
         db: u8,
         key: &str,
         token: u64,
-        granted_at: u64,
+        grant: u64,
         value: &[u8],
         ttl: Duration,
     ) -> Result<FillOutcome, BackendError> {
-        scripts::fill(&mut self.conn(db)?, key, token, granted_at, value, ttl).await
+        scripts::fill(&mut self.conn(db)?, key, token, grant, value, ttl).await
     }
 
     pub(crate) async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {

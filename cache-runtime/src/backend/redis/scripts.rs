@@ -14,33 +14,44 @@ use crate::backend::{FillOutcome, Renewal};
 use crate::error::BackendError;
 use crate::key;
 
-/// KEYS: entry, lease. ARGV: token, lease ms, minimum generation. The generation is read from a
-/// JSON (`[g,...]`) or MessagePack value (see `value.rs`).
-/// A fresh entry: `{1, value}`. Lease taken: `{2, granted_at}`. Someone else holds it: `{3}`.
+/// KEYS: entry, lease, invalidation stamp. ARGV: token, lease ms, minimum generation. The
+/// generation is read from the head of a JSON (`[g,...]`) or MessagePack value (`0x92` then an
+/// integer; see `value.rs`) without decoding the rest.
+/// A fresh entry: `{1, value}`. Lease taken: `{2, stamp}`, the key's invalidation stamp at the
+/// grant (`'0'` if none). Someone else holds it: `{3}`.
 const ACQUIRE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
   local g
-  if string.sub(v, 1, 1) == '[' then
+  local b = string.byte(v, 1)
+  if b == 91 then
     g = tonumber(string.match(v, '^%[(%d+),'))
-  else
-    local ok, pair = pcall(cmsgpack.unpack, v)
-    if ok and type(pair) == 'table' then g = tonumber(pair[1]) end
+  elseif b == 0x92 then
+    local t = string.byte(v, 2)
+    if t and t < 0x80 then
+      g = t
+    else
+      local width = ({[0xcc] = 1, [0xcd] = 2, [0xce] = 4, [0xcf] = 8})[t]
+      if width and #v >= 2 + width then
+        g = 0
+        for i = 3, 2 + width do g = g * 256 + string.byte(v, i) end
+      end
+    end
   end
   if g and g >= tonumber(ARGV[3]) then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local t = redis.call('TIME')
-  return {2, t[1] * 1000000 + t[2]}
+  return {2, redis.call('GET', KEYS[3]) or '0'}
 end
 return {3}
 ";
 
-/// KEYS: entry, lease, invalidation stamp. ARGV: token, value, ttl ms, granted_at.
-/// 1: written under our lease. 2: our lease aged out (nobody revoked it, nobody holds it now):
-/// written. 0: an invalidation of this key came after our grant: refused. 3: our lease aged out
-/// and another caller holds the key's lease now: not written (it will fill), the value is not
-/// stale.
+/// KEYS: entry, lease, invalidation stamp. ARGV: token, value, ttl ms, stamp at the grant.
+/// 1: written under our lease. 2: our lease aged out, nobody holds it now and the key's stamp is
+/// the one we were granted under (no invalidation since): written. 0: the stamp changed (an
+/// invalidation came after our grant): refused. 3: our lease aged out and another caller holds
+/// the key's lease now: not written (it will fill), the value is not stale.
+/// Stamps are compared for equality, never as times, so no clock is trusted.
 const FILL: &str = r"
 local l = redis.call('GET', KEYS[2])
 if l == ARGV[1] then
@@ -48,7 +59,7 @@ if l == ARGV[1] then
   redis.call('DEL', KEYS[2])
   return 1
 end
-if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[4]) then return 0 end
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return 0 end
 if not l then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 2
@@ -56,30 +67,25 @@ end
 return 3
 ";
 
-/// KEYS: lease, invalidation stamp. ARGV: token, lease ms, granted_at.
-/// 1: renewed (or taken back after it aged, nobody else having taken it). 0: revoked by an
-/// invalidation. 2: aged, and another caller holds it now.
+/// KEYS: lease, invalidation stamp. ARGV: token, lease ms, stamp at the grant.
+/// 1: renewed. 0: revoked by an invalidation. 2: gone (aged out, or consumed by our own fill)
+/// or held by another caller: not taken back, so a renewal that lands after the fill never
+/// recreates a lease nobody holds.
 const RENEW: &str = r"
-local l = redis.call('GET', KEYS[1])
-if l == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[3]) then return 0 end
-if not l then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then return 0 end
 return 2
 ";
 
-/// KEYS: entry, lease, invalidation stamp. ARGV: stamp ms. Drops the entry, revokes its lease,
-/// and stamps the time so that a fill whose lease was granted before it is refused even if that
-/// lease had already aged out.
+/// KEYS: entry, lease, invalidation stamp. ARGV: stamp ms, a fresh random stamp. Drops the
+/// entry, revokes its lease, and changes the key's stamp so that a fill granted before it is
+/// refused even if its lease had already aged out.
 const INVALIDATE: &str = r"
 redis.call('UNLINK', KEYS[1], KEYS[2])
-local t = redis.call('TIME')
-redis.call('SET', KEYS[3], string.format('%.0f', t[1] * 1000000 + t[2]), 'PX', ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
 return 1
 ";
 
@@ -132,7 +138,7 @@ pub(crate) fn scripts() -> &'static Scripts {
     })
 }
 
-/// What the acquire script answered: a value, the lease (granted at this server time), or busy.
+/// What the acquire script answered: a value, the lease (granted under this stamp), or busy.
 pub(crate) enum AcquireReply {
     Value(Vec<u8>),
     Granted(u64),
@@ -150,6 +156,7 @@ pub(crate) async fn acquire(
         .acquire
         .key(key)
         .key(key::lease_key(key))
+        .key(key::invalidation_key(key))
         .arg(token)
         .arg(millis(lease))
         .arg(min_generation)
@@ -157,9 +164,9 @@ pub(crate) async fn acquire(
         .await?;
     Ok(match reply.as_slice() {
         [redis::Value::Int(1), redis::Value::BulkString(bytes)] => AcquireReply::Value(bytes.clone()),
-        [redis::Value::Int(2), redis::Value::Int(granted_at)] => {
-            AcquireReply::Granted(u64::try_from(*granted_at).unwrap_or(0))
-        }
+        [redis::Value::Int(2), redis::Value::BulkString(stamp)] => AcquireReply::Granted(
+            std::str::from_utf8(stamp).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
+        ),
         [redis::Value::Int(3)] => AcquireReply::Busy,
         other => {
             return Err(BackendError::from(redis::RedisError::from((
@@ -176,7 +183,7 @@ pub(crate) async fn fill(
     conn: &mut ConnectionManager,
     key: &str,
     token: u64,
-    granted_at: u64,
+    grant: u64,
     value: &[u8],
     ttl: Duration,
 ) -> Result<FillOutcome, BackendError> {
@@ -188,7 +195,7 @@ pub(crate) async fn fill(
         .arg(token)
         .arg(value)
         .arg(millis(ttl))
-        .arg(granted_at)
+        .arg(grant)
         .invoke_async(conn)
         .await?;
     Ok(FillOutcome::from_code(answer))
@@ -199,7 +206,7 @@ pub(crate) fn pipe_fill(
     pipe: &mut redis::Pipeline,
     key: &str,
     token: u64,
-    granted_at: u64,
+    grant: u64,
     value: &[u8],
     ttl: Duration,
 ) {
@@ -212,14 +219,14 @@ pub(crate) fn pipe_fill(
         .arg(token)
         .arg(value)
         .arg(millis(ttl))
-        .arg(granted_at);
+        .arg(grant);
 }
 
 pub(crate) async fn renew(
     conn: &mut ConnectionManager,
     key: &str,
     token: u64,
-    granted_at: u64,
+    grant: u64,
     lease: Duration,
 ) -> Result<Renewal, BackendError> {
     let answer: u8 = scripts()
@@ -228,13 +235,13 @@ pub(crate) async fn renew(
         .key(key::invalidation_key(key))
         .arg(token)
         .arg(millis(lease))
-        .arg(granted_at)
+        .arg(grant)
         .invoke_async(conn)
         .await?;
     Ok(match answer {
         1 => Renewal::Renewed,
         0 => Renewal::Revoked,
-        _ => Renewal::Superseded,
+        _ => Renewal::Lost,
     })
 }
 
@@ -249,6 +256,7 @@ pub(crate) async fn invalidate(
         .key(key::lease_key(key))
         .key(key::invalidation_key(key))
         .arg(millis(stamp_life))
+        .arg(crate::backend::unique())
         .invoke_async::<()>(conn)
         .await?;
     Ok(())
