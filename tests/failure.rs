@@ -10,8 +10,11 @@ use cache_runtime::db::Indicator;
 use support::Fixture;
 
 const OP_TIMEOUT: Duration = Duration::from_millis(200);
-/// Generous: proves the timeout fires (a hung server would otherwise block for ever), not speed.
-const CALL_BOUND: Duration = Duration::from_secs(2);
+/// Scheduling on a shared 2-core machine: far less than another timeout, so a bound twice as bad
+/// fails.
+const MARGIN: Duration = Duration::from_millis(150);
+/// One backend call's timeout and the margin: what a call may cost when the server fails.
+const CALL_BOUND: Duration = Duration::from_millis(200 + 150);
 
 #[cached(db = Indicator, prefix = "indicator", ttl = 600, skip(calls))]
 async fn sma(symbol: &str, window: u32, calls: &AtomicUsize) -> Result<f64, String> {
@@ -115,5 +118,5 @@ async fn retry_on_timeout_tries_a_lookup_twice() {
     fx.server.as_ref().unwrap().thaw();
     eprintln!("retry on timeout, server frozen: slowest call {slowest:?}");
     assert!(slowest >= OP_TIMEOUT * 2, "two bounded tries ({slowest:?})");
-    assert!(slowest < CALL_BOUND, "{slowest:?}");
+    assert!(slowest < OP_TIMEOUT * 2 + MARGIN, "two bounded tries, not more ({slowest:?})");
 }
