@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::backend::Store;
 use crate::db::CacheDb;
 use crate::error::CacheError;
 use crate::runtime::Runtime;
@@ -97,7 +98,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let counters = rt.stats.counters(Self::DB, &self.prefix);
         let found = rt
             .backend
-            .get_with(rt.op_timeout, Self::DB, &self.key(key), |b| serde_json::from_slice::<T>(b))
+            .get_with(Self::DB, &self.key(key), |b| serde_json::from_slice::<T>(b))
             .await
             .inspect_err(|_| counters.backend_error())?;
         match found {
@@ -132,10 +133,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let counters = rt.stats.counters(Self::DB, &self.prefix);
         let key = self.key(key);
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
-        rt.backend
-            .set(rt.op_timeout, Self::DB, &key, &bytes, ttl)
-            .await
-            .inspect_err(|_| counters.backend_error())?;
+        rt.backend.set(Self::DB, &key, &bytes, ttl).await.inspect_err(|_| counters.backend_error())?;
         counters.fill();
         Ok(())
     }
@@ -150,7 +148,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         let found = rt
             .backend
-            .get_many_with(rt.op_timeout, Self::DB, &full, |b| serde_json::from_slice::<T>(b))
+            .get_many_with(Self::DB, &full, |b| serde_json::from_slice::<T>(b))
             .await
             .inspect_err(|_| counters.backend_error())?;
         Ok(found
@@ -187,7 +185,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
         }
         rt.backend
-            .set_many(rt.op_timeout, Self::DB, &encoded, self.default_ttl)
+            .set_many(Self::DB, &encoded, self.default_ttl)
             .await
             .inspect_err(|_| counters.backend_error())?;
         for _ in items {
@@ -204,7 +202,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         for key in &full {
             rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
         }
-        Ok(rt.backend.delete_many(rt.op_timeout, Self::DB, &full).await?)
+        Ok(rt.backend.delete_many(Self::DB, &full).await?)
     }
 
     /// Stores `value` under `key` with the default TTL, written behind the caller's back: on Redis
@@ -220,24 +218,23 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let rt = runtime.inner();
         let counters = rt.stats.counters(Self::DB, &self.prefix);
         let done_counters = std::sync::Arc::clone(&counters);
-        let done: crate::backend::batch::Done = Box::new(move |result| match result {
+        let done: crate::backend::protocol::Done = Box::new(move |result| match result {
             Ok(_) => done_counters.fill(),
             Err(error) => {
                 done_counters.backend_error();
                 tracing::warn!(%error, "write-behind set failed");
             }
         });
-        let write = crate::backend::batch::Write {
+        let write = crate::backend::Write {
             key: self.key(key),
             value: bytes.into(),
             ttl: self.default_ttl,
             lease: None,
             done: Some(done),
-            ticket: None,
         };
         if let Err(write) = rt.backend.offer_handle_write(Self::DB, write) {
             rt.backend
-                .set(rt.op_timeout, Self::DB, &write.key, &write.value, write.ttl)
+                .set(Self::DB, &write.key, &write.value, write.ttl)
                 .await
                 .inspect_err(|_| counters.backend_error())?;
             counters.fill();
@@ -252,14 +249,14 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let rt = runtime.inner();
         let key = self.key(key);
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
-        Ok(rt.backend.delete(rt.op_timeout, Self::DB, &key).await?)
+        Ok(rt.backend.delete(Self::DB, &key).await?)
     }
 
     /// Whether `key` holds a live entry.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.exists(rt.op_timeout, Self::DB, &self.key(key)).await?)
+        Ok(rt.backend.exists(Self::DB, &self.key(key)).await?)
     }
 
     /// Sets a new TTL (more than zero, at most 365 days) on `key`; `false` if it was not there.
@@ -267,14 +264,14 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         check_ttl(ttl)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.expire(rt.op_timeout, Self::DB, &self.key(key), ttl).await?)
+        Ok(rt.backend.expire(Self::DB, &self.key(key), ttl).await?)
     }
 
     /// Time left before `key` expires, or `None` if it is not there.
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.ttl(rt.op_timeout, Self::DB, &self.key(key)).await?)
+        Ok(rt.backend.ttl(Self::DB, &self.key(key)).await?)
     }
 
     /// Removes every key under this handle's prefix, and nothing else (SCAN + UNLINK on Redis;
@@ -283,14 +280,14 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         // A clear walks the keyspace: give it many op timeouts, not one.
-        Ok(rt.backend.clear(rt.op_timeout.saturating_mul(100), Self::DB, &self.prefix).await?)
+        Ok(rt.backend.clear(Self::DB, &self.prefix).await?)
     }
 
     /// Whether the backend answers (PING on Redis).
     pub async fn health_check(&self) -> Result<(), CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.ping(rt.op_timeout, Self::DB).await?)
+        Ok(rt.backend.ping(Self::DB).await?)
     }
 }
 

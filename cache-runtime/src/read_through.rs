@@ -13,8 +13,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::batch::Write;
-use crate::backend::{Acquired, Backend, FillOutcome, LeaseAsk, Renewal};
+use crate::backend::{Acquired, FillOutcome, LeaseAsk, Renewal, Store, Write};
 use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
@@ -55,7 +54,7 @@ where
 {
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
-    if matches!(rt.backend, Backend::None) {
+    if rt.backend.is_none() {
         return body.await;
     }
     let spec = cached.spec();
@@ -83,7 +82,7 @@ where
         match lookup::<P::Stored>(rt, &cached, &key, &function).await {
             Lookup::Hit(value) => {
                 counters.hit();
-                if matches!(rt.backend, Backend::Memory(_)) {
+                if rt.backend.is_in_process() {
                     // An embedded hit never waits on I/O, so it never yields: spend tokio's
                     // cooperative budget so that a loop of hits cannot starve other tasks.
                     tokio::task::coop::consume_budget().await;
@@ -157,11 +156,9 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
     let found = if refresh {
         let life = key::generation_life(spec.ttl);
-        rt.backend
-            .get_with_generation(rt.op_timeout, spec.db, key, &function.generation_key, life, decode)
-            .await
+        rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await
     } else {
-        rt.backend.get_with(rt.op_timeout, spec.db, key, decode).await.map(|v| (v, None))
+        rt.backend.get_with(spec.db, key, decode).await.map(|v| (v, None))
     };
     let (found, read) = match found {
         Ok(found) => found,
@@ -210,7 +207,7 @@ impl Drop for LeaseHeld {
             (self.runtime.clone(), self.db, std::mem::take(&mut self.key), self.token);
         crate::background::spawn(async move {
             let rt = runtime.inner();
-            if let Err(error) = rt.backend.release(rt.op_timeout, db, &key, token).await {
+            if let Err(error) = rt.backend.release(db, &key, token).await {
                 tracing::debug!(db, %key, %error, "lease release failed; it expires by itself");
             }
         });
@@ -233,7 +230,7 @@ async fn compute_renewing<R>(
     let renewing = async {
         loop {
             tokio::time::sleep(period).await;
-            match rt.backend.renew(rt.op_timeout, db, key, token, grant, rt.lease_ttl).await {
+            match rt.backend.renew(db, key, token, grant, rt.lease_ttl).await {
                 Ok(Renewal::Renewed) => counters.renewal(),
                 Ok(ended) => return ended,
                 // Unreachable backend: try again next period; the fill script decides whether the
@@ -270,7 +267,7 @@ where
         let decode =
             |bytes: &[u8]| (Arc::<[u8]>::from(bytes), value::decode::<P::Stored>(spec.format, bytes));
         let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation };
-        let acquired = rt.backend.acquire(rt.op_timeout, spec.db, key, ask, decode).await;
+        let acquired = rt.backend.acquire(spec.db, key, ask, decode).await;
         match acquired {
             Ok(Acquired::Value((bytes, Ok((_, value))))) => {
                 counters.hit();
@@ -306,7 +303,6 @@ where
                             ttl: spec.ttl,
                             lease: Some((token, grant)),
                             done: None,
-                            ticket: None,
                         };
                         // The fill script consumes the lease; `held` gives it back if the fill fails.
                         let flight = Flight { leader, computed_from, held };
@@ -399,15 +395,12 @@ async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, flight: Flight,
     match rt.backend.offer(db, write) {
         Ok(()) => {}
         Err(mut write) => {
-            if matches!(rt.backend, Backend::Redis(_)) {
-                direct.direct_fill();
+            if rt.backend.writes_behind() {
+                direct.direct_fill(); // its queue was full or shut down
             }
             let done = write.done.take().expect("the write carries its completion");
-            let (token, granted_at) = write.lease.expect("fills are lease-checked");
-            let result = rt
-                .backend
-                .fill(rt.op_timeout, db, &write.key, token, granted_at, &write.value, write.ttl)
-                .await;
+            let lease = write.lease.expect("fills are lease-checked");
+            let result = rt.backend.fill(db, &write.key, lease, &write.value, write.ttl).await;
             done(result);
         }
     }

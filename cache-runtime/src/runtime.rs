@@ -6,11 +6,11 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Store};
 use crate::config::{BackendKind, CacheConfig, ConfigError};
 use crate::flight::Flights;
 use crate::functions::Functions;
-use crate::invalidate::Pending;
+use crate::invalidate::queue::Pending;
 use crate::stats::{StatsRegistry, StatsSnapshot};
 
 /// A configured cache: backend, timeouts and counters. Cheap to clone (one `Arc`).
@@ -45,18 +45,17 @@ impl Runtime {
             BackendKind::Redis(target) => format!("redis at {}", target.address()),
             BackendKind::None => "none (caching disabled)".to_owned(),
         };
+        let backend = Backend::new(&config);
+        let functions = Functions::new(backend.keeps_generations_in_process(), config.generation_refresh);
         Runtime {
             inner: Arc::new(Inner {
-                backend: Backend::new(&config),
+                backend,
                 op_timeout: config.op_timeout,
                 lease_ttl: config.lease_ttl,
                 shutdown_timeout: config.shutdown_timeout,
                 stats: StatsRegistry::default(),
                 flights: Arc::default(),
-                functions: Functions::new(
-                    !matches!(config.backend, BackendKind::Redis(_)),
-                    config.generation_refresh,
-                ),
+                functions,
                 pending: Pending::default(),
                 description,
             }),

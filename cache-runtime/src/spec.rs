@@ -60,3 +60,21 @@ impl CachedFn {
 
 /// (db, prefix, function, version, module, owner without generic arguments).
 pub(crate) type FunctionId = (u8, &'static str, &'static str, Option<u32>, &'static str, &'static str);
+
+/// What one entry of `#[invalidates(...)]` drops.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// One entry: the key of a call (`None` if an argument failed to serialize: nothing to drop,
+    /// since such a call was never cached).
+    Key(CachedFn, Option<String>),
+    /// Every entry of a function.
+    All(CachedFn),
+}
+
+impl Target {
+    pub(crate) fn function(&self) -> &CachedFn {
+        match self {
+            Target::Key(f, _) | Target::All(f) => f,
+        }
+    }
+}

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::{Acquired, FillOutcome, LeaseAsk, Renewal};
+use super::protocol::{Acquired, FillOutcome, LeaseAsk, Renewal};
+use super::store::Store;
 use crate::config::CacheConfig;
+use crate::error::BackendError;
 
 /// Memory moka charges per entry beyond its key and value bytes (its node, our `Entry`).
 const ENTRY_OVERHEAD: u64 = 96;
@@ -146,7 +148,11 @@ impl MemoryBackend {
             })
             .expire_after(UntilDeadline)
             .build();
-        MemoryBackend { entries, leases: Mutex::default(), stamp_life: super::stamp_life(config.lease_ttl()) }
+        MemoryBackend {
+            entries,
+            leases: Mutex::default(),
+            stamp_life: super::protocol::stamp_life(config.lease_ttl()),
+        }
     }
 
     fn leases(&self) -> MutexGuard<'_, Leases> {
@@ -327,8 +333,114 @@ impl MemoryBackend {
             leases.stamps.retain(|_, (_, at)| now.duration_since(*at) < life);
             leases.prune_at = (leases.stamps.len() * 2).max(1024);
         }
-        leases.stamps.insert(slot, (super::unique(), now));
+        leases.stamps.insert(slot, (super::protocol::unique(), now));
         self.entries.invalidate(&(db, key) as &dyn SlotRef);
+    }
+}
+
+/// The embedded store answers at once: each call is the inherent method of the same name.
+impl Store for MemoryBackend {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    fn keeps_generations_in_process(&self) -> bool {
+        true
+    }
+    async fn get_with<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Option<T>, BackendError> {
+        Ok(MemoryBackend::get_with(self, db, key, decode))
+    }
+    async fn get_with_generation<T>(
+        &self,
+        db: u8,
+        key: &str,
+        _: &str,
+        _: Duration,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<u64>), BackendError> {
+        Ok((MemoryBackend::get_with(self, db, key, decode), None))
+    }
+    async fn get_many_with<T>(
+        &self,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<Option<T>>, BackendError> {
+        Ok(MemoryBackend::get_many_with(self, db, keys, decode))
+    }
+    async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
+        MemoryBackend::set(self, db, key, value, ttl);
+        Ok(())
+    }
+    async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        Ok(MemoryBackend::delete(self, db, key))
+    }
+    async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
+        MemoryBackend::set_many(self, db, items, ttl);
+        Ok(())
+    }
+    async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
+        Ok(MemoryBackend::delete_many(self, db, keys))
+    }
+    async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        Ok(MemoryBackend::exists(self, db, key))
+    }
+    async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
+        Ok(MemoryBackend::expire(self, db, key, ttl))
+    }
+    async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
+        Ok(MemoryBackend::ttl(self, db, key))
+    }
+    async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
+        Ok(MemoryBackend::clear(self, db, prefix))
+    }
+    async fn ping(&self, _: u8) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn acquire<T>(
+        &self,
+        db: u8,
+        key: &str,
+        ask: LeaseAsk,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Acquired<T>, BackendError> {
+        Ok(MemoryBackend::acquire(self, db, key, ask, decode))
+    }
+    async fn renew(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        grant: u64,
+        lease: Duration,
+    ) -> Result<Renewal, BackendError> {
+        Ok(MemoryBackend::renew(self, db, key, token, grant, lease))
+    }
+    async fn fill(
+        &self,
+        db: u8,
+        key: &str,
+        (token, grant): (u64, u64),
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<FillOutcome, BackendError> {
+        Ok(MemoryBackend::fill(self, db, key, token, grant, value, ttl))
+    }
+    async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
+        MemoryBackend::release(self, db, key, token);
+        Ok(())
+    }
+    async fn invalidate(&self, db: u8, key: &str, _: Duration) -> Result<(), BackendError> {
+        MemoryBackend::invalidate(self, db, key);
+        Ok(())
+    }
+    async fn bump_generation(&self, _: u8, _: &str, _: Duration) -> Result<Option<u64>, BackendError> {
+        // Generations of the embedded store live in the runtime.
+        Ok(None)
     }
 }
 

@@ -19,25 +19,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::scripts::{self, millis, scripts};
 use crate::backend::breaker::Breaker;
-use crate::backend::{bounded, FillOutcome};
+use crate::backend::protocol::{bounded, FillOutcome, Write};
 use crate::config::CacheConfig;
 use crate::error::BackendError;
-
-/// Called with the write's result: written, refused (its lease was revoked) or superseded, or
-/// the backend failed.
-pub(crate) type Done = Box<dyn FnOnce(Result<FillOutcome, BackendError>) + Send>;
-
-/// One write, as the caller would have sent it.
-pub(crate) struct Write {
-    pub(crate) key: String,
-    pub(crate) value: Arc<[u8]>,
-    pub(crate) ttl: Duration,
-    /// `Some((token, grant))`: the lease-checked fill script; `None`: a plain `SET ... PX`.
-    pub(crate) lease: Option<(u64, u64)>,
-    pub(crate) done: Option<Done>,
-    /// For a handle's `set_behind`: lets a later operation on the key cancel or wait for it.
-    pub(crate) ticket: Option<Arc<Ticket>>,
-}
 
 const QUEUED: u8 = 0;
 const CANCELLED: u8 = 1;
@@ -66,8 +50,14 @@ impl Ticket {
     }
 }
 
+/// A write in the queue, with the ticket of a handle's `set_behind`.
+struct Queued {
+    write: Write,
+    ticket: Option<Arc<Ticket>>,
+}
+
 enum Item {
-    Write(Write),
+    Write(Queued),
     /// Everything queued before this is written when it is acknowledged.
     Flush(oneshot::Sender<()>),
 }
@@ -116,11 +106,10 @@ impl Batcher {
     pub(crate) fn offer_handle_write(
         &self,
         db: u8,
-        mut write: Write,
+        write: Write,
         conn: impl FnOnce() -> Option<ConnectionManager>,
     ) -> Result<(), Write> {
         let ticket = Arc::new(Ticket::default());
-        write.ticket = Some(Arc::clone(&ticket));
         let key = (db, write.key.clone());
         // Registered first: a cancellation racing with the offer finds it.
         let previous = self.tickets().insert(key.clone(), Arc::clone(&ticket));
@@ -131,7 +120,7 @@ impl Batcher {
                 *ticket.earlier.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
             }
         }
-        self.offer(db, write, conn).inspect_err(|_| {
+        self.enqueue(db, Queued { write, ticket: Some(Arc::clone(&ticket)) }, conn).inspect_err(|_| {
             let mut tickets = self.tickets();
             if tickets.get(&key).is_some_and(|t| Arc::ptr_eq(t, &ticket)) {
                 tickets.remove(&key);
@@ -165,15 +154,24 @@ impl Batcher {
         write: Write,
         conn: impl FnOnce() -> Option<ConnectionManager>,
     ) -> Result<(), Write> {
+        self.enqueue(db, Queued { write, ticket: None }, conn)
+    }
+
+    fn enqueue(
+        &self,
+        db: u8,
+        queued: Queued,
+        conn: impl FnOnce() -> Option<ConnectionManager>,
+    ) -> Result<(), Write> {
         if self.capacity == 0 || self.closed.load(SeqCst) {
-            return Err(write);
+            return Err(queued.write);
         }
         let cell = &self.queues[usize::from(db & 0x0f)];
         let queue = match cell.get() {
             Some(queue) => queue,
             None => {
                 let Some(conn) = conn() else {
-                    return Err(write);
+                    return Err(queued.write);
                 };
                 cell.get_or_init(|| {
                     let (tx, rx) = mpsc::channel(self.capacity);
@@ -192,10 +190,10 @@ impl Batcher {
             }
         };
         self.queued.fetch_add(1, SeqCst);
-        queue.try_send(Item::Write(write)).map_err(|e| {
+        queue.try_send(Item::Write(queued)).map_err(|e| {
             self.queued.fetch_sub(1, SeqCst);
             match e.into_inner() {
-                Item::Write(write) => write,
+                Item::Write(queued) => queued.write,
                 Item::Flush(_) => unreachable!("only writes are offered"),
             }
         })
@@ -276,11 +274,11 @@ async fn flush_loop(mut rx: mpsc::Receiver<Item>, mut writer: Writer, max: usize
 
 impl Writer {
     /// One pipeline for all of `writes`, in order; each write's `done` gets its own result.
-    async fn write_all(&mut self, writes: &mut Vec<Write>) {
+    async fn write_all(&mut self, writes: &mut Vec<Queued>) {
         // Cancelled handle writes are answered as superseded, unsent.
-        writes.retain_mut(|w| match &w.ticket {
+        writes.retain_mut(|q| match &q.ticket {
             Some(ticket) if !ticket.send() => {
-                self.finish(w, Ok(FillOutcome::Superseded));
+                self.finish(q, Ok(FillOutcome::Superseded));
                 self.queued.fetch_sub(1, SeqCst);
                 false
             }
@@ -291,7 +289,7 @@ impl Writer {
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for w in writes.iter() {
+        for Queued { write: w, .. } in writes.iter() {
             match w.lease {
                 Some((token, grant)) => scripts::pipe_fill(&mut pipe, &w.key, token, grant, &w.value, w.ttl),
                 None => {
@@ -312,7 +310,8 @@ impl Writer {
         let count = writes.len();
         match replies {
             Ok(replies) => {
-                for (mut w, reply) in writes.drain(..).zip(replies) {
+                for (mut q, reply) in writes.drain(..).zip(replies) {
+                    let w = &q.write;
                     let result = match written(reply) {
                         Ok(outcome) => Ok(outcome),
                         // The script is not loaded yet, or the server lost it (a restart): the
@@ -327,32 +326,32 @@ impl Writer {
                         },
                         Err(e) => Err(BackendError::from(e)),
                     };
-                    self.finish(&mut w, result);
+                    self.finish(&mut q, result);
                 }
             }
             Err(e) => {
                 let message = e.to_string();
-                for mut w in writes.drain(..) {
+                for mut q in writes.drain(..) {
                     let error = match e {
                         // Skipped by the open breaker: counted as bypassed, not as an error.
                         BackendError::Bypassed => BackendError::Bypassed,
                         _ => BackendError::Batch(message.clone()),
                     };
-                    self.finish(&mut w, Err(error));
+                    self.finish(&mut q, Err(error));
                 }
             }
         }
         self.queued.fetch_sub(count, SeqCst);
     }
 
-    fn finish(&self, w: &mut Write, result: Result<FillOutcome, BackendError>) {
-        if let Some(done) = w.done.take() {
+    fn finish(&self, q: &mut Queued, result: Result<FillOutcome, BackendError>) {
+        if let Some(done) = q.write.done.take() {
             done(result);
         }
-        if let Some(ticket) = &w.ticket {
+        if let Some(ticket) = &q.ticket {
             ticket.answer();
             let mut tickets = lock(&self.tickets);
-            let key = (self.db, std::mem::take(&mut w.key));
+            let key = (self.db, std::mem::take(&mut q.write.key));
             if tickets.get(&key).is_some_and(|t| Arc::ptr_eq(t, ticket)) {
                 tickets.remove(&key);
             }

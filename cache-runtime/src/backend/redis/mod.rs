@@ -16,7 +16,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use self::batch::Batcher;
 use self::scripts::{millis, AcquireReply};
 use super::breaker::Breaker;
-use super::{bounded, Acquired, FillOutcome, LeaseAsk, Renewal};
+use super::protocol::{bounded, Acquired, FillOutcome, LeaseAsk, Renewal, Write};
+use super::store::Store;
 use crate::config::{CacheConfig, RedisTarget};
 use crate::error::BackendError;
 
@@ -28,11 +29,11 @@ pub(crate) struct RedisBackend {
     connect_timeout: Duration,
     op_timeout: Duration,
     pool_size: usize,
-    pub(crate) retry_on_timeout: bool,
-    pub(crate) breaker: Arc<Breaker>,
+    retry_on_timeout: bool,
+    breaker: Arc<Breaker>,
     /// Per DB, `pool_size` multiplexed connections, made on first use.
     dbs: [OnceLock<Pool>; 16],
-    pub(crate) batcher: Batcher,
+    batcher: Batcher,
 }
 
 /// A DB's connections, handed out round robin.
@@ -88,7 +89,7 @@ impl RedisBackend {
 
     /// Runs `op` through the breaker, bounded by `limit`: refused at once while the breaker is
     /// open, and its result moves the breaker.
-    pub(crate) async fn guarded<T>(
+    async fn guarded<T>(
         &self,
         limit: Duration,
         op: impl Future<Output = Result<T, BackendError>>,
@@ -99,7 +100,7 @@ impl RedisBackend {
         result
     }
 
-    pub(crate) async fn get_with<T>(
+    async fn get_with<T>(
         &self,
         db: u8,
         key: &str,
@@ -114,7 +115,7 @@ impl RedisBackend {
     /// it lives as long as the function is read), pipelined in one round trip. A missing
     /// generation key is recreated at the server's clock (one more round trip), so that entries
     /// older than a lost key are never trusted.
-    pub(crate) async fn get_with_generation<T>(
+    async fn get_with_generation<T>(
         &self,
         db: u8,
         key: &str,
@@ -143,7 +144,7 @@ impl RedisBackend {
     /// went away), the server may still run the request later and set a lease nobody holds: a
     /// release of our token then follows it on the same connection, so such a lease lives only
     /// until the server reaches the release.
-    pub(crate) async fn acquire<T>(
+    async fn acquire<T>(
         &self,
         db: u8,
         key: &str,
@@ -163,7 +164,7 @@ impl RedisBackend {
         })
     }
 
-    pub(crate) async fn renew(
+    async fn renew(
         &self,
         db: u8,
         key: &str,
@@ -174,7 +175,7 @@ impl RedisBackend {
         scripts::renew(&mut self.conn(db)?, key, token, grant, lease).await
     }
 
-    pub(crate) async fn fill(
+    async fn fill(
         &self,
         db: u8,
         key: &str,
@@ -186,22 +187,17 @@ impl RedisBackend {
         scripts::fill(&mut self.conn(db)?, key, token, grant, value, ttl).await
     }
 
-    pub(crate) async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
+    async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
         scripts::release(&mut self.conn(db)?, key, token).await
     }
 
     /// Deletes the entry and its lease and stamps the invalidation, in one script: a fill holding
     /// the old lease is refused.
-    pub(crate) async fn invalidate(
-        &self,
-        db: u8,
-        key: &str,
-        stamp_life: Duration,
-    ) -> Result<(), BackendError> {
+    async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
         scripts::invalidate(&mut self.conn(db)?, key, stamp_life).await
     }
 
-    pub(crate) async fn bump_generation(
+    async fn bump_generation(
         &self,
         db: u8,
         generation_key: &str,
@@ -210,27 +206,21 @@ impl RedisBackend {
         scripts::bump_generation(&mut self.conn(db)?, generation_key, life).await
     }
 
-    pub(crate) async fn set(
-        &self,
-        db: u8,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<(), BackendError> {
+    async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
         let mut conn = self.conn(db)?;
         // PX in the same command: no key is ever left without an expiry.
         redis::cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
-    pub(crate) async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+    async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
         let mut conn = self.conn(db)?;
         let n: u64 = redis::cmd("UNLINK").arg(key).query_async(&mut conn).await?;
         Ok(n > 0)
     }
 
     /// One `MGET` for all of `keys`.
-    pub(crate) async fn get_many_with<T>(
+    async fn get_many_with<T>(
         &self,
         db: u8,
         keys: &[String],
@@ -245,12 +235,7 @@ impl RedisBackend {
     }
 
     /// One pipeline of `SET ... PX` for all of `items`.
-    pub(crate) async fn set_many(
-        &self,
-        db: u8,
-        items: &[(String, Vec<u8>)],
-        ttl: Duration,
-    ) -> Result<(), BackendError> {
+    async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
         if items.is_empty() {
             return Ok(());
         }
@@ -264,7 +249,7 @@ impl RedisBackend {
     }
 
     /// One `UNLINK` for all of `keys`; how many existed.
-    pub(crate) async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
+    async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
         if keys.is_empty() {
             return Ok(0);
         }
@@ -272,19 +257,19 @@ impl RedisBackend {
         Ok(redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await?)
     }
 
-    pub(crate) async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+    async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
         let mut conn = self.conn(db)?;
         let n: u64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
         Ok(n > 0)
     }
 
-    pub(crate) async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
+    async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
         let mut conn = self.conn(db)?;
         let n: u64 = redis::cmd("PEXPIRE").arg(key).arg(millis(ttl)).query_async(&mut conn).await?;
         Ok(n > 0)
     }
 
-    pub(crate) async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
+    async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
         let mut conn = self.conn(db)?;
         // -2: no such key; -1: no expiry (never written by this crate).
         let ms: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await?;
@@ -292,7 +277,7 @@ impl RedisBackend {
     }
 
     /// SCAN + UNLINK over `prefix:*` only: never `KEYS`, never `FLUSHDB`.
-    pub(crate) async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
+    async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
         let mut conn = self.conn(db)?;
         let pattern = format!("{prefix}:*");
         let mut cursor: u64 = 0;
@@ -317,10 +302,148 @@ impl RedisBackend {
         }
     }
 
-    pub(crate) async fn ping(&self, db: u8) -> Result<(), BackendError> {
+    async fn ping(&self, db: u8) -> Result<(), BackendError> {
         let mut conn = self.conn(db)?;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
+    }
+}
+
+/// Every call through the breaker and under `op_timeout` (the raw commands are the inherent
+/// methods of the same names, called by path).
+impl Store for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+    async fn get_with<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Option<T>, BackendError> {
+        let limit = self.op_timeout;
+        match self.guarded(limit, RedisBackend::get_with(self, db, key, &decode)).await {
+            Err(e) if self.retry_on_timeout && e.is_timeout() => {
+                self.guarded(limit, RedisBackend::get_with(self, db, key, &decode)).await
+            }
+            result => result,
+        }
+    }
+    async fn get_with_generation<T>(
+        &self,
+        db: u8,
+        key: &str,
+        generation_key: &str,
+        generation_life: Duration,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<u64>), BackendError> {
+        let read = RedisBackend::get_with_generation(self, db, key, generation_key, generation_life, decode);
+        self.guarded(self.op_timeout, read).await.map(|(v, g)| (v, Some(g)))
+    }
+    async fn get_many_with<T>(
+        &self,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<Option<T>>, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::get_many_with(self, db, keys, decode)).await
+    }
+    async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::set(self, db, key, value, ttl)).await
+    }
+    async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::delete(self, db, key)).await
+    }
+    async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::set_many(self, db, items, ttl)).await
+    }
+    async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::delete_many(self, db, keys)).await
+    }
+    async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::exists(self, db, key)).await
+    }
+    async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::expire(self, db, key, ttl)).await
+    }
+    async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::ttl(self, db, key)).await
+    }
+    async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
+        // A clear walks the keyspace: it gets many op timeouts, not one.
+        self.guarded(self.op_timeout.saturating_mul(100), RedisBackend::clear(self, db, prefix)).await
+    }
+    async fn ping(&self, db: u8) -> Result<(), BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::ping(self, db)).await
+    }
+    async fn acquire<T>(
+        &self,
+        db: u8,
+        key: &str,
+        ask: LeaseAsk,
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Acquired<T>, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::acquire(self, db, key, ask, decode)).await
+    }
+    async fn renew(
+        &self,
+        db: u8,
+        key: &str,
+        token: u64,
+        grant: u64,
+        lease: Duration,
+    ) -> Result<Renewal, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::renew(self, db, key, token, grant, lease)).await
+    }
+    async fn fill(
+        &self,
+        db: u8,
+        key: &str,
+        (token, grant): (u64, u64),
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<FillOutcome, BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::fill(self, db, key, token, grant, value, ttl)).await
+    }
+    async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
+        // Not through the breaker: giving a lease back is worth a try even while it is open.
+        bounded(self.op_timeout, RedisBackend::release(self, db, key, token)).await
+    }
+    async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
+        self.guarded(self.op_timeout, RedisBackend::invalidate(self, db, key, stamp_life)).await
+    }
+    async fn bump_generation(
+        &self,
+        db: u8,
+        generation_key: &str,
+        life: Duration,
+    ) -> Result<Option<u64>, BackendError> {
+        let bump = RedisBackend::bump_generation(self, db, generation_key, life);
+        self.guarded(self.op_timeout, bump).await.map(Some)
+    }
+    fn writes_behind(&self) -> bool {
+        true
+    }
+    fn offer(&self, db: u8, write: Write) -> Result<(), Write> {
+        self.batcher.offer(db, write, || self.conn(db).ok())
+    }
+    fn offer_handle_write(&self, db: u8, write: Write) -> Result<(), Write> {
+        self.batcher.offer_handle_write(db, write, || self.conn(db).ok())
+    }
+    async fn supersede(&self, limit: Duration, db: u8, key: &str) {
+        self.batcher.supersede(limit, db, key).await
+    }
+    async fn flush(&self, limit: Duration) -> usize {
+        self.batcher.flush(limit).await
+    }
+    async fn shutdown(&self, limit: Duration) -> usize {
+        self.batcher.shutdown(limit).await
+    }
+    fn queued(&self) -> usize {
+        self.batcher.queued()
+    }
+    fn breaker_open(&self) -> bool {
+        self.breaker.is_open()
     }
 }
 

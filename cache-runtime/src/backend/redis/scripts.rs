@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::backend::{FillOutcome, Renewal};
+use crate::backend::protocol::{FillOutcome, Renewal};
 use crate::error::BackendError;
 use crate::key;
 
@@ -256,7 +256,7 @@ pub(crate) async fn invalidate(
         .key(key::lease_key(key))
         .key(key::invalidation_key(key))
         .arg(millis(stamp_life))
-        .arg(crate::backend::unique())
+        .arg(crate::backend::protocol::unique())
         .invoke_async::<()>(conn)
         .await?;
     Ok(())

@@ -1,0 +1,109 @@
+//! What the runtime and the stores say to each other, whatever the store: the lease protocol's
+//! questions and answers, a write made behind the caller's back, and the bound on every call.
+//! Each store imports this; it imports no store.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::BackendError;
+
+/// A miss asking for the fill lease of a key.
+#[derive(Clone, Copy)]
+pub(crate) struct LeaseAsk {
+    /// Ours alone; the fill must carry it.
+    pub(crate) token: u64,
+    /// How long the lease lives if its holder never fills.
+    pub(crate) ttl: Duration,
+    /// A stored value older than this generation does not count as "filled meanwhile".
+    pub(crate) min_generation: u64,
+}
+
+/// What a miss finds when it asks for the fill lease.
+pub(crate) enum Acquired<T> {
+    /// Someone filled the entry meanwhile (at the generation asked for or later).
+    Value(T),
+    /// The lease is ours, granted while the key's invalidation stamp was this (0: none): compute,
+    /// renew while computing, and fill with our token and this stamp.
+    Granted(u64),
+    /// Another caller (maybe in another process) holds the lease: wait for its value.
+    Busy,
+}
+
+/// What a lease-checked fill did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FillOutcome {
+    /// Written (under our lease, or after it aged out with no invalidation since it was granted).
+    Written,
+    /// Refused: an invalidation of the key came after the lease was granted. The value may be
+    /// older than a write that has been acknowledged: it must not be served.
+    Revoked,
+    /// Not written: our lease aged out and another caller holds the key's lease now (it fills).
+    /// No invalidation came since ours was granted, so the value itself is not stale.
+    Superseded,
+}
+
+impl FillOutcome {
+    pub(crate) fn from_code(code: u8) -> Self {
+        match code {
+            1 | 2 => FillOutcome::Written,
+            3 => FillOutcome::Superseded,
+            _ => FillOutcome::Revoked,
+        }
+    }
+}
+
+/// What renewing a lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// Ours for another `lease_ttl`.
+    Renewed,
+    /// An invalidation revoked it: the value being computed must not be filled.
+    Revoked,
+    /// It aged out (and may be held by another caller now); not revoked. Renewal stops; the fill
+    /// decides whether the value is still written.
+    Lost,
+}
+
+/// A number no other caller will draw: a per-process random start, then a counter (lease tokens
+/// and invalidation stamps). Never 0, which means "no stamp".
+pub(crate) fn unique() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Relaxed));
+    h.finish().max(1)
+}
+
+/// Called with the write's result: written, refused (its lease was revoked) or superseded, or
+/// the backend failed.
+pub(crate) type Done = Box<dyn FnOnce(Result<FillOutcome, BackendError>) + Send>;
+
+/// One write, as the caller would have sent it.
+pub(crate) struct Write {
+    pub(crate) key: String,
+    pub(crate) value: Arc<[u8]>,
+    pub(crate) ttl: Duration,
+    /// `Some((token, grant))`: the lease-checked fill script; `None`: a plain `SET ... PX`.
+    pub(crate) lease: Option<(u64, u64)>,
+    pub(crate) done: Option<Done>,
+}
+
+/// How long an invalidation stamp lives: fills whose lease aged out before the invalidation came
+/// are refused for this long after it (their holders, renewing every third of `lease_ttl`, learn
+/// of the revocation well before).
+pub(crate) fn stamp_life(lease_ttl: Duration) -> Duration {
+    lease_ttl.saturating_mul(4).max(Duration::from_secs(1))
+}
+
+/// Runs `op` with the runtime's bound on backend calls.
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    op: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(result) => result,
+        Err(_) => Err(BackendError::Timeout(limit)),
+    }
+}

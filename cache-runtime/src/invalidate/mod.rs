@@ -1,0 +1,163 @@
+//! Invalidation: dropping one entry (`quote(symbol)`) or every entry of a function (`quote(..)`),
+//! and retrying the ones the backend failed until they succeed or can no longer matter.
+//!
+//! Nothing accepted is lost: an invalidation whose caller goes away before it is applied (a
+//! dropped future) is queued like a failed one, and the queue's worker runs on the cache's own
+//! background runtime, so it outlives the runtime that queued it.
+
+pub(crate) mod queue;
+
+use std::time::{Duration, Instant};
+
+use crate::backend::{stamp_life, Store};
+use crate::error::BackendError;
+use crate::key;
+use crate::runtime::{Inner, Runtime};
+pub use crate::spec::Target;
+use crate::stats::Counters;
+
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// Queues `target` for the retry worker, starting it if it is not running.
+fn queue(runtime: &Runtime, target: Target) {
+    let pushed = runtime.inner().pending.push(target);
+    if let Some((function, n)) = pushed.coalesced {
+        let spec = function.spec();
+        runtime.inner().stats.counters(spec.db, spec.prefix).invalidations_coalesced(n as u64);
+        tracing::warn!(
+            db = spec.db,
+            prefix = spec.prefix,
+            function = spec.function,
+            keys = n,
+            "too many invalidations queued for one function: dropping all of its entries instead"
+        );
+    }
+    if pushed.start_worker {
+        let runtime = runtime.clone();
+        crate::background::spawn(async move { retry_until_done(runtime).await });
+    }
+}
+
+/// Applies `targets` on the current runtime. Failures are queued and retried in the background;
+/// nothing is returned because nothing may fail the caller. If this future is dropped before it
+/// finishes, what it had not applied yet is queued all the same.
+pub async fn invalidate(targets: &[Target]) {
+    let runtime = Runtime::current();
+    let mut unapplied = Unapplied { runtime: &runtime, targets: targets.to_vec() };
+    while let Some(target) = unapplied.targets.first().cloned() {
+        let spec = target.function().spec();
+        let counters = runtime.inner().stats.counters(spec.db, spec.prefix);
+        match apply(runtime.inner(), &target).await {
+            Ok(()) => counters.invalidation(),
+            Err(error) => {
+                count_failure(&counters, &error);
+                tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %error, "invalidation failed; retrying in the background");
+                queue(&runtime, target);
+            }
+        }
+        unapplied.targets.remove(0);
+    }
+}
+
+/// The targets of an `invalidate` call not applied yet; queued for retry if it is dropped.
+struct Unapplied<'a> {
+    runtime: &'a Runtime,
+    targets: Vec<Target>,
+}
+
+impl Drop for Unapplied<'_> {
+    fn drop(&mut self) {
+        for target in self.targets.drain(..) {
+            let spec = target.function().spec();
+            tracing::debug!(
+                db = spec.db,
+                prefix = spec.prefix,
+                function = spec.function,
+                "invalidation interrupted (its future was dropped); queued"
+            );
+            queue(self.runtime, target);
+        }
+    }
+}
+
+/// A failed attempt: queued for another try (`invalidation_retries`), and counted as a backend
+/// error, or as bypassed when the open breaker skipped it.
+fn count_failure(counters: &Counters, error: &BackendError) {
+    counters.invalidation_retry();
+    if error.is_bypassed() {
+        counters.bypass();
+    } else {
+        counters.backend_error();
+    }
+}
+
+/// One invalidation, against this process's flights and the backend.
+async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
+    match target {
+        Target::Key(_, None) => Ok(()),
+        Target::Key(function, Some(key)) => {
+            let db = function.spec().db;
+            rt.flights.revoke(db, key);
+            rt.backend.invalidate(db, key, stamp_life(rt.lease_ttl)).await
+        }
+        Target::All(function) => {
+            let spec = function.spec();
+            // Also revokes the flights of a same-named function of another module (same base):
+            // they start over, which costs a computation, never a wrong value.
+            rt.flights.revoke_prefix(spec.db, &format!("{}:", key::function_base(spec)));
+            let state = rt.functions.get(function, &rt.stats);
+            let life = key::generation_life(spec.ttl);
+            match rt.backend.bump_generation(spec.db, &state.generation_key, life).await? {
+                Some(generation) => rt.functions.observe(&state, generation),
+                None => rt.functions.bump_local(&state),
+            };
+            Ok(())
+        }
+    }
+}
+
+async fn retry_until_done(runtime: Runtime) {
+    let rt = runtime.inner();
+    let mut pause = FIRST_RETRY;
+    loop {
+        tokio::time::sleep(pause).await;
+        let batch: Vec<(Target, Instant, u64)> = rt.pending.snapshot();
+        let mut progress = false;
+        for (target, give_up_at, seq) in batch {
+            let spec = target.function().spec();
+            let counters = rt.stats.counters(spec.db, spec.prefix);
+            match apply(rt, &target).await {
+                Ok(()) => {
+                    counters.invalidation();
+                    tracing::debug!(
+                        db = spec.db,
+                        prefix = spec.prefix,
+                        function = spec.function,
+                        "queued invalidation applied"
+                    );
+                    rt.pending.settle(&target, seq);
+                    progress = true;
+                }
+                Err(_) if Instant::now() >= give_up_at => {
+                    counters.invalidation_expired();
+                    tracing::info!(
+                        db = spec.db,
+                        prefix = spec.prefix,
+                        function = spec.function,
+                        "queued invalidation dropped: every entry it covered has expired"
+                    );
+                    rt.pending.settle(&target, seq);
+                }
+                Err(error) => {
+                    count_failure(&counters, &error);
+                    tracing::debug!(db = spec.db, prefix = spec.prefix, %error, "invalidation retry failed");
+                }
+            }
+        }
+        if rt.pending.round_done() {
+            return;
+        }
+        pause = if progress { FIRST_RETRY } else { (pause * 2).min(MAX_RETRY) };
+    }
+}
