@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use redis::IntoConnectionInfo;
 
-/// Default bound on every backend call; a dead server costs a cached call at most this much.
+/// Default bound on each backend call. A cached call makes at most two before its function runs
+/// (the lookup and the lease request), so a failing server costs it at most twice this.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default bound on opening a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
