@@ -235,3 +235,23 @@ async fn wrong_password_is_logged_once_not_per_call() {
     assert!(stats.bypassed >= 90, "the open breaker skips the server ({})", stats.bypassed);
     assert!(!text.contains("wrong-one"), "the password never appears in logs");
 }
+
+/// Lookups are reads, generation refresh included: while the server pauses writes (a failover's
+/// `CLIENT PAUSE WRITE`), hits are still answered at once, even with the generation re-read on
+/// every lookup (`generation_refresh` 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_are_answered_while_writes_are_paused() {
+    let server = RedisServer::start();
+    let rt = runtime(&server.url(), |c| c.with_generation_refresh(Duration::ZERO));
+    timed(&rt, "PAUSED").await;
+    rt.flush().await.unwrap();
+    server.pause_writes(1500).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let (took, hit) = timed(&rt, "PAUSED").await;
+        assert!(hit, "a hit while writes are paused");
+        slowest = slowest.max(took);
+    }
+    eprintln!("writes paused: 10 hits, slowest {slowest:?}");
+    assert!(slowest < OP_TIMEOUT / 2, "no lookup waited for the pause ({slowest:?})");
+}

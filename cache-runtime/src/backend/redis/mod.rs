@@ -111,10 +111,12 @@ impl RedisBackend {
         Ok(bytes.map(|b| decode(&b)))
     }
 
-    /// GET of the entry and of the function's generation (extending the generation key's life:
-    /// it lives as long as the function is read), pipelined in one round trip. A missing
-    /// generation key is recreated at the server's clock (one more round trip), so that entries
-    /// older than a lost key are never trusted.
+    /// GET of the entry and of the function's generation, and the generation key's time to
+    /// live, pipelined in one round trip: reads only, so a lookup is answered while the server
+    /// pauses writes (`CLIENT PAUSE WRITE`, what a failover does). When half of the key's life is
+    /// gone, its life is extended in the background (it lives as long as the function is read).
+    /// A missing generation key is recreated at the server's clock (one more round trip, a
+    /// write), so that entries older than a lost key are never trusted.
     async fn get_with_generation<T>(
         &self,
         db: u8,
@@ -124,17 +126,28 @@ impl RedisBackend {
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<(Option<T>, u64), BackendError> {
         let mut conn = self.conn(db)?;
-        let (bytes, generation): (Option<Vec<u8>>, Option<u64>) = redis::pipe()
+        let (bytes, generation, left_ms): (Option<Vec<u8>>, Option<u64>, i64) = redis::pipe()
             .cmd("GET")
             .arg(key)
-            .cmd("GETEX")
+            .cmd("GET")
             .arg(generation_key)
-            .arg("PX")
-            .arg(millis(generation_life))
+            .cmd("PTTL")
+            .arg(generation_key)
             .query_async(&mut conn)
             .await?;
         let generation = match generation {
-            Some(g) => g,
+            Some(g) => {
+                let life = millis(generation_life);
+                if u64::try_from(left_ms).is_ok_and(|left| left < life / 2) {
+                    let (mut conn, key, limit) = (conn.clone(), generation_key.to_owned(), self.op_timeout);
+                    crate::background::spawn(async move {
+                        let mut extend = redis::cmd("PEXPIRE");
+                        extend.arg(&key).arg(life);
+                        let _ = tokio::time::timeout(limit, extend.query_async::<()>(&mut conn)).await;
+                    });
+                }
+                g
+            }
             None => scripts::init_generation(&mut conn, generation_key, generation_life).await?,
         };
         Ok((bytes.map(|b| decode(&b)), generation))
