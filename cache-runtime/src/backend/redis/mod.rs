@@ -99,16 +99,28 @@ impl RedisBackend {
         permit.record(&result);
         result
     }
+}
+
+/// Every call through the breaker and under `op_timeout`, on the DB's connection.
+impl Store for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
 
     async fn get_with<T>(
         &self,
         db: u8,
         key: &str,
-        decode: impl FnOnce(&[u8]) -> T,
+        decode: impl Fn(&[u8]) -> T,
     ) -> Result<Option<T>, BackendError> {
-        let mut conn = self.conn(db)?;
-        let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-        Ok(bytes.map(|b| decode(&b)))
+        let get = || async {
+            let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut self.conn(db)?).await?;
+            Ok(bytes.map(|b| decode(&b)))
+        };
+        match self.guarded(self.op_timeout, get()).await {
+            Err(e) if self.retry_on_timeout && e.is_timeout() => self.guarded(self.op_timeout, get()).await,
+            result => result,
+        }
     }
 
     /// GET of the entry and of the function's generation, and the generation key's time to
@@ -123,34 +135,152 @@ impl RedisBackend {
         key: &str,
         generation_key: &str,
         generation_life: Duration,
-        decode: impl FnOnce(&[u8]) -> T,
-    ) -> Result<(Option<T>, u64), BackendError> {
-        let mut conn = self.conn(db)?;
-        let (bytes, generation, left_ms): (Option<Vec<u8>>, Option<u64>, i64) = redis::pipe()
-            .cmd("GET")
-            .arg(key)
-            .cmd("GET")
-            .arg(generation_key)
-            .cmd("PTTL")
-            .arg(generation_key)
-            .query_async(&mut conn)
-            .await?;
-        let generation = match generation {
-            Some(g) => {
-                let life = millis(generation_life);
-                if u64::try_from(left_ms).is_ok_and(|left| left < life / 2) {
-                    let (mut conn, key, limit) = (conn.clone(), generation_key.to_owned(), self.op_timeout);
-                    crate::background::spawn(async move {
-                        let mut extend = redis::cmd("PEXPIRE");
-                        extend.arg(&key).arg(life);
-                        let _ = tokio::time::timeout(limit, extend.query_async::<()>(&mut conn)).await;
-                    });
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<u64>), BackendError> {
+        self.guarded(self.op_timeout, async {
+            let mut conn = self.conn(db)?;
+            let (bytes, generation, left_ms): (Option<Vec<u8>>, Option<u64>, i64) = redis::pipe()
+                .cmd("GET")
+                .arg(key)
+                .cmd("GET")
+                .arg(generation_key)
+                .cmd("PTTL")
+                .arg(generation_key)
+                .query_async(&mut conn)
+                .await?;
+            let generation = match generation {
+                Some(g) => {
+                    let life = millis(generation_life);
+                    if u64::try_from(left_ms).is_ok_and(|left| left < life / 2) {
+                        let (mut conn, key, limit) =
+                            (conn.clone(), generation_key.to_owned(), self.op_timeout);
+                        crate::background::spawn(async move {
+                            let mut extend = redis::cmd("PEXPIRE");
+                            extend.arg(&key).arg(life);
+                            let _ = tokio::time::timeout(limit, extend.query_async::<()>(&mut conn)).await;
+                        });
+                    }
+                    g
                 }
-                g
+                None => scripts::init_generation(&mut conn, generation_key, generation_life).await?,
+            };
+            Ok((bytes.map(|b| decode(&b)), Some(generation)))
+        })
+        .await
+    }
+
+    /// One `MGET` for all of `keys`.
+    async fn get_many_with<T>(
+        &self,
+        db: u8,
+        keys: &[String],
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<Option<T>>, BackendError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.guarded(self.op_timeout, async {
+            let values: Vec<Option<Vec<u8>>> =
+                redis::cmd("MGET").arg(keys).query_async(&mut self.conn(db)?).await?;
+            Ok(values.into_iter().map(|v| v.map(|b| decode(&b))).collect())
+        })
+        .await
+    }
+
+    async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
+        // PX in the same command: no key is ever left without an expiry.
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
+        self.guarded(self.op_timeout, async { Ok(cmd.query_async::<()>(&mut self.conn(db)?).await?) }).await
+    }
+
+    async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        let mut cmd = redis::cmd("UNLINK");
+        cmd.arg(key);
+        self.guarded(self.op_timeout, async { Ok(cmd.query_async::<u64>(&mut self.conn(db)?).await? > 0) })
+            .await
+    }
+
+    /// One pipeline of `SET ... PX` for all of `items`.
+    async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, value) in items {
+            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).ignore();
+        }
+        self.guarded(self.op_timeout, async { Ok(pipe.query_async::<()>(&mut self.conn(db)?).await?) }).await
+    }
+
+    /// One `UNLINK` for all of `keys`; how many existed.
+    async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        cmd.arg(keys);
+        self.guarded(self.op_timeout, async { Ok(cmd.query_async(&mut self.conn(db)?).await?) }).await
+    }
+
+    async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(key);
+        self.guarded(self.op_timeout, async { Ok(cmd.query_async::<u64>(&mut self.conn(db)?).await? > 0) })
+            .await
+    }
+
+    async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
+        let mut cmd = redis::cmd("PEXPIRE");
+        cmd.arg(key).arg(millis(ttl));
+        self.guarded(self.op_timeout, async { Ok(cmd.query_async::<u64>(&mut self.conn(db)?).await? > 0) })
+            .await
+    }
+
+    async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
+        let mut cmd = redis::cmd("PTTL");
+        cmd.arg(key);
+        // -2: no such key; -1: no expiry (never written by this crate).
+        let ms: i64 =
+            self.guarded(self.op_timeout, async { Ok(cmd.query_async(&mut self.conn(db)?).await?) }).await?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
+    /// SCAN + UNLINK over `prefix:*` only: never `KEYS`, never `FLUSHDB`. A clear walks the
+    /// keyspace: it gets 100 op timeouts, not one.
+    async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
+        let walk = async {
+            let mut conn = self.conn(db)?;
+            let pattern = format!("{prefix}:*");
+            let mut cursor: u64 = 0;
+            let mut removed = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT)
+                    .query_async(&mut conn)
+                    .await?;
+                if !keys.is_empty() {
+                    let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
+                    removed += n;
+                }
+                if next == 0 {
+                    return Ok(removed);
+                }
+                cursor = next;
             }
-            None => scripts::init_generation(&mut conn, generation_key, generation_life).await?,
         };
-        Ok((bytes.map(|b| decode(&b)), generation))
+        self.guarded(self.op_timeout.saturating_mul(100), walk).await
+    }
+
+    async fn ping(&self, db: u8) -> Result<(), BackendError> {
+        self.guarded(self.op_timeout, async {
+            Ok(redis::cmd("PING").query_async::<()>(&mut self.conn(db)?).await?)
+        })
+        .await
     }
 
     /// Asks for the fill lease. If the reply never arrives (the call timed out, or the caller
@@ -164,17 +294,21 @@ impl RedisBackend {
         ask: LeaseAsk,
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<Acquired<T>, BackendError> {
-        let conn = self.conn(db)?;
-        let mut orphan = OrphanGuard { conn: Some(conn.clone()), key, token: ask.token };
-        let reply = scripts::acquire(&mut conn.clone(), key, ask.token, ask.ttl, ask.min_generation).await;
-        if reply.is_ok() {
-            orphan.conn = None; // answered: whatever we got, we know it
-        }
-        Ok(match reply? {
-            AcquireReply::Value(bytes) => Acquired::Value(decode(&bytes)),
-            AcquireReply::Granted(grant) => Acquired::Granted(grant),
-            AcquireReply::Busy => Acquired::Busy,
+        self.guarded(self.op_timeout, async {
+            let conn = self.conn(db)?;
+            let mut orphan = OrphanGuard { conn: Some(conn.clone()), key, token: ask.token };
+            let reply =
+                scripts::acquire(&mut conn.clone(), key, ask.token, ask.ttl, ask.min_generation).await;
+            if reply.is_ok() {
+                orphan.conn = None; // answered: whatever we got, we know it
+            }
+            Ok(match reply? {
+                AcquireReply::Value(bytes) => Acquired::Value(decode(&bytes)),
+                AcquireReply::Granted(grant) => Acquired::Granted(grant),
+                AcquireReply::Busy => Acquired::Busy,
+            })
         })
+        .await
     }
 
     async fn renew(
@@ -185,229 +319,10 @@ impl RedisBackend {
         grant: u64,
         lease: Duration,
     ) -> Result<Renewal, BackendError> {
-        scripts::renew(&mut self.conn(db)?, key, token, grant, lease).await
+        let renew = async { scripts::renew(&mut self.conn(db)?, key, token, grant, lease).await };
+        self.guarded(self.op_timeout, renew).await
     }
 
-    async fn fill(
-        &self,
-        db: u8,
-        key: &str,
-        token: u64,
-        grant: u64,
-        value: &[u8],
-        ttl: Duration,
-    ) -> Result<FillOutcome, BackendError> {
-        scripts::fill(&mut self.conn(db)?, key, token, grant, value, ttl).await
-    }
-
-    async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
-        scripts::release(&mut self.conn(db)?, key, token).await
-    }
-
-    /// Deletes the entry and its lease and stamps the invalidation, in one script: a fill holding
-    /// the old lease is refused.
-    async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
-        scripts::invalidate(&mut self.conn(db)?, key, stamp_life).await
-    }
-
-    async fn bump_generation(
-        &self,
-        db: u8,
-        generation_key: &str,
-        life: Duration,
-    ) -> Result<u64, BackendError> {
-        scripts::bump_generation(&mut self.conn(db)?, generation_key, life).await
-    }
-
-    async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
-        let mut conn = self.conn(db)?;
-        // PX in the same command: no key is ever left without an expiry.
-        redis::cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).query_async::<()>(&mut conn).await?;
-        Ok(())
-    }
-
-    async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
-        let mut conn = self.conn(db)?;
-        let n: u64 = redis::cmd("UNLINK").arg(key).query_async(&mut conn).await?;
-        Ok(n > 0)
-    }
-
-    /// One `MGET` for all of `keys`.
-    async fn get_many_with<T>(
-        &self,
-        db: u8,
-        keys: &[String],
-        decode: impl Fn(&[u8]) -> T,
-    ) -> Result<Vec<Option<T>>, BackendError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.conn(db)?;
-        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
-        Ok(values.into_iter().map(|v| v.map(|b| decode(&b))).collect())
-    }
-
-    /// One pipeline of `SET ... PX` for all of `items`.
-    async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn(db)?;
-        let mut pipe = redis::pipe();
-        for (key, value) in items {
-            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
-    }
-
-    /// One `UNLINK` for all of `keys`; how many existed.
-    async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let mut conn = self.conn(db)?;
-        Ok(redis::cmd("UNLINK").arg(keys).query_async(&mut conn).await?)
-    }
-
-    async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
-        let mut conn = self.conn(db)?;
-        let n: u64 = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await?;
-        Ok(n > 0)
-    }
-
-    async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
-        let mut conn = self.conn(db)?;
-        let n: u64 = redis::cmd("PEXPIRE").arg(key).arg(millis(ttl)).query_async(&mut conn).await?;
-        Ok(n > 0)
-    }
-
-    async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
-        let mut conn = self.conn(db)?;
-        // -2: no such key; -1: no expiry (never written by this crate).
-        let ms: i64 = redis::cmd("PTTL").arg(key).query_async(&mut conn).await?;
-        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
-    }
-
-    /// SCAN + UNLINK over `prefix:*` only: never `KEYS`, never `FLUSHDB`.
-    async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
-        let mut conn = self.conn(db)?;
-        let pattern = format!("{prefix}:*");
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .query_async(&mut conn)
-                .await?;
-            if !keys.is_empty() {
-                let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
-                removed += n;
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            cursor = next;
-        }
-    }
-
-    async fn ping(&self, db: u8) -> Result<(), BackendError> {
-        let mut conn = self.conn(db)?;
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
-        Ok(())
-    }
-}
-
-/// Every call through the breaker and under `op_timeout` (the raw commands are the inherent
-/// methods of the same names, called by path).
-impl Store for RedisBackend {
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-    async fn get_with<T>(
-        &self,
-        db: u8,
-        key: &str,
-        decode: impl Fn(&[u8]) -> T,
-    ) -> Result<Option<T>, BackendError> {
-        let limit = self.op_timeout;
-        match self.guarded(limit, RedisBackend::get_with(self, db, key, &decode)).await {
-            Err(e) if self.retry_on_timeout && e.is_timeout() => {
-                self.guarded(limit, RedisBackend::get_with(self, db, key, &decode)).await
-            }
-            result => result,
-        }
-    }
-    async fn get_with_generation<T>(
-        &self,
-        db: u8,
-        key: &str,
-        generation_key: &str,
-        generation_life: Duration,
-        decode: impl Fn(&[u8]) -> T,
-    ) -> Result<(Option<T>, Option<u64>), BackendError> {
-        let read = RedisBackend::get_with_generation(self, db, key, generation_key, generation_life, decode);
-        self.guarded(self.op_timeout, read).await.map(|(v, g)| (v, Some(g)))
-    }
-    async fn get_many_with<T>(
-        &self,
-        db: u8,
-        keys: &[String],
-        decode: impl Fn(&[u8]) -> T,
-    ) -> Result<Vec<Option<T>>, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::get_many_with(self, db, keys, decode)).await
-    }
-    async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::set(self, db, key, value, ttl)).await
-    }
-    async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::delete(self, db, key)).await
-    }
-    async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::set_many(self, db, items, ttl)).await
-    }
-    async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::delete_many(self, db, keys)).await
-    }
-    async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::exists(self, db, key)).await
-    }
-    async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::expire(self, db, key, ttl)).await
-    }
-    async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::ttl(self, db, key)).await
-    }
-    async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
-        // A clear walks the keyspace: it gets many op timeouts, not one.
-        self.guarded(self.op_timeout.saturating_mul(100), RedisBackend::clear(self, db, prefix)).await
-    }
-    async fn ping(&self, db: u8) -> Result<(), BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::ping(self, db)).await
-    }
-    async fn acquire<T>(
-        &self,
-        db: u8,
-        key: &str,
-        ask: LeaseAsk,
-        decode: impl FnOnce(&[u8]) -> T,
-    ) -> Result<Acquired<T>, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::acquire(self, db, key, ask, decode)).await
-    }
-    async fn renew(
-        &self,
-        db: u8,
-        key: &str,
-        token: u64,
-        grant: u64,
-        lease: Duration,
-    ) -> Result<Renewal, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::renew(self, db, key, token, grant, lease)).await
-    }
     async fn fill(
         &self,
         db: u8,
@@ -416,24 +331,32 @@ impl Store for RedisBackend {
         value: &[u8],
         ttl: Duration,
     ) -> Result<FillOutcome, BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::fill(self, db, key, token, grant, value, ttl)).await
+        let fill = async { scripts::fill(&mut self.conn(db)?, key, token, grant, value, ttl).await };
+        self.guarded(self.op_timeout, fill).await
     }
+
     async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
         // Not through the breaker: giving a lease back is worth a try even while it is open.
-        bounded(self.op_timeout, RedisBackend::release(self, db, key, token)).await
+        bounded(self.op_timeout, async { scripts::release(&mut self.conn(db)?, key, token).await }).await
     }
+
+    /// Deletes the entry and its lease and changes its stamp, in one script: a fill holding the
+    /// old lease is refused.
     async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
-        self.guarded(self.op_timeout, RedisBackend::invalidate(self, db, key, stamp_life)).await
+        let invalidate = async { scripts::invalidate(&mut self.conn(db)?, key, stamp_life).await };
+        self.guarded(self.op_timeout, invalidate).await
     }
+
     async fn bump_generation(
         &self,
         db: u8,
         generation_key: &str,
         life: Duration,
     ) -> Result<Option<u64>, BackendError> {
-        let bump = RedisBackend::bump_generation(self, db, generation_key, life);
+        let bump = async { scripts::bump_generation(&mut self.conn(db)?, generation_key, life).await };
         self.guarded(self.op_timeout, bump).await.map(Some)
     }
+
     fn writes_behind(&self) -> bool {
         true
     }
