@@ -108,25 +108,20 @@ where
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
                 return lead::<P, R, F>(miss, overwrite, body, leader).await;
             }
-            Join::Follower(rx) => match flight::wait(rx).await {
-                Outcome::Value(bytes) => {
-                    if let Ok((_, value)) = value::decode::<P::Stored>(spec.format, &bytes) {
-                        counters.hit();
-                        tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit (shared flight)");
-                        return P::restore(value);
-                    }
-                    break;
+            Join::Follower(rx) => {
+                let shared = match flight::wait(rx).await {
+                    Outcome::Value(bytes) => bytes,
+                    Outcome::Unverified(bytes, computed_from) if joined_at <= computed_from => bytes,
+                    Outcome::Uncached => break,
+                    Outcome::Refused | Outcome::Abandoned | Outcome::Unverified(..) => continue,
+                };
+                if let Ok((_, value)) = value::decode::<P::Stored>(spec.format, &shared) {
+                    counters.hit();
+                    tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit (shared flight)");
+                    return P::restore(value);
                 }
-                Outcome::Unverified(bytes, computed_from) if joined_at <= computed_from => {
-                    if let Ok((_, value)) = value::decode::<P::Stored>(spec.format, &bytes) {
-                        counters.hit();
-                        return P::restore(value);
-                    }
-                    break;
-                }
-                Outcome::Uncached => break,
-                Outcome::Refused | Outcome::Abandoned | Outcome::Unverified(..) => continue,
-            },
+                break;
+            }
         }
     }
     counters.miss();
