@@ -18,10 +18,12 @@ pub(crate) enum DbArg {
     Number(LitInt),
 }
 
-/// A TTL in seconds, from `ttl = 300` or `ttl = "5m"`, with the literal's span.
-pub(crate) struct Ttl {
-    pub(crate) seconds: u64,
-    pub(crate) span: Span,
+/// A TTL as written: seconds known now (`ttl = 300`, `ttl = "5m"`, with the literal's span), or
+/// a constant expression of integer seconds (`ttl = TTL_MARKET`, `ttl = 60 * 60 * 24`) checked
+/// by the compiler where the function is.
+pub(crate) enum Ttl {
+    Seconds { seconds: u64, span: Span },
+    Const(Expr),
 }
 
 /// The options of one `#[cached(...)]`, as written. Absent options are `None`.
@@ -171,10 +173,13 @@ fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
         // reports it as too long (syn's digits are base 10, so overflow is the only failure).
         Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX)),
         Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
-        _ => Err("`ttl` takes seconds or a duration literal, e.g. `ttl = 300` or `ttl = \"5m\"`"),
+        Expr::Lit(_) => Err("`ttl` takes whole seconds, a duration literal or a constant, e.g. `ttl = 300`, `ttl = \"5m\"` or `ttl = TTL_MARKET`"),
+        // A constant, a path to one, or arithmetic on them: its value is checked at compile time
+        // where the function is (`expand/cached.rs`).
+        other => return Some(Ttl::Const(other.clone())),
     };
     match parsed {
-        Ok(seconds) => Some(Ttl { seconds, span: value.span() }),
+        Ok(seconds) => Some(Ttl::Seconds { seconds, span: value.span() }),
         Err(message) => {
             errors.on(value, message);
             None

@@ -24,7 +24,7 @@ use proc_macro::TokenStream;
 /// |---|---|---|
 /// | `db = Type` | yes | the Redis DB, by marker type (`cache_runtime::db`); numbers and `Reserved` do not compile |
 /// | `prefix = "..."` | yes | namespace: lowercase letters, digits, `_`, `-` |
-/// | `ttl = 300` / `ttl = "5m"` | yes | seconds (or s/m/h/d units), more than 0, at most 365 days |
+/// | `ttl = 300` / `ttl = "5m"` / `ttl = TTL_MARKET` | yes | seconds (or s/m/h/d units, or an integer constant expression), more than 0, at most 365 days |
 /// | `skip(a, b)` | no | parameters left out of the key (pools, handles); `skip(self)` lets every instance share entries, otherwise a method's receiver is part of the key (`Self: Serialize`) |
 /// | `version = 2` | no | goes into the key, to retire entries when the value's shape changes |
 /// | `format = MessagePack` | no | `Json` (default, readable by other languages) or `MessagePack` (smaller, faster) |

@@ -29,7 +29,7 @@ pub(crate) enum Receiver {
 pub(crate) struct Cached {
     pub(crate) db: Path,
     pub(crate) prefix: LitStr,
-    pub(crate) ttl_seconds: u64,
+    pub(crate) ttl: TtlValue,
     pub(crate) version: Option<u32>,
     /// The value format's variant name in `cache_runtime::__private::Format`.
     pub(crate) format: Ident,
@@ -59,7 +59,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     Some(Cached {
         db: db?,
         prefix: prefix?,
-        ttl_seconds: ttl_seconds?,
+        ttl: ttl_seconds?,
         version: args.version,
         format: format?,
         receiver: receiver?,
@@ -132,21 +132,29 @@ fn format(format: Option<Ident>, errors: &mut Errors) -> Option<Ident> {
     }
 }
 
-fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
+/// A TTL that follows the rule: seconds known now, or a constant expression whose value the
+/// expansion checks at compile time (`__private::checked_ttl`, the same bounds).
+pub(crate) enum TtlValue {
+    Seconds(u64),
+    Const(syn::Expr),
+}
+
+fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<TtlValue> {
+    use crate::args::Ttl;
     match ttl {
         Given::Invalid => None,
         Given::Absent => {
             errors.push(missing("ttl", "ttl = 300", "every cache entry must expire"));
             None
         }
-        Given::Valid(t) if t.seconds == 0 => {
-            errors.at(t.span, "`ttl` must be more than 0 seconds: every cache entry must expire");
+        Given::Valid(Ttl::Seconds { seconds: 0, span }) => {
+            errors.at(span, "`ttl` must be more than 0 seconds: every cache entry must expire");
             None
         }
-        Given::Valid(t) if t.seconds > cache_rules::MAX_TTL_SECONDS => {
+        Given::Valid(Ttl::Seconds { seconds, span }) if seconds > cache_rules::MAX_TTL_SECONDS => {
             let max = cache_rules::MAX_TTL_SECONDS;
             errors.at(
-                t.span,
+                span,
                 format_args!(
                     "`ttl` may be at most {days} days ({max} seconds): write `ttl = \"{days}d\"` or less",
                     days = max / 86_400
@@ -154,7 +162,8 @@ fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<u64> {
             );
             None
         }
-        Given::Valid(t) => Some(t.seconds),
+        Given::Valid(Ttl::Seconds { seconds, .. }) => Some(TtlValue::Seconds(seconds)),
+        Given::Valid(Ttl::Const(expr)) => Some(TtlValue::Const(expr)),
     }
 }
 

@@ -24,6 +24,15 @@ pub fn key_receiver<T: KeyReceiver + ?Sized>(hasher: &mut KeyHasher, receiver: &
     receiver.hash_into(hasher)
 }
 
+/// A `ttl` given as a constant expression, checked where the compiler evaluates it: more than 0
+/// and at most `cache_rules::MAX_TTL_SECONDS` (a negative constant arrives here as a huge one).
+pub const fn checked_ttl(seconds: u64) -> u64 {
+    if seconds == 0 || seconds > cache_rules::MAX_TTL_SECONDS {
+        panic!("`ttl` must be more than 0 and at most 365 days (31536000 seconds): every cache entry must expire, and none may live longer");
+    }
+    seconds
+}
+
 /// A cached call (see `read_through.rs`).
 pub async fn call<P, R, F>(function: CachedFn, key: Option<String>, body: F) -> R
 where

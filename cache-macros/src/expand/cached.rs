@@ -10,7 +10,7 @@ use syn::{Ident, ItemFn};
 use super::Site;
 use crate::args::CachedArgs;
 use crate::ctxt::Errors;
-use crate::validate::{self, Cached, Policy, Receiver};
+use crate::validate::{self, Cached, Policy, Receiver, TtlValue};
 
 pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let func: ItemFn = match syn::parse2(item.clone()) {
@@ -36,8 +36,8 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// `const __CACHE_SPEC: Spec = ...;` then `let __cache_fn: CachedFn = ...;`: the function as the
 /// runtime identifies it, the same in the function and in its companions.
-fn identity(func: &ItemFn, model: &Cached, function: &Ident) -> TokenStream {
-    let Cached { db, prefix, ttl_seconds, version, format, .. } = model;
+fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool) -> TokenStream {
+    let Cached { db, prefix, ttl, version, format, .. } = model;
     let spec = Ident::new("__CACHE_SPEC", Span::mixed_site());
     let name = func.sig.ident.to_string();
     let version = match version {
@@ -54,7 +54,21 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident) -> TokenStream {
             ::cache_runtime::__private::CachedFn::method(&#spec, ::core::any::type_name::<Self>())
         },
     };
+    // A constant TTL is checked where it is evaluated, spanned at the expression: zero, negative
+    // or longer than the bound is a compile error there, reported once (in the function, not in
+    // its companions, whose names the user did not write).
+    let (ttl_check, ttl_seconds) = match ttl {
+        TtlValue::Seconds(seconds) => (quote!(), quote!(#seconds)),
+        TtlValue::Const(expr) => {
+            let seconds = quote_spanned!(expr.span()=> ((#expr) as u64));
+            let check = in_function.then(|| {
+                quote_spanned!(expr.span()=> const _: u64 = ::cache_runtime::__private::checked_ttl(#seconds);)
+            });
+            (quote!(#check), seconds)
+        }
+    };
     quote! {
+        #ttl_check
         const #spec: ::cache_runtime::__private::Spec = ::cache_runtime::__private::Spec {
             db: #db_index,
             prefix: #prefix,
@@ -153,7 +167,7 @@ fn function(func: &ItemFn, model: &Cached) -> TokenStream {
     let Cached { ret, policy, .. } = model;
     let function = Ident::new("__cache_fn", Span::mixed_site());
     let key = Ident::new("__cache_key", Span::mixed_site());
-    let identity = identity(func, model, &function);
+    let identity = identity(func, model, &function, true);
     let key_expr = key_expr(func, model, &function, KeyIn::Function);
     let policy = match policy {
         Policy::Whole => quote_spanned!(ret.span()=> ::cache_runtime::__private::Whole),
@@ -178,7 +192,7 @@ fn companions(func: &ItemFn, model: &Cached) -> TokenStream {
     let generics = &func.sig.generics;
     let where_clause = &generics.where_clause;
     let function = Ident::new("__cache_fn", Span::mixed_site());
-    let identity = identity(func, model, &function);
+    let identity = identity(func, model, &function, false);
     // When the receiver is part of the key, the instance comes first, as `&self` (the user's
     // `self` token): `Self::quote(self, symbol)`, `Feed::quote(&feed, symbol)`.
     let receiver = match &model.receiver {

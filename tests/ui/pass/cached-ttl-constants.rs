@@ -1,0 +1,40 @@
+//! `ttl` as the teams write it: a named constant, a path to one, arithmetic on constants, any
+//! integer type. Checked at compile time (see `cached-ttl-constant-out-of-range.rs`).
+use cache_runtime::cached;
+use cache_runtime::db::MarketData;
+
+const TTL_MARKET: u64 = 300;
+
+mod ttl {
+    pub const SESSION: u32 = 30 * 60;
+}
+
+#[cached(db = MarketData, prefix = "market", ttl = TTL_MARKET)]
+async fn quote(symbol: &str) -> u64 {
+    symbol.len() as u64
+}
+
+#[cached(db = MarketData, prefix = "market", ttl = crate::ttl::SESSION)]
+async fn session(id: u32) -> u32 {
+    id
+}
+
+#[cached(db = MarketData, prefix = "market", ttl = 60 * 60 * 24)]
+async fn daily(day: u32) -> u32 {
+    day
+}
+
+#[cached(db = MarketData, prefix = "market", ttl = 2 * TTL_MARKET)]
+async fn slower(symbol: &str) -> usize {
+    symbol.len()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        assert_eq!(quote("AAPL").await, 4);
+        assert_eq!(session(7).await, 7);
+        assert_eq!(daily(1).await, 1);
+        assert_eq!(slower("AB").await, 2);
+    });
+}
