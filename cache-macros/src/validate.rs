@@ -2,6 +2,7 @@
 //! the platform's rules. Every rule the compiler enforces for users is here, with its message.
 
 use proc_macro2::Span;
+use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Path, ReturnType, Token, Type};
 
 use crate::args::{CachedArgs, DbArg, OPTIONS};
@@ -36,6 +37,11 @@ pub(crate) struct Cached {
     pub(crate) receiver: Receiver,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
+    /// The types of the `skip`ped parameters.
+    pub(crate) skipped_types: Vec<Type>,
+    /// Parameters written as patterns (`(a, b): (u32, u32)`): the name the expansion binds the
+    /// whole argument to (and hashes), and the pattern it destructures it with in the body.
+    pub(crate) destructured: Vec<(Ident, Pat)>,
     pub(crate) ret: Type,
     pub(crate) policy: Policy,
 }
@@ -46,7 +52,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     let prefix = prefix(args.prefix, errors);
     let ttl_seconds = ttl(args.ttl, errors);
     let receiver = receiver(func, &args.skip, errors);
-    let key_params = key_params(func, &args.skip, errors);
+    let params = key_params(func, &args.skip, errors);
     let format = format(args.format, errors);
     let ret = return_type(func, errors);
     if func.sig.asyncness.is_none() {
@@ -56,6 +62,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         );
     }
     let (policy, ret) = ret?;
+    let params = params?;
     Some(Cached {
         db: db?,
         prefix: prefix?,
@@ -63,7 +70,9 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         version: args.version,
         format: format?,
         receiver: receiver?,
-        key_params: key_params?,
+        key_params: params.key,
+        skipped_types: params.skipped,
+        destructured: params.destructured,
         ret,
         policy,
     })
@@ -192,16 +201,28 @@ fn receiver(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Receiv
 }
 
 /// The typed parameters, minus `skip`ped ones; every other `skip` name must be a parameter.
-fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<(Ident, Type)>> {
+/// The parameters, sorted: hashed into the key, skipped, written as patterns.
+struct Params {
+    key: Vec<(Ident, Type)>,
+    skipped: Vec<Type>,
+    destructured: Vec<(Ident, Pat)>,
+}
+
+/// The typed parameters, minus `skip`ped ones; every `skip` name must be a parameter. A
+/// parameter written as a pattern is hashed whole, under a name of its own.
+fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Params> {
     let mut ok = true;
     let mut params = Vec::new();
-    for input in &func.sig.inputs {
+    let mut destructured = Vec::new();
+    for (i, input) in func.sig.inputs.iter().enumerate() {
         let FnArg::Typed(typed) = input else { continue };
         match &*typed.pat {
             Pat::Ident(p) if p.subpat.is_none() => params.push((p.ident.clone(), (*typed.ty).clone())),
-            other => {
-                ok = false;
-                errors.on(other, "#[cached] hashes each parameter by name: bind this parameter to a plain name (destructure it in the body)");
+            pattern => {
+                // Spanned at the pattern: an argument that is not Serialize is reported there.
+                let name = Ident::new(&format!("__cache_arg{i}"), pattern.span());
+                destructured.push((name.clone(), pattern.clone()));
+                params.push((name, (*typed.ty).clone()));
             }
         }
     }
@@ -218,17 +239,21 @@ fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Vec<
             );
         }
     }
-    ok.then(|| params.into_iter().filter(|(p, _)| !skip.contains(p)).collect())
+    let (skipped, key): (Vec<_>, Vec<_>) = params.into_iter().partition(|(p, _)| skip.contains(p));
+    ok.then(|| Params { key, skipped: skipped.into_iter().map(|(_, ty)| ty).collect(), destructured })
 }
 
 fn return_type(func: &ItemFn, errors: &mut Errors) -> Option<(Policy, Type)> {
+    const NOTHING: &str = "a #[cached] function must return the value to cache: this one returns nothing";
     let ReturnType::Type(_, ty) = &func.sig.output else {
-        errors.on(
-            &func.sig.ident,
-            "a #[cached] function must return the value to cache: this one returns nothing",
-        );
+        errors.on(&func.sig.ident, NOTHING);
         return None;
     };
+    // `-> ()` written out is the same as no return type.
+    if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) {
+        errors.on(ty, NOTHING);
+        return None;
+    }
     let last = match &**ty {
         Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.to_string()),
         _ => None,

@@ -105,17 +105,7 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
         super::mentions(&model.ret, name) || model.key_params.iter().any(|(_, ty)| super::mentions(ty, name))
     };
     let only_in_skipped = |name: &str| {
-        !in_key_or_return(name)
-            && func.sig.inputs.iter().any(|input| match input {
-                syn::FnArg::Typed(t) => {
-                    !model
-                        .key_params
-                        .iter()
-                        .any(|(p, _)| matches!(&*t.pat, syn::Pat::Ident(i) if i.ident == *p))
-                        && super::mentions(&t.ty, name)
-                }
-                syn::FnArg::Receiver(_) => false,
-            })
+        !in_key_or_return(name) && model.skipped_types.iter().any(|ty| super::mentions(ty, name))
     };
     let matters = |name: &Ident| !only_in_skipped(&name.to_string());
     let type_arg = quote!(::cache_runtime::__private::KeyHasher::type_arg);
@@ -164,6 +154,19 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
 
 fn function(func: &ItemFn, model: &Cached) -> TokenStream {
     let ItemFn { attrs, vis, sig, block } = func;
+    // A parameter written as a pattern takes the name the key hashes, and is destructured first
+    // thing in the body, as the user wrote it.
+    let mut sig = sig.clone();
+    let mut block = (**block).clone();
+    for (i, input) in sig.inputs.iter_mut().enumerate() {
+        let syn::FnArg::Typed(typed) = input else { continue };
+        let own = format!("__cache_arg{i}");
+        if let Some((name, pattern)) = model.destructured.iter().find(|(name, _)| *name == own) {
+            *typed.pat = syn::parse_quote!(#name);
+            block.stmts.insert(0, syn::parse_quote!(let #pattern = #name;));
+        }
+    }
+    let (sig, block) = (&sig, &block);
     let Cached { ret, policy, .. } = model;
     let function = Ident::new("__cache_fn", Span::mixed_site());
     let key = Ident::new("__cache_key", Span::mixed_site());
