@@ -148,7 +148,9 @@ impl Pending {
 
     /// Removes `target` if it was not queued again since the attempt numbered `seq` started.
     pub(crate) fn settle(&self, target: &Target, seq: u64) {
-        self.queue().settle(target, seq);
+        let mut queue = self.queue();
+        queue.settle(target, seq);
+        self.count.store(queue.len(), SeqCst);
     }
 
     /// After a round of attempts: `true` (and the worker stops) when nothing is left.
