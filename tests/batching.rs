@@ -260,7 +260,9 @@ async fn a_delete_waits_for_a_set_behind_already_sent() {
     let rt = support::redis_runtime(&server.url(), |c| c.with_pool_size(2));
     let jobs: Cache<Backtest, u32> =
         Cache::new("sent", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
-    jobs.set("warm", &0).await.unwrap(); // both connections and the batcher exist
+    jobs.set("warm", &0).await.unwrap();
+    jobs.set_behind("warm", &0).await.unwrap(); // the batcher runs, its script loaded
+    rt.flush().await.unwrap();
     server.pause_writes(500).await;
     jobs.set_behind("k", &1).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await; // the batcher has sent it; the server holds it
