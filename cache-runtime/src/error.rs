@@ -24,6 +24,10 @@ pub enum BackendError {
 pub struct RedisFailure(redis::RedisError);
 
 impl RedisFailure {
+    pub(crate) fn into_inner(self) -> redis::RedisError {
+        self.0
+    }
+
     /// The error code Redis answered with (`WRONGPASS`, `NOPERM`, `LOADING`...), if it answered.
     pub fn code(&self) -> Option<&str> {
         self.0.code()
@@ -104,6 +108,13 @@ impl std::error::Error for BackendError {
 impl From<redis::RedisError> for BackendError {
     fn from(e: redis::RedisError) -> Self {
         BackendError::Redis(RedisFailure(e))
+    }
+}
+
+/// A reply of an unexpected shape.
+impl From<redis::ParsingError> for BackendError {
+    fn from(e: redis::ParsingError) -> Self {
+        BackendError::Redis(RedisFailure(redis::RedisError::from(e)))
     }
 }
 

@@ -42,7 +42,9 @@ impl Runtime {
     pub fn new(config: CacheConfig) -> Self {
         let description = match &config.backend {
             BackendKind::Memory => "memory".to_owned(),
-            BackendKind::Redis(target) => format!("redis at {}", target.address()),
+            BackendKind::Redis(target) => format!("redis at {target}"),
+            BackendKind::Cluster(target) => format!("redis cluster at {}", target.address()),
+            BackendKind::Sentinel(target) => format!("redis sentinel {}", target.address()),
             BackendKind::None => "none (caching disabled)".to_owned(),
         };
         let backend = Backend::new(&config);

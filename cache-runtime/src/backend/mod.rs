@@ -1,17 +1,21 @@
 //! The stores behind the cache, side by side, each in its own folder or file: [`memory`]
 //! (embedded, the default with nothing configured), [`redis`] (with its scripts, its batcher and
-//! a [`breaker`] in front of it) and [`none`]. What they all answer is [`store::Store`]; what the
+//! a [`breaker`] in front of it; one server), [`cluster`] and [`sentinel`] (the Redis store over
+//! another deployment: only how connections are made and keys are named differs) and [`none`]. What they all answer is [`store::Store`]; what the
 //! runtime and a store say to each other is [`protocol`].
 //!
-//! Adding a store: a folder implementing `Store`, its line in `stores!` below, and its arm in
-//! [`Backend::new`], where stores are chosen. Calls go through `Store::method(store, ..)`: a store's
+//! Adding a store: a folder implementing `Store` (or, for another Redis deployment,
+//! `redis::Connections`), its line in `stores!` below, and its arm in [`Backend::new`], where
+//! stores are chosen. Calls go through `Store::method(store, ..)`: a store's
 //! inherent methods of the same names (its raw commands) are never reached by accident.
 
 pub(crate) mod breaker;
+pub(crate) mod cluster;
 pub(crate) mod memory;
 pub(crate) mod none;
 pub(crate) mod protocol;
 pub(crate) mod redis;
+pub(crate) mod sentinel;
 pub(crate) mod store;
 
 use std::time::Duration;
@@ -43,14 +47,30 @@ macro_rules! stores {
     };
 }
 
-stores!($ Memory(memory::MemoryBackend), Redis(redis::RedisBackend), None(none::NoStore));
+stores!($
+    Memory(memory::MemoryBackend),
+    Redis(redis::RedisStore<redis::Server>),
+    Cluster(redis::RedisStore<cluster::ClusterNodes>),
+    Sentinel(redis::RedisStore<sentinel::SentinelPrimary>),
+    None(none::NoStore),
+);
 
 impl Backend {
     /// Where stores are chosen.
     pub(crate) fn new(config: &CacheConfig) -> Self {
         match &config.backend {
             BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config)),
-            BackendKind::Redis(target) => Backend::Redis(redis::RedisBackend::new(target.clone(), config)),
+            BackendKind::Redis(target) => {
+                Backend::Redis(redis::RedisStore::new(redis::Server::new(target.clone(), config), config))
+            }
+            BackendKind::Cluster(target) => Backend::Cluster(redis::RedisStore::new(
+                cluster::ClusterNodes::new(target.clone(), config),
+                config,
+            )),
+            BackendKind::Sentinel(target) => Backend::Sentinel(redis::RedisStore::new(
+                sentinel::SentinelPrimary::new(target.clone(), config),
+                config,
+            )),
             BackendKind::None => Backend::None(none::NoStore),
         }
     }

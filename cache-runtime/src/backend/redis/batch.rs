@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::connections::Connections;
 use super::scripts::{self, millis, scripts};
 use crate::backend::breaker::Breaker;
 use crate::backend::protocol::{bounded, FillOutcome, Write};
@@ -62,7 +62,8 @@ enum Item {
     Flush(oneshot::Sender<()>),
 }
 
-pub(crate) struct Batcher {
+pub(crate) struct Batcher<C: Connections> {
+    links: Arc<C>,
     max: usize,
     delay: Duration,
     capacity: usize,
@@ -82,9 +83,10 @@ fn lock(tickets: &Tickets) -> std::sync::MutexGuard<'_, HashMap<(u8, String), Ar
     tickets.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Batcher {
-    pub(crate) fn new(config: &CacheConfig, breaker: Arc<Breaker>) -> Self {
+impl<C: Connections> Batcher<C> {
+    pub(crate) fn new(config: &CacheConfig, breaker: Arc<Breaker>, links: Arc<C>) -> Self {
         Batcher {
+            links,
             max: config.batch_max.max(1),
             delay: config.batch_delay,
             capacity: config.batch_queue,
@@ -103,12 +105,7 @@ impl Batcher {
 
     /// Takes a handle's write for the background, with a ticket that a later operation on the
     /// same key can cancel or wait for.
-    pub(crate) fn offer_handle_write(
-        &self,
-        db: u8,
-        write: Write,
-        conn: impl FnOnce() -> Option<ConnectionManager>,
-    ) -> Result<(), Write> {
+    pub(crate) fn offer_handle_write(&self, db: u8, write: Write) -> Result<(), Write> {
         let ticket = Arc::new(Ticket::default());
         let key = (db, write.key.clone());
         // Registered first: a cancellation racing with the offer finds it.
@@ -120,7 +117,7 @@ impl Batcher {
                 *ticket.earlier.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
             }
         }
-        self.enqueue(db, Queued { write, ticket: Some(Arc::clone(&ticket)) }, conn).inspect_err(|_| {
+        self.enqueue(db, Queued { write, ticket: Some(Arc::clone(&ticket)) }).inspect_err(|_| {
             let mut tickets = self.tickets();
             if tickets.get(&key).is_some_and(|t| Arc::ptr_eq(t, &ticket)) {
                 tickets.remove(&key);
@@ -148,21 +145,11 @@ impl Batcher {
 
     /// Takes `write` for the background, or gives it back (batching off, queue full, shut down)
     /// for the caller to write directly.
-    pub(crate) fn offer(
-        &self,
-        db: u8,
-        write: Write,
-        conn: impl FnOnce() -> Option<ConnectionManager>,
-    ) -> Result<(), Write> {
-        self.enqueue(db, Queued { write, ticket: None }, conn)
+    pub(crate) fn offer(&self, db: u8, write: Write) -> Result<(), Write> {
+        self.enqueue(db, Queued { write, ticket: None })
     }
 
-    fn enqueue(
-        &self,
-        db: u8,
-        queued: Queued,
-        conn: impl FnOnce() -> Option<ConnectionManager>,
-    ) -> Result<(), Write> {
+    fn enqueue(&self, db: u8, queued: Queued) -> Result<(), Write> {
         if self.capacity == 0 || self.closed.load(SeqCst) {
             return Err(queued.write);
         }
@@ -170,13 +157,14 @@ impl Batcher {
         let queue = match cell.get() {
             Some(queue) => queue,
             None => {
-                let Some(conn) = conn() else {
+                let Ok(conn) = self.links.conn(db) else {
                     return Err(queued.write);
                 };
                 cell.get_or_init(|| {
                     let (tx, rx) = mpsc::channel(self.capacity);
                     let writer = Writer {
                         conn,
+                        cross_slots: self.links.pipelines_cross_slots(),
                         op_timeout: self.op_timeout,
                         breaker: Arc::clone(&self.breaker),
                         queued: Arc::clone(&self.queued),
@@ -229,8 +217,10 @@ impl Batcher {
 }
 
 /// What the flush loop writes with.
-struct Writer {
-    conn: ConnectionManager,
+struct Writer<Conn> {
+    conn: Conn,
+    /// Whether one pipeline may cross slots (not on Cluster).
+    cross_slots: bool,
     op_timeout: Duration,
     breaker: Arc<Breaker>,
     queued: Arc<AtomicUsize>,
@@ -238,7 +228,10 @@ struct Writer {
     db: u8,
 }
 
-async fn flush_loop(mut rx: mpsc::Receiver<Item>, mut writer: Writer, max: usize, delay: Duration) {
+async fn flush_loop<Conn>(mut rx: mpsc::Receiver<Item>, mut writer: Writer<Conn>, max: usize, delay: Duration)
+where
+    Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
     let mut items = Vec::with_capacity(max);
     let mut writes = Vec::with_capacity(max);
     // Load the fill script up front so that pipelines can use EVALSHA; if this fails (server
@@ -272,8 +265,9 @@ async fn flush_loop(mut rx: mpsc::Receiver<Item>, mut writer: Writer, max: usize
     }
 }
 
-impl Writer {
-    /// One pipeline for all of `writes`, in order; each write's `done` gets its own result.
+impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Conn> {
+    /// One pipeline for all of `writes`, in order (on Cluster, one per slot, all sent at once);
+    /// each write's `done` gets its own result.
     async fn write_all(&mut self, writes: &mut Vec<Queued>) {
         // Cancelled handle writes are answered as superseded, unsent.
         writes.retain_mut(|q| match &q.ticket {
@@ -287,23 +281,44 @@ impl Writer {
         if writes.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for Queued { write: w, .. } in writes.iter() {
+        let pipes = by_slot(self.cross_slots, writes, |pipe, q| {
+            let w = &q.write;
             match w.lease {
-                Some((token, grant)) => scripts::pipe_fill(&mut pipe, &w.key, token, grant, &w.value, w.ttl),
+                Some((token, grant)) => scripts::pipe_fill(pipe, &w.key, token, grant, &w.value, w.ttl),
                 None => {
                     pipe.cmd("SET").arg(&w.key).arg(&*w.value).arg("PX").arg(millis(w.ttl));
                 }
             }
-        }
+        });
         let replies = match self.breaker.admit() {
             Ok(permit) => {
-                let conn = &mut self.conn;
-                let replies: Result<Vec<redis::RedisResult<redis::Value>>, BackendError> =
-                    bounded(self.op_timeout, async { Ok(pipe.query_async(conn).await?) }).await;
+                let conn = &self.conn;
+                let sends = pipes.iter().map(|(pipe, _)| {
+                    let mut conn = conn.clone();
+                    async move { pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn).await }
+                });
+                let replies: Result<Vec<Vec<redis::RedisResult<redis::Value>>>, BackendError> =
+                    bounded(self.op_timeout, async { Ok(futures_util::future::try_join_all(sends).await?) })
+                        .await;
                 permit.record(&replies);
-                replies
+                // Back in the order of `writes`.
+                replies.map(|replies| {
+                    let mut ordered: Vec<Option<redis::RedisResult<redis::Value>>> =
+                        (0..writes.len()).map(|_| None).collect();
+                    for ((_, indices), replies) in pipes.iter().zip(replies) {
+                        for (&i, reply) in indices.iter().zip(replies) {
+                            ordered[i] = Some(reply);
+                        }
+                    }
+                    ordered
+                        .into_iter()
+                        .map(|r| {
+                            r.unwrap_or_else(|| {
+                                Err(redis::RedisError::from((redis::ErrorKind::Client, "no reply in the batch")))
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
             }
             Err(bypassed) => Err(bypassed),
         };
@@ -372,5 +387,54 @@ fn written(reply: redis::RedisResult<redis::Value>) -> redis::RedisResult<FillOu
             "unexpected reply to a batched write",
             format!("{other:?}"),
         ))),
+    }
+}
+
+/// Pipelines for `items`, built by `add`: one for all on one server, one per slot on Cluster
+/// (a pipeline may not cross slots there); each with the indices of the items it carries, in
+/// order.
+pub(crate) fn by_slot<T: Keyed>(
+    cross_slots: bool,
+    items: &[T],
+    mut add: impl FnMut(&mut redis::Pipeline, &T),
+) -> Vec<(redis::Pipeline, Vec<usize>)> {
+    let new_pipe = || {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe
+    };
+    if cross_slots {
+        let mut pipe = new_pipe();
+        items.iter().for_each(|item| add(&mut pipe, item));
+        return vec![(pipe, (0..items.len()).collect())];
+    }
+    let mut slots: HashMap<redis::cluster_routing::Slot, usize> = HashMap::new();
+    let mut pipes: Vec<(redis::Pipeline, Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let slot = redis::cluster_routing::Slot::for_key(item.key());
+        let at = *slots.entry(slot).or_insert_with(|| {
+            pipes.push((new_pipe(), Vec::new()));
+            pipes.len() - 1
+        });
+        add(&mut pipes[at].0, item);
+        pipes[at].1.push(i);
+    }
+    pipes
+}
+
+/// What [`by_slot`] groups by.
+pub(crate) trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for Queued {
+    fn key(&self) -> &str {
+        &self.write.key
+    }
+}
+
+impl<K: AsRef<str>, V> Keyed for (K, V) {
+    fn key(&self) -> &str {
+        self.0.as_ref()
     }
 }

@@ -3,88 +3,60 @@
 //! breaker in front of them ([`super::breaker`]), the protocol scripts (`scripts.rs`) and the
 //! write-behind batcher (`batch.rs`).
 
+//! The Redis store, for every deployment: one server, Cluster (`backend/cluster`) and Sentinel
+//! (`backend/sentinel`) differ only in their [`Connections`]. Here: the store itself (every call
+//! through a circuit breaker, [`super::breaker`], and under `op_timeout`), the protocol scripts
+//! (`scripts.rs`), the write-behind batcher (`batch.rs`) and the one-server deployment
+//! (`connections.rs`).
+
 pub(crate) mod batch;
+pub(crate) mod connections;
 pub(crate) mod scripts;
 
+use std::borrow::Cow;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
 use self::batch::Batcher;
+pub(crate) use self::connections::{Connections, Server};
 use self::scripts::{millis, AcquireReply};
 use super::breaker::Breaker;
 use super::protocol::{bounded, Acquired, FillOutcome, LeaseAsk, Renewal, Write};
 use super::store::Store;
-use crate::config::{CacheConfig, RedisTarget};
+use crate::config::CacheConfig;
 use crate::error::BackendError;
 
-/// How many keys one `SCAN` step asks for when clearing a prefix.
-const SCAN_COUNT: usize = 1000;
-
-pub(crate) struct RedisBackend {
-    target: RedisTarget,
-    connect_timeout: Duration,
+/// The Redis store over the deployment `C`. Keys reach it as the runtime names them; `C` says how
+/// the server stores them ([`Connections::key`]).
+pub(crate) struct RedisStore<C: Connections> {
+    links: Arc<C>,
     op_timeout: Duration,
-    pool_size: usize,
     retry_on_timeout: bool,
     breaker: Arc<Breaker>,
-    /// Per DB, `pool_size` multiplexed connections, made on first use.
-    dbs: [OnceLock<Pool>; 16],
-    batcher: Batcher,
+    batcher: Batcher<C>,
 }
 
-/// A DB's connections, handed out round robin.
-struct Pool {
-    conns: Vec<ConnectionManager>,
-    next: AtomicUsize,
-}
-
-impl RedisBackend {
-    pub(crate) fn new(target: RedisTarget, config: &CacheConfig) -> Self {
+impl<C: Connections> RedisStore<C> {
+    pub(crate) fn new(links: C, config: &CacheConfig) -> Self {
+        let links = Arc::new(links);
         let breaker =
-            Arc::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown, target.address()));
-        RedisBackend {
-            batcher: Batcher::new(config, Arc::clone(&breaker)),
+            Arc::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown, links.address()));
+        RedisStore {
+            batcher: Batcher::new(config, Arc::clone(&breaker), Arc::clone(&links)),
             breaker,
-            target,
-            connect_timeout: config.connect_timeout,
+            links,
             op_timeout: config.op_timeout,
-            pool_size: config.pool_size.max(1),
             retry_on_timeout: config.retry_on_timeout,
-            dbs: Default::default(),
         }
     }
 
-    /// A connection for `db`, round robin over the DB's pool. `ConnectionManager` connects lazily
-    /// and reconnects by itself after the server comes back, so a server that is down at start-up
-    /// is not an error here: the first command reports it. No connection is opened per call.
-    pub(crate) fn conn(&self, db: u8) -> Result<ConnectionManager, BackendError> {
-        let cell = &self.dbs[usize::from(db & 0x0f)];
-        let pool = match cell.get() {
-            Some(pool) => pool,
-            None => {
-                let conns = (0..self.pool_size).map(|_| self.connect(db)).collect::<Result<_, _>>()?;
-                cell.get_or_init(|| Pool { conns, next: AtomicUsize::new(0) })
-            }
-        };
-        let i = if pool.conns.len() == 1 { 0 } else { pool.next.fetch_add(1, Relaxed) % pool.conns.len() };
-        Ok(pool.conns[i].clone())
+    fn conn(&self, db: u8) -> Result<C::Conn, BackendError> {
+        self.links.conn(db)
     }
 
-    fn connect(&self, db: u8) -> Result<ConnectionManager, BackendError> {
-        let client = redis::Client::open(self.target.for_db(db))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.op_timeout))
-            // Reconnect attempts are cheap and bounded; the caller's own timeout bounds the wait,
-            // and the next command starts a fresh attempt.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
-        Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+    fn key<'k>(&self, db: u8, key: &'k str) -> Cow<'k, str> {
+        self.links.key(db, key)
     }
 
     /// Runs `op` through the breaker, bounded by `limit`: refused at once while the breaker is
@@ -97,14 +69,17 @@ impl RedisBackend {
         let permit = self.breaker.admit()?;
         let result = bounded(limit, op).await;
         permit.record(&result);
+        if let Err(e) = &result {
+            self.links.failed(e);
+        }
         result
     }
 }
 
 /// Every call through the breaker and under `op_timeout`, on the DB's connection.
-impl Store for RedisBackend {
+impl<C: Connections> Store for RedisStore<C> {
     fn kind(&self) -> &'static str {
-        "redis"
+        self.links.kind()
     }
 
     async fn get_with<T>(
@@ -113,8 +88,9 @@ impl Store for RedisBackend {
         key: &str,
         decode: impl Fn(&[u8]) -> T,
     ) -> Result<Option<T>, BackendError> {
+        let key = self.key(db, key);
         let get = || async {
-            let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(&mut self.conn(db)?).await?;
+            let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&*key).query_async(&mut self.conn(db)?).await?;
             Ok(bytes.map(|b| decode(&b)))
         };
         match self.guarded(self.op_timeout, get()).await {
@@ -124,11 +100,13 @@ impl Store for RedisBackend {
     }
 
     /// GET of the entry and of the function's generation, and the generation key's time to
-    /// live, pipelined in one round trip: reads only, so a lookup is answered while the server
-    /// pauses writes (`CLIENT PAUSE WRITE`, what a failover does). When half of the key's life is
-    /// gone, its life is extended in the background (it lives as long as the function is read).
-    /// A missing generation key is recreated at the server's clock (one more round trip, a
-    /// write), so that entries older than a lost key are never trusted.
+    /// live, in one round trip: one pipeline on one server; on Cluster, where the two keys live
+    /// in different slots, the entry's GET and the generation's pipeline are sent at once. Reads
+    /// only, so a lookup is answered while the server pauses writes (`CLIENT PAUSE WRITE`, what
+    /// a failover does). When half of the key's life is gone, its life is extended in the
+    /// background (it lives as long as the function is read). A missing generation key is
+    /// recreated at the server's clock (one more round trip, a write), so that entries older
+    /// than a lost key are never trusted.
     async fn get_with_generation<T>(
         &self,
         db: u8,
@@ -137,23 +115,37 @@ impl Store for RedisBackend {
         generation_life: Duration,
         decode: impl Fn(&[u8]) -> T,
     ) -> Result<(Option<T>, Option<u64>), BackendError> {
+        let key = self.key(db, key);
+        let generation_key = self.key(db, generation_key);
         self.guarded(self.op_timeout, async {
-            let mut conn = self.conn(db)?;
-            let (bytes, generation, left_ms): (Option<Vec<u8>>, Option<u64>, i64) = redis::pipe()
-                .cmd("GET")
-                .arg(key)
-                .cmd("GET")
-                .arg(generation_key)
-                .cmd("PTTL")
-                .arg(generation_key)
-                .query_async(&mut conn)
-                .await?;
+            let conn = self.conn(db)?;
+            let (bytes, generation, left_ms): (Option<Vec<u8>>, Option<u64>, i64) =
+                if self.links.pipelines_cross_slots() {
+                    redis::pipe()
+                        .cmd("GET")
+                        .arg(&*key)
+                        .cmd("GET")
+                        .arg(&*generation_key)
+                        .cmd("PTTL")
+                        .arg(&*generation_key)
+                        .query_async(&mut conn.clone())
+                        .await?
+                } else {
+                    let (mut entry_conn, mut generation_conn) = (conn.clone(), conn.clone());
+                    let mut get = redis::cmd("GET");
+                    get.arg(&*key);
+                    let entry = get.query_async::<Option<Vec<u8>>>(&mut entry_conn);
+                    let mut generation = redis::pipe();
+                    generation.cmd("GET").arg(&*generation_key).cmd("PTTL").arg(&*generation_key);
+                    let generation = generation.query_async::<(Option<u64>, i64)>(&mut generation_conn);
+                    let (bytes, (generation, left_ms)) = tokio::try_join!(entry, generation)?;
+                    (bytes, generation, left_ms)
+                };
             let generation = match generation {
                 Some(g) => {
                     let life = millis(generation_life);
                     if u64::try_from(left_ms).is_ok_and(|left| left < life / 2) {
-                        let (mut conn, key, limit) =
-                            (conn.clone(), generation_key.to_owned(), self.op_timeout);
+                        let (mut conn, key, limit) = (conn.clone(), generation_key.to_string(), self.op_timeout);
                         crate::background::spawn(async move {
                             let mut extend = redis::cmd("PEXPIRE");
                             extend.arg(&key).arg(life);
@@ -162,14 +154,14 @@ impl Store for RedisBackend {
                     }
                     g
                 }
-                None => scripts::init_generation(&mut conn, generation_key, generation_life).await?,
+                None => scripts::init_generation(&mut conn.clone(), &generation_key, generation_life).await?,
             };
             Ok((bytes.map(|b| decode(&b)), Some(generation)))
         })
         .await
     }
 
-    /// One `MGET` for all of `keys`.
+    /// One `MGET` for all of `keys` (on Cluster, the client splits it by slot).
     async fn get_many_with<T>(
         &self,
         db: u8,
@@ -179,9 +171,12 @@ impl Store for RedisBackend {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let mut mget = redis::cmd("MGET");
+        for key in keys {
+            mget.arg(&*self.key(db, key));
+        }
         self.guarded(self.op_timeout, async {
-            let values: Vec<Option<Vec<u8>>> =
-                redis::cmd("MGET").arg(keys).query_async(&mut self.conn(db)?).await?;
+            let values: Vec<Option<Vec<u8>>> = mget.query_async(&mut self.conn(db)?).await?;
             Ok(values.into_iter().map(|v| v.map(|b| decode(&b))).collect())
         })
         .await
@@ -190,97 +185,87 @@ impl Store for RedisBackend {
     async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
         // PX in the same command: no key is ever left without an expiry.
         let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
+        cmd.arg(&*self.key(db, key)).arg(value).arg("PX").arg(millis(ttl));
         self.guarded(self.op_timeout, async { Ok(cmd.query_async::<()>(&mut self.conn(db)?).await?) }).await
     }
 
     async fn delete(&self, db: u8, key: &str) -> Result<bool, BackendError> {
         let mut cmd = redis::cmd("UNLINK");
-        cmd.arg(key);
+        cmd.arg(&*self.key(db, key));
         self.guarded(self.op_timeout, async { Ok(cmd.query_async::<u64>(&mut self.conn(db)?).await? > 0) })
             .await
     }
 
-    /// One pipeline of `SET ... PX` for all of `items`.
+    /// `SET ... PX` for all of `items`: one pipeline on one server; on Cluster one pipeline per
+    /// slot, all sent at once.
     async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
         if items.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (key, value) in items {
-            pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).ignore();
-        }
-        self.guarded(self.op_timeout, async { Ok(pipe.query_async::<()>(&mut self.conn(db)?).await?) }).await
+        let items: Vec<(Cow<'_, str>, &[u8])> =
+            items.iter().map(|(key, value)| (self.key(db, key), value.as_slice())).collect();
+        let pipes = batch::by_slot(self.links.pipelines_cross_slots(), &items, |pipe, (key, value)| {
+            pipe.cmd("SET").arg(&**key).arg(*value).arg("PX").arg(millis(ttl));
+        });
+        self.guarded(self.op_timeout, async {
+            let conn = self.conn(db)?;
+            let sends = pipes.iter().map(|(pipe, _)| {
+                let mut conn = conn.clone();
+                async move { pipe.query_async::<Vec<redis::RedisResult<()>>>(&mut conn).await }
+            });
+            for replies in futures_util::future::try_join_all(sends).await? {
+                replies.into_iter().collect::<Result<Vec<()>, _>>()?;
+            }
+            Ok(())
+        })
+        .await
     }
 
-    /// One `UNLINK` for all of `keys`; how many existed.
+    /// One `UNLINK` for all of `keys` (on Cluster, the client splits it by slot); how many
+    /// existed.
     async fn delete_many(&self, db: u8, keys: &[String]) -> Result<u64, BackendError> {
         if keys.is_empty() {
             return Ok(0);
         }
         let mut cmd = redis::cmd("UNLINK");
-        cmd.arg(keys);
+        for key in keys {
+            cmd.arg(&*self.key(db, key));
+        }
         self.guarded(self.op_timeout, async { Ok(cmd.query_async(&mut self.conn(db)?).await?) }).await
     }
 
     async fn exists(&self, db: u8, key: &str) -> Result<bool, BackendError> {
         let mut cmd = redis::cmd("EXISTS");
-        cmd.arg(key);
+        cmd.arg(&*self.key(db, key));
         self.guarded(self.op_timeout, async { Ok(cmd.query_async::<u64>(&mut self.conn(db)?).await? > 0) })
             .await
     }
 
     async fn expire(&self, db: u8, key: &str, ttl: Duration) -> Result<bool, BackendError> {
         let mut cmd = redis::cmd("PEXPIRE");
-        cmd.arg(key).arg(millis(ttl));
+        cmd.arg(&*self.key(db, key)).arg(millis(ttl));
         self.guarded(self.op_timeout, async { Ok(cmd.query_async::<u64>(&mut self.conn(db)?).await? > 0) })
             .await
     }
 
     async fn ttl(&self, db: u8, key: &str) -> Result<Option<Duration>, BackendError> {
         let mut cmd = redis::cmd("PTTL");
-        cmd.arg(key);
+        cmd.arg(&*self.key(db, key));
         // -2: no such key; -1: no expiry (never written by this crate).
         let ms: i64 =
             self.guarded(self.op_timeout, async { Ok(cmd.query_async(&mut self.conn(db)?).await?) }).await?;
         Ok(u64::try_from(ms).ok().map(Duration::from_millis))
     }
 
-    /// SCAN + UNLINK over `prefix:*` only: never `KEYS`, never `FLUSHDB`. A clear walks the
-    /// keyspace: it gets 100 op timeouts, not one.
+    /// SCAN + UNLINK over `prefix:*` only, on every primary: never `KEYS`, never `FLUSHDB`. A
+    /// clear walks the keyspace: it gets 100 op timeouts, not one.
     async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError> {
-        let walk = async {
-            let mut conn = self.conn(db)?;
-            let pattern = format!("{prefix}:*");
-            let mut cursor: u64 = 0;
-            let mut removed = 0;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .query_async(&mut conn)
-                    .await?;
-                if !keys.is_empty() {
-                    let n: u64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
-                    removed += n;
-                }
-                if next == 0 {
-                    return Ok(removed);
-                }
-                cursor = next;
-            }
-        };
-        self.guarded(self.op_timeout.saturating_mul(100), walk).await
+        let pattern = self.key(db, &format!("{prefix}:*")).into_owned();
+        self.guarded(self.op_timeout.saturating_mul(100), self.links.clear(db, &pattern)).await
     }
 
     async fn ping(&self, db: u8) -> Result<(), BackendError> {
-        self.guarded(self.op_timeout, async {
-            Ok(redis::cmd("PING").query_async::<()>(&mut self.conn(db)?).await?)
-        })
-        .await
+        self.guarded(self.op_timeout, self.links.ping(db)).await
     }
 
     /// Asks for the fill lease. If the reply never arrives (the call timed out, or the caller
@@ -294,11 +279,12 @@ impl Store for RedisBackend {
         ask: LeaseAsk,
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<Acquired<T>, BackendError> {
+        let key = self.key(db, key);
         self.guarded(self.op_timeout, async {
             let conn = self.conn(db)?;
-            let mut orphan = OrphanGuard { conn: Some(conn.clone()), key, token: ask.token };
+            let mut orphan = OrphanGuard { conn: Some(conn.clone()), key: &key, token: ask.token };
             let reply =
-                scripts::acquire(&mut conn.clone(), key, ask.token, ask.ttl, ask.min_generation).await;
+                scripts::acquire(&mut conn.clone(), &key, ask.token, ask.ttl, ask.min_generation).await;
             if reply.is_ok() {
                 orphan.conn = None; // answered: whatever we got, we know it
             }
@@ -319,7 +305,8 @@ impl Store for RedisBackend {
         grant: u64,
         lease: Duration,
     ) -> Result<Renewal, BackendError> {
-        let renew = async { scripts::renew(&mut self.conn(db)?, key, token, grant, lease).await };
+        let key = self.key(db, key);
+        let renew = async { scripts::renew(&mut self.conn(db)?, &key, token, grant, lease).await };
         self.guarded(self.op_timeout, renew).await
     }
 
@@ -331,19 +318,22 @@ impl Store for RedisBackend {
         value: &[u8],
         ttl: Duration,
     ) -> Result<FillOutcome, BackendError> {
-        let fill = async { scripts::fill(&mut self.conn(db)?, key, token, grant, value, ttl).await };
+        let key = self.key(db, key);
+        let fill = async { scripts::fill(&mut self.conn(db)?, &key, token, grant, value, ttl).await };
         self.guarded(self.op_timeout, fill).await
     }
 
     async fn release(&self, db: u8, key: &str, token: u64) -> Result<(), BackendError> {
+        let key = self.key(db, key);
         // Not through the breaker: giving a lease back is worth a try even while it is open.
-        bounded(self.op_timeout, async { scripts::release(&mut self.conn(db)?, key, token).await }).await
+        bounded(self.op_timeout, async { scripts::release(&mut self.conn(db)?, &key, token).await }).await
     }
 
     /// Deletes the entry and its lease and changes its stamp, in one script: a fill holding the
     /// old lease is refused.
     async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
-        let invalidate = async { scripts::invalidate(&mut self.conn(db)?, key, stamp_life).await };
+        let key = self.key(db, key);
+        let invalidate = async { scripts::invalidate(&mut self.conn(db)?, &key, stamp_life).await };
         self.guarded(self.op_timeout, invalidate).await
     }
 
@@ -353,21 +343,24 @@ impl Store for RedisBackend {
         generation_key: &str,
         life: Duration,
     ) -> Result<Option<u64>, BackendError> {
-        let bump = async { scripts::bump_generation(&mut self.conn(db)?, generation_key, life).await };
+        let generation_key = self.key(db, generation_key);
+        let bump = async { scripts::bump_generation(&mut self.conn(db)?, &generation_key, life).await };
         self.guarded(self.op_timeout, bump).await.map(Some)
     }
 
     fn writes_behind(&self) -> bool {
         true
     }
-    fn offer(&self, db: u8, write: Write) -> Result<(), Write> {
-        self.batcher.offer(db, write, || self.conn(db).ok())
+    fn offer(&self, db: u8, mut write: Write) -> Result<(), Write> {
+        write.key = self.key(db, &write.key).into_owned();
+        self.batcher.offer(db, write)
     }
-    fn offer_handle_write(&self, db: u8, write: Write) -> Result<(), Write> {
-        self.batcher.offer_handle_write(db, write, || self.conn(db).ok())
+    fn offer_handle_write(&self, db: u8, mut write: Write) -> Result<(), Write> {
+        write.key = self.key(db, &write.key).into_owned();
+        self.batcher.offer_handle_write(db, write)
     }
     async fn supersede(&self, limit: Duration, db: u8, key: &str) {
-        self.batcher.supersede(limit, db, key).await
+        self.batcher.supersede(limit, db, &self.key(db, key)).await
     }
     async fn flush(&self, limit: Duration) -> usize {
         self.batcher.flush(limit).await
@@ -385,13 +378,13 @@ impl Store for RedisBackend {
 
 /// Armed while a lease request is unanswered; dropped armed, it sends the release of its token
 /// on the same connection, so the server runs it right after the request if it runs that at all.
-struct OrphanGuard<'a> {
-    conn: Option<ConnectionManager>,
+struct OrphanGuard<'a, Conn: redis::aio::ConnectionLike + Send + 'static> {
+    conn: Option<Conn>,
     key: &'a str,
     token: u64,
 }
 
-impl Drop for OrphanGuard<'_> {
+impl<Conn: redis::aio::ConnectionLike + Send + 'static> Drop for OrphanGuard<'_, Conn> {
     fn drop(&mut self) {
         let Some(mut conn) = self.conn.take() else { return };
         let (key, token) = (self.key.to_owned(), self.token);

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 
 use crate::backend::protocol::{FillOutcome, Renewal};
 use crate::error::BackendError;
@@ -146,7 +146,7 @@ pub(crate) enum AcquireReply {
 }
 
 pub(crate) async fn acquire(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     key: &str,
     token: u64,
     lease: Duration,
@@ -180,7 +180,7 @@ pub(crate) async fn acquire(
 
 /// The lease-checked fill on `conn` (see [`FILL`]).
 pub(crate) async fn fill(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     key: &str,
     token: u64,
     grant: u64,
@@ -223,7 +223,7 @@ pub(crate) fn pipe_fill(
 }
 
 pub(crate) async fn renew(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     key: &str,
     token: u64,
     grant: u64,
@@ -246,7 +246,7 @@ pub(crate) async fn renew(
 }
 
 pub(crate) async fn invalidate(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     key: &str,
     stamp_life: Duration,
 ) -> Result<(), BackendError> {
@@ -265,7 +265,7 @@ pub(crate) async fn invalidate(
 /// Gives a lease back. Sent as `EVAL` with the script's text, not `EVALSHA`: it is often the
 /// first script a connection sends after a timeout (the release of an orphaned lease request),
 /// and a NOSCRIPT answer that arrives after the caller stopped waiting would never be retried.
-pub(crate) async fn release(conn: &mut ConnectionManager, key: &str, token: u64) -> Result<(), BackendError> {
+pub(crate) async fn release(conn: &mut (impl ConnectionLike + Send), key: &str, token: u64) -> Result<(), BackendError> {
     redis::cmd("EVAL")
         .arg(RELEASE)
         .arg(1)
@@ -277,7 +277,7 @@ pub(crate) async fn release(conn: &mut ConnectionManager, key: &str, token: u64)
 }
 
 pub(crate) async fn bump_generation(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     generation_key: &str,
     life: Duration,
 ) -> Result<u64, BackendError> {
@@ -285,7 +285,7 @@ pub(crate) async fn bump_generation(
 }
 
 pub(crate) async fn init_generation(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     generation_key: &str,
     life: Duration,
 ) -> Result<u64, BackendError> {

@@ -4,7 +4,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::IntoConnectionInfo;
+pub(crate) mod targets;
+
+pub use self::targets::{ClusterTarget, RedisTarget, SentinelTarget};
+use self::targets::encode_userinfo;
 
 /// Default bound on each backend call. A cached call makes at most two before its function runs
 /// (the lookup and the lease request), so a failing server costs it at most twice this.
@@ -54,82 +57,12 @@ pub enum BackendKind {
     Memory,
     /// A Redis server, one pooled client per DB number.
     Redis(RedisTarget),
+    /// A Redis Cluster (DB 0 only: each DB marker gets a key namespace of its own).
+    Cluster(ClusterTarget),
+    /// A Redis primary found through Sentinel, followed across failovers.
+    Sentinel(SentinelTarget),
     /// No caching: every call runs the function.
     None,
-}
-
-/// Where the Redis server is. Its `Debug` and `Display` never show the password.
-#[derive(Clone)]
-pub struct RedisTarget {
-    pub(crate) info: redis::ConnectionInfo,
-}
-
-impl RedisTarget {
-    /// Parses a `redis://[user:password@]host:port[/db]` URL. The DB in the URL is ignored:
-    /// each cached function names its DB by type.
-    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
-        if !url.contains("://") {
-            return Err(ConfigError::InvalidRedisUrl { url: redact_url(url), reason: "no scheme".into() });
-        }
-        let info = url
-            .into_connection_info()
-            .map_err(|e| ConfigError::InvalidRedisUrl { url: redact_url(url), reason: e.to_string() })?;
-        Ok(RedisTarget { info })
-    }
-
-    /// `host:port`, for logs.
-    pub fn address(&self) -> String {
-        self.info.addr().to_string()
-    }
-
-    pub(crate) fn for_db(&self, db: u8) -> redis::ConnectionInfo {
-        let settings = self.info.redis_settings().clone().set_db(i64::from(db));
-        self.info.clone().set_redis_settings(settings)
-    }
-}
-
-impl fmt::Debug for RedisTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let has_password = self.info.redis_settings().password().is_some();
-        f.debug_struct("RedisTarget")
-            .field("address", &self.address())
-            .field("password", &if has_password { "<redacted>" } else { "<none>" })
-            .finish()
-    }
-}
-
-impl fmt::Display for RedisTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis://{}", self.address())
-    }
-}
-
-/// Replaces the password of a URL-like string by `***`, for error messages: whatever stands
-/// between the user (after the scheme, if any) and the last `@`.
-fn redact_url(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    match url[start..].rfind('@') {
-        Some(at) => {
-            let at = start + at;
-            let user = url[start..at].split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..start], user, &url[at..])
-        }
-        None => url.to_owned(),
-    }
-}
-
-/// Percent-encodes a password for the userinfo of a URL (RFC 3986: everything but unreserved
-/// characters), so `@ / ? # %` and the like reach the server unchanged.
-fn encode_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 /// The runtime's configuration. Build it with [`CacheConfig::memory`], [`CacheConfig::redis`],
@@ -162,6 +95,7 @@ pub struct CacheConfig {
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) key_namespace: String,
 }
 
 /// A duration setting, bounded up front (see [`MAX_SETTING`]).
@@ -219,6 +153,10 @@ impl CacheConfig {
     pub fn shutdown_timeout(&self) -> Duration {
         self.shutdown_timeout
     }
+    /// What every key on a Redis deployment starts with (empty: nothing).
+    pub fn key_namespace(&self) -> &str {
+        &self.key_namespace
+    }
 }
 
 impl CacheConfig {
@@ -239,6 +177,7 @@ impl CacheConfig {
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            key_namespace: String::new(),
         }
     }
 
@@ -247,9 +186,55 @@ impl CacheConfig {
         Self::with_backend(BackendKind::Memory)
     }
 
-    /// A Redis server at `url` (`redis://[:password@]host:port`).
+    /// A Redis server at `url`: `redis://[user:password@]host:port`, `rediss://...` for TLS, or
+    /// `redis+sentinel://[user:password@]host:port,.../master` for a primary behind Sentinel.
     pub fn redis(url: &str) -> Result<Self, ConfigError> {
+        if url.trim_start().starts_with("redis+sentinel://") {
+            return Ok(Self::with_backend(BackendKind::Sentinel(SentinelTarget::from_url(url.trim())?)));
+        }
         Ok(Self::with_backend(BackendKind::Redis(RedisTarget::from_url(url)?)))
+    }
+
+    /// A Redis Cluster, discovered from any of `nodes` (`host:port`, `redis://...` or
+    /// `rediss://...`; see [`ClusterTarget::new`]).
+    pub fn cluster<S: AsRef<str>>(nodes: &[S]) -> Result<Self, ConfigError> {
+        Ok(Self::with_backend(BackendKind::Cluster(ClusterTarget::new(nodes, false)?)))
+    }
+
+    /// The primary the `sentinels` (`host:port` each) know as `master`.
+    pub fn sentinel<S: AsRef<str>>(sentinels: &[S], master: &str) -> Result<Self, ConfigError> {
+        Ok(Self::with_backend(BackendKind::Sentinel(SentinelTarget::new(sentinels, master)?)))
+    }
+
+    /// Trusts the CA certificates in the PEM file at `path` (instead of the system roots) for TLS
+    /// connections. Read now: a missing or empty file is an error here. Also `REDIS_CA_CERT`.
+    pub fn with_ca_cert(mut self, path: &str) -> Result<Self, ConfigError> {
+        let ca = targets::CaCert::read(path)?;
+        match &mut self.backend {
+            BackendKind::Redis(target) => target.set_ca(ca),
+            BackendKind::Cluster(target) => target.set_ca(ca),
+            BackendKind::Sentinel(target) => target.set_ca(ca),
+            BackendKind::Memory | BackendKind::None => {}
+        }
+        Ok(self)
+    }
+
+    /// Puts every key this runtime reads or writes on a Redis deployment under `namespace:`, so
+    /// that several environments (or test runs) share one server or cluster without sharing
+    /// entries. Lowercase letters, digits, `-`, `_` and `.`, at most 64. Also
+    /// `CACHE_KEY_NAMESPACE`. Empty (the default): keys as README's key format gives them.
+    pub fn with_key_namespace(mut self, namespace: &str) -> Result<Self, ConfigError> {
+        let ok = namespace.len() <= 64
+            && namespace.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+        if !ok {
+            return Err(ConfigError::InvalidValue {
+                variable: "CACHE_KEY_NAMESPACE",
+                value: namespace.to_owned(),
+                expected: "at most 64 lowercase letters, digits, '-', '_' or '.'",
+            });
+        }
+        self.key_namespace = namespace.to_owned();
+        Ok(self)
     }
 
     /// No caching at all.
@@ -360,9 +345,15 @@ impl CacheConfig {
     /// | variable | meaning |
     /// |---|---|
     /// | `CACHE_ENABLED` | `false`/`0`/`no`/`off` turns caching off |
-    /// | `CACHE_BACKEND` | `memory`, `redis` or `none` (case-insensitive) |
-    /// | `REDIS_URL` | `redis://[:password@]host:port` |
-    /// | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD` | used when `REDIS_URL` is unset |
+    /// | `CACHE_BACKEND` | `memory`, `redis`, `cluster`, `sentinel` or `none` (case-insensitive) |
+    /// | `REDIS_URL` | `redis://[user:password@]host:port`, `rediss://...` (TLS), `redis+sentinel://host:port,.../master` |
+    /// | `REDIS_HOST`, `REDIS_PORT` | used when `REDIS_URL` is unset |
+    /// | `REDIS_USERNAME`, `REDIS_PASSWORD` | the ACL user (with `REDIS_HOST`, Cluster and Sentinel) |
+    /// | `REDIS_TLS` | `true`: TLS with `REDIS_HOST`, Cluster nodes given as `host:port`, and Sentinel's primary |
+    /// | `REDIS_CA_CERT` | a PEM file of CA certificates trusted instead of the system roots |
+    /// | `REDIS_CLUSTER_NODES` | `host:port,host:port,...`: Redis Cluster |
+    /// | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | `host:port,...` and the primary's name: Sentinel |
+    /// | `CACHE_KEY_NAMESPACE` | what every key on Redis starts with ([`CacheConfig::with_key_namespace`]) |
     /// | `CACHE_OP_TIMEOUT_MS` | bound on each backend call, in milliseconds |
     /// | `CACHE_POOL_SIZE` | multiplexed connections per DB (Redis) |
     /// | `CACHE_MAX_SIZE` | bytes the embedded backend keeps |
@@ -371,7 +362,8 @@ impl CacheConfig {
     /// | `CACHE_SHUTDOWN_TIMEOUT_MS` | bound on flush and shutdown |
     /// | `CACHE_ENV` | `development` or `production` preset ([`Environment`]) |
     ///
-    /// With no `CACHE_BACKEND`, Redis serves when `REDIS_URL` or `REDIS_HOST` is set, and the
+    /// With no `CACHE_BACKEND`, Cluster serves when `REDIS_CLUSTER_NODES` is set, else Sentinel
+    /// when `REDIS_SENTINELS` is, else one Redis when `REDIS_URL` or `REDIS_HOST` is, and the
     /// embedded backend otherwise. `CACHE_BACKEND=redis` with neither set means
     /// `redis://127.0.0.1:6379`.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -393,6 +385,16 @@ impl CacheConfig {
                 }
             }
         }
+        let username = var("REDIS_USERNAME");
+        let password = var("REDIS_PASSWORD");
+        let tls = match var("REDIS_TLS").map(|t| t.trim().to_ascii_lowercase()) {
+            None => false,
+            Some(t) if matches!(t.as_str(), "true" | "1" | "yes" | "on") => true,
+            Some(t) if matches!(t.as_str(), "false" | "0" | "no" | "off") => false,
+            Some(other) => {
+                return Err(ConfigError::InvalidValue { variable: "REDIS_TLS", value: other, expected: "true or false" })
+            }
+        };
         let redis_url = || -> Result<Option<String>, ConfigError> {
             if let Some(url) = var("REDIS_URL") {
                 return Ok(Some(url));
@@ -408,27 +410,77 @@ impl CacheConfig {
                     expected: "a port number",
                 });
             }
-            let auth =
-                var("REDIS_PASSWORD").map(|p| format!(":{}@", encode_userinfo(&p))).unwrap_or_default();
-            Ok(Some(format!("redis://{auth}{}:{}", host.trim(), port.trim())))
+            let user = username.as_deref().map(encode_userinfo).unwrap_or_default();
+            let auth = match &password {
+                Some(p) => format!("{user}:{}@", encode_userinfo(p)),
+                None if !user.is_empty() => format!("{user}@"),
+                None => String::new(),
+            };
+            let scheme = if tls { "rediss" } else { "redis" };
+            Ok(Some(format!("{scheme}://{auth}{}:{}", host.trim(), port.trim())))
+        };
+        let cluster = || -> Result<Option<Self>, ConfigError> {
+            let Some(nodes) = var("REDIS_CLUSTER_NODES") else { return Ok(None) };
+            let nodes: Vec<&str> = nodes.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let mut target = ClusterTarget::new(&nodes, tls)?;
+            target.set_credentials(username.clone(), password.clone());
+            Ok(Some(Self::with_backend(BackendKind::Cluster(target))))
+        };
+        let sentinel = || -> Result<Option<Self>, ConfigError> {
+            let Some(sentinels) = var("REDIS_SENTINELS") else { return Ok(None) };
+            let sentinels: Vec<&str> = sentinels.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let master = var("REDIS_SENTINEL_MASTER").unwrap_or_default();
+            let mut target = SentinelTarget::new(&sentinels, &master)?;
+            target.set_credentials(username.clone(), password.clone());
+            target.set_tls(tls);
+            Ok(Some(Self::with_backend(BackendKind::Sentinel(target))))
         };
         let config = match var("CACHE_BACKEND").map(|b| b.trim().to_ascii_lowercase()) {
-            None => match redis_url()? {
-                Some(url) => Self::redis(&url)?,
-                None => Self::memory(),
+            None => match (cluster()?, sentinel()?) {
+                (Some(config), _) | (None, Some(config)) => config,
+                (None, None) => match redis_url()? {
+                    Some(url) => Self::redis(&url)?,
+                    None => Self::memory(),
+                },
             },
             Some(b) if b == "memory" => Self::memory(),
             Some(b) if b == "none" => Self::disabled(),
             Some(b) if b == "redis" => {
                 Self::redis(&redis_url()?.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()))?
             }
+            Some(b) if b == "cluster" => cluster()?.ok_or(ConfigError::InvalidValue {
+                variable: "REDIS_CLUSTER_NODES",
+                value: String::new(),
+                expected: "host:port,host:port,... (CACHE_BACKEND=cluster needs the nodes)",
+            })?,
+            Some(b) if b == "sentinel" => match sentinel()? {
+                Some(config) => config,
+                None => match redis_url()? {
+                    Some(url) if url.starts_with("redis+sentinel://") => Self::redis(&url)?,
+                    _ => {
+                        return Err(ConfigError::InvalidValue {
+                            variable: "REDIS_SENTINELS",
+                            value: String::new(),
+                            expected: "host:port,... with REDIS_SENTINEL_MASTER, or REDIS_URL=redis+sentinel://... (CACHE_BACKEND=sentinel needs them)",
+                        })
+                    }
+                },
+            },
             Some(other) => {
                 return Err(ConfigError::InvalidValue {
                     variable: "CACHE_BACKEND",
                     value: other,
-                    expected: "memory, redis or none",
+                    expected: "memory, redis, cluster, sentinel or none",
                 })
             }
+        };
+        let config = match var("REDIS_CA_CERT") {
+            Some(path) => config.with_ca_cert(path.trim())?,
+            None => config,
+        };
+        let config = match var("CACHE_KEY_NAMESPACE") {
+            Some(namespace) => config.with_key_namespace(namespace.trim())?,
+            None => config,
         };
         let config = match var("CACHE_ENV").map(|e| e.trim().to_ascii_lowercase()) {
             None => config,
@@ -524,16 +576,26 @@ pub enum ConfigError {
     },
     /// [`crate::init`] was called after a runtime was already installed.
     AlreadyInitialized,
+    /// The CA certificate file (`REDIS_CA_CERT`, [`CacheConfig::with_ca_cert`]) cannot be used.
+    CaCert {
+        /// The file.
+        path: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::InvalidRedisUrl { url, reason } => {
-                write!(f, "invalid Redis URL `{url}`: {reason} (expected redis://[:password@]host:port)")
+                write!(f, "invalid Redis URL `{url}`: {reason} (expected redis://[user:password@]host:port, rediss://... or redis+sentinel://host:port,.../master)")
             }
             ConfigError::InvalidValue { variable, value, expected } => {
                 write!(f, "{variable}=`{value}` is not valid: expected {expected}")
+            }
+            ConfigError::CaCert { path, reason } => {
+                write!(f, "REDIS_CA_CERT `{path}` cannot be used: {reason} (expected a PEM file of CA certificates)")
             }
             ConfigError::AlreadyInitialized => write!(
                 f,
@@ -593,7 +655,79 @@ mod tests {
     #[test]
     fn unknown_backend_is_an_error() {
         let err = from(&[("CACHE_BACKEND", "memcached")]).unwrap_err();
-        assert!(err.to_string().contains("memory, redis or none"), "{err}");
+        assert!(err.to_string().contains("memory, redis, cluster, sentinel or none"), "{err}");
+    }
+
+    #[test]
+    fn cluster_nodes_select_cluster_with_the_users_credentials() {
+        let config = from(&[
+            ("REDIS_CLUSTER_NODES", "10.0.0.1:7000, 10.0.0.2:7001,"),
+            ("REDIS_USERNAME", "cache"),
+            ("REDIS_PASSWORD", "s3cret"),
+            ("REDIS_URL", "redis://ignored:1"),
+        ])
+        .unwrap();
+        let BackendKind::Cluster(target) = &config.backend else { panic!("{config:?}") };
+        assert_eq!(target.address(), "10.0.0.1:7000,10.0.0.2:7001");
+        assert_eq!((target.username.as_deref(), target.password.as_deref()), (Some("cache"), Some("s3cret")));
+        assert!(!target.tls);
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let tls = from(&[("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_TLS", "true")]).unwrap();
+        assert!(matches!(&tls.backend, BackendKind::Cluster(t) if t.tls));
+        let url = from(&[("CACHE_BACKEND", "cluster"), ("REDIS_CLUSTER_NODES", "rediss://u:p@a:1")]).unwrap();
+        assert!(matches!(&url.backend, BackendKind::Cluster(t) if t.tls && t.username.as_deref() == Some("u")));
+        let err = from(&[("CACHE_BACKEND", "cluster")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_CLUSTER_NODES"), "{err}");
+    }
+
+    #[test]
+    fn sentinels_select_sentinel() {
+        let config =
+            from(&[("REDIS_SENTINELS", "h1:26379,h2:26380"), ("REDIS_SENTINEL_MASTER", "cache"), ("REDIS_PASSWORD", "pw")])
+                .unwrap();
+        let BackendKind::Sentinel(target) = &config.backend else { panic!("{config:?}") };
+        assert_eq!(target.address(), "cache@h1:26379,h2:26380");
+        assert_eq!(target.password.as_deref(), Some("pw"));
+        assert!(!format!("{config:?}").contains("pw\""));
+        let url = from(&[("REDIS_URL", "redis+sentinel://app:p%40ss@h1:26379,h2:26379/cache")]).unwrap();
+        let BackendKind::Sentinel(target) = &url.backend else { panic!("{url:?}") };
+        assert_eq!((target.username.as_deref(), target.password.as_deref()), (Some("app"), Some("p@ss")));
+        assert_eq!(target.sentinels, ["h1:26379", "h2:26379"]);
+        assert!(from(&[("REDIS_SENTINELS", "h1:26379")]).is_err(), "no master name");
+        assert!(from(&[("REDIS_SENTINELS", "h1"), ("REDIS_SENTINEL_MASTER", "m")]).is_err(), "no port");
+        let err = CacheConfig::redis("redis+sentinel://u:hunter2@h1:26379").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn tls_and_users_reach_the_url() {
+        let config = from(&[("REDIS_HOST", "h"), ("REDIS_USERNAME", "app"), ("REDIS_PASSWORD", "pw"), ("REDIS_TLS", "1")])
+            .unwrap();
+        let BackendKind::Redis(target) = &config.backend else { panic!("{config:?}") };
+        assert!(target.is_tls());
+        assert_eq!(target.to_string(), "rediss://h:6379");
+        assert_eq!(target.info.redis_settings().username(), Some("app"));
+        assert!(from(&[("REDIS_TLS", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn a_ca_cert_is_read_at_start_up() {
+        let err = from(&[("REDIS_URL", "rediss://h:1"), ("REDIS_CA_CERT", "/nonexistent/ca.pem")]).unwrap_err();
+        assert!(matches!(err, ConfigError::CaCert { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        let not_pem = std::env::temp_dir().join(format!("not-a-ca-{}.pem", std::process::id()));
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = CacheConfig::redis("rediss://h:1").unwrap().with_ca_cert(not_pem.to_str().unwrap()).unwrap_err();
+        let _ = std::fs::remove_file(&not_pem);
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn key_namespaces_are_checked() {
+        assert_eq!(from(&[("CACHE_KEY_NAMESPACE", "staging-2")]).unwrap().key_namespace(), "staging-2");
+        for bad in ["Staging", "a:b", "a b", "a{b}", &"x".repeat(65)] {
+            assert!(CacheConfig::memory().with_key_namespace(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

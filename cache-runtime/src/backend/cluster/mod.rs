@@ -1,0 +1,157 @@
+//! Redis Cluster, as the Redis store's [`Connections`]: one multiplexed cluster connection (the
+//! `redis` crate's async cluster client, which follows `MOVED`/`ASK` and a failover's new
+//! topology), each DB marker in a key namespace of its own (`db{N}:`; Cluster has only DB 0),
+//! pipelines kept within one slot, and `clear`/`health_check` on every primary.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo};
+
+use super::redis::connections::{scan_and_unlink, Connections};
+use crate::config::targets::{tls_provider, CaCert};
+use crate::config::{CacheConfig, ClusterTarget};
+use crate::error::BackendError;
+
+pub(crate) struct ClusterNodes {
+    target: ClusterTarget,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    namespace: String,
+    conn: OnceLock<ClusterConnection>,
+}
+
+impl ClusterNodes {
+    pub(crate) fn new(target: ClusterTarget, config: &CacheConfig) -> Self {
+        ClusterNodes {
+            target,
+            connect_timeout: config.connect_timeout,
+            op_timeout: config.op_timeout,
+            namespace: config.key_namespace.clone(),
+            conn: OnceLock::new(),
+        }
+    }
+
+    fn connect(&self) -> Result<ClusterConnection, BackendError> {
+        let target = &self.target;
+        let mut builder = ClusterClientBuilder::new(target.nodes.clone())
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.op_timeout)
+            // Redirections and a failover's "try again" are retried within the call's own
+            // bound (`op_timeout`), a few milliseconds apart.
+            .retries(16)
+            .min_retry_wait(5)
+            .max_retry_wait(100);
+        if let Some(username) = &target.username {
+            builder = builder.username(username);
+        }
+        if let Some(password) = &target.password {
+            builder = builder.password(password);
+        }
+        if target.tls {
+            tls_provider();
+            builder = builder.tls(redis::TlsMode::Secure);
+        }
+        if let Some(certs) = CaCert::certificates(&target.ca) {
+            builder = builder.certs(certs);
+        }
+        let client = builder.build()?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(self.connect_timeout)
+            .set_response_timeout(self.op_timeout);
+        Ok(client.get_pending_async_connection_with_config(config))
+    }
+
+    /// Each primary's `host:port`, from `CLUSTER SLOTS` asked of any node.
+    async fn primaries(&self, conn: &mut ClusterConnection) -> Result<Vec<(String, u16)>, BackendError> {
+        let slots = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        // [[start, end, [host, port, id, ...], replicas...], ...]
+        let ranges: Vec<Vec<redis::Value>> = redis::from_redis_value(slots)?;
+        let mut primaries = BTreeSet::new();
+        for range in ranges {
+            if let Some(node) = range.get(2) {
+                let node: Vec<redis::Value> = redis::from_redis_value(node.clone())?;
+                if let (Some(host), Some(port)) = (node.first(), node.get(1)) {
+                    let host: String = redis::from_redis_value(host.clone())?;
+                    let port: u16 = redis::from_redis_value(port.clone())?;
+                    primaries.insert((host, port));
+                }
+            }
+        }
+        Ok(primaries.into_iter().collect())
+    }
+}
+
+impl Connections for ClusterNodes {
+    type Conn = ClusterConnection;
+
+    fn kind(&self) -> &'static str {
+        "cluster"
+    }
+
+    fn address(&self) -> String {
+        format!("cluster {}", self.target.address())
+    }
+
+    fn conn(&self, _db: u8) -> Result<ClusterConnection, BackendError> {
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn.clone());
+        }
+        let conn = self.connect()?;
+        Ok(self.conn.get_or_init(|| conn).clone())
+    }
+
+    /// `[{namespace}:]db{N}:{key}`: the entry's hash tag (`{...}`) stays the key's first braces,
+    /// so an entry, its lease and its stamp still share a slot.
+    fn key<'k>(&self, db: u8, key: &'k str) -> Cow<'k, str> {
+        Cow::Owned(if self.namespace.is_empty() {
+            format!("db{db}:{key}")
+        } else {
+            format!("{}:db{db}:{key}", self.namespace)
+        })
+    }
+
+    fn pipelines_cross_slots(&self) -> bool {
+        false
+    }
+
+    /// `SCAN` on each primary; each page's keys removed by one `UNLINK` that the client splits
+    /// by slot.
+    async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {
+        let mut conn = self.conn(db)?;
+        let mut removed = 0;
+        for (host, port) in self.primaries(&mut conn).await? {
+            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            removed += scan_and_unlink(pattern, |cmd, by_node| {
+                let (mut conn, node) = (conn.clone(), node.clone());
+                async move {
+                    if by_node {
+                        conn.route_command(cmd, node).await
+                    } else {
+                        cmd.query_async(&mut conn).await
+                    }
+                }
+            })
+            .await?;
+        }
+        Ok(removed)
+    }
+
+    async fn ping(&self, db: u8) -> Result<(), BackendError> {
+        let every_primary = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        ));
+        self.conn(db)?.route_command(redis::cmd("PING").clone(), every_primary).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! How the Redis store reaches its server: [`Connections`], what the store asks of a deployment
+//! (a connection for a DB, how a DB's keys are named, how to walk every primary), and [`Server`],
+//! the one-server deployment. Cluster lives in `backend/cluster`, Sentinel in
+//! `backend/sentinel`: each answers the same questions, and the store, its scripts and its
+//! batcher are shared.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::{CacheConfig, RedisTarget};
+use crate::error::BackendError;
+
+/// How many keys one `SCAN` step asks for when clearing a prefix.
+pub(crate) const SCAN_COUNT: usize = 1000;
+
+/// One Redis deployment, as the store sees it.
+pub(crate) trait Connections: Send + Sync + 'static {
+    /// A multiplexed connection: cloning it is cheap and shares the socket(s).
+    type Conn: ConnectionLike + Clone + Send + Sync + 'static;
+
+    /// `redis`, `cluster`, `sentinel`: for logs and `Runtime::backend_kind`.
+    fn kind(&self) -> &'static str;
+
+    /// Where it is, for logs (never a password).
+    fn address(&self) -> String;
+
+    /// A connection for `db`. Made lazily: a server that is down is reported by the first
+    /// command, not here.
+    fn conn(&self, db: u8) -> Result<Self::Conn, BackendError>;
+
+    /// The key as the server stores it. One server keeps each DB number apart itself; Cluster has
+    /// only DB 0, so each DB gets a key namespace of its own there.
+    fn key<'k>(&self, db: u8, key: &'k str) -> Cow<'k, str>;
+
+    /// Whether one pipeline may hold commands on keys of different slots (not on Cluster).
+    fn pipelines_cross_slots(&self) -> bool {
+        true
+    }
+
+    /// Removes every key matching `pattern` (`SCAN` + `UNLINK` on every primary); how many.
+    fn clear(&self, db: u8, pattern: &str) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Answers when every primary answers.
+    fn ping(&self, db: u8) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Told of every failed call (Sentinel asks where the primary is now).
+    fn failed(&self, _error: &BackendError) {}
+}
+
+/// `SCAN` + `UNLINK` of `pattern` over one node's keyspace, through `send(command, to_the_node)`
+/// (`SCAN` goes to the node; `UNLINK` may be routed by its keys); how many keys were removed.
+pub(crate) async fn scan_and_unlink<F, Fut>(pattern: &str, mut send: F) -> Result<u64, BackendError>
+where
+    F: FnMut(redis::Cmd, bool) -> Fut,
+    Fut: Future<Output = redis::RedisResult<redis::Value>>,
+{
+    let mut cursor: u64 = 0;
+    let mut removed = 0;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_COUNT);
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(send(scan, true).await?)?;
+        if !keys.is_empty() {
+            let mut unlink = redis::cmd("UNLINK");
+            unlink.arg(&keys);
+            removed += redis::from_redis_value::<u64>(send(unlink, false).await?)?;
+        }
+        if next == 0 {
+            return Ok(removed);
+        }
+        cursor = next;
+    }
+}
+
+/// One server: `pool_size` auto-reconnecting multiplexed connections per DB number, the DB
+/// selected when the connection is made (so no `SELECT` ever travels with a command).
+pub(crate) struct Server {
+    target: RedisTarget,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    pool_size: usize,
+    namespace: String,
+    /// Per DB, `pool_size` multiplexed connections, made on first use.
+    dbs: [OnceLock<Pool>; 16],
+}
+
+/// A DB's connections, handed out round robin.
+pub(crate) struct Pool<C = ConnectionManager> {
+    conns: Vec<C>,
+    next: AtomicUsize,
+}
+
+impl<C: Clone> Pool<C> {
+    pub(crate) fn new(conns: Vec<C>) -> Self {
+        Pool { conns, next: AtomicUsize::new(0) }
+    }
+
+    pub(crate) fn pick(&self) -> C {
+        let i = if self.conns.len() == 1 { 0 } else { self.next.fetch_add(1, Relaxed) % self.conns.len() };
+        self.conns[i].clone()
+    }
+}
+
+impl Server {
+    pub(crate) fn new(target: RedisTarget, config: &CacheConfig) -> Self {
+        Server {
+            target,
+            connect_timeout: config.connect_timeout,
+            op_timeout: config.op_timeout,
+            pool_size: config.pool_size.max(1),
+            namespace: config.key_namespace.clone(),
+            dbs: Default::default(),
+        }
+    }
+}
+
+/// A lazily connecting, auto-reconnecting connection to `client`. Reconnect attempts are cheap
+/// and bounded; the caller's own timeout bounds the wait, and the next command starts a fresh
+/// attempt.
+pub(crate) fn manager(
+    client: redis::Client,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+) -> Result<ConnectionManager, BackendError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(op_timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(Duration::from_millis(100));
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
+/// `{namespace}:{key}`, or `key` itself without a namespace.
+pub(crate) fn namespaced<'k>(namespace: &str, key: &'k str) -> Cow<'k, str> {
+    if namespace.is_empty() {
+        Cow::Borrowed(key)
+    } else {
+        Cow::Owned(format!("{namespace}:{key}"))
+    }
+}
+
+impl Connections for Server {
+    type Conn = ConnectionManager;
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn address(&self) -> String {
+        self.target.address()
+    }
+
+    fn conn(&self, db: u8) -> Result<ConnectionManager, BackendError> {
+        let cell = &self.dbs[usize::from(db & 0x0f)];
+        let pool = match cell.get() {
+            Some(pool) => pool,
+            None => {
+                let conns = (0..self.pool_size)
+                    .map(|_| manager(self.target.client(db)?, self.connect_timeout, self.op_timeout))
+                    .collect::<Result<_, _>>()?;
+                cell.get_or_init(|| Pool::new(conns))
+            }
+        };
+        Ok(pool.pick())
+    }
+
+    fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {
+        namespaced(&self.namespace, key)
+    }
+
+    async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {
+        let conn = self.conn(db)?;
+        scan_and_unlink(pattern, |cmd, _| {
+            let mut conn = conn.clone();
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await
+    }
+
+    async fn ping(&self, db: u8) -> Result<(), BackendError> {
+        Ok(redis::cmd("PING").query_async::<()>(&mut self.conn(db)?).await?)
+    }
+}

@@ -1,0 +1,220 @@
+//! A primary behind Redis Sentinel, as the Redis store's [`Connections`]: the sentinels are
+//! asked where the primary is (the `redis` crate's `SentinelClient`) on first use, and again after
+//! any call that finds the connection gone or the server read-only (a failover happened), so
+//! caching follows the primary to whichever replica the sentinels promote.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
+
+use super::redis::connections::{manager, namespaced, scan_and_unlink, Connections};
+use crate::config::targets::{tls_provider, CaCert};
+use crate::config::{CacheConfig, SentinelTarget};
+use crate::error::BackendError;
+
+pub(crate) struct SentinelPrimary {
+    shared: Arc<Shared>,
+    namespace: String,
+}
+
+struct Shared {
+    target: SentinelTarget,
+    connect_timeout: Duration,
+    op_timeout: Duration,
+    /// Asks the sentinels; one question at a time.
+    sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
+    /// The primary as last answered, with its connections; `None` until asked, and again once
+    /// a call finds it gone.
+    current: Mutex<Option<Arc<Primary>>>,
+}
+
+struct Primary {
+    info: redis::ConnectionInfo,
+    dbs: [OnceLock<ConnectionManager>; 16],
+}
+
+impl SentinelPrimary {
+    pub(crate) fn new(target: SentinelTarget, config: &CacheConfig) -> Self {
+        SentinelPrimary {
+            shared: Arc::new(Shared {
+                target,
+                connect_timeout: config.connect_timeout,
+                op_timeout: config.op_timeout,
+                sentinels: tokio::sync::Mutex::new(None),
+                current: Mutex::new(None),
+            }),
+            namespace: config.key_namespace.clone(),
+        }
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Option<Arc<Primary>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn client(&self) -> redis::RedisResult<SentinelClient> {
+        let target = &self.target;
+        let mut addrs = Vec::new();
+        for sentinel in &target.sentinels {
+            let (host, port) = sentinel.rsplit_once(':').unwrap_or((sentinel, "26379"));
+            let port = port.parse().unwrap_or(26379);
+            addrs.push(ConnectionAddr::Tcp(host.to_owned(), port));
+        }
+        let mut builder = SentinelClientBuilder::new(addrs, &target.master, SentinelServerType::Master)?;
+        if let Some(username) = &target.username {
+            builder = builder.set_client_to_redis_username(username);
+        }
+        if let Some(password) = &target.password {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if target.tls {
+            tls_provider();
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+        }
+        if let Some(certs) = CaCert::certificates(&target.ca) {
+            builder = builder.set_client_to_redis_certificates(certs);
+        }
+        builder.build()
+    }
+
+    /// The primary, asking the sentinels if it is not known.
+    async fn primary(&self) -> Result<Arc<Primary>, BackendError> {
+        if let Some(primary) = self.current() {
+            return Ok(primary);
+        }
+        let mut sentinels = self.sentinels.lock().await;
+        if let Some(primary) = self.current() {
+            return Ok(primary); // another call asked while we waited
+        }
+        let client = match sentinels.as_mut() {
+            Some(client) => client,
+            None => sentinels.insert(self.client()?),
+        };
+        let ask = tokio::time::timeout(self.connect_timeout, client.async_get_client());
+        let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
+        let primary = Arc::new(Primary { info: found.get_connection_info().clone(), dbs: Default::default() });
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&primary));
+        Ok(primary)
+    }
+
+    fn conn(&self, primary: &Primary, db: u8) -> Result<ConnectionManager, BackendError> {
+        let cell = &primary.dbs[usize::from(db & 0x0f)];
+        if let Some(conn) = cell.get() {
+            return Ok(conn.clone());
+        }
+        let settings = primary.info.redis_settings().clone().set_db(i64::from(db));
+        let info = primary.info.clone().set_redis_settings(settings);
+        let client = match CaCert::certificates(&self.target.ca) {
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
+        };
+        let conn = manager(client, self.connect_timeout, self.op_timeout)?;
+        Ok(cell.get_or_init(|| conn).clone())
+    }
+
+    /// After a failed call: a connection that failed, or a server that no longer takes writes,
+    /// means the primary may have moved; the next call asks the sentinels again.
+    fn check<T>(&self, primary: &Arc<Primary>, result: &redis::RedisResult<T>) {
+        let Err(e) = result else { return };
+        let moved = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
+        if moved {
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, primary)) {
+                *current = None;
+            }
+        }
+    }
+}
+
+/// A connection to the current primary's DB: it finds the primary on first use and after the
+/// primary moves.
+#[derive(Clone)]
+pub(crate) struct SentinelConn {
+    shared: Arc<Shared>,
+    db: u8,
+}
+
+impl ConnectionLike for SentinelConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let primary = self.shared.primary().await.map_err(into_redis)?;
+            let mut conn = self.shared.conn(&primary, self.db).map_err(into_redis)?;
+            let result = conn.req_packed_command(cmd).await;
+            self.shared.check(&primary, &result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let primary = self.shared.primary().await.map_err(into_redis)?;
+            let mut conn = self.shared.conn(&primary, self.db).map_err(into_redis)?;
+            let result = conn.req_packed_commands(pipeline, offset, count).await;
+            self.shared.check(&primary, &result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        i64::from(self.db)
+    }
+}
+
+/// A failure to find the primary, as the `redis` error the connection reports.
+fn into_redis(e: BackendError) -> redis::RedisError {
+    match e {
+        BackendError::Redis(failure) => failure.into_inner(),
+        other => redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "no primary from the sentinels",
+            other.to_string(),
+        )),
+    }
+}
+
+impl Connections for SentinelPrimary {
+    type Conn = SentinelConn;
+
+    fn kind(&self) -> &'static str {
+        "sentinel"
+    }
+
+    fn address(&self) -> String {
+        format!("sentinel {}", self.shared.target.address())
+    }
+
+    fn conn(&self, db: u8) -> Result<SentinelConn, BackendError> {
+        Ok(SentinelConn { shared: Arc::clone(&self.shared), db })
+    }
+
+    fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {
+        namespaced(&self.namespace, key)
+    }
+
+    async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {
+        let conn = self.conn(db)?;
+        scan_and_unlink(pattern, |cmd, _| {
+            let mut conn = conn.clone();
+            async move { cmd.query_async(&mut conn).await }
+        })
+        .await
+    }
+
+    async fn ping(&self, db: u8) -> Result<(), BackendError> {
+        Ok(redis::cmd("PING").query_async::<()>(&mut self.conn(db)?).await?)
+    }
+}
