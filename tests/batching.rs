@@ -158,7 +158,7 @@ async fn batch_api(fx: &mut Fixture) {
     assert_eq!(jobs.get_many(&[]).await.unwrap(), Vec::<Option<u32>>::new());
 }
 
-on_both_backends!(batch_api);
+on_every_backend!(batch_api);
 
 /// After the server restarts (empty, without the fill script), the batcher's connection comes
 /// back, loads the script again and writes every fill accepted after the restart.

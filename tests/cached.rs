@@ -80,15 +80,14 @@ async fn entry_lands_in_its_db_only(fx: &mut Fixture) {
     let calls = AtomicUsize::new(0);
     fx.run(quote("DB5", &calls)).await.unwrap();
     let key = quote_key("DB5");
-    match &fx.server {
-        Some(server) => {
+    match fx.is_remote() {
+        true => {
             for db in 0..16u8 {
-                let n: u64 =
-                    ::redis::cmd("EXISTS").arg(&key).query_async(&mut server.raw(db).await).await.unwrap();
+                let n: u64 = fx.raw(db, "EXISTS", &key, &[]).await.unwrap();
                 assert_eq!(n, u64::from(db == 5), "key in DB {db}");
             }
         }
-        None => {
+        false => {
             assert!(fx.ttl::<MarketData>(&key).await.is_some());
             assert!(fx.ttl::<User>(&key).await.is_none(), "not in DB 0");
             assert!(fx.ttl::<Session>(&key).await.is_none(), "not in DB 3");
@@ -257,6 +256,7 @@ async fn disabled_runtime_always_runs() {
     let off = Fixture {
         runtime: cache_runtime::Runtime::new(cache_runtime::CacheConfig::disabled()),
         server: None,
+        cluster: None,
     };
     let calls = AtomicUsize::new(0);
     for _ in 0..3 {
@@ -291,7 +291,7 @@ async fn key_failures_run_uncached_and_are_counted(fx: &mut Fixture) {
     assert_eq!((s.key_failures, s.misses, s.hits, s.fills), (3, 3, 0, 0));
 }
 
-on_both_backends!(
+on_every_backend!(
     key_failures_run_uncached_and_are_counted,
     miss_then_hit,
     key_is_pinned,
@@ -320,8 +320,7 @@ async fn message_pack_format(fx: &mut Fixture) {
     assert_eq!(calls.load(SeqCst), 1);
     let key = KeyBuilder::new("cached", "packed", "packed_quote").arg("MP").finish().unwrap();
     assert!(fx.ttl::<MarketData>(&key).await.is_some());
-    if let Some(server) = &fx.server {
-        let raw: Vec<u8> = ::redis::cmd("GET").arg(&key).query_async(&mut server.raw(5).await).await.unwrap();
+    if let Some(raw) = fx.raw::<Vec<u8>>(5, "GET", &key, &[]).await {
         assert_eq!(raw[0], 0x92, "a two-element MessagePack array, not JSON: {raw:?}");
         // 1 + 9 (a microsecond generation) + 13 (the quote, fields by position).
         assert!(raw.len() < 30, "compact: fields by position ({} bytes)", raw.len());
@@ -330,5 +329,5 @@ async fn message_pack_format(fx: &mut Fixture) {
 
 mod formats {
     use super::*;
-    on_both_backends!(message_pack_format);
+    on_every_backend!(message_pack_format);
 }

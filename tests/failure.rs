@@ -100,6 +100,7 @@ async fn unreachable_server_from_the_start() {
             cache_runtime::CacheConfig::redis(&url).unwrap().with_op_timeout(OP_TIMEOUT),
         ),
         server: None,
+        cluster: None,
     };
     let calls = AtomicUsize::new(0);
     let slowest = slowest_of(&fx, 10, &calls).await;

@@ -100,7 +100,7 @@ async fn health_check_answers(fx: &mut Fixture) {
     }
 }
 
-on_both_backends!(
+on_every_backend!(
     get_set_delete_exists,
     ttl_and_expire,
     clear_removes_its_prefix_only,

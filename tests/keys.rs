@@ -203,7 +203,7 @@ async fn functions_write_the_builder_keys(fx: &mut Fixture) {
     assert!(fx.ttl::<MarketData>(&key).await.is_some(), "Feed::last wrote {key}");
 }
 
-on_both_backends!(
+on_every_backend!(
     generic_instantiations_have_their_own_entries,
     same_name_in_two_modules_do_not_share,
     instances_and_types_do_not_share,

@@ -198,4 +198,4 @@ async fn leases_prevent_stale_sets_that_naive_cache_aside_makes(fx: &mut Fixture
     assert!(refused > 0, "the leases refused the stale fills the naive run wrote");
 }
 
-on_both_backends!(leases_prevent_stale_sets_that_naive_cache_aside_makes);
+on_every_backend!(leases_prevent_stale_sets_that_naive_cache_aside_makes);

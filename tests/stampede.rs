@@ -167,7 +167,7 @@ async fn panicking_body_releases_waiters(fx: &mut Fixture) {
     assert_eq!(source.executions(), 2, "the panic, then one execution for everyone else");
 }
 
-on_both_backends!(
+on_every_backend!(
     thousand_concurrent_misses_run_the_body_once,
     failing_body_releases_waiters,
     panicking_body_releases_waiters,

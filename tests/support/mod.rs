@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use cache_runtime::db::CacheDb;
 use cache_runtime::{Cache, CacheConfig, Runtime};
 
+pub mod cluster;
 pub mod proxy;
+
+pub use self::cluster::RedisCluster;
 
 pub const INSTALL_HINT: &str = "redis-server was not found on PATH. The Redis tests need a real server: \
 install it (Debian/Ubuntu: `apt-get install redis-server`, macOS: `brew install redis`) and run the tests again.";
@@ -152,12 +155,12 @@ impl Drop for RedisServer {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
+pub fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill(1)");
     assert!(status.success(), "kill {sig} {pid} failed");
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
 }
@@ -198,7 +201,7 @@ fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Ch
     Err(format!("redis-server on port {port} did not answer PING within 10 s"))
 }
 
-fn ping(port: u16) -> bool {
+pub fn ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
@@ -221,15 +224,39 @@ pub fn redis_runtime(url: &str, adjust: impl FnOnce(CacheConfig) -> CacheConfig)
     Runtime::new(adjust(relaxed(CacheConfig::redis(url).expect("loopback URL parses"))))
 }
 
-/// One backend under test: its runtime, and (for Redis) the server behind it.
+/// One backend under test: its runtime, and (for Redis) the server behind it, or (for Cluster)
+/// a raw connection to the shared cluster and the test's key namespace on it.
 pub struct Fixture {
     pub runtime: Runtime,
     pub server: Option<RedisServer>,
+    pub cluster: Option<ClusterView>,
+}
+
+/// A test's view of the shared cluster: keys are stored as `{namespace}:db{N}:{key}`.
+pub struct ClusterView {
+    pub conn: redis::cluster_async::ClusterConnection,
+    pub namespace: String,
+}
+
+/// A key namespace no other test of any binary uses.
+pub fn unique_namespace() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("t{}-{n}", std::process::id())
+}
+
+/// A runtime on the shared cluster of this binary, in a key namespace of its own.
+pub fn cluster_config() -> (CacheConfig, String) {
+    let namespace = unique_namespace();
+    let config = relaxed(CacheConfig::cluster(&RedisCluster::shared().addresses()).expect("loopback nodes parse"))
+        .with_key_namespace(&namespace)
+        .expect("a valid namespace");
+    (config, namespace)
 }
 
 impl Fixture {
     pub fn memory() -> Fixture {
-        Fixture { runtime: Runtime::new(CacheConfig::memory()), server: None }
+        Fixture { runtime: Runtime::new(CacheConfig::memory()), server: None, cluster: None }
     }
 
     pub fn redis() -> Fixture {
@@ -239,11 +266,58 @@ impl Fixture {
     pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
         let server = RedisServer::start();
         let config = adjust(relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses")));
-        Fixture { runtime: Runtime::new(config), server: Some(server) }
+        Fixture { runtime: Runtime::new(config), server: Some(server), cluster: None }
+    }
+
+    /// A runtime on this binary's shared cluster, in a key namespace of its own.
+    pub async fn cluster() -> Fixture {
+        Self::cluster_with(|c| c).await
+    }
+
+    pub async fn cluster_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
+        let (config, namespace) = cluster_config();
+        let client = redis::cluster::ClusterClient::new(
+            RedisCluster::shared().addresses().iter().map(|a| format!("redis://{a}")).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let conn = client.get_async_connection().await.expect("a raw cluster connection");
+        Fixture { runtime: Runtime::new(adjust(config)), server: None, cluster: Some(ClusterView { conn, namespace }) }
     }
 
     pub fn server(&mut self) -> &mut RedisServer {
         self.server.as_mut().expect("a Redis fixture")
+    }
+
+    /// Whether entries live in a Redis deployment (one server or Cluster).
+    pub fn is_remote(&self) -> bool {
+        self.server.is_some() || self.cluster.is_some()
+    }
+
+    /// `command key args...` on DB `db`, bypassing the toolkit, with `key` as the runtime names it
+    /// (on Cluster, the stored name is used); `None` on the embedded backend.
+    pub async fn raw<T: redis::FromRedisValue>(&self, db: u8, command: &str, key: &str, args: &[&[u8]]) -> Option<T> {
+        self.runtime.flush().await.expect("every accepted write answered");
+        if let Some(server) = &self.server {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(key).arg(args);
+            return Some(cmd.query_async(&mut server.raw(db).await).await.unwrap());
+        }
+        let view = self.cluster.as_ref()?;
+        let mut cmd = redis::cmd(command);
+        cmd.arg(format!("{}:db{db}:{key}", view.namespace)).arg(args);
+        Some(cmd.query_async(&mut view.conn.clone()).await.unwrap())
+    }
+
+    /// The keys matching `pattern` in DB `db`, as the runtime names them (`KEYS`; on Cluster on
+    /// every primary, within this test's namespace); `None` on the embedded backend.
+    pub async fn raw_keys(&self, db: u8, pattern: &str) -> Option<Vec<String>> {
+        let mut keys: Vec<String> = self.raw(db, "KEYS", pattern, &[]).await?;
+        if let Some(view) = &self.cluster {
+            let stored = format!("{}:db{db}:", view.namespace);
+            keys = keys.into_iter().map(|k| k.strip_prefix(&stored).expect("a key of this test").to_owned()).collect();
+        }
+        keys.sort();
+        Some(keys)
     }
 
     /// Runs `fut` with this fixture's runtime serving the cached calls in it.
@@ -260,14 +334,8 @@ impl Fixture {
     /// Time left on a full key in DB `D`: `PTTL` through a raw client on Redis (after the
     /// runtime's queued writes are flushed), the backend's own answer on the embedded backend.
     pub async fn ttl<D: CacheDb>(&self, full_key: &str) -> Option<Duration> {
-        self.runtime.flush().await.expect("every accepted write answered");
-        match &self.server {
-            Some(server) => {
-                let ms: i64 = ::redis::cmd("PTTL")
-                    .arg(full_key)
-                    .query_async(&mut server.raw(D::INDEX).await)
-                    .await
-                    .unwrap();
+        match self.raw::<i64>(D::INDEX, "PTTL", full_key, &[]).await {
+            Some(ms) => {
                 assert_ne!(ms, -1, "{full_key} exists without an expiry");
                 u64::try_from(ms).ok().map(Duration::from_millis)
             }
@@ -281,34 +349,22 @@ impl Fixture {
 
     /// Overwrites a full key in DB `D` with raw bytes (to plant a corrupt value).
     pub async fn plant<D: CacheDb>(&self, full_key: &str, bytes: &[u8]) {
-        match &self.server {
-            Some(server) => {
-                ::redis::cmd("SET")
-                    .arg(full_key)
-                    .arg(bytes)
-                    .arg("EX")
-                    .arg(60)
-                    .query_async::<()>(&mut server.raw(D::INDEX).await)
-                    .await
-                    .unwrap();
-            }
-            None => {
-                // The embedded backend stores bytes as given; a handle of raw JSON values cannot
-                // write invalid JSON, so plant a value of the wrong shape instead.
-                let (prefix, rest) = full_key.split_once(':').expect("a namespaced key");
-                let handle = Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(60)).unwrap();
-                let wrong: serde_json::Value =
-                    serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::json!({"corrupt": true}));
-                handle.with_runtime(self.runtime.clone()).set(rest, &wrong).await.unwrap();
-            }
+        if self.raw::<()>(D::INDEX, "SET", full_key, &[bytes, b"EX", b"60"]).await.is_none() {
+            // The embedded backend stores bytes as given; a handle of raw JSON values cannot
+            // write invalid JSON, so plant a value of the wrong shape instead.
+            let (prefix, rest) = full_key.split_once(':').expect("a namespaced key");
+            let handle = Cache::<D, serde_json::Value>::new(prefix, Duration::from_secs(60)).unwrap();
+            let wrong: serde_json::Value =
+                serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::json!({"corrupt": true}));
+            handle.with_runtime(self.runtime.clone()).set(rest, &wrong).await.unwrap();
         }
     }
 }
 
-/// Writes `mod memory` and `mod redis`, each with one `#[tokio::test]` per listed behaviour,
-/// calling `behaviour(&mut Fixture)`.
+/// Writes `mod memory`, `mod redis` and `mod cluster`, each with one `#[tokio::test]` per listed
+/// behaviour, calling `behaviour(&mut Fixture)`.
 #[macro_export]
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($test:ident),* $(,)?) => {
         mod memory {
             $(
@@ -323,6 +379,14 @@ macro_rules! on_both_backends {
                 #[tokio::test]
                 async fn $test() {
                     super::$test(&mut $crate::support::Fixture::redis()).await
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&mut $crate::support::Fixture::cluster().await).await
                 }
             )*
         }
