@@ -89,7 +89,11 @@ async fn dot_dot_drops_every_entry_in_one_write(fx: &mut Fixture) {
     fx.run(reprice_all("AAPL", 8, &db)).await;
     if let Some(all) = fx.raw_keys(5, "*").await {
         // O(1): the 20 entries are still there, untouched; only the generation moved.
-        assert_eq!(all.len(), 22, "20 old entries, the generation key, and quote(\"AAPL\")'s invalidation stamp");
+        assert_eq!(
+            all.len(),
+            22,
+            "20 old entries, the generation key, and quote(\"AAPL\")'s invalidation stamp"
+        );
         let keys = fx.raw_keys(5, "inv:movers:gen:*").await.unwrap();
         assert_eq!(keys.len(), 1, "{keys:?}");
         let ttl: i64 = fx.raw(5, "PTTL", &keys[0], &[]).await.unwrap();

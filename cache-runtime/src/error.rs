@@ -87,8 +87,10 @@ impl BackendError {
                 | ErrorKind::AuthenticationFailed
                 | ErrorKind::Parse
                 | ErrorKind::ClusterConnectionNotFound => true,
+                // Not TRYAGAIN: a Cluster node answers it while a slot it serves is being moved,
+                // for the keys of that slot only; the node is up.
                 ErrorKind::Server(
-                    S::BusyLoading | S::TryAgain | S::ClusterDown | S::MasterDown | S::ReadOnly | S::NoPerm,
+                    S::BusyLoading | S::ClusterDown | S::MasterDown | S::ReadOnly | S::NoPerm,
                 ) => true,
                 _ => matches!(e.0.code(), Some("NOAUTH" | "WRONGPASS")),
             },

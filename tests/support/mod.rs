@@ -248,9 +248,10 @@ pub fn unique_namespace() -> String {
 /// A runtime on the shared cluster of this binary, in a key namespace of its own.
 pub fn cluster_config() -> (CacheConfig, String) {
     let namespace = unique_namespace();
-    let config = relaxed(CacheConfig::cluster(&RedisCluster::shared().addresses()).expect("loopback nodes parse"))
-        .with_key_namespace(&namespace)
-        .expect("a valid namespace");
+    let config =
+        relaxed(CacheConfig::cluster(&RedisCluster::shared().addresses()).expect("loopback nodes parse"))
+            .with_key_namespace(&namespace)
+            .expect("a valid namespace");
     (config, namespace)
 }
 
@@ -281,7 +282,11 @@ impl Fixture {
         )
         .unwrap();
         let conn = client.get_async_connection().await.expect("a raw cluster connection");
-        Fixture { runtime: Runtime::new(adjust(config)), server: None, cluster: Some(ClusterView { conn, namespace }) }
+        Fixture {
+            runtime: Runtime::new(adjust(config)),
+            server: None,
+            cluster: Some(ClusterView { conn, namespace }),
+        }
     }
 
     pub fn server(&mut self) -> &mut RedisServer {
@@ -295,7 +300,13 @@ impl Fixture {
 
     /// `command key args...` on DB `db`, bypassing the toolkit, with `key` as the runtime names it
     /// (on Cluster, the stored name is used); `None` on the embedded backend.
-    pub async fn raw<T: redis::FromRedisValue>(&self, db: u8, command: &str, key: &str, args: &[&[u8]]) -> Option<T> {
+    pub async fn raw<T: redis::FromRedisValue>(
+        &self,
+        db: u8,
+        command: &str,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Option<T> {
         self.runtime.flush().await.expect("every accepted write answered");
         if let Some(server) = &self.server {
             let mut cmd = redis::cmd(command);
@@ -314,7 +325,10 @@ impl Fixture {
         let mut keys: Vec<String> = self.raw(db, "KEYS", pattern, &[]).await?;
         if let Some(view) = &self.cluster {
             let stored = format!("{}:db{db}:", view.namespace);
-            keys = keys.into_iter().map(|k| k.strip_prefix(&stored).expect("a key of this test").to_owned()).collect();
+            keys = keys
+                .into_iter()
+                .map(|k| k.strip_prefix(&stored).expect("a key of this test").to_owned())
+                .collect();
         }
         keys.sort();
         Some(keys)

@@ -6,12 +6,16 @@
 //!
 //! It also owns the failure log: one `warn` when the backend starts failing (the first failure
 //! after a success), one `warn` when the breaker opens, one `info` when it closes; the calls in
-//! between log at debug level only.
+//! between log at debug level only. A backend that fails on and off (one Cluster node of three
+//! down: calls to the others succeed in between) warns at most once per [`LOG_QUIET`].
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use crate::error::BackendError;
+
+/// The least time between two "backend failing" warnings.
+pub(crate) const LOG_QUIET: Duration = Duration::from_secs(10);
 
 const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
@@ -29,6 +33,10 @@ pub(crate) struct Breaker {
     epoch: Instant,
     /// Whether the last call failed (so the next failure is not logged again).
     failing: AtomicBool,
+    /// When "failing" was last logged as a warning (nanoseconds since `epoch`, plus one; 0: never),
+    /// and whether its "answers again" is still owed.
+    warned_at: AtomicU64,
+    announced: AtomicBool,
 }
 
 /// A call the breaker let through; its result must be recorded.
@@ -49,6 +57,8 @@ impl Breaker {
             opened_at: AtomicU64::new(0),
             epoch: Instant::now(),
             failing: AtomicBool::new(false),
+            warned_at: AtomicU64::new(0),
+            announced: AtomicBool::new(false),
         }
     }
 
@@ -93,14 +103,22 @@ impl Breaker {
         if probe || self.state.load(Relaxed) != CLOSED {
             self.state.store(CLOSED, SeqCst);
             tracing::info!(server = %self.server, "cache backend answers again: breaker closed, caching resumes");
-        } else if was_failing {
+        } else if was_failing && self.announced.swap(false, SeqCst) {
             tracing::info!(server = %self.server, "cache backend answers again");
         }
     }
 
     fn failed(&self, probe: bool, error: &BackendError) {
         let consecutive = self.consecutive.fetch_add(1, SeqCst).saturating_add(1);
-        if !self.failing.swap(true, SeqCst) {
+        let now = self.now().saturating_add(1);
+        let last = self.warned_at.load(SeqCst);
+        let quiet =
+            last != 0 && now.saturating_sub(last) < u64::try_from(LOG_QUIET.as_nanos()).unwrap_or(u64::MAX);
+        if !self.failing.swap(true, SeqCst)
+            && !quiet
+            && self.warned_at.compare_exchange(last, now, SeqCst, SeqCst).is_ok()
+        {
+            self.announced.store(true, SeqCst);
             tracing::warn!(server = %self.server, %error, "cache backend failing: cached functions run uncached (logged once until it recovers)");
         } else {
             tracing::debug!(server = %self.server, %error, "cache backend call failed");

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 pub(crate) mod targets;
 
-pub use self::targets::{ClusterTarget, RedisTarget, SentinelTarget};
 use self::targets::encode_userinfo;
+pub use self::targets::{ClusterTarget, RedisTarget, SentinelTarget};
 
 /// Default bound on each backend call. A cached call makes at most two before its function runs
 /// (the lookup and the lease request), so a failing server costs it at most twice this.
@@ -23,6 +23,9 @@ pub const DEFAULT_MEMORY_MAX_BYTES: u64 = 256 << 20;
 pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
 /// Default time the breaker stays open before one probe call decides.
 pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_millis(500);
+/// Default delay after which an acknowledged invalidation is checked again on Cluster and
+/// Sentinel (see [`CacheConfig::with_invalidation_recheck`]).
+pub const DEFAULT_INVALIDATION_RECHECK: Duration = Duration::from_secs(2);
 /// Default bound on `flush`, `shutdown` and the shutdown guard.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most connections per DB `with_pool_size` and `CACHE_POOL_SIZE` take; more are taken as this.
@@ -96,6 +99,7 @@ pub struct CacheConfig {
     pub(crate) breaker_cooldown: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) key_namespace: String,
+    pub(crate) invalidation_recheck: Duration,
 }
 
 /// A duration setting, bounded up front (see [`MAX_SETTING`]).
@@ -153,6 +157,10 @@ impl CacheConfig {
     pub fn shutdown_timeout(&self) -> Duration {
         self.shutdown_timeout
     }
+    /// How long after an acknowledged invalidation it is checked again (Cluster, Sentinel).
+    pub fn invalidation_recheck(&self) -> Duration {
+        self.invalidation_recheck
+    }
     /// What every key on a Redis deployment starts with (empty: nothing).
     pub fn key_namespace(&self) -> &str {
         &self.key_namespace
@@ -178,6 +186,7 @@ impl CacheConfig {
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             key_namespace: String::new(),
+            invalidation_recheck: DEFAULT_INVALIDATION_RECHECK,
         }
     }
 
@@ -217,6 +226,16 @@ impl CacheConfig {
             BackendKind::Memory | BackendKind::None => {}
         }
         Ok(self)
+    }
+
+    /// Sets how long after an acknowledged invalidation it is checked again on Cluster and
+    /// Sentinel (at most [`MAX_SETTING`]; zero: never). Replication is asynchronous: a primary can
+    /// acknowledge an invalidation and fail before its replica has it, and the promoted replica
+    /// would serve the old entry. The check applies the invalidation again if it is missing (see
+    /// README, "Failover").
+    pub fn with_invalidation_recheck(mut self, delay: Duration) -> Self {
+        self.invalidation_recheck = bounded(delay);
+        self
     }
 
     /// Puts every key this runtime reads or writes on a Redis deployment under `namespace:`, so
@@ -392,7 +411,11 @@ impl CacheConfig {
             Some(t) if matches!(t.as_str(), "true" | "1" | "yes" | "on") => true,
             Some(t) if matches!(t.as_str(), "false" | "0" | "no" | "off") => false,
             Some(other) => {
-                return Err(ConfigError::InvalidValue { variable: "REDIS_TLS", value: other, expected: "true or false" })
+                return Err(ConfigError::InvalidValue {
+                    variable: "REDIS_TLS",
+                    value: other,
+                    expected: "true or false",
+                })
             }
         };
         let redis_url = || -> Result<Option<String>, ConfigError> {
@@ -428,7 +451,8 @@ impl CacheConfig {
         };
         let sentinel = || -> Result<Option<Self>, ConfigError> {
             let Some(sentinels) = var("REDIS_SENTINELS") else { return Ok(None) };
-            let sentinels: Vec<&str> = sentinels.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+            let sentinels: Vec<&str> =
+                sentinels.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
             let master = var("REDIS_SENTINEL_MASTER").unwrap_or_default();
             let mut target = SentinelTarget::new(&sentinels, &master)?;
             target.set_credentials(username.clone(), password.clone());
@@ -675,16 +699,21 @@ mod tests {
         let tls = from(&[("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_TLS", "true")]).unwrap();
         assert!(matches!(&tls.backend, BackendKind::Cluster(t) if t.tls));
         let url = from(&[("CACHE_BACKEND", "cluster"), ("REDIS_CLUSTER_NODES", "rediss://u:p@a:1")]).unwrap();
-        assert!(matches!(&url.backend, BackendKind::Cluster(t) if t.tls && t.username.as_deref() == Some("u")));
+        assert!(
+            matches!(&url.backend, BackendKind::Cluster(t) if t.tls && t.username.as_deref() == Some("u"))
+        );
         let err = from(&[("CACHE_BACKEND", "cluster")]).unwrap_err();
         assert!(err.to_string().contains("REDIS_CLUSTER_NODES"), "{err}");
     }
 
     #[test]
     fn sentinels_select_sentinel() {
-        let config =
-            from(&[("REDIS_SENTINELS", "h1:26379,h2:26380"), ("REDIS_SENTINEL_MASTER", "cache"), ("REDIS_PASSWORD", "pw")])
-                .unwrap();
+        let config = from(&[
+            ("REDIS_SENTINELS", "h1:26379,h2:26380"),
+            ("REDIS_SENTINEL_MASTER", "cache"),
+            ("REDIS_PASSWORD", "pw"),
+        ])
+        .unwrap();
         let BackendKind::Sentinel(target) = &config.backend else { panic!("{config:?}") };
         assert_eq!(target.address(), "cache@h1:26379,h2:26380");
         assert_eq!(target.password.as_deref(), Some("pw"));
@@ -701,8 +730,13 @@ mod tests {
 
     #[test]
     fn tls_and_users_reach_the_url() {
-        let config = from(&[("REDIS_HOST", "h"), ("REDIS_USERNAME", "app"), ("REDIS_PASSWORD", "pw"), ("REDIS_TLS", "1")])
-            .unwrap();
+        let config = from(&[
+            ("REDIS_HOST", "h"),
+            ("REDIS_USERNAME", "app"),
+            ("REDIS_PASSWORD", "pw"),
+            ("REDIS_TLS", "1"),
+        ])
+        .unwrap();
         let BackendKind::Redis(target) = &config.backend else { panic!("{config:?}") };
         assert!(target.is_tls());
         assert_eq!(target.to_string(), "rediss://h:6379");
@@ -712,12 +746,14 @@ mod tests {
 
     #[test]
     fn a_ca_cert_is_read_at_start_up() {
-        let err = from(&[("REDIS_URL", "rediss://h:1"), ("REDIS_CA_CERT", "/nonexistent/ca.pem")]).unwrap_err();
+        let err =
+            from(&[("REDIS_URL", "rediss://h:1"), ("REDIS_CA_CERT", "/nonexistent/ca.pem")]).unwrap_err();
         assert!(matches!(err, ConfigError::CaCert { .. }), "{err}");
         assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
         let not_pem = std::env::temp_dir().join(format!("not-a-ca-{}.pem", std::process::id()));
         std::fs::write(&not_pem, "hello").unwrap();
-        let err = CacheConfig::redis("rediss://h:1").unwrap().with_ca_cert(not_pem.to_str().unwrap()).unwrap_err();
+        let err =
+            CacheConfig::redis("rediss://h:1").unwrap().with_ca_cert(not_pem.to_str().unwrap()).unwrap_err();
         let _ = std::fs::remove_file(&not_pem);
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
     }

@@ -55,7 +55,9 @@ fn is_tls(info: &redis::ConnectionInfo) -> bool {
 
 fn host_port(info: &redis::ConnectionInfo) -> String {
     match info.addr() {
-        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            format!("{host}:{port}")
+        }
         other => other.to_string(),
     }
 }
@@ -208,7 +210,9 @@ impl SentinelTarget {
     pub fn new<S: AsRef<str>>(sentinels: &[S], master: &str) -> Result<Self, ConfigError> {
         let sentinels: Vec<String> = sentinels.iter().map(|s| s.as_ref().trim().to_owned()).collect();
         for s in &sentinels {
-            let ok = s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            let ok = s
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
             if !ok {
                 return Err(ConfigError::InvalidValue {
                     variable: "REDIS_SENTINELS",
@@ -243,12 +247,15 @@ impl SentinelTarget {
             Some((userinfo, rest)) => (Some(userinfo), rest),
             None => (None, rest),
         };
-        let (hosts, master) = rest.split_once('/').ok_or_else(|| bad("no /master-name after the sentinels"))?;
+        let (hosts, master) =
+            rest.split_once('/').ok_or_else(|| bad("no /master-name after the sentinels"))?;
         let hosts: Vec<&str> = hosts.split(',').collect();
-        let mut target = SentinelTarget::new(&hosts, master).map_err(|_| bad("expected host:port,.../master"))?;
+        let mut target =
+            SentinelTarget::new(&hosts, master).map_err(|_| bad("expected host:port,.../master"))?;
         if let Some(userinfo) = userinfo {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            let decode = |s: &str| percent_decode(s).ok_or_else(|| bad("bad percent-encoding in the credentials"));
+            let decode =
+                |s: &str| percent_decode(s).ok_or_else(|| bad("bad percent-encoding in the credentials"));
             target.username = Some(decode(user)?).filter(|u| !u.is_empty());
             target.password = Some(decode(password)?).filter(|p| !p.is_empty());
         }

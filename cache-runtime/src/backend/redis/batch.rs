@@ -314,7 +314,10 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
                         .into_iter()
                         .map(|r| {
                             r.unwrap_or_else(|| {
-                                Err(redis::RedisError::from((redis::ErrorKind::Client, "no reply in the batch")))
+                                Err(redis::RedisError::from((
+                                    redis::ErrorKind::Client,
+                                    "no reply in the batch",
+                                )))
                             })
                         })
                         .collect::<Vec<_>>()

@@ -48,6 +48,12 @@ pub(crate) trait Connections: Send + Sync + 'static {
     /// Answers when every primary answers.
     fn ping(&self, db: u8) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// Whether writes reach a primary that replicas follow and may replace (Cluster, Sentinel):
+    /// then each invalidation is checked again a while after it was acknowledged.
+    fn replicated(&self) -> bool {
+        false
+    }
+
     /// Told of every failed call (Sentinel asks where the primary is now).
     fn failed(&self, _error: &BackendError) {}
 }

@@ -33,9 +33,21 @@ pub(crate) struct RedisStore<C: Connections> {
     links: Arc<C>,
     op_timeout: Duration,
     retry_on_timeout: bool,
+    /// How long after an acknowledged invalidation it is checked again (replicated deployments;
+    /// zero: never).
+    recheck_after: Duration,
     breaker: Arc<Breaker>,
     batcher: Batcher<C>,
 }
+
+/// An invalidation to check again: was it lost in a failover?
+enum Recheck {
+    Key { key: String, stamp_life: Duration },
+    Generation { key: String, generation: u64, life: Duration },
+}
+
+/// How long a recheck keeps trying (a failover in progress) before it gives up, logged.
+const RECHECK_GIVE_UP: Duration = Duration::from_secs(120);
 
 impl<C: Connections> RedisStore<C> {
     pub(crate) fn new(links: C, config: &CacheConfig) -> Self {
@@ -48,7 +60,57 @@ impl<C: Connections> RedisStore<C> {
             links,
             op_timeout: config.op_timeout,
             retry_on_timeout: config.retry_on_timeout,
+            recheck_after: config.invalidation_recheck,
         }
+    }
+
+    /// On a replicated deployment, checks `what` again after `recheck_after`, in the
+    /// background: replication is asynchronous, so a primary can acknowledge an invalidation and
+    /// die before its replica has it; the promoted replica would serve the old entry. Tried until
+    /// it succeeds (the failover may still be under way) or `RECHECK_GIVE_UP` has passed.
+    fn recheck(&self, db: u8, what: Recheck) {
+        if !self.links.replicated() || self.recheck_after.is_zero() {
+            return;
+        }
+        let Ok(conn) = self.conn(db) else { return };
+        let (delay, limit) = (self.recheck_after, self.op_timeout);
+        crate::background::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let started = std::time::Instant::now();
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let mut conn = conn.clone();
+                let attempt = bounded(limit, async {
+                    match &what {
+                        Recheck::Key { key, stamp_life } => {
+                            scripts::recheck_invalidation(&mut conn, key, *stamp_life).await
+                        }
+                        Recheck::Generation { key, generation, life } => {
+                            scripts::recheck_generation(&mut conn, key, *generation, *life).await
+                        }
+                    }
+                })
+                .await;
+                let key = match &what {
+                    Recheck::Key { key, .. } | Recheck::Generation { key, .. } => key,
+                };
+                match attempt {
+                    Ok(true) => {
+                        tracing::warn!(key, "an acknowledged invalidation was missing (its primary failed before replicating it): applied again");
+                        return;
+                    }
+                    Ok(false) => return,
+                    Err(error) if started.elapsed() >= RECHECK_GIVE_UP => {
+                        tracing::warn!(key, %error, "could not check an invalidation again after a failover; its entry may be served until its TTL");
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
     }
 
     fn conn(&self, db: u8) -> Result<C::Conn, BackendError> {
@@ -90,7 +152,8 @@ impl<C: Connections> Store for RedisStore<C> {
     ) -> Result<Option<T>, BackendError> {
         let key = self.key(db, key);
         let get = || async {
-            let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&*key).query_async(&mut self.conn(db)?).await?;
+            let bytes: Option<Vec<u8>> =
+                redis::cmd("GET").arg(&*key).query_async(&mut self.conn(db)?).await?;
             Ok(bytes.map(|b| decode(&b)))
         };
         match self.guarded(self.op_timeout, get()).await {
@@ -145,7 +208,8 @@ impl<C: Connections> Store for RedisStore<C> {
                 Some(g) => {
                     let life = millis(generation_life);
                     if u64::try_from(left_ms).is_ok_and(|left| left < life / 2) {
-                        let (mut conn, key, limit) = (conn.clone(), generation_key.to_string(), self.op_timeout);
+                        let (mut conn, key, limit) =
+                            (conn.clone(), generation_key.to_string(), self.op_timeout);
                         crate::background::spawn(async move {
                             let mut extend = redis::cmd("PEXPIRE");
                             extend.arg(&key).arg(life);
@@ -334,7 +398,9 @@ impl<C: Connections> Store for RedisStore<C> {
     async fn invalidate(&self, db: u8, key: &str, stamp_life: Duration) -> Result<(), BackendError> {
         let key = self.key(db, key);
         let invalidate = async { scripts::invalidate(&mut self.conn(db)?, &key, stamp_life).await };
-        self.guarded(self.op_timeout, invalidate).await
+        self.guarded(self.op_timeout, invalidate).await?;
+        self.recheck(db, Recheck::Key { key: key.into_owned(), stamp_life });
+        Ok(())
     }
 
     async fn bump_generation(
@@ -345,7 +411,9 @@ impl<C: Connections> Store for RedisStore<C> {
     ) -> Result<Option<u64>, BackendError> {
         let generation_key = self.key(db, generation_key);
         let bump = async { scripts::bump_generation(&mut self.conn(db)?, &generation_key, life).await };
-        self.guarded(self.op_timeout, bump).await.map(Some)
+        let generation = self.guarded(self.op_timeout, bump).await?;
+        self.recheck(db, Recheck::Generation { key: generation_key.into_owned(), generation, life });
+        Ok(Some(generation))
     }
 
     fn writes_behind(&self) -> bool {

@@ -89,6 +89,26 @@ redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
 return 1
 ";
 
+/// KEYS: entry, lease, invalidation stamp. ARGV: stamp ms, a fresh random stamp. Run a while
+/// after an invalidation on a replicated deployment: a stamp (ours, or a newer invalidation's)
+/// means the invalidation survived; none means it was lost (a primary that acknowledged it died
+/// before its replica had it) or has aged out: it is applied again. 1: applied again.
+const RECHECK_INVALIDATION: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('UNLINK', KEYS[1], KEYS[2])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
+return 1
+";
+
+/// KEYS: generation. ARGV: the generation a bump returned, ttl ms. The same check for a
+/// function-wide invalidation: a generation below the bumped one is raised to it. 1: raised.
+const RECHECK_GENERATION: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
 /// KEYS: generation. ARGV: ttl ms. The new generation is the server's clock in microseconds (or
 /// one more than the old one): larger than any generation stamped before, even after the key
 /// expired, so entries written before this bump are stale for good.
@@ -124,6 +144,8 @@ pub(crate) struct Scripts {
     invalidate: redis::Script,
     bump_generation: redis::Script,
     init_generation: redis::Script,
+    recheck_invalidation: redis::Script,
+    recheck_generation: redis::Script,
 }
 
 pub(crate) fn scripts() -> &'static Scripts {
@@ -135,6 +157,8 @@ pub(crate) fn scripts() -> &'static Scripts {
         invalidate: redis::Script::new(INVALIDATE),
         bump_generation: redis::Script::new(BUMP_GENERATION),
         init_generation: redis::Script::new(INIT_GENERATION),
+        recheck_invalidation: redis::Script::new(RECHECK_INVALIDATION),
+        recheck_generation: redis::Script::new(RECHECK_GENERATION),
     })
 }
 
@@ -265,7 +289,11 @@ pub(crate) async fn invalidate(
 /// Gives a lease back. Sent as `EVAL` with the script's text, not `EVALSHA`: it is often the
 /// first script a connection sends after a timeout (the release of an orphaned lease request),
 /// and a NOSCRIPT answer that arrives after the caller stopped waiting would never be retried.
-pub(crate) async fn release(conn: &mut (impl ConnectionLike + Send), key: &str, token: u64) -> Result<(), BackendError> {
+pub(crate) async fn release(
+    conn: &mut (impl ConnectionLike + Send),
+    key: &str,
+    token: u64,
+) -> Result<(), BackendError> {
     redis::cmd("EVAL")
         .arg(RELEASE)
         .arg(1)
@@ -290,6 +318,41 @@ pub(crate) async fn init_generation(
     life: Duration,
 ) -> Result<u64, BackendError> {
     Ok(scripts().init_generation.key(generation_key).arg(millis(life)).invoke_async(conn).await?)
+}
+
+/// Applies an invalidation again if it was lost; whether it was.
+pub(crate) async fn recheck_invalidation(
+    conn: &mut (impl ConnectionLike + Send),
+    key: &str,
+    stamp_life: Duration,
+) -> Result<bool, BackendError> {
+    let again: u8 = scripts()
+        .recheck_invalidation
+        .key(key)
+        .key(key::lease_key(key))
+        .key(key::invalidation_key(key))
+        .arg(millis(stamp_life))
+        .arg(crate::backend::protocol::unique())
+        .invoke_async(conn)
+        .await?;
+    Ok(again == 1)
+}
+
+/// Raises a generation to `generation` if a failover lost the bump; whether it did.
+pub(crate) async fn recheck_generation(
+    conn: &mut (impl ConnectionLike + Send),
+    generation_key: &str,
+    generation: u64,
+    life: Duration,
+) -> Result<bool, BackendError> {
+    let again: u8 = scripts()
+        .recheck_generation
+        .key(generation_key)
+        .arg(generation)
+        .arg(millis(life))
+        .invoke_async(conn)
+        .await?;
+    Ok(again == 1)
 }
 
 /// Milliseconds for `PX`/`PEXPIRE`, never 0 (Redis rejects 0).

@@ -97,7 +97,8 @@ impl Shared {
         };
         let ask = tokio::time::timeout(self.connect_timeout, client.async_get_client());
         let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
-        let primary = Arc::new(Primary { info: found.get_connection_info().clone(), dbs: Default::default() });
+        let primary =
+            Arc::new(Primary { info: found.get_connection_info().clone(), dbs: Default::default() });
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&primary));
         Ok(primary)
     }
@@ -199,6 +200,10 @@ impl Connections for SentinelPrimary {
 
     fn conn(&self, db: u8) -> Result<SentinelConn, BackendError> {
         Ok(SentinelConn { shared: Arc::clone(&self.shared), db })
+    }
+
+    fn replicated(&self) -> bool {
+        true
     }
 
     fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {

@@ -1,0 +1,348 @@
+//! What only Cluster has: DB markers as key namespaces, `clear` on every primary, failover and
+//! resharding under load, and an invalidation that a failing primary acknowledged but never
+//! replicated. The behaviour suites (`on_every_backend!`) run on Cluster as well; this file holds
+//! the rest.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::{MarketData, Session};
+use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
+use support::cluster::cli;
+use support::{Fixture, RedisCluster};
+
+#[cached(db = MarketData, prefix = "px", ttl = 300, skip(calls))]
+async fn price(symbol: u32, calls: &AtomicUsize) -> u64 {
+    calls.fetch_add(1, SeqCst);
+    u64::from(symbol) * 2
+}
+
+mod sessions {
+    use super::*;
+
+    /// Same prefix and function name as `price`, in another DB.
+    #[cached(db = Session, prefix = "px", ttl = 300, skip(calls))]
+    pub async fn price(symbol: u32, calls: &AtomicUsize) -> u64 {
+        calls.fetch_add(1, SeqCst);
+        u64::from(symbol) * 3
+    }
+}
+
+fn price_key(symbol: u32) -> String {
+    KeyBuilder::new(module_path!(), "px", "price").arg(&symbol).finish().unwrap()
+}
+
+/// Cluster has only DB 0: each DB marker's keys get a namespace of their own (`db5:`, `db3:`),
+/// and entries, `clear` and invalidation of one DB never touch another's.
+#[tokio::test]
+async fn each_db_is_a_namespace_of_its_own() {
+    let fx = Fixture::cluster().await;
+    let ns = fx.cluster.as_ref().unwrap().namespace.clone();
+    let (a, b) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    assert_eq!(fx.run(price(7, &a)).await, 14);
+    assert_eq!(fx.run(sessions::price(7, &b)).await, 21);
+    let market = fx.raw_keys(5, "px:price:{*").await.unwrap();
+    let session = fx.raw_keys(3, "px:price:{*").await.unwrap();
+    assert_eq!(market.len(), 1, "{market:?}");
+    assert_eq!(session.len(), 1, "{session:?}");
+    // As stored: the DB's namespace, then the key as README gives it.
+    let stored: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{ns}:*px:*"))
+        .query_async(&mut fx.cluster.as_ref().unwrap().conn.clone())
+        .await
+        .unwrap();
+    assert!(stored.contains(&format!("{ns}:db5:{}", market[0])), "{stored:?}");
+    assert!(stored.contains(&format!("{ns}:db3:{}", session[0])), "{stored:?}");
+
+    // Invalidating one DB's function leaves the other's entry.
+    fx.run(invalidate!(price(7))).await;
+    fx.run(invalidate!(sessions::price(..))).await;
+    assert_eq!(fx.run(price(7, &a)).await, 14);
+    assert_eq!(fx.run(sessions::price(7, &b)).await, 21);
+    assert_eq!((a.load(SeqCst), b.load(SeqCst)), (2, 2), "each invalidation dropped its own entry only");
+    fx.run(invalidate!(sessions::price(7))).await;
+    assert_eq!(fx.run(price(7, &a)).await, 14);
+    assert_eq!(a.load(SeqCst), 2, "DB 5's entry survived DB 3's invalidation");
+
+    // `clear` of one DB's prefix leaves the same prefix in another DB.
+    let market_handle: Cache<MarketData, u64> =
+        Cache::new("shared", Duration::from_secs(60)).unwrap().with_runtime(fx.runtime.clone());
+    let session_handle: Cache<Session, u64> =
+        Cache::new("shared", Duration::from_secs(60)).unwrap().with_runtime(fx.runtime.clone());
+    for i in 0..50u64 {
+        market_handle.set(&i.to_string(), &i).await.unwrap();
+        session_handle.set(&i.to_string(), &(i + 1)).await.unwrap();
+    }
+    assert_eq!(market_handle.clear().await.unwrap(), 50);
+    assert_eq!(market_handle.get("3").await.unwrap(), None);
+    assert_eq!(session_handle.get("3").await.unwrap(), Some(4));
+    assert_eq!(fx.raw_keys(3, "shared:*").await.unwrap().len(), 50);
+}
+
+/// `clear` walks every primary: keys of one prefix spread over all three are all removed.
+#[tokio::test]
+async fn clear_reaches_every_primary() {
+    let fx = Fixture::cluster().await;
+    let ns = fx.cluster.as_ref().unwrap().namespace.clone();
+    let handle: Cache<MarketData, u64> =
+        Cache::new("spread", Duration::from_secs(60)).unwrap().with_runtime(fx.runtime.clone());
+    let items: Vec<(String, u64)> = (0..300u64).map(|i| (format!("k{i}"), i)).collect();
+    let pairs: Vec<(&str, &u64)> = items.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    handle.set_many(&pairs).await.unwrap();
+    let cluster = RedisCluster::shared();
+    let per_primary = |pattern: String| -> Vec<usize> {
+        cluster
+            .primaries()
+            .iter()
+            .map(|&port| {
+                cli(port, &["--scan", "--pattern", &pattern]).lines().filter(|l| !l.is_empty()).count()
+            })
+            .collect()
+    };
+    let before = per_primary(format!("{ns}:db5:spread:*"));
+    assert_eq!(before.len(), 3, "three primaries");
+    assert!(before.iter().all(|&n| n > 0), "keys on every primary: {before:?}");
+    assert_eq!(before.iter().sum::<usize>(), 300);
+    let keys: Vec<&str> = items.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(handle.get_many(&keys).await.unwrap().iter().flatten().count(), 300);
+    assert_eq!(handle.clear().await.unwrap(), 300);
+    assert_eq!(per_primary(format!("{ns}:db5:spread:*")), vec![0, 0, 0]);
+}
+
+/// Replication is asynchronous: a primary can acknowledge an invalidation and fail before its
+/// replica has it. What the promoted replica then holds (the old entry, no stamp) is planted here
+/// by hand, right after the invalidation returned: with the recheck, the old entry is dropped
+/// again within the recheck delay; without it (the race this guards against), it is served.
+#[tokio::test]
+async fn an_invalidation_lost_in_a_failover_is_applied_again() {
+    for recheck in [Duration::from_millis(300), Duration::ZERO] {
+        let fx = Fixture::cluster_with(|c| c.with_invalidation_recheck(recheck)).await;
+        let calls = AtomicUsize::new(0);
+        assert_eq!(fx.run(price(11, &calls)).await, 22);
+        let key = price_key(11);
+        let old: Vec<u8> = fx.raw(5, "GET", &key, &[]).await.unwrap();
+        fx.run(invalidate!(price(11))).await;
+        // The state a replica promoted before it saw the invalidation is in.
+        fx.raw::<()>(5, "SET", &key, &[&old, b"EX", b"300"]).await.unwrap();
+        fx.raw::<()>(5, "DEL", &format!("{key}:inv"), &[]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(fx.run(price(11, &calls)).await, 22);
+        let executions = calls.load(SeqCst);
+        if recheck.is_zero() {
+            assert_eq!(executions, 1, "without the recheck the lost invalidation's entry is served");
+        } else {
+            assert_eq!(executions, 2, "the recheck applied the lost invalidation again");
+        }
+    }
+}
+
+/// Load: `tasks` callers over `symbols`, each checking every answer, until `stop`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    wrong: Arc<AtomicU64>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(rt: &Runtime, tasks: usize, symbols: u32, executions: &'static AtomicUsize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (calls, wrong): (Arc<AtomicU64>, Arc<AtomicU64>) = (Arc::default(), Arc::default());
+        let handles = (0..tasks)
+            .map(|t| {
+                let (rt, stop, calls, wrong) =
+                    (rt.clone(), Arc::clone(&stop), Arc::clone(&calls), Arc::clone(&wrong));
+                tokio::spawn(async move {
+                    let mut i = t as u32;
+                    while !stop.load(SeqCst) {
+                        let symbol = i % symbols;
+                        let got = rt.scope(price(symbol, executions)).await;
+                        calls.fetch_add(1, SeqCst);
+                        if got != u64::from(symbol) * 2 {
+                            wrong.fetch_add(1, SeqCst);
+                        }
+                        i = i.wrapping_add(7);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+            })
+            .collect();
+        Load { stop, calls, wrong, handles }
+    }
+
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, SeqCst);
+        for h in self.handles {
+            h.await.expect("no caller panicked");
+        }
+        (self.calls.load(SeqCst), self.wrong.load(SeqCst))
+    }
+}
+
+/// Whether `price(symbol)` is answered from the cache now (a call that does not run the body).
+async fn is_hit(rt: &Runtime, symbol: u32, executions: &AtomicUsize) -> bool {
+    let before = executions.load(SeqCst);
+    assert_eq!(rt.scope(price(symbol, executions)).await, u64::from(symbol) * 2);
+    let ran = executions.load(SeqCst) - before;
+    ran == 0 && {
+        let again = executions.load(SeqCst);
+        rt.scope(price(symbol, executions)).await;
+        executions.load(SeqCst) == again
+    }
+}
+
+/// Kill a primary under load: no caller gets an error or a wrong value, and caching resumes on
+/// the promoted replica (the time it takes is printed: README's failover figure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_under_load() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    let mut cluster = RedisCluster::start(1000);
+    let ns = support::unique_namespace();
+    let config = CacheConfig::cluster(&cluster.addresses())
+        .unwrap()
+        .with_key_namespace(&ns)
+        .unwrap()
+        .with_op_timeout(Duration::from_millis(250));
+    let rt = Runtime::new(config);
+    // Warm: every symbol cached.
+    for symbol in 0..200 {
+        rt.scope(price(symbol, &EXECUTIONS)).await;
+    }
+    rt.flush().await.unwrap();
+    let probe = 42;
+    let victim = cluster.primary_of(&format!("{ns}:db5:{}", price_key(probe)));
+    assert!(is_hit(&rt, probe, &EXECUTIONS).await, "warm before the kill");
+    let load = Load::start(&rt, 8, 200, &EXECUTIONS);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let killed = Instant::now();
+    cluster.kill(victim);
+    let mut unhealthy_seen = false;
+    let resumed = loop {
+        if Cache::<MarketData, u64>::new("px", Duration::from_secs(1))
+            .unwrap()
+            .with_runtime(rt.clone())
+            .health_check()
+            .await
+            .is_err()
+        {
+            unhealthy_seen = true;
+        }
+        if is_hit(&rt, probe, &EXECUTIONS).await && killed.elapsed() > Duration::from_millis(100) {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "caching never resumed after the failover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (calls, wrong) = load.stop().await;
+    let stats = rt.stats();
+    let px = stats.get(5, "px").unwrap();
+    println!(
+        "cluster failover: caching resumed {:.2} s after the primary was killed (cluster-node-timeout 1000 ms); \
+         {calls} calls under load, {wrong} wrong answers, {} backend errors and {} bypassed calls counted, \
+         health_check failed during the failover: {unhealthy_seen}",
+        resumed.as_secs_f64(),
+        px.backend_errors,
+        px.bypassed
+    );
+    assert_eq!(wrong, 0, "every caller got its function's value");
+    assert!(calls > 100, "the load ran ({calls} calls)");
+    // A fresh key on the failed-over slots is filled and hit again.
+    cluster.wait_until_ready(Duration::from_secs(30));
+    let health =
+        Cache::<MarketData, u64>::new("px", Duration::from_secs(1)).unwrap().with_runtime(rt.clone());
+    health.health_check().await.expect("every primary answers after the failover");
+}
+
+/// Migrate the slot of a hot key (`MIGRATING`/`IMPORTING`, `MIGRATE` one key at a time,
+/// `SETSLOT NODE`), slowly, while callers read it and a writer invalidates it: no wrong value, the
+/// breaker never opens, and the key is cached on its new node afterwards. The backend errors
+/// counted while the slot was half moved are printed (README's resharding figure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migrated_under_load() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    let cluster = RedisCluster::start(2000);
+    let ns = support::unique_namespace();
+    let rt =
+        Runtime::new(CacheConfig::cluster(&cluster.addresses()).unwrap().with_key_namespace(&ns).unwrap());
+    let hot = 5;
+    let stored = format!("{ns}:db5:{}", price_key(hot));
+    let slot: u16 = cli(cluster.nodes[0].port, &["CLUSTER", "KEYSLOT", &stored]).trim().parse().unwrap();
+    let source = cluster.owner_of_slot(slot);
+    let target = *cluster.primaries().iter().find(|&&p| p != source).unwrap();
+    let (source_id, target_id) = (cluster.node_id(source), cluster.node_id(target));
+    rt.scope(price(hot, &EXECUTIONS)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (wrong, calls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (rt, stop, wrong, calls) =
+            (rt.clone(), Arc::clone(&stop), Arc::clone(&wrong), Arc::clone(&calls));
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                if rt.scope(price(hot, &EXECUTIONS)).await != u64::from(hot) * 2 {
+                    wrong.fetch_add(1, SeqCst);
+                }
+                calls.fetch_add(1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    {
+        let (rt, stop) = (rt.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                rt.scope(invalidate!(price(hot))).await;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }));
+    }
+    let slot_arg = slot.to_string();
+    let step = Duration::from_millis(300);
+    tokio::time::sleep(step).await;
+    assert!(cli(target, &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &source_id]).contains("OK"));
+    assert!(cli(source, &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &target_id]).contains("OK"));
+    tokio::time::sleep(step).await; // ASK redirections for keys not moved yet
+    loop {
+        let keys = cli(source, &["CLUSTER", "GETKEYSINSLOT", &slot_arg, "1"]);
+        let Some(key) = keys.lines().find(|l| !l.trim().is_empty()) else { break };
+        let moved =
+            cli(source, &["MIGRATE", "127.0.0.1", &target.to_string(), "", "0", "5000", "KEYS", key.trim()]);
+        assert!(moved.contains("OK") || moved.contains("NOKEY"), "MIGRATE: {moved}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // half moved: entry here, stamp there
+    }
+    tokio::time::sleep(step).await;
+    for port in cluster.primaries() {
+        assert!(cli(port, &["CLUSTER", "SETSLOT", &slot_arg, "NODE", &target_id]).contains("OK"));
+    }
+    tokio::time::sleep(step).await; // MOVED for the old owner's clients
+    stop.store(true, SeqCst);
+    for t in tasks {
+        t.await.expect("no caller panicked");
+    }
+    assert_eq!(cluster.owner_of_slot(slot), target, "the slot moved");
+    let stats = rt.stats();
+    let px = stats.get(5, "px").unwrap();
+    println!(
+        "cluster resharding: slot {slot} moved from :{source} to :{target} under load; {} calls, {} wrong, \
+         {} backend errors, {} hits, {} invalidations",
+        calls.load(SeqCst),
+        wrong.load(SeqCst),
+        px.backend_errors,
+        px.hits,
+        px.invalidations
+    );
+    assert_eq!(wrong.load(SeqCst), 0);
+    assert!(calls.load(SeqCst) > 100);
+    // While the slot is half moved, a script whose keys are not all on one node is answered
+    // TRYAGAIN (the function runs, counted as a backend error); that is the slot's own keys only:
+    // the breaker stays closed for the rest of the cluster.
+    assert_eq!(px.bypassed, 0, "TRYAGAIN never opens the breaker");
+    assert!(is_hit(&rt, hot, &EXECUTIONS).await, "cached on its new node");
+    assert_eq!(cluster.primary_of(&stored), target);
+}
