@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use cache_runtime::db::{MarketData, Session};
 use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
 use support::cluster::cli;
+use support::load::Load;
 use support::{Fixture, RedisCluster};
 
 #[cached(db = MarketData, prefix = "px", ttl = 300, skip(calls))]
@@ -139,49 +140,6 @@ async fn an_invalidation_lost_in_a_failover_is_applied_again() {
     }
 }
 
-/// Load: `tasks` callers over `symbols`, each checking every answer, until `stop`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    calls: Arc<AtomicU64>,
-    wrong: Arc<AtomicU64>,
-    handles: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(rt: &Runtime, tasks: usize, symbols: u32, executions: &'static AtomicUsize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (calls, wrong): (Arc<AtomicU64>, Arc<AtomicU64>) = (Arc::default(), Arc::default());
-        let handles = (0..tasks)
-            .map(|t| {
-                let (rt, stop, calls, wrong) =
-                    (rt.clone(), Arc::clone(&stop), Arc::clone(&calls), Arc::clone(&wrong));
-                tokio::spawn(async move {
-                    let mut i = t as u32;
-                    while !stop.load(SeqCst) {
-                        let symbol = i % symbols;
-                        let got = rt.scope(price(symbol, executions)).await;
-                        calls.fetch_add(1, SeqCst);
-                        if got != u64::from(symbol) * 2 {
-                            wrong.fetch_add(1, SeqCst);
-                        }
-                        i = i.wrapping_add(7);
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                })
-            })
-            .collect();
-        Load { stop, calls, wrong, handles }
-    }
-
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, SeqCst);
-        for h in self.handles {
-            h.await.expect("no caller panicked");
-        }
-        (self.calls.load(SeqCst), self.wrong.load(SeqCst))
-    }
-}
-
 /// Whether `price(symbol)` is answered from the cache now (a call that does not run the body).
 async fn is_hit(rt: &Runtime, symbol: u32, executions: &AtomicUsize) -> bool {
     let before = executions.load(SeqCst);
@@ -215,7 +173,13 @@ async fn a_primary_killed_under_load() {
     let probe = 42;
     let victim = cluster.primary_of(&format!("{ns}:db5:{}", price_key(probe)));
     assert!(is_hit(&rt, probe, &EXECUTIONS).await, "warm before the kill");
-    let load = Load::start(&rt, 8, 200, &EXECUTIONS);
+    let load = Load::start(8, {
+        let rt = rt.clone();
+        move |i| {
+            let (rt, symbol) = (rt.clone(), i % 200);
+            async move { rt.scope(price(symbol, &EXECUTIONS)).await == u64::from(symbol) * 2 }
+        }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let killed = Instant::now();

@@ -89,9 +89,9 @@ impl BackendError {
                 | ErrorKind::ClusterConnectionNotFound => true,
                 // Not TRYAGAIN: a Cluster node answers it while a slot it serves is being moved,
                 // for the keys of that slot only; the node is up.
-                ErrorKind::Server(
-                    S::BusyLoading | S::ClusterDown | S::MasterDown | S::ReadOnly | S::NoPerm,
-                ) => true,
+                // Not NOPERM either: an ACL user denied one key pattern or command is answered
+                // about that request; its other requests go on.
+                ErrorKind::Server(S::BusyLoading | S::ClusterDown | S::MasterDown | S::ReadOnly) => true,
                 _ => matches!(e.0.code(), Some("NOAUTH" | "WRONGPASS")),
             },
         }

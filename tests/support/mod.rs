@@ -12,7 +12,11 @@ use cache_runtime::db::CacheDb;
 use cache_runtime::{Cache, CacheConfig, Runtime};
 
 pub mod cluster;
+pub mod load;
+pub mod logs;
 pub mod proxy;
+pub mod sentinel;
+pub mod tls;
 
 pub use self::cluster::RedisCluster;
 

@@ -37,6 +37,9 @@ pub(crate) struct Breaker {
     /// and whether its "answers again" is still owed.
     warned_at: AtomicU64,
     announced: AtomicBool,
+    /// When a refused request (NOPERM, a script error: the server is up) was last logged as a
+    /// warning, the same way.
+    refusal_warned_at: AtomicU64,
 }
 
 /// A call the breaker let through; its result must be recorded.
@@ -59,6 +62,7 @@ impl Breaker {
             failing: AtomicBool::new(false),
             warned_at: AtomicU64::new(0),
             announced: AtomicBool::new(false),
+            refusal_warned_at: AtomicU64::new(0),
         }
     }
 
@@ -108,16 +112,27 @@ impl Breaker {
         }
     }
 
-    fn failed(&self, probe: bool, error: &BackendError) {
-        let consecutive = self.consecutive.fetch_add(1, SeqCst).saturating_add(1);
+    /// Whether a warning stamped `at` (nanoseconds since `epoch`, plus one) may be logged now, and
+    /// if so, stamps it.
+    fn may_warn(&self, at: &AtomicU64) -> bool {
         let now = self.now().saturating_add(1);
-        let last = self.warned_at.load(SeqCst);
+        let last = at.load(SeqCst);
         let quiet =
             last != 0 && now.saturating_sub(last) < u64::try_from(LOG_QUIET.as_nanos()).unwrap_or(u64::MAX);
-        if !self.failing.swap(true, SeqCst)
-            && !quiet
-            && self.warned_at.compare_exchange(last, now, SeqCst, SeqCst).is_ok()
-        {
+        !quiet && at.compare_exchange(last, now, SeqCst, SeqCst).is_ok()
+    }
+
+    fn refused(&self, error: &BackendError) {
+        if self.may_warn(&self.refusal_warned_at) {
+            tracing::warn!(server = %self.server, %error, "cache backend refused a request: that call ran uncached (logged at most once per 10 s)");
+        } else {
+            tracing::debug!(server = %self.server, %error, "cache backend refused a request");
+        }
+    }
+
+    fn failed(&self, probe: bool, error: &BackendError) {
+        let consecutive = self.consecutive.fetch_add(1, SeqCst).saturating_add(1);
+        if !self.failing.swap(true, SeqCst) && self.may_warn(&self.warned_at) {
             self.announced.store(true, SeqCst);
             tracing::warn!(server = %self.server, %error, "cache backend failing: cached functions run uncached (logged once until it recovers)");
         } else {
@@ -149,8 +164,14 @@ impl Permit<'_> {
         match result {
             Ok(_) => self.breaker.succeeded(self.probe),
             Err(e) if e.is_server_failure() => self.breaker.failed(self.probe, e),
-            // An answer about the request (a script error, a refused command): the server is up.
-            Err(_) => self.breaker.succeeded(self.probe),
+            Err(BackendError::Bypassed) => self.breaker.succeeded(self.probe),
+            // An answer about the request (a script error, a command or key the ACL user may
+            // not use): the server is up. Logged like a failure: a warning at most once per
+            // `LOG_QUIET`, the rest at debug level.
+            Err(e) => {
+                self.breaker.succeeded(self.probe);
+                self.breaker.refused(e);
+            }
         }
     }
 }

@@ -1,0 +1,105 @@
+//! Sentinel for the tests: a primary, a replica and three `redis-sentinel` processes watching
+//! them (quorum 2, `down-after-milliseconds` 1000), on free loopback ports, stopped when dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::cluster::cli;
+use super::{free_port, RedisServer};
+
+pub const SENTINEL_HINT: &str = "redis-sentinel was not found on PATH. The Sentinel tests start three sentinels: \
+install it (Debian/Ubuntu: `apt-get install redis-sentinel`, macOS: `brew install redis`) and run the tests again.";
+
+pub const MASTER: &str = "cache";
+
+pub struct SentinelSet {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let primary = RedisServer::start();
+        let replica =
+            RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &primary.port().to_string()]);
+        wait_for("the replica to sync", || {
+            cli(replica.port(), &["INFO", "replication"]).contains("master_link_status:up")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut sentinels = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 5000\n\
+                     sentinel parallel-syncs {MASTER} 1\n",
+                    dir.path().display(),
+                    primary.port()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        panic!("{SENTINEL_HINT}");
+                    }
+                    panic!("spawn redis-sentinel: {e}")
+                });
+            sentinels.push(child);
+            ports.push(port);
+        }
+        let set = SentinelSet { primary, replica, sentinels, ports, _dir: dir };
+        for &port in &set.ports {
+            wait_for("a sentinel to answer", || super::ping(port));
+        }
+        // Each sentinel knows the replica and the two other sentinels: a failover can be agreed.
+        for &port in &set.ports {
+            wait_for("the sentinels to find each other and the replica", || {
+                let sentinels = cli(port, &["SENTINEL", "SENTINELS", MASTER]);
+                let replicas = cli(port, &["SENTINEL", "REPLICAS", MASTER]);
+                sentinels.matches("runid").count() == 2 && replicas.contains(&set.replica.port().to_string())
+            });
+        }
+        set
+    }
+
+    /// `redis+sentinel://127.0.0.1:a,127.0.0.1:b,127.0.0.1:c/cache`
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
+    }
+
+    /// The port the sentinels name as the primary now.
+    pub fn primary_port(&self) -> u16 {
+        let reply = cli(self.ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER]);
+        reply.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
