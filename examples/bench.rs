@@ -96,7 +96,7 @@ async fn theirs(symbol: &str) -> Result<Quote, FeedError> {
 }
 
 /// What a team writes by hand today: GET, decode; on a miss, compute and SET EX.
-async fn raw(conn: &mut redis::aio::ConnectionManager, symbol: &str) -> Quote {
+async fn raw(conn: &mut (impl redis::aio::ConnectionLike + Send), symbol: &str) -> Quote {
     let key = format!("raw:quote:{symbol}");
     let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.expect("GET");
     if let Some(quote) = bytes.and_then(|b| serde_json::from_slice(&b).ok()) {
@@ -254,6 +254,62 @@ fn server() -> (String, Server) {
     }
     std::thread::sleep(Duration::from_millis(100));
     (format!("redis://127.0.0.1:{port}"), Server(Some(child), Some(tempdir::Dir(dir))))
+}
+
+/// `REDIS_CLUSTER_NODES`, or three cluster-enabled `redis-server`s joined by `redis-cli --cluster
+/// create` (no replicas: the benchmark measures the primaries' path), removed on drop.
+fn cluster() -> (Vec<String>, Vec<Server>) {
+    if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES") {
+        return (nodes.split(',').map(|n| n.trim().to_owned()).collect(), Vec::new());
+    }
+    let mut servers = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (port, bus) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("cache-bench-cluster-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server could not start ({e}); install it (apt-get install redis-server) or set REDIS_CLUSTER_NODES"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "a cluster node did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        servers.push(Server(Some(child), Some(tempdir::Dir(dir))));
+        nodes.push(format!("127.0.0.1:{port}"));
+    }
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .arg("--cluster-yes")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("redis-cli could not run ({e}); install it (apt-get install redis-tools)")
+        });
+    assert!(
+        created.status.success(),
+        "redis-cli --cluster create: {}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &nodes {
+        let port = node.rsplit(':').next().unwrap();
+        loop {
+            let info = Command::new("redis-cli").args(["-p", port, "CLUSTER", "INFO"]).output().unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    (nodes, servers)
 }
 
 fn main() {
@@ -560,6 +616,86 @@ async fn run() {
         );
         json.insert("stampede_execs".into(), ours_execs.into());
         json.insert("cached_crate_stampede_execs".into(), theirs_execs.into());
+    }
+
+    // 7. Redis Cluster (3 primaries started here, or REDIS_CLUSTER_NODES): warm hits at
+    //    concurrency 64 and fills of distinct keys, against the raw cluster client, alternating.
+    {
+        let (nodes, _cluster) = cluster();
+        let on_cluster = Runtime::new(CacheConfig::cluster(&nodes).unwrap());
+        let client = redis::cluster::ClusterClient::new(
+            nodes.iter().map(|n| format!("redis://{n}")).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let raw_cluster = client.get_async_connection().await.unwrap();
+        for s in symbols() {
+            on_cluster.scope(ours(s)).await.unwrap();
+            raw(&mut raw_cluster.clone(), s).await;
+        }
+        on_cluster.flush().await.unwrap();
+        let (mut r, mut o) = (Contender::default(), Contender::default());
+        for _ in 0..rounds {
+            let conn = raw_cluster.clone();
+            r.add(
+                round(64, round_time, move |i| {
+                    let mut conn = conn.clone();
+                    async move {
+                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                    }
+                })
+                .await,
+            );
+            let c = on_cluster.clone();
+            o.add(
+                round(64, round_time, move |i| {
+                    let c = c.clone();
+                    async move {
+                        c.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                    }
+                })
+                .await,
+            );
+        }
+        for (name, x) in [("raw cluster GET+decode", &mut r), ("#[cached] on Cluster", &mut o)] {
+            let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
+            let (ops, p50s, p99s) = (format!("{:.0}", x.median()), format!("{p50:.1}"), format!("{p99:.1}"));
+            table.row("cluster warm hit, concurrency 64", name, ops, p50s, p99s);
+        }
+        json.insert("cluster_hit_vs_raw_c64".into(), ratio(o.median(), r.median()));
+        json.insert("cluster_hit_ops_per_s_c64".into(), (o.median().round()).into());
+
+        let value = serde_json::to_vec(&make_quote("FILL")).unwrap();
+        let mut conn = raw_cluster.clone();
+        let t0 = Instant::now();
+        for i in 0..fill_keys {
+            let _: () = redis::cmd("SET")
+                .arg(format!("rawfill:{i}"))
+                .arg(&value)
+                .arg("EX")
+                .arg(600)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let set_loop = fill_keys as f64 / t0.elapsed().as_secs_f64();
+        let handle: Cache<Indicator, Quote> =
+            Cache::new("fill", Duration::from_secs(600)).unwrap().with_runtime(on_cluster.clone());
+        let quote = make_quote("FILL");
+        let t0 = Instant::now();
+        for i in 0..fill_keys {
+            handle.set_behind(&i.to_string(), &quote).await.unwrap();
+        }
+        on_cluster.flush().await.unwrap();
+        let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
+        let label = format!("cluster fill {fill_keys} keys");
+        table.row(&label, "raw loop of SET EX", format!("{set_loop:.0}"), "".into(), "".into());
+        table.row(&label, "write-behind batcher", format!("{batched:.0}"), "".into(), "".into());
+        json.insert("cluster_fill_vs_set_loop".into(), ratio(batched, set_loop));
+        json.insert("cluster_fill_per_s".into(), (batched.round()).into());
+        let stats = on_cluster.stats();
+        let s = stats.get(7, "fill").unwrap();
+        assert_eq!((s.fills, s.backend_errors), (fill_keys as u64, 0), "every batched fill was written");
+        on_cluster.shutdown().await.unwrap();
     }
 
     runtime.shutdown().await.unwrap();
