@@ -310,3 +310,30 @@ async fn a_slot_migrated_under_load() {
     assert!(is_hit(&rt, hot, &EXECUTIONS).await, "cached on its new node");
     assert_eq!(cluster.primary_of(&stored), target);
 }
+
+/// The write-behind batcher on Cluster: 2,000 fills of distinct keys queued at once (so they
+/// batch), written as one pipeline per slot: all written, none refused, no error, and each is a
+/// hit afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batcher_writes_one_pipeline_per_slot() {
+    static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
+    let fx = Fixture::cluster().await;
+    let fill_all = |rt: Runtime| async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for symbol in 0..2000u32 {
+            let rt = rt.clone();
+            tasks.spawn(async move { rt.scope(price(symbol, &EXECUTIONS)).await == u64::from(symbol) * 2 });
+        }
+        while let Some(ok) = tasks.join_next().await {
+            assert!(ok.unwrap());
+        }
+    };
+    fill_all(fx.runtime.clone()).await;
+    let stats = fx.stats().await;
+    let px = stats.get(5, "px").unwrap();
+    assert_eq!((px.fills, px.backend_errors, px.refused_fills), (2000, 0, 0), "{px:?}");
+    assert_eq!(EXECUTIONS.load(SeqCst), 2000);
+    assert_eq!(fx.raw_keys(5, "px:price:{*").await.unwrap().len(), 2000);
+    fill_all(fx.runtime.clone()).await;
+    assert_eq!(EXECUTIONS.load(SeqCst), 2000, "every one a hit");
+}
