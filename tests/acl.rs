@@ -72,6 +72,7 @@ async fn a_user_limited_to_its_key_patterns() {
     assert_eq!(logs.count("WARN", "cache backend refused a request"), 1, "logged once:\n{text}");
     assert_eq!(logs.count("WARN", "cache backend failing"), 0, "the server is up:\n{text}");
     assert!(!text.contains(PASSWORD), "the password is never logged");
+    assert!(!text.contains("s3cret-Pw%2F9"), "nor its URL encoding");
     // The entry is where the user may write it.
     let keys: Vec<String> =
         ::redis::cmd("KEYS").arg("acl:*").query_async(&mut server.raw(5).await).await.unwrap();

@@ -215,6 +215,7 @@ async fn a_primary_killed_under_load() {
     );
     assert_eq!(wrong, 0, "every caller got its function's value");
     assert!(calls > 100, "the load ran ({calls} calls)");
+    assert!(unhealthy_seen, "health_check pings every primary: it failed while one was down");
     // A fresh key on the failed-over slots is filled and hit again.
     cluster.wait_until_ready(Duration::from_secs(30));
     let health =
@@ -336,4 +337,37 @@ async fn the_batcher_writes_one_pipeline_per_slot() {
     assert_eq!(fx.raw_keys(5, "px:price:{*").await.unwrap().len(), 2000);
     fill_all(fx.runtime.clone()).await;
     assert_eq!(EXECUTIONS.load(SeqCst), 2000, "every one a hit");
+}
+
+/// With write-behind off, and after `shutdown`, the caller writes its fill itself: on Cluster and
+/// under a key namespace on one server, it lands on the key as stored (mapped once), where the
+/// next call reads it.
+#[tokio::test]
+async fn direct_fills_land_where_lookups_read() {
+    let fx = Fixture::cluster_with(|c| c.with_batching(256, Duration::ZERO, 0)).await;
+    let calls = AtomicUsize::new(0);
+    for symbol in [3, 3] {
+        assert_eq!(fx.run(price(symbol, &calls)).await, 6);
+    }
+    assert_eq!(calls.load(SeqCst), 1, "written where it is read");
+    assert_eq!(fx.raw_keys(5, "px:price:{*").await.unwrap(), vec![price_key(3)]);
+    assert!(fx.stats().await.get(5, "px").unwrap().direct_fills >= 1);
+    fx.runtime.shutdown().await.unwrap();
+    for symbol in [4, 4] {
+        assert_eq!(fx.run(price(symbol, &calls)).await, 8);
+    }
+    assert_eq!(calls.load(SeqCst), 2, "after shutdown too");
+
+    let fx =
+        Fixture::redis_with(|c| c.with_key_namespace("blue").unwrap().with_batching(256, Duration::ZERO, 0));
+    for symbol in [5, 5] {
+        assert_eq!(fx.run(price(symbol, &calls)).await, 10);
+    }
+    assert_eq!(calls.load(SeqCst), 3);
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*px:price:{*")
+        .query_async(&mut fx.server.as_ref().unwrap().raw(5).await)
+        .await
+        .unwrap();
+    assert_eq!(keys, vec![format!("blue:{}", price_key(5))]);
 }

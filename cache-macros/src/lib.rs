@@ -40,6 +40,29 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::cached::expand(args.into(), item.into()).into()
 }
 
+/// Lets `#[cached]` work on the functions of an `impl` block that cannot hold its companions
+/// itself: a trait impl (native `async fn` in traits, or `#[async_trait]`, written below this
+/// attribute), and associated functions without `self`.
+///
+/// ```ignore
+/// #[cached_impl]
+/// impl Repo for PgRepo {
+///     #[cached(db = MarketData, prefix = "repo", ttl = 60, skip(self))]
+///     async fn quote(&self, symbol: &str) -> Result<Quote, DbError> { .. }
+/// }
+///
+/// #[invalidates(PgRepo::quote(symbol))]   // the type's name, not the trait's
+/// async fn update(symbol: &str) -> Result<(), DbError> { .. }
+/// ```
+///
+/// The `#[cached]` functions are expanded in place; the companions that `#[invalidates]` calls
+/// go into an inherent `impl` block of the same type emitted beside it, so the type must be
+/// local to the crate, and two traits of one type may not both cache a function of one name.
+#[proc_macro_attribute]
+pub fn cached_impl(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::cached_impl::expand(args.into(), item.into()).into()
+}
+
 /// Drops cache entries after the function succeeds (`Ok`, or any non-`Result` return).
 ///
 /// ```ignore

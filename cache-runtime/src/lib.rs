@@ -37,7 +37,7 @@ mod spec;
 mod stats;
 mod value;
 
-pub use cache_macros::{cached, invalidate, invalidates};
+pub use cache_macros::{cached, cached_impl, invalidate, invalidates};
 pub use config::{
     BackendKind, CacheConfig, ClusterTarget, ConfigError, Environment, RedisTarget, SentinelTarget,
     DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_CONNECT_TIMEOUT,

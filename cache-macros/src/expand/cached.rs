@@ -20,23 +20,36 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return super::fallback(item, e);
         }
     };
+    let site = super::companion_site(&func.sig);
+    match expand_parts(args, &func, site) {
+        Ok((mut function, companions)) => {
+            function.extend(companions);
+            function
+        }
+        Err(fallback) => fallback,
+    }
+}
+
+/// The function and, apart, its companions (for `#[cached_impl]`, which puts them in an `impl`
+/// block of their own); or the user's function with the errors.
+pub(crate) fn expand_parts(
+    args: TokenStream,
+    func: &ItemFn,
+    site: Site,
+) -> Result<(TokenStream, TokenStream), TokenStream> {
     let mut errors = Errors::default();
     let args = CachedArgs::parse(args, &mut errors);
-    let model = validate::cached(args, &func, &mut errors);
+    let model = validate::cached(args, func, &mut errors);
     match (errors.into_result(), model) {
-        (Ok(()), Some(model)) => {
-            let mut tokens = function(&func, &model);
-            tokens.extend(companions(&func, &model));
-            tokens
-        }
-        (Err(e), _) => super::fallback(&func, e),
+        (Ok(()), Some(model)) => Ok((function(func, &model, site), companions(func, &model, site))),
+        (Err(e), _) => Err(super::fallback(func, e)),
         (Ok(()), None) => unreachable!("validation returns no model only with an error"),
     }
 }
 
 /// `const __CACHE_SPEC: Spec = ...;` then `let __cache_fn: CachedFn = ...;`: the function as the
 /// runtime identifies it, the same in the function and in its companions.
-fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool) -> TokenStream {
+fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, site: Site) -> TokenStream {
     let Cached { db, prefix, ttl, version, format, .. } = model;
     let spec = Ident::new("__CACHE_SPEC", Span::mixed_site());
     let name = func.sig.ident.to_string();
@@ -48,7 +61,7 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool) 
     let db_index = quote_spanned!(db.span()=> <#db as ::cache_runtime::__private::CacheDb>::CHECKED_INDEX);
     // A method's entries are also told apart by `Self` (two `impl` blocks, or one generic `impl`
     // with several type arguments).
-    let value = match super::companion_site(&func.sig) {
+    let value = match site {
         Site::Module => quote!(::cache_runtime::__private::CachedFn::free(&#spec)),
         Site::Associated => quote! {
             ::cache_runtime::__private::CachedFn::method(&#spec, ::core::any::type_name::<Self>())
@@ -152,7 +165,7 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
     }}
 }
 
-fn function(func: &ItemFn, model: &Cached) -> TokenStream {
+fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
     let ItemFn { attrs, vis, sig, block } = func;
     // A parameter written as a pattern takes the name the key hashes, and is destructured first
     // thing in the body, as the user wrote it.
@@ -170,7 +183,7 @@ fn function(func: &ItemFn, model: &Cached) -> TokenStream {
     let Cached { ret, policy, .. } = model;
     let function = Ident::new("__cache_fn", Span::mixed_site());
     let key = Ident::new("__cache_key", Span::mixed_site());
-    let identity = identity(func, model, &function, true);
+    let identity = identity(func, model, &function, true, site);
     let key_expr = key_expr(func, model, &function, KeyIn::Function);
     let policy = match policy {
         Policy::Whole => quote_spanned!(ret.span()=> ::cache_runtime::__private::Whole),
@@ -191,11 +204,11 @@ fn function(func: &ItemFn, model: &Cached) -> TokenStream {
 }
 
 /// The key and spec functions that invalidation calls (see `expand::Site`).
-fn companions(func: &ItemFn, model: &Cached) -> TokenStream {
+fn companions(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
     let generics = &func.sig.generics;
     let where_clause = &generics.where_clause;
     let function = Ident::new("__cache_fn", Span::mixed_site());
-    let identity = identity(func, model, &function, false);
+    let identity = identity(func, model, &function, false, site);
     // When the receiver is part of the key, the instance comes first, as `&self` (the user's
     // `self` token): `Self::quote(self, symbol)`, `Feed::quote(&feed, symbol)`.
     let receiver = match &model.receiver {
@@ -225,7 +238,7 @@ fn companions(func: &ItemFn, model: &Cached) -> TokenStream {
         }
     };
     let vis = &func.vis;
-    match super::companion_site(&func.sig) {
+    match site {
         Site::Associated => {
             let key_fn = key_sig(quote!(#vis), &super::key_fn_name(&func.sig.ident));
             let spec_fn = spec_sig(quote!(#vis), &super::spec_fn_name(&func.sig.ident));

@@ -3,6 +3,7 @@
 //! attribute does not turn into a cascade of "cannot find function" errors at every call site.
 
 pub(crate) mod cached;
+pub(crate) mod cached_impl;
 pub(crate) mod invalidates;
 
 use proc_macro2::{Span, TokenStream};
@@ -22,13 +23,16 @@ pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
 /// function's generics; and a spec function, the `CachedFn` the runtime identifies `f` by. This
 /// and the two names below are the whole contract between the attributes. The site also decides
 /// whether the runtime identifies `f` as a method, by its `Self` type.
+#[derive(Clone, Copy)]
 pub(crate) enum Site {
     /// A free function: a hidden empty struct `f` (in the type namespace, so `use m::f;` brings
     /// it along with the function, and an `impl` resolves names where the function does, even in
     /// a function body) with `f::__cache_key_f` and `f::__cache_spec_f`.
     Module,
-    /// A method (it has a receiver, or names `Self`): associated functions
-    /// `Self::__cache_key_f` and `Self::__cache_spec_f` in the same `impl` block.
+    /// A method (it has a receiver, or names `Self`), or any function of an `impl` block marked
+    /// `#[cached_impl]`: associated functions `Self::__cache_key_f` and `Self::__cache_spec_f`,
+    /// in the same `impl` block, or, under `#[cached_impl]`, in an inherent `impl` block of the
+    /// same type emitted beside it (a trait impl cannot hold them).
     Associated,
 }
 

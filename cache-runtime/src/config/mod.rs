@@ -498,6 +498,17 @@ impl CacheConfig {
                 })
             }
         };
+        // A `redis+sentinel://` URL takes the user, password and TLS of the environment too.
+        let config = match config.backend {
+            BackendKind::Sentinel(mut target) => {
+                target.set_credentials(username.clone(), password.clone());
+                if tls {
+                    target.set_tls(true);
+                }
+                CacheConfig { backend: BackendKind::Sentinel(target), ..config }
+            }
+            _ => config,
+        };
         let config = match var("REDIS_CA_CERT") {
             Some(path) => config.with_ca_cert(path.trim())?,
             None => config,

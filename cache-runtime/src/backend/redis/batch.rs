@@ -297,17 +297,35 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
                     let mut conn = conn.clone();
                     async move { pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn).await }
                 });
-                let replies: Result<Vec<Vec<redis::RedisResult<redis::Value>>>, BackendError> =
-                    bounded(self.op_timeout, async { Ok(futures_util::future::try_join_all(sends).await?) })
-                        .await;
-                permit.record(&replies);
+                // Each pipeline's own result: one slot's node failing fails its writes only.
+                let replies: Result<
+                    Vec<redis::RedisResult<Vec<redis::RedisResult<redis::Value>>>>,
+                    BackendError,
+                > = bounded(self.op_timeout, async { Ok(futures_util::future::join_all(sends).await) }).await;
+                let first_failure = match &replies {
+                    Ok(per_pipe) => per_pipe.iter().find_map(|r| r.as_ref().err()).map(copy_error),
+                    Err(_) => None,
+                };
+                match (&replies, first_failure) {
+                    (Ok(_), Some(e)) => permit.record(&Err::<(), _>(BackendError::from(e))),
+                    _ => permit.record(&replies),
+                }
                 // Back in the order of `writes`.
                 replies.map(|replies| {
                     let mut ordered: Vec<Option<redis::RedisResult<redis::Value>>> =
                         (0..writes.len()).map(|_| None).collect();
                     for ((_, indices), replies) in pipes.iter().zip(replies) {
-                        for (&i, reply) in indices.iter().zip(replies) {
-                            ordered[i] = Some(reply);
+                        match replies {
+                            Ok(replies) => {
+                                for (&i, reply) in indices.iter().zip(replies) {
+                                    ordered[i] = Some(reply);
+                                }
+                            }
+                            Err(e) => {
+                                for &i in indices {
+                                    ordered[i] = Some(Err(copy_error(&e)));
+                                }
+                            }
                         }
                     }
                     ordered
@@ -375,6 +393,11 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
             }
         }
     }
+}
+
+/// The same failure again, for each write of a failed pipeline (`RedisError` is not `Clone`).
+fn copy_error(e: &redis::RedisError) -> redis::RedisError {
+    redis::RedisError::from((e.kind(), "a pipeline of the batch failed", e.to_string()))
 }
 
 /// What one pipelined write answered: the fill script's code (see `scripts.rs`), or `SET`'s OK.

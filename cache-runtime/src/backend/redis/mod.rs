@@ -1,8 +1,3 @@
-//! The Redis backend: `pool_size` auto-reconnecting multiplexed connections per DB number, the DB
-//! selected when the connection is made (so no `SELECT` ever travels with a command), a circuit
-//! breaker in front of them ([`super::breaker`]), the protocol scripts (`scripts.rs`) and the
-//! write-behind batcher (`batch.rs`).
-
 //! The Redis store, for every deployment: one server, Cluster (`backend/cluster`) and Sentinel
 //! (`backend/sentinel`) differ only in their [`Connections`]. Here: the store itself (every call
 //! through a circuit breaker, [`super::breaker`], and under `op_timeout`), the protocol scripts
@@ -15,6 +10,7 @@ pub(crate) mod scripts;
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +32,8 @@ pub(crate) struct RedisStore<C: Connections> {
     /// How long after an acknowledged invalidation it is checked again (replicated deployments;
     /// zero: never).
     recheck_after: Duration,
+    /// Rechecks waiting or running.
+    rechecks: Arc<AtomicUsize>,
     breaker: Arc<Breaker>,
     batcher: Batcher<C>,
 }
@@ -48,6 +46,17 @@ enum Recheck {
 
 /// How long a recheck keeps trying (a failover in progress) before it gives up, logged.
 const RECHECK_GIVE_UP: Duration = Duration::from_secs(120);
+/// The most rechecks waiting at once.
+const MAX_RECHECKS: usize = 100_000;
+
+/// Takes one off a count when dropped.
+struct Decrement(Arc<AtomicUsize>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
 
 impl<C: Connections> RedisStore<C> {
     pub(crate) fn new(links: C, config: &CacheConfig) -> Self {
@@ -61,6 +70,7 @@ impl<C: Connections> RedisStore<C> {
             op_timeout: config.op_timeout,
             retry_on_timeout: config.retry_on_timeout,
             recheck_after: config.invalidation_recheck,
+            rechecks: Arc::default(),
         }
     }
 
@@ -72,9 +82,24 @@ impl<C: Connections> RedisStore<C> {
         if !self.links.replicated() || self.recheck_after.is_zero() {
             return;
         }
+        // A key's stamp lives `stamp_life`: checked later than half of that, a missing stamp
+        // would no longer tell a lost invalidation from an aged one, so the check is skipped.
+        if let Recheck::Key { stamp_life, .. } = &what {
+            if self.recheck_after >= *stamp_life / 2 {
+                return;
+            }
+        }
+        // Bounded: past this many checks waiting, new ones are skipped (and said so once).
+        if self.rechecks.fetch_add(1, SeqCst) >= MAX_RECHECKS {
+            self.rechecks.fetch_sub(1, SeqCst);
+            tracing::debug!("too many invalidation rechecks waiting; this one is skipped");
+            return;
+        }
+        let rechecks = Arc::clone(&self.rechecks);
         let Ok(conn) = self.conn(db) else { return };
         let (delay, limit) = (self.recheck_after, self.op_timeout);
         crate::background::spawn(async move {
+            let _done = Decrement(rechecks);
             tokio::time::sleep(delay).await;
             let started = std::time::Instant::now();
             let mut pause = Duration::from_millis(50);
@@ -419,13 +444,23 @@ impl<C: Connections> Store for RedisStore<C> {
     fn writes_behind(&self) -> bool {
         true
     }
+    /// The batcher gets the stored key; a write it gives back gets the runtime's key again (the
+    /// caller then writes it through `fill` or `set`, which map it themselves).
     fn offer(&self, db: u8, mut write: Write) -> Result<(), Write> {
-        write.key = self.key(db, &write.key).into_owned();
-        self.batcher.offer(db, write)
+        let key = std::mem::take(&mut write.key);
+        write.key = self.key(db, &key).into_owned();
+        self.batcher.offer(db, write).map_err(|mut write| {
+            write.key = key;
+            write
+        })
     }
     fn offer_handle_write(&self, db: u8, mut write: Write) -> Result<(), Write> {
-        write.key = self.key(db, &write.key).into_owned();
-        self.batcher.offer_handle_write(db, write)
+        let key = std::mem::take(&mut write.key);
+        write.key = self.key(db, &key).into_owned();
+        self.batcher.offer_handle_write(db, write).map_err(|mut write| {
+            write.key = key;
+            write
+        })
     }
     async fn supersede(&self, limit: Duration, db: u8, key: &str) {
         self.batcher.supersede(limit, db, &self.key(db, key)).await

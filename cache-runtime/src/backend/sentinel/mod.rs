@@ -210,6 +210,22 @@ impl Connections for SentinelPrimary {
         namespaced(&self.namespace, key)
     }
 
+    /// A call that timed out (the store's bound ended it before the connection reported) or
+    /// lost its connection: the primary may have moved, so the next call asks the sentinels.
+    fn failed(&self, error: &BackendError) {
+        let moved = match error {
+            BackendError::Timeout(_) => true,
+            BackendError::Redis(failure) => {
+                failure.is_connection_failure()
+                    || matches!(failure.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+            }
+            BackendError::Batch(_) | BackendError::Bypassed => false,
+        };
+        if moved {
+            *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
     async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {
         let conn = self.conn(db)?;
         scan_and_unlink(pattern, |cmd, _| {
