@@ -257,6 +257,7 @@ async fn disabled_runtime_always_runs() {
         runtime: cache_runtime::Runtime::new(cache_runtime::CacheConfig::disabled()),
         server: None,
         cluster: None,
+        tls: None,
     };
     let calls = AtomicUsize::new(0);
     for _ in 0..3 {

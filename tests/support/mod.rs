@@ -234,6 +234,23 @@ pub struct Fixture {
     pub runtime: Runtime,
     pub server: Option<RedisServer>,
     pub cluster: Option<ClusterView>,
+    pub tls: Option<TlsView>,
+}
+
+/// A TLS-only server of the test's own, with the certificates it trusts.
+pub struct TlsView {
+    pub server: tls::TlsServer,
+    pub certs: tls::Certificates,
+}
+
+impl TlsView {
+    /// A plain client over TLS on `db`, bypassing the toolkit.
+    pub async fn raw(&self, db: u8) -> redis::aio::MultiplexedConnection {
+        let ca = std::fs::read(self.certs.ca()).unwrap();
+        let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(ca) };
+        let client = redis::Client::build_with_tls(format!("{}/{db}", self.server.url()), certs).unwrap();
+        client.get_multiplexed_async_connection().await.expect("raw TLS connection")
+    }
 }
 
 /// A test's view of the shared cluster: keys are stored as `{namespace}:db{N}:{key}`.
@@ -261,7 +278,7 @@ pub fn cluster_config() -> (CacheConfig, String) {
 
 impl Fixture {
     pub fn memory() -> Fixture {
-        Fixture { runtime: Runtime::new(CacheConfig::memory()), server: None, cluster: None }
+        Fixture { runtime: Runtime::new(CacheConfig::memory()), server: None, cluster: None, tls: None }
     }
 
     pub fn redis() -> Fixture {
@@ -271,7 +288,7 @@ impl Fixture {
     pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
         let server = RedisServer::start();
         let config = adjust(relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses")));
-        Fixture { runtime: Runtime::new(config), server: Some(server), cluster: None }
+        Fixture { runtime: Runtime::new(config), server: Some(server), cluster: None, tls: None }
     }
 
     /// A runtime on this binary's shared cluster, in a key namespace of its own.
@@ -290,6 +307,22 @@ impl Fixture {
             runtime: Runtime::new(adjust(config)),
             server: None,
             cluster: Some(ClusterView { conn, namespace }),
+            tls: None,
+        }
+    }
+
+    /// A runtime on a TLS-only server of its own (`rediss://`, trusting the test's CA).
+    pub fn tls() -> Fixture {
+        let certs = tls::Certificates::generate();
+        let server = tls::TlsServer::start(&certs);
+        let config = relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses"))
+            .with_ca_cert(certs.ca().to_str().unwrap())
+            .expect("the generated CA");
+        Fixture {
+            runtime: Runtime::new(config),
+            server: None,
+            cluster: None,
+            tls: Some(TlsView { server, certs }),
         }
     }
 
@@ -299,7 +332,7 @@ impl Fixture {
 
     /// Whether entries live in a Redis deployment (one server or Cluster).
     pub fn is_remote(&self) -> bool {
-        self.server.is_some() || self.cluster.is_some()
+        self.server.is_some() || self.cluster.is_some() || self.tls.is_some()
     }
 
     /// `command key args...` on DB `db`, bypassing the toolkit, with `key` as the runtime names it
@@ -316,6 +349,11 @@ impl Fixture {
             let mut cmd = redis::cmd(command);
             cmd.arg(key).arg(args);
             return Some(cmd.query_async(&mut server.raw(db).await).await.unwrap());
+        }
+        if let Some(tls) = &self.tls {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(key).arg(args);
+            return Some(cmd.query_async(&mut tls.raw(db).await).await.unwrap());
         }
         let view = self.cluster.as_ref()?;
         let mut cmd = redis::cmd(command);
@@ -379,7 +417,7 @@ impl Fixture {
     }
 }
 
-/// Writes `mod memory`, `mod redis` and `mod cluster`, each with one `#[tokio::test]` per listed
+/// Writes `mod memory`, `mod redis`, `mod tls` (one server over TLS) and `mod cluster`, each with one `#[tokio::test]` per listed
 /// behaviour, calling `behaviour(&mut Fixture)`.
 #[macro_export]
 macro_rules! on_every_backend {
@@ -397,6 +435,14 @@ macro_rules! on_every_backend {
                 #[tokio::test]
                 async fn $test() {
                     super::$test(&mut $crate::support::Fixture::redis()).await
+                }
+            )*
+        }
+        mod tls {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&mut $crate::support::Fixture::tls()).await
                 }
             )*
         }
