@@ -172,6 +172,15 @@ fn ttl(ttl: Given<crate::args::Ttl>, errors: &mut Errors) -> Option<TtlValue> {
             None
         }
         Given::Valid(Ttl::Seconds { seconds, .. }) => Some(TtlValue::Seconds(seconds)),
+        // The generated `const` items cannot see an `impl`'s `Self`; `#[cached_impl]` writes the
+        // type's name in its place before this runs.
+        Given::Valid(Ttl::Const(expr)) if crate::expand::mentions(&expr, "Self") => {
+            errors.on(
+                &expr,
+                "a `ttl` that names `Self` needs `#[cached_impl]` on the `impl` block (or a module-level constant)",
+            );
+            None
+        }
         Given::Valid(Ttl::Const(expr)) => Some(TtlValue::Const(expr)),
     }
 }

@@ -41,6 +41,17 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             // `#[cached]` alone: the options are missing, which the validation reports by name.
             _ => TokenStream::new(),
         };
+        // `ttl = Self::TTL`: the generated constants are checked outside the `impl`, where
+        // `Self` is not defined, so the type's name takes its place.
+        if super::mentions(&args, "Self") && !block.generics.params.is_empty() {
+            let e = syn::Error::new(
+                args.span(),
+                "`Self` in `#[cached]` is not supported in a generic `impl`: use a module-level constant",
+            );
+            *item = ImplItem::Verbatim(super::fallback(&*f, e));
+            continue;
+        }
+        let args = replace_self(args, &block.self_ty);
         let func = ItemFn {
             attrs: f.attrs.clone(),
             vis: f.vis.clone(),
@@ -77,6 +88,43 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         });
     }
     tokens
+}
+
+/// `tokens` with each `Self` replaced by `ty` (in angle brackets, so `Self::TTL` becomes
+/// `<PgRepo>::TTL`).
+fn replace_self(tokens: TokenStream, ty: &syn::Type) -> TokenStream {
+    use proc_macro2::{Group, TokenTree};
+    tokens
+        .into_iter()
+        .flat_map(|t| -> Vec<TokenTree> {
+            match t {
+                // Spanned at the `Self` the user wrote: an error on the expression points there.
+                TokenTree::Ident(i) if i == "Self" => respan(quote!(<#ty>), i.span()).into_iter().collect(),
+                TokenTree::Group(g) => {
+                    let mut group = Group::new(g.delimiter(), replace_self(g.stream(), ty));
+                    group.set_span(g.span());
+                    vec![TokenTree::Group(group)]
+                }
+                other => vec![other],
+            }
+        })
+        .collect()
+}
+
+fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
+    use proc_macro2::{Group, TokenTree};
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let TokenTree::Group(g) = &t {
+                let mut group = Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                return TokenTree::Group(group);
+            }
+            t.set_span(span);
+            t
+        })
+        .collect()
 }
 
 /// `#[cached(..)]` or `#[cache_runtime::cached(..)]`.

@@ -1,6 +1,6 @@
 //! `ttl` as the teams write it: a named constant, a path to one, arithmetic on constants, any
-//! integer type. Checked at compile time (see `cached-ttl-constant-out-of-range.rs`).
-use cache_runtime::cached;
+//! integer type, `Self::TTL` in an `impl` marked `#[cached_impl]`. Checked at compile time (see `cached-ttl-constant-out-of-range.rs`).
+use cache_runtime::{cached, cached_impl};
 use cache_runtime::db::MarketData;
 
 const TTL_MARKET: u64 = 300;
@@ -29,6 +29,19 @@ async fn slower(symbol: &str) -> usize {
     symbol.len()
 }
 
+struct Repo;
+
+#[cached_impl]
+impl Repo {
+    const TTL: u64 = 90;
+
+    /// A constant of the `impl` itself.
+    #[cached(db = MarketData, prefix = "market", ttl = Self::TTL, skip(self))]
+    async fn listing(&self, symbol: &str) -> usize {
+        symbol.len()
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -36,5 +49,6 @@ fn main() {
         assert_eq!(session(7).await, 7);
         assert_eq!(daily(1).await, 1);
         assert_eq!(slower("AB").await, 2);
+        assert_eq!(Repo.listing("ABC").await, 3);
     });
 }
