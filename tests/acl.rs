@@ -129,3 +129,54 @@ async fn a_wrong_password_is_logged_and_counted_and_never_shown() {
         ::redis::cmd("FLUSHALL").query_async::<()>(&mut server.raw(0).await).await.unwrap();
     }
 }
+
+/// An ACL user on Cluster, from the environment (`REDIS_CLUSTER_NODES`, `REDIS_USERNAME`,
+/// `REDIS_PASSWORD`): the user is created on every node (ACLs are per node) of this binary's
+/// cluster, limited to its own key namespace.
+#[tokio::test]
+async fn an_acl_user_on_cluster_from_the_environment() {
+    let cluster = support::RedisCluster::shared();
+    let namespace = support::unique_namespace();
+    for node in &cluster.nodes {
+        let reply = support::cluster::cli(
+            node.port,
+            &[
+                "ACL",
+                "SETUSER",
+                "clusterapp",
+                "on",
+                &format!(">{PASSWORD}"),
+                &format!("~{namespace}:*"),
+                "+@all",
+                "-@dangerous",
+                "+cluster|slots",
+                "+cluster|shards",
+            ],
+        );
+        assert!(reply.contains("OK"), "{reply}");
+    }
+    let nodes = cluster.addresses().join(",");
+    let (logs, _guard) = Logs::capture();
+    let config = CacheConfig::from_lookup(|name| match name {
+        "REDIS_CLUSTER_NODES" => Some(nodes.clone()),
+        "REDIS_USERNAME" => Some("clusterapp".into()),
+        "REDIS_PASSWORD" => Some(PASSWORD.into()),
+        "CACHE_KEY_NAMESPACE" => Some(namespace.clone()),
+        _ => None,
+    })
+    .unwrap();
+    assert!(!format!("{config:?}").contains(PASSWORD));
+    let rt = Runtime::new(relaxed(config));
+    let calls = AtomicUsize::new(0);
+    for n in 0..20 {
+        rt.scope(allowed(n, &calls)).await;
+    }
+    rt.flush().await.unwrap();
+    for n in 0..20 {
+        assert_eq!(rt.scope(allowed(n, &calls)).await, n * 2);
+    }
+    assert_eq!(calls.load(SeqCst), 20, "every second call was a hit, on every primary");
+    let s = rt.stats().get(5, "acl").cloned().unwrap();
+    assert_eq!((s.hits, s.backend_errors), (20, 0), "{s:?}\n{}", logs.text());
+    assert!(!logs.text().contains(PASSWORD));
+}

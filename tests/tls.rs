@@ -109,3 +109,29 @@ async fn cluster_over_tls() {
     assert_eq!(per_node.iter().sum::<usize>(), 30, "{per_node:?}");
     assert!(per_node.iter().all(|&n| n > 0), "{per_node:?}");
 }
+
+/// The same from the environment the services use: `REDIS_HOST`, `REDIS_PORT`, `REDIS_TLS=true`,
+/// `REDIS_CA_CERT`.
+#[tokio::test]
+async fn tls_from_the_environment() {
+    let certs = Certificates::generate();
+    let server = TlsServer::start(&certs);
+    let port = server.port.to_string();
+    let ca = certs.ca().to_str().unwrap().to_owned();
+    let config = CacheConfig::from_lookup(|name| match name {
+        "REDIS_HOST" => Some("127.0.0.1".into()),
+        "REDIS_PORT" => Some(port.clone()),
+        "REDIS_TLS" => Some("true".into()),
+        "REDIS_CA_CERT" => Some(ca.clone()),
+        _ => None,
+    })
+    .unwrap();
+    let rt = Runtime::new(config);
+    let calls = AtomicUsize::new(0);
+    for _ in 0..2 {
+        assert_eq!(rt.scope(rate("GBPUSD", &calls)).await, 6);
+        rt.flush().await.unwrap();
+    }
+    assert_eq!(calls.load(SeqCst), 1);
+    assert_eq!(rt.stats().get(5, "fx").unwrap().backend_errors, 0);
+}
