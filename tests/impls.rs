@@ -14,6 +14,7 @@ use support::Fixture;
 static QUOTES: AtomicUsize = AtomicUsize::new(0);
 static DEPTHS: AtomicUsize = AtomicUsize::new(0);
 static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+static SPREADS: AtomicUsize = AtomicUsize::new(0);
 
 #[allow(async_fn_in_trait)]
 pub trait Repo {
@@ -23,6 +24,7 @@ pub trait Repo {
 #[async_trait::async_trait]
 pub trait Book {
     async fn depth(&self, symbol: &str, levels: u8) -> Vec<u64>;
+    async fn spread(&self, symbol: &str) -> u64;
 }
 
 #[derive(serde::Serialize)]
@@ -46,6 +48,24 @@ impl Book for PgRepo {
     async fn depth(&self, symbol: &str, levels: u8) -> Vec<u64> {
         DEPTHS.fetch_add(1, SeqCst);
         (0..u64::from(levels)).map(|l| l + symbol.len() as u64).collect()
+    }
+
+    /// The receiver is part of this one's key, through `#[async_trait]`.
+    #[cached(db = MarketData, prefix = "impls", ttl = 60)]
+    async fn spread(&self, symbol: &str) -> u64 {
+        SPREADS.fetch_add(1, SeqCst);
+        (self.venue.len() + symbol.len()) as u64
+    }
+}
+
+/// Invalidation of a trait impl's method from another module.
+mod elsewhere {
+    use super::*;
+
+    #[invalidates(crate::PgRepo::quote(repo, symbol), crate::PgRepo::spread(repo, symbol))]
+    pub async fn relist(repo: &PgRepo, symbol: &str) -> Result<(), String> {
+        let _ = (repo, symbol);
+        Ok(())
     }
 }
 
@@ -95,6 +115,24 @@ async fn trait_impls_and_associated_functions(fx: &mut Fixture) {
     fx.run(invalidate!(PgRepo::by_symbol(..))).await;
     fx.run(PgRepo::by_symbol("AAPL")).await;
     assert_eq!(delta(&LOOKUPS, l), 3, "function-wide invalidation by the type's name");
+
+    let s = SPREADS.load(SeqCst);
+    fx.run(async {
+        for _ in 0..2 {
+            assert_eq!(xnas.spread("AB").await, 6);
+            assert_eq!(xnys.spread("AB").await, 7, "through #[async_trait], the receiver is in the key");
+        }
+    })
+    .await;
+    assert_eq!(delta(&SPREADS, s), 2);
+    fx.run(elsewhere::relist(&xnas, "AB")).await.unwrap();
+    fx.run(async {
+        assert_eq!(xnas.spread("AB").await, 6);
+        assert_eq!(xnys.spread("AB").await, 7);
+        assert_eq!(xnas.quote("AB").await, Ok(4002));
+    })
+    .await;
+    assert_eq!(delta(&SPREADS, s), 3, "another module invalidated XNAS's entry only");
 }
 
 /// One backend after the other (the counters are shared statics).

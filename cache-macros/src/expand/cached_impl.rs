@@ -27,51 +27,99 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return super::fallback(item, e);
         }
     };
+    if let Err(e) = companions_can_live_on(&block) {
+        // The block as written, without its `#[cached]` attributes: this one error, not one per
+        // function about where its companions could not go.
+        for item in &mut block.items {
+            if let ImplItem::Fn(f) = item {
+                f.attrs.retain(|a| !is_cached(a));
+            }
+        }
+        return super::fallback(block, e);
+    }
+    // Under a trait, `Self::TTL` may be the trait's constant: name it through the trait.
+    let self_path = match &block.trait_ {
+        Some((_, tr, _)) if block.items.iter().any(|i| matches!(i, ImplItem::Const(_))) => {
+            let ty = &block.self_ty;
+            quote!(<#ty as #tr>)
+        }
+        _ => {
+            let ty = &block.self_ty;
+            quote!(<#ty>)
+        }
+    };
+    let in_trait = block.trait_.is_some();
     let mut companions = TokenStream::new();
-    let mut paths: Vec<syn::Path> = Vec::new();
+    let mut paths: Vec<String> = Vec::new();
+    let mut path_tokens: Vec<syn::Path> = Vec::new();
     for item in &mut block.items {
         let ImplItem::Fn(f) = item else { continue };
         let Some(at) = f.attrs.iter().position(is_cached) else { continue };
         let attr = f.attrs.remove(at);
-        if !paths.contains(attr.path()) {
-            paths.push(attr.path().clone());
+        let path = attr.path().to_token_stream().to_string();
+        if !paths.contains(&path) {
+            paths.push(path);
+            path_tokens.push(attr.path().clone());
         }
         let args = match &attr.meta {
             syn::Meta::List(list) => list.tokens.clone(),
             // `#[cached]` alone: the options are missing, which the validation reports by name.
             _ => TokenStream::new(),
         };
-        // `ttl = Self::TTL`: the generated constants are checked outside the `impl`, where
-        // `Self` is not defined, so the type's name takes its place.
-        if super::mentions(&args, "Self") && !block.generics.params.is_empty() {
+        // `#[async_trait]` above this attribute has already turned the `async fn` into a
+        // function returning a boxed future.
+        if f.sig.asyncness.is_none() && super::mentions(&f.sig.output, "Pin") {
             let e = syn::Error::new(
-                args.span(),
-                "`Self` in `#[cached]` is not supported in a generic `impl`: use a module-level constant",
+                f.sig.fn_token.span,
+                "write `#[cached_impl]` above `#[async_trait]`, so that it sees the `async fn` as you wrote it",
             );
             *item = ImplItem::Verbatim(super::fallback(&*f, e));
             continue;
         }
-        let args = replace_self(args, &block.self_ty);
+        // `ttl = Self::TTL`: the generated constants are checked outside the `impl`, where
+        // `Self` is not defined, so the type's name takes its place.
+        if let Some(at) = first_self(&args) {
+            if !block.generics.params.is_empty() {
+                let e = syn::Error::new(
+                    at,
+                    "`Self` in `#[cached]` is not supported in a generic `impl`: use a module-level constant",
+                );
+                *item = ImplItem::Verbatim(super::fallback(&*f, e));
+                continue;
+            }
+        }
+        let args = replace_self(args, &self_path);
         let func = ItemFn {
             attrs: f.attrs.clone(),
             vis: f.vis.clone(),
             sig: f.sig.clone(),
             block: Box::new(f.block.clone()),
         };
-        match super::cached::expand_parts(args, &func, Site::Associated) {
-            Ok((function, companion)) => {
+        // A trait's function has no visibility of its own; its companions are `pub` (and
+        // hidden), so `#[invalidates(Type::f(..))]` works from any module, as for other methods.
+        let companion_func =
+            if in_trait { ItemFn { vis: syn::parse_quote!(pub), ..func.clone() } } else { func.clone() };
+        match super::cached::expand_parts(args.clone(), &func, Site::Associated) {
+            Ok((function, _)) => {
                 *item = ImplItem::Verbatim(function);
-                companions.extend(companion);
+                if let Ok((_, companion)) =
+                    super::cached::expand_parts(args, &companion_func, Site::Associated)
+                {
+                    companions.extend(companion);
+                }
             }
             Err(fallback) => *item = ImplItem::Verbatim(fallback),
         }
     }
     let (impl_generics, _, where_clause) = block.generics.split_for_impl();
     let self_ty = &block.self_ty;
+    // The companions exist where the functions do.
+    let cfgs = block.attrs.iter().filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"));
+    let cfgs: Vec<_> = cfgs.cloned().collect();
     let mut tokens = block.to_token_stream();
     // The `#[cached]` attributes were consumed here, not expanded: name each path once more, so
     // the user's `use cache_runtime::cached;` still counts as used.
-    for path in &paths {
+    for path in &path_tokens {
         tokens.extend(quote! {
             #[allow(unused_imports)]
             const _: () = {
@@ -81,6 +129,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     if !companions.is_empty() {
         tokens.extend(quote! {
+            #(#cfgs)*
             #[doc(hidden)]
             impl #impl_generics #self_ty #where_clause {
                 #companions
@@ -90,16 +139,53 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     tokens
 }
 
-/// `tokens` with each `Self` replaced by `ty` (in angle brackets, so `Self::TTL` becomes
-/// `<PgRepo>::TTL`).
-fn replace_self(tokens: TokenStream, ty: &syn::Type) -> TokenStream {
+/// The companions go into `impl Type { .. }`: a type of this crate, written as a path, using
+/// every parameter of the `impl` (not `&Type`, `Box<Type>`, `dyn Trait` or a bare parameter).
+fn companions_can_live_on(block: &ItemImpl) -> syn::Result<()> {
+    let syn::Type::Path(path) = &*block.self_ty else {
+        return Err(syn::Error::new(
+            block.self_ty.span(),
+            "#[cached_impl] needs an `impl` for a type of this crate named by its path (`impl Repo for PgRepo`): \
+             it adds an `impl` block of that type for the cached functions' companions",
+        ));
+    };
+    let unused = block.generics.params.iter().find(|p| {
+        let name = match p {
+            syn::GenericParam::Type(t) => t.ident.to_string(),
+            syn::GenericParam::Lifetime(l) => l.lifetime.ident.to_string(),
+            syn::GenericParam::Const(c) => c.ident.to_string(),
+        };
+        path.qself.is_some() || !super::mentions(&path.path, &name)
+    });
+    match unused {
+        Some(p) => Err(syn::Error::new(
+            p.span(),
+            "#[cached_impl] needs every parameter of the `impl` to appear in its type (`impl<T> Repo for PgRepo<T>`): \
+             the cached functions' companions go into an `impl` of that type",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The span of the first `Self` in `tokens`, at any depth.
+fn first_self(tokens: &TokenStream) -> Option<proc_macro2::Span> {
+    tokens.clone().into_iter().find_map(|t| match t {
+        proc_macro2::TokenTree::Ident(i) if i == "Self" => Some(i.span()),
+        proc_macro2::TokenTree::Group(g) => first_self(&g.stream()),
+        _ => None,
+    })
+}
+
+/// `tokens` with each `Self` replaced by `ty` (`<PgRepo>`, or `<PgRepo as Repo>` in a trait impl
+/// with constants, so `Self::TTL` becomes `<PgRepo>::TTL`).
+fn replace_self(tokens: TokenStream, ty: &TokenStream) -> TokenStream {
     use proc_macro2::{Group, TokenTree};
     tokens
         .into_iter()
         .flat_map(|t| -> Vec<TokenTree> {
             match t {
                 // Spanned at the `Self` the user wrote: an error on the expression points there.
-                TokenTree::Ident(i) if i == "Self" => respan(quote!(<#ty>), i.span()).into_iter().collect(),
+                TokenTree::Ident(i) if i == "Self" => respan(ty.clone(), i.span()).into_iter().collect(),
                 TokenTree::Group(g) => {
                     let mut group = Group::new(g.delimiter(), replace_self(g.stream(), ty));
                     group.set_span(g.span());
@@ -127,7 +213,11 @@ fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
         .collect()
 }
 
-/// `#[cached(..)]` or `#[cache_runtime::cached(..)]`.
+/// `#[cached(..)]` or `#[cache_runtime::cached(..)]` (not another crate's `cached`).
 fn is_cached(attr: &syn::Attribute) -> bool {
-    attr.path().segments.last().is_some_and(|s| s.ident == "cached")
+    let segments: Vec<String> = attr.path().segments.iter().map(|s| s.ident.to_string()).collect();
+    matches!(
+        segments.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+        ["cached"] | [.., "cache_runtime", "cached"]
+    )
 }
