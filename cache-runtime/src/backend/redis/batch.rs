@@ -464,3 +464,47 @@ impl<K: AsRef<str>, V> Keyed for (K, V) {
         self.0.as_ref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cluster_routing::Slot;
+
+    fn keys() -> Vec<(String, ())> {
+        // Entries of one hash tag share a slot; the rest spread.
+        let mut keys: Vec<(String, ())> =
+            (0..200).map(|i| (format!("db5:px:price:{{{i:032x}}}"), ())).collect();
+        keys.insert(50, ("db5:px:price:{00000000000000000000000000000007}:lease".into(), ()));
+        keys
+    }
+
+    #[test]
+    fn one_pipeline_per_slot_each_write_once_in_order() {
+        let keys = keys();
+        let pipes = by_slot(false, &keys, |pipe, (key, _)| {
+            pipe.cmd("GET").arg(key);
+        });
+        let mut seen = vec![0; keys.len()];
+        for (pipe, indices) in &pipes {
+            assert_eq!(pipe.cmd_iter().count(), indices.len());
+            let slot = Slot::for_key(&keys[indices[0]].0);
+            assert!(indices.iter().all(|&i| Slot::for_key(&keys[i].0) == slot), "one slot per pipeline");
+            assert!(indices.windows(2).all(|w| w[0] < w[1]), "in the order written");
+            indices.iter().for_each(|&i| seen[i] += 1);
+        }
+        assert!(seen.iter().all(|&n| n == 1), "every write in exactly one pipeline");
+        // The entry and its lease (index 7 and 50) went together.
+        assert!(pipes.iter().any(|(_, ix)| ix.contains(&7) && ix.contains(&50)));
+        assert!(pipes.len() > 100, "200 random tags spread over many slots ({})", pipes.len());
+    }
+
+    #[test]
+    fn one_server_takes_one_pipeline() {
+        let keys = keys();
+        let pipes = by_slot(true, &keys, |pipe, (key, _)| {
+            pipe.cmd("GET").arg(key);
+        });
+        assert_eq!(pipes.len(), 1);
+        assert_eq!(pipes[0].1, (0..keys.len()).collect::<Vec<_>>());
+    }
+}
