@@ -3,7 +3,6 @@
 //! in a temp dir. [`RedisCluster::shared`] starts one per test binary (each test gets a key
 //! namespace of its own on it); [`RedisCluster::start`] one a test owns and may break.
 
-use std::io::Write as _;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -13,13 +12,15 @@ use super::{free_port, signal, INSTALL_HINT};
 pub const CLI_HINT: &str = "redis-cli was not found on PATH. The Cluster tests create their cluster with it: \
 install it (Debian/Ubuntu: `apt-get install redis-tools`, macOS: `brew install redis`) and run the tests again.";
 
+/// A node runs under a shell that stops it (SIGKILL) when its stdin closes: when the cluster is
+/// dropped, and also when the test binary exits without dropping it (a static, a killed run).
 pub struct Node {
     pub port: u16,
     alive: bool,
-    child: Option<Child>,
-    /// For the shared cluster: the node's stdin, held until the test binary exits; the shell
-    /// around the node then sees it close and stops the node (statics are never dropped).
-    _lifeline: Option<ChildStdin>,
+    /// The shell around the node, and its stdin (the lifeline).
+    shell: Option<Child>,
+    lifeline: Option<ChildStdin>,
+    /// The `redis-server`'s own process id.
     pid: u32,
 }
 
@@ -132,10 +133,7 @@ impl RedisCluster {
     pub fn kill(&mut self, port: u16) {
         let node = self.nodes.iter_mut().find(|n| n.port == port).expect("a node of this cluster");
         node.alive = false;
-        if let Some(mut child) = node.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        signal(node.pid, "-KILL");
     }
 
     /// The node ID of the node on `port`.
@@ -151,10 +149,9 @@ impl RedisCluster {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
-            if let Some(mut child) = node.child.take() {
-                signal(child.id(), "-CONT");
-                let _ = child.kill();
-                let _ = child.wait();
+            node.lifeline.take(); // the shell kills the node
+            if let Some(mut shell) = node.shell.take() {
+                let _ = shell.wait();
             }
         }
     }
@@ -200,25 +197,19 @@ fn spawn_node(dir: &std::path::Path, shared: bool, node_timeout_ms: u64) -> Node
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let spawned = if shared {
-            // The node runs under a shell that stops it when our stdin pipe closes (this binary
-            // exited): a static cluster is never dropped.
-            Command::new("sh")
-                .arg("-c")
-                .arg("redis-server \"$@\" >/dev/null 2>&1 & pid=$!; read _; kill -9 $pid")
-                .arg("sh")
-                .args(&args)
-                .stdin(Stdio::piped())
-                .spawn()
-        } else {
-            Command::new("redis-server").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
-        };
+        let spawned = Command::new("sh")
+            .arg("-c")
+            .arg("redis-server \"$@\" >/dev/null 2>&1 & pid=$!; read _; kill -9 $pid 2>/dev/null")
+            .arg("sh")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .spawn();
         let mut child = match spawned {
             Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
-            Err(e) => panic!("spawn redis-server: {e}"),
+            Err(e) => panic!("spawn sh for a cluster node: {e}"),
         };
-        if shared && Command::new("redis-server").arg("--version").output().is_err() {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            let _ = child.kill();
             panic!("{INSTALL_HINT}");
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -234,20 +225,26 @@ fn spawn_node(dir: &std::path::Path, shared: bool, node_timeout_ms: u64) -> Node
             std::thread::sleep(Duration::from_millis(20));
         }
         if !up {
-            let _ = child.kill();
+            drop(child.stdin.take());
+            let _ = child.wait();
             last = format!("a cluster node on port {port} did not start");
             continue;
         }
-        let pid = child.id();
-        return if shared {
-            let mut lifeline = child.stdin.take();
-            let _ = lifeline.as_mut().map(|l| l.flush());
-            // The shell is not waited for; it ends with this binary.
+        let info = cli(port, &["INFO", "server"]);
+        let pid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("the node's process id");
+        let lifeline = child.stdin.take();
+        // The shared cluster is a static: never dropped, its shells end with this binary.
+        let shell = if shared {
             std::mem::forget(child);
-            Node { port, alive: true, child: None, _lifeline: lifeline, pid }
+            None
         } else {
-            Node { port, alive: true, child: Some(child), _lifeline: None, pid }
+            Some(child)
         };
+        return Node { port, alive: true, shell, lifeline, pid };
     }
     panic!("could not start a cluster node: {last}");
 }
