@@ -440,29 +440,10 @@ async fn run() {
     // 3. Fills of distinct keys: a loop of single SET EX, the write-behind batcher, the cached
     //    crate's store (each awaited in a loop, as their APIs are used).
     {
-        let value = serde_json::to_vec(&make_quote("FILL")).unwrap();
-        let mut conn = raw_conn.clone();
-        let t0 = Instant::now();
-        for i in 0..fill_keys {
-            let _: () = redis::cmd("SET")
-                .arg(format!("rawfill:{i}"))
-                .arg(&value)
-                .arg("EX")
-                .arg(600)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        let set_loop = fill_keys as f64 / t0.elapsed().as_secs_f64();
-
+        let set_loop = set_loop(&mut raw_conn.clone(), fill_keys).await;
         let handle: Cache<Indicator, Quote> = Cache::new("fill", Duration::from_secs(600)).unwrap();
         let quote = make_quote("FILL");
-        let t0 = Instant::now();
-        for i in 0..fill_keys {
-            handle.set_behind(&i.to_string(), &quote).await.unwrap();
-        }
-        runtime.flush().await.unwrap();
-        let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
+        let batched = batched_fills(&handle, &runtime, fill_keys).await;
 
         // The batcher's settings, same loop, each on its own runtime: what chose the defaults.
         for (max, delay_ms) in [(64usize, 0u64), (256, 1), (1024, 0)] {
@@ -664,29 +645,10 @@ async fn run() {
         json.insert("cluster_hit_vs_raw_c64".into(), ratio(o.median(), r.median()));
         json.insert("cluster_hit_ops_per_s_c64".into(), (o.median().round()).into());
 
-        let value = serde_json::to_vec(&make_quote("FILL")).unwrap();
-        let mut conn = raw_cluster.clone();
-        let t0 = Instant::now();
-        for i in 0..fill_keys {
-            let _: () = redis::cmd("SET")
-                .arg(format!("rawfill:{i}"))
-                .arg(&value)
-                .arg("EX")
-                .arg(600)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        let set_loop = fill_keys as f64 / t0.elapsed().as_secs_f64();
+        let set_loop = set_loop(&mut raw_cluster.clone(), fill_keys).await;
         let handle: Cache<Indicator, Quote> =
             Cache::new("fill", Duration::from_secs(600)).unwrap().with_runtime(on_cluster.clone());
-        let quote = make_quote("FILL");
-        let t0 = Instant::now();
-        for i in 0..fill_keys {
-            handle.set_behind(&i.to_string(), &quote).await.unwrap();
-        }
-        on_cluster.flush().await.unwrap();
-        let batched = fill_keys as f64 / t0.elapsed().as_secs_f64();
+        let batched = batched_fills(&handle, &on_cluster, fill_keys).await;
         let label = format!("cluster fill {fill_keys} keys");
         table.row(&label, "raw loop of SET EX", format!("{set_loop:.0}"), "".into(), "".into());
         table.row(&label, "write-behind batcher", format!("{batched:.0}"), "".into(), "".into());
@@ -701,6 +663,29 @@ async fn run() {
     runtime.shutdown().await.unwrap();
     table.print();
     println!("{}", serde_json::Value::Object(json));
+}
+
+/// Fills per second of a loop of single `SET ... EX` of distinct keys, each awaited.
+async fn set_loop(conn: &mut (impl redis::aio::ConnectionLike + Send), keys: usize) -> f64 {
+    let value = serde_json::to_vec(&make_quote("FILL")).unwrap();
+    let t0 = Instant::now();
+    for i in 0..keys {
+        let mut set = redis::cmd("SET");
+        set.arg(format!("rawfill:{i}")).arg(&value).arg("EX").arg(600);
+        let _: () = set.query_async(conn).await.unwrap();
+    }
+    keys as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Fills per second of `set_behind` of distinct keys through `handle`, flushed on `runtime`.
+async fn batched_fills(handle: &Cache<Indicator, Quote>, runtime: &Runtime, keys: usize) -> f64 {
+    let quote = make_quote("FILL");
+    let t0 = Instant::now();
+    for i in 0..keys {
+        handle.set_behind(&i.to_string(), &quote).await.unwrap();
+    }
+    runtime.flush().await.unwrap();
+    keys as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// Warm hits in a loop on the current task for `duration`.

@@ -169,27 +169,34 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// `redis-server` on loopback, without snapshots, working in `dir`, quiet, with `args`. A
+/// missing binary is a panic with the install hint.
+pub fn spawn_server(dir: &Path, args: &[String]) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--save", ""])
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .inspect_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                panic!("{INSTALL_HINT}");
+            }
+        })
+}
+
 fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Child, String> {
     let aof: &[&str] = if persistent {
         &["--appendonly", "yes", "--appendfsync", "always"]
     } else {
         &["--appendonly", "no"]
     };
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-        .args(aof)
-        .args(extra)
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                panic!("{INSTALL_HINT}");
-            }
-            format!("spawn redis-server: {e}")
-        })?;
+    let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+    args.extend(aof.iter().map(|s| s.to_string()));
+    args.extend_from_slice(extra);
+    let mut child = spawn_server(dir, &args).map_err(|e| format!("spawn redis-server: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {

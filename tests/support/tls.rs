@@ -3,10 +3,10 @@
 //! (`--port 0 --tls-port ...`), alone or as a 3-primary cluster (`--tls-cluster yes`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::{free_port, INSTALL_HINT};
+use super::free_port;
 
 /// A CA, and a server certificate it signed, as PEM files.
 pub struct Certificates {
@@ -92,32 +92,13 @@ impl Drop for TlsServer {
 }
 
 fn spawn_tls(port: u16, dir: &Path, tls: &[String], extra: &[String]) -> Child {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(tls)
-        .args(extra)
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                panic!("{INSTALL_HINT}");
-            }
-            panic!("spawn redis-server: {e}")
-        });
+    let mut args: Vec<String> = ["--port", "0", "--tls-port", &port.to_string(), "--appendonly", "no"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend_from_slice(tls);
+    args.extend_from_slice(extra);
+    let child = super::spawn_server(dir, &args).unwrap_or_else(|e| panic!("spawn redis-server: {e}"));
     // A TLS port accepts TCP connections once the server listens.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -21,7 +21,8 @@ pub(crate) struct ClusterNodes {
     target: ClusterTarget,
     connect_timeout: Duration,
     op_timeout: Duration,
-    namespace: String,
+    /// What each DB's stored keys start with: `[{namespace}:]db{N}:`.
+    prefixes: [String; 16],
     conn: OnceLock<ClusterConnection>,
 }
 
@@ -31,7 +32,10 @@ impl ClusterNodes {
             target,
             connect_timeout: config.connect_timeout,
             op_timeout: config.op_timeout,
-            namespace: config.key_namespace.clone(),
+            prefixes: std::array::from_fn(|db| match config.key_namespace.as_str() {
+                "" => format!("db{db}:"),
+                namespace => format!("{namespace}:db{db}:"),
+            }),
             conn: OnceLock::new(),
         }
     }
@@ -114,11 +118,11 @@ impl Connections for ClusterNodes {
     /// `[{namespace}:]db{N}:{key}`: the entry's hash tag (`{...}`) stays the key's first braces,
     /// so an entry, its lease and its stamp still share a slot.
     fn key<'k>(&self, db: u8, key: &'k str) -> Cow<'k, str> {
-        Cow::Owned(if self.namespace.is_empty() {
-            format!("db{db}:{key}")
-        } else {
-            format!("{}:db{db}:{key}", self.namespace)
-        })
+        let prefix = &self.prefixes[usize::from(db & 0x0f)];
+        let mut stored = String::with_capacity(prefix.len() + key.len());
+        stored.push_str(prefix);
+        stored.push_str(key);
+        Cow::Owned(stored)
     }
 
     fn pipelines_cross_slots(&self) -> bool {

@@ -138,6 +138,25 @@ impl<C: Connections> RedisStore<C> {
         });
     }
 
+    /// Hands `write` to `offer` under its stored key; a write given back gets the runtime's key
+    /// again (the caller then writes it through `fill` or `set`, which map it themselves). Where
+    /// the stored key is the runtime's (one server, no namespace), nothing is copied.
+    fn with_stored_key(
+        &self,
+        db: u8,
+        mut write: Write,
+        offer: impl FnOnce(Write) -> Result<(), Write>,
+    ) -> Result<(), Write> {
+        let Cow::Owned(stored) = self.key(db, &write.key) else {
+            return offer(write);
+        };
+        let key = std::mem::replace(&mut write.key, stored);
+        offer(write).map_err(|mut write| {
+            write.key = key;
+            write
+        })
+    }
+
     fn conn(&self, db: u8) -> Result<C::Conn, BackendError> {
         self.links.conn(db)
     }
@@ -446,21 +465,11 @@ impl<C: Connections> Store for RedisStore<C> {
     }
     /// The batcher gets the stored key; a write it gives back gets the runtime's key again (the
     /// caller then writes it through `fill` or `set`, which map it themselves).
-    fn offer(&self, db: u8, mut write: Write) -> Result<(), Write> {
-        let key = std::mem::take(&mut write.key);
-        write.key = self.key(db, &key).into_owned();
-        self.batcher.offer(db, write).map_err(|mut write| {
-            write.key = key;
-            write
-        })
+    fn offer(&self, db: u8, write: Write) -> Result<(), Write> {
+        self.with_stored_key(db, write, |write| self.batcher.offer(db, write))
     }
-    fn offer_handle_write(&self, db: u8, mut write: Write) -> Result<(), Write> {
-        let key = std::mem::take(&mut write.key);
-        write.key = self.key(db, &key).into_owned();
-        self.batcher.offer_handle_write(db, write).map_err(|mut write| {
-            write.key = key;
-            write
-        })
+    fn offer_handle_write(&self, db: u8, write: Write) -> Result<(), Write> {
+        self.with_stored_key(db, write, |write| self.batcher.offer_handle_write(db, write))
     }
     async fn supersede(&self, limit: Duration, db: u8, key: &str) {
         self.batcher.supersede(limit, db, &self.key(db, key)).await

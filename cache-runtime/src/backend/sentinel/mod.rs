@@ -210,18 +210,11 @@ impl Connections for SentinelPrimary {
         namespaced(&self.namespace, key)
     }
 
-    /// A call that timed out (the store's bound ended it before the connection reported) or
-    /// lost its connection: the primary may have moved, so the next call asks the sentinels.
+    /// A call the store's bound ended before the connection answered (so `Shared::check` never
+    /// saw it): the primary may have moved, so the next call asks the sentinels. Every answered
+    /// failure was already checked on the connection.
     fn failed(&self, error: &BackendError) {
-        let moved = match error {
-            BackendError::Timeout(_) => true,
-            BackendError::Redis(failure) => {
-                failure.is_connection_failure()
-                    || matches!(failure.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
-            }
-            BackendError::Batch(_) | BackendError::Bypassed => false,
-        };
-        if moved {
+        if error.is_timeout() {
             *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
