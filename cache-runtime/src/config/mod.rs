@@ -803,8 +803,10 @@ mod tests {
             .with_op_timeout(Duration::MAX)
             .with_lease_ttl(Duration::MAX)
             .with_breaker(3, Duration::MAX)
-            .with_shutdown_timeout(Duration::MAX);
+            .with_shutdown_timeout(Duration::MAX)
+            .with_invalidation_recheck(Duration::MAX);
         assert_eq!((c.op_timeout(), c.lease_ttl(), c.breaker().1), (MAX_SETTING, MAX_SETTING, MAX_SETTING));
+        assert_eq!(c.invalidation_recheck(), MAX_SETTING);
         assert_eq!(
             CacheConfig::memory().with_lease_ttl(Duration::ZERO).lease_ttl(),
             Duration::from_millis(10)
