@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::MarketData;
-use cache_runtime::{cached, invalidate, invalidates, CacheConfig, KeyBuilder, Runtime};
+use cache_runtime::{cached, cached_impl, invalidate, invalidates, CacheConfig, KeyBuilder, Runtime};
 use support::Fixture;
 
 /// The source of truth the cached functions read: a price per symbol, and a read counter.
@@ -122,6 +122,7 @@ pub struct Portfolio {
     db: Db,
 }
 
+#[cached_impl]
 impl Portfolio {
     #[cached(db = MarketData, prefix = "inv", ttl = 300, skip(self))]
     async fn value(&self, account: u64) -> u64 {

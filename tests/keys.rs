@@ -7,7 +7,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 use cache_runtime::db::MarketData;
-use cache_runtime::{cached, invalidate, KeyBuilder};
+use cache_runtime::{cached, cached_impl, invalidate, KeyBuilder};
 use serde::{Deserialize, Serialize};
 use support::Fixture;
 
@@ -56,6 +56,7 @@ pub struct Feed {
     venue: &'static str,
 }
 
+#[cached_impl]
 impl Feed {
     /// The receiver is part of the key: XNAS and XNYS have their own entries.
     #[cached(db = MarketData, prefix = "feed", ttl = 300)]
@@ -72,6 +73,7 @@ impl Feed {
 
 pub struct Other;
 
+#[cached_impl]
 impl Other {
     /// Same prefix and name as `Feed::last`, another type.
     #[cached(db = MarketData, prefix = "feed", ttl = 300, skip(self))]

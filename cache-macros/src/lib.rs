@@ -26,7 +26,7 @@ use proc_macro::TokenStream;
 /// | `prefix = "..."` | yes | namespace: lowercase letters, digits, `_`, `-` |
 /// | `ttl = 300` / `ttl = "5m"` / `ttl = TTL_MARKET` | yes | seconds (or s/m/h/d units, or an integer constant expression), more than 0, at most 365 days |
 /// | `skip(a, b)` | no | parameters left out of the key (pools, handles); `skip(self)` lets every instance share entries, otherwise a method's receiver is part of the key (`Self: Serialize`) |
-/// | `version = 2` | no | goes into the key, to retire entries when the value's shape changes |
+/// | `version = 2` | no | goes into the key, to retire entries when the values' meaning changes (a changed shape of the value's type retires them by itself) |
 /// | `format = MessagePack` | no | `Json` (default, readable by other languages) or `MessagePack` (smaller, faster) |
 ///
 /// `Result<T, E>` caches only `Ok`, `Option<T>` only `Some`, any other type always. Cache
@@ -40,9 +40,10 @@ pub fn cached(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::cached::expand(args.into(), item.into()).into()
 }
 
-/// Lets `#[cached]` work on the functions of an `impl` block that cannot hold its companions
-/// itself: a trait impl (native `async fn` in traits, or `#[async_trait]`, written below this
-/// attribute), and associated functions without `self`.
+/// Lets `#[cached]` work on the functions of an `impl` block, inherent or trait impl (native
+/// `async fn` in traits, or `#[async_trait]`, written below this attribute), with `self` or
+/// without. Every `impl` block with `#[cached]` functions needs it: an attribute on a function
+/// cannot tell an inherent impl from a trait impl, which may hold only the trait's items.
 ///
 /// ```ignore
 /// #[cached_impl]

@@ -33,6 +33,7 @@ mod key;
 mod policy;
 mod read_through;
 mod runtime;
+mod shape;
 mod spec;
 mod stats;
 mod value;

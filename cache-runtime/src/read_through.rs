@@ -174,7 +174,15 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         Some(Ok(_)) => distrusted,
         Some(Err(error)) => {
             counters.decode_failure();
-            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cached value no longer decodes; recomputing");
+            match error {
+                // Expected after a release changed the type: one per key, so not a warning.
+                value::CodecError::OtherShape => {
+                    tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cached value was written for another shape of the type; recomputing");
+                }
+                value::CodecError::Invalid(error) => {
+                    tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cached value no longer decodes; recomputing");
+                }
+            }
             true
         }
         None => distrusted,

@@ -1,12 +1,14 @@
-//! The stored value formats. Each stores the pair `[generation, value]`, the generation being the
-//! one its writer saw when it missed, so that a `function(..)` invalidation (which raises the
-//! function's generation) makes every older entry a miss without touching it.
+//! The stored value formats. Each stores the triple `[generation, value, shape]`: the
+//! generation its writer saw when it missed, so that a `function(..)` invalidation (which raises
+//! the function's generation) makes every older entry a miss without touching it; and the shape
+//! of the value's type (`shape.rs`), so that an entry written by a release whose type had other
+//! fields is a miss, not a value read with the wrong meaning.
 //!
-//! - [`Format::Json`] (the default): the JSON array `[generation, value]`, which other languages
-//!   read (`json.loads(raw)[1]` in Python).
-//! - [`Format::MessagePack`]: the same pair as a MessagePack array, structs as arrays (the
+//! - [`Format::Json`] (the default): the JSON array `[generation, value, shape]`, which other
+//!   languages read (`json.loads(raw)[1]` in Python).
+//! - [`Format::MessagePack`]: the same triple as a MessagePack array, structs as arrays (the
 //!   compact form `rmp_serde::to_vec` writes): about half the bytes and a third of the decode time
-//!   of JSON, but fields are matched by position, so a changed struct needs a new `version`.
+//!   of JSON.
 //!
 //! The Lua scripts read the generation of either (`[` starts JSON; anything else is MessagePack,
 //! read with Redis's `cmsgpack`).
@@ -27,40 +29,63 @@ pub enum Format {
 
 /// A value that could not be encoded or decoded, whatever the format.
 #[derive(Debug)]
-pub(crate) struct CodecError(String);
+pub(crate) enum CodecError {
+    Invalid(String),
+    /// It decodes, but was written for a type of another shape (another release's).
+    OtherShape,
+}
 
-impl std::fmt::Display for CodecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl CodecError {
+    fn invalid(e: impl std::fmt::Display) -> Self {
+        CodecError::Invalid(e.to_string())
     }
 }
 
-/// Encodes `value` written under `generation`.
-pub(crate) fn encode<T: Serialize + ?Sized>(
+impl std::fmt::Display for CodecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CodecError::Invalid(e) => f.write_str(e),
+            CodecError::OtherShape => {
+                f.write_str("written for another shape of the value's type (another release)")
+            }
+        }
+    }
+}
+
+/// Encodes `value` written under `generation`, with its type's shape.
+pub(crate) fn encode<T: Serialize + DeserializeOwned>(
     format: Format,
     generation: u64,
     value: &T,
 ) -> Result<Vec<u8>, CodecError> {
+    let shape = crate::shape::of::<T>();
     match format {
         Format::Json => {
             let mut out = Vec::with_capacity(128);
             out.push(b'[');
             out.extend_from_slice(generation.to_string().as_bytes());
             out.push(b',');
-            serde_json::to_writer(&mut out, value).map_err(|e| CodecError(e.to_string()))?;
+            serde_json::to_writer(&mut out, value).map_err(CodecError::invalid)?;
+            out.push(b',');
+            out.extend_from_slice(shape.to_string().as_bytes());
             out.push(b']');
             Ok(out)
         }
-        Format::MessagePack => rmp_serde::to_vec(&(generation, value)).map_err(|e| CodecError(e.to_string())),
+        Format::MessagePack => rmp_serde::to_vec(&(generation, value, shape)).map_err(CodecError::invalid),
     }
 }
 
-/// Decodes a stored value and the generation it was written under.
+/// Decodes a stored value and the generation it was written under; a value written for another
+/// shape of `T` (or before shapes were stored) is an error.
 pub(crate) fn decode<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Result<(u64, T), CodecError> {
-    match format {
-        Format::Json => serde_json::from_slice(bytes).map_err(|e| CodecError(e.to_string())),
-        Format::MessagePack => rmp_serde::from_slice(bytes).map_err(|e| CodecError(e.to_string())),
+    let (generation, value, shape): (u64, T, u64) = match format {
+        Format::Json => serde_json::from_slice(bytes).map_err(CodecError::invalid)?,
+        Format::MessagePack => rmp_serde::from_slice(bytes).map_err(CodecError::invalid)?,
+    };
+    if shape != crate::shape::of::<T>() {
+        return Err(CodecError::OtherShape);
     }
+    Ok((generation, value))
 }
 
 /// The generation of a stored value without decoding the value.
@@ -71,8 +96,9 @@ pub(crate) fn generation_of(bytes: &[u8]) -> Option<u64> {
             let end = rest.iter().position(|b| *b == b',')?;
             std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
         }
-        // A two-element MessagePack array; its first element is the generation.
-        0x92 => {
+        // A three-element MessagePack array (two before shapes were stored); its first element
+        // is the generation.
+        0x92 | 0x93 => {
             let mut rest = &bytes[1..];
             rmp::decode::read_int(&mut rest).ok()
         }
@@ -88,14 +114,41 @@ mod tests {
     fn round_trip_and_generation() {
         for format in [Format::Json, Format::MessagePack] {
             for generation in [0, 7, 300, 70_000, 1_700_000_000_123_456] {
-                let bytes = encode(format, generation, &("AAPL", 150.25)).unwrap();
+                let bytes = encode(format, generation, &("AAPL".to_owned(), 150.25)).unwrap();
                 assert_eq!(generation_of(&bytes), Some(generation), "{format:?}");
                 let (g, v): (u64, (String, f64)) = decode(format, &bytes).unwrap();
                 assert_eq!((g, v), (generation, ("AAPL".to_owned(), 150.25)));
             }
         }
-        assert_eq!(encode(Format::Json, 5, &1).unwrap(), b"[5,1]");
+        let shape = crate::shape::of::<u32>();
+        assert_eq!(encode(Format::Json, 5, &1u32).unwrap(), format!("[5,1,{shape}]").as_bytes());
         assert_eq!(generation_of(b"{\"old\":1}"), None);
         assert!(decode::<(String, f64)>(Format::MessagePack, b"[5,1]").is_err());
+    }
+
+    #[test]
+    fn another_shape_is_refused() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug)]
+        struct Old {
+            price: f64,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        struct New {
+            price: f64,
+            #[serde(default)]
+            #[allow(dead_code)]
+            venue: String,
+        }
+        for format in [Format::Json, Format::MessagePack] {
+            let bytes = encode(format, 3, &Old { price: 1.5 }).unwrap();
+            assert_eq!(decode::<Old>(format, &bytes).unwrap().1.price, 1.5);
+            assert!(matches!(decode::<New>(format, &bytes), Err(CodecError::OtherShape)), "{format:?}");
+        }
+        // The same bytes without the shape would have been read as `New`, the danger refused.
+        let (_, unchecked, _): (u64, New, u64) =
+            serde_json::from_slice(&encode(Format::Json, 3, &Old { price: 1.5 }).unwrap()).unwrap();
+        assert_eq!(unchecked.price, 1.5);
+        // An entry from before shapes were stored is not read either.
+        assert!(matches!(decode::<u32>(Format::Json, b"[5,1]"), Err(CodecError::Invalid(_))));
     }
 }

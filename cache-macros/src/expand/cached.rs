@@ -20,7 +20,21 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return super::fallback(item, e);
         }
     };
+    // A function's attribute cannot tell an inherent `impl` from a trait impl, which may hold
+    // only the trait's items: a method's companions always go where `#[cached_impl]` puts them.
     let site = super::companion_site(&func.sig);
+    if let Site::Associated = site {
+        let at = func.sig.receiver().map_or_else(|| func.sig.ident.span(), |r| r.self_token.span);
+        let name = &func.sig.ident;
+        let e = syn::Error::new(
+            at,
+            format!(
+                "`{name}` is a method: put `#[cached_impl]` on its `impl` block (above `#[async_trait]` if \
+                 there is one); `#[cached]` needs it on every function of an `impl`"
+            ),
+        );
+        return super::fallback(item, e);
+    }
     match expand_parts(args, &func, site) {
         Ok((mut function, companions)) => {
             function.extend(companions);
@@ -280,6 +294,36 @@ mod tests {
         super::expand(args, item).to_string()
     }
 
+    /// A method as `#[cached_impl]` expands it: the function, then its companions.
+    fn expand_method(args: TokenStream, item: TokenStream) -> String {
+        let func = syn::parse2(item).unwrap();
+        match super::expand_parts(args, &func, super::Site::Associated) {
+            Ok((function, companions)) => format!("{function} {companions}"),
+            Err(fallback) => fallback.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_method_outside_cached_impl_is_told_to_add_it() {
+        for receiver in [quote!(&self,), quote!()] {
+            let out = expand(
+                quote!(db = MarketData, prefix = "m", ttl = 60, skip(self)),
+                quote!(
+                    async fn quote(#receiver x: u32) -> Option<Self> {
+                        None
+                    }
+                ),
+            );
+            let errors = errors(&out);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].starts_with("`quote` is a method: put `#[cached_impl]` on its `impl` block"),
+                "{errors:?}"
+            );
+            assert!(!out.contains("__cache"), "no companions, nothing generated named: {out}");
+        }
+    }
+
     /// The messages of the `compile_error!`s in an expansion.
     fn errors(expansion: &str) -> Vec<String> {
         expansion
@@ -348,7 +392,7 @@ mod tests {
 
     #[test]
     fn skipped_receiver_is_not_hashed() {
-        let out = expand(
+        let out = expand_method(
             quote!(db = MarketData, prefix = "m", ttl = 60, skip(self)),
             quote!(
                 async fn f(&self, x: u32) -> u32 {
@@ -372,7 +416,7 @@ mod tests {
             (quote!(self), "& self"),
             (quote!(mut self), "& self"),
         ] {
-            let out = expand(args.clone(), quote!(async fn f(#receiver, x: u32) -> u32 { x }));
+            let out = expand_method(args.clone(), quote!(async fn f(#receiver, x: u32) -> u32 { x }));
             assert_valid(&out);
             assert!(out.contains(&format!("key_receiver (& mut __cache_hasher , {value}) ;")), "{out}");
             // The key companion takes the instance first, as `&self`, and hashes it as `Self`.

@@ -29,10 +29,10 @@ pub(crate) enum Site {
     /// it along with the function, and an `impl` resolves names where the function does, even in
     /// a function body) with `f::__cache_key_f` and `f::__cache_spec_f`.
     Module,
-    /// A method (it has a receiver, or names `Self`), or any function of an `impl` block marked
-    /// `#[cached_impl]`: associated functions `Self::__cache_key_f` and `Self::__cache_spec_f`,
-    /// in the same `impl` block, or, under `#[cached_impl]`, in an inherent `impl` block of the
-    /// same type emitted beside it (a trait impl cannot hold them).
+    /// Any function of an `impl` block marked `#[cached_impl]`: associated functions
+    /// `Self::__cache_key_f` and `Self::__cache_spec_f`, in an inherent `impl` block of the same
+    /// type emitted beside it (a trait impl cannot hold them). `#[cached]` alone refuses a
+    /// method (it has a receiver, or names `Self`), saying to add `#[cached_impl]`.
     Associated,
 }
 

@@ -6,8 +6,8 @@ struct Repo;
 impl Repo {
     const TTL: u64 = 60;
 
-    #[cached(db = MarketData, prefix = "market", ttl = Self::TTL, skip(self))]
-    async fn listing(&self, symbol: &str) -> usize {
+    #[cached(db = MarketData, prefix = "market", ttl = Self::TTL)]
+    async fn listing(symbol: &str) -> usize {
         symbol.len()
     }
 }

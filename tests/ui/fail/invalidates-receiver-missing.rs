@@ -1,9 +1,11 @@
+use cache_runtime::cached_impl;
 use cache_runtime::db::MarketData;
 use cache_runtime::{cached, invalidates};
 
 #[derive(serde::Serialize)]
 struct Book;
 
+#[cached_impl]
 impl Book {
     #[cached(db = MarketData, prefix = "book", ttl = 60)]
     async fn depth(&self, symbol: &str) -> u32 {

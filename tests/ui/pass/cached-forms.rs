@@ -1,6 +1,7 @@
 //! Every accepted form compiles, keeps its docs and attributes, and runs.
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use cache_runtime::cached_impl;
 use cache_runtime::db::{GenAi, MarketData};
 use cache_runtime::{cache_db, cached, CacheConfig, Runtime};
 
@@ -36,6 +37,7 @@ struct Service {
     factor: u32,
 }
 
+#[cached_impl]
 impl Service {
     #[cached(db = MarketData, prefix = "svc", ttl = 60)]
     async fn scaled(&self, x: u32) -> u32 {

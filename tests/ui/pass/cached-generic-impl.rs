@@ -1,6 +1,7 @@
 //! Methods of a generic `impl`: `Self` (with its type arguments) is part of the key.
 use std::marker::PhantomData;
 
+use cache_runtime::cached_impl;
 use cache_runtime::db::MarketData;
 use cache_runtime::{cached, invalidate, invalidates, CacheConfig, Runtime};
 
@@ -9,6 +10,7 @@ struct Store<T> {
     _value: PhantomData<T>,
 }
 
+#[cached_impl]
 impl<T: serde::Serialize + serde::de::DeserializeOwned + Default> Store<T> {
     fn new(shard: u8) -> Self {
         Store { shard, _value: PhantomData }

@@ -2,6 +2,7 @@
 //! entries, and invalidation names the instance first.
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use cache_runtime::cached_impl;
 use cache_runtime::db::MarketData;
 use cache_runtime::{cached, invalidate, invalidates, CacheConfig, Runtime};
 
@@ -13,6 +14,7 @@ struct Feed {
     calls: AtomicU32,
 }
 
+#[cached_impl]
 impl Feed {
     fn new(venue: &str) -> Feed {
         Feed { venue: venue.to_owned(), calls: AtomicU32::new(0) }

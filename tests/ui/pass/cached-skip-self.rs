@@ -1,6 +1,7 @@
 //! `skip(self)`: every instance shares the method's entries, so `Self` need not be Serialize.
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use cache_runtime::cached_impl;
 use cache_runtime::db::MarketData;
 use cache_runtime::{cached, invalidates, CacheConfig, Runtime};
 
@@ -9,6 +10,7 @@ struct Pool {
     calls: AtomicU32,
 }
 
+#[cached_impl]
 impl Pool {
     #[cached(db = MarketData, prefix = "pool", ttl = 60, skip(self))]
     async fn lookup(&self, id: u32) -> u32 {

@@ -1,4 +1,5 @@
 //! Every accepted form of invalidation compiles and runs.
+use cache_runtime::cached_impl;
 use cache_runtime::db::MarketData;
 use cache_runtime::{cached, invalidate, invalidates, CacheConfig, Runtime};
 
@@ -39,6 +40,7 @@ async fn reset(limit: u32) {
 #[derive(serde::Serialize)]
 struct Book;
 
+#[cached_impl]
 impl Book {
     #[cached(db = MarketData, prefix = "book", ttl = 60)]
     async fn depth(&self, symbol: &str) -> u32 {

@@ -15,7 +15,7 @@ use crate::error::BackendError;
 use crate::key;
 
 /// KEYS: entry, lease, invalidation stamp. ARGV: token, lease ms, minimum generation. The
-/// generation is read from the head of a JSON (`[g,...]`) or MessagePack value (`0x92` then an
+/// generation is read from the head of a JSON (`[g,...]`) or MessagePack value (`0x93` then an
 /// integer; see `value.rs`) without decoding the rest.
 /// A fresh entry: `{1, value}`. Lease taken: `{2, stamp}`, the key's invalidation stamp at the
 /// grant (`'0'` if none). Someone else holds it: `{3}`.
@@ -26,7 +26,7 @@ if v then
   local b = string.byte(v, 1)
   if b == 91 then
     g = tonumber(string.match(v, '^%[(%d+),'))
-  elseif b == 0x92 then
+  elseif b == 0x92 or b == 0x93 then
     local t = string.byte(v, 2)
     if t and t < 0x80 then
       g = t
