@@ -259,6 +259,7 @@ async fn disabled_runtime_always_runs() {
         server: None,
         cluster: None,
         tls: None,
+        disk: None,
     };
     let calls = AtomicUsize::new(0);
     for _ in 0..3 {

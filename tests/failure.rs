@@ -102,6 +102,7 @@ async fn unreachable_server_from_the_start() {
         server: None,
         cluster: None,
         tls: None,
+        disk: None,
     };
     let calls = AtomicUsize::new(0);
     let slowest = slowest_of(&fx, 10, &calls).await;

@@ -17,6 +17,9 @@ pub enum BackendError {
     /// The circuit breaker is open: the server failed repeatedly, and calls skip it until a
     /// probe succeeds.
     Bypassed,
+    /// The disk backend's file failed (full disk, permissions, a corrupt file being rebuilt):
+    /// SQLite's message.
+    Disk(String),
 }
 
 /// What Redis (or the connection to it) answered, without exposing the `redis` crate's types.
@@ -55,6 +58,7 @@ impl fmt::Display for BackendError {
             BackendError::Timeout(d) => write!(f, "backend call timed out after {d:?}"),
             BackendError::Batch(e) => write!(f, "batched write failed: {e}"),
             BackendError::Bypassed => f.write_str("the cache breaker is open: the backend is skipped"),
+            BackendError::Disk(e) => write!(f, "disk: {e}"),
         }
     }
 }
@@ -65,7 +69,7 @@ impl BackendError {
         match self {
             BackendError::Timeout(_) => true,
             BackendError::Redis(e) => e.0.is_timeout(),
-            BackendError::Batch(_) | BackendError::Bypassed => false,
+            BackendError::Batch(_) | BackendError::Bypassed | BackendError::Disk(_) => false,
         }
     }
 
@@ -81,7 +85,7 @@ impl BackendError {
         use redis::{ErrorKind, ServerErrorKind as S};
         match self {
             BackendError::Timeout(_) | BackendError::Batch(_) => true,
-            BackendError::Bypassed => false,
+            BackendError::Bypassed | BackendError::Disk(_) => false,
             BackendError::Redis(e) => match e.0.kind() {
                 ErrorKind::Io
                 | ErrorKind::AuthenticationFailed
@@ -102,7 +106,10 @@ impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BackendError::Redis(e) => Some(e),
-            BackendError::Timeout(_) | BackendError::Batch(_) | BackendError::Bypassed => None,
+            BackendError::Timeout(_)
+            | BackendError::Batch(_)
+            | BackendError::Bypassed
+            | BackendError::Disk(_) => None,
         }
     }
 }

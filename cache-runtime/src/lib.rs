@@ -40,10 +40,11 @@ mod value;
 
 pub use cache_macros::{cached, cached_impl, invalidate, invalidates};
 pub use config::{
-    BackendKind, CacheConfig, ClusterTarget, ConfigError, Environment, RedisTarget, SentinelTarget,
-    DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_INVALIDATION_RECHECK, DEFAULT_LEASE_TTL, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_MAX_BYTES,
-    DEFAULT_OP_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_QUEUE, MAX_POOL_SIZE, MAX_SETTING,
+    BackendKind, CacheConfig, ClusterTarget, ConfigError, DiskTarget, Environment, RedisTarget,
+    SentinelTarget, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DISK_MAX_SIZE, DEFAULT_INVALIDATION_RECHECK, DEFAULT_LEASE_TTL, DEFAULT_MEMORY_CAPACITY,
+    DEFAULT_MEMORY_MAX_BYTES, DEFAULT_OP_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_QUEUE, MAX_POOL_SIZE,
+    MAX_SETTING,
 };
 pub use error::{BackendError, CacheError, RedisFailure};
 pub use handle::{prefix_problem, Cache};

@@ -45,6 +45,7 @@ impl Runtime {
             BackendKind::Redis(target) => format!("redis at {target}"),
             BackendKind::Cluster(target) => format!("redis cluster at {}", target.address()),
             BackendKind::Sentinel(target) => format!("redis sentinel {}", target.address()),
+            BackendKind::Disk(target) => format!("disk at {}", target.dir().display()),
             BackendKind::None => "none (caching disabled)".to_owned(),
         };
         let backend = Backend::new(&config);

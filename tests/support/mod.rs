@@ -242,6 +242,8 @@ pub struct Fixture {
     pub server: Option<RedisServer>,
     pub cluster: Option<ClusterView>,
     pub tls: Option<TlsView>,
+    /// The disk backend's directory, removed with the fixture.
+    pub disk: Option<tempfile::TempDir>,
 }
 
 /// A TLS-only server of the test's own, with the certificates it trusts.
@@ -284,8 +286,21 @@ pub fn cluster_config() -> (CacheConfig, String) {
 }
 
 impl Fixture {
+    /// The disk backend in a directory of its own, removed with the fixture.
+    pub fn disk() -> Fixture {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let runtime = Runtime::new(CacheConfig::disk(dir.path()));
+        Fixture { runtime, server: None, cluster: None, tls: None, disk: Some(dir) }
+    }
+
     pub fn memory() -> Fixture {
-        Fixture { runtime: Runtime::new(CacheConfig::memory()), server: None, cluster: None, tls: None }
+        Fixture {
+            runtime: Runtime::new(CacheConfig::memory()),
+            server: None,
+            cluster: None,
+            tls: None,
+            disk: None,
+        }
     }
 
     pub fn redis() -> Fixture {
@@ -295,7 +310,7 @@ impl Fixture {
     pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
         let server = RedisServer::start();
         let config = adjust(relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses")));
-        Fixture { runtime: Runtime::new(config), server: Some(server), cluster: None, tls: None }
+        Fixture { runtime: Runtime::new(config), server: Some(server), cluster: None, tls: None, disk: None }
     }
 
     /// A runtime on this binary's shared cluster, in a key namespace of its own.
@@ -315,6 +330,7 @@ impl Fixture {
             server: None,
             cluster: Some(ClusterView { conn, namespace }),
             tls: None,
+            disk: None,
         }
     }
 
@@ -330,6 +346,7 @@ impl Fixture {
             server: None,
             cluster: None,
             tls: Some(TlsView { server, certs }),
+            disk: None,
         }
     }
 
@@ -424,7 +441,7 @@ impl Fixture {
     }
 }
 
-/// Writes `mod memory`, `mod redis`, `mod tls` (one server over TLS) and `mod cluster`, each with one `#[tokio::test]` per listed
+/// Writes `mod memory`, `mod disk`, `mod redis`, `mod tls` (one server over TLS) and `mod cluster`, each with one `#[tokio::test]` per listed
 /// behaviour, calling `behaviour(&mut Fixture)`.
 #[macro_export]
 macro_rules! on_every_backend {
@@ -434,6 +451,14 @@ macro_rules! on_every_backend {
                 #[tokio::test]
                 async fn $test() {
                     super::$test(&mut $crate::support::Fixture::memory()).await
+                }
+            )*
+        }
+        mod disk {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&mut $crate::support::Fixture::disk()).await
                 }
             )*
         }

@@ -1,5 +1,5 @@
 //! The stores behind the cache, side by side, each in its own folder or file: [`memory`]
-//! (embedded, the default with nothing configured), [`redis`] (with its scripts, its batcher and
+//! (embedded, the default with nothing configured), [`disk`] (SQLite, shared by a machine's processes), [`redis`] (with its scripts, its batcher and
 //! a [`breaker`] in front of it; one server), [`cluster`] and [`sentinel`] (the Redis store over
 //! another deployment: only how connections are made and keys are named differs) and [`none`]. What they all answer is [`store::Store`]; what the
 //! runtime and a store say to each other is [`protocol`].
@@ -11,6 +11,7 @@
 
 pub(crate) mod breaker;
 pub(crate) mod cluster;
+pub(crate) mod disk;
 pub(crate) mod memory;
 pub(crate) mod none;
 pub(crate) mod protocol;
@@ -49,6 +50,7 @@ macro_rules! stores {
 
 stores!($
     Memory(memory::MemoryBackend),
+    Disk(disk::DiskStore),
     Redis(redis::RedisStore<redis::Server>),
     Cluster(redis::RedisStore<cluster::ClusterNodes>),
     Sentinel(redis::RedisStore<sentinel::SentinelPrimary>),
@@ -60,6 +62,7 @@ impl Backend {
     pub(crate) fn new(config: &CacheConfig) -> Self {
         match &config.backend {
             BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config)),
+            BackendKind::Disk(target) => Backend::Disk(disk::DiskStore::new(target, config)),
             BackendKind::Redis(target) => {
                 Backend::Redis(redis::RedisStore::new(redis::Server::new(target.clone(), config), config))
             }
@@ -82,7 +85,7 @@ impl Backend {
 
     /// Whether answers come from this process without I/O (a loop of them must yield).
     pub(crate) fn is_in_process(&self) -> bool {
-        matches!(self, Backend::Memory(_))
+        matches!(self, Backend::Memory(_) | Backend::Disk(_))
     }
 }
 

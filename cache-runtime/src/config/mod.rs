@@ -7,7 +7,7 @@ use std::time::Duration;
 pub(crate) mod targets;
 
 use self::targets::encode_userinfo;
-pub use self::targets::{ClusterTarget, RedisTarget, SentinelTarget};
+pub use self::targets::{ClusterTarget, DiskTarget, RedisTarget, SentinelTarget, DEFAULT_DISK_MAX_SIZE};
 
 /// Default bound on each backend call. A cached call makes at most two before its function runs
 /// (the lookup and the lease request), so a failing server costs it at most twice this.
@@ -64,6 +64,8 @@ pub enum BackendKind {
     Cluster(ClusterTarget),
     /// A Redis primary found through Sentinel, followed across failovers.
     Sentinel(SentinelTarget),
+    /// A SQLite file on local disk, shared by the processes of one machine, kept across restarts.
+    Disk(DiskTarget),
     /// No caching: every call runs the function.
     None,
 }
@@ -204,6 +206,20 @@ impl CacheConfig {
         Ok(Self::with_backend(BackendKind::Redis(RedisTarget::from_url(url)?)))
     }
 
+    /// The disk backend in `dir` (see [`DiskTarget`]; `with_disk_max_size` bounds it).
+    pub fn disk(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self::with_backend(BackendKind::Disk(DiskTarget::new(dir)))
+    }
+
+    /// The most bytes the disk backend's entries may take (see [`DiskTarget::with_max_size`]);
+    /// no effect on other backends.
+    pub fn with_disk_max_size(mut self, bytes: u64) -> Self {
+        if let BackendKind::Disk(target) = self.backend {
+            self.backend = BackendKind::Disk(target.with_max_size(bytes));
+        }
+        self
+    }
+
     /// A Redis Cluster, discovered from any of `nodes` (`host:port`, `redis://...` or
     /// `rediss://...`; see [`ClusterTarget::new`]).
     pub fn cluster<S: AsRef<str>>(nodes: &[S]) -> Result<Self, ConfigError> {
@@ -223,7 +239,7 @@ impl CacheConfig {
             BackendKind::Redis(target) => target.set_ca(ca),
             BackendKind::Cluster(target) => target.set_ca(ca),
             BackendKind::Sentinel(target) => target.set_ca(ca),
-            BackendKind::Memory | BackendKind::None => {}
+            BackendKind::Memory | BackendKind::Disk(_) | BackendKind::None => {}
         }
         Ok(self)
     }
@@ -364,7 +380,8 @@ impl CacheConfig {
     /// | variable | meaning |
     /// |---|---|
     /// | `CACHE_ENABLED` | `false`/`0`/`no`/`off` turns caching off |
-    /// | `CACHE_BACKEND` | `memory`, `redis`, `cluster`, `sentinel` or `none` (case-insensitive) |
+    /// | `CACHE_BACKEND` | `memory`, `disk`, `redis`, `cluster`, `sentinel` or `none` (case-insensitive) |
+    /// | `CACHE_DIR`, `CACHE_MAX_SIZE` | with `disk`: the directory (required) and the bound in bytes (default 1 GiB) |
     /// | `REDIS_URL` | `redis://[user:password@]host:port`, `rediss://...` (TLS), `redis+sentinel://host:port,.../master` |
     /// | `REDIS_HOST`, `REDIS_PORT` | used when `REDIS_URL` is unset |
     /// | `REDIS_USERNAME`, `REDIS_PASSWORD` | the ACL user (with `REDIS_HOST`, Cluster and Sentinel) |
@@ -469,6 +486,27 @@ impl CacheConfig {
             },
             Some(b) if b == "memory" => Self::memory(),
             Some(b) if b == "none" => Self::disabled(),
+            Some(b) if b == "disk" => {
+                let dir = var("CACHE_DIR").filter(|d| !d.trim().is_empty()).ok_or(ConfigError::InvalidValue {
+                    variable: "CACHE_DIR",
+                    value: String::new(),
+                    expected: "a directory (CACHE_BACKEND=disk keeps its file there)",
+                })?;
+                let config = Self::disk(dir.trim());
+                match var("CACHE_MAX_SIZE") {
+                    None => config,
+                    Some(size) => match size.trim().parse::<u64>() {
+                        Ok(bytes) if bytes > 0 => config.with_disk_max_size(bytes),
+                        _ => {
+                            return Err(ConfigError::InvalidValue {
+                                variable: "CACHE_MAX_SIZE",
+                                value: size,
+                                expected: "a number of bytes, more than 0",
+                            })
+                        }
+                    },
+                }
+            }
             Some(b) if b == "redis" => {
                 Self::redis(&redis_url()?.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()))?
             }
@@ -494,7 +532,7 @@ impl CacheConfig {
                 return Err(ConfigError::InvalidValue {
                     variable: "CACHE_BACKEND",
                     value: other,
-                    expected: "memory, redis, cluster, sentinel or none",
+                    expected: "memory, disk, redis, cluster, sentinel or none",
                 })
             }
         };
@@ -690,7 +728,25 @@ mod tests {
     #[test]
     fn unknown_backend_is_an_error() {
         let err = from(&[("CACHE_BACKEND", "memcached")]).unwrap_err();
-        assert!(err.to_string().contains("memory, redis, cluster, sentinel or none"), "{err}");
+        assert!(err.to_string().contains("memory, disk, redis, cluster, sentinel or none"), "{err}");
+    }
+
+    #[test]
+    fn disk_takes_its_directory_and_bound() {
+        let config =
+            from(&[("CACHE_BACKEND", "Disk"), ("CACHE_DIR", "/var/cache/svc"), ("CACHE_MAX_SIZE", "5000")])
+                .unwrap();
+        let BackendKind::Disk(target) = &config.backend else { panic!("{config:?}") };
+        assert_eq!((target.dir(), target.max_size()), (std::path::Path::new("/var/cache/svc"), 5000));
+        let default = from(&[("CACHE_BACKEND", "disk"), ("CACHE_DIR", "/tmp/c")]).unwrap();
+        assert!(matches!(&default.backend, BackendKind::Disk(t) if t.max_size() == DEFAULT_DISK_MAX_SIZE));
+        let err = from(&[("CACHE_BACKEND", "disk")]).unwrap_err();
+        assert!(err.to_string().starts_with("CACHE_DIR=``"), "{err}");
+        for bad in ["0", "-1", "1GB"] {
+            let err = from(&[("CACHE_BACKEND", "disk"), ("CACHE_DIR", "/tmp/c"), ("CACHE_MAX_SIZE", bad)])
+                .unwrap_err();
+            assert!(err.to_string().contains("a number of bytes, more than 0"), "{err}");
+        }
     }
 
     #[test]

@@ -337,3 +337,38 @@ pub(crate) fn encode_userinfo(text: &str) -> String {
     }
     out
 }
+
+/// The disk backend's file: a directory (created if missing) that every process of the service
+/// on this machine names, and a bound on the bytes of its entries.
+#[derive(Clone, Debug)]
+pub struct DiskTarget {
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) max_size: u64,
+}
+
+/// The disk backend's default bound, as Python's `diskcache` (1 GB).
+pub const DEFAULT_DISK_MAX_SIZE: u64 = 1 << 30;
+
+impl DiskTarget {
+    /// The cache in `dir`, bounded at [`DEFAULT_DISK_MAX_SIZE`] bytes.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        DiskTarget { dir: dir.into(), max_size: DEFAULT_DISK_MAX_SIZE }
+    }
+
+    /// The most bytes (keys and values) the entries may take; the file is larger by SQLite's
+    /// pages and indexes. At least 1.
+    pub fn with_max_size(mut self, bytes: u64) -> Self {
+        self.max_size = bytes.max(1);
+        self
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The bound on the entries' bytes.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+}
