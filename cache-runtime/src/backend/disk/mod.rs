@@ -147,7 +147,9 @@ impl DiskStore {
     fn follow_replaced_file(&self) {
         let now = now_ms() as u64;
         let last = self.checked_at.load(Relaxed);
-        if now.saturating_sub(last) < 1000 || self.checked_at.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+        if now.saturating_sub(last) < 1000
+            || self.checked_at.compare_exchange(last, now, Relaxed, Relaxed).is_err()
+        {
             return;
         }
         let opened = self.opened.load(Relaxed);
