@@ -660,6 +660,61 @@ async fn run() {
         on_cluster.shutdown().await.unwrap();
     }
 
+    // 8. The disk backend against Python's diskcache (seed 003's engine): sets of distinct keys
+    //    (each a miss through `#[cached]`: lookup, lease, body, fill), then gets of them (hits),
+    //    one task, the same ~200-byte JSON value; diskcache by examples/diskcache_bench.py.
+    {
+        let keys: usize =
+            std::env::var("BENCH_DISK_KEYS").ok().and_then(|r| r.parse().ok()).unwrap_or(20_000);
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Runtime::new(CacheConfig::disk(dir.path()));
+        let names: Vec<String> = (0..keys).map(|i| format!("D{i}")).collect();
+        let t0 = Instant::now();
+        for name in &names {
+            disk.scope(ours(name)).await.unwrap();
+        }
+        let sets = keys as f64 / t0.elapsed().as_secs_f64();
+        let before = EXECUTIONS.load(SeqCst);
+        let t0 = Instant::now();
+        for name in &names {
+            std::hint::black_box(disk.scope(ours(name)).await.unwrap());
+        }
+        let gets = keys as f64 / t0.elapsed().as_secs_f64();
+        assert_eq!(EXECUTIONS.load(SeqCst), before, "every get was a hit");
+        let stats = disk.stats();
+        let s = stats.get(5, "bench").unwrap();
+        assert_eq!(s.backend_errors, 0, "the disk answered every call");
+        disk.shutdown().await.unwrap();
+        let label = format!("disk, {keys} keys, one task");
+        table.row(&label, "#[cached] disk set (miss)", format!("{sets:.0}"), "".into(), "".into());
+        table.row(&label, "#[cached] disk get (hit)", format!("{gets:.0}"), "".into(), "".into());
+        json.insert("disk_set_per_s".into(), sets.round().into());
+        json.insert("disk_get_per_s".into(), gets.round().into());
+        let peer_dir = tempfile::tempdir().unwrap();
+        let peer = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/diskcache_bench.py"))
+            .arg(peer_dir.path())
+            .arg(keys.to_string())
+            .output();
+        let peer = peer
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(o.stdout.trim_ascii()).ok());
+        match peer {
+            Some(peer) => {
+                let (psets, pgets) =
+                    (peer["set_per_s"].as_f64().unwrap(), peer["get_per_s"].as_f64().unwrap());
+                table.row(&label, "diskcache set (Python)", format!("{psets:.0}"), "".into(), "".into());
+                table.row(&label, "diskcache get (Python)", format!("{pgets:.0}"), "".into(), "".into());
+                json.insert("disk_set_vs_diskcache".into(), ratio(sets, psets));
+                json.insert("disk_get_vs_diskcache".into(), ratio(gets, pgets));
+            }
+            None => println!(
+                "diskcache column skipped: python3 with diskcache is needed (`pip install diskcache`)"
+            ),
+        }
+    }
+
     runtime.shutdown().await.unwrap();
     table.print();
     println!("{}", serde_json::Value::Object(json));
