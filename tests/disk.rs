@@ -7,6 +7,8 @@
 //!   backend runs it once per process, in the same run: the race the lease prevents.
 //! - stale set: a fill computed before a write in another process, landing after that process's
 //!   invalidation, is refused; with a plain delete in its place, the stale value stays: the race.
+//! - a process killed (SIGKILL) while it holds a key's lease: another one computes the key after
+//!   the lease's life, not never.
 //! - function-wide invalidation from another process.
 //! - restart: a new process reads what an exited one filled.
 //! - a corrupt, a truncated and a partly overwritten file: moved aside and rebuilt, no panic, the
@@ -43,6 +45,17 @@ async fn price(dir: &str) -> String {
     std::fs::write(Path::new(dir).join("read.flag"), "1").unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     read
+}
+
+/// The first process to run it never finishes (it is killed while it holds the lease).
+#[cached(db = MarketData, prefix = "disk", ttl = 300)]
+async fn held(id: u32) -> String {
+    RUNS.fetch_add(1, SeqCst);
+    if std::env::var("HANG").is_ok() {
+        println!("HOLDING");
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+    format!("held {id}")
 }
 
 #[cached(db = MarketData, prefix = "disk", ttl = 300)]
@@ -101,6 +114,7 @@ async fn run_role(role: &str, dir: &str) -> String {
             }
             "written".to_owned()
         }
+        "held" => format!("value={}", held(1).await.replace(' ', "_")),
         "invalidate_all" => {
             invalidate!(blob(..)).await;
             "invalidated".to_owned()
@@ -279,6 +293,33 @@ fn function_wide_invalidation_restart_and_corruption() {
     }
 }
 
+/// A process killed (SIGKILL) while it computes a key, holding the key's lease: another process
+/// waits at most the lease's life (5 s by default) and computes it; the file is intact.
+fn killed_lease_holder() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = worker_command("held", dir.path(), "disk").env("HANG", "1").spawn().unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "HOLDING", "the holder computes");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let started = Instant::now();
+    let other = run("held", dir.path(), &[]);
+    let waited = started.elapsed();
+    println!("  a process killed holding the lease: the next one computed after {waited:.2?}");
+    assert_eq!((other.field("value").as_str(), other.runs, other.errors), ("held_1", 1, 0));
+    assert!(
+        waited < Duration::from_secs(9),
+        "bounded by the lease's life (5 s), not the holder ({waited:?})"
+    );
+    assert!(
+        waited > Duration::from_secs(2),
+        "it did wait for the lease the killed process held ({waited:?})"
+    );
+    let again = run("held", dir.path(), &[]);
+    assert_eq!(again.runs, 0, "its fill was stored");
+}
+
 fn overwrite(file: &Path, at: u64, len: usize) {
     use std::io::{Seek, SeekFrom, Write};
     let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
@@ -332,8 +373,9 @@ fn main() {
         return;
     }
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         ("stampede_across_processes", stampede_across_processes),
+        ("killed_lease_holder", killed_lease_holder),
         ("stale_set_across_processes", stale_set_across_processes),
         (
             "function_wide_invalidation_restart_and_corruption",
