@@ -27,10 +27,69 @@ pub fn key_receiver<T: KeyReceiver + ?Sized>(hasher: &mut KeyHasher, receiver: &
 /// A `ttl` given as a constant expression, checked where the compiler evaluates it: more than 0
 /// and at most `cache_rules::MAX_TTL_SECONDS` (a negative constant arrives here as a huge one).
 pub const fn checked_ttl(seconds: u64) -> u64 {
+    if seconds == FRACTIONAL {
+        panic!("a `Duration` `ttl` must be whole seconds: entries are written with a TTL in seconds");
+    }
     if seconds == 0 || seconds > cache_rules::MAX_TTL_SECONDS {
         panic!("`ttl` must be more than 0 and at most 365 days (31536000 seconds): every cache entry must expire, and none may live longer");
     }
     seconds
+}
+
+/// `ttl = CONSTANT`: the constant's value in seconds, in a constant context, by its type. An
+/// integer (zero or negative reads as 0, which [`checked_ttl`] refuses) or a `Duration` of whole
+/// seconds; any other type is refused where the user wrote it, by [`TtlType`] (and rustc then
+/// also says that `Ttl<that type>` has no `seconds`).
+pub struct Ttl<T>(T);
+
+/// The types a `ttl` constant may have.
+#[diagnostic::on_unimplemented(
+    message = "`ttl` takes whole seconds: an integer constant or a `Duration` constant, not `{Self}`",
+    label = "a `{Self}`"
+)]
+pub trait TtlType {}
+
+impl<T: TtlType> Ttl<T> {
+    pub const fn new(value: T) -> Self {
+        Ttl(value)
+    }
+}
+
+macro_rules! ttl_integers {
+    ($($t:ty),*) => {$(
+        impl TtlType for $t {}
+        impl Ttl<$t> {
+            #[allow(unused_comparisons, clippy::cast_sign_loss, clippy::absurd_extreme_comparisons)]
+            pub const fn seconds(self) -> u64 {
+                if self.0 <= 0 {
+                    0
+                } else if self.0 as u128 > u64::MAX as u128 {
+                    u64::MAX
+                } else {
+                    self.0 as u64
+                }
+            }
+
+        }
+    )*};
+}
+
+ttl_integers!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize);
+
+impl TtlType for std::time::Duration {}
+
+/// What [`Ttl::seconds`] answers for a `Duration` with a fraction of a second, which
+/// [`checked_ttl`] refuses with its own message (one check, so one error, where the user wrote it).
+const FRACTIONAL: u64 = u64::MAX - 1;
+
+impl Ttl<std::time::Duration> {
+    pub const fn seconds(self) -> u64 {
+        if self.0.subsec_nanos() != 0 {
+            FRACTIONAL
+        } else {
+            self.0.as_secs()
+        }
+    }
 }
 
 /// A cached call (see `read_through.rs`).

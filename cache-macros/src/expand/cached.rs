@@ -3,7 +3,7 @@
 //! companions that invalidation calls (see `expand::Site`).
 
 use proc_macro2::{Span, TokenStream};
-use quote::{quote, quote_spanned};
+use quote::{quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Ident, ItemFn};
 
@@ -87,7 +87,13 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
     let (ttl_check, ttl_seconds) = match ttl {
         TtlValue::Seconds(seconds) => (quote!(), quote!(#seconds)),
         TtlValue::Const(expr) => {
-            let seconds = quote_spanned!(expr.span()=> ((#expr) as u64));
+            // Through `Ttl`, by the constant's type (an integer or a `Duration`); an expression of
+            // literals alone (`60 * 60 * 24`) has no type of its own yet, and is read as an integer.
+            let seconds = if has_ident(expr.to_token_stream()) {
+                quote_spanned!(expr.span()=> ::cache_runtime::__private::Ttl::new(#expr).seconds())
+            } else {
+                quote_spanned!(expr.span()=> ((#expr) as u64))
+            };
             let check = in_function.then(|| {
                 quote_spanned!(expr.span()=> const _: u64 = ::cache_runtime::__private::checked_ttl(#seconds);)
             });
@@ -107,6 +113,15 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
         };
         let #function: ::cache_runtime::__private::CachedFn = #value;
     }
+}
+
+/// Whether `tokens` hold a name at any depth (a constant, a path, a call), not literals alone.
+fn has_ident(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|t| match t {
+        proc_macro2::TokenTree::Ident(_) => true,
+        proc_macro2::TokenTree::Group(g) => has_ident(g.stream()),
+        _ => false,
+    })
 }
 
 /// Where a key is computed: in the function, whose receiver is as the user wrote it, or in its

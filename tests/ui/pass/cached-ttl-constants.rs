@@ -1,5 +1,6 @@
 //! `ttl` as the teams write it: a named constant, a path to one, arithmetic on constants, any
-//! integer type, `Self::TTL` in an `impl` marked `#[cached_impl]`. Checked at compile time (see `cached-ttl-constant-out-of-range.rs`).
+//! integer type, a `Duration` constant of whole seconds, `Self::TTL` in an `impl` marked
+//! `#[cached_impl]`. Checked at compile time (see `cached-ttl-constant-out-of-range.rs`).
 use cache_runtime::{cached, cached_impl};
 use cache_runtime::db::MarketData;
 
@@ -29,6 +30,18 @@ async fn slower(symbol: &str) -> usize {
     symbol.len()
 }
 
+const TTL_QUOTES: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+#[cached(db = MarketData, prefix = "market", ttl = TTL_QUOTES)]
+async fn quotes(symbol: &str) -> usize {
+    symbol.len()
+}
+
+#[cached(db = MarketData, prefix = "market", ttl = std::time::Duration::from_secs(3600))]
+async fn hourly(hour: u32) -> u32 {
+    hour
+}
+
 struct Repo;
 
 #[cached_impl]
@@ -49,6 +62,8 @@ fn main() {
         assert_eq!(session(7).await, 7);
         assert_eq!(daily(1).await, 1);
         assert_eq!(slower("AB").await, 2);
+        assert_eq!(quotes("ABCDE").await, 5);
+        assert_eq!(hourly(9).await, 9);
         assert_eq!(Repo.listing("ABC").await, 3);
     });
 }
