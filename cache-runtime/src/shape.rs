@@ -5,17 +5,20 @@
 //!
 //! It is traced, not declared: [`of`] runs `T::deserialize` once per thread against a recording
 //! deserializer that answers every request with a placeholder (zero, `""`, one element per
-//! sequence, the first variant of an enum on the first pass, the next one on each later pass)
-//! and hashes the requests. What it sees:
+//! sequence, the next variant of an enum at each visit, over as many passes as it takes to pick
+//! each variant of each enum once, at most 64) and hashes the requests. What it sees:
 //! - every field name of every struct, including `#[serde(default)]` ones, and renames;
 //! - every variant name of every enum, and the fields of each variant;
 //! - the kind of each leaf (`u32`, `str`, `option`, `seq`, `map`...) and nested types' shapes.
 //!
 //! What it cannot see, said in README: what a custom `Deserialize` does with a value (a type
-//! that reads `deserialize_any`, such as `serde_json::Value`, an untagged enum or a flattened
-//! struct, ends the trace there); and a `Deserialize` that refuses the placeholder (a date parsed
-//! from `""`) ends it too. An ended trace still fingerprints everything before it, including the
-//! whole field list of the struct that holds it; past that point, a changed type needs `version`.
+//! that reads `deserialize_any`, such as `serde_json::Value`, is answered with a unit: the trace
+//! goes on past it, but an untagged or internally tagged enum or a flattened struct refuses the
+//! unit and ends the pass there); a `Deserialize` that refuses the placeholder (a date or a UUID
+//! parsed from `""`) ends the pass too. An ended pass still fingerprints everything before it,
+//! including the whole field list of the struct that holds it; past that point (later fields of
+//! that struct, and of the structs around it), a changed type needs `version`. Nesting deeper than
+//! 24 levels, and types of more than 200,000 requests, end the pass the same way.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -26,11 +29,12 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visit
 /// The fingerprint of `T`'s shape, traced on this thread's first call for `T`.
 pub(crate) fn of<T: DeserializeOwned>() -> u64 {
     thread_local! {
-        // By the address of `T`'s name: one lookup of a word per call, no lock. Two addresses
-        // for one type (two codegen units) only trace it twice.
+        // By the address of `trace::<T>`, one per type (two types' names may be one string, and
+        // the linker may merge them; two functions are merged only if they trace alike): one
+        // lookup of a word per call, no lock.
         static SHAPES: RefCell<HashMap<usize, u64, foldhash::fast::FixedState>> = RefCell::default();
     }
-    let id = std::any::type_name::<T>().as_ptr() as usize;
+    let id = trace::<T> as fn() -> u64 as usize;
     if let Some(shape) = SHAPES.with(|s| s.borrow().get(&id).copied()) {
         return shape;
     }
@@ -41,23 +45,30 @@ pub(crate) fn of<T: DeserializeOwned>() -> u64 {
 
 /// Nesting deeper than this ends a pass (a recursive type would never end).
 const MAX_DEPTH: u32 = 24;
-/// Each pass picks the next variant of every enum; a type with more variants than this in one
-/// enum has only the first ones' contents traced (all their names are).
+/// Passes run until every variant of every enum seen has been picked once, at most this many.
 const MAX_PASSES: usize = 64;
+/// Requests traced in all, at most (a type that nests one struct twice at every level grows
+/// exponentially with depth): past it, the trace ends there.
+const MAX_STEPS: u64 = 200_000;
+/// Elements of a tuple or array traced, at most.
+const MAX_ELEMENTS: usize = 64;
+
+/// Which variant each enum (by name and variant list) picks next, and which it has picked.
+type Cursors = HashMap<(&'static str, &'static [&'static str]), (usize, Vec<bool>)>;
 
 fn trace<T: DeserializeOwned>() -> u64 {
     let mut log = blake3::Hasher::new();
-    let mut pass = 0;
-    loop {
-        let mut tracer = Tracer { log: &mut log, depth: 0, pass, widest_enum: 0 };
+    let mut cursors = Cursors::new();
+    let mut steps = 0;
+    for _ in 0..MAX_PASSES {
+        let mut tracer = Tracer { log: &mut log, depth: 0, cursors: &mut cursors, steps: &mut steps };
         let ended = T::deserialize(&mut tracer).err();
-        let widest = tracer.widest_enum;
         log.update(match ended {
             Some(_) => b"|ended",
             None => b"|done",
         });
-        pass += 1;
-        if pass >= widest.min(MAX_PASSES) {
+        let explored = cursors.values().all(|(_, picked)| picked.iter().all(|p| *p));
+        if explored || steps >= MAX_STEPS {
             break;
         }
     }
@@ -68,10 +79,8 @@ fn trace<T: DeserializeOwned>() -> u64 {
 struct Tracer<'a> {
     log: &'a mut blake3::Hasher,
     depth: u32,
-    /// Which variant each enum picks: the `pass`-th, or its last.
-    pass: usize,
-    /// The most variants of any enum seen in this pass: how many passes are worth running.
-    widest_enum: usize,
+    cursors: &'a mut Cursors,
+    steps: &'a mut u64,
 }
 
 #[derive(Debug)]
@@ -93,6 +102,7 @@ impl de::Error for Ended {
 
 impl Tracer<'_> {
     fn record(&mut self, what: &str) {
+        *self.steps += 1;
         self.log.update(what.as_bytes());
         self.log.update(b";");
     }
@@ -107,9 +117,9 @@ impl Tracer<'_> {
 
     /// One level deeper, or the end of the pass.
     fn nested<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R, Ended>) -> Result<R, Ended> {
-        if self.depth >= MAX_DEPTH {
+        if self.depth >= MAX_DEPTH || *self.steps >= MAX_STEPS {
             self.record("deep");
-            return Err(Ended("nested too deep".into()));
+            return Err(Ended("nested too deep, or too large".into()));
         }
         self.depth += 1;
         let result = f(self);
@@ -155,9 +165,12 @@ impl<'de> de::Deserializer<'de> for &mut Tracer<'_> {
         deserialize_identifier => visit_str(""),
     }
 
-    fn deserialize_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Ended> {
+    /// A type that reads whatever comes (`serde_json::Value`, an untagged or internally tagged
+    /// enum) has no shape to trace: it is answered with a unit, which some accept (the trace
+    /// goes on) and others refuse (it ends there).
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Ended> {
         self.record("any");
-        Err(Ended("the type reads any value: its shape cannot be traced further".into()))
+        visitor.visit_unit()
     }
 
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Ended> {
@@ -197,7 +210,7 @@ impl<'de> de::Deserializer<'de> for &mut Tracer<'_> {
 
     fn deserialize_tuple<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, Ended> {
         self.record(&format!("tuple{len}"));
-        self.nested(|t| visitor.visit_seq(Elements { tracer: t, left: len }))
+        self.nested(|t| visitor.visit_seq(Elements { tracer: t, left: len.min(MAX_ELEMENTS) }))
     }
 
     fn deserialize_tuple_struct<V: Visitor<'de>>(
@@ -208,7 +221,7 @@ impl<'de> de::Deserializer<'de> for &mut Tracer<'_> {
     ) -> Result<V::Value, Ended> {
         self.record(&format!("tuple_struct{len}"));
         self.record(name);
-        self.nested(|t| visitor.visit_seq(Elements { tracer: t, left: len }))
+        self.nested(|t| visitor.visit_seq(Elements { tracer: t, left: len.min(MAX_ELEMENTS) }))
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Ended> {
@@ -237,11 +250,17 @@ impl<'de> de::Deserializer<'de> for &mut Tracer<'_> {
         self.record("enum");
         self.record(name);
         self.record_names(variants);
-        self.widest_enum = self.widest_enum.max(variants.len());
-        let Some(last) = variants.len().checked_sub(1) else {
+        if variants.is_empty() {
             return Err(Ended("an enum without variants".into()));
-        };
-        let variant = variants[self.pass.min(last)];
+        }
+        // Each visit picks the next variant, so that across passes each is traced, including an
+        // enum reached only through another's later variant.
+        let (next, picked) =
+            self.cursors.entry((name, variants)).or_insert_with(|| (0, vec![false; variants.len()]));
+        let at = *next % variants.len();
+        *next += 1;
+        picked[at] = true;
+        let variant = variants[at];
         self.nested(|t| visitor.visit_enum(Variant { tracer: t, name: variant }))
     }
 }
@@ -386,6 +405,70 @@ mod tests {
     }
 
     #[derive(Deserialize)]
+    enum Outer {
+        A,
+        B(Inner),
+    }
+
+    #[derive(Deserialize)]
+    enum OuterChanged {
+        A,
+        B(InnerChanged),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename = "Inner")]
+    enum Inner {
+        X { a: u32 },
+        Y,
+    }
+
+    /// `Inner` with its first variant changed, under the same name.
+    #[derive(Deserialize)]
+    #[serde(rename = "Inner")]
+    enum InnerChanged {
+        X { a: u32, b: u32 },
+        Y,
+    }
+
+    #[derive(Deserialize)]
+    enum Wide {
+        A(Big),
+        B,
+    }
+
+    #[derive(Deserialize)]
+    enum WideChanged {
+        A(BigChanged),
+        B,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename = "Big")]
+    enum Big {
+        V0,
+        V1,
+        V2,
+        V3 { a: u32 },
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename = "Big")]
+    enum BigChanged {
+        V0,
+        V1,
+        V2,
+        V3 { a: u64 },
+    }
+
+    /// Nests one struct twice at every level: exponential without the budget.
+    #[derive(Deserialize)]
+    struct Twice<T> {
+        a: T,
+        b: T,
+    }
+
+    #[derive(Deserialize)]
     struct Node {
         _children: Vec<Node>,
     }
@@ -437,10 +520,41 @@ mod tests {
     }
 
     #[test]
+    fn enums_reached_only_through_another_variant_are_traced() {
+        assert_ne!(trace::<Outer>(), trace::<OuterChanged>());
+        assert_ne!(trace::<Wide>(), trace::<WideChanged>());
+    }
+
+    #[test]
+    fn large_types_end_within_the_budget() {
+        type T4<T> = Twice<Twice<Twice<Twice<T>>>>;
+        let started = std::time::Instant::now();
+        // 4,096 leaves.
+        assert_eq!(trace::<T4<T4<T4<u32>>>>(), trace::<T4<T4<T4<u32>>>>());
+        assert_ne!(trace::<T4<T4<T4<u32>>>>(), trace::<T4<T4<T4<u64>>>>());
+        assert_ne!(trace::<[u32; 32]>(), trace::<[u64; 32]>());
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_field_after_an_untraceable_value_is_traced() {
+        #[derive(Deserialize)]
+        struct Before {
+            _any: serde_json::Value,
+            _n: u32,
+        }
+        #[derive(Deserialize)]
+        struct After {
+            _any: serde_json::Value,
+            _n: u64,
+        }
+        assert_ne!(trace::<Before>(), trace::<After>());
+    }
+
+    #[test]
     fn recursive_and_refusing_types_end_without_panicking() {
         assert_eq!(trace::<Node>(), trace::<Node>());
         // The refusing field ends the trace, but the field list was seen whole.
         assert_ne!(trace::<Stamped>(), trace::<StampedMore>());
-        assert_ne!(trace::<serde_json::Value>(), 0);
     }
 }
