@@ -53,11 +53,13 @@ CREATE TABLE IF NOT EXISTS kv (
 CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires);
 CREATE TABLE IF NOT EXISTS size (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO size VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS file (id INTEGER PRIMARY KEY CHECK (id = 0), token INTEGER NOT NULL);
+INSERT OR IGNORE INTO file VALUES (0, 1 + abs(random() % 9000000000000000000));
 CREATE TRIGGER IF NOT EXISTS kv_insert AFTER INSERT ON kv BEGIN
-    UPDATE size SET bytes = bytes + length(NEW.key) + length(NEW.value) WHERE id = 0;
+    UPDATE size SET bytes = bytes + octet_length(NEW.key) + length(NEW.value) WHERE id = 0;
 END;
 CREATE TRIGGER IF NOT EXISTS kv_delete AFTER DELETE ON kv BEGIN
-    UPDATE size SET bytes = bytes - length(OLD.key) - length(OLD.value) WHERE id = 0;
+    UPDATE size SET bytes = bytes - octet_length(OLD.key) - length(OLD.value) WHERE id = 0;
 END;
 CREATE TRIGGER IF NOT EXISTS kv_update AFTER UPDATE OF value ON kv BEGIN
     UPDATE size SET bytes = bytes - length(OLD.value) + length(NEW.value) WHERE id = 0;
@@ -68,22 +70,26 @@ pub(crate) struct DiskStore {
     dir: PathBuf,
     max_bytes: u64,
     busy_timeout: Duration,
-    /// Bumped each time the file is replaced (by this process): connections opened before reopen.
-    epoch: AtomicU64,
     slots: Vec<Mutex<Slot>>,
     next: AtomicUsize,
     /// Writes since expired rows were last purged.
     writes: AtomicU64,
-    /// The file this process opened (its inode), and when the path was last checked to still
-    /// name it: another process that replaced a corrupt file is followed within a second.
-    opened: AtomicU64,
-    checked_at: AtomicU64,
 }
 
 #[derive(Default)]
 struct Slot {
     conn: Option<Connection>,
-    epoch: u64,
+    /// The file it opened (its inode), and when the path was last checked to still name it: a
+    /// file another process replaced is followed within a second.
+    file: u64,
+    checked_at: i64,
+}
+
+/// Why a connection could not be opened.
+enum OpenError {
+    /// The file at the path (this inode) is not a usable database.
+    Corrupt(rusqlite::Error, u64),
+    Other(String),
 }
 
 fn now_ms() -> i64 {
@@ -106,18 +112,19 @@ fn lease_key(key: &str) -> String {
     format!("{key}:lease")
 }
 
+fn corrupt(e: &rusqlite::Error) -> BackendError {
+    BackendError::Disk(format!("the cache file is corrupt and is being rebuilt: {e}"))
+}
+
 impl DiskStore {
     pub(crate) fn new(target: &DiskTarget, config: &CacheConfig) -> Self {
         let store = DiskStore {
             dir: target.dir.clone(),
             max_bytes: target.max_size,
             busy_timeout: config.op_timeout,
-            epoch: AtomicU64::new(0),
             slots: (0..CONNECTIONS).map(|_| Mutex::default()).collect(),
             next: AtomicUsize::new(0),
             writes: AtomicU64::new(0),
-            opened: AtomicU64::new(0),
-            checked_at: AtomicU64::new(0),
         };
         // Opened (and checked) now, so a bad directory is logged at start-up.
         if let Err(e) = store.call(|_| Ok(())) {
@@ -142,101 +149,122 @@ impl DiskStore {
         0
     }
 
-    /// Whether the path still names the file this process opened (checked once a second); if
-    /// not, every connection is reopened.
-    fn follow_replaced_file(&self) {
-        let now = now_ms() as u64;
-        let last = self.checked_at.load(Relaxed);
-        if now.saturating_sub(last) < 1000
-            || self.checked_at.compare_exchange(last, now, Relaxed, Relaxed).is_err()
-        {
-            return;
-        }
-        let opened = self.opened.load(Relaxed);
-        if opened != 0 && self.file_id() != opened {
-            tracing::warn!(file = %self.path().display(), "the disk cache file was replaced by another process: reopening it");
-            self.epoch.fetch_add(1, Relaxed);
-        }
+    fn lock_file(&self) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join(LOCK_FILE))
     }
 
-    fn open(&self) -> Result<Connection, rusqlite::Error> {
-        let conn = Connection::open(self.path())?;
-        conn.busy_timeout(self.busy_timeout.max(Duration::from_millis(1)))?;
-        // WAL: readers never wait for the writer; NORMAL: a commit is durable at the next
-        // checkpoint (a power cut may lose the last writes, never corrupt the file): a cache.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
-        self.opened.store(self.file_id(), Relaxed);
-        Ok(conn)
+    /// A connection to the file the path names, opened under a shared lock of the lock file (a
+    /// replacement, which takes it exclusively, never runs while a process opens the file), and
+    /// the file's inode.
+    fn open(&self) -> Result<(Connection, u64), OpenError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| OpenError::Other(format!("cannot create {}: {e}", self.dir.display())))?;
+        let lock =
+            self.lock_file().map_err(|e| OpenError::Other(format!("cannot open the lock file: {e}")))?;
+        let waited = std::time::Instant::now();
+        while lock.try_lock_shared().is_err() {
+            if waited.elapsed() >= self.busy_timeout {
+                return Err(OpenError::Other("the cache file is being replaced by another process".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let file = self.file_id();
+        let opened = (|| {
+            let conn = Connection::open(self.path())?;
+            conn.busy_timeout(self.busy_timeout.max(Duration::from_millis(1)))?;
+            // WAL: readers never wait for the writer; NORMAL: a commit is durable at the next
+            // checkpoint (a power cut may lose the last writes, never corrupt the file): a cache.
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.execute_batch(SCHEMA)?;
+            Ok(conn)
+        })();
+        let file = if file == 0 { self.file_id() } else { file };
+        let _ = lock.unlock();
+        match opened {
+            Ok(conn) => Ok((conn, file)),
+            Err(e) if is_corrupt(&e) => Err(OpenError::Corrupt(e, file)),
+            Err(e) => Err(OpenError::Other(e.to_string())),
+        }
     }
 
     /// Runs `f` on one of this process's connections, (re)opening it as needed; a corrupt file
     /// is replaced and the call fails (its function runs).
     fn call<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> Result<R, BackendError> {
-        self.follow_replaced_file();
         let start = self.next.fetch_add(1, Relaxed);
         let mut slot = (0..CONNECTIONS)
             .find_map(|i| self.slots[(start + i) % CONNECTIONS].try_lock().ok())
             .unwrap_or_else(|| self.slots[start % CONNECTIONS].lock().unwrap_or_else(|e| e.into_inner()));
-        let epoch = self.epoch.load(Relaxed);
-        if slot.conn.is_none() || slot.epoch != epoch {
-            slot.conn = None;
-            if let Err(e) = std::fs::create_dir_all(&self.dir) {
-                return Err(BackendError::Disk(format!("cannot create {}: {e}", self.dir.display())));
-            }
-            match self.open() {
-                Ok(conn) => *slot = Slot { conn: Some(conn), epoch },
-                Err(e) if is_corrupt(&e) => {
-                    self.replace_corrupt_file(epoch);
-                    return Err(BackendError::Disk(format!(
-                        "the cache file was corrupt and is rebuilt: {e}"
-                    )));
-                }
-                Err(e) => return Err(BackendError::Disk(e.to_string())),
+        let now = now_ms();
+        if slot.conn.is_some() && now.saturating_sub(slot.checked_at) >= 1000 {
+            slot.checked_at = now;
+            if self.file_id() != slot.file {
+                tracing::debug!(file = %self.path().display(), "the disk cache file was replaced by another process: reopening it");
+                slot.conn = None;
             }
         }
-        let conn = slot.conn.as_mut().expect("opened above");
+        if slot.conn.is_none() {
+            match self.open() {
+                Ok((conn, file)) => *slot = Slot { conn: Some(conn), file, checked_at: now },
+                Err(OpenError::Corrupt(e, file)) => {
+                    drop(slot);
+                    self.replace_corrupt_file(file);
+                    return Err(corrupt(&e));
+                }
+                Err(OpenError::Other(e)) => return Err(BackendError::Disk(e)),
+            }
+        }
+        let Slot { conn: Some(conn), file, .. } = &mut *slot else { unreachable!("opened above") };
         match f(conn) {
             Ok(r) => Ok(r),
             Err(e) if is_corrupt(&e) => {
+                let file = *file;
                 slot.conn = None;
                 drop(slot);
-                self.replace_corrupt_file(epoch);
-                Err(BackendError::Disk(format!("the cache file was corrupt and is rebuilt: {e}")))
+                self.replace_corrupt_file(file);
+                Err(corrupt(&e))
             }
-            Err(e) => Err(BackendError::Disk(e.to_string())),
+            Err(e) => {
+                // A connection left inside a transaction is not reused.
+                if !conn.is_autocommit() {
+                    slot.conn = None;
+                }
+                Err(BackendError::Disk(e.to_string()))
+            }
         }
     }
 
-    /// Moves a corrupt file aside, once: under the lock file, and only if no other process (or
-    /// connection of this one) has replaced it since this process opened it.
-    fn replace_corrupt_file(&self, seen_epoch: u64) {
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(LOCK_FILE));
-        let Ok(lock) = lock else { return };
-        if lock.lock().is_err() {
+    /// Moves the corrupt file (this inode) aside, so that the next open creates a new one: under
+    /// the lock file held exclusively (no process is opening it meanwhile; if one is, the next
+    /// call that meets the damage tries again), and only if the path still names that file (no
+    /// other process replaced it already).
+    fn replace_corrupt_file(&self, file: u64) {
+        let Ok(lock) = self.lock_file() else { return };
+        if lock.try_lock().is_err() {
             return;
         }
-        if self.epoch.load(Relaxed) == seen_epoch {
-            // Another process may have rebuilt it already: a file that opens and checks is kept.
-            let healthy = Connection::open(self.path())
-                .and_then(|c| c.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)))
-                .is_ok_and(|answer| answer == "ok");
-            if !healthy {
-                let aside = self.dir.join(format!("{FILE}.corrupt-{}", now_ms()));
-                tracing::error!(file = %self.path().display(), aside = %aside.display(), "the disk cache file is corrupt: moved aside, a new one is created");
-                let _ = std::fs::rename(self.path(), &aside);
+        if file != 0 && self.file_id() == file {
+            let aside = self.dir.join(format!("{FILE}.corrupt-{}", now_ms()));
+            tracing::error!(file = %self.path().display(), aside = %aside.display(), "the disk cache file is corrupt: moved aside, a new one is created");
+            if std::fs::rename(self.path(), &aside).is_ok() {
                 for suffix in ["-wal", "-shm"] {
                     let _ = std::fs::remove_file(self.dir.join(format!("{FILE}{suffix}")));
                 }
             }
-            self.epoch.fetch_add(1, Relaxed);
         }
         let _ = lock.unlock();
+    }
+
+    /// An entry of more than half the bound is not stored (it would evict everything else).
+    fn fits(&self, key: &str, value: &[u8]) -> Result<(), BackendError> {
+        let size = (key.len() + value.len()) as u64;
+        if size > self.max_bytes / 2 {
+            return Err(BackendError::Disk(format!(
+                "an entry of {size} bytes is more than half of CACHE_MAX_SIZE ({} bytes): not stored",
+                self.max_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// Keeps the sum of bytes under the bound: expired rows first, then the entries nearest to
@@ -254,14 +282,23 @@ impl DiskStore {
             return Ok(());
         }
         tx.execute("DELETE FROM kv WHERE expires <= ?1", params![now_ms()])?;
+        // Down to 90 % of the bound, so that the next writes do not evict again at once: the
+        // entries nearest to expiry whose bytes, added up in that order, reach the excess.
+        let target = max - max / 10;
         loop {
             let bytes: i64 = tx.query_row("SELECT bytes FROM size WHERE id = 0", [], |r| r.get(0))?;
             if bytes <= max {
                 return Ok(());
             }
             let removed = tx.execute(
-                "DELETE FROM kv WHERE (db, key) IN (SELECT db, key FROM kv WHERE kind = ?1 ORDER BY expires LIMIT 64)",
-                params![ENTRY],
+                "DELETE FROM kv WHERE (db, key) IN (
+                    SELECT db, key FROM (
+                        SELECT db, key, octet_length(key) + length(value) AS size,
+                               sum(octet_length(key) + length(value)) OVER (ORDER BY expires, db, key) AS freed
+                        FROM (SELECT db, key, value, expires FROM kv WHERE kind = ?1 ORDER BY expires LIMIT 1024)
+                    ) WHERE freed - size < ?2
+                )",
+                params![ENTRY, bytes - target],
             )?;
             if removed == 0 {
                 return Ok(());
@@ -310,8 +347,17 @@ fn remove_live(conn: &Connection, db: u8, key: &str) -> rusqlite::Result<bool> {
     Ok(live)
 }
 
+/// The key's invalidation stamp; without one, this file's token (random, written when the file
+/// was created), so that a lease granted in a file that was since replaced (its stamps lost with
+/// it) is never taken for one granted in this file: its fill is refused.
 fn stamp_of(conn: &Connection, db: u8, key: &str) -> rusqlite::Result<u64> {
-    Ok(live_u64(conn, db, &crate::key::invalidation_key(key))?.unwrap_or(0))
+    match live_u64(conn, db, &crate::key::invalidation_key(key))? {
+        Some(stamp) => Ok(stamp),
+        None => conn
+            .prepare_cached("SELECT token FROM file WHERE id = 0")?
+            .query_row([], |r| r.get::<_, i64>(0))
+            .map(|t| t as u64),
+    }
 }
 
 impl Store for DiskStore {
@@ -349,28 +395,43 @@ impl Store for DiskStore {
         let generation = match generation {
             Some((g, expires)) => {
                 let g = std::str::from_utf8(&g).ok().and_then(|g| g.parse().ok()).unwrap_or(u64::MAX);
+                // A failed extension (a full disk) does not fail the read: it is tried again on
+                // the next refresh, long before the key expires.
                 if expires.saturating_sub(now_ms()) < life / 2 {
-                    self.write(|tx| {
+                    let extended = self.write(|tx| {
                         tx.execute(
                             "UPDATE kv SET expires = ?3 WHERE db = ?1 AND key = ?2",
                             params![db, generation_key, deadline(generation_life)],
                         )
-                    })?;
+                    });
+                    if let Err(e) = extended {
+                        tracing::debug!(error = %e, "the function's generation could not be extended");
+                    }
                 }
-                g
+                Some(g)
             }
             // Missing (never written, evicted, expired): recreated as the clock, so every entry
-            // written before it is stale, as on Redis.
-            None => self.write(|tx| {
-                if let Some(g) = live_u64(tx, db, generation_key)? {
-                    return Ok(g);
-                }
-                let g = now_us();
-                put(tx, db, generation_key, g.to_string().as_bytes(), deadline(generation_life), PROTOCOL)?;
-                Ok(g)
-            })?,
+            // written before it is stale, as on Redis. If it cannot be written (a full disk), the
+            // generation this process knows is used: the read is still answered.
+            None => self
+                .write(|tx| {
+                    if let Some(g) = live_u64(tx, db, generation_key)? {
+                        return Ok(g);
+                    }
+                    let g = now_us();
+                    put(
+                        tx,
+                        db,
+                        generation_key,
+                        g.to_string().as_bytes(),
+                        deadline(generation_life),
+                        PROTOCOL,
+                    )?;
+                    Ok(g)
+                })
+                .ok(),
         };
-        Ok((entry, Some(generation)))
+        Ok((entry, generation))
     }
 
     async fn get_many_with<T>(
@@ -383,6 +444,7 @@ impl Store for DiskStore {
     }
 
     async fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) -> Result<(), BackendError> {
+        self.fits(key, value)?;
         self.write(|tx| put(tx, db, key, value, deadline(ttl), ENTRY))
     }
 
@@ -392,6 +454,7 @@ impl Store for DiskStore {
 
     async fn set_many(&self, db: u8, items: &[(String, Vec<u8>)], ttl: Duration) -> Result<(), BackendError> {
         let expires = deadline(ttl);
+        items.iter().try_for_each(|(k, v)| self.fits(k, v))?;
         self.write(|tx| items.iter().try_for_each(|(k, v)| put(tx, db, k, v, expires, ENTRY)))
     }
 
@@ -501,6 +564,7 @@ impl Store for DiskStore {
         ttl: Duration,
     ) -> Result<FillOutcome, BackendError> {
         let (token, grant) = lease;
+        self.fits(key, value)?;
         self.write(|tx| {
             let lease_key = lease_key(key);
             let held = live_u64(tx, db, &lease_key)?;
@@ -558,5 +622,84 @@ impl Store for DiskStore {
             put(tx, db, generation_key, g.to_string().as_bytes(), deadline(life), PROTOCOL)?;
             Ok(Some(g))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &std::path::Path, max: u64) -> DiskStore {
+        let target = DiskTarget::new(dir).with_max_size(max);
+        DiskStore::new(&target, &CacheConfig::disk(dir))
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn bounded_in_bytes_nearest_expiry_first_protocol_rows_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 * 1024;
+        let s = store(dir.path(), max);
+        block_on(async {
+            let grant = match Store::acquire(&s, 5, "held", ask(), |_| ()).await.unwrap() {
+                Acquired::Granted(g) => g,
+                _ => panic!("the lease is free"),
+            };
+            assert_ne!(grant, 0, "without a stamp, the file's token");
+            let value = vec![7u8; 1000];
+            // Later keys expire later: the earliest are the nearest to expiry.
+            for i in 0..200u64 {
+                Store::set(&s, 5, &format!("k{i:03}"), &value, Duration::from_secs(100 + i)).await.unwrap();
+            }
+            let stored: i64 = s.call(|c| c.query_row("SELECT bytes FROM size", [], |r| r.get(0))).unwrap();
+            let summed: i64 = s
+                .call(|c| {
+                    c.query_row("SELECT sum(octet_length(key) + length(value)) FROM kv", [], |r| r.get(0))
+                })
+                .unwrap();
+            assert_eq!(stored, summed, "the triggers keep the sum");
+            assert!(stored as u64 <= max, "{stored} bytes under a bound of {max}");
+            assert!(
+                stored as u64 > max * 8 / 10,
+                "it evicts down to 90 % of the bound, no further ({stored} bytes)"
+            );
+            assert!(Store::exists(&s, 5, "k199").await.unwrap(), "the latest entry is kept");
+            assert!(!Store::exists(&s, 5, "k000").await.unwrap(), "the nearest to expiry went first");
+            assert!(Store::exists(&s, 5, "held:lease").await.unwrap(), "a lease is never evicted");
+            // More than half the bound is refused, not stored at the cost of everything else.
+            let err =
+                Store::set(&s, 5, "huge", &vec![0u8; 40 * 1024], Duration::from_secs(60)).await.unwrap_err();
+            assert!(err.to_string().contains("more than half of CACHE_MAX_SIZE"), "{err}");
+            assert!(Store::exists(&s, 5, "k199").await.unwrap());
+        });
+    }
+
+    fn ask() -> LeaseAsk {
+        LeaseAsk { token: 42, ttl: Duration::from_secs(5), min_generation: 0 }
+    }
+
+    #[test]
+    fn a_lease_granted_in_a_replaced_file_cannot_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 20);
+        block_on(async {
+            let Acquired::Granted(grant) = Store::acquire(&s, 5, "k", ask(), |_| ()).await.unwrap() else {
+                panic!("the lease is free")
+            };
+            // The file is replaced (its leases and stamps gone) while the value is computed.
+            std::fs::remove_file(dir.path().join(FILE)).unwrap();
+            for suffix in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(dir.path().join(format!("{FILE}{suffix}")));
+            }
+            for slot in &s.slots {
+                slot.lock().unwrap().conn = None;
+            }
+            let outcome = Store::fill(&s, 5, "k", (42, grant), b"v", Duration::from_secs(60)).await.unwrap();
+            assert_eq!(outcome, FillOutcome::Revoked);
+            assert!(!Store::exists(&s, 5, "k").await.unwrap());
+        });
     }
 }
