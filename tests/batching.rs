@@ -1,6 +1,6 @@
 //! The write-behind batcher and the connection pool, against a real Redis: nothing accepted is
 //! lost (queue overflow, shutdown, a guard's drop), a queued fill never overtakes an invalidation,
-//! and the pool really spreads over its connections. Speed is measured in `examples/bench.rs`.
+//! and the pool really spreads over its connections. Speed is measured in `bench/examples/bench.rs`.
 
 mod support;
 

@@ -36,7 +36,7 @@ pub const MAX_BATCH_QUEUE: usize = 1 << 20;
 /// duration, `Duration::MAX` included, can overflow the arithmetic done with it).
 pub const MAX_SETTING: Duration = Duration::from_secs(86_400);
 /// Default connections per DB. One multiplexed connection pipelines every concurrent command;
-/// `cargo run --release --example bench` measures 1 against more (see README).
+/// `cargo run --release -p cache-bench --example bench` measures 1 against more (see README).
 pub const DEFAULT_POOL_SIZE: usize = 1;
 /// Default most fills per pipeline.
 pub const DEFAULT_BATCH_MAX: usize = 256;

@@ -1,4 +1,4 @@
-//! `cargo run --release --example bench`: the toolkit against a hand-written `redis` client and
+//! `cargo run --release -p cache-bench --example bench`: the toolkit against a hand-written `redis` client and
 //! against the `cached` crate, side by side in one run, on one server (started here, or
 //! `REDIS_URL`), with one ~200-byte JSON value. Prints a table, then one JSON line of ratios.
 //!
@@ -662,7 +662,7 @@ async fn run() {
 
     // 8. The disk backend against Python's diskcache (seed 003's engine): sets of distinct keys
     //    (each a miss through `#[cached]`: lookup, lease, body, fill), then gets of them (hits),
-    //    one task, the same ~200-byte JSON value; diskcache by examples/diskcache_bench.py.
+    //    one task, the same ~200-byte JSON value; diskcache by bench/examples/diskcache_bench.py.
     {
         let keys: usize =
             std::env::var("BENCH_DISK_KEYS").ok().and_then(|r| r.parse().ok()).unwrap_or(20_000);

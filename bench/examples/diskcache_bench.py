@@ -1,9 +1,9 @@
-"""The peer of the disk backend's benchmark (examples/bench.rs, section 8): Python's diskcache,
+"""The peer of the disk backend's benchmark (bench/examples/bench.rs, section 8): Python's diskcache,
 the engine seed 003 moved to, on the same ~200-byte JSON value, in a directory the benchmark
 gives. Sets of distinct keys with a TTL, then gets of them, one process, one thread, as that
 team measured. Prints one JSON line. Needs `pip install diskcache`.
 
-    python3 examples/diskcache_bench.py DIR KEYS
+    python3 bench/examples/diskcache_bench.py DIR KEYS
 """
 
 import json
