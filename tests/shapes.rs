@@ -13,23 +13,30 @@ use cache_runtime::db::MarketData;
 use cache_runtime::{Cache, KeyBuilder};
 use support::Fixture;
 
-/// The release that wrote the entries.
-mod release_1 {
-    use super::*;
-    use cache_runtime::cached;
+/// A release whose `Quote` has release 1's shape, answering `price`.
+macro_rules! release_with_the_first_shape {
+    ($release:ident, $price:expr) => {
+        mod $release {
+            use super::*;
+            use cache_runtime::cached;
 
-    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-    pub struct Quote {
-        pub symbol: String,
-        pub price: f64,
-    }
+            #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+            pub struct Quote {
+                pub symbol: String,
+                pub price: f64,
+            }
 
-    #[cached(db = MarketData, prefix = "shapes", ttl = 300, skip(calls))]
-    pub async fn quote(symbol: &str, calls: &AtomicUsize) -> Quote {
-        calls.fetch_add(1, SeqCst);
-        Quote { symbol: symbol.to_owned(), price: 100.0 }
-    }
+            #[cached(db = MarketData, prefix = "shapes", ttl = 300, skip(calls))]
+            pub async fn quote(symbol: &str, calls: &AtomicUsize) -> Quote {
+                calls.fetch_add(1, SeqCst);
+                Quote { symbol: symbol.to_owned(), price: $price }
+            }
+        }
+    };
 }
+
+// The release that wrote the entries.
+release_with_the_first_shape!(release_1, 100.0);
 
 /// The next release: `Quote` gained a field with a default.
 mod release_2 {
@@ -51,23 +58,8 @@ mod release_2 {
     }
 }
 
-/// A release whose `Quote` kept release 1's shape.
-mod release_1b {
-    use super::*;
-    use cache_runtime::cached;
-
-    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-    pub struct Quote {
-        pub symbol: String,
-        pub price: f64,
-    }
-
-    #[cached(db = MarketData, prefix = "shapes", ttl = 300, skip(calls))]
-    pub async fn quote(symbol: &str, calls: &AtomicUsize) -> Quote {
-        calls.fetch_add(1, SeqCst);
-        Quote { symbol: symbol.to_owned(), price: 102.0 }
-    }
-}
+// A release whose `Quote` kept release 1's shape.
+release_with_the_first_shape!(release_1b, 102.0);
 
 /// The key of `quote(symbol)` as release `module` computes it, without the `shapes:` prefix.
 fn key_of(module: &str, symbol: &str) -> String {

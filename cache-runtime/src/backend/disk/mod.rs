@@ -270,7 +270,7 @@ impl DiskStore {
     /// Keeps the sum of bytes under the bound: expired rows first, then the entries nearest to
     /// their expiry. Called inside a write transaction, after its write.
     fn make_room(&self, tx: &Transaction<'_>) -> rusqlite::Result<()> {
-        let bytes: i64 = tx.query_row("SELECT bytes FROM size WHERE id = 0", [], |r| r.get(0))?;
+        let bytes = stored_bytes(tx)?;
         let max = i64::try_from(self.max_bytes).unwrap_or(i64::MAX);
         if bytes <= max {
             if self.writes.fetch_add(1, Relaxed).is_multiple_of(1024) {
@@ -286,7 +286,7 @@ impl DiskStore {
         // entries nearest to expiry whose bytes, added up in that order, reach the excess.
         let target = max - max / 10;
         loop {
-            let bytes: i64 = tx.query_row("SELECT bytes FROM size WHERE id = 0", [], |r| r.get(0))?;
+            let bytes = stored_bytes(tx)?;
             if bytes <= max {
                 return Ok(());
             }
@@ -317,6 +317,11 @@ impl DiskStore {
     }
 }
 
+/// The bytes of keys and values stored, as the triggers keep the sum (asked on every write).
+fn stored_bytes(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT bytes FROM size WHERE id = 0")?.query_row([], |r| r.get(0))
+}
+
 /// The live value of a row, or `None` (absent or expired).
 fn live(conn: &Connection, db: u8, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
     conn.prepare_cached("SELECT value FROM kv WHERE db = ?1 AND key = ?2 AND expires > ?3")?
@@ -334,6 +339,12 @@ fn put(conn: &Connection, db: u8, key: &str, value: &[u8], expires: i64, kind: i
          ON CONFLICT (db, key) DO UPDATE SET value = excluded.value, expires = excluded.expires, kind = excluded.kind",
     )?
     .execute(params![db, key, value, expires, kind])?;
+    Ok(())
+}
+
+fn set_deadline(conn: &Connection, db: u8, key: &str, expires: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE kv SET expires = ?3 WHERE db = ?1 AND key = ?2")?
+        .execute(params![db, key, expires])?;
     Ok(())
 }
 
@@ -398,12 +409,8 @@ impl Store for DiskStore {
                 // A failed extension (a full disk) does not fail the read: it is tried again on
                 // the next refresh, long before the key expires.
                 if expires.saturating_sub(now_ms()) < life / 2 {
-                    let extended = self.write(|tx| {
-                        tx.execute(
-                            "UPDATE kv SET expires = ?3 WHERE db = ?1 AND key = ?2",
-                            params![db, generation_key, deadline(generation_life)],
-                        )
-                    });
+                    let extended =
+                        self.write(|tx| set_deadline(tx, db, generation_key, deadline(generation_life)));
                     if let Err(e) = extended {
                         tracing::debug!(error = %e, "the function's generation could not be extended");
                     }
@@ -542,10 +549,7 @@ impl Store for DiskStore {
         self.write(|tx| {
             let lease_key = lease_key(key);
             if live_u64(tx, db, &lease_key)? == Some(token) {
-                tx.execute(
-                    "UPDATE kv SET expires = ?3 WHERE db = ?1 AND key = ?2",
-                    params![db, lease_key, deadline(lease)],
-                )?;
+                set_deadline(tx, db, &lease_key, deadline(lease))?;
                 return Ok(Renewal::Renewed);
             }
             if stamp_of(tx, db, key)? != grant {
