@@ -74,6 +74,9 @@ pub(crate) struct DiskStore {
     next: AtomicUsize,
     /// Writes since expired rows were last purged.
     writes: AtomicU64,
+    /// Raised when this process meets a corrupt file: every connection reopens at its next call,
+    /// not a second later.
+    epoch: AtomicU64,
 }
 
 #[derive(Default)]
@@ -83,6 +86,7 @@ struct Slot {
     /// file another process replaced is followed within a second.
     file: u64,
     checked_at: i64,
+    epoch: u64,
 }
 
 /// Why a connection could not be opened.
@@ -125,6 +129,7 @@ impl DiskStore {
             slots: (0..CONNECTIONS).map(|_| Mutex::default()).collect(),
             next: AtomicUsize::new(0),
             writes: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         };
         // Opened (and checked) now, so a bad directory is logged at start-up.
         if let Err(e) = store.call(|_| Ok(())) {
@@ -176,7 +181,16 @@ impl DiskStore {
             // checkpoint (a power cut may lose the last writes, never corrupt the file): a cache.
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
-            conn.execute_batch(SCHEMA)?;
+            // The schema's statements write: only a new file needs them (a connection opened
+            // while another process writes would otherwise wait for it).
+            let made: bool = conn.query_row(
+                "SELECT count(*) = 1 FROM sqlite_master WHERE type = 'table' AND name = 'file'",
+                [],
+                |r| r.get(0),
+            )?;
+            if !made {
+                conn.execute_batch(SCHEMA)?;
+            }
             Ok(conn)
         })();
         let file = if file == 0 { self.file_id() } else { file };
@@ -196,6 +210,10 @@ impl DiskStore {
             .find_map(|i| self.slots[(start + i) % CONNECTIONS].try_lock().ok())
             .unwrap_or_else(|| self.slots[start % CONNECTIONS].lock().unwrap_or_else(|e| e.into_inner()));
         let now = now_ms();
+        let epoch = self.epoch.load(Relaxed);
+        if slot.epoch != epoch {
+            slot.conn = None;
+        }
         if slot.conn.is_some() && now.saturating_sub(slot.checked_at) >= 1000 {
             slot.checked_at = now;
             if self.file_id() != slot.file {
@@ -205,7 +223,7 @@ impl DiskStore {
         }
         if slot.conn.is_none() {
             match self.open() {
-                Ok((conn, file)) => *slot = Slot { conn: Some(conn), file, checked_at: now },
+                Ok((conn, file)) => *slot = Slot { conn: Some(conn), file, checked_at: now, epoch },
                 Err(OpenError::Corrupt(e, file)) => {
                     drop(slot);
                     self.replace_corrupt_file(file);
@@ -239,6 +257,8 @@ impl DiskStore {
     /// call that meets the damage tries again), and only if the path still names that file (no
     /// other process replaced it already).
     fn replace_corrupt_file(&self, file: u64) {
+        // This process's other connections are on the damaged file too.
+        self.epoch.fetch_add(1, Relaxed);
         let Ok(lock) = self.lock_file() else { return };
         if lock.try_lock().is_err() {
             return;
@@ -678,6 +698,47 @@ mod tests {
                 Store::set(&s, 5, "huge", &vec![0u8; 40 * 1024], Duration::from_secs(60)).await.unwrap_err();
             assert!(err.to_string().contains("more than half of CACHE_MAX_SIZE"), "{err}");
             assert!(Store::exists(&s, 5, "k199").await.unwrap());
+        });
+    }
+
+    #[test]
+    fn duration_max_is_a_far_deadline_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 20);
+        block_on(async {
+            Store::set(&s, 5, "k", b"v", Duration::MAX).await.unwrap();
+            assert!(Store::ttl(&s, 5, "k").await.unwrap().unwrap() > Duration::from_secs(100 * 365 * 86_400));
+            assert!(Store::expire(&s, 5, "k", Duration::MAX).await.unwrap());
+            let long = LeaseAsk { token: 1, ttl: Duration::MAX, min_generation: 0 };
+            assert!(matches!(Store::acquire(&s, 5, "l", long, |_| ()).await.unwrap(), Acquired::Granted(_)));
+            let g = Store::bump_generation(&s, 5, "g", Duration::MAX).await.unwrap();
+            assert!(g.is_some());
+            Store::invalidate(&s, 5, "k", Duration::MAX).await.unwrap();
+            assert!(!Store::exists(&s, 5, "k").await.unwrap());
+        });
+    }
+
+    /// Another connection (as another process would) holds the write lock: a write waits for it
+    /// at most `op_timeout` (SQLite's busy timeout), then fails; reads go on meanwhile.
+    #[test]
+    fn a_write_waits_for_another_writer_at_most_op_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let op_timeout = Duration::from_millis(200);
+        let target = DiskTarget::new(dir.path());
+        let s = DiskStore::new(&target, &CacheConfig::disk(dir.path()).with_op_timeout(op_timeout));
+        block_on(async {
+            Store::set(&s, 5, "k", b"v", Duration::from_secs(60)).await.unwrap();
+            let other = Connection::open(dir.path().join(FILE)).unwrap();
+            other.execute_batch("BEGIN IMMEDIATE").unwrap();
+            let started = std::time::Instant::now();
+            let err = Store::set(&s, 5, "k2", b"v", Duration::from_secs(60)).await.unwrap_err();
+            let waited = started.elapsed();
+            assert!(err.to_string().contains("locked"), "{err}");
+            assert!(waited >= op_timeout - Duration::from_millis(20), "it waited for the lock ({waited:?})");
+            assert!(waited < op_timeout * 2, "for op_timeout, not more ({waited:?})");
+            assert!(Store::exists(&s, 5, "k").await.unwrap(), "reads go on under another writer");
+            other.execute_batch("COMMIT").unwrap();
+            Store::set(&s, 5, "k2", b"v", Duration::from_secs(60)).await.unwrap();
         });
     }
 
