@@ -10,8 +10,10 @@ pub use crate::db::CacheDb;
 pub use crate::invalidate::{invalidate, Target};
 pub use crate::key::{KeyHasher, KeyReceiver};
 pub use crate::policy::{OkOnly, Policy, SomeOnly, Whole};
+pub use crate::registry::{Registration, Site, SiteTarget};
 pub use crate::spec::{CachedFn, Spec};
 pub use crate::value::Format;
+pub use inventory;
 
 /// Spanned at an argument by the macro, so an argument that cannot be hashed is reported there.
 pub fn key_arg<T: Serialize + ?Sized>(hasher: &mut KeyHasher, value: &T) {

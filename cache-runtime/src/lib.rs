@@ -32,6 +32,7 @@ mod invalidate;
 mod key;
 mod policy;
 mod read_through;
+pub mod registry;
 mod runtime;
 mod shape;
 mod spec;

@@ -48,6 +48,7 @@ impl Runtime {
             BackendKind::Disk(target) => format!("disk at {}", target.dir().display()),
             BackendKind::None => "none (caching disabled)".to_owned(),
         };
+        crate::registry::report_conflicts_once();
         let backend = Backend::new(&config);
         let functions = Functions::new(backend.keeps_generations_in_process(), config.generation_refresh);
         Runtime {
@@ -89,6 +90,11 @@ impl Runtime {
     /// spawned inside needs its own `scope`).
     pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
         SCOPED.scope(self.clone(), fut).await
+    }
+
+    /// Every `#[cached]` function of the binary ([`registry::functions`](crate::registry::functions)).
+    pub fn functions(&self) -> Vec<crate::registry::FunctionInfo> {
+        crate::registry::functions()
     }
 
     /// The counters of every DB and prefix used so far.

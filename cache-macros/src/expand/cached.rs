@@ -35,27 +35,41 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         );
         return super::fallback(item, e);
     }
-    match expand_parts(args, &func, site) {
-        Ok((mut function, companions)) => {
+    match expand_parts(args, &func, site, "") {
+        Ok(Parts { mut function, companions, registration }) => {
             function.extend(companions);
+            function.extend(registration);
             function
         }
         Err(fallback) => fallback,
     }
 }
 
-/// The function and, apart, its companions (for `#[cached_impl]`, which puts them in an `impl`
-/// block of their own); or the user's function with the errors.
+/// What `#[cached]` emits for one function, in three places: the function; its companions (for
+/// `#[cached_impl]`, in an `impl` block of their own); its registry entry (at module level).
+pub(crate) struct Parts {
+    pub(crate) function: TokenStream,
+    pub(crate) companions: TokenStream,
+    pub(crate) registration: TokenStream,
+}
+
+/// The function's [`Parts`], `owner` naming the `Self` type of a method (`""` for a free
+/// function); or the user's function with the errors.
 pub(crate) fn expand_parts(
     args: TokenStream,
     func: &ItemFn,
     site: Site,
-) -> Result<(TokenStream, TokenStream), TokenStream> {
+    owner: &str,
+) -> Result<Parts, TokenStream> {
     let mut errors = Errors::default();
     let args = CachedArgs::parse(args, &mut errors);
     let model = validate::cached(args, func, &mut errors);
     match (errors.into_result(), model) {
-        (Ok(()), Some(model)) => Ok((function(func, &model, site), companions(func, &model, site))),
+        (Ok(()), Some(model)) => Ok(Parts {
+            function: function(func, &model, site),
+            companions: companions(func, &model, site),
+            registration: registration(func, &model, owner),
+        }),
         (Err(e), _) => Err(super::fallback(func, e)),
         (Ok(()), None) => unreachable!("validation returns no model only with an error"),
     }
@@ -64,15 +78,7 @@ pub(crate) fn expand_parts(
 /// `const __CACHE_SPEC: Spec = ...;` then `let __cache_fn: CachedFn = ...;`: the function as the
 /// runtime identifies it, the same in the function and in its companions.
 fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, site: Site) -> TokenStream {
-    let Cached { db, prefix, ttl, version, format, .. } = model;
     let spec = Ident::new("__CACHE_SPEC", Span::mixed_site());
-    let name = func.sig.ident.to_string();
-    let version = match version {
-        Some(v) => quote!(::core::option::Option::Some(#v)),
-        None => quote!(::core::option::Option::None),
-    };
-    // Spanned at the `db` path: a hand-written CacheDb impl at index 15 is reported there.
-    let db_index = quote_spanned!(db.span()=> <#db as ::cache_runtime::__private::CacheDb>::CHECKED_INDEX);
     // A method's entries are also told apart by `Self` (two `impl` blocks, or one generic `impl`
     // with several type arguments).
     let value = match site {
@@ -84,25 +90,34 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
     // A constant TTL is checked where it is evaluated, spanned at the expression: zero, negative
     // or longer than the bound is a compile error there, reported once (in the function, not in
     // its companions, whose names the user did not write).
-    let (ttl_check, ttl_seconds) = match ttl {
-        TtlValue::Seconds(seconds) => (quote!(), quote!(#seconds)),
-        TtlValue::Const(expr) => {
-            // Through `Ttl`, by the constant's type (an integer or a `Duration`); an expression of
-            // literals alone (`60 * 60 * 24`) has no type of its own yet, and is read as an integer.
-            let seconds = if has_ident(expr.to_token_stream()) {
-                quote_spanned!(expr.span()=> ::cache_runtime::__private::Ttl::new(#expr).seconds())
-            } else {
-                quote_spanned!(expr.span()=> ((#expr) as u64))
-            };
-            let check = in_function.then(|| {
-                quote_spanned!(expr.span()=> const _: u64 = ::cache_runtime::__private::checked_ttl(#seconds);)
-            });
-            (quote!(#check), seconds)
+    let ttl_check = match &model.ttl {
+        TtlValue::Const(expr) if in_function => {
+            let seconds = ttl_seconds(&model.ttl);
+            quote_spanned!(expr.span()=> const _: u64 = ::cache_runtime::__private::checked_ttl(#seconds);)
         }
+        _ => quote!(),
     };
+    let spec_value = spec_value(func, model);
     quote! {
         #ttl_check
-        const #spec: ::cache_runtime::__private::Spec = ::cache_runtime::__private::Spec {
+        const #spec: ::cache_runtime::__private::Spec = #spec_value;
+        let #function: ::cache_runtime::__private::CachedFn = #value;
+    }
+}
+
+/// The `Spec` constant's value: the options and where the function is written.
+fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
+    let Cached { db, prefix, version, format, .. } = model;
+    let name = func.sig.ident.to_string();
+    let version = match version {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    // Spanned at the `db` path: a hand-written CacheDb impl at index 15 is reported there.
+    let db_index = quote_spanned!(db.span()=> <#db as ::cache_runtime::__private::CacheDb>::CHECKED_INDEX);
+    let ttl_seconds = ttl_seconds(&model.ttl);
+    quote! {
+        ::cache_runtime::__private::Spec {
             db: #db_index,
             prefix: #prefix,
             function: #name,
@@ -110,8 +125,40 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
             ttl: ::core::time::Duration::from_secs(#ttl_seconds),
             version: #version,
             format: ::cache_runtime::__private::Format::#format,
+        }
+    }
+}
+
+/// The TTL in seconds, as a constant expression.
+fn ttl_seconds(ttl: &TtlValue) -> TokenStream {
+    match ttl {
+        TtlValue::Seconds(seconds) => quote!(#seconds),
+        // Through `Ttl`, by the constant's type (an integer or a `Duration`); an expression of
+        // literals alone (`60 * 60 * 24`) has no type of its own yet, and is read as an integer.
+        TtlValue::Const(expr) if has_ident(expr.to_token_stream()) => {
+            quote_spanned!(expr.span()=> ::cache_runtime::__private::Ttl::new(#expr).seconds())
+        }
+        TtlValue::Const(expr) => quote_spanned!(expr.span()=> ((#expr) as u64)),
+    }
+}
+
+/// The function's entry in the registry (`cache_runtime::registry`), at module level: `owner` is
+/// the `Self` type's name for a method, `""` for a free function.
+fn registration(func: &ItemFn, model: &Cached, owner: &str) -> TokenStream {
+    let spec_value = spec_value(func, model);
+    let db = &model.db;
+    let cfgs = func.attrs.iter().filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"));
+    quote! {
+        #(#cfgs)*
+        const _: () = {
+            ::cache_runtime::__private::inventory::submit! {
+                ::cache_runtime::__private::Registration::new(
+                    #spec_value,
+                    #owner,
+                    <#db as ::cache_runtime::__private::CacheDb>::NAME,
+                )
+            }
         };
-        let #function: ::cache_runtime::__private::CachedFn = #value;
     }
 }
 
@@ -312,8 +359,8 @@ mod tests {
     /// A method as `#[cached_impl]` expands it: the function, then its companions.
     fn expand_method(args: TokenStream, item: TokenStream) -> String {
         let func = syn::parse2(item).unwrap();
-        match super::expand_parts(args, &func, super::Site::Associated) {
-            Ok((function, companions)) => format!("{function} {companions}"),
+        match super::expand_parts(args, &func, super::Site::Associated, "Feed") {
+            Ok(super::Parts { function, companions, .. }) => format!("{function} {companions}"),
             Err(fallback) => fallback.to_string(),
         }
     }

@@ -49,7 +49,9 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let in_trait = block.trait_.is_some();
+    let owner = owner_name(&block.self_ty);
     let mut companions = TokenStream::new();
+    let mut registrations = TokenStream::new();
     let mut paths: Vec<String> = Vec::new();
     let mut path_tokens: Vec<syn::Path> = Vec::new();
     for item in &mut block.items {
@@ -99,13 +101,14 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         // hidden), so `#[invalidates(Type::f(..))]` works from any module, as for other methods.
         let companion_func =
             if in_trait { ItemFn { vis: syn::parse_quote!(pub), ..func.clone() } } else { func.clone() };
-        match super::cached::expand_parts(args.clone(), &func, Site::Associated) {
-            Ok((function, _)) => {
-                *item = ImplItem::Verbatim(function);
-                if let Ok((_, companion)) =
-                    super::cached::expand_parts(args, &companion_func, Site::Associated)
+        match super::cached::expand_parts(args.clone(), &func, Site::Associated, &owner) {
+            Ok(parts) => {
+                *item = ImplItem::Verbatim(parts.function);
+                registrations.extend(parts.registration);
+                if let Ok(parts) =
+                    super::cached::expand_parts(args, &companion_func, Site::Associated, &owner)
                 {
-                    companions.extend(companion);
+                    companions.extend(parts.companions);
                 }
             }
             Err(fallback) => *item = ImplItem::Verbatim(fallback),
@@ -134,9 +137,22 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             impl #impl_generics #self_ty #where_clause {
                 #companions
             }
+
+            #(#cfgs)*
+            const _: () = {
+                #registrations
+            };
         });
     }
     tokens
+}
+
+/// The `Self` type's name as the registry shows it: the last segment of its path.
+fn owner_name(self_ty: &syn::Type) -> String {
+    match self_ty {
+        syn::Type::Path(path) => path.path.segments.last().map(|s| s.ident.to_string()).unwrap_or_default(),
+        other => other.to_token_stream().to_string(),
+    }
 }
 
 /// The companions go into `impl Type { .. }`: a type of this crate, written as a path, using

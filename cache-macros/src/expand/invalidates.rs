@@ -31,6 +31,7 @@ pub(crate) fn expand_attribute(args: TokenStream, item: TokenStream) -> TokenStr
     let targets_ident = Ident::new("__cache_targets", Span::mixed_site());
     let output = Ident::new("__cache_output", Span::mixed_site());
     let targets = targets(&checked);
+    let registration = registration(&checked, &sig.ident.to_string());
     let ret = match &sig.output {
         ReturnType::Type(_, ty) => Some(&**ty),
         ReturnType::Default => None,
@@ -44,6 +45,7 @@ pub(crate) fn expand_attribute(args: TokenStream, item: TokenStream) -> TokenStr
     quote! {
         #(#attrs)*
         #vis #sig {
+            #registration
             // Keys are computed from the arguments as they come in, before the body may move them.
             let #targets_ident = #targets;
             let #output = #body.await;
@@ -67,7 +69,9 @@ pub(crate) fn expand_macro(input: TokenStream) -> TokenStream {
     }
     let targets_ident = Ident::new("__cache_targets", Span::mixed_site());
     let targets = targets(&checked);
+    let registration = registration(&checked, "");
     quote! {{
+        #registration
         let #targets_ident = #targets;
         async move { ::cache_runtime::__private::invalidate(&#targets_ident).await }
     }}
@@ -88,15 +92,53 @@ fn targets(checked: &[Invalidation]) -> TokenStream {
     quote!([#(#targets),*])
 }
 
+/// The site's entry in the registry (`cache_runtime::registry`): `function` is the name of the
+/// function carrying `#[invalidates]`, `""` for `invalidate!`. A free function is named through
+/// its spec companion; a method by its type's name and its own, since a site inside an `impl`
+/// cannot name `Self` (or a generic type) from the item that registers it.
+fn registration(checked: &[Invalidation], function: &str) -> TokenStream {
+    let entries = checked.iter().map(|entry| match method_target(&entry.path) {
+        Some((owner, name)) => quote! {
+            ::cache_runtime::__private::SiteTarget::Method { owner: #owner, function: #name }
+        },
+        None => {
+            let spec_fn = companion(&entry.path, super::spec_fn_name, false);
+            quote!(::cache_runtime::__private::SiteTarget::Free(#spec_fn))
+        }
+    });
+    let count = checked.len();
+    quote! {
+        const _: () = {
+            static __CACHE_SITE_TARGETS: [::cache_runtime::__private::SiteTarget; #count] = [#(#entries),*];
+            ::cache_runtime::__private::inventory::submit! {
+                ::cache_runtime::__private::Site::new(
+                    ::core::module_path!(),
+                    #function,
+                    ::core::line!(),
+                    &__CACHE_SITE_TARGETS,
+                )
+            }
+        };
+    }
+}
+
+/// `Type::f` or `Self::f` (a method, see [`companion`]): the type's and the function's names.
+fn method_target(path: &Path) -> Option<(String, String)> {
+    let n = path.segments.len();
+    if n < 2 {
+        return None;
+    }
+    let owner = path.segments[n - 2].ident.to_string();
+    let method = owner == "Self" || owner.starts_with(|c: char| c.is_ascii_uppercase());
+    method.then(|| (owner, path.segments[n - 1].ident.to_string()))
+}
+
 /// `a::b::f` → `a::b::f::__cache_key_f` for a free function, `Type::f` / `Self::f` →
 /// `Type::__cache_key_f` for a method (see `expand::Site`). The spec companion takes no generic
 /// arguments.
 fn companion(path: &Path, name: fn(&Ident) -> Ident, keep_generics: bool) -> Path {
     let mut path = path.clone();
-    let method = path.segments.len() >= 2 && {
-        let owner = path.segments[path.segments.len() - 2].ident.to_string();
-        owner == "Self" || owner.starts_with(|c: char| c.is_ascii_uppercase())
-    };
+    let method = method_target(&path).is_some();
     let Some(last) = path.segments.pop().map(|p| p.into_value()) else {
         return path;
     };

@@ -1,0 +1,247 @@
+//! Every `#[cached]` function and every invalidation site of the binary, registered at link time
+//! (`inventory`): [`functions`] lists them, [`never_invalidated`] is the audit a team runs in its
+//! tests, and [`key_space_conflicts`] is what a new [`Runtime`](crate::Runtime) reports at
+//! start-up.
+//!
+//! ```
+//! use cache_runtime::{cached, invalidates, registry};
+//!
+//! #[cached(db = MarketData, prefix = "doc_registry", ttl = 300)]
+//! async fn price(symbol: &str) -> f64 { 1.0 }
+//!
+//! #[invalidates(price(symbol))]
+//! async fn set_price(symbol: &str) {}
+//!
+//! let price = registry::functions().into_iter().find(|f| f.prefix == "doc_registry").unwrap();
+//! assert_eq!(price.name, "price");
+//! assert_eq!(price.ttl_seconds, 300);
+//! assert_eq!(price.key_pattern, "doc_registry:price:*");
+//! assert!(price.invalidated_by[0].ends_with("::set_price"));
+//! assert!(registry::never_invalidated().iter().all(|f| f.prefix != "doc_registry"));
+//! ```
+//!
+//! A site names its target by path. A free function is resolved exactly (through its companion);
+//! a method (`Type::f`, `Self::f`) is matched by the type's name and the function's name, since a
+//! type's path cannot be followed at link time: `Self::f` matches the methods `f` written in the
+//! site's own module.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::key;
+use crate::spec::{CachedFn, Spec};
+use crate::value::Format;
+
+/// One `#[cached]` function, as the macro registers it (not an API: built by the macro).
+#[doc(hidden)]
+pub struct Registration {
+    spec: Spec,
+    /// The `Self` type's name as written in the `impl` (last path segment), `""` for a free
+    /// function.
+    owner: &'static str,
+    db_name: &'static str,
+}
+
+impl Registration {
+    #[doc(hidden)]
+    pub const fn new(spec: Spec, owner: &'static str, db_name: &'static str) -> Self {
+        Registration { spec, owner, db_name }
+    }
+}
+
+/// One `#[invalidates(...)]` function or `invalidate!` call (not an API: built by the macro).
+#[doc(hidden)]
+pub struct Site {
+    module: &'static str,
+    /// The function carrying `#[invalidates]`, or `""` for `invalidate!`.
+    function: &'static str,
+    line: u32,
+    targets: &'static [SiteTarget],
+}
+
+impl Site {
+    #[doc(hidden)]
+    pub const fn new(
+        module: &'static str,
+        function: &'static str,
+        line: u32,
+        targets: &'static [SiteTarget],
+    ) -> Self {
+        Site { module, function, line, targets }
+    }
+
+    fn name(&self) -> String {
+        match self.function {
+            "" => format!("invalidate! in {} (line {})", self.module, self.line),
+            f => format!("{}::{f}", self.module),
+        }
+    }
+}
+
+/// What one entry of a site names (not an API: built by the macro).
+#[doc(hidden)]
+pub enum SiteTarget {
+    /// A free function, through its spec companion.
+    Free(fn() -> CachedFn),
+    /// `Type::f` or `Self::f`.
+    Method { owner: &'static str, function: &'static str },
+}
+
+inventory::collect!(Registration);
+inventory::collect!(Site);
+
+/// One `#[cached]` function of this binary: where it is written and how it caches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct FunctionInfo {
+    /// `module_path!()` where it is written.
+    pub module: String,
+    /// For a method, the `Self` type's name as the `impl` writes it (last path segment).
+    pub owner: Option<String>,
+    /// The function's name.
+    pub name: String,
+    /// `module::Type::name` or `module::name`: how logs and the admin routes name it.
+    pub path: String,
+    /// DB number.
+    pub db: u8,
+    /// The DB's name (`cache_db!`'s label).
+    pub db_name: String,
+    /// The `prefix` option.
+    pub prefix: String,
+    /// The `ttl` option, in seconds.
+    pub ttl_seconds: u64,
+    /// The `version` option.
+    pub version: Option<u32>,
+    /// `json` or `msgpack`.
+    pub format: &'static str,
+    /// The keys its entries are written under: `{prefix}:{name}[:vN]:*` (one generation key
+    /// among them).
+    pub key_pattern: String,
+    /// The `#[invalidates]` functions and `invalidate!` calls that name it.
+    pub invalidated_by: Vec<String>,
+}
+
+impl FunctionInfo {
+    /// Its TTL as a `Duration`.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_seconds)
+    }
+
+    fn from_registration(r: &Registration) -> Self {
+        let spec = &r.spec;
+        let owner = (!r.owner.is_empty()).then(|| r.owner.to_owned());
+        let path = match &owner {
+            Some(owner) => format!("{}::{owner}::{}", spec.module, spec.function),
+            None => format!("{}::{}", spec.module, spec.function),
+        };
+        FunctionInfo {
+            module: spec.module.to_owned(),
+            owner,
+            name: spec.function.to_owned(),
+            path,
+            db: spec.db,
+            db_name: r.db_name.to_owned(),
+            prefix: spec.prefix.to_owned(),
+            ttl_seconds: spec.ttl.as_secs(),
+            version: spec.version,
+            format: match spec.format {
+                Format::Json => "json",
+                Format::MessagePack => "msgpack",
+            },
+            key_pattern: format!("{}:*", key::function_base(spec)),
+            invalidated_by: Vec::new(),
+        }
+    }
+
+    /// Whether `target` (an entry of `site`) names this function.
+    fn named_by(&self, site: &Site, target: &SiteTarget) -> bool {
+        match target {
+            SiteTarget::Free(spec) => {
+                let f = spec();
+                let spec = f.spec();
+                self.owner.is_none() && self.module == spec.module && self.name == spec.function
+            }
+            SiteTarget::Method { owner: "Self", function } => {
+                self.owner.is_some() && self.module == site.module && self.name == *function
+            }
+            SiteTarget::Method { owner, function } => {
+                self.owner.as_deref() == Some(*owner) && self.name == *function
+            }
+        }
+    }
+}
+
+/// Every `#[cached]` function linked into this binary, ordered by path, each with the sites that
+/// invalidate it.
+pub fn functions() -> Vec<FunctionInfo> {
+    let mut functions: Vec<FunctionInfo> =
+        inventory::iter::<Registration>.into_iter().map(FunctionInfo::from_registration).collect();
+    functions.sort_by(|a, b| a.path.cmp(&b.path));
+    functions.dedup_by(|a, b| a.path == b.path && a.db == b.db);
+    for site in inventory::iter::<Site> {
+        for target in site.targets {
+            for f in functions.iter_mut().filter(|f| f.named_by(site, target)) {
+                let name = site.name();
+                if !f.invalidated_by.contains(&name) {
+                    f.invalidated_by.push(name);
+                }
+            }
+        }
+    }
+    for f in &mut functions {
+        f.invalidated_by.sort();
+    }
+    functions
+}
+
+/// The audit: cached functions that no `#[invalidates]` or `invalidate!` names. Each can only
+/// ever be as fresh as its TTL (`ttl_seconds`): a team can assert in its tests that this list is
+/// what it expects.
+///
+/// ```
+/// for f in cache_runtime::registry::never_invalidated() {
+///     println!("{} is refreshed only by its TTL, {} s", f.path, f.ttl_seconds);
+/// }
+/// ```
+pub fn never_invalidated() -> Vec<FunctionInfo> {
+    functions().into_iter().filter(|f| f.invalidated_by.is_empty()).collect()
+}
+
+/// Pairs of functions whose keys share a space: in one DB, one's `{prefix}:{name}[:vN]:` begins
+/// the other's (same prefix and name in two modules or types, or `prefix = "a"` with a function
+/// `b` beside `prefix = "a:b"`). Their entries are still told apart by the hash (module and type
+/// are in it), but a pattern (`SCAN`, an admin clear by prefix), a metric labelled by prefix and
+/// function, or an operator reading keys cannot tell them apart.
+pub fn key_space_conflicts() -> Vec<(FunctionInfo, FunctionInfo)> {
+    let functions = functions();
+    let base = |f: &FunctionInfo| f.key_pattern.trim_end_matches('*').to_owned();
+    let mut conflicts = Vec::new();
+    for (i, a) in functions.iter().enumerate() {
+        for b in &functions[i + 1..] {
+            let (ka, kb) = (base(a), base(b));
+            if a.db == b.db && (ka.starts_with(&kb) || kb.starts_with(&ka)) {
+                conflicts.push((a.clone(), b.clone()));
+            }
+        }
+    }
+    conflicts
+}
+
+/// Logs every conflict as an error, once per process (the first runtime built).
+pub(crate) fn report_conflicts_once() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (a, b) in key_space_conflicts() {
+            tracing::error!(
+                first = %a.path,
+                second = %b.path,
+                db = a.db,
+                "cached functions `{}` and `{}` share a key space in DB {} (`{}` and `{}`): their entries are \
+                 apart, but key patterns, admin clears by prefix and metrics by function merge them; give one \
+                 another prefix or name",
+                a.path, b.path, a.db, a.key_pattern, b.key_pattern
+            );
+        }
+    });
+}
