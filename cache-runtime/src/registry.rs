@@ -4,7 +4,7 @@
 //! start-up.
 //!
 //! ```
-//! use cache_runtime::{cached, invalidates, registry};
+//! use cache_runtime::{cached, db::MarketData, invalidates, registry};
 //!
 //! #[cached(db = MarketData, prefix = "doc_registry", ttl = 300)]
 //! async fn price(symbol: &str) -> f64 { 1.0 }
