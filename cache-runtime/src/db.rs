@@ -102,6 +102,9 @@ macro_rules! standard_dbs {
                 const NAME: &'static str = $label;
             }
         )*
+
+        /// Every standard DB: (index, name).
+        pub const STANDARD: &[(u8, &str)] = &[$(($index, $label)),*];
     };
 }
 

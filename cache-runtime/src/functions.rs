@@ -57,7 +57,7 @@ impl Functions {
             return Arc::clone(f);
         }
         let spec = function.spec();
-        let counters = stats.counters(spec.db, spec.prefix);
+        let counters = stats.counters(spec.db, spec.prefix, spec.function);
         let generation_key = key::generation_key(function);
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(by_id.entry(id).or_insert_with(|| {

@@ -95,7 +95,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     pub async fn get(&self, key: &str) -> Result<Option<T>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
         let found = rt
             .backend
             .get_with(Self::DB, &self.key(key), |b| serde_json::from_slice::<T>(b))
@@ -130,7 +130,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
         let key = self.key(key);
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
         rt.backend.set(Self::DB, &key, &bytes, ttl).await.inspect_err(|_| counters.backend_error())?;
@@ -144,7 +144,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<T>>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         let found = rt
             .backend
@@ -180,7 +180,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             .collect::<Result<Vec<_>, CacheError>>()?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
         for (key, _) in &encoded {
             rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
         }
@@ -216,7 +216,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix);
+        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
         let done_counters = std::sync::Arc::clone(&counters);
         let done: crate::backend::protocol::Done = Box::new(move |result| match result {
             Ok(_) => done_counters.fill(),

@@ -20,6 +20,8 @@
 //! ([`CacheConfig::from_env`]): Redis when `REDIS_URL`/`REDIS_HOST` is set, otherwise the embedded
 //! backend. See README for the options, the key format and what happens when Redis fails.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 mod backend;
 mod background;
 mod config;
@@ -37,8 +39,10 @@ mod runtime;
 mod shape;
 mod spec;
 mod stats;
+pub mod telemetry;
 mod value;
 
+pub use backend::BackendInfo;
 pub use cache_macros::{cached, cached_impl, invalidate, invalidates};
 pub use config::{
     BackendKind, CacheConfig, ClusterTarget, ConfigError, DiskTarget, Environment, RedisTarget,

@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::{Acquired, FillOutcome, LeaseAsk, Renewal, Store, Write};
 use crate::error::BackendError;
@@ -22,6 +22,7 @@ use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, Spec};
 use crate::stats::Counters;
+use crate::telemetry;
 use crate::value;
 
 /// What the first lookup decided.
@@ -52,6 +53,26 @@ where
     P: Policy<R>,
     F: Future<Output = R>,
 {
+    let spec = cached.spec();
+    let span = tracing::debug_span!(
+        "cache.call",
+        cache.db = spec.db,
+        cache.prefix = spec.prefix,
+        cache.function = spec.function,
+        cache.outcome = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        serve::<P, R, F>(cached, key, body).await
+    } else {
+        tracing::Instrument::instrument(serve::<P, R, F>(cached, key, body), span).await
+    }
+}
+
+async fn serve<P, R, F>(cached: CachedFn, key: Option<String>, body: F) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if rt.backend.is_none() {
@@ -63,6 +84,7 @@ where
     let Some(key) = key else {
         counters.key_failure();
         counters.miss();
+        telemetry::outcome("uncached");
         if function.first_key_failure() {
             tracing::warn!(
                 prefix = spec.prefix,
@@ -82,6 +104,7 @@ where
         match lookup::<P::Stored>(rt, &cached, &key, &function).await {
             Lookup::Hit(value) => {
                 counters.hit();
+                telemetry::outcome("hit");
                 if rt.backend.is_in_process() {
                     // An embedded hit never waits on I/O, so it never yields: spend tokio's
                     // cooperative budget so that a loop of hits cannot starve other tasks.
@@ -101,7 +124,7 @@ where
     };
     let mut body = Some(body);
     loop {
-        let joined_at = std::time::Instant::now();
+        let joined_at = Instant::now();
         match Flights::join(&rt.flights, spec.db, &key) {
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
@@ -117,6 +140,7 @@ where
                 };
                 if let Ok((_, value)) = value::decode::<P::Stored>(spec.format, &shared) {
                     counters.hit();
+                    telemetry::outcome("hit");
                     tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit (shared flight)");
                     return P::restore(value);
                 }
@@ -125,6 +149,7 @@ where
         }
     }
     counters.miss();
+    telemetry::outcome("miss");
     body.take().expect("a follower still holds its function").await
 }
 
@@ -133,8 +158,10 @@ where
 fn count_failure(counters: &Counters, spec: &Spec, key: &str, error: &BackendError, what: &str) {
     if error.is_bypassed() {
         counters.bypass();
+        telemetry::outcome("bypassed");
     } else {
         counters.backend_error();
+        telemetry::outcome("unavailable");
         tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache {what} failed; calling the function");
     }
 }
@@ -149,12 +176,14 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let counters = &function.counters;
     let (known, refresh) = rt.functions.current(function);
     let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
+    let started = Instant::now();
     let found = if refresh {
         let life = key::generation_life(spec.ttl);
         rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await
     } else {
         rt.backend.get_with(spec.db, key, decode).await.map(|v| (v, None))
     };
+    counters.lookup_took(started.elapsed());
     let (found, read) = match found {
         Ok(found) => found,
         Err(error) => {
@@ -274,6 +303,7 @@ where
         match acquired {
             Ok(Acquired::Value((bytes, Ok((_, value))))) => {
                 counters.hit();
+                telemetry::outcome("hit");
                 leader.finish(Outcome::Value(bytes));
                 return P::restore(value);
             }
@@ -287,9 +317,11 @@ where
                     token,
                 };
                 counters.miss();
-                let computed_from = std::time::Instant::now();
+                telemetry::outcome("miss");
+                let computed_from = Instant::now();
                 let (output, lease) =
                     compute_renewing(rt, spec.db, key, (token, grant), counters, body).await;
+                counters.compute_took(computed_from.elapsed());
                 let encoded = P::stored(&output).map(|v| value::encode(spec.format, generation, v));
                 match encoded {
                     Some(Ok(_)) if lease == Renewal::Revoked => {
@@ -335,8 +367,9 @@ where
                 // No lease: compute without filling, and share the value with the followers,
                 // who joined before we started computing.
                 counters.miss();
-                let computed_from = std::time::Instant::now();
+                let computed_from = Instant::now();
                 let output = body.await;
+                counters.compute_took(computed_from.elapsed());
                 let outcome = match P::stored(&output).map(|v| value::encode(spec.format, generation, v)) {
                     Some(Ok(bytes)) => Outcome::Unverified(bytes.into(), computed_from),
                     _ => Outcome::Uncached,
@@ -352,7 +385,7 @@ where
 /// and the lease, given back if the fill fails.
 struct Flight {
     leader: Leader,
-    computed_from: std::time::Instant,
+    computed_from: Instant,
     held: LeaseHeld,
 }
 
@@ -364,7 +397,11 @@ async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, flight: Flight,
     let direct = Arc::clone(&counters);
     let db = spec.db;
     let Flight { leader, computed_from, mut held } = flight;
+    let offered = Instant::now();
     let finish = move |result: Result<FillOutcome, BackendError>| {
+        if result.is_ok() {
+            counters.fill_took(offered.elapsed());
+        }
         // Answered: the script consumed or judged the lease. Failed: `held` releases it on drop.
         held.armed = result.is_err();
         drop(held);

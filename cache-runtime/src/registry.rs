@@ -40,13 +40,90 @@ pub struct Registration {
     /// The `Self` type's name as written in the `impl` (last path segment), `""` for a free
     /// function.
     owner: &'static str,
+    /// For a method of a non-generic `impl`, `type_name::<Self>` (what its keys hash); a generic
+    /// `impl`'s type cannot be named without its arguments.
+    owner_type: Option<fn() -> &'static str>,
     db_name: &'static str,
 }
 
 impl Registration {
     #[doc(hidden)]
-    pub const fn new(spec: Spec, owner: &'static str, db_name: &'static str) -> Self {
-        Registration { spec, owner, db_name }
+    pub const fn new(
+        spec: Spec,
+        owner: &'static str,
+        owner_type: Option<fn() -> &'static str>,
+        db_name: &'static str,
+    ) -> Self {
+        Registration { spec, owner, owner_type, db_name }
+    }
+
+    /// The function as the runtime identifies it, if it can be named here.
+    fn cached_fn(&'static self) -> Option<CachedFn> {
+        match (self.owner, self.owner_type) {
+            ("", _) => Some(CachedFn::free(&self.spec)),
+            (_, Some(type_name)) => Some(CachedFn::method(&self.spec, type_name())),
+            (_, None) => None,
+        }
+    }
+}
+
+/// Why a name given at run time ([`Runtime::invalidate_function`](crate::Runtime::invalidate_function),
+/// the admin clear route) names no single cached function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FindError {
+    /// No cached function has that path or name.
+    Unknown(String),
+    /// Several functions have that name: their paths, one of which to give instead.
+    Ambiguous(Vec<String>),
+    /// A method of a generic `impl`: it has no one type to name at run time; invalidate it with
+    /// `invalidate!(Type::<Args>::f(..))` in code.
+    Generic(String),
+}
+
+impl std::fmt::Display for FindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FindError::Unknown(name) => write!(f, "no cached function is named `{name}`"),
+            FindError::Ambiguous(paths) => {
+                write!(f, "several cached functions have that name; give one of: {}", paths.join(", "))
+            }
+            FindError::Generic(path) => write!(
+                f,
+                "`{path}` is a method of a generic `impl`: invalidate it in code, with `invalidate!(Type::<..>::f(..))`"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FindError {}
+
+/// The cached function named `name`: its path (`module::name`, `module::Type::name`) or, when
+/// only one function has it, its bare name (`name`, `Type::name`).
+pub(crate) fn find(name: &str) -> Result<(FunctionInfo, CachedFn), FindError> {
+    let all: Vec<(&'static Registration, FunctionInfo)> = inventory::iter::<Registration>
+        .into_iter()
+        .map(|r| (r, FunctionInfo::from_registration(r)))
+        .collect();
+    let found = match all.iter().find(|(_, info)| info.path == name) {
+        Some(found) => found,
+        None => {
+            let suffix = format!("::{name}");
+            let mut candidates: Vec<&(&Registration, FunctionInfo)> =
+                all.iter().filter(|(_, info)| info.path.ends_with(&suffix)).collect();
+            candidates.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+            candidates.dedup_by(|a, b| a.1.path == b.1.path);
+            match candidates.as_slice() {
+                [] => return Err(FindError::Unknown(name.to_owned())),
+                [one] => *one,
+                many => return Err(FindError::Ambiguous(many.iter().map(|(_, i)| i.path.clone()).collect())),
+            }
+        }
+    };
+    let (registration, info) = found;
+    match registration.cached_fn() {
+        Some(f) => Ok((info.clone(), f)),
+        None => Err(FindError::Generic(info.path.clone())),
     }
 }
 

@@ -29,6 +29,7 @@ pub(crate) struct Inner {
     pub(crate) functions: Functions,
     pub(crate) pending: Pending,
     description: String,
+    config: CacheConfig,
 }
 
 static GLOBAL: OnceLock<Runtime> = OnceLock::new();
@@ -62,6 +63,7 @@ impl Runtime {
                 functions,
                 pending: Pending::default(),
                 description,
+                config,
             }),
         }
     }
@@ -95,6 +97,20 @@ impl Runtime {
     /// Every `#[cached]` function of the binary ([`registry::functions`](crate::registry::functions)).
     pub fn functions(&self) -> Vec<crate::registry::FunctionInfo> {
         crate::registry::functions()
+    }
+
+    /// Invalidates every entry of the cached function named `name` (its path, `module::f` or
+    /// `module::Type::f` as [`registry::functions`](crate::registry::functions) lists it, or its
+    /// bare name when only one function has it), as `invalidate!(f(..))` would: for operators
+    /// and tools that have a name, not the function. Returns what it invalidated.
+    pub async fn invalidate_function(
+        &self,
+        name: &str,
+    ) -> Result<crate::registry::FunctionInfo, crate::registry::FindError> {
+        let (info, function) = crate::registry::find(name)?;
+        let targets = [crate::spec::Target::All(function)];
+        self.scope(crate::invalidate::invalidate(&targets)).await;
+        Ok(info)
     }
 
     /// The counters of every DB and prefix used so far.
@@ -155,6 +171,23 @@ impl Runtime {
     /// Cache writes accepted and not yet answered by the backend.
     pub fn queued_writes(&self) -> usize {
         self.inner.backend.queued()
+    }
+
+    /// The configuration it was built with (its `Debug` never shows a password).
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// What the backend is: `memory at ...`, `redis at host:port/db` (never a password).
+    pub fn description(&self) -> &str {
+        &self.inner.description
+    }
+
+    /// The store's version, memory and keys per DB, asked within `op_timeout` (on Redis, `INFO`
+    /// of every primary).
+    pub async fn backend_info(&self) -> Result<crate::BackendInfo, crate::BackendError> {
+        use crate::backend::Store;
+        self.inner.backend.info().await
     }
 
     /// `memory`, `redis` or `none`.

@@ -1,12 +1,17 @@
-//! Counters per DB and prefix: hits, misses, fills, decode failures, backend errors.
+//! Counters per DB, prefix and function: hits, misses, fills, decode failures, backend errors;
+//! and the latency histograms each function records through the `metrics` facade (the counters
+//! reach it when published, see `telemetry.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-/// Live counters of one (DB, prefix) pair. Cheap to bump from any thread.
-#[derive(Debug, Default)]
+/// Live counters of one function (or of the `Cache` handles of one prefix: function `""`), and
+/// its latency histograms. Cheap to bump from any thread.
+#[derive(Debug)]
 pub(crate) struct Counters {
+    latency: Latency,
     hits: AtomicU64,
     misses: AtomicU64,
     fills: AtomicU64,
@@ -25,7 +30,52 @@ pub(crate) struct Counters {
     renewals: AtomicU64,
 }
 
+/// The histograms of one function, registered with the `metrics` recorder installed when the
+/// function is first called (the no-op recorder before one is).
+struct Latency {
+    lookup: ::metrics::Histogram,
+    fill: ::metrics::Histogram,
+    compute: ::metrics::Histogram,
+}
+
+impl std::fmt::Debug for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Latency")
+    }
+}
+
+macro_rules! zeroed {
+    ($latency:expr; $($field:ident),*) => {
+        Counters { latency: $latency, $($field: AtomicU64::new(0)),* }
+    };
+}
+
 impl Counters {
+    fn new(db: u8, prefix: &str, function: &str) -> Self {
+        let labels = crate::telemetry::labels(db, prefix, function);
+        let latency = Latency {
+            lookup: ::metrics::histogram!(crate::telemetry::LOOKUP_SECONDS, labels.iter()),
+            fill: ::metrics::histogram!(crate::telemetry::FILL_SECONDS, labels.iter()),
+            compute: ::metrics::histogram!(crate::telemetry::COMPUTE_SECONDS, labels.iter()),
+        };
+        zeroed!(latency; hits, misses, fills, decode_failures, encode_failures, backend_errors, invalidations,
+            invalidation_retries, invalidations_expired, refused_fills, lease_waits, direct_fills, bypassed,
+            key_failures, invalidations_coalesced, renewals)
+    }
+
+    /// How long one lookup took the backend (hit or miss).
+    pub(crate) fn lookup_took(&self, took: Duration) {
+        self.latency.lookup.record(took);
+    }
+    /// How long the backend took to answer one fill (queueing in the write-behind batcher included).
+    pub(crate) fn fill_took(&self, took: Duration) {
+        self.latency.fill.record(took);
+    }
+    /// How long the function ran on a miss.
+    pub(crate) fn compute_took(&self, took: Duration) {
+        self.latency.compute.record(took);
+    }
+
     pub(crate) fn bypass(&self) {
         self.bypassed.fetch_add(1, Relaxed);
     }
@@ -75,10 +125,11 @@ impl Counters {
         self.backend_errors.fetch_add(1, Relaxed);
     }
 
-    fn snapshot(&self, db: u8, prefix: &str) -> PrefixStats {
+    fn snapshot(&self, db: u8, prefix: &str, function: Option<&str>) -> PrefixStats {
         PrefixStats {
             db,
             prefix: prefix.to_owned(),
+            function: function.map(str::to_owned),
             hits: self.hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
             fills: self.fills.load(Relaxed),
@@ -99,42 +150,59 @@ impl Counters {
     }
 }
 
-/// All counters of one runtime, one set per DB and prefix.
+/// (prefix, function): the function's name, or `""` for the `Cache` handles of the prefix.
+type CountersKey = (String, String);
+
+/// All counters of one runtime, one set per DB, prefix and function.
 #[derive(Debug, Default)]
 pub(crate) struct StatsRegistry {
-    by_db: [RwLock<HashMap<String, Arc<Counters>, foldhash::fast::RandomState>>; 16],
+    by_db: [RwLock<HashMap<CountersKey, Arc<Counters>, foldhash::fast::RandomState>>; 16],
 }
 
 impl StatsRegistry {
-    /// The counters for `db` and `prefix`, created on first use.
-    pub(crate) fn counters(&self, db: u8, prefix: &str) -> Arc<Counters> {
+    /// The counters for `db`, `prefix` and `function` (`""` for a `Cache` handle), created on
+    /// first use.
+    pub(crate) fn counters(&self, db: u8, prefix: &str, function: &str) -> Arc<Counters> {
         let map = &self.by_db[usize::from(db & 0x0f)];
-        if let Some(c) = map.read().unwrap_or_else(|e| e.into_inner()).get(prefix) {
+        let key = (prefix.to_owned(), function.to_owned());
+        if let Some(c) = map.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Arc::clone(c);
         }
         let mut map = map.write().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(map.entry(prefix.to_owned()).or_default())
+        Arc::clone(map.entry(key).or_insert_with(|| Arc::new(Counters::new(db, prefix, function))))
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
-        let mut entries = Vec::new();
+        let mut functions = Vec::new();
         for (db, map) in self.by_db.iter().enumerate() {
             let map = map.read().unwrap_or_else(|e| e.into_inner());
-            entries.extend(map.iter().map(|(prefix, c)| c.snapshot(db as u8, prefix)));
+            functions.extend(map.iter().map(|((prefix, function), c)| {
+                c.snapshot(db as u8, prefix, (!function.is_empty()).then_some(function.as_str()))
+            }));
         }
-        entries.sort_by(|a, b| (a.db, &a.prefix).cmp(&(b.db, &b.prefix)));
-        StatsSnapshot { entries }
+        functions.sort_by(|a, b| (a.db, &a.prefix, &a.function).cmp(&(b.db, &b.prefix, &b.function)));
+        let mut entries: Vec<PrefixStats> = Vec::new();
+        for f in &functions {
+            match entries.last_mut() {
+                Some(total) if (total.db, &total.prefix) == (f.db, &f.prefix) => total.add(f),
+                _ => entries.push(PrefixStats { function: None, ..f.clone() }),
+            }
+        }
+        StatsSnapshot { entries, functions }
     }
 }
 
-/// The counters of one DB and prefix at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The counters of one DB and prefix (or of one function of it) at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct PrefixStats {
     /// DB number.
     pub db: u8,
     /// Key prefix (the `prefix` option of `#[cached]` or of a [`Cache`](crate::Cache) handle).
     pub prefix: String,
+    /// In [`StatsSnapshot::functions`], the function's name (`None` for the prefix's
+    /// [`Cache`](crate::Cache) handles); `None` in [`StatsSnapshot::entries`], which sum them.
+    pub function: Option<String>,
     /// Lookups answered from the cache.
     pub hits: u64,
     /// Calls that ran the function: absent entries, entries that no longer decode, lookups the
@@ -173,6 +241,47 @@ pub struct PrefixStats {
 }
 
 impl PrefixStats {
+    /// Every counter, named as in the metrics (`cache_{name}_total`), in one order.
+    pub fn counters(&self) -> [(&'static str, u64); 16] {
+        [
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("fills", self.fills),
+            ("decode_failures", self.decode_failures),
+            ("encode_failures", self.encode_failures),
+            ("backend_errors", self.backend_errors),
+            ("invalidations", self.invalidations),
+            ("invalidation_retries", self.invalidation_retries),
+            ("invalidations_expired", self.invalidations_expired),
+            ("refused_fills", self.refused_fills),
+            ("lease_waits", self.lease_waits),
+            ("direct_fills", self.direct_fills),
+            ("bypassed", self.bypassed),
+            ("key_failures", self.key_failures),
+            ("invalidations_coalesced", self.invalidations_coalesced),
+            ("lease_renewals", self.renewals),
+        ]
+    }
+
+    fn add(&mut self, other: &PrefixStats) {
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.fills += other.fills;
+        self.decode_failures += other.decode_failures;
+        self.encode_failures += other.encode_failures;
+        self.backend_errors += other.backend_errors;
+        self.invalidations += other.invalidations;
+        self.invalidation_retries += other.invalidation_retries;
+        self.invalidations_expired += other.invalidations_expired;
+        self.refused_fills += other.refused_fills;
+        self.lease_waits += other.lease_waits;
+        self.direct_fills += other.direct_fills;
+        self.bypassed += other.bypassed;
+        self.key_failures += other.key_failures;
+        self.invalidations_coalesced += other.invalidations_coalesced;
+        self.renewals += other.renewals;
+    }
+
     /// `hits / (hits + misses)`, or `None` before the first lookup.
     pub fn hit_rate(&self) -> Option<f64> {
         let lookups = self.hits + self.misses;
@@ -181,16 +290,26 @@ impl PrefixStats {
 }
 
 /// Every DB and prefix the runtime has seen, ordered by DB then prefix.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StatsSnapshot {
-    /// One entry per DB and prefix.
+    /// One entry per DB and prefix: the sum of its functions and handles.
     pub entries: Vec<PrefixStats>,
+    /// One entry per DB, prefix and function (`function: None` for the prefix's `Cache` handles),
+    /// ordered by DB, prefix, function.
+    pub functions: Vec<PrefixStats>,
 }
 
 impl StatsSnapshot {
     /// The counters of one DB and prefix, if it was used.
     pub fn get(&self, db: u8, prefix: &str) -> Option<&PrefixStats> {
         self.entries.iter().find(|e| e.db == db && e.prefix == prefix)
+    }
+
+    /// The counters of one function (by name) under one DB and prefix, if it was called.
+    pub fn function(&self, db: u8, prefix: &str, function: &str) -> Option<&PrefixStats> {
+        self.functions
+            .iter()
+            .find(|e| e.db == db && e.prefix == prefix && e.function.as_deref() == Some(function))
     }
 
     /// The hit rate over every DB and prefix.

@@ -12,6 +12,7 @@ use cache_runtime::db::CacheDb;
 use cache_runtime::{Cache, CacheConfig, Runtime};
 
 pub mod cluster;
+pub mod http;
 pub mod load;
 pub mod logs;
 pub mod proxy;

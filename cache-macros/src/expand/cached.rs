@@ -35,7 +35,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         );
         return super::fallback(item, e);
     }
-    match expand_parts(args, &func, site, "") {
+    match expand_parts(args, &func, site, &Owner::Free) {
         Ok(Parts { mut function, companions, registration }) => {
             function.extend(companions);
             function.extend(registration);
@@ -43,6 +43,17 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
         Err(fallback) => fallback,
     }
+}
+
+/// Whose function it is, for the registry.
+pub(crate) enum Owner {
+    Free,
+    /// A method or associated function: the type's name, and the type when it can be named
+    /// without generic arguments.
+    Type {
+        name: String,
+        ty: Option<Box<syn::Type>>,
+    },
 }
 
 /// What `#[cached]` emits for one function, in three places: the function; its companions (for
@@ -53,13 +64,12 @@ pub(crate) struct Parts {
     pub(crate) registration: TokenStream,
 }
 
-/// The function's [`Parts`], `owner` naming the `Self` type of a method (`""` for a free
-/// function); or the user's function with the errors.
+/// The function's [`Parts`]; or the user's function with the errors.
 pub(crate) fn expand_parts(
     args: TokenStream,
     func: &ItemFn,
     site: Site,
-    owner: &str,
+    owner: &Owner,
 ) -> Result<Parts, TokenStream> {
     let mut errors = Errors::default();
     let args = CachedArgs::parse(args, &mut errors);
@@ -143,8 +153,16 @@ fn ttl_seconds(ttl: &TtlValue) -> TokenStream {
 }
 
 /// The function's entry in the registry (`cache_runtime::registry`), at module level: `owner` is
-/// the `Self` type's name for a method, `""` for a free function.
-fn registration(func: &ItemFn, model: &Cached, owner: &str) -> TokenStream {
+/// the `Self` type's name for a method, `""` for a free function; `owner_type` the type itself
+/// when it can be named without arguments (a non-generic `impl`).
+fn registration(func: &ItemFn, model: &Cached, owner: &Owner) -> TokenStream {
+    let (owner, owner_type) = match owner {
+        Owner::Free => (String::new(), quote!(::core::option::Option::None)),
+        Owner::Type { name, ty: Some(ty) } => {
+            (name.clone(), quote!(::core::option::Option::Some(::core::any::type_name::<#ty>)))
+        }
+        Owner::Type { name, ty: None } => (name.clone(), quote!(::core::option::Option::None)),
+    };
     let spec_value = spec_value(func, model);
     let db = &model.db;
     let cfgs = func.attrs.iter().filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"));
@@ -155,6 +173,7 @@ fn registration(func: &ItemFn, model: &Cached, owner: &str) -> TokenStream {
                 ::cache_runtime::__private::Registration::new(
                     #spec_value,
                     #owner,
+                    #owner_type,
                     <#db as ::cache_runtime::__private::CacheDb>::NAME,
                 )
             }
@@ -359,7 +378,7 @@ mod tests {
     /// A method as `#[cached_impl]` expands it: the function, then its companions.
     fn expand_method(args: TokenStream, item: TokenStream) -> String {
         let func = syn::parse2(item).unwrap();
-        match super::expand_parts(args, &func, super::Site::Associated, "Feed") {
+        match super::expand_parts(args, &func, super::Site::Associated, &super::Owner::Free) {
             Ok(super::Parts { function, companions, .. }) => format!("{function} {companions}"),
             Err(fallback) => fallback.to_string(),
         }

@@ -49,7 +49,10 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     let in_trait = block.trait_.is_some();
-    let owner = owner_name(&block.self_ty);
+    let owner = super::cached::Owner::Type {
+        name: owner_name(&block.self_ty),
+        ty: block.generics.params.is_empty().then(|| block.self_ty.clone()),
+    };
     let mut companions = TokenStream::new();
     let mut registrations = TokenStream::new();
     let mut paths: Vec<String> = Vec::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 use moka::Expiry;
 
-use super::protocol::{Acquired, FillOutcome, LeaseAsk, Renewal};
+use super::protocol::{Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal};
 use super::store::Store;
 use crate::config::CacheConfig;
 use crate::error::BackendError;
@@ -400,6 +400,17 @@ impl Store for MemoryBackend {
     }
     async fn ping(&self, _: u8) -> Result<(), BackendError> {
         Ok(())
+    }
+    async fn info(&self) -> Result<BackendInfo, BackendError> {
+        let now = Instant::now();
+        let mut info =
+            BackendInfo { used_bytes: Some(self.entries.weighted_size()), ..BackendInfo::default() };
+        for (slot, entry) in self.entries.iter() {
+            if entry.expires_at > now {
+                *info.keys.entry(slot.db).or_default() += 1;
+            }
+        }
+        Ok(info)
     }
     async fn acquire<T>(
         &self,

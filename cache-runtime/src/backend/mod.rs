@@ -21,6 +21,7 @@ pub(crate) mod store;
 
 use std::time::Duration;
 
+pub use self::protocol::BackendInfo;
 pub(crate) use self::protocol::{stamp_life, unique, Acquired, FillOutcome, LeaseAsk, Renewal, Write};
 pub(crate) use self::store::Store;
 use crate::config::{BackendKind, CacheConfig};
@@ -148,6 +149,9 @@ impl Store for Backend {
     }
     async fn ping(&self, db: u8) -> Result<(), BackendError> {
         each_store!(self, s => Store::ping(s, db).await)
+    }
+    async fn info(&self) -> Result<BackendInfo, BackendError> {
+        each_store!(self, s => Store::info(s).await)
     }
     async fn acquire<T>(
         &self,

@@ -8,6 +8,44 @@ use std::time::Duration;
 
 use crate::error::BackendError;
 
+/// What an operator sees of the store behind the cache (the admin status route).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct BackendInfo {
+    /// The server's version (`redis_version` of `INFO`; the SQLite library's on disk); `None` for
+    /// the in-process backend.
+    pub version: Option<String>,
+    /// Bytes the store uses: `used_memory` summed over the primaries on Redis, the entries'
+    /// bytes in process, the file's size on disk.
+    pub used_bytes: Option<u64>,
+    /// Keys per DB number as the store counts them. Redis Cluster has DB 0 only (each DB marker
+    /// is a key namespace there), so its count is under 0, summed over the primaries.
+    pub keys: std::collections::BTreeMap<u8, u64>,
+}
+
+impl BackendInfo {
+    /// Reads `INFO` replies (one per primary) into one summary.
+    pub(crate) fn from_redis_info<'a>(replies: impl IntoIterator<Item = &'a str>) -> BackendInfo {
+        let mut info = BackendInfo::default();
+        for reply in replies {
+            for line in reply.lines() {
+                let Some((name, value)) = line.trim().split_once(':') else { continue };
+                if name == "redis_version" && info.version.is_none() {
+                    info.version = Some(value.to_owned());
+                } else if name == "used_memory" {
+                    let used = value.parse::<u64>().unwrap_or(0);
+                    info.used_bytes = Some(info.used_bytes.unwrap_or(0) + used);
+                } else if let Some(db) = name.strip_prefix("db").and_then(|d| d.parse::<u8>().ok()) {
+                    let keys =
+                        value.split(',').find_map(|kv| kv.strip_prefix("keys=")).and_then(|k| k.parse().ok());
+                    *info.keys.entry(db).or_default() += keys.unwrap_or(0);
+                }
+            }
+        }
+        info
+    }
+}
+
 /// A miss asking for the fill lease of a key.
 #[derive(Clone, Copy)]
 pub(crate) struct LeaseAsk {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::protocol::{Acquired, FillOutcome, LeaseAsk, Renewal, Write};
+use super::protocol::{Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal, Write};
 use crate::error::BackendError;
 
 /// One store. Its async methods are called through [`super::Backend`], an enum (no boxed
@@ -56,6 +56,10 @@ pub(crate) trait Store {
     /// Removes every key under `prefix:` in `db`, and nothing else; how many.
     async fn clear(&self, db: u8, prefix: &str) -> Result<u64, BackendError>;
     async fn ping(&self, db: u8) -> Result<(), BackendError>;
+    /// Version, memory and keys per DB, for an operator.
+    async fn info(&self) -> Result<BackendInfo, BackendError> {
+        Ok(BackendInfo::default())
+    }
 
     /// A fresh value (written at `ask.min_generation` or later), else the fill lease, else busy.
     async fn acquire<T>(

@@ -24,7 +24,7 @@ fn queue(runtime: &Runtime, target: Target) {
     let pushed = runtime.inner().pending.push(target);
     if let Some((function, n)) = pushed.coalesced {
         let spec = function.spec();
-        runtime.inner().stats.counters(spec.db, spec.prefix).invalidations_coalesced(n as u64);
+        runtime.inner().stats.counters(spec.db, spec.prefix, spec.function).invalidations_coalesced(n as u64);
         tracing::warn!(
             db = spec.db,
             prefix = spec.prefix,
@@ -47,7 +47,7 @@ pub async fn invalidate(targets: &[Target]) {
     let mut unapplied = Unapplied { runtime: &runtime, targets: targets.to_vec() };
     while let Some(target) = unapplied.targets.first().cloned() {
         let spec = target.function().spec();
-        let counters = runtime.inner().stats.counters(spec.db, spec.prefix);
+        let counters = runtime.inner().stats.counters(spec.db, spec.prefix, spec.function);
         match apply(runtime.inner(), &target).await {
             Ok(()) => counters.invalidation(),
             Err(error) => {
@@ -126,7 +126,7 @@ async fn retry_until_done(runtime: Runtime) {
         let mut progress = false;
         for (target, give_up_at, seq) in batch {
             let spec = target.function().spec();
-            let counters = rt.stats.counters(spec.db, spec.prefix);
+            let counters = rt.stats.counters(spec.db, spec.prefix, spec.function);
             match apply(rt, &target).await {
                 Ok(()) => {
                     counters.invalidation();

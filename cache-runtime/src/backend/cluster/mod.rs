@@ -155,6 +155,17 @@ impl Connections for ClusterNodes {
         Ok(removed)
     }
 
+    async fn info(&self) -> Result<Vec<String>, BackendError> {
+        let mut conn = self.conn(0)?;
+        let mut replies = Vec::new();
+        for (host, port) in self.primaries(&mut conn).await? {
+            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            let reply = conn.route_command(redis::cmd("INFO").clone(), node).await?;
+            replies.push(redis::from_redis_value(reply)?);
+        }
+        Ok(replies)
+    }
+
     async fn ping(&self, db: u8) -> Result<(), BackendError> {
         let every_primary =
             RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));

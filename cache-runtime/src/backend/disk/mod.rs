@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
 
-use super::protocol::{Acquired, FillOutcome, LeaseAsk, Renewal};
+use super::protocol::{Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal};
 use super::store::Store;
 use crate::config::{CacheConfig, DiskTarget};
 use crate::error::BackendError;
@@ -529,6 +529,31 @@ impl Store for DiskStore {
 
     async fn ping(&self, _db: u8) -> Result<(), BackendError> {
         self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
+    }
+
+    async fn info(&self) -> Result<BackendInfo, BackendError> {
+        self.call(|conn| {
+            let used: i64 = conn.query_row(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                [],
+                |row| row.get(0),
+            )?;
+            let mut info = BackendInfo {
+                version: Some(format!("SQLite {}", rusqlite::version())),
+                used_bytes: Some(u64::try_from(used).unwrap_or(0)),
+                ..BackendInfo::default()
+            };
+            let mut counts =
+                conn.prepare("SELECT db, count(*) FROM kv WHERE kind = ?1 AND expires > ?2 GROUP BY db")?;
+            let rows = counts.query_map(params![ENTRY, now_ms()], |row| {
+                Ok((row.get::<_, u8>(0)?, row.get::<_, u64>(1)?))
+            })?;
+            for row in rows {
+                let (db, keys) = row?;
+                info.keys.insert(db, keys);
+            }
+            Ok(info)
+        })
     }
 
     async fn acquire<T>(

@@ -48,6 +48,9 @@ pub(crate) trait Connections: Send + Sync + 'static {
     /// Answers when every primary answers.
     fn ping(&self, db: u8) -> impl Future<Output = Result<(), BackendError>> + Send;
 
+    /// `INFO` of every primary.
+    fn info(&self) -> impl Future<Output = Result<Vec<String>, BackendError>> + Send;
+
     /// Whether writes reach a primary that replicas follow and may replace (Cluster, Sentinel):
     /// then each invalidation is checked again a while after it was acknowledged.
     fn replicated(&self) -> bool {
@@ -191,5 +194,9 @@ impl Connections for Server {
 
     async fn ping(&self, db: u8) -> Result<(), BackendError> {
         Ok(redis::cmd("PING").query_async::<()>(&mut self.conn(db)?).await?)
+    }
+
+    async fn info(&self) -> Result<Vec<String>, BackendError> {
+        Ok(vec![redis::cmd("INFO").query_async::<String>(&mut self.conn(0)?).await?])
     }
 }

@@ -18,7 +18,7 @@ use self::batch::Batcher;
 pub(crate) use self::connections::{Connections, Server};
 use self::scripts::{millis, AcquireReply};
 use super::breaker::Breaker;
-use super::protocol::{bounded, Acquired, FillOutcome, LeaseAsk, Renewal, Write};
+use super::protocol::{bounded, Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal, Write};
 use super::store::Store;
 use crate::config::CacheConfig;
 use crate::error::BackendError;
@@ -374,6 +374,11 @@ impl<C: Connections> Store for RedisStore<C> {
 
     async fn ping(&self, db: u8) -> Result<(), BackendError> {
         self.guarded(self.op_timeout, self.links.ping(db)).await
+    }
+
+    async fn info(&self) -> Result<BackendInfo, BackendError> {
+        let replies = self.guarded(self.op_timeout, self.links.info()).await?;
+        Ok(BackendInfo::from_redis_info(replies.iter().map(String::as_str)))
     }
 
     /// Asks for the fill lease. If the reply never arrives (the call timed out, or the caller

@@ -231,4 +231,8 @@ impl Connections for SentinelPrimary {
     async fn ping(&self, db: u8) -> Result<(), BackendError> {
         Ok(redis::cmd("PING").query_async::<()>(&mut self.conn(db)?).await?)
     }
+
+    async fn info(&self) -> Result<Vec<String>, BackendError> {
+        Ok(vec![redis::cmd("INFO").query_async::<String>(&mut self.conn(0)?).await?])
+    }
 }
