@@ -77,10 +77,11 @@ pub(crate) fn outcome(outcome: &'static str) {
 }
 
 #[cfg(feature = "prometheus")]
-pub use self::prometheus::Prometheus;
+pub use self::prometheus::{BuildError, Prometheus};
 
 #[cfg(feature = "prometheus")]
 mod prometheus {
+    pub use metrics_exporter_prometheus::BuildError;
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
     use crate::runtime::Runtime;
@@ -110,7 +111,7 @@ mod prometheus {
         /// Installs a Prometheus recorder as the process's `metrics` recorder, with the cache's
         /// latencies as histograms (buckets from 50 µs to 10 s). Call it before the first cached
         /// call. Fails if a recorder is installed already: then use [`Prometheus::from_handle`].
-        pub fn install() -> Result<Prometheus, Box<dyn std::error::Error + Send + Sync>> {
+        pub fn install() -> Result<Prometheus, BuildError> {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Prefix("cache_".to_owned()), BUCKETS)?
                 .install_recorder()?;

@@ -17,10 +17,22 @@ impl Reply {
 
 /// Sends `method path` with `body` (as JSON when there is one) to `127.0.0.1:port`.
 pub async fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> Reply {
+    request_with(port, method, path, &[], body).await
+}
+
+/// [`request`] with extra header lines (`"Authorization: Bearer x"`).
+pub async fn request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<&str>,
+) -> Reply {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("server listens");
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
