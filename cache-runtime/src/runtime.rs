@@ -186,7 +186,6 @@ impl Runtime {
     /// The store's version, memory and keys per DB, asked within `op_timeout` (on Redis, `INFO`
     /// of every primary).
     pub async fn backend_info(&self) -> Result<crate::BackendInfo, crate::BackendError> {
-        use crate::backend::Store;
         self.inner.backend.info().await
     }
 
