@@ -20,6 +20,8 @@
 //! ([`CacheConfig::from_env`]): Redis when `REDIS_URL`/`REDIS_HOST` is set, otherwise the embedded
 //! backend. See README for the options, the key format and what happens when Redis fails.
 
+#![deny(missing_docs)]
+
 #[cfg(feature = "admin")]
 pub mod admin;
 mod backend;

@@ -4,9 +4,14 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// How a return type `R` maps to what is stored: [`Whole`], [`OkOnly`] or [`SomeOnly`], chosen by
+/// `#[cached]` from the return type as written (not implemented by users).
 pub trait Policy<R> {
+    /// The part of `R` that is written to the cache.
     type Stored: Serialize + DeserializeOwned;
+    /// The part to store, or `None` when this output is not cached (an `Err`, a `None`).
     fn stored(output: &R) -> Option<&Self::Stored>;
+    /// Rebuilds the return value from a cached entry.
     fn restore(stored: Self::Stored) -> R;
 }
 

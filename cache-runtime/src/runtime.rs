@@ -14,6 +14,38 @@ use crate::invalidate::queue::Pending;
 use crate::stats::{StatsRegistry, StatsSnapshot};
 
 /// A configured cache: backend, timeouts and counters. Cheap to clone (one `Arc`).
+///
+/// ```
+/// use cache_runtime::{cached, db::MarketData, CacheConfig, Runtime};
+///
+/// #[cached(db = MarketData, prefix = "market", ttl = 300)]
+/// async fn quote(symbol: &str) -> f64 {
+///     150.25
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let runtime = Runtime::new(CacheConfig::memory());
+/// runtime.scope(async {
+///     quote("AAPL").await; // miss: runs the body and fills
+///     quote("AAPL").await; // hit
+/// }).await;
+///
+/// let stats = runtime.stats();
+/// let market = stats.function(5, "market", "quote").unwrap();
+/// assert_eq!((market.hits, market.misses), (1, 1));
+/// assert!(runtime.functions().iter().any(|f| f.name == "quote" && f.ttl_seconds == 300));
+///
+/// // What an operator would do by name: the next call runs the body again.
+/// let invalidated = runtime.invalidate_function("quote").await.unwrap();
+/// assert_eq!(invalidated.prefix, "market");
+/// runtime.scope(quote("AAPL")).await;
+/// assert_eq!(runtime.stats().function(5, "market", "quote").unwrap().misses, 2);
+///
+/// assert_eq!(runtime.backend_kind(), "memory");
+/// assert_eq!(runtime.backend_info().await.unwrap().keys.get(&5), Some(&1));
+/// runtime.shutdown().await.unwrap(); // flushes what it accepted
+/// # });
+/// ```
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,

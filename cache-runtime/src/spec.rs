@@ -9,14 +9,20 @@ use crate::value::Format;
 /// Everything the macro knows about one cached function, as a constant.
 #[derive(Debug, Clone, Copy)]
 pub struct Spec {
+    /// The Redis DB number of the `db = ...` option (never 15).
     pub db: u8,
+    /// The `prefix = "..."` option: the first part of every key.
     pub prefix: &'static str,
+    /// The function's name as written.
     pub function: &'static str,
     /// `module_path!()` where the function is written: two same-named functions with the same
     /// prefix in two modules never share entries.
     pub module: &'static str,
+    /// The `ttl = ...` option.
     pub ttl: Duration,
+    /// The `version = N` option, part of the key when set.
     pub version: Option<u32>,
+    /// The `format = ...` option (the encoding of stored values).
     pub format: Format,
 }
 
