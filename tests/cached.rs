@@ -294,7 +294,47 @@ async fn key_failures_run_uncached_and_are_counted(fx: &mut Fixture) {
     assert_eq!((s.key_failures, s.misses, s.hits, s.fills), (3, 3, 0, 0));
 }
 
+#[cached(db = MarketData, prefix = "spread", ttl = 100, jitter = "20%")]
+async fn jittered(n: u32) -> u32 {
+    n
+}
+
+#[cached(db = MarketData, prefix = "spread", ttl = 100)]
+async fn unjittered(n: u32) -> u32 {
+    n
+}
+
+/// The TTLs (ms) of the entries of `function` for the arguments `0..n`, filled now.
+async fn fill_and_read_ttls(fx: &mut Fixture, function: &str, n: u32) -> Vec<u128> {
+    let mut ttls = Vec::new();
+    for i in 0..n {
+        match function {
+            "jittered" => fx.run(jittered(i)).await,
+            _ => fx.run(unjittered(i)).await,
+        };
+    }
+    for i in 0..n {
+        let key = KeyBuilder::new("cached", "spread", function).arg(&i).finish().unwrap();
+        ttls.push(fx.ttl::<MarketData>(&key).await.expect("filled with a TTL").as_millis());
+    }
+    ttls
+}
+
+async fn jitter_spreads_expiry_never_past_the_ttl(fx: &mut Fixture) {
+    let spread = |t: &[u128]| t.iter().max().unwrap() - t.iter().min().unwrap();
+    // Without the option, entries filled together expire together (within the fill loop's time).
+    let together = fill_and_read_ttls(fx, "unjittered", 60).await;
+    assert!(spread(&together) < 2_000, "unjittered TTLs spread {} ms: {together:?}", spread(&together));
+    // With `jitter = "20%"`, each TTL is drawn from [80 s, 100 s]: never longer than declared, and
+    // 60 uniform draws over 20 s span more than half of it (all 60 inside 10 s: p < 1e-15).
+    let jittered = fill_and_read_ttls(fx, "jittered", 60).await;
+    assert!(jittered.iter().all(|&t| t <= 100_000), "longer than the TTL: {jittered:?}");
+    assert!(jittered.iter().all(|&t| t >= 78_000), "shorter than the share allows: {jittered:?}");
+    assert!(spread(&jittered) > 10_000, "jittered TTLs spread only {} ms: {jittered:?}", spread(&jittered));
+}
+
 on_every_backend!(
+    jitter_spreads_expiry_never_past_the_ttl,
     key_failures_run_uncached_and_are_counted,
     miss_then_hit,
     key_is_pinned,

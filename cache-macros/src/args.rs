@@ -35,9 +35,11 @@ pub(crate) struct CachedArgs {
     pub(crate) version: Option<u32>,
     /// `format = Json` or `format = MessagePack`, as written (checked in `validate.rs`).
     pub(crate) format: Option<Ident>,
+    /// `jitter = "10%"`: the percentage, with the literal (checked in `validate.rs`).
+    pub(crate) jitter: Option<(u64, LitStr)>,
 }
 
-pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version, format";
+pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version, format, jitter";
 
 impl CachedArgs {
     /// Parses every option, recording each problem in `errors` and going on with the next.
@@ -48,6 +50,7 @@ impl CachedArgs {
         let mut skip = Once::new("skip");
         let mut version = Once::new("version");
         let mut format = Once::new("format");
+        let mut jitter = Once::new("jitter");
 
         let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
             Ok(metas) => metas,
@@ -67,6 +70,7 @@ impl CachedArgs {
                 ("ttl", Meta::NameValue(nv)) => ttl.set(at, parse_ttl(&nv.value, errors), errors),
                 ("version", Meta::NameValue(nv)) => version.set(at, parse_version(&nv.value, errors), errors),
                 ("format", Meta::NameValue(nv)) => format.set(at, parse_format(&nv.value, errors), errors),
+                ("jitter", Meta::NameValue(nv)) => jitter.set(at, parse_jitter(&nv.value, errors), errors),
                 ("skip", Meta::List(list)) => {
                     let names = list.parse_args_with(|input: syn::parse::ParseStream| {
                         // `any`: so that `skip(self)` parses (`self` is a keyword).
@@ -75,7 +79,7 @@ impl CachedArgs {
                     let names = names.map_err(|e| errors.push(e)).ok();
                     skip.set(at, names.map(|n| n.into_iter().collect()), errors)
                 }
-                ("db" | "prefix" | "ttl" | "version" | "format", _) => {
+                ("db" | "prefix" | "ttl" | "version" | "format" | "jitter", _) => {
                     errors.on(&meta, format_args!("write `{name} = ...`"))
                 }
                 ("skip", _) => {
@@ -103,6 +107,10 @@ impl CachedArgs {
                 Given::Valid(f) => Some(f),
                 Given::Absent | Given::Invalid => None,
             },
+            jitter: match jitter.get() {
+                Given::Valid(j) => Some(j),
+                Given::Absent | Given::Invalid => None,
+            },
         }
     }
 
@@ -115,6 +123,7 @@ impl CachedArgs {
             skip: Vec::new(),
             version: None,
             format: None,
+            jitter: None,
         }
     }
 }
@@ -138,6 +147,32 @@ fn parse_format(value: &Expr, errors: &mut Errors) -> Option<Ident> {
         Expr::Path(p) if p.qself.is_none() && p.path.get_ident().is_some() => p.path.get_ident().cloned(),
         other => {
             errors.on(other, "`format` takes `Json` or `MessagePack`, e.g. `format = MessagePack`");
+            None
+        }
+    }
+}
+
+/// `jitter = "10%"`: a whole percentage, kept with its literal (the bound is checked in
+/// `validate.rs`).
+fn parse_jitter(value: &Expr, errors: &mut Errors) -> Option<(u64, LitStr)> {
+    const HELP: &str = "`jitter` takes a percentage of the TTL, e.g. `jitter = \"10%\"`";
+    match value {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => {
+            let text = s.value();
+            let digits = text
+                .trim()
+                .strip_suffix('%')
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+            match digits {
+                Some(d) => Some((d.parse::<u64>().unwrap_or(u64::MAX), s.clone())),
+                None => {
+                    errors.on(s, HELP);
+                    None
+                }
+            }
+        }
+        other => {
+            errors.on(other, HELP);
             None
         }
     }

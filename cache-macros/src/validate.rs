@@ -34,6 +34,8 @@ pub(crate) struct Cached {
     pub(crate) version: Option<u32>,
     /// The value format's variant name in `cache_runtime::__private::Format`.
     pub(crate) format: Ident,
+    /// `jitter = "N%"`: each fill's TTL is drawn from `[ttl × (100 − N) %, ttl]`; 0 when absent.
+    pub(crate) jitter_percent: u8,
     pub(crate) receiver: Receiver,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
@@ -54,6 +56,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     let receiver = receiver(func, &args.skip, errors);
     let params = key_params(func, &args.skip, errors);
     let format = format(args.format, errors);
+    let jitter_percent = jitter(args.jitter, errors);
     let ret = return_type(func, errors);
     if func.sig.asyncness.is_none() {
         errors.on(
@@ -69,6 +72,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         ttl: ttl_seconds?,
         version: args.version,
         format: format?,
+        jitter_percent: jitter_percent?,
         receiver: receiver?,
         key_params: params.key,
         skipped_types: params.skipped,
@@ -127,6 +131,23 @@ fn prefix(prefix: Given<LitStr>, errors: &mut Errors) -> Option<LitStr> {
             None
         }
         None => Some(lit),
+    }
+}
+
+/// The largest `jitter`: beyond it an entry could live a small fraction of its declared TTL.
+const MAX_JITTER_PERCENT: u64 = 50;
+
+fn jitter(jitter: Option<(u64, LitStr)>, errors: &mut Errors) -> Option<u8> {
+    match jitter {
+        None => Some(0),
+        Some((percent @ 1..=MAX_JITTER_PERCENT, _)) => u8::try_from(percent).ok(),
+        Some((_, lit)) => {
+            errors.on(
+                &lit,
+                format_args!("`jitter` is from 1% to {MAX_JITTER_PERCENT}% of the TTL (entries expire between the TTL less that share and the TTL, never later); leave it out for none"),
+            );
+            None
+        }
     }
 }
 

@@ -286,6 +286,7 @@ mod tests {
         module: "my_service::market",
         ttl: Duration::from_secs(300),
         version: Some(2),
+        jitter_percent: 0,
     };
     const FREE: CachedFn = CachedFn::free(&SPEC);
 

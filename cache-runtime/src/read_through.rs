@@ -335,7 +335,7 @@ where
                         let write = Write {
                             key: key.to_owned(),
                             value: bytes.into(),
-                            ttl: spec.ttl,
+                            ttl: spec.fill_ttl(),
                             lease: Some((token, grant)),
                             done: None,
                         };

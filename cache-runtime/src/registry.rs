@@ -188,6 +188,8 @@ pub struct FunctionInfo {
     pub prefix: String,
     /// The `ttl` option, in seconds.
     pub ttl_seconds: u64,
+    /// The `jitter = "N%"` option: each fill's TTL is shortened by up to this share (0: none).
+    pub jitter_percent: u8,
     /// The `version` option.
     pub version: Option<u32>,
     /// `json` or `msgpack`.
@@ -221,6 +223,7 @@ impl FunctionInfo {
             db_name: r.db_name.to_owned(),
             prefix: spec.prefix.to_owned(),
             ttl_seconds: spec.ttl.as_secs(),
+            jitter_percent: spec.jitter_percent,
             version: spec.version,
             format: match spec.format {
                 Format::Json => "json",

@@ -24,6 +24,23 @@ pub struct Spec {
     pub version: Option<u32>,
     /// The `format = ...` option (the encoding of stored values).
     pub format: Format,
+    /// The `jitter = "N%"` option (0 without it): each fill's TTL is drawn uniformly from
+    /// `[ttl × (100 − N) / 100, ttl]`, so entries filled together do not expire together.
+    pub jitter_percent: u8,
+}
+
+impl Spec {
+    /// The TTL of one fill: the declared TTL, shortened by a random share of at most
+    /// `jitter_percent` (never longer than declared).
+    pub(crate) fn fill_ttl(&self) -> Duration {
+        if self.jitter_percent == 0 {
+            return self.ttl;
+        }
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        // The TTL is at most 365 days (checked at compile time), so this never saturates.
+        let spread = ttl_ms.saturating_mul(u64::from(self.jitter_percent)) / 100;
+        Duration::from_millis(ttl_ms - fastrand::u64(0..=spread))
+    }
 }
 
 /// One cached function as the runtime identifies it: its [`Spec`] and, for methods, the name of
@@ -82,5 +99,32 @@ impl Target {
         match self {
             Target::Key(f, _) | Target::All(f) => f,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: Spec = Spec {
+        db: 5,
+        prefix: "market",
+        function: "quote",
+        module: "svc",
+        ttl: Duration::from_secs(100),
+        version: None,
+        format: Format::Json,
+        jitter_percent: 20,
+    };
+
+    #[test]
+    fn a_jittered_ttl_is_never_longer_than_declared_and_spreads_over_the_share() {
+        let draws: Vec<Duration> = (0..2000).map(|_| SPEC.fill_ttl()).collect();
+        let (min, max) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert!(*max <= SPEC.ttl && *min >= Duration::from_secs(80), "{min:?}..{max:?}");
+        // Uniform over 20 s: 2000 draws cover most of it (a spread of half would be a bug).
+        assert!(*max - *min > Duration::from_secs(18), "{min:?}..{max:?}");
+        let none = Spec { jitter_percent: 0, ..SPEC };
+        assert!((0..100).all(|_| none.fill_ttl() == none.ttl));
     }
 }

@@ -195,6 +195,7 @@ mod tests {
         ttl: Duration::from_secs(60),
         version: None,
         format: crate::value::Format::Json,
+        jitter_percent: 0,
     };
     const F: CachedFn = CachedFn::free(&SPEC);
 
