@@ -37,9 +37,11 @@ pub(crate) struct CachedArgs {
     pub(crate) format: Option<Ident>,
     /// `jitter = "10%"`: the percentage, with the literal (checked in `validate.rs`).
     pub(crate) jitter: Option<(u64, LitStr)>,
+    /// `eager_refresh = "80%"`: the percentage, with the literal (checked in `validate.rs`).
+    pub(crate) eager_refresh: Option<(u64, LitStr)>,
 }
 
-pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version, format, jitter";
+pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version, format, jitter, eager_refresh";
 
 impl CachedArgs {
     /// Parses every option, recording each problem in `errors` and going on with the next.
@@ -51,6 +53,7 @@ impl CachedArgs {
         let mut version = Once::new("version");
         let mut format = Once::new("format");
         let mut jitter = Once::new("jitter");
+        let mut eager_refresh = Once::new("eager_refresh");
 
         let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
             Ok(metas) => metas,
@@ -70,7 +73,24 @@ impl CachedArgs {
                 ("ttl", Meta::NameValue(nv)) => ttl.set(at, parse_ttl(&nv.value, errors), errors),
                 ("version", Meta::NameValue(nv)) => version.set(at, parse_version(&nv.value, errors), errors),
                 ("format", Meta::NameValue(nv)) => format.set(at, parse_format(&nv.value, errors), errors),
-                ("jitter", Meta::NameValue(nv)) => jitter.set(at, parse_jitter(&nv.value, errors), errors),
+                ("jitter", Meta::NameValue(nv)) => jitter.set(
+                    at,
+                    parse_percent(
+                        &nv.value,
+                        "`jitter` takes a percentage of the TTL, e.g. `jitter = \"10%\"`",
+                        errors,
+                    ),
+                    errors,
+                ),
+                ("eager_refresh", Meta::NameValue(nv)) => eager_refresh.set(
+                    at,
+                    parse_percent(
+                        &nv.value,
+                        "`eager_refresh` takes a percentage of the TTL, e.g. `eager_refresh = \"80%\"`",
+                        errors,
+                    ),
+                    errors,
+                ),
                 ("skip", Meta::List(list)) => {
                     let names = list.parse_args_with(|input: syn::parse::ParseStream| {
                         // `any`: so that `skip(self)` parses (`self` is a keyword).
@@ -79,7 +99,7 @@ impl CachedArgs {
                     let names = names.map_err(|e| errors.push(e)).ok();
                     skip.set(at, names.map(|n| n.into_iter().collect()), errors)
                 }
-                ("db" | "prefix" | "ttl" | "version" | "format" | "jitter", _) => {
+                ("db" | "prefix" | "ttl" | "version" | "format" | "jitter" | "eager_refresh", _) => {
                     errors.on(&meta, format_args!("write `{name} = ...`"))
                 }
                 ("skip", _) => {
@@ -111,6 +131,10 @@ impl CachedArgs {
                 Given::Valid(j) => Some(j),
                 Given::Absent | Given::Invalid => None,
             },
+            eager_refresh: match eager_refresh.get() {
+                Given::Valid(r) => Some(r),
+                Given::Absent | Given::Invalid => None,
+            },
         }
     }
 
@@ -124,6 +148,7 @@ impl CachedArgs {
             version: None,
             format: None,
             jitter: None,
+            eager_refresh: None,
         }
     }
 }
@@ -152,10 +177,9 @@ fn parse_format(value: &Expr, errors: &mut Errors) -> Option<Ident> {
     }
 }
 
-/// `jitter = "10%"`: a whole percentage, kept with its literal (the bound is checked in
-/// `validate.rs`).
-fn parse_jitter(value: &Expr, errors: &mut Errors) -> Option<(u64, LitStr)> {
-    const HELP: &str = "`jitter` takes a percentage of the TTL, e.g. `jitter = \"10%\"`";
+/// `jitter = "10%"`, `eager_refresh = "80%"`: a whole percentage, kept with its literal (the
+/// bounds are checked in `validate.rs`). `help` is the error when it is not one.
+fn parse_percent(value: &Expr, help: &str, errors: &mut Errors) -> Option<(u64, LitStr)> {
     match value {
         Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => {
             let text = s.value();
@@ -166,13 +190,13 @@ fn parse_jitter(value: &Expr, errors: &mut Errors) -> Option<(u64, LitStr)> {
             match digits {
                 Some(d) => Some((d.parse::<u64>().unwrap_or(u64::MAX), s.clone())),
                 None => {
-                    errors.on(s, HELP);
+                    errors.on(s, help);
                     None
                 }
             }
         }
         other => {
-            errors.on(other, HELP);
+            errors.on(other, help);
             None
         }
     }

@@ -36,6 +36,8 @@ pub(crate) struct Cached {
     pub(crate) format: Ident,
     /// `jitter = "N%"`: each fill's TTL is drawn from `[ttl × (100 − N) %, ttl]`; 0 when absent.
     pub(crate) jitter_percent: u8,
+    /// `eager_refresh = "N%"`: a hit on an entry past N % of its TTL refreshes it; 0 when absent.
+    pub(crate) eager_refresh_percent: u8,
     pub(crate) receiver: Receiver,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
@@ -57,6 +59,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     let params = key_params(func, &args.skip, errors);
     let format = format(args.format, errors);
     let jitter_percent = jitter(args.jitter, errors);
+    let eager_refresh_percent = eager_refresh(args.eager_refresh, errors);
     let ret = return_type(func, errors);
     if func.sig.asyncness.is_none() {
         errors.on(
@@ -73,6 +76,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         version: args.version,
         format: format?,
         jitter_percent: jitter_percent?,
+        eager_refresh_percent: eager_refresh_percent?,
         receiver: receiver?,
         key_params: params.key,
         skipped_types: params.skipped,
@@ -145,6 +149,28 @@ fn jitter(jitter: Option<(u64, LitStr)>, errors: &mut Errors) -> Option<u8> {
             errors.on(
                 &lit,
                 format_args!("`jitter` is from 1% to {MAX_JITTER_PERCENT}% of the TTL (entries expire between the TTL less that share and the TTL, never later); leave it out for none"),
+            );
+            None
+        }
+    }
+}
+
+/// The bounds of `eager_refresh`: earlier than half the TTL would refresh most entries twice as
+/// often as they expire; 100 % is the expiry itself.
+const EAGER_REFRESH_PERCENT: std::ops::RangeInclusive<u64> = 50..=99;
+
+fn eager_refresh(eager_refresh: Option<(u64, LitStr)>, errors: &mut Errors) -> Option<u8> {
+    match eager_refresh {
+        None => Some(0),
+        Some((percent, _)) if EAGER_REFRESH_PERCENT.contains(&percent) => u8::try_from(percent).ok(),
+        Some((_, lit)) => {
+            errors.on(
+                &lit,
+                format_args!(
+                    "`eager_refresh` is from {}% to {}% of the TTL (a hit on an entry that old refreshes it); leave it out to refresh on expiry",
+                    EAGER_REFRESH_PERCENT.start(),
+                    EAGER_REFRESH_PERCENT.end()
+                ),
             );
             None
         }

@@ -73,6 +73,13 @@ impl Flights {
         Join::Leader(Leader { flights: Arc::clone(this), db, key: key.to_owned(), id, tx })
     }
 
+    /// A leader that no caller can follow (an eager refresh: callers keep reading the entry).
+    pub(crate) fn detached(this: &Arc<Flights>, db: u8, key: &str) -> Leader {
+        let id = this.next_id.fetch_add(1, Relaxed);
+        let (tx, _) = watch::channel(None);
+        Leader { flights: Arc::clone(this), db, key: key.to_owned(), id, tx }
+    }
+
     pub(crate) fn any_running(&self) -> bool {
         self.count.load(Relaxed) > 0
     }

@@ -287,6 +287,7 @@ mod tests {
         ttl: Duration::from_secs(300),
         version: Some(2),
         jitter_percent: 0,
+        eager_refresh_percent: 0,
     };
     const FREE: CachedFn = CachedFn::free(&SPEC);
 

@@ -27,13 +27,12 @@ use crate::value;
 
 /// What the first lookup decided.
 enum Lookup<T> {
-    Hit(T),
+    /// A value to return; `refresh` when it is due for an eager refresh (the generation it was
+    /// read under, to fill the refreshed value with).
+    Hit { value: T, refresh: Option<u64> },
     /// Run the read-through protocol, knowing this generation; `overwrite` when the stored value
     /// must not be returned (it does not decode, or an unapplied invalidation covers it).
-    Miss {
-        generation: u64,
-        overwrite: bool,
-    },
+    Miss { generation: u64, overwrite: bool },
     /// The backend failed: run the function, touch nothing.
     Unavailable,
 }
@@ -102,7 +101,11 @@ where
     }
     let (generation, overwrite) = if lookup_first {
         match lookup::<P::Stored>(rt, &cached, &key, &function).await {
-            Lookup::Hit(value) => {
+            Lookup::Hit { value, refresh: Some(generation) } => {
+                let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
+                return refresh_eagerly::<P, R, F>(miss, value, body).await;
+            }
+            Lookup::Hit { value, refresh: None } => {
                 counters.hit();
                 telemetry::outcome("hit");
                 if rt.backend.is_in_process() {
@@ -177,9 +180,17 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let (known, refresh) = rt.functions.current(function);
     let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
     let started = Instant::now();
+    // What the entry has left, when the function refreshes eagerly (not on the lookups that also
+    // read the generation: those are periodic, and the next one asks).
+    let mut left = None;
     let found = if refresh {
         let life = key::generation_life(spec.ttl);
         rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await
+    } else if spec.eager_refresh_percent != 0 {
+        rt.backend.get_with_ttl(spec.db, key, decode).await.map(|(v, ttl)| {
+            left = ttl;
+            (v, None)
+        })
     } else {
         rt.backend.get_with(spec.db, key, decode).await.map(|v| (v, None))
     };
@@ -198,7 +209,8 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let overwrite = match found {
         Some(Ok((written, value))) if written >= generation && !distrusted => {
             tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
-            return Lookup::Hit(value);
+            let refresh = left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
+            return Lookup::Hit { value, refresh };
         }
         Some(Ok(_)) => distrusted,
         Some(Err(error)) => {
@@ -309,48 +321,10 @@ where
             }
             Ok(Acquired::Value((_, Err(_)))) => overwrite = true,
             Ok(Acquired::Granted(grant)) => {
-                let mut held = LeaseHeld {
-                    armed: true,
-                    runtime: runtime.clone(),
-                    db: spec.db,
-                    key: key.to_owned(),
-                    token,
-                };
                 counters.miss();
                 telemetry::outcome("miss");
-                let computed_from = Instant::now();
-                let (output, lease) =
-                    compute_renewing(rt, spec.db, key, (token, grant), counters, body).await;
-                counters.compute_took(computed_from.elapsed());
-                let encoded = P::stored(&output).map(|v| value::encode(spec.format, generation, v));
-                match encoded {
-                    Some(Ok(_)) if lease == Renewal::Revoked => {
-                        // An invalidation came while it computed: the value may predate the
-                        // write, so it is neither filled nor shared.
-                        held.armed = false;
-                        counters.refused_fill();
-                        leader.finish(Outcome::Refused);
-                    }
-                    Some(Ok(bytes)) => {
-                        let write = Write {
-                            key: key.to_owned(),
-                            value: bytes.into(),
-                            ttl: spec.fill_ttl(),
-                            lease: Some((token, grant)),
-                            done: None,
-                        };
-                        // The fill script consumes the lease; `held` gives it back if the fill fails.
-                        let flight = Flight { leader, computed_from, held };
-                        fill(rt, spec, write, flight, Arc::clone(counters)).await;
-                    }
-                    Some(Err(error)) => {
-                        counters.encode_failure();
-                        tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "value does not encode; not cached");
-                        leader.finish(Outcome::Uncached);
-                    }
-                    None => leader.finish(Outcome::Uncached),
-                }
-                return output;
+                let miss = Miss { runtime, cached, spec, key, generation, counters };
+                return compute_and_fill::<P, R, F>(miss, (token, grant), body, leader).await;
             }
             Ok(Acquired::Busy) => {
                 // Another caller holds the lease and renews it while it computes: wait for its
@@ -377,6 +351,90 @@ where
                 leader.finish(outcome);
                 return output;
             }
+        }
+    }
+}
+
+/// Computes under a granted fill lease (renewing it), then fills, sharing the outcome with the
+/// flight's followers. The caller has counted the miss.
+async fn compute_and_fill<P, R, F>(miss: Miss<'_>, lease: (u64, u64), body: F, leader: Leader) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    let Miss { runtime, spec, key, generation, counters, .. } = miss;
+    let rt = runtime.inner();
+    let (token, grant) = lease;
+    let mut held =
+        LeaseHeld { armed: true, runtime: runtime.clone(), db: spec.db, key: key.to_owned(), token };
+    let computed_from = Instant::now();
+    let (output, lease) = compute_renewing(rt, spec.db, key, (token, grant), counters, body).await;
+    counters.compute_took(computed_from.elapsed());
+    let encoded = P::stored(&output).map(|v| value::encode(spec.format, generation, v));
+    match encoded {
+        Some(Ok(_)) if lease == Renewal::Revoked => {
+            // An invalidation came while it computed: the value may predate the
+            // write, so it is neither filled nor shared.
+            held.armed = false;
+            counters.refused_fill();
+            leader.finish(Outcome::Refused);
+        }
+        Some(Ok(bytes)) => {
+            let write = Write {
+                key: key.to_owned(),
+                value: bytes.into(),
+                ttl: spec.fill_ttl(),
+                lease: Some((token, grant)),
+                done: None,
+            };
+            // The fill script consumes the lease; `held` gives it back if the fill fails.
+            let flight = Flight { leader, computed_from, held };
+            fill(rt, spec, write, flight, Arc::clone(counters)).await;
+        }
+        Some(Err(error)) => {
+            counters.encode_failure();
+            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "value does not encode; not cached");
+            leader.finish(Outcome::Uncached);
+        }
+        None => leader.finish(Outcome::Uncached),
+    }
+    output
+}
+
+/// A hit past the function's `eager_refresh` share of its TTL: this caller refreshes the entry
+/// if it gets the key's fill lease at once (one refresh per key across processes), and returns
+/// the value it read otherwise (another caller is refreshing, or the backend failed): callers
+/// other than the refresher never wait. Not a flight of this process: callers that arrive
+/// meanwhile read the current entry, not the refresher's result.
+async fn refresh_eagerly<P, R, F>(miss: Miss<'_>, current: P::Stored, body: F) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    let rt = miss.runtime.inner();
+    let (spec, key, counters) = (miss.spec, miss.key, miss.counters);
+    let token = crate::backend::unique();
+    // A generation no entry has: the lease is granted over the current value (or busy).
+    let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation: u64::MAX };
+    match rt.backend.acquire(spec.db, key, ask, |_: &[u8]| ()).await {
+        Ok(Acquired::Granted(grant)) => {
+            counters.eager_refresh();
+            counters.miss();
+            telemetry::outcome("refresh");
+            tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "eager refresh");
+            let leader = Flights::detached(&rt.flights, spec.db, key);
+            compute_and_fill::<P, R, F>(miss, (token, grant), body, leader).await
+        }
+        Ok(Acquired::Busy | Acquired::Value(())) => {
+            counters.hit();
+            telemetry::outcome("hit");
+            P::restore(current)
+        }
+        Err(error) => {
+            count_failure(counters, spec, key, &error, "eager refresh");
+            counters.hit();
+            telemetry::outcome("hit");
+            P::restore(current)
         }
     }
 }

@@ -190,6 +190,8 @@ pub struct FunctionInfo {
     pub ttl_seconds: u64,
     /// The `jitter = "N%"` option: each fill's TTL is shortened by up to this share (0: none).
     pub jitter_percent: u8,
+    /// The `eager_refresh = "N%"` option: a hit past this share of the TTL refreshes (0: none).
+    pub eager_refresh_percent: u8,
     /// The `version` option.
     pub version: Option<u32>,
     /// `json` or `msgpack`.
@@ -224,6 +226,7 @@ impl FunctionInfo {
             prefix: spec.prefix.to_owned(),
             ttl_seconds: spec.ttl.as_secs(),
             jitter_percent: spec.jitter_percent,
+            eager_refresh_percent: spec.eager_refresh_percent,
             version: spec.version,
             format: match spec.format {
                 Format::Json => "json",

@@ -27,9 +27,18 @@ pub struct Spec {
     /// The `jitter = "N%"` option (0 without it): each fill's TTL is drawn uniformly from
     /// `[ttl × (100 − N) / 100, ttl]`, so entries filled together do not expire together.
     pub jitter_percent: u8,
+    /// The `eager_refresh = "N%"` option (0 without it): a hit on an entry with less than
+    /// `100 − N` % of the TTL left refreshes it, if no other caller is refreshing it.
+    pub eager_refresh_percent: u8,
 }
 
 impl Spec {
+    /// Whether a hit on an entry with `left` to live is due for an eager refresh.
+    pub(crate) fn refresh_due(&self, left: Duration) -> bool {
+        self.eager_refresh_percent != 0
+            && left.as_millis() * 100 < self.ttl.as_millis() * u128::from(100 - self.eager_refresh_percent)
+    }
+
     /// The TTL of one fill: the declared TTL, shortened by a random share of at most
     /// `jitter_percent` (never longer than declared).
     pub(crate) fn fill_ttl(&self) -> Duration {
@@ -115,6 +124,7 @@ mod tests {
         version: None,
         format: Format::Json,
         jitter_percent: 20,
+        eager_refresh_percent: 0,
     };
 
     #[test]
@@ -126,5 +136,14 @@ mod tests {
         assert!(*max - *min > Duration::from_secs(18), "{min:?}..{max:?}");
         let none = Spec { jitter_percent: 0, ..SPEC };
         assert!((0..100).all(|_| none.fill_ttl() == none.ttl));
+    }
+
+    #[test]
+    fn an_eager_refresh_is_due_past_its_share_of_the_ttl() {
+        let eager = Spec { eager_refresh_percent: 80, ..SPEC };
+        assert!(!eager.refresh_due(Duration::from_secs(21)));
+        assert!(!eager.refresh_due(Duration::from_secs(20)));
+        assert!(eager.refresh_due(Duration::from_millis(19_999)));
+        assert!(!SPEC.refresh_due(Duration::ZERO), "never without the option");
     }
 }

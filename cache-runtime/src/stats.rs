@@ -28,6 +28,7 @@ pub(crate) struct Counters {
     key_failures: AtomicU64,
     invalidations_coalesced: AtomicU64,
     renewals: AtomicU64,
+    eager_refreshes: AtomicU64,
 }
 
 /// The histograms of one function, registered with the `metrics` recorder installed when the
@@ -60,7 +61,7 @@ impl Counters {
         };
         zeroed!(latency; hits, misses, fills, decode_failures, encode_failures, backend_errors, invalidations,
             invalidation_retries, invalidations_expired, refused_fills, lease_waits, direct_fills, bypassed,
-            key_failures, invalidations_coalesced, renewals)
+            key_failures, invalidations_coalesced, renewals, eager_refreshes)
     }
 
     /// How long one lookup took the backend (hit or miss).
@@ -87,6 +88,9 @@ impl Counters {
     }
     pub(crate) fn renewal(&self) {
         self.renewals.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn eager_refresh(&self) {
+        self.eager_refreshes.fetch_add(1, Relaxed);
     }
     pub(crate) fn direct_fill(&self) {
         self.direct_fills.fetch_add(1, Relaxed);
@@ -146,6 +150,7 @@ impl Counters {
             key_failures: self.key_failures.load(Relaxed),
             invalidations_coalesced: self.invalidations_coalesced.load(Relaxed),
             renewals: self.renewals.load(Relaxed),
+            eager_refreshes: self.eager_refreshes.load(Relaxed),
         }
     }
 }
@@ -238,11 +243,14 @@ pub struct PrefixStats {
     pub invalidations_coalesced: u64,
     /// Fill leases renewed while a slow function computed.
     pub renewals: u64,
+    /// Hits past a function's `eager_refresh` share of the TTL that refreshed the entry (each
+    /// also counts as a miss: the caller ran the function).
+    pub eager_refreshes: u64,
 }
 
 impl PrefixStats {
     /// Every counter, named as in the metrics (`cache_{name}_total`), in one order.
-    pub fn counters(&self) -> [(&'static str, u64); 16] {
+    pub fn counters(&self) -> [(&'static str, u64); 17] {
         [
             ("hits", self.hits),
             ("misses", self.misses),
@@ -260,6 +268,7 @@ impl PrefixStats {
             ("key_failures", self.key_failures),
             ("invalidations_coalesced", self.invalidations_coalesced),
             ("lease_renewals", self.renewals),
+            ("eager_refreshes", self.eager_refreshes),
         ]
     }
 
@@ -280,6 +289,7 @@ impl PrefixStats {
         self.key_failures += other.key_failures;
         self.invalidations_coalesced += other.invalidations_coalesced;
         self.renewals += other.renewals;
+        self.eager_refreshes += other.eager_refreshes;
     }
 
     /// `hits / (hits + misses)`, or `None` before the first lookup.

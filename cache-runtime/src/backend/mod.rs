@@ -115,6 +115,14 @@ impl Store for Backend {
     ) -> Result<(Option<T>, Option<u64>), BackendError> {
         each_store!(self, s => Store::get_with_generation(s, db, key, generation_key, generation_life, decode).await)
     }
+    async fn get_with_ttl<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<Duration>), BackendError> {
+        each_store!(self, s => Store::get_with_ttl(s, db, key, decode).await)
+    }
     async fn get_many_with<T>(
         &self,
         db: u8,

@@ -39,6 +39,20 @@ pub(crate) trait Store {
         decode: impl Fn(&[u8]) -> T,
     ) -> Result<(Option<T>, Option<u64>), BackendError>;
 
+    /// Reads the entry and the time it has left (for `eager_refresh`). Two calls unless the
+    /// store does better (Redis pipelines `GET` and `PTTL` in one round trip).
+    async fn get_with_ttl<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<Duration>), BackendError> {
+        let Some(found) = self.get_with(db, key, decode).await? else {
+            return Ok((None, None));
+        };
+        Ok((Some(found), self.ttl(db, key).await?))
+    }
+
     async fn get_many_with<T>(
         &self,
         db: u8,

@@ -196,6 +196,7 @@ mod tests {
         version: None,
         format: crate::value::Format::Json,
         jitter_percent: 0,
+        eager_refresh_percent: 0,
     };
     const F: CachedFn = CachedFn::free(&SPEC);
 

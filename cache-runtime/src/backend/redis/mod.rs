@@ -214,6 +214,30 @@ impl<C: Connections> Store for RedisStore<C> {
     /// background (it lives as long as the function is read). A missing generation key is
     /// recreated at the server's clock (one more round trip, a write), so that entries older
     /// than a lost key are never trusted.
+    async fn get_with_ttl<T>(
+        &self,
+        db: u8,
+        key: &str,
+        decode: impl Fn(&[u8]) -> T,
+    ) -> Result<(Option<T>, Option<Duration>), BackendError> {
+        let key = self.key(db, key);
+        // One key, one slot: a pipeline on a Cluster too.
+        let get = || async {
+            let (bytes, left_ms): (Option<Vec<u8>>, i64) = redis::pipe()
+                .cmd("GET")
+                .arg(&*key)
+                .cmd("PTTL")
+                .arg(&*key)
+                .query_async(&mut self.conn(db)?)
+                .await?;
+            Ok((bytes.map(|b| decode(&b)), u64::try_from(left_ms).ok().map(Duration::from_millis)))
+        };
+        match self.guarded(self.op_timeout, get()).await {
+            Err(e) if self.retry_on_timeout && e.is_timeout() => self.guarded(self.op_timeout, get()).await,
+            result => result,
+        }
+    }
+
     async fn get_with_generation<T>(
         &self,
         db: u8,
