@@ -39,9 +39,12 @@ pub(crate) struct CachedArgs {
     pub(crate) jitter: Option<(u64, LitStr)>,
     /// `eager_refresh = "80%"`: the percentage, with the literal (checked in `validate.rs`).
     pub(crate) eager_refresh: Option<(u64, LitStr)>,
+    /// `stale_if_error = "1h"`: seconds, with the value's span (checked in `validate.rs`).
+    pub(crate) stale_if_error: Option<(u64, Span)>,
 }
 
-pub(crate) const OPTIONS: &str = "db, prefix, ttl, skip, version, format, jitter, eager_refresh";
+pub(crate) const OPTIONS: &str =
+    "db, prefix, ttl, skip, version, format, jitter, eager_refresh, stale_if_error";
 
 impl CachedArgs {
     /// Parses every option, recording each problem in `errors` and going on with the next.
@@ -54,6 +57,7 @@ impl CachedArgs {
         let mut format = Once::new("format");
         let mut jitter = Once::new("jitter");
         let mut eager_refresh = Once::new("eager_refresh");
+        let mut stale_if_error = Once::new("stale_if_error");
 
         let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
             Ok(metas) => metas,
@@ -82,6 +86,9 @@ impl CachedArgs {
                     ),
                     errors,
                 ),
+                ("stale_if_error", Meta::NameValue(nv)) => {
+                    stale_if_error.set(at, parse_stale_if_error(&nv.value, errors), errors)
+                }
                 ("eager_refresh", Meta::NameValue(nv)) => eager_refresh.set(
                     at,
                     parse_percent(
@@ -99,9 +106,11 @@ impl CachedArgs {
                     let names = names.map_err(|e| errors.push(e)).ok();
                     skip.set(at, names.map(|n| n.into_iter().collect()), errors)
                 }
-                ("db" | "prefix" | "ttl" | "version" | "format" | "jitter" | "eager_refresh", _) => {
-                    errors.on(&meta, format_args!("write `{name} = ...`"))
-                }
+                (
+                    "db" | "prefix" | "ttl" | "version" | "format" | "jitter" | "eager_refresh"
+                    | "stale_if_error",
+                    _,
+                ) => errors.on(&meta, format_args!("write `{name} = ...`")),
                 ("skip", _) => {
                     errors.on(&meta, "write `skip(arg, ...)` with the parameters to leave out of the key")
                 }
@@ -135,6 +144,10 @@ impl CachedArgs {
                 Given::Valid(r) => Some(r),
                 Given::Absent | Given::Invalid => None,
             },
+            stale_if_error: match stale_if_error.get() {
+                Given::Valid(s) => Some(s),
+                Given::Absent | Given::Invalid => None,
+            },
         }
     }
 
@@ -149,6 +162,7 @@ impl CachedArgs {
             format: None,
             jitter: None,
             eager_refresh: None,
+            stale_if_error: None,
         }
     }
 }
@@ -200,6 +214,19 @@ fn parse_percent(value: &Expr, help: &str, errors: &mut Errors) -> Option<(u64, 
             None
         }
     }
+}
+
+/// `stale_if_error = "1h"` or `stale_if_error = 3600`: a window in seconds (bounds checked in
+/// `validate.rs`).
+fn parse_stale_if_error(value: &Expr, errors: &mut Errors) -> Option<(u64, Span)> {
+    let parsed = match value {
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX)),
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
+        _ => {
+            Err("`stale_if_error` takes whole seconds or a duration literal, e.g. `stale_if_error = \"1h\"`")
+        }
+    };
+    parsed.map(|seconds| (seconds, value.span())).map_err(|message| errors.on(value, message)).ok()
 }
 
 fn parse_version(value: &Expr, errors: &mut Errors) -> Option<u32> {

@@ -38,6 +38,9 @@ pub(crate) struct Cached {
     pub(crate) jitter_percent: u8,
     /// `eager_refresh = "N%"`: a hit on an entry past N % of its TTL refreshes it; 0 when absent.
     pub(crate) eager_refresh_percent: u8,
+    /// `stale_if_error = ...`: seconds an entry is kept past its TTL to answer when the function
+    /// fails; 0 when absent.
+    pub(crate) stale_if_error_seconds: u64,
     pub(crate) receiver: Receiver,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
@@ -60,6 +63,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     let format = format(args.format, errors);
     let jitter_percent = jitter(args.jitter, errors);
     let eager_refresh_percent = eager_refresh(args.eager_refresh, errors);
+    let stale_if_error_seconds = stale_if_error(args.stale_if_error, errors);
     let ret = return_type(func, errors);
     if func.sig.asyncness.is_none() {
         errors.on(
@@ -77,6 +81,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         format: format?,
         jitter_percent: jitter_percent?,
         eager_refresh_percent: eager_refresh_percent?,
+        stale_if_error_seconds: stale_if_error_seconds?,
         receiver: receiver?,
         key_params: params.key,
         skipped_types: params.skipped,
@@ -170,6 +175,23 @@ fn eager_refresh(eager_refresh: Option<(u64, LitStr)>, errors: &mut Errors) -> O
                     "`eager_refresh` is from {}% to {}% of the TTL (a hit on an entry that old refreshes it); leave it out to refresh on expiry",
                     EAGER_REFRESH_PERCENT.start(),
                     EAGER_REFRESH_PERCENT.end()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn stale_if_error(window: Option<(u64, Span)>, errors: &mut Errors) -> Option<u64> {
+    match window {
+        None => Some(0),
+        Some((seconds @ 1..=cache_rules::MAX_TTL_SECONDS, _)) => Some(seconds),
+        Some((_, span)) => {
+            errors.at(
+                span,
+                format_args!(
+                    "`stale_if_error` is from 1 second to {} days: how long past its TTL an entry may still answer when the function fails",
+                    cache_rules::MAX_TTL_SECONDS / 86_400
                 ),
             );
             None

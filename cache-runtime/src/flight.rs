@@ -105,6 +105,11 @@ impl Flights {
 }
 
 impl Leader {
+    /// A receiver of this flight's outcome (for a detached leader's own caller).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Outcome>> {
+        self.tx.subscribe()
+    }
+
     pub(crate) fn finish(self, outcome: Outcome) {
         self.tx.send_replace(Some(outcome));
     }

@@ -28,12 +28,59 @@ pub(crate) struct Function {
     read_at: AtomicU64,
     /// Whether a key failure was logged already (logged once per function, counted always).
     key_failure_logged: AtomicBool,
+    /// Whether stale values are being served for it (`stale_if_error`): logged when it starts
+    /// and when a computation succeeds again, not per call.
+    serving_stale: AtomicBool,
+    /// Keys whose function just failed, and until when their stale value answers without trying
+    /// the function again (`stale_if_error`'s throttle).
+    failed_keys: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// The most keys a function remembers as failing; past it, the oldest are forgotten (their next
+/// stale read tries the function again).
+const MAX_FAILED_KEYS: usize = 10_000;
 
 impl Function {
     /// `true` the first time it is asked: the one key failure of this function to log.
     pub(crate) fn first_key_failure(&self) -> bool {
         !self.key_failure_logged.swap(true, Relaxed)
+    }
+
+    /// Records that a stale value was served; `true` when this starts an episode (to log).
+    pub(crate) fn stale_served(&self) -> bool {
+        !self.serving_stale.swap(true, Relaxed)
+    }
+
+    /// Whether `key`'s function failed less than the throttle ago: answer with the stale value.
+    pub(crate) fn throttled(&self, key: &str) -> bool {
+        let failed = self.failed_keys.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get(key).is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Remembers that `key`'s function failed: stale answers without a try for `throttle`.
+    pub(crate) fn failed(&self, key: &str, throttle: Duration) {
+        let mut failed = self.failed_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if failed.len() >= MAX_FAILED_KEYS {
+            failed.retain(|_, until| *until > now);
+            if failed.len() >= MAX_FAILED_KEYS {
+                failed.clear();
+            }
+        }
+        failed.insert(key.to_owned(), now + throttle);
+    }
+
+    /// Forgets a failure of `key` (its function succeeded).
+    pub(crate) fn succeeded(&self, key: &str) {
+        let mut failed = self.failed_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if !failed.is_empty() {
+            failed.remove(key);
+        }
+    }
+
+    /// Records a successful computation; `true` when it ends an episode of stale answers.
+    pub(crate) fn recovered(&self) -> bool {
+        self.serving_stale.load(Relaxed) && self.serving_stale.swap(false, Relaxed)
     }
 }
 
@@ -67,6 +114,8 @@ impl Functions {
                 generation: AtomicU64::new(0),
                 read_at: AtomicU64::new(0),
                 key_failure_logged: AtomicBool::new(false),
+                serving_stale: AtomicBool::new(false),
+                failed_keys: std::sync::Mutex::default(),
             })
         }))
     }

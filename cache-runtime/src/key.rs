@@ -288,6 +288,7 @@ mod tests {
         version: Some(2),
         jitter_percent: 0,
         eager_refresh_percent: 0,
+        stale_if_error: Duration::ZERO,
     };
     const FREE: CachedFn = CachedFn::free(&SPEC);
 

@@ -13,6 +13,11 @@ pub trait Policy<R> {
     fn stored(output: &R) -> Option<&Self::Stored>;
     /// Rebuilds the return value from a cached entry.
     fn restore(stored: Self::Stored) -> R;
+    /// Whether the output is a failure that `stale_if_error` answers for (an `Err`); a `None`
+    /// is an answer, not a failure.
+    fn failed(_output: &R) -> bool {
+        false
+    }
 }
 
 /// Caches the whole value.
@@ -39,6 +44,9 @@ impl<T: Serialize + DeserializeOwned, E> Policy<Result<T, E>> for OkOnly {
     }
     fn restore(stored: T) -> Result<T, E> {
         Ok(stored)
+    }
+    fn failed(output: &Result<T, E>) -> bool {
+        output.is_err()
     }
 }
 

@@ -30,6 +30,9 @@ enum Lookup<T> {
     /// A value to return; `refresh` when it is due for an eager refresh (the generation it was
     /// read under, to fill the refreshed value with).
     Hit { value: T, refresh: Option<u64> },
+    /// A value past its TTL, kept for `stale_if_error`: run the function, answer with this value
+    /// if it fails.
+    Stale { value: T, generation: u64 },
     /// Run the read-through protocol, knowing this generation; `overwrite` when the stored value
     /// must not be returned (it does not decode, or an unapplied invalidation covers it).
     Miss { generation: u64, overwrite: bool },
@@ -104,6 +107,10 @@ where
             Lookup::Hit { value, refresh: Some(generation) } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
                 return refresh_eagerly::<P, R, F>(miss, value, body).await;
+            }
+            Lookup::Stale { value, generation } => {
+                let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
+                return serve_stale::<P, R, F>(miss, value, body, &function).await;
             }
             Lookup::Hit { value, refresh: None } => {
                 counters.hit();
@@ -180,13 +187,25 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let (known, refresh) = rt.functions.current(function);
     let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
     let started = Instant::now();
-    // What the entry has left, when the function refreshes eagerly (not on the lookups that also
-    // read the generation: those are periodic, and the next one asks).
+    // What the entry has left, when the function refreshes eagerly or keeps stale entries.
     let mut left = None;
     let found = if refresh {
-        let life = key::generation_life(spec.ttl);
-        rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await
-    } else if spec.eager_refresh_percent != 0 {
+        let life = key::generation_life(spec.entry_life());
+        let found =
+            rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await;
+        // A lookup that also reads the generation (periodic) does not learn the entry's time
+        // left: ask for it when an entry past its TTL must not pass for a fresh one.
+        if !spec.stale_if_error.is_zero() && matches!(found, Ok((Some(_), _))) {
+            match rt.backend.ttl(spec.db, key).await {
+                Ok(ttl) => left = ttl,
+                Err(error) => {
+                    count_failure(counters, spec, key, &error, "lookup");
+                    return Lookup::Unavailable;
+                }
+            }
+        }
+        found
+    } else if spec.reads_ttl() {
         rt.backend.get_with_ttl(spec.db, key, decode).await.map(|(v, ttl)| {
             left = ttl;
             (v, None)
@@ -209,7 +228,15 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let overwrite = match found {
         Some(Ok((written, value))) if written >= generation && !distrusted => {
             tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
-            let refresh = left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
+            let fresh_left = match left {
+                Some(left) => spec.fresh_left(left),
+                None => None,
+            };
+            if !spec.stale_if_error.is_zero() && fresh_left.is_none() {
+                // Past its TTL (or its time left unknown): only an answer if the function fails.
+                return Lookup::Stale { value, generation };
+            }
+            let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
             return Lookup::Hit { value, refresh };
         }
         Some(Ok(_)) => distrusted,
@@ -435,6 +462,163 @@ where
             counters.hit();
             telemetry::outcome("hit");
             P::restore(current)
+        }
+    }
+}
+
+/// A read of an entry past its TTL, kept for `stale_if_error` (fail-safe): the caller that gets
+/// the key's fill lease runs the function and fills; if it returns `Err` or panics, the stale
+/// value answers instead. Callers that find the lease held wait for its holder (polling, as a
+/// miss does): a fresh entry is then a hit; a lease gone with the entry still stale means the
+/// holder failed, and they answer with the stale value without running the function again. After
+/// a failure, this process answers that key with the stale value without a try for
+/// `Spec::stale_throttle`: a failing dependency sees about one attempt per key per throttle per
+/// process, not one per caller.
+async fn serve_stale<P, R, F>(miss: Miss<'_>, stale: P::Stored, body: F, function: &Function) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    use futures_util::FutureExt;
+    let rt = miss.runtime.inner();
+    let (spec, key, counters, generation) = (miss.spec, miss.key, miss.counters, miss.generation);
+    let token = crate::backend::unique();
+    let mut pause = Duration::from_millis(2);
+    let mut waited = false;
+    // `failed`: the stale value answers (the function failed now, or moments ago).
+    let answered = |failed: bool| {
+        if failed {
+            counters.stale();
+            telemetry::outcome("stale");
+            if function.stale_served() {
+                tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "the function failed; answering with entries past their TTL (stale_if_error) until it succeeds again (logged once, counted as stale_served)");
+            }
+        } else {
+            function.succeeded(key);
+            if function.recovered() {
+                tracing::info!(
+                    db = spec.db,
+                    prefix = spec.prefix,
+                    function = spec.function,
+                    "the function succeeds again; stale answers (stale_if_error) ended"
+                );
+            }
+        }
+    };
+    if function.throttled(key) {
+        // It failed on this key moments ago: answer without trying it again yet.
+        counters.hit();
+        answered(true);
+        return P::restore(stale);
+    }
+    loop {
+        // A generation no entry has: the lease is granted over the stale value (or busy).
+        let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation: u64::MAX };
+        match rt.backend.acquire(spec.db, key, ask, |_: &[u8]| ()).await {
+            Ok(Acquired::Granted(_)) if waited => {
+                // The holder we waited for gave the lease back without a fresh value: it failed.
+                // Give it back too (on drop), and answer with the stale value.
+                drop(LeaseHeld {
+                    armed: true,
+                    runtime: miss.runtime.clone(),
+                    db: spec.db,
+                    key: key.to_owned(),
+                    token,
+                });
+                function.failed(key, spec.stale_throttle());
+                counters.hit();
+                answered(true);
+                return P::restore(stale);
+            }
+            Ok(Acquired::Granted(grant)) => {
+                counters.miss();
+                telemetry::outcome("miss");
+                let leader = Flights::detached(&rt.flights, spec.db, key);
+                let filled = leader.subscribe();
+                let computed = std::panic::AssertUnwindSafe(compute_and_fill::<P, R, F>(
+                    miss,
+                    (token, grant),
+                    body,
+                    leader,
+                ))
+                .catch_unwind()
+                .await;
+                return match computed {
+                    Ok(output) if !P::failed(&output) => {
+                        answered(false);
+                        // Until the fill lands, this process's next callers would still read the
+                        // stale entry and run the function again: wait for the backend's answer
+                        // (one round trip, bounded by the op timeout), as no flight is shared.
+                        let _ = tokio::time::timeout(rt.op_timeout * 2, flight::wait(filled)).await;
+                        output
+                    }
+                    // The lease went back on the way out (an `Err` is not filled; a panic
+                    // dropped the lease's guard).
+                    _ => {
+                        function.failed(key, spec.stale_throttle());
+                        answered(true);
+                        P::restore(stale)
+                    }
+                };
+            }
+            Ok(Acquired::Busy | Acquired::Value(())) => {
+                waited = true;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+                let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
+                match rt.backend.get_with_ttl(spec.db, key, decode).await {
+                    Ok((Some(Ok((written, value))), Some(left)))
+                        if written >= generation && spec.fresh_left(left).is_some() =>
+                    {
+                        counters.hit();
+                        telemetry::outcome("hit");
+                        return P::restore(value);
+                    }
+                    // Still stale: the holder is computing (or just failed); ask again.
+                    Ok((Some(_), _)) => {}
+                    // Gone: invalidated (or expired) meanwhile, so the stale value is no answer.
+                    Ok((None, _)) => {
+                        counters.miss();
+                        telemetry::outcome("miss");
+                        return body.await;
+                    }
+                    Err(error) => {
+                        count_failure(counters, spec, key, &error, "lookup");
+                        counters.miss();
+                        return unfilled_or_stale::<P, R, F>(body, stale, || {
+                            function.failed(key, spec.stale_throttle());
+                            answered(true)
+                        })
+                        .await;
+                    }
+                }
+            }
+            Err(error) => {
+                count_failure(counters, spec, key, &error, "fill lease");
+                counters.miss();
+                return unfilled_or_stale::<P, R, F>(body, stale, || {
+                    function.failed(key, spec.stale_throttle());
+                    answered(true)
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// The backend failed during a stale read: runs the function without filling; a failure still
+/// gets the stale answer.
+async fn unfilled_or_stale<P, R, F>(body: F, stale: P::Stored, failed: impl Fn()) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(body).catch_unwind().await {
+        Ok(output) if !P::failed(&output) => output,
+        _ => {
+            failed();
+            P::restore(stale)
         }
     }
 }

@@ -192,6 +192,8 @@ pub struct FunctionInfo {
     pub jitter_percent: u8,
     /// The `eager_refresh = "N%"` option: a hit past this share of the TTL refreshes (0: none).
     pub eager_refresh_percent: u8,
+    /// The `stale_if_error` option, in seconds (0: none).
+    pub stale_if_error_seconds: u64,
     /// The `version` option.
     pub version: Option<u32>,
     /// `json` or `msgpack`.
@@ -227,6 +229,7 @@ impl FunctionInfo {
             ttl_seconds: spec.ttl.as_secs(),
             jitter_percent: spec.jitter_percent,
             eager_refresh_percent: spec.eager_refresh_percent,
+            stale_if_error_seconds: spec.stale_if_error.as_secs(),
             version: spec.version,
             format: match spec.format {
                 Format::Json => "json",

@@ -30,25 +30,51 @@ pub struct Spec {
     /// The `eager_refresh = "N%"` option (0 without it): a hit on an entry with less than
     /// `100 − N` % of the TTL left refreshes it, if no other caller is refreshing it.
     pub eager_refresh_percent: u8,
+    /// The `stale_if_error = ...` option (zero without it): entries live this long past `ttl`,
+    /// and answer in that window only when the function fails.
+    pub stale_if_error: Duration,
 }
 
 impl Spec {
-    /// Whether a hit on an entry with `left` to live is due for an eager refresh.
+    /// Whether a hit on an entry with `left` to live (its fresh part) is due for an eager refresh.
     pub(crate) fn refresh_due(&self, left: Duration) -> bool {
         self.eager_refresh_percent != 0
             && left.as_millis() * 100 < self.ttl.as_millis() * u128::from(100 - self.eager_refresh_percent)
     }
 
+    /// The longest an entry lives in the store: `ttl` plus the `stale_if_error` window. What
+    /// outlives entries (generation keys, queued invalidations) is sized by it.
+    pub(crate) fn entry_life(&self) -> Duration {
+        self.ttl + self.stale_if_error
+    }
+
+    /// After the function failed on a key, how long its stale value answers without trying the
+    /// function again (in this process): a tenth of the TTL, from 100 ms to 30 s.
+    pub(crate) fn stale_throttle(&self) -> Duration {
+        (self.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(30))
+    }
+
+    /// Whether lookups need the entry's remaining time (eager refresh, fail-safe).
+    pub(crate) fn reads_ttl(&self) -> bool {
+        self.eager_refresh_percent != 0 || !self.stale_if_error.is_zero()
+    }
+
+    /// What an entry that has `left` to live in the store has left of its fresh life, or `None`
+    /// when it is past its TTL (kept only for `stale_if_error`).
+    pub(crate) fn fresh_left(&self, left: Duration) -> Option<Duration> {
+        left.checked_sub(self.stale_if_error).filter(|fresh| !fresh.is_zero())
+    }
+
     /// The TTL of one fill: the declared TTL, shortened by a random share of at most
-    /// `jitter_percent` (never longer than declared).
+    /// `jitter_percent` (never longer than declared), plus the `stale_if_error` window.
     pub(crate) fn fill_ttl(&self) -> Duration {
         if self.jitter_percent == 0 {
-            return self.ttl;
+            return self.ttl + self.stale_if_error;
         }
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         // The TTL is at most 365 days (checked at compile time), so this never saturates.
         let spread = ttl_ms.saturating_mul(u64::from(self.jitter_percent)) / 100;
-        Duration::from_millis(ttl_ms - fastrand::u64(0..=spread))
+        Duration::from_millis(ttl_ms - fastrand::u64(0..=spread)) + self.stale_if_error
     }
 }
 
@@ -125,6 +151,7 @@ mod tests {
         format: Format::Json,
         jitter_percent: 20,
         eager_refresh_percent: 0,
+        stale_if_error: Duration::ZERO,
     };
 
     #[test]

@@ -29,6 +29,7 @@ pub(crate) struct Counters {
     invalidations_coalesced: AtomicU64,
     renewals: AtomicU64,
     eager_refreshes: AtomicU64,
+    stale_served: AtomicU64,
 }
 
 /// The histograms of one function, registered with the `metrics` recorder installed when the
@@ -61,7 +62,7 @@ impl Counters {
         };
         zeroed!(latency; hits, misses, fills, decode_failures, encode_failures, backend_errors, invalidations,
             invalidation_retries, invalidations_expired, refused_fills, lease_waits, direct_fills, bypassed,
-            key_failures, invalidations_coalesced, renewals, eager_refreshes)
+            key_failures, invalidations_coalesced, renewals, eager_refreshes, stale_served)
     }
 
     /// How long one lookup took the backend (hit or miss).
@@ -91,6 +92,9 @@ impl Counters {
     }
     pub(crate) fn eager_refresh(&self) {
         self.eager_refreshes.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn stale(&self) {
+        self.stale_served.fetch_add(1, Relaxed);
     }
     pub(crate) fn direct_fill(&self) {
         self.direct_fills.fetch_add(1, Relaxed);
@@ -151,6 +155,7 @@ impl Counters {
             invalidations_coalesced: self.invalidations_coalesced.load(Relaxed),
             renewals: self.renewals.load(Relaxed),
             eager_refreshes: self.eager_refreshes.load(Relaxed),
+            stale_served: self.stale_served.load(Relaxed),
         }
     }
 }
@@ -246,11 +251,15 @@ pub struct PrefixStats {
     /// Hits past a function's `eager_refresh` share of the TTL that refreshed the entry (each
     /// also counts as a miss: the caller ran the function).
     pub eager_refreshes: u64,
+    /// Calls answered with an entry past its TTL (within `stale_if_error`) because the function
+    /// failed (an `Err` or a panic: also a miss), or another caller's computation of it just did
+    /// (also a hit).
+    pub stale_served: u64,
 }
 
 impl PrefixStats {
     /// Every counter, named as in the metrics (`cache_{name}_total`), in one order.
-    pub fn counters(&self) -> [(&'static str, u64); 17] {
+    pub fn counters(&self) -> [(&'static str, u64); 18] {
         [
             ("hits", self.hits),
             ("misses", self.misses),
@@ -269,6 +278,7 @@ impl PrefixStats {
             ("invalidations_coalesced", self.invalidations_coalesced),
             ("lease_renewals", self.renewals),
             ("eager_refreshes", self.eager_refreshes),
+            ("stale_served", self.stale_served),
         ]
     }
 
@@ -290,6 +300,7 @@ impl PrefixStats {
         self.invalidations_coalesced += other.invalidations_coalesced;
         self.renewals += other.renewals;
         self.eager_refreshes += other.eager_refreshes;
+        self.stale_served += other.stale_served;
     }
 
     /// `hits / (hits + misses)`, or `None` before the first lookup.

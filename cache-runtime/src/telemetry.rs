@@ -21,8 +21,8 @@
 //!
 //! **Spans.** Each cached call runs in a `debug`-level span named `cache.call` with the fields
 //! `cache.db`, `cache.prefix`, `cache.function` and `cache.outcome` (`hit`, `miss`, `refresh`
-//! (an eager refresh), `bypassed`, `unavailable` or `uncached`); the function's own spans are its children, so
-//! `tracing-opentelemetry` exports it as the parent of whatever the function does. Enable it with
+//! (an eager refresh), `stale` (a fail-safe answer), `bypassed`, `unavailable` or `uncached`);
+//! the function's own spans are its children, so `tracing-opentelemetry` exports it as the parent of whatever the function does. Enable it with
 //! a filter such as `cache_runtime=debug` (which also shows the hit and miss events).
 
 use crate::runtime::Runtime;

@@ -123,7 +123,16 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
 
 /// The `Spec` constant's value: the options and where the function is written.
 fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
-    let Cached { db, prefix, version, format, jitter_percent, eager_refresh_percent, .. } = model;
+    let Cached {
+        db,
+        prefix,
+        version,
+        format,
+        jitter_percent,
+        eager_refresh_percent,
+        stale_if_error_seconds,
+        ..
+    } = model;
     let name = func.sig.ident.to_string();
     let version = match version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
@@ -143,6 +152,7 @@ fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
             format: ::cache_runtime::__private::Format::#format,
             jitter_percent: #jitter_percent,
             eager_refresh_percent: #eager_refresh_percent,
+            stale_if_error: ::core::time::Duration::from_secs(#stale_if_error_seconds),
         }
     }
 }

@@ -107,7 +107,7 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
             // they start over, which costs a computation, never a wrong value.
             rt.flights.revoke_prefix(spec.db, &format!("{}:", key::function_base(spec)));
             let state = rt.functions.get(function, &rt.stats);
-            let life = key::generation_life(spec.ttl);
+            let life = key::generation_life(spec.entry_life());
             match rt.backend.bump_generation(spec.db, &state.generation_key, life).await? {
                 Some(generation) => rt.functions.observe(&state, generation),
                 None => rt.functions.bump_local(&state),

@@ -53,7 +53,8 @@ impl Queue {
     fn insert(&mut self, target: Target) -> Option<(CachedFn, usize)> {
         let function = *target.function();
         let id = function.id();
-        let give_up_at = Instant::now().checked_add(function.spec().ttl).unwrap_or_else(Instant::now);
+        let give_up_at =
+            Instant::now().checked_add(function.spec().entry_life()).unwrap_or_else(Instant::now);
         let seq = self.seq();
         match &target {
             Target::Key(_, None) => None,
@@ -86,7 +87,8 @@ impl Queue {
         let before = self.keys.len();
         self.keys.retain(|_, q| q.target.function().id() != id);
         self.keys_per_function.remove(&id);
-        let give_up_at = Instant::now().checked_add(function.spec().ttl).unwrap_or_else(Instant::now);
+        let give_up_at =
+            Instant::now().checked_add(function.spec().entry_life()).unwrap_or_else(Instant::now);
         let seq = self.seq();
         self.functions.insert(id, Queued { target: Target::All(function), give_up_at, seq });
         before - self.keys.len()
@@ -197,6 +199,7 @@ mod tests {
         format: crate::value::Format::Json,
         jitter_percent: 0,
         eager_refresh_percent: 0,
+        stale_if_error: Duration::ZERO,
     };
     const F: CachedFn = CachedFn::free(&SPEC);
 

@@ -1,0 +1,175 @@
+//! `stale_if_error`: entries are kept past their TTL for a window; a read past the TTL runs the
+//! function, and when it fails (an `Err`, a panic) the stale value answers instead. Each check is
+//! made beside the same function without the option, whose callers see the failure.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::MarketData;
+use cache_runtime::{cached, invalidate, KeyBuilder, Runtime};
+use support::{Fixture, RedisServer};
+use tokio::task::JoinSet;
+
+/// The database behind the functions: answers its current version, fails, or panics.
+#[derive(Default)]
+pub struct Dependency {
+    /// 0: answers; 1: returns `Err`; 2: panics.
+    mode: AtomicU64,
+    version: AtomicU64,
+    calls: AtomicUsize,
+}
+
+impl Dependency {
+    fn answers(&self, version: u64) {
+        self.version.store(version, SeqCst);
+        self.mode.store(0, SeqCst);
+    }
+
+    async fn read(&self) -> Result<u64, String> {
+        self.calls.fetch_add(1, SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        match self.mode.load(SeqCst) {
+            0 => Ok(self.version.load(SeqCst)),
+            1 => Err("the database is down".to_owned()),
+            _ => panic!("the database driver panicked"),
+        }
+    }
+}
+
+#[cached(db = MarketData, prefix = "failsafe", ttl = 1, stale_if_error = "1h", skip(db))]
+async fn price(symbol: &str, db: &Dependency) -> Result<u64, String> {
+    let _ = symbol;
+    db.read().await
+}
+
+#[cached(db = MarketData, prefix = "failsafe", ttl = 1, skip(db))]
+async fn plain_price(symbol: &str, db: &Dependency) -> Result<u64, String> {
+    let _ = symbol;
+    db.read().await
+}
+
+async fn past_the_ttl() {
+    tokio::time::sleep(Duration::from_millis(1_150)).await;
+}
+
+async fn a_failing_function_is_answered_by_its_stale_entry(fx: &mut Fixture) {
+    let db = Dependency::default();
+    db.answers(1);
+    assert_eq!(fx.run(price("AAPL", &db)).await, Ok(1));
+    assert_eq!(fx.run(plain_price("AAPL", &db)).await, Ok(1));
+    // The entry lives its TTL plus the window.
+    let key = KeyBuilder::new("fail_safe", "failsafe", "price").arg("AAPL").finish().unwrap();
+    let left = fx.ttl::<MarketData>(&key).await.expect("filled");
+    assert!(left > Duration::from_secs(3_599) && left <= Duration::from_secs(3_601), "{left:?}");
+
+    past_the_ttl().await;
+    db.mode.store(1, SeqCst);
+    let before = db.calls.load(SeqCst);
+    assert_eq!(fx.run(price("AAPL", &db)).await, Ok(1), "an Err is answered by the stale value");
+    assert_eq!(db.calls.load(SeqCst), before + 1, "past its TTL, the function was tried first");
+    // Within the throttle (a tenth of the TTL, at least 100 ms) it is not tried again.
+    assert_eq!(fx.run(price("AAPL", &db)).await, Ok(1));
+    assert_eq!(db.calls.load(SeqCst), before + 1, "tried again within the throttle");
+    // Without the option the caller sees the failure: what the option prevents happens here.
+    assert_eq!(fx.run(plain_price("AAPL", &db)).await, Err("the database is down".to_owned()));
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    db.mode.store(2, SeqCst);
+    let before = db.calls.load(SeqCst);
+    assert_eq!(fx.run(price("AAPL", &db)).await, Ok(1), "a panic is answered by the stale value");
+    assert_eq!(db.calls.load(SeqCst), before + 1, "past the throttle, the function was tried");
+    let stats = fx.stats().await;
+    let counted = stats.function(5, "failsafe", "price").unwrap();
+    assert_eq!(counted.stale_served, 3);
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // The function succeeds again: its value is returned and filled (fresh for a TTL).
+    db.answers(2);
+    assert_eq!(fx.run(price("AAPL", &db)).await, Ok(2));
+    let calls = db.calls.load(SeqCst);
+    assert_eq!(fx.run(price("AAPL", &db)).await, Ok(2));
+    assert_eq!(db.calls.load(SeqCst), calls, "the refreshed entry is a hit");
+
+    // An invalidated entry is gone: no stale answer after a write.
+    fx.run(invalidate!(price("AAPL"))).await;
+    db.mode.store(1, SeqCst);
+    assert_eq!(fx.run(price("AAPL", &db)).await, Err("the database is down".to_owned()));
+    // A function-wide invalidation retires stale entries too.
+    db.answers(3);
+    assert_eq!(fx.run(price("MSFT", &db)).await, Ok(3));
+    past_the_ttl().await;
+    fx.run(invalidate!(price(..))).await;
+    db.mode.store(1, SeqCst);
+    assert_eq!(fx.run(price("MSFT", &db)).await, Err("the database is down".to_owned()));
+}
+
+on_every_backend!(a_failing_function_is_answered_by_its_stale_entry);
+
+/// 8 callers per runtime (two runtimes: two processes) for `run` on one key, the dependency down
+/// from the start (after one warm-up fill and the TTL): how many calls got an answer, how many an
+/// error, and how many times the dependency was tried.
+async fn outage(runtimes: &[Runtime], fail_safe: bool, run: Duration) -> (usize, usize, usize) {
+    let db = Arc::new(Dependency::default());
+    db.answers(1);
+    let call = move |runtime: Runtime, db: Arc<Dependency>| async move {
+        if fail_safe {
+            runtime.scope(price("OUTAGE", &db)).await
+        } else {
+            runtime.scope(plain_price("OUTAGE", &db)).await
+        }
+    };
+    assert_eq!(call(runtimes[0].clone(), Arc::clone(&db)).await, Ok(1));
+    past_the_ttl().await;
+    db.mode.store(1, SeqCst);
+    let tried_before = db.calls.load(SeqCst);
+    let (answers, errors) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let deadline = Instant::now() + run;
+    let mut tasks = JoinSet::new();
+    for runtime in runtimes {
+        for _ in 0..8 {
+            let (runtime, db, answers, errors) =
+                (runtime.clone(), Arc::clone(&db), Arc::clone(&answers), Arc::clone(&errors));
+            tasks.spawn(async move {
+                while Instant::now() < deadline {
+                    match call(runtime.clone(), Arc::clone(&db)).await {
+                        Ok(1) => answers.fetch_add(1, SeqCst),
+                        Ok(other) => panic!("answered {other}, never written"),
+                        Err(_) => errors.fetch_add(1, SeqCst),
+                    };
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            });
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a caller panicked");
+    }
+    (answers.load(SeqCst), errors.load(SeqCst), db.calls.load(SeqCst) - tried_before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_keep_answering_through_an_outage() {
+    let server = RedisServer::start();
+    let runtimes =
+        [support::redis_runtime(&server.url(), |c| c), support::redis_runtime(&server.url(), |c| c)];
+    let run = Duration::from_secs(3);
+    let (answers, errors, tried) = outage(&runtimes, true, run).await;
+    let (plain_answers, plain_errors, plain_tried) = outage(&runtimes, false, run).await;
+    println!(
+        "dependency down for {run:?}, 16 callers over two runtimes: stale_if_error: {answers} answered, {errors} errors, dependency tried {tried} times; without: {plain_answers} answered, {plain_errors} errors, tried {plain_tried} times"
+    );
+    assert_eq!(errors, 0, "with stale_if_error every call is answered");
+    assert!(answers > 100, "{answers} answers");
+    assert_eq!(plain_answers, 0, "without it, every call past the TTL fails");
+    assert!(plain_errors > 100, "{plain_errors} errors");
+    // After a failure each process answers stale without a try for the throttle (100 ms with
+    // `ttl = 1`): at most one try per process per throttle (without the throttle, the waves of
+    // callers would try hundreds of times).
+    let bound = 2 * (run.as_millis() / 100 + 1) as usize;
+    assert!(tried <= bound, "the dependency was tried {tried} times (at most {bound})");
+    assert_eq!(plain_tried, plain_errors);
+}
