@@ -1,4 +1,4 @@
-//! `cargo run --release -p cache-bench --example bench`: the toolkit against a hand-written `redis` client and
+//! `cargo run --release -p cache-bench --example bench` (`BENCH_ONLY=hits,eager` runs some sections): the toolkit against a hand-written `redis` client and
 //! against the `cached` crate, side by side in one run, on one server (started here, or
 //! `REDIS_URL`), with one ~200-byte JSON value. Prints a table, then one JSON line of ratios.
 //!
@@ -74,6 +74,20 @@ async fn ours(symbol: &str) -> Result<Quote, FeedError> {
 #[cached(db = MarketData, prefix = "bench", ttl = 600, format = MessagePack)]
 async fn ours_packed(symbol: &str) -> Result<Quote, FeedError> {
     Ok(feed(symbol).await)
+}
+
+/// The hot key of section 9, refreshed before it expires.
+#[cached(db = MarketData, prefix = "bench-eager", ttl = 1, eager_refresh = "50%")]
+async fn eager_quote(symbol: &str) -> u64 {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    symbol.len() as u64
+}
+
+/// The same without the option.
+#[cached(db = MarketData, prefix = "bench-eager", ttl = 1)]
+async fn plain_quote(symbol: &str) -> u64 {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    symbol.len() as u64
 }
 
 static URL: OnceLock<String> = OnceLock::new();
@@ -342,64 +356,91 @@ async fn run() {
     }
     runtime.flush().await.unwrap();
 
-    // 1. Warm hits at concurrency 1 and 64.
-    for concurrency in [1usize, 64] {
-        let (mut r, mut o, mut c, mut m) =
-            (Contender::default(), Contender::default(), Contender::default(), Contender::default());
-        for _ in 0..rounds {
-            let conn = raw_conn.clone();
-            r.add(
-                round(concurrency, round_time, move |i| {
-                    let mut conn = conn.clone();
-                    async move {
-                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                    }
-                })
-                .await,
+    // 1. Warm hits at concurrency 1 and 64. The raw side is a plain multiplexed connection (no
+    // `ConnectionManager` around it): the cheapest correct client a team could write. The same
+    // raw code through a `ConnectionManager` (what the runtime and the cached crate use, for
+    // reconnection) is measured beside it.
+    if wants("hits") {
+        let plain_conn = redis::Client::open(format!("{url}/5"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a multiplexed connection");
+        for concurrency in [1usize, 64] {
+            let (mut r, mut o, mut c, mut m, mut rm) = (
+                Contender::default(),
+                Contender::default(),
+                Contender::default(),
+                Contender::default(),
+                Contender::default(),
             );
-            o.add(
-                round(concurrency, round_time, |i| async move {
-                    ours(&symbols()[i % HOT_KEYS]).await.unwrap();
-                })
-                .await,
-            );
-            c.add(
-                round(concurrency, round_time, |i| async move {
-                    theirs(&symbols()[i % HOT_KEYS]).await.unwrap();
-                })
-                .await,
-            );
-            m.add(
-                round(concurrency, round_time, |i| async move {
-                    ours_packed(&symbols()[i % HOT_KEYS]).await.unwrap();
-                })
-                .await,
-            );
+            for _ in 0..rounds {
+                let conn = plain_conn.clone();
+                r.add(
+                    round(concurrency, round_time, move |i| {
+                        let mut conn = conn.clone();
+                        async move {
+                            raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                        }
+                    })
+                    .await,
+                );
+                o.add(
+                    round(concurrency, round_time, |i| async move {
+                        ours(&symbols()[i % HOT_KEYS]).await.unwrap();
+                    })
+                    .await,
+                );
+                c.add(
+                    round(concurrency, round_time, |i| async move {
+                        theirs(&symbols()[i % HOT_KEYS]).await.unwrap();
+                    })
+                    .await,
+                );
+                m.add(
+                    round(concurrency, round_time, |i| async move {
+                        ours_packed(&symbols()[i % HOT_KEYS]).await.unwrap();
+                    })
+                    .await,
+                );
+                let manager = raw_conn.clone();
+                rm.add(
+                    round(concurrency, round_time, move |i| {
+                        let mut conn = manager.clone();
+                        async move {
+                            raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                        }
+                    })
+                    .await,
+                );
+            }
+            for (name, x) in [
+                ("raw redis GET+decode", &mut r),
+                ("raw, ConnectionManager", &mut rm),
+                ("#[cached]", &mut o),
+                ("#[cached] MessagePack", &mut m),
+                ("cached crate", &mut c),
+            ] {
+                let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
+                table.row(
+                    &format!("warm hit, concurrency {concurrency}"),
+                    name,
+                    format!("{:.0}", x.median()),
+                    format!("{p50:.1}"),
+                    format!("{p99:.1}"),
+                );
+            }
+            json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
+            json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
+            json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
+            json.insert(format!("hit_msgpack_vs_cached_crate_c{concurrency}"), ratio(m.median(), c.median()));
+            json.insert(format!("hit_msgpack_vs_raw_c{concurrency}"), ratio(m.median(), r.median()));
+            json.insert(format!("raw_manager_vs_raw_c{concurrency}"), ratio(rm.median(), r.median()));
+            json.insert(format!("hit_vs_raw_manager_c{concurrency}"), ratio(o.median(), rm.median()));
         }
-        for (name, x) in [
-            ("raw redis GET+decode", &mut r),
-            ("#[cached]", &mut o),
-            ("#[cached] MessagePack", &mut m),
-            ("cached crate", &mut c),
-        ] {
-            let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
-            table.row(
-                &format!("warm hit, concurrency {concurrency}"),
-                name,
-                format!("{:.0}", x.median()),
-                format!("{p50:.1}"),
-                format!("{p99:.1}"),
-            );
-        }
-        json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
-        json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
-        json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
-        json.insert(format!("hit_msgpack_vs_cached_crate_c{concurrency}"), ratio(m.median(), c.median()));
-        json.insert(format!("hit_msgpack_vs_raw_c{concurrency}"), ratio(m.median(), r.median()));
     }
-
     // 2. Pool size: one multiplexed connection against four, same workload, alternating.
-    {
+    if wants("pool") {
         let pool4 = Runtime::new(CacheConfig::redis(&url).unwrap().with_pool_size(4));
         let (mut one, mut four) = (Contender::default(), Contender::default());
         for _ in 0..rounds {
@@ -439,7 +480,7 @@ async fn run() {
 
     // 3. Fills of distinct keys: a loop of single SET EX, the write-behind batcher, the cached
     //    crate's store (each awaited in a loop, as their APIs are used).
-    {
+    if wants("fills") {
         let set_loop = set_loop(&mut raw_conn.clone(), fill_keys).await;
         let handle: Cache<Indicator, Quote> = Cache::new("fill", Duration::from_secs(600)).unwrap();
         let quote = make_quote("FILL");
@@ -493,7 +534,7 @@ async fn run() {
 
     // 4. The miss path per call (hash + lookup + lease + encode + fill), sequential, distinct
     //    keys, on both backends; and the hand-written miss (GET, SET) for scale.
-    {
+    if wants("miss") {
         let n = 5_000;
         let memory = Runtime::new(CacheConfig::memory());
         let mut per_call = Vec::new();
@@ -533,7 +574,7 @@ async fn run() {
 
     // 5. The embedded backend: warm hits, one task looping inside the runtime's scope (as a
     //    service with the embedded backend installed by `init` runs), JSON and MessagePack.
-    {
+    if wants("memory") {
         let memory = Runtime::new(CacheConfig::memory());
         for s in symbols() {
             memory.scope(ours(s)).await.unwrap();
@@ -558,7 +599,7 @@ async fn run() {
     }
 
     // 6. Stampede: 1,000 concurrent calls on a cold key, the body taking 50 ms.
-    {
+    if wants("stampede") {
         BODY_DELAY_MS.store(50, SeqCst);
         let count = |f: fn(usize) -> tokio::task::JoinHandle<()>| async move {
             EXECUTIONS.store(0, SeqCst);
@@ -601,7 +642,7 @@ async fn run() {
 
     // 7. Redis Cluster (3 primaries started here, or REDIS_CLUSTER_NODES): warm hits at
     //    concurrency 64 and fills of distinct keys, against the raw cluster client, alternating.
-    {
+    if wants("cluster") {
         let (nodes, _cluster) = cluster();
         let on_cluster = Runtime::new(CacheConfig::cluster(&nodes).unwrap());
         let client = redis::cluster::ClusterClient::new(
@@ -663,7 +704,7 @@ async fn run() {
     // 8. The disk backend against Python's diskcache (seed 003's engine): sets of distinct keys
     //    (each a miss through `#[cached]`: lookup, lease, body, fill), then gets of them (hits),
     //    one task, the same ~200-byte JSON value; diskcache by bench/examples/diskcache_bench.py.
-    {
+    if wants("disk") {
         let keys: usize =
             std::env::var("BENCH_DISK_KEYS").ok().and_then(|r| r.parse().ok()).unwrap_or(20_000);
         let dir = tempfile::tempdir().unwrap();
@@ -715,6 +756,44 @@ async fn run() {
         }
     }
 
+    // 9. Eager refresh: one hot key with `ttl = 1` and a 100 ms body, 8 tasks per function calling
+    // it every 5 ms across about ten expiries, with `eager_refresh = "50%"` and without, at once on
+    // this server. A caller "sees the expiry" when its call takes most of the body's time (it
+    // computed, or waited for whoever did); with the option only the refreshers themselves do.
+    if wants("eager") {
+        let run = Duration::from_millis(10_500);
+        let with = Arc::new(AtomicUsize::new(0));
+        let without = Arc::new(AtomicUsize::new(0));
+        eager_quote("HOT").await;
+        plain_quote("HOT").await;
+        let deadline = Instant::now() + run;
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..16 {
+            let waited = Arc::clone(if task % 2 == 0 { &with } else { &without });
+            tasks.spawn(async move {
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    if task % 2 == 0 {
+                        eager_quote("HOT").await;
+                    } else {
+                        plain_quote("HOT").await;
+                    }
+                    if started.elapsed() >= Duration::from_millis(80) {
+                        waited.fetch_add(1, SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let (with, without) = (with.load(SeqCst), without.load(SeqCst));
+        let label = format!("hot key, ttl 1 s, {run:?}");
+        table.row(&label, "eager_refresh callers that waited", with.to_string(), "".into(), "".into());
+        table.row(&label, "plain: callers that waited", without.to_string(), "".into(), "".into());
+        json.insert("early_refresh_misses".into(), with.into());
+        json.insert("early_refresh_misses_without".into(), without.into());
+    }
+
     runtime.shutdown().await.unwrap();
     table.print();
     println!("{}", serde_json::Value::Object(json));
@@ -760,6 +839,14 @@ async fn hit_loop(duration: Duration, packed: bool) -> Round {
         i += 1;
     }
     Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+}
+
+/// Whether section `name` runs: every section unless `BENCH_ONLY` lists some (`hits,memory`).
+fn wants(name: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(only) => only.split(',').any(|s| s.trim() == name),
+        Err(_) => true,
+    }
 }
 
 fn ratio(ours: f64, theirs: f64) -> serde_json::Value {
