@@ -122,3 +122,38 @@ async fn redis_two_processes_refresh_a_hot_key_once() {
     let (with, without) = hammer(&runtimes, run).await;
     check(&runtimes, &with, &without, run);
 }
+
+#[cached(db = MarketData, prefix = "eager", ttl = 4, eager_refresh = "50%", skip(delay))]
+async fn slow_eager(symbol: &str, delay: Duration) -> u64 {
+    tokio::time::sleep(delay).await;
+    symbol.len() as u64
+}
+
+/// A refresher dropped at its `.await` (its caller timed out) gives the lease back at once, so the
+/// next due hit refreshes, instead of every hit finding the lease held until `lease_ttl` (5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_refresher_gives_the_lease_back() {
+    let server = RedisServer::start();
+    let runtime = support::redis_runtime(&server.url(), |c| c);
+    assert_eq!(runtime.scope(slow_eager("AAPL", Duration::ZERO)).await, 4);
+    runtime.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_100)).await; // past half of the 4 s TTL: due
+    let refreshes =
+        |r: &Runtime| r.stats().function(5, "eager", "slow_eager").map_or(0, |s| s.eager_refreshes);
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        runtime.scope(slow_eager("AAPL", Duration::from_secs(30))),
+    )
+    .await;
+    assert!(dropped.is_err(), "the refresher was still computing when dropped");
+    assert_eq!(refreshes(&runtime), 1, "the dropped call had taken the lease");
+    let started = Instant::now();
+    while refreshes(&runtime) < 2 && started.elapsed() < Duration::from_millis(1_500) {
+        assert_eq!(runtime.scope(slow_eager("AAPL", Duration::ZERO)).await, 4, "hits keep the current value");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    assert_eq!(refreshes(&runtime), 2, "no refresh after the dropped one within {took:?}");
+    // The lease's own expiry would have taken 5 s (the default `lease_ttl`).
+    assert!(took < Duration::from_millis(1_500), "{took:?}");
+}

@@ -194,8 +194,9 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         let found =
             rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await;
         // A lookup that also reads the generation (periodic) does not learn the entry's time
-        // left: ask for it when an entry past its TTL must not pass for a fresh one.
-        if !spec.stale_if_error.is_zero() && matches!(found, Ok((Some(_), _))) {
+        // left: ask for it (one more round trip), so that an entry past its TTL does not pass
+        // for a fresh one, and a due refresh is not missed by callers sparser than the period.
+        if spec.reads_ttl() && matches!(found, Ok((Some(_), _))) {
             match rt.backend.ttl(spec.db, key).await {
                 Ok(ttl) => left = ttl,
                 Err(error) => {
@@ -445,6 +446,27 @@ where
     let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation: u64::MAX };
     match rt.backend.acquire(spec.db, key, ask, |_: &[u8]| ()).await {
         Ok(Acquired::Granted(grant)) => {
+            // Another process may have refreshed between our lookup and the grant (its fill
+            // consumed its lease): read the entry's time left again before computing.
+            let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
+            if let Ok((Some(Ok((written, value))), Some(left))) =
+                rt.backend.get_with_ttl(spec.db, key, decode).await
+            {
+                if written >= miss.generation
+                    && spec.fresh_left(left).is_some_and(|left| !spec.refresh_due(left))
+                {
+                    drop(LeaseHeld {
+                        armed: true,
+                        runtime: miss.runtime.clone(),
+                        db: spec.db,
+                        key: key.to_owned(),
+                        token,
+                    });
+                    counters.hit();
+                    telemetry::outcome("hit");
+                    return P::restore(value);
+                }
+            }
             counters.eager_refresh();
             counters.miss();
             telemetry::outcome("refresh");
