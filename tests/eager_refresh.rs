@@ -157,3 +157,29 @@ async fn a_dropped_refresher_gives_the_lease_back() {
     // The lease's own expiry would have taken 5 s (the default `lease_ttl`).
     assert!(took < Duration::from_millis(1_500), "{took:?}");
 }
+
+#[cached(db = MarketData, prefix = "eager", ttl = 2, eager_refresh = "50%", skip(mode))]
+async fn fragile(symbol: &str, mode: &AtomicUsize) -> Result<u64, String> {
+    match mode.load(SeqCst) {
+        0 => Ok(symbol.len() as u64),
+        1 => Err("the feed is down".to_owned()),
+        _ => panic!("the feed client panicked"),
+    }
+}
+
+/// A refresh whose function fails returns the value the caller read: without the option the
+/// same call would have been a plain hit, so the option never turns a hit into a failure.
+#[tokio::test]
+async fn a_failed_refresh_returns_the_value_read() {
+    let runtime = Runtime::new(CacheConfig::memory());
+    let mode = AtomicUsize::new(0);
+    assert_eq!(runtime.scope(fragile("AAPL", &mode)).await, Ok(4));
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // past half of the 2 s TTL: due
+    for failure in [1, 2] {
+        mode.store(failure, SeqCst);
+        assert_eq!(runtime.scope(fragile("AAPL", &mode)).await, Ok(4), "mode {failure}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // the lease goes back in the background
+    }
+    let stats = runtime.stats();
+    assert_eq!(stats.function(5, "eager", "fragile").unwrap().eager_refreshes, 2, "both calls refreshed");
+}

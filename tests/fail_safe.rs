@@ -107,7 +107,56 @@ async fn a_failing_function_is_answered_by_its_stale_entry(fx: &mut Fixture) {
     assert_eq!(fx.run(price("MSFT", &db)).await, Err("the database is down".to_owned()));
 }
 
-on_every_backend!(a_failing_function_is_answered_by_its_stale_entry);
+#[cached(db = MarketData, prefix = "failsafe", ttl = 1, stale_if_error = "1h", skip(db))]
+async fn slow_price(symbol: &str, db: &Dependency) -> Result<u64, String> {
+    let _ = symbol;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.read().await
+}
+
+/// An invalidation that lands while the function runs (and fails) retires the stale value: the
+/// caller gets the failure. The same failure without the invalidation is answered stale.
+async fn an_invalidation_during_the_failing_call_wins(fx: &mut Fixture) {
+    let db = Dependency::default();
+    db.answers(1);
+    for symbol in ["KEPT", "WRITTEN"] {
+        assert_eq!(fx.run(slow_price(symbol, &db)).await, Ok(1));
+    }
+    past_the_ttl().await;
+    db.mode.store(1, SeqCst);
+    assert_eq!(fx.run(slow_price("KEPT", &db)).await, Ok(1), "no write: the stale value answers");
+    let runtime = fx.runtime.clone();
+    let write = async {
+        tokio::time::sleep(Duration::from_millis(100)).await; // while the function runs
+        runtime.scope(invalidate!(slow_price("WRITTEN"))).await;
+    };
+    let (read, ()) = tokio::join!(fx.run(slow_price("WRITTEN", &db)), write);
+    assert_eq!(read, Err("the database is down".to_owned()), "a value from before the write was answered");
+}
+
+#[cached(db = MarketData, prefix = "failsafe", ttl = 1, stale_if_error = "1h", skip(db))]
+async fn maybe_price(symbol: &str, db: &Dependency) -> Option<u64> {
+    let _ = symbol;
+    db.read().await.ok().filter(|v| *v != 0)
+}
+
+/// A `None` is an answer, not a failure: past the TTL it is returned, not the stale `Some`.
+async fn a_none_is_an_answer(fx: &mut Fixture) {
+    let db = Dependency::default();
+    db.answers(7);
+    assert_eq!(fx.run(maybe_price("GONE", &db)).await, Some(7));
+    past_the_ttl().await;
+    db.answers(0); // the row was deleted
+    assert_eq!(fx.run(maybe_price("GONE", &db)).await, None);
+    let stats = fx.stats().await;
+    assert_eq!(stats.function(5, "failsafe", "maybe_price").unwrap().stale_served, 0);
+}
+
+on_every_backend!(
+    a_failing_function_is_answered_by_its_stale_entry,
+    an_invalidation_during_the_failing_call_wins,
+    a_none_is_an_answer,
+);
 
 /// 8 callers per runtime (two runtimes: two processes) for `run` on one key, the dependency down
 /// from the start (after one warm-up fill and the TTL): how many calls got an answer, how many an

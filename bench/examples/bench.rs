@@ -90,6 +90,30 @@ async fn plain_quote(symbol: &str) -> u64 {
     symbol.len() as u64
 }
 
+static DATABASE_DOWN: AtomicBool = AtomicBool::new(false);
+static PRICE_TRIES: AtomicUsize = AtomicUsize::new(0);
+
+async fn database(i: u32) -> Result<u64, FeedError> {
+    PRICE_TRIES.fetch_add(1, SeqCst);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    if DATABASE_DOWN.load(SeqCst) {
+        return Err(FeedError("the database is down".into()));
+    }
+    Ok(u64::from(i))
+}
+
+/// Section 10's function, answering with its stale entry when the database fails.
+#[cached(db = MarketData, prefix = "bench-failsafe", ttl = 1, stale_if_error = "1h")]
+async fn safe_price(i: u32) -> Result<u64, FeedError> {
+    database(i).await
+}
+
+/// The same without the option.
+#[cached(db = MarketData, prefix = "bench-failsafe", ttl = 1)]
+async fn plain_price(i: u32) -> Result<u64, FeedError> {
+    database(i).await
+}
+
 static URL: OnceLock<String> = OnceLock::new();
 
 #[cached::macros::concurrent_cached(
@@ -792,6 +816,64 @@ async fn run() {
         table.row(&label, "plain: callers that waited", without.to_string(), "".into(), "".into());
         json.insert("early_refresh_misses".into(), with.into());
         json.insert("early_refresh_misses_without".into(), without.into());
+    }
+
+    // 10. Fail-safe: the database behind a function fails for 30 s (`BENCH_OUTAGE_S`) while 16
+    // tasks call it on 100 keys every 2 ms, with `stale_if_error = "1h"` and without, at once.
+    if wants("failsafe") {
+        let outage = Duration::from_secs(
+            std::env::var("BENCH_OUTAGE_S").ok().and_then(|s| s.parse().ok()).unwrap_or(30),
+        );
+        for i in 0..100u32 {
+            safe_price(i).await.unwrap();
+            plain_price(i).await.unwrap();
+        }
+        runtime.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_100)).await; // every entry past its 1 s TTL
+        DATABASE_DOWN.store(true, SeqCst);
+        let tries_before = PRICE_TRIES.load(SeqCst);
+        let deadline = Instant::now() + outage;
+        let counts: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..16u32 {
+            let counts = Arc::clone(&counts);
+            tasks.spawn(async move {
+                let mut i = task;
+                while Instant::now() < deadline {
+                    i = (i + 7) % 100;
+                    let (ok, slot) = if task % 2 == 0 {
+                        (safe_price(i).await.is_ok(), 0)
+                    } else {
+                        (plain_price(i).await.is_ok(), 2)
+                    };
+                    counts[slot + usize::from(!ok)].fetch_add(1, SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        DATABASE_DOWN.store(false, SeqCst);
+        let tries = PRICE_TRIES.load(SeqCst) - tries_before;
+        let [safe_ok, safe_err, plain_ok, plain_err] = [0, 1, 2, 3].map(|i| counts[i].load(SeqCst));
+        let label = format!("database down {outage:?}, 16 tasks");
+        table.row(
+            &label,
+            "stale_if_error: answered / errors",
+            format!("{safe_ok} / {safe_err}"),
+            "".into(),
+            "".into(),
+        );
+        table.row(
+            &label,
+            "plain: answered / errors",
+            format!("{plain_ok} / {plain_err}"),
+            "".into(),
+            "".into(),
+        );
+        table.row(&label, "database tried (both)", tries.to_string(), "".into(), "".into());
+        json.insert("fail_safe_answered".into(), safe_ok.into());
+        json.insert("fail_safe_errors".into(), safe_err.into());
+        json.insert("fail_safe_errors_without".into(), plain_err.into());
     }
 
     runtime.shutdown().await.unwrap();

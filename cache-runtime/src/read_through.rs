@@ -234,7 +234,12 @@ async fn lookup<T: serde::de::DeserializeOwned>(
                 None => None,
             };
             if !spec.stale_if_error.is_zero() && fresh_left.is_none() {
-                // Past its TTL (or its time left unknown): only an answer if the function fails.
+                if left.is_none() {
+                    // Deleted between the read and its time left (an invalidation): a miss.
+                    tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache miss");
+                    return Lookup::Miss { generation, overwrite: false };
+                }
+                // Past its TTL: only an answer if the function fails.
                 return Lookup::Stale { value, generation };
             }
             let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
@@ -268,6 +273,21 @@ struct LeaseHeld {
     db: u8,
     key: String,
     token: u64,
+}
+
+impl LeaseHeld {
+    /// The guard of a lease just granted to `token`: taken before anything else is awaited, so
+    /// that a caller dropped at any `.await` gives the lease back.
+    fn new(runtime: &Runtime, db: u8, key: &str, token: u64) -> Self {
+        LeaseHeld { armed: true, runtime: runtime.clone(), db, key: key.to_owned(), token }
+    }
+}
+
+/// Asks for `key`'s fill lease over whatever value is stored (a generation no entry has): granted
+/// unless another caller holds it.
+async fn acquire_over(rt: &Inner, db: u8, key: &str, token: u64) -> Result<Acquired<()>, BackendError> {
+    let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation: u64::MAX };
+    rt.backend.acquire(db, key, ask, |_: &[u8]| ()).await
 }
 
 impl Drop for LeaseHeld {
@@ -349,10 +369,11 @@ where
             }
             Ok(Acquired::Value((_, Err(_)))) => overwrite = true,
             Ok(Acquired::Granted(grant)) => {
+                let held = LeaseHeld::new(runtime, spec.db, key, token);
                 counters.miss();
                 telemetry::outcome("miss");
                 let miss = Miss { runtime, cached, spec, key, generation, counters };
-                return compute_and_fill::<P, R, F>(miss, (token, grant), body, leader).await;
+                return compute_and_fill::<P, R, F>(miss, held, grant, body, leader).await;
             }
             Ok(Acquired::Busy) => {
                 // Another caller holds the lease and renews it while it computes: wait for its
@@ -383,18 +404,22 @@ where
     }
 }
 
-/// Computes under a granted fill lease (renewing it), then fills, sharing the outcome with the
-/// flight's followers. The caller has counted the miss.
-async fn compute_and_fill<P, R, F>(miss: Miss<'_>, lease: (u64, u64), body: F, leader: Leader) -> R
+/// Computes under a granted fill lease (renewing it; `held` gives it back if nothing is filled),
+/// then fills, sharing the outcome with the flight's followers. The caller has counted the miss.
+async fn compute_and_fill<P, R, F>(
+    miss: Miss<'_>,
+    mut held: LeaseHeld,
+    grant: u64,
+    body: F,
+    leader: Leader,
+) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
 {
     let Miss { runtime, spec, key, generation, counters, .. } = miss;
     let rt = runtime.inner();
-    let (token, grant) = lease;
-    let mut held =
-        LeaseHeld { armed: true, runtime: runtime.clone(), db: spec.db, key: key.to_owned(), token };
+    let token = held.token;
     let computed_from = Instant::now();
     let (output, lease) = compute_renewing(rt, spec.db, key, (token, grant), counters, body).await;
     counters.compute_took(computed_from.elapsed());
@@ -433,69 +458,65 @@ where
 /// if it gets the key's fill lease at once (one refresh per key across processes), and returns
 /// the value it read otherwise (another caller is refreshing, or the backend failed): callers
 /// other than the refresher never wait. Not a flight of this process: callers that arrive
-/// meanwhile read the current entry, not the refresher's result.
+/// meanwhile read the current entry, not the refresher's result. A refresh that fails (`Err`,
+/// panic) returns the value it read: the option never turns a hit into a failure.
 async fn refresh_eagerly<P, R, F>(miss: Miss<'_>, current: P::Stored, body: F) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
 {
+    use futures_util::FutureExt;
     let rt = miss.runtime.inner();
     let (spec, key, counters) = (miss.spec, miss.key, miss.counters);
     let token = crate::backend::unique();
-    // A generation no entry has: the lease is granted over the current value (or busy).
-    let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation: u64::MAX };
-    match rt.backend.acquire(spec.db, key, ask, |_: &[u8]| ()).await {
-        Ok(Acquired::Granted(grant)) => {
-            // Another process may have refreshed between our lookup and the grant (its fill
-            // consumed its lease): read the entry's time left again before computing.
-            let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
-            if let Ok((Some(Ok((written, value))), Some(left))) =
-                rt.backend.get_with_ttl(spec.db, key, decode).await
-            {
-                if written >= miss.generation
-                    && spec.fresh_left(left).is_some_and(|left| !spec.refresh_due(left))
-                {
-                    drop(LeaseHeld {
-                        armed: true,
-                        runtime: miss.runtime.clone(),
-                        db: spec.db,
-                        key: key.to_owned(),
-                        token,
-                    });
-                    counters.hit();
-                    telemetry::outcome("hit");
-                    return P::restore(value);
-                }
-            }
-            counters.eager_refresh();
-            counters.miss();
-            telemetry::outcome("refresh");
-            tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "eager refresh");
-            let leader = Flights::detached(&rt.flights, spec.db, key);
-            compute_and_fill::<P, R, F>(miss, (token, grant), body, leader).await
-        }
+    let grant = match acquire_over(rt, spec.db, key, token).await {
+        Ok(Acquired::Granted(grant)) => grant,
         Ok(Acquired::Busy | Acquired::Value(())) => {
             counters.hit();
             telemetry::outcome("hit");
-            P::restore(current)
+            return P::restore(current);
         }
         Err(error) => {
             count_failure(counters, spec, key, &error, "eager refresh");
             counters.hit();
             telemetry::outcome("hit");
-            P::restore(current)
+            return P::restore(current);
         }
+    };
+    let held = LeaseHeld::new(miss.runtime, spec.db, key, token);
+    // Another process may have refreshed between our lookup and the grant (its fill consumed its
+    // lease): read the entry's time left again before computing.
+    let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
+    if let Ok((Some(Ok((written, value))), Some(left))) = rt.backend.get_with_ttl(spec.db, key, decode).await
+    {
+        if written >= miss.generation && spec.fresh_left(left).is_some_and(|left| !spec.refresh_due(left)) {
+            drop(held);
+            counters.hit();
+            telemetry::outcome("hit");
+            return P::restore(value);
+        }
+    }
+    counters.eager_refresh();
+    counters.miss();
+    telemetry::outcome("refresh");
+    tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "eager refresh");
+    let leader = Flights::detached(&rt.flights, spec.db, key);
+    let refresh = compute_and_fill::<P, R, F>(miss, held, grant, body, leader);
+    match std::panic::AssertUnwindSafe(refresh).catch_unwind().await {
+        Ok(output) if !P::failed(&output) => output,
+        // The lease went back on the way out (an `Err` is not filled; a panic dropped its guard).
+        _ => P::restore(current),
     }
 }
 
-/// A read of an entry past its TTL, kept for `stale_if_error` (fail-safe): the caller that gets
-/// the key's fill lease runs the function and fills; if it returns `Err` or panics, the stale
-/// value answers instead. Callers that find the lease held wait for its holder (polling, as a
-/// miss does): a fresh entry is then a hit; a lease gone with the entry still stale means the
-/// holder failed, and they answer with the stale value without running the function again. After
-/// a failure, this process answers that key with the stale value without a try for
-/// `Spec::stale_throttle`: a failing dependency sees about one attempt per key per throttle per
-/// process, not one per caller.
+/// A read of an entry past its TTL, kept for `stale_if_error` (fail-safe). The caller that gets
+/// the key's fill lease runs the function and fills; if it returns `Err` or panics, and the entry
+/// is still stored under the function's current generation (no invalidation came meanwhile), the
+/// stale value answers instead. Callers that find the lease held poll for its holder (as a miss
+/// from another process does): a fresh entry is a hit; a failure seen by this process less than
+/// `Spec::stale_throttle` ago is answered with the stale value without running the function; else,
+/// once they get the lease, they compute as above. So a failing dependency sees about one attempt
+/// per key per process per throttle, not one per caller.
 async fn serve_stale<P, R, F>(miss: Miss<'_>, stale: P::Stored, body: F, function: &Function) -> R
 where
     P: Policy<R>,
@@ -504,87 +525,23 @@ where
     use futures_util::FutureExt;
     let rt = miss.runtime.inner();
     let (spec, key, counters, generation) = (miss.spec, miss.key, miss.counters, miss.generation);
-    let token = crate::backend::unique();
-    let mut pause = Duration::from_millis(2);
-    let mut waited = false;
-    // `failed`: the stale value answers (the function failed now, or moments ago).
-    let answered = |failed: bool| {
-        if failed {
-            counters.stale();
-            telemetry::outcome("stale");
-            if function.stale_served() {
-                tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "the function failed; answering with entries past their TTL (stale_if_error) until it succeeds again (logged once, counted as stale_served)");
-            }
-        } else {
-            function.succeeded(key);
-            if function.recovered() {
-                tracing::info!(
-                    db = spec.db,
-                    prefix = spec.prefix,
-                    function = spec.function,
-                    "the function succeeds again; stale answers (stale_if_error) ended"
-                );
-            }
-        }
-    };
+    let fail_safe = FailSafe { rt, cached: miss.cached, spec, key, function, counters, generation };
     if function.throttled(key) {
         // It failed on this key moments ago: answer without trying it again yet.
         counters.hit();
-        answered(true);
-        return P::restore(stale);
+        return fail_safe.answer_stale::<P, R>(stale);
     }
-    loop {
-        // A generation no entry has: the lease is granted over the stale value (or busy).
-        let ask = LeaseAsk { token, ttl: rt.lease_ttl, min_generation: u64::MAX };
-        match rt.backend.acquire(spec.db, key, ask, |_: &[u8]| ()).await {
-            Ok(Acquired::Granted(_)) if waited => {
-                // The holder we waited for gave the lease back without a fresh value: it failed.
-                // Give it back too (on drop), and answer with the stale value.
-                drop(LeaseHeld {
-                    armed: true,
-                    runtime: miss.runtime.clone(),
-                    db: spec.db,
-                    key: key.to_owned(),
-                    token,
-                });
-                function.failed(key, spec.stale_throttle());
-                counters.hit();
-                answered(true);
-                return P::restore(stale);
-            }
-            Ok(Acquired::Granted(grant)) => {
-                counters.miss();
-                telemetry::outcome("miss");
-                let leader = Flights::detached(&rt.flights, spec.db, key);
-                let filled = leader.subscribe();
-                let computed = std::panic::AssertUnwindSafe(compute_and_fill::<P, R, F>(
-                    miss,
-                    (token, grant),
-                    body,
-                    leader,
-                ))
-                .catch_unwind()
-                .await;
-                return match computed {
-                    Ok(output) if !P::failed(&output) => {
-                        answered(false);
-                        // Until the fill lands, this process's next callers would still read the
-                        // stale entry and run the function again: wait for the backend's answer
-                        // (one round trip, bounded by the op timeout), as no flight is shared.
-                        let _ = tokio::time::timeout(rt.op_timeout * 2, flight::wait(filled)).await;
-                        output
-                    }
-                    // The lease went back on the way out (an `Err` is not filled; a panic
-                    // dropped the lease's guard).
-                    _ => {
-                        function.failed(key, spec.stale_throttle());
-                        answered(true);
-                        P::restore(stale)
-                    }
-                };
-            }
+    let token = crate::backend::unique();
+    let mut pause = Duration::from_millis(2);
+    let mut waited = false;
+    let grant = loop {
+        match acquire_over(rt, spec.db, key, token).await {
+            Ok(Acquired::Granted(grant)) => break grant,
             Ok(Acquired::Busy | Acquired::Value(())) => {
-                waited = true;
+                if !waited {
+                    waited = true;
+                    counters.lease_wait();
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
                 let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
@@ -596,51 +553,142 @@ where
                         telemetry::outcome("hit");
                         return P::restore(value);
                     }
-                    // Still stale: the holder is computing (or just failed); ask again.
-                    Ok((Some(_), _)) => {}
                     // Gone: invalidated (or expired) meanwhile, so the stale value is no answer.
                     Ok((None, _)) => {
                         counters.miss();
                         telemetry::outcome("miss");
                         return body.await;
                     }
+                    Ok((Some(_), _)) if function.throttled(key) => {
+                        counters.hit();
+                        return fail_safe.answer_stale::<P, R>(stale);
+                    }
+                    // Still stale: its holder is computing (or just gave up); ask again.
+                    Ok((Some(_), _)) => {}
                     Err(error) => {
                         count_failure(counters, spec, key, &error, "lookup");
                         counters.miss();
-                        return unfilled_or_stale::<P, R, F>(body, stale, || {
-                            function.failed(key, spec.stale_throttle());
-                            answered(true)
-                        })
-                        .await;
+                        return fail_safe.unfilled::<P, R, F>(body, stale).await;
                     }
                 }
             }
             Err(error) => {
                 count_failure(counters, spec, key, &error, "fill lease");
                 counters.miss();
-                return unfilled_or_stale::<P, R, F>(body, stale, || {
-                    function.failed(key, spec.stale_throttle());
-                    answered(true)
-                })
-                .await;
+                return fail_safe.unfilled::<P, R, F>(body, stale).await;
             }
         }
+    };
+    let held = LeaseHeld::new(miss.runtime, spec.db, key, token);
+    counters.miss();
+    telemetry::outcome("miss");
+    let leader = Flights::detached(&rt.flights, spec.db, key);
+    let filled = leader.subscribe();
+    let computed = std::panic::AssertUnwindSafe(compute_and_fill::<P, R, F>(miss, held, grant, body, leader))
+        .catch_unwind()
+        .await;
+    match computed {
+        Ok(output) if !P::failed(&output) => {
+            fail_safe.succeeded();
+            // Until the fill lands, this process's next callers would still read the stale entry
+            // and run the function again: wait for the backend's answer (one round trip, bounded
+            // by the op timeout), as no flight is shared.
+            let _ = tokio::time::timeout(rt.op_timeout * 2, flight::wait(filled)).await;
+            output
+        }
+        // The lease went back on the way out (an `Err` is not filled; a panic dropped its guard).
+        failed => fail_safe.failed::<P, R>(failed, stale).await,
     }
 }
 
-/// The backend failed during a stale read: runs the function without filling; a failure still
-/// gets the stale answer.
-async fn unfilled_or_stale<P, R, F>(body: F, stale: P::Stored, failed: impl Fn()) -> R
-where
-    P: Policy<R>,
-    F: Future<Output = R>,
-{
-    use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(body).catch_unwind().await {
-        Ok(output) if !P::failed(&output) => output,
-        _ => {
-            failed();
-            P::restore(stale)
+/// What a stale read needs to decide whether its stale value may answer.
+struct FailSafe<'a> {
+    rt: &'a Inner,
+    cached: &'a CachedFn,
+    spec: &'static Spec,
+    key: &'a str,
+    function: &'a Function,
+    counters: &'a Counters,
+    /// The generation the stale entry was read under.
+    generation: u64,
+}
+
+impl FailSafe<'_> {
+    /// Answers with the stale value (the function failed now, or moments ago): counted, and
+    /// logged when the function starts answering stale.
+    fn answer_stale<P: Policy<R>, R>(&self, stale: P::Stored) -> R {
+        let spec = self.spec;
+        self.counters.stale();
+        telemetry::outcome("stale");
+        if self.function.stale_served() {
+            tracing::warn!(db = spec.db, prefix = spec.prefix, function = spec.function, key = self.key, "the function failed; answering with entries past their TTL (stale_if_error) until it succeeds again (logged once, counted as stale_served)");
+        }
+        P::restore(stale)
+    }
+
+    fn succeeded(&self) {
+        self.function.succeeded(self.key);
+        if self.function.recovered() {
+            let spec = self.spec;
+            tracing::info!(
+                db = spec.db,
+                prefix = spec.prefix,
+                function = spec.function,
+                "the function succeeds again; stale answers (stale_if_error) ended"
+            );
+        }
+    }
+
+    /// The function failed (an `Err`, or a panic): the stale value answers if no invalidation
+    /// came since it was read (the entry is still stored under the function's current generation,
+    /// and none is queued here); else the failure is the answer.
+    async fn failed<P: Policy<R>, R>(&self, computed: std::thread::Result<R>, stale: P::Stored) -> R {
+        if self.still_valid().await {
+            self.function.failed(self.key, self.spec.stale_throttle());
+            return self.answer_stale::<P, R>(stale);
+        }
+        match computed {
+            Ok(output) => output,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// The backend failed during a stale read: runs the function without filling; a failure gets
+    /// the stale answer unless an invalidation of the key is queued here (the backend cannot be
+    /// asked).
+    async fn unfilled<P: Policy<R>, R, F: Future<Output = R>>(&self, body: F, stale: P::Stored) -> R {
+        use futures_util::FutureExt;
+        match std::panic::AssertUnwindSafe(body).catch_unwind().await {
+            Ok(output) if !P::failed(&output) => output,
+            _ if !self.rt.pending.covers(self.cached, self.key) => {
+                self.function.failed(self.key, self.spec.stale_throttle());
+                self.answer_stale::<P, R>(stale)
+            }
+            Ok(output) => output,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Whether the stale entry is still stored under the function's current generation (read
+    /// again from the backend) with no invalidation of it queued here.
+    async fn still_valid(&self) -> bool {
+        let (rt, spec) = (self.rt, self.spec);
+        if rt.pending.covers(self.cached, self.key) {
+            return false;
+        }
+        let life = key::generation_life(spec.entry_life());
+        let read = rt
+            .backend
+            .get_with_generation(spec.db, self.key, &self.function.generation_key, life, value::generation_of)
+            .await;
+        match read {
+            Ok((Some(Some(written)), read)) => {
+                let current = read.map_or(rt.functions.current(self.function).0, |g| {
+                    rt.functions.observe(self.function, g)
+                });
+                written >= current.max(self.generation)
+            }
+            _ => false,
         }
     }
 }

@@ -69,7 +69,7 @@ impl Spec {
     /// `jitter_percent` (never longer than declared), plus the `stale_if_error` window.
     pub(crate) fn fill_ttl(&self) -> Duration {
         if self.jitter_percent == 0 {
-            return self.ttl + self.stale_if_error;
+            return self.entry_life();
         }
         let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
         // The TTL is at most 365 days (checked at compile time), so this never saturates.

@@ -206,14 +206,8 @@ impl<C: Connections> Store for RedisStore<C> {
         }
     }
 
-    /// GET of the entry and of the function's generation, and the generation key's time to
-    /// live, in one round trip: one pipeline on one server; on Cluster, where the two keys live
-    /// in different slots, the entry's GET and the generation's pipeline are sent at once. Reads
-    /// only, so a lookup is answered while the server pauses writes (`CLIENT PAUSE WRITE`, what
-    /// a failover does). When half of the key's life is gone, its life is extended in the
-    /// background (it lives as long as the function is read). A missing generation key is
-    /// recreated at the server's clock (one more round trip, a write), so that entries older
-    /// than a lost key are never trusted.
+    /// GET and PTTL of the entry in one pipeline (one key, one slot: on a Cluster too), retried
+    /// once on a timeout like `get_with`.
     async fn get_with_ttl<T>(
         &self,
         db: u8,
@@ -238,6 +232,14 @@ impl<C: Connections> Store for RedisStore<C> {
         }
     }
 
+    /// GET of the entry and of the function's generation, and the generation key's time to
+    /// live, in one round trip: one pipeline on one server; on Cluster, where the two keys live
+    /// in different slots, the entry's GET and the generation's pipeline are sent at once. Reads
+    /// only, so a lookup is answered while the server pauses writes (`CLIENT PAUSE WRITE`, what
+    /// a failover does). When half of the key's life is gone, its life is extended in the
+    /// background (it lives as long as the function is read). A missing generation key is
+    /// recreated at the server's clock (one more round trip, a write), so that entries older
+    /// than a lost key are never trusted.
     async fn get_with_generation<T>(
         &self,
         db: u8,
