@@ -152,7 +152,37 @@ async fn a_none_is_an_answer(fx: &mut Fixture) {
     assert_eq!(stats.function(5, "failsafe", "maybe_price").unwrap().stale_served, 0);
 }
 
+#[cached(db = MarketData, prefix = "failsafe", ttl = 1, stale_if_error = "1h", skip(db, delay))]
+async fn hanging_price(symbol: &str, db: &Dependency, delay: Duration) -> Result<u64, String> {
+    let _ = symbol;
+    tokio::time::sleep(delay).await;
+    db.read().await
+}
+
+/// A stale read dropped while its function runs (its caller timed out) gives the lease back at
+/// once: the next caller tries the function and answers stale within a second, instead of
+/// waiting for the lease to expire (`lease_ttl`, 5 s by default).
+async fn a_dropped_stale_read_gives_the_lease_back(fx: &mut Fixture) {
+    let db = Dependency::default();
+    db.answers(1);
+    assert_eq!(fx.run(hanging_price("HANG", &db, Duration::ZERO)).await, Ok(1));
+    past_the_ttl().await;
+    db.mode.store(1, SeqCst);
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        fx.run(hanging_price("HANG", &db, Duration::from_secs(30))),
+    )
+    .await;
+    assert!(dropped.is_err(), "the call was still running when dropped");
+    let started = Instant::now();
+    assert_eq!(fx.run(hanging_price("HANG", &db, Duration::ZERO)).await, Ok(1), "answered stale");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the next caller waited {took:?} for a dropped caller's lease");
+    assert_eq!(db.calls.load(SeqCst), 2, "the next caller tried the function itself");
+}
+
 on_every_backend!(
+    a_dropped_stale_read_gives_the_lease_back,
     a_failing_function_is_answered_by_its_stale_entry,
     an_invalidation_during_the_failing_call_wins,
     a_none_is_an_answer,
