@@ -12,7 +12,16 @@ use support::logs::Logs;
 
 const TTL: std::time::Duration = std::time::Duration::from_secs(120);
 
-#[cached(db = MarketData, prefix = "reg_quotes", ttl = 60, version = 3, format = MessagePack)]
+#[cached(
+    db = MarketData,
+    prefix = "reg_quotes",
+    ttl = 60,
+    version = 3,
+    format = MessagePack,
+    jitter = "10%",
+    eager_refresh = "90%",
+    stale_if_error = "1h"
+)]
 async fn quote(symbol: &str) -> u64 {
     symbol.len() as u64
 }
@@ -104,10 +113,18 @@ fn every_cached_function_is_listed_with_its_options() {
     assert_eq!((quote.db, quote.db_name.as_str()), (5, "market"));
     assert_eq!((quote.ttl_seconds, quote.version, quote.format), (60, Some(3), "msgpack"));
     assert_eq!(quote.key_pattern, "reg_quotes:quote:v3:*");
+    assert_eq!(
+        (quote.jitter_percent, quote.eager_refresh_percent, quote.stale_if_error_seconds),
+        (10, 90, 3600)
+    );
 
     // A `Duration` constant, another DB.
     let lonely = by_name("lonely");
     assert_eq!((lonely.db, lonely.ttl_seconds, lonely.format), (3, 120, "json"));
+    assert_eq!(
+        (lonely.jitter_percent, lonely.eager_refresh_percent, lonely.stale_if_error_seconds),
+        (0, 0, 0)
+    );
 
     // Methods and associated functions, with their type.
     let books = ours("reg_book");
