@@ -246,9 +246,10 @@ async fn two_processes_keep_answering_through_an_outage() {
     assert_eq!(plain_answers, 0, "without it, every call past the TTL fails");
     assert!(plain_errors > 100, "{plain_errors} errors");
     // After a failure each process answers stale without a try for the throttle (100 ms with
-    // `ttl = 1`): at most one try per process per throttle (without the throttle, the waves of
-    // callers would try hundreds of times).
-    let bound = 2 * (run.as_millis() / 100 + 1) as usize;
+    // `ttl = 1`): about one try per process per throttle, 2 × 31 here; the bound allows half as
+    // much again for the throttle's edges (without the throttle, the waves of callers would try
+    // hundreds of times).
+    let bound = 3 * (run.as_millis() / 100 + 1) as usize;
     assert!(tried <= bound, "the dependency was tried {tried} times (at most {bound})");
     assert_eq!(plain_tried, plain_errors);
 }

@@ -643,8 +643,11 @@ impl FailSafe<'_> {
     /// came since it was read (the entry is still stored under the function's current generation,
     /// and none is queued here); else the failure is the answer.
     async fn failed<P: Policy<R>, R>(&self, computed: std::thread::Result<R>, stale: P::Stored) -> R {
+        // Throttled before the check's round trip, so that this process's waiters (the lease is
+        // already going back) do not try again meanwhile. Harmless if the entry was invalidated:
+        // the throttle only answers reads that still find a stale entry.
+        self.function.failed(self.key, self.spec.stale_throttle());
         if self.still_valid().await {
-            self.function.failed(self.key, self.spec.stale_throttle());
             return self.answer_stale::<P, R>(stale);
         }
         match computed {
