@@ -124,30 +124,12 @@ impl CachedArgs {
             db: db.get(),
             prefix: prefix.get(),
             ttl: ttl.get(),
-            skip: match skip.get() {
-                Given::Valid(names) => names,
-                Given::Absent | Given::Invalid => Vec::new(),
-            },
-            version: match version.get() {
-                Given::Valid(v) => Some(v),
-                Given::Absent | Given::Invalid => None,
-            },
-            format: match format.get() {
-                Given::Valid(f) => Some(f),
-                Given::Absent | Given::Invalid => None,
-            },
-            jitter: match jitter.get() {
-                Given::Valid(j) => Some(j),
-                Given::Absent | Given::Invalid => None,
-            },
-            eager_refresh: match eager_refresh.get() {
-                Given::Valid(r) => Some(r),
-                Given::Absent | Given::Invalid => None,
-            },
-            stale_if_error: match stale_if_error.get() {
-                Given::Valid(s) => Some(s),
-                Given::Absent | Given::Invalid => None,
-            },
+            skip: skip.get().valid().unwrap_or_default(),
+            version: version.get().valid(),
+            format: format.get().valid(),
+            jitter: jitter.get().valid(),
+            eager_refresh: eager_refresh.get().valid(),
+            stale_if_error: stale_if_error.get().valid(),
         }
     }
 

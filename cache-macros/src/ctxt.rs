@@ -42,6 +42,16 @@ pub(crate) enum Given<T> {
     Valid(T),
 }
 
+impl<T> Given<T> {
+    /// The value if one was given and parsed (an invalid one was reported already).
+    pub(crate) fn valid(self) -> Option<T> {
+        match self {
+            Given::Valid(value) => Some(value),
+            Given::Absent | Given::Invalid => None,
+        }
+    }
+}
+
 /// An option that may be given once; a second one is an error on its name. One helper for every
 /// option, so no option can forget the duplicate check.
 pub(crate) struct Once<T> {

@@ -147,17 +147,8 @@ fn prefix(prefix: Given<LitStr>, errors: &mut Errors) -> Option<LitStr> {
 const MAX_JITTER_PERCENT: u64 = 50;
 
 fn jitter(jitter: Option<(u64, LitStr)>, errors: &mut Errors) -> Option<u8> {
-    match jitter {
-        None => Some(0),
-        Some((percent @ 1..=MAX_JITTER_PERCENT, _)) => u8::try_from(percent).ok(),
-        Some((_, lit)) => {
-            errors.on(
-                &lit,
-                format_args!("`jitter` is from 1% to {MAX_JITTER_PERCENT}% of the TTL (entries expire between the TTL less that share and the TTL, never later); leave it out for none"),
-            );
-            None
-        }
-    }
+    let bounds = 1..=MAX_JITTER_PERCENT;
+    percent(jitter, &bounds, errors, format_args!("`jitter` is from 1% to {MAX_JITTER_PERCENT}% of the TTL (entries expire between the TTL less that share and the TTL, never later); leave it out for none"))
 }
 
 /// The bounds of `eager_refresh`: earlier than half the TTL would refresh most entries twice as
@@ -165,18 +156,23 @@ fn jitter(jitter: Option<(u64, LitStr)>, errors: &mut Errors) -> Option<u8> {
 const EAGER_REFRESH_PERCENT: std::ops::RangeInclusive<u64> = 50..=99;
 
 fn eager_refresh(eager_refresh: Option<(u64, LitStr)>, errors: &mut Errors) -> Option<u8> {
-    match eager_refresh {
+    let (low, high) = (EAGER_REFRESH_PERCENT.start(), EAGER_REFRESH_PERCENT.end());
+    percent(eager_refresh, &EAGER_REFRESH_PERCENT, errors, format_args!("`eager_refresh` is from {low}% to {high}% of the TTL (a hit on an entry that old refreshes it); leave it out to refresh on expiry"))
+}
+
+/// A percentage option: 0 when absent, the value when within `bounds`, else `message` on its
+/// literal.
+fn percent(
+    given: Option<(u64, LitStr)>,
+    bounds: &std::ops::RangeInclusive<u64>,
+    errors: &mut Errors,
+    message: std::fmt::Arguments<'_>,
+) -> Option<u8> {
+    match given {
         None => Some(0),
-        Some((percent, _)) if EAGER_REFRESH_PERCENT.contains(&percent) => u8::try_from(percent).ok(),
+        Some((percent, _)) if bounds.contains(&percent) => u8::try_from(percent).ok(),
         Some((_, lit)) => {
-            errors.on(
-                &lit,
-                format_args!(
-                    "`eager_refresh` is from {}% to {}% of the TTL (a hit on an entry that old refreshes it); leave it out to refresh on expiry",
-                    EAGER_REFRESH_PERCENT.start(),
-                    EAGER_REFRESH_PERCENT.end()
-                ),
-            );
+            errors.on(&lit, message);
             None
         }
     }
