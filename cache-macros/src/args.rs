@@ -41,10 +41,12 @@ pub(crate) struct CachedArgs {
     pub(crate) eager_refresh: Option<(u64, LitStr)>,
     /// `stale_if_error = "1h"`: seconds, with the value's span (checked in `validate.rs`).
     pub(crate) stale_if_error: Option<(u64, Span)>,
+    /// `near = "30s"`: seconds, with the value's span (checked in `validate.rs`).
+    pub(crate) near: Option<(u64, Span)>,
 }
 
 pub(crate) const OPTIONS: &str =
-    "db, prefix, ttl, skip, version, format, jitter, eager_refresh, stale_if_error";
+    "db, prefix, ttl, skip, version, format, jitter, eager_refresh, stale_if_error, near";
 
 impl CachedArgs {
     /// Parses every option, recording each problem in `errors` and going on with the next.
@@ -58,6 +60,7 @@ impl CachedArgs {
         let mut jitter = Once::new("jitter");
         let mut eager_refresh = Once::new("eager_refresh");
         let mut stale_if_error = Once::new("stale_if_error");
+        let mut near = Once::new("near");
 
         let metas = match Punctuated::<Meta, Token![,]>::parse_terminated.parse2(tokens) {
             Ok(metas) => metas,
@@ -86,9 +89,24 @@ impl CachedArgs {
                     ),
                     errors,
                 ),
-                ("stale_if_error", Meta::NameValue(nv)) => {
-                    stale_if_error.set(at, parse_stale_if_error(&nv.value, errors), errors)
-                }
+                ("stale_if_error", Meta::NameValue(nv)) => stale_if_error.set(
+                    at,
+                    parse_seconds(
+                        &nv.value,
+                        "`stale_if_error` takes whole seconds or a duration literal, e.g. `stale_if_error = \"1h\"`",
+                        errors,
+                    ),
+                    errors,
+                ),
+                ("near", Meta::NameValue(nv)) => near.set(
+                    at,
+                    parse_seconds(
+                        &nv.value,
+                        "`near` takes whole seconds or a duration literal, e.g. `near = \"30s\"`",
+                        errors,
+                    ),
+                    errors,
+                ),
                 ("eager_refresh", Meta::NameValue(nv)) => eager_refresh.set(
                     at,
                     parse_percent(
@@ -108,7 +126,8 @@ impl CachedArgs {
                 }
                 (
                     "db" | "prefix" | "ttl" | "version" | "format" | "jitter" | "eager_refresh"
-                    | "stale_if_error",
+                    | "stale_if_error"
+                    | "near",
                     _,
                 ) => errors.on(&meta, format_args!("write `{name} = ...`")),
                 ("skip", _) => {
@@ -130,6 +149,7 @@ impl CachedArgs {
             jitter: jitter.get().valid(),
             eager_refresh: eager_refresh.get().valid(),
             stale_if_error: stale_if_error.get().valid(),
+            near: near.get().valid(),
         }
     }
 
@@ -145,6 +165,7 @@ impl CachedArgs {
             jitter: None,
             eager_refresh: None,
             stale_if_error: None,
+            near: None,
         }
     }
 }
@@ -198,15 +219,13 @@ fn parse_percent(value: &Expr, help: &str, errors: &mut Errors) -> Option<(u64, 
     }
 }
 
-/// `stale_if_error = "1h"` or `stale_if_error = 3600`: a window in seconds (bounds checked in
-/// `validate.rs`).
-fn parse_stale_if_error(value: &Expr, errors: &mut Errors) -> Option<(u64, Span)> {
+/// `stale_if_error = "1h"`, `near = 30`: a duration in seconds (bounds checked in
+/// `validate.rs`). `help` is the error when it is not one.
+fn parse_seconds(value: &Expr, help: &'static str, errors: &mut Errors) -> Option<(u64, Span)> {
     let parsed = match value {
         Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX)),
         Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
-        _ => {
-            Err("`stale_if_error` takes whole seconds or a duration literal, e.g. `stale_if_error = \"1h\"`")
-        }
+        _ => Err(help),
     };
     parsed.map(|seconds| (seconds, value.span())).map_err(|message| errors.on(value, message)).ok()
 }

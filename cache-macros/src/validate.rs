@@ -41,6 +41,9 @@ pub(crate) struct Cached {
     /// `stale_if_error = ...`: seconds an entry is kept past its TTL to answer when the function
     /// fails; 0 when absent.
     pub(crate) stale_if_error_seconds: u64,
+    /// `near = ...`: seconds a typed copy may answer in process, and where the option is written
+    /// (the cached type's `Clone` requirement is reported there); `None` when absent.
+    pub(crate) near: Option<(u64, Span)>,
     pub(crate) receiver: Receiver,
     /// The parameters hashed into the key, in declaration order, with their types.
     pub(crate) key_params: Vec<(Ident, Type)>,
@@ -64,6 +67,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
     let jitter_percent = jitter(args.jitter, errors);
     let eager_refresh_percent = eager_refresh(args.eager_refresh, errors);
     let stale_if_error_seconds = stale_if_error(args.stale_if_error, errors);
+    let near = near(args.near, errors);
     let ret = return_type(func, errors);
     if func.sig.asyncness.is_none() {
         errors.on(
@@ -82,6 +86,7 @@ pub(crate) fn cached(args: CachedArgs, func: &ItemFn, errors: &mut Errors) -> Op
         jitter_percent: jitter_percent?,
         eager_refresh_percent: eager_refresh_percent?,
         stale_if_error_seconds: stale_if_error_seconds?,
+        near: near?,
         receiver: receiver?,
         key_params: params.key,
         skipped_types: params.skipped,
@@ -187,6 +192,23 @@ fn stale_if_error(window: Option<(u64, Span)>, errors: &mut Errors) -> Option<u6
                 span,
                 format_args!(
                     "`stale_if_error` is from 1 second to {} days: how long past its TTL an entry may still answer when the function fails",
+                    cache_rules::MAX_TTL_SECONDS / 86_400
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn near(life: Option<(u64, Span)>, errors: &mut Errors) -> Option<Option<(u64, Span)>> {
+    match life {
+        None => Some(None),
+        Some((seconds @ 1..=cache_rules::MAX_TTL_SECONDS, span)) => Some(Some((seconds, span))),
+        Some((_, span)) => {
+            errors.at(
+                span,
+                format_args!(
+                    "`near` is from 1 second to {} days: how long a typed copy may answer in this process (never past the entry's TTL)",
                     cache_rules::MAX_TTL_SECONDS / 86_400
                 ),
             );

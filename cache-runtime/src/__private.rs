@@ -9,6 +9,7 @@ use serde::Serialize;
 pub use crate::db::CacheDb;
 pub use crate::invalidate::{invalidate, Target};
 pub use crate::key::{KeyHasher, KeyReceiver};
+pub use crate::near::Keeper;
 pub use crate::policy::{OkOnly, Policy, SomeOnly, Whole};
 pub use crate::registry::{Registration, Site, SiteTarget};
 pub use crate::spec::{CachedFn, Spec};
@@ -94,11 +95,71 @@ impl Ttl<std::time::Duration> {
     }
 }
 
-/// A cached call (see `read_through.rs`).
-pub async fn call<P, R, F>(function: CachedFn, key: Option<String>, body: F) -> R
+/// A cached call (see `read_through.rs`); `keeper` when the stored type can be kept as a typed
+/// copy in the near tier (`near.rs`).
+pub async fn call<P, R, F>(
+    function: CachedFn,
+    key: Option<String>,
+    keeper: Option<Keeper<P::Stored>>,
+    body: F,
+) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    crate::read_through::call::<P, R, F>(function, key, body).await
+    crate::read_through::call::<P, R, F>(function, key, keeper, body).await
 }
+
+/// Which stored types the near tier can keep, chosen by method resolution where the type is
+/// concrete (autoref specialization): `(&Probe::<T>::new()).keeper()` is `Some` through
+/// [`Typed`] when `T: Clone + Send + Sync + 'static`, else `None` through [`Untyped`] (and in a
+/// generic function, whose type parameters are not known to be `Clone` there).
+pub struct Probe<T>(std::marker::PhantomData<T>);
+
+impl<T> Probe<T> {
+    pub const fn new() -> Self {
+        Probe(std::marker::PhantomData)
+    }
+}
+
+impl<T> Default for Probe<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub trait Typed<T> {
+    fn keeper(&self) -> Option<Keeper<T>>;
+}
+
+impl<T: Clone + Send + Sync + 'static> Typed<T> for Probe<T> {
+    fn keeper(&self) -> Option<Keeper<T>> {
+        Some(Keeper::of())
+    }
+}
+
+pub trait Untyped<T> {
+    fn keeper(&self) -> Option<Keeper<T>>;
+}
+
+impl<T> Untyped<T> for &Probe<T> {
+    fn keeper(&self) -> Option<Keeper<T>> {
+        None
+    }
+}
+
+/// The keeper of a function with the `near` option, spanned at the option: its stored type must
+/// be keepable, and is reported there if not.
+pub fn near_keeper<T: NearValue>() -> Option<Keeper<T>> {
+    Some(Keeper::of())
+}
+
+/// What a `near` function's cached type must be.
+#[diagnostic::on_unimplemented(
+    message = "`near` keeps typed copies of `{Self}` in process: it must be `Clone + Send + Sync + 'static`",
+    label = "the cached type is `{Self}`",
+    note = "derive or implement `Clone` for it, or leave `near` out (hits then read the backend and decode)"
+)]
+pub trait NearValue: Clone + Send + Sync + 'static {}
+
+impl<T: Clone + Send + Sync + 'static> NearValue for T {}

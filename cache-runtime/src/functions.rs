@@ -9,11 +9,12 @@
 //! embedded backend this copy is the generation itself.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::key;
+use crate::near::NearTier;
 use crate::spec::{CachedFn, FunctionId};
 use crate::stats::{Counters, StatsRegistry};
 
@@ -31,6 +32,12 @@ pub(crate) struct Function {
     /// Whether stale values are being served for it (`stale_if_error`): logged when it starts
     /// and when a computation succeeds again, not per call.
     serving_stale: AtomicBool,
+    /// Function-wide invalidations seen (here, or pushed by Redis for the generation key): a near
+    /// copy kept under an older count is dead.
+    pub(crate) near_epoch: Arc<AtomicU64>,
+    /// `near_epoch` when the generation was last read: a change of it (a function-wide
+    /// invalidation pushed by Redis) makes the next lookup read the generation again.
+    read_epoch: AtomicU64,
     /// Keys whose function just failed, and until when their stale value answers without trying
     /// the function again (`stale_if_error`'s throttle).
     failed_keys: std::sync::Mutex<HashMap<String, Instant>>,
@@ -90,11 +97,12 @@ pub(crate) struct Functions {
     refresh: Duration,
     epoch: Instant,
     by_id: RwLock<HashMap<FunctionId, Arc<Function>, foldhash::fast::RandomState>>,
+    near: Arc<NearTier>,
 }
 
 impl Functions {
-    pub(crate) fn new(authoritative: bool, refresh: Duration) -> Self {
-        Functions { authoritative, refresh, epoch: Instant::now(), by_id: RwLock::default() }
+    pub(crate) fn new(authoritative: bool, refresh: Duration, near: Arc<NearTier>) -> Self {
+        Functions { authoritative, refresh, epoch: Instant::now(), by_id: RwLock::default(), near }
     }
 
     /// The state of `spec`'s function, created on first use.
@@ -108,7 +116,11 @@ impl Functions {
         let generation_key = key::generation_key(function);
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(by_id.entry(id).or_insert_with(|| {
+            let near_epoch = Arc::new(AtomicU64::new(0));
+            self.near.register(&generation_key, &near_epoch);
             Arc::new(Function {
+                near_epoch,
+                read_epoch: AtomicU64::new(0),
                 counters,
                 generation_key,
                 generation: AtomicU64::new(0),
@@ -132,18 +144,31 @@ impl Functions {
             return (generation, false);
         }
         let read_at = f.read_at.load(Relaxed);
-        let stale = read_at == 0 || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64;
+        let mut stale = read_at == 0 || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64;
+        let epoch = f.near_epoch.load(SeqCst);
+        if f.read_epoch.load(Relaxed) != epoch {
+            f.read_epoch.store(epoch, Relaxed);
+            stale = true;
+        }
         (generation, stale)
     }
 
-    /// Records a generation read from (or returned by) the backend; returns the one to use.
+    /// Records a generation read from (or returned by) the backend; returns the one to use. A
+    /// newer one than known also kills the function's near copies (in case its notification
+    /// was lost).
     pub(crate) fn observe(&self, f: &Function, generation: u64) -> u64 {
         f.read_at.store(self.now(), Relaxed);
-        f.generation.fetch_max(generation, Relaxed).max(generation)
+        let before = f.generation.fetch_max(generation, Relaxed);
+        if generation > before {
+            f.near_epoch.fetch_add(1, SeqCst);
+        }
+        before.max(generation)
     }
 
     /// Raises the generation kept here (embedded backend: this is the invalidation itself).
     pub(crate) fn bump_local(&self, f: &Function) -> u64 {
-        f.generation.fetch_add(1, Relaxed) + 1
+        let generation = f.generation.fetch_add(1, Relaxed) + 1;
+        f.near_epoch.fetch_add(1, SeqCst);
+        generation
     }
 }

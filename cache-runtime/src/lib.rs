@@ -34,6 +34,7 @@ mod functions;
 mod handle;
 mod invalidate;
 mod key;
+mod near;
 mod policy;
 mod read_through;
 pub mod registry;
@@ -50,12 +51,13 @@ pub use config::{
     BackendKind, CacheConfig, ClusterTarget, ConfigError, DiskTarget, Environment, RedisTarget,
     SentinelTarget, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DISK_MAX_SIZE, DEFAULT_INVALIDATION_RECHECK, DEFAULT_LEASE_TTL, DEFAULT_MEMORY_CAPACITY,
-    DEFAULT_MEMORY_MAX_BYTES, DEFAULT_OP_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_QUEUE, MAX_POOL_SIZE,
-    MAX_SETTING,
+    DEFAULT_MEMORY_MAX_BYTES, DEFAULT_NEAR_CAPACITY, DEFAULT_NEAR_MAX_BYTES, DEFAULT_OP_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT, MAX_BATCH_QUEUE, MAX_POOL_SIZE, MAX_SETTING,
 };
 pub use error::{BackendError, CacheError, RedisFailure};
 pub use handle::{prefix_problem, Cache};
 pub use key::KeyBuilder;
+pub use near::NearStatus;
 pub use runtime::{global, init, init_from_env, Runtime, ShutdownGuard, Unflushed};
 pub use stats::{PrefixStats, StatsSnapshot};
 pub use value::Format;

@@ -18,6 +18,7 @@ use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
 use crate::key;
+use crate::near::Keeper;
 use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, Spec};
@@ -50,7 +51,12 @@ struct Miss<'a> {
     counters: &'a Arc<Counters>,
 }
 
-pub(crate) async fn call<P, R, F>(cached: CachedFn, key: Option<String>, body: F) -> R
+pub(crate) async fn call<P, R, F>(
+    cached: CachedFn,
+    key: Option<String>,
+    keeper: Option<Keeper<P::Stored>>,
+    body: F,
+) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -64,13 +70,18 @@ where
         cache.outcome = tracing::field::Empty,
     );
     if span.is_disabled() {
-        serve::<P, R, F>(cached, key, body).await
+        serve::<P, R, F>(cached, key, keeper, body).await
     } else {
-        tracing::Instrument::instrument(serve::<P, R, F>(cached, key, body), span).await
+        tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span).await
     }
 }
 
-async fn serve<P, R, F>(cached: CachedFn, key: Option<String>, body: F) -> R
+async fn serve<P, R, F>(
+    cached: CachedFn,
+    key: Option<String>,
+    keeper: Option<Keeper<P::Stored>>,
+    body: F,
+) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -96,6 +107,19 @@ where
         }
         return body.await;
     };
+    // A typed copy in this process (`near.rs`): no I/O, no decoding.
+    let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life)));
+    if let Some((keeper, _)) = near {
+        if let Some(value) = rt.near.get(spec.db, &key, &function.near_epoch, keeper) {
+            counters.hit();
+            counters.near_hit();
+            telemetry::outcome("hit");
+            // It never waits on I/O, so it never yields: spend tokio's cooperative budget so
+            // that a loop of hits cannot starve other tasks.
+            tokio::task::coop::consume_budget().await;
+            return P::restore(value);
+        }
+    }
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;
@@ -103,7 +127,7 @@ where
         lookup_first = !rt.flights.is_running(spec.db, &key);
     }
     let (generation, overwrite) = if lookup_first {
-        match lookup::<P::Stored>(rt, &cached, &key, &function).await {
+        match lookup::<P::Stored>(rt, &cached, &key, &function, near).await {
             Lookup::Hit { value, refresh: Some(generation) } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
                 return refresh_eagerly::<P, R, F>(miss, value, body).await;
@@ -181,13 +205,18 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     cached: &CachedFn,
     key: &str,
     function: &Function,
+    near: Option<(Keeper<T>, Duration)>,
 ) -> Lookup<T> {
     let spec = cached.spec();
     let counters = &function.counters;
+    // Taken before the read: a change notified from here on keeps the copy from being kept.
+    let ticket = near.and_then(|_| rt.near.ticket(spec.db, key, &function.near_epoch));
     let (known, refresh) = rt.functions.current(function);
-    let decode = |bytes: &[u8]| value::decode::<T>(spec.format, bytes);
+    let decode = |bytes: &[u8]| (bytes.len(), value::decode::<T>(spec.format, bytes));
     let started = Instant::now();
-    // What the entry has left, when the function refreshes eagerly or keeps stale entries.
+    // What the entry has left, when the function refreshes eagerly, keeps stale entries or keeps
+    // a near copy (which must not outlive the entry's fresh life).
+    let reads_ttl = spec.reads_ttl() || ticket.is_some();
     let mut left = None;
     let found = if refresh {
         let life = key::generation_life(spec.entry_life());
@@ -196,7 +225,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         // A lookup that also reads the generation (periodic) does not learn the entry's time
         // left: ask for it (one more round trip), so that an entry past its TTL does not pass
         // for a fresh one, and a due refresh is not missed by callers sparser than the period.
-        if spec.reads_ttl() && matches!(found, Ok((Some(_), _))) {
+        if reads_ttl && matches!(found, Ok((Some(_), _))) {
             match rt.backend.ttl(spec.db, key).await {
                 Ok(ttl) => left = ttl,
                 Err(error) => {
@@ -206,7 +235,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
             }
         }
         found
-    } else if spec.reads_ttl() {
+    } else if reads_ttl {
         rt.backend.get_with_ttl(spec.db, key, decode).await.map(|(v, ttl)| {
             left = ttl;
             (v, None)
@@ -227,7 +256,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     // is the one it drops, so do not return it (here, or from the lease step).
     let distrusted = rt.pending.covers(cached, key);
     let overwrite = match found {
-        Some(Ok((written, value))) if written >= generation && !distrusted => {
+        Some((size, Ok((written, value)))) if written >= generation && !distrusted => {
             tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, "cache hit");
             let fresh_left = match left {
                 Some(left) => spec.fresh_left(left),
@@ -243,10 +272,16 @@ async fn lookup<T: serde::de::DeserializeOwned>(
                 return Lookup::Stale { value, generation };
             }
             let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
+            if let (Some(ticket), Some((keeper, life)), None) = (ticket, near, refresh) {
+                let life = spec.near_copy_life(life, left.map(|_| fresh_left.unwrap_or_default()));
+                if !life.is_zero() {
+                    rt.near.keep(ticket, key, &function.near_epoch, (keeper.keep)(&value), size, life);
+                }
+            }
             return Lookup::Hit { value, refresh };
         }
-        Some(Ok(_)) => distrusted,
-        Some(Err(error)) => {
+        Some((_, Ok(_))) => distrusted,
+        Some((_, Err(error))) => {
             counters.decode_failure();
             match error {
                 // Expected after a release changed the type: one per key, so not a warning.

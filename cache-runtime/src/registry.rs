@@ -67,6 +67,26 @@ impl Registration {
     }
 }
 
+/// The prefixes whose keys the near tier must hear about (`{prefix}:` of every function with the
+/// `near` option, or of every function when `all`), none of which starts another.
+pub(crate) fn near_prefixes(all: bool) -> Vec<String> {
+    let mut prefixes: Vec<String> = inventory::iter::<Registration>
+        .into_iter()
+        .filter(|r| all || !r.spec.near.is_zero())
+        .map(|r| format!("{}:", r.spec.prefix))
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    // Redis refuses overlapping prefixes; the shorter one covers the longer.
+    let mut kept: Vec<String> = Vec::new();
+    for prefix in prefixes {
+        if !kept.iter().any(|k| prefix.starts_with(k.as_str())) {
+            kept.push(prefix);
+        }
+    }
+    kept
+}
+
 /// Why a name given at run time ([`Runtime::invalidate_function`](crate::Runtime::invalidate_function),
 /// the admin clear route) names no single cached function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +214,8 @@ pub struct FunctionInfo {
     pub eager_refresh_percent: u8,
     /// The `stale_if_error` option, in seconds (0: none).
     pub stale_if_error_seconds: u64,
+    /// The `near` option, in milliseconds (0: none; the runtime's default may still apply).
+    pub near_millis: u64,
     /// The `version` option.
     pub version: Option<u32>,
     /// `json` or `msgpack`.
@@ -230,6 +252,7 @@ impl FunctionInfo {
             jitter_percent: spec.jitter_percent,
             eager_refresh_percent: spec.eager_refresh_percent,
             stale_if_error_seconds: spec.stale_if_error.as_secs(),
+            near_millis: u64::try_from(spec.near.as_millis()).unwrap_or(u64::MAX),
             version: spec.version,
             format: match spec.format {
                 Format::Json => "json",

@@ -11,6 +11,8 @@ use crate::config::{BackendKind, CacheConfig, ConfigError};
 use crate::flight::Flights;
 use crate::functions::Functions;
 use crate::invalidate::queue::Pending;
+use crate::near::{NearStatus, NearTier};
+use crate::spec::Spec;
 use crate::stats::{StatsRegistry, StatsSnapshot};
 
 /// A configured cache: backend, timeouts and counters. Cheap to clone (one `Arc`).
@@ -60,6 +62,10 @@ pub(crate) struct Inner {
     pub(crate) flights: Arc<Flights>,
     pub(crate) functions: Functions,
     pub(crate) pending: Pending,
+    /// Typed copies of values (`near.rs`), used once [`Inner::near_tracked`] says the store tells
+    /// it of changes.
+    pub(crate) near: Arc<NearTier>,
+    near_tracked: OnceLock<bool>,
     description: String,
     config: CacheConfig,
 }
@@ -82,8 +88,13 @@ impl Runtime {
             BackendKind::None => "none (caching disabled)".to_owned(),
         };
         crate::registry::report_conflicts_once();
-        let backend = Backend::new(&config);
-        let functions = Functions::new(backend.keeps_generations_in_process(), config.generation_refresh);
+        let near = Arc::new(NearTier::new(config.near_capacity, config.near_max_bytes));
+        let backend = Backend::new(&config, &near);
+        let functions = Functions::new(
+            backend.keeps_generations_in_process(),
+            config.generation_refresh,
+            Arc::clone(&near),
+        );
         Runtime {
             inner: Arc::new(Inner {
                 backend,
@@ -94,6 +105,8 @@ impl Runtime {
                 flights: Arc::default(),
                 functions,
                 pending: Pending::default(),
+                near,
+                near_tracked: OnceLock::new(),
                 description,
                 config,
             }),
@@ -226,8 +239,41 @@ impl Runtime {
         self.inner.backend.kind()
     }
 
+    /// The near tier (typed copies in process): whether it answers now, how many copies it
+    /// keeps, how many it dropped because their entry changed.
+    pub fn near_status(&self) -> NearStatus {
+        self.inner.near.status()
+    }
+
     pub(crate) fn inner(&self) -> &Inner {
         &self.inner
+    }
+}
+
+impl Inner {
+    /// How long `spec`'s function keeps near copies here, if it does: its `near` option, else the
+    /// runtime's default (on Redis), else its TTL on the embedded backend (whose every change
+    /// the tier hears of at once). Starts the store's notifications on first use.
+    pub(crate) fn near_life(&self, spec: &Spec) -> Option<Duration> {
+        if !self.config.near {
+            return None;
+        }
+        let life = if !spec.near.is_zero() {
+            spec.near
+        } else if self.backend.keeps_generations_in_process() {
+            spec.ttl
+        } else {
+            self.config.near_default?
+        };
+        let tracked = *self.near_tracked.get_or_init(|| {
+            let all = self.config.near_default.is_some();
+            let tracked = self.backend.track(&self.near, crate::registry::near_prefixes(all));
+            if !tracked {
+                tracing::info!(backend = self.backend.kind(), "the near tier is not available on this backend: functions with `near` read through it like the others (logged once)");
+            }
+            tracked
+        });
+        tracked.then_some(life)
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Spec {
     /// The `stale_if_error = ...` option (zero without it): entries live this long past `ttl`,
     /// and answer in that window only when the function fails.
     pub stale_if_error: Duration,
+    /// The `near = ...` option (zero without it): keep typed copies in process, each for at most
+    /// this long (see `near.rs`).
+    pub near: Duration,
 }
 
 impl Spec {
@@ -63,6 +66,20 @@ impl Spec {
     /// when it is past its TTL (kept only for `stale_if_error`).
     pub(crate) fn fresh_left(&self, left: Duration) -> Option<Duration> {
         left.checked_sub(self.stale_if_error).filter(|fresh| !fresh.is_zero())
+    }
+
+    /// How long a near copy of an entry may live: at most `life`, and never past the entry's
+    /// fresh life (`fresh_left`, when known) or, with `eager_refresh`, the point a hit would
+    /// refresh it (so that such hits still reach the store).
+    pub(crate) fn near_copy_life(&self, life: Duration, fresh_left: Option<Duration>) -> Duration {
+        let Some(left) = fresh_left else { return life };
+        let until = if self.eager_refresh_percent == 0 {
+            left
+        } else {
+            let due_at = self.ttl.as_millis() * u128::from(100 - self.eager_refresh_percent) / 100;
+            left.saturating_sub(Duration::from_millis(u64::try_from(due_at).unwrap_or(u64::MAX)))
+        };
+        life.min(until)
     }
 
     /// The TTL of one fill: the declared TTL, shortened by a random share of at most
@@ -152,6 +169,7 @@ mod tests {
         jitter_percent: 20,
         eager_refresh_percent: 0,
         stale_if_error: Duration::ZERO,
+        near: Duration::ZERO,
     };
 
     #[test]

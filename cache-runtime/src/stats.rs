@@ -30,6 +30,7 @@ pub(crate) struct Counters {
     renewals: AtomicU64,
     eager_refreshes: AtomicU64,
     stale_served: AtomicU64,
+    near_hits: AtomicU64,
 }
 
 /// The histograms of one function, registered with the `metrics` recorder installed when the
@@ -62,7 +63,7 @@ impl Counters {
         };
         zeroed!(latency; hits, misses, fills, decode_failures, encode_failures, backend_errors, invalidations,
             invalidation_retries, invalidations_expired, refused_fills, lease_waits, direct_fills, bypassed,
-            key_failures, invalidations_coalesced, renewals, eager_refreshes, stale_served)
+            key_failures, invalidations_coalesced, renewals, eager_refreshes, stale_served, near_hits)
     }
 
     /// How long one lookup took the backend (hit or miss).
@@ -92,6 +93,9 @@ impl Counters {
     }
     pub(crate) fn eager_refresh(&self) {
         self.eager_refreshes.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn near_hit(&self) {
+        self.near_hits.fetch_add(1, Relaxed);
     }
     pub(crate) fn stale(&self) {
         self.stale_served.fetch_add(1, Relaxed);
@@ -156,6 +160,7 @@ impl Counters {
             renewals: self.renewals.load(Relaxed),
             eager_refreshes: self.eager_refreshes.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
+            near_hits: self.near_hits.load(Relaxed),
         }
     }
 }
@@ -255,11 +260,13 @@ pub struct PrefixStats {
     /// failed (an `Err` or a panic: also a miss), or another caller's computation of it just did
     /// (also a hit).
     pub stale_served: u64,
+    /// Hits answered by the near tier (a typed copy in this process; also counted as hits).
+    pub near_hits: u64,
 }
 
 impl PrefixStats {
     /// Every counter, named as in the metrics (`cache_{name}_total`), in one order.
-    pub fn counters(&self) -> [(&'static str, u64); 18] {
+    pub fn counters(&self) -> [(&'static str, u64); 19] {
         [
             ("hits", self.hits),
             ("misses", self.misses),
@@ -279,6 +286,7 @@ impl PrefixStats {
             ("lease_renewals", self.renewals),
             ("eager_refreshes", self.eager_refreshes),
             ("stale_served", self.stale_served),
+            ("near_hits", self.near_hits),
         ]
     }
 
@@ -301,6 +309,7 @@ impl PrefixStats {
         self.renewals += other.renewals;
         self.eager_refreshes += other.eager_refreshes;
         self.stale_served += other.stale_served;
+        self.near_hits += other.near_hits;
     }
 
     /// `hits / (hits + misses)`, or `None` before the first lookup.

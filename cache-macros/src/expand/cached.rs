@@ -131,8 +131,10 @@ fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
         jitter_percent,
         eager_refresh_percent,
         stale_if_error_seconds,
+        near,
         ..
     } = model;
+    let near_seconds = near.map_or(0, |(seconds, _)| seconds);
     let name = func.sig.ident.to_string();
     let version = match version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
@@ -153,6 +155,7 @@ fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
             jitter_percent: #jitter_percent,
             eager_refresh_percent: #eager_refresh_percent,
             stale_if_error: ::core::time::Duration::from_secs(#stale_if_error_seconds),
+            near: ::core::time::Duration::from_secs(#near_seconds),
         }
     }
 }
@@ -306,13 +309,24 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
     };
     // Spanned at the return type: a value that cannot be stored is reported there.
     let call = quote_spanned!(ret.span()=> ::cache_runtime::__private::call::<#policy, _, _>);
+    let stored = quote!(<#policy as ::cache_runtime::__private::Policy<#ret>>::Stored);
+    // Whether the near tier can keep the value typed: required with `near` (reported there),
+    // else chosen by the type (`__private::Probe`).
+    let keeper = match model.near {
+        Some((_, span)) => quote_spanned!(span=> ::cache_runtime::__private::near_keeper::<#stored>()),
+        None => quote! {{
+            #[allow(unused_imports)]
+            use ::cache_runtime::__private::{Typed as _, Untyped as _};
+            (&::cache_runtime::__private::Probe::<#stored>::new()).keeper()
+        }},
+    };
     let body = super::async_body(Some(ret), block);
     quote! {
         #(#attrs)*
         #vis #sig {
             #identity
             let #key = #key_expr;
-            #call(#function, #key, #body).await
+            #call(#function, #key, #keeper, #body).await
         }
     }
 }

@@ -15,6 +15,7 @@ use super::protocol::{Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal};
 use super::store::Store;
 use crate::config::CacheConfig;
 use crate::error::BackendError;
+use crate::near::NearTier;
 
 /// Memory moka charges per entry beyond its key and value bytes (its node, our `Entry`).
 const ENTRY_OVERHEAD: u64 = 96;
@@ -105,6 +106,9 @@ pub(crate) struct MemoryBackend {
     leases: Mutex<Leases>,
     /// How long an invalidation is remembered for fills whose lease aged out before it.
     stamp_life: Duration,
+    /// The runtime's near tier, told of every change right after it is made (this store is its
+    /// notification: nothing else writes here).
+    near: Arc<NearTier>,
 }
 
 /// A fill lease, as on Redis: the token of its holder and when it expires.
@@ -137,7 +141,7 @@ impl MemoryBackend {
     /// `max_bytes / capacity`, so neither bound can be passed. Past either, moka evicts what it
     /// expects to be used least (TinyLFU: a scan of many new keys does not push out a hot set,
     /// though keys seen once may still evict keys seen a few times).
-    pub(crate) fn new(config: &CacheConfig) -> Self {
+    pub(crate) fn new(config: &CacheConfig, near: &Arc<NearTier>) -> Self {
         let max_bytes = config.memory_max_bytes().max(1);
         let floor = (max_bytes / config.memory_capacity().max(1)).max(1);
         let entries = Cache::builder()
@@ -152,6 +156,10 @@ impl MemoryBackend {
             entries,
             leases: Mutex::default(),
             stamp_life: super::protocol::stamp_life(config.lease_ttl()),
+            near: {
+                near.trust();
+                Arc::clone(near)
+            },
         }
     }
 
@@ -189,10 +197,13 @@ impl MemoryBackend {
         let expires_at =
             now.checked_add(ttl).unwrap_or(now + Duration::from_secs(cache_rules::MAX_TTL_SECONDS));
         self.entries.insert(Self::slot(db, key), Entry { bytes: Arc::from(value), expires_at });
+        self.near.forget(key);
     }
 
     pub(crate) fn delete(&self, db: u8, key: &str) -> bool {
-        self.entries.remove(&(db, key) as &dyn SlotRef).is_some_and(|e| e.expires_at > Instant::now())
+        let removed = self.entries.remove(&(db, key) as &dyn SlotRef);
+        self.near.forget(key);
+        removed.is_some_and(|e| e.expires_at > Instant::now())
     }
 
     pub(crate) fn get_many_with<T>(
@@ -243,6 +254,7 @@ impl MemoryBackend {
         for slot in &slots {
             self.entries.invalidate(slot.as_ref());
         }
+        self.near.flush();
         slots.len() as u64
     }
 
@@ -335,6 +347,8 @@ impl MemoryBackend {
         }
         leases.stamps.insert(slot, (super::protocol::unique(), now));
         self.entries.invalidate(&(db, key) as &dyn SlotRef);
+        drop(leases);
+        self.near.forget(key);
     }
 }
 
@@ -344,6 +358,10 @@ impl Store for MemoryBackend {
         "memory"
     }
     fn keeps_generations_in_process(&self) -> bool {
+        true
+    }
+    /// Every change here is made through this store, which tells the tier itself.
+    fn track(&self, _near: &Arc<NearTier>, _prefixes: Vec<String>) -> bool {
         true
     }
     async fn get_with<T>(
@@ -465,11 +483,15 @@ fn deadline(now: Instant, ttl: Duration) -> Instant {
 mod tests {
     use super::*;
 
+    fn near() -> Arc<NearTier> {
+        Arc::new(NearTier::new(10, 1 << 20))
+    }
+
     #[test]
     fn bounded_in_bytes() {
         // 8 MiB for 100,000 entries: 64 values of 1 MiB cannot all stay.
         let config = CacheConfig::memory().with_memory_max_bytes(8 << 20);
-        let m = MemoryBackend::new(&config);
+        let m = MemoryBackend::new(&config, &near());
         let value = vec![7u8; 1 << 20];
         for i in 0..64 {
             m.set(5, &format!("big:{i}"), &value, Duration::from_secs(60));
@@ -482,7 +504,7 @@ mod tests {
     #[test]
     fn bounded_in_entries() {
         let config = CacheConfig::memory().with_memory_capacity(100);
-        let m = MemoryBackend::new(&config);
+        let m = MemoryBackend::new(&config, &near());
         for i in 0..1000 {
             m.set(5, &format!("k:{i}"), b"v", Duration::from_secs(60));
         }
@@ -493,14 +515,14 @@ mod tests {
 
     #[test]
     fn duration_max_does_not_panic() {
-        let m = MemoryBackend::new(&CacheConfig::memory());
+        let m = MemoryBackend::new(&CacheConfig::memory(), &near());
         m.set(5, "k", b"v", Duration::MAX);
         assert!(m.exists(5, "k"));
     }
 
     #[test]
     fn aged_lease_fills_unless_invalidated() {
-        let m = MemoryBackend::new(&CacheConfig::memory());
+        let m = MemoryBackend::new(&CacheConfig::memory(), &near());
         let ask = |token| LeaseAsk { token, ttl: Duration::from_millis(1), min_generation: 0 };
         let Acquired::Granted(at) = m.acquire(5, "a", ask(1), |_| ()) else { panic!("granted") };
         std::thread::sleep(Duration::from_millis(5));

@@ -19,6 +19,7 @@ pub(crate) mod redis;
 pub(crate) mod sentinel;
 pub(crate) mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::protocol::BackendInfo;
@@ -26,6 +27,7 @@ pub(crate) use self::protocol::{stamp_life, unique, Acquired, FillOutcome, Lease
 pub(crate) use self::store::Store;
 use crate::config::{BackendKind, CacheConfig};
 use crate::error::BackendError;
+use crate::near::NearTier;
 
 /// Declares [`Backend`], one variant per store, and `each_store!`, which runs an expression on
 /// whichever store it holds (the `$d` is a `$` for the inner macro).
@@ -60,9 +62,9 @@ stores!($
 
 impl Backend {
     /// Where stores are chosen.
-    pub(crate) fn new(config: &CacheConfig) -> Self {
+    pub(crate) fn new(config: &CacheConfig, near: &Arc<NearTier>) -> Self {
         match &config.backend {
-            BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config)),
+            BackendKind::Memory => Backend::Memory(memory::MemoryBackend::new(config, near)),
             BackendKind::Disk(target) => Backend::Disk(disk::DiskStore::new(target, config)),
             BackendKind::Redis(target) => {
                 Backend::Redis(redis::RedisStore::new(redis::Server::new(target.clone(), config), config))
@@ -227,5 +229,8 @@ impl Store for Backend {
     }
     fn breaker_open(&self) -> bool {
         each_store!(self, s => Store::breaker_open(s))
+    }
+    fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {
+        each_store!(self, s => Store::track(s, near, prefixes))
     }
 }

@@ -2,10 +2,12 @@
 //! bounds its own calls (the Redis store by `op_timeout`, through its breaker; the embedded one
 //! answers at once).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::protocol::{Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal, Write};
 use crate::error::BackendError;
+use crate::near::NearTier;
 
 /// One store. Its async methods are called through [`super::Backend`], an enum (no boxed
 /// futures, no virtual calls on the hit path), so the trait needs no object safety.
@@ -141,6 +143,12 @@ pub(crate) trait Store {
     }
     /// Whether a circuit breaker is skipping the store.
     fn breaker_open(&self) -> bool {
+        false
+    }
+    /// Starts telling `near` of every change to keys under `prefixes` made by anyone, and
+    /// trusting it while it does; `false` when this store cannot (then the near tier is not
+    /// used with it). Called once per runtime.
+    fn track(&self, _near: &Arc<NearTier>, _prefixes: Vec<String>) -> bool {
         false
     }
 }

@@ -102,7 +102,16 @@ pub struct CacheConfig {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) key_namespace: String,
     pub(crate) invalidation_recheck: Duration,
+    pub(crate) near: bool,
+    pub(crate) near_default: Option<Duration>,
+    pub(crate) near_capacity: u64,
+    pub(crate) near_max_bytes: u64,
 }
+
+/// How many typed copies the near tier keeps by default.
+pub const DEFAULT_NEAR_CAPACITY: u64 = 100_000;
+/// How many bytes (encoded size) the near tier keeps by default: 64 MiB.
+pub const DEFAULT_NEAR_MAX_BYTES: u64 = 64 << 20;
 
 /// A duration setting, bounded up front (see [`MAX_SETTING`]).
 fn bounded(d: Duration) -> Duration {
@@ -189,6 +198,10 @@ impl CacheConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             key_namespace: String::new(),
             invalidation_recheck: DEFAULT_INVALIDATION_RECHECK,
+            near: true,
+            near_default: None,
+            near_capacity: DEFAULT_NEAR_CAPACITY,
+            near_max_bytes: DEFAULT_NEAR_MAX_BYTES,
         }
     }
 
@@ -372,6 +385,31 @@ impl CacheConfig {
     /// bytes per entry (at least 1 KiB). Also `CACHE_MAX_SIZE`.
     pub fn with_memory_max_bytes(mut self, bytes: u64) -> Self {
         self.memory_max_bytes = bytes.max(1024);
+        self
+    }
+
+    /// Turns the near tier on (the default) or off. Off, no value is kept in process as a typed
+    /// copy: every hit reads the backend (and decodes), whatever a function's `near` option says.
+    pub fn with_near(mut self, on: bool) -> Self {
+        self.near = on;
+        self
+    }
+
+    /// Keeps near copies on Redis for every cached function whose value type is
+    /// `Clone + Send + Sync + 'static` (and whose `#[cached]` is not in a generic function),
+    /// each for at most `life`, as if each had `near = life`; a function's own `near` option wins.
+    /// Without it (the default) only functions with the option keep copies on Redis. Bounded at
+    /// [`MAX_SETTING`].
+    pub fn with_near_default(mut self, life: Duration) -> Self {
+        self.near_default = (!life.is_zero()).then(|| bounded(life));
+        self
+    }
+
+    /// Sets how many copies the near tier keeps (at least 1) and how many bytes (their encoded
+    /// size, keys and about 100 bytes each; at least 1 KiB).
+    pub fn with_near_bounds(mut self, entries: u64, bytes: u64) -> Self {
+        self.near_capacity = entries.max(1);
+        self.near_max_bytes = bytes.max(1024);
         self
     }
 

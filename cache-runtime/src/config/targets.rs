@@ -97,12 +97,23 @@ impl RedisTarget {
 
     /// A client for `db`, trusting the private CA if one is set.
     pub(crate) fn client(&self, db: u8) -> Result<redis::Client, BackendError> {
+        self.client_for(self.for_db(db))
+    }
+
+    /// A client speaking RESP3 (for the near tier's tracking connection: invalidations arrive as
+    /// push messages), trusting the private CA if one is set.
+    pub(crate) fn resp3_client(&self) -> Result<redis::Client, BackendError> {
+        let settings = self.info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        self.client_for(self.info.clone().set_redis_settings(settings))
+    }
+
+    fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, BackendError> {
         if self.is_tls() {
             tls_provider();
         }
         Ok(match CaCert::certificates(&self.ca) {
-            Some(certs) => redis::Client::build_with_tls(self.for_db(db), certs)?,
-            None => redis::Client::open(self.for_db(db))?,
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
         })
     }
 }

@@ -99,7 +99,11 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
         Target::Key(function, Some(key)) => {
             let db = function.spec().db;
             rt.flights.revoke(db, key);
-            rt.backend.invalidate(db, key, stamp_life(rt.lease_ttl)).await
+            let done = rt.backend.invalidate(db, key, stamp_life(rt.lease_ttl)).await;
+            // This process's near copy goes now, applied or not (a lookup then sees the queued
+            // invalidation); other processes' go with the server's notification.
+            rt.near.forget(key);
+            done
         }
         Target::All(function) => {
             let spec = function.spec();
@@ -108,9 +112,16 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
             rt.flights.revoke_prefix(spec.db, &format!("{}:", key::function_base(spec)));
             let state = rt.functions.get(function, &rt.stats);
             let life = key::generation_life(spec.entry_life());
-            match rt.backend.bump_generation(spec.db, &state.generation_key, life).await? {
-                Some(generation) => rt.functions.observe(&state, generation),
-                None => rt.functions.bump_local(&state),
+            let bumped = rt.backend.bump_generation(spec.db, &state.generation_key, life).await;
+            match bumped {
+                Ok(Some(generation)) => rt.functions.observe(&state, generation),
+                Ok(None) => rt.functions.bump_local(&state),
+                Err(error) => {
+                    // Not applied: this process's near copies go all the same (a lookup then
+                    // sees the queued invalidation).
+                    state.near_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return Err(error);
+                }
             };
             Ok(())
         }

@@ -200,6 +200,7 @@ mod tests {
         jitter_percent: 0,
         eager_refresh_percent: 0,
         stale_if_error: Duration::ZERO,
+        near: Duration::ZERO,
     };
     const F: CachedFn = CachedFn::free(&SPEC);
 

@@ -7,13 +7,14 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{CacheConfig, RedisTarget};
 use crate::error::BackendError;
+use crate::near::NearTier;
 
 /// How many keys one `SCAN` step asks for when clearing a prefix.
 pub(crate) const SCAN_COUNT: usize = 1000;
@@ -59,6 +60,12 @@ pub(crate) trait Connections: Send + Sync + 'static {
 
     /// Told of every failed call (Sentinel asks where the primary is now).
     fn failed(&self, _error: &BackendError) {}
+
+    /// Starts the near tier's notifications (`tracking.rs`); `false` where they are not built
+    /// (Cluster: one tracking connection per primary; Sentinel: one that follows failovers).
+    fn track(&self, _near: &Arc<NearTier>, _prefixes: Vec<String>) -> bool {
+        false
+    }
 }
 
 /// `SCAN` + `UNLINK` of `pattern` over one node's keyspace, through `send(command, to_the_node)`
@@ -181,6 +188,20 @@ impl Connections for Server {
 
     fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {
         namespaced(&self.namespace, key)
+    }
+
+    fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {
+        let namespace =
+            if self.namespace.is_empty() { String::new() } else { format!("{}:", self.namespace) };
+        super::tracking::Tracking {
+            target: self.target.clone(),
+            namespace,
+            prefixes,
+            connect_timeout: self.connect_timeout,
+            op_timeout: self.op_timeout,
+        }
+        .start(near);
+        true
     }
 
     async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {

@@ -7,6 +7,7 @@
 pub(crate) mod batch;
 pub(crate) mod connections;
 pub(crate) mod scripts;
+pub(crate) mod tracking;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -516,6 +517,9 @@ impl<C: Connections> Store for RedisStore<C> {
     }
     fn breaker_open(&self) -> bool {
         self.breaker.is_open()
+    }
+    fn track(&self, near: &Arc<crate::near::NearTier>, prefixes: Vec<String>) -> bool {
+        self.links.track(near, prefixes)
     }
 }
 

@@ -1,0 +1,143 @@
+//! The near tier's notifications on one Redis server: a connection of its own, in RESP3, with
+//! `CLIENT TRACKING ON BCAST PREFIX ...` over the prefixes of the functions that keep near copies.
+//! Redis then pushes the name of every key under those prefixes that anyone writes, deletes,
+//! expires or evicts (and a null on `FLUSHALL`/`FLUSHDB`), to this connection alone.
+//!
+//! Broadcast rather than Redis's default mode: in default mode the server remembers which keys
+//! each client *read*, so the reads would have to go through (or redirect to) this connection;
+//! ours go through the pool. Broadcast costs a message per write under the prefixes to every
+//! process that tracks them, whether or not it holds a copy; it needs no memory on the server.
+//!
+//! The tier is trusted only while this connection tracks: it is distrusted (every copy dropped)
+//! the moment the connection is lost or a `PING` on it goes unanswered for `op_timeout`, and
+//! trusted again, flushed, once a new connection tracks. The task ends with its runtime.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::{PushKind, Value};
+
+use crate::config::RedisTarget;
+use crate::error::BackendError;
+use crate::near::NearTier;
+
+/// How often the tracking connection is checked with a `PING`: the longest a silently dead
+/// connection (no close, no reply) goes unnoticed, beyond `op_timeout`.
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(500);
+/// The first pause before reconnecting; doubled up to `MAX_PAUSE` while it fails.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+/// The name the connection has in `CLIENT LIST`.
+pub(crate) const CLIENT_NAME: &str = "cache-runtime-near";
+
+pub(crate) struct Tracking {
+    pub(crate) target: RedisTarget,
+    /// What every key on the server starts with (`{namespace}:`), or empty.
+    pub(crate) namespace: String,
+    pub(crate) prefixes: Vec<String>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) op_timeout: Duration,
+}
+
+impl Tracking {
+    /// Runs in the background while the runtime owning `near` lives.
+    pub(crate) fn start(self, near: &Arc<NearTier>) {
+        let near = Arc::downgrade(near);
+        crate::background::spawn(async move { self.run(near).await });
+    }
+
+    async fn run(self, near: Weak<NearTier>) {
+        let mut pause = FIRST_PAUSE;
+        let mut failing = false;
+        loop {
+            let ended = self.session(&near).await;
+            let Some(tier) = near.upgrade() else { return };
+            tier.distrust();
+            drop(tier);
+            match ended {
+                Ok(true) => pause = FIRST_PAUSE,
+                Ok(false) => return,
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(address = %self.target.address(), %error, "near tier: the tracking connection failed; hits read Redis until it is back (logged once per outage)");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+            if failing {
+                continue;
+            }
+        }
+    }
+
+    /// One connection's life: `Ok(true)` when it was lost after tracking, `Ok(false)` when the
+    /// runtime is gone, `Err` when it could not start tracking.
+    async fn session(&self, near: &Weak<NearTier>) -> Result<bool, BackendError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.op_timeout))
+            .set_push_sender(tx);
+        let client = self.target.resp3_client()?;
+        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+        redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
+        let mut track = redis::cmd("CLIENT");
+        track.arg("TRACKING").arg("ON").arg("BCAST");
+        for prefix in &self.prefixes {
+            track.arg("PREFIX").arg(format!("{}{prefix}", self.namespace));
+        }
+        track.query_async::<()>(&mut conn).await?;
+        match near.upgrade() {
+            Some(tier) => tier.trust(),
+            None => return Ok(false),
+        }
+        tracing::info!(address = %self.target.address(), prefixes = ?self.prefixes, "near tier: tracking");
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            tokio::select! {
+                push = rx.recv() => {
+                    let Some(push) = push else { return Ok(true) };
+                    let Some(tier) = near.upgrade() else { return Ok(false) };
+                    match push.kind {
+                        PushKind::Invalidate => self.invalidated(&tier, &push.data),
+                        PushKind::Disconnection => return Ok(true),
+                        _ => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    if near.strong_count() == 0 {
+                        return Ok(false);
+                    }
+                    let answered = tokio::time::timeout(
+                        self.op_timeout,
+                        redis::cmd("PING").query_async::<()>(&mut conn),
+                    ).await;
+                    if !matches!(answered, Ok(Ok(()))) {
+                        tracing::debug!("near tier: the tracking connection did not answer a PING; dropping every copy");
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn invalidated(&self, tier: &NearTier, data: &[Value]) {
+        match data.first() {
+            Some(Value::Array(keys)) => {
+                for key in keys {
+                    let name = match key {
+                        Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
+                        Value::SimpleString(s) => s.as_str().into(),
+                        _ => continue,
+                    };
+                    let name = name.strip_prefix(self.namespace.as_str()).unwrap_or(&name);
+                    tier.changed(name);
+                }
+            }
+            // `FLUSHALL` / `FLUSHDB`, or a message this code does not know: drop everything.
+            _ => tier.flush(),
+        }
+    }
+}

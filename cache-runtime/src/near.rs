@@ -1,0 +1,338 @@
+//! The near tier: typed copies of cached values kept in this process, so that a hit clones a value
+//! instead of asking the backend and decoding bytes. A copy is only as good as what tells this
+//! process that the entry changed, so copies are kept only where something does:
+//!
+//! - on the embedded backend, the store itself, synchronously, on every write, delete and clear;
+//! - on one Redis server, Redis's server-assisted client-side caching: a connection of its own in
+//!   RESP3 with `CLIENT TRACKING ON BCAST` over the prefixes of the functions that keep copies
+//!   (`backend/redis/tracking.rs`). Every write to those keys, from any process, is pushed to it.
+//!
+//! Until that connection is tracking, and again from the moment it drops until it tracks again,
+//! the tier is *untrusted*: no copy answers and none is kept. Each copy also expires on its own,
+//! after the function's `near` duration (or the entry's time left, if shorter), which bounds how
+//! long a copy could outlive a change whose notification were lost.
+//!
+//! The race every client-side cache must close: a lookup reads value `v1` from the backend, a
+//! write replaces it and its notification arrives (and drops nothing, as no copy is kept yet),
+//! then the lookup keeps `v1`. Here a lookup takes a [`Ticket`] before it reads, and keeps its copy
+//! only if no notification for its key (a stripe of keys), no flush and no function-wide
+//! invalidation came in between; the check runs after the copy is stored, so that a notification
+//! racing with it either sees the copy (and drops it) or is seen by the check.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+
+/// A typed value as the tier keeps it.
+pub(crate) type Shared = Arc<dyn Any + Send + Sync>;
+
+/// How many stripes notifications are counted in: two keys share one with odds 1/1024, which
+/// costs a kept copy (a later hit reads the backend), never a wrong one.
+const STRIPES: usize = 1024;
+
+/// What the tier charges for one copy beyond the encoded value's bytes and the key.
+const OVERHEAD: u64 = 96;
+
+/// One kept copy.
+#[derive(Clone)]
+struct Kept {
+    db: u8,
+    value: Shared,
+    /// The tier's flush count when the lookup that kept it started: a flush since kills it.
+    flushes: u64,
+    /// The function's invalidation count then: a function-wide invalidation since kills it.
+    function: u64,
+    expires: Instant,
+    /// The encoded value's size, what the byte bound counts.
+    size: u32,
+}
+
+/// Taken by a lookup before it reads the backend; see the module's documentation.
+pub(crate) struct Ticket {
+    db: u8,
+    stripe: usize,
+    notified: u64,
+    flushes: u64,
+    function: u64,
+}
+
+/// How a function's copies are turned back into its type, and made from it: built where the type
+/// is known to be `Clone + Send + Sync + 'static` (`__private::Keeper::of`).
+pub struct Keeper<T> {
+    pub(crate) keep: fn(&T) -> Shared,
+    pub(crate) take: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+}
+
+impl<T> Clone for Keeper<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Keeper<T> {}
+
+impl<T: Clone + Send + Sync + 'static> Keeper<T> {
+    /// The keeper of `T`.
+    pub fn of() -> Self {
+        Keeper { keep: |value| Arc::new(value.clone()), take: |any| any.downcast_ref::<T>().cloned() }
+    }
+}
+
+/// The near tier of a runtime, as [`crate::Runtime::near_status`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NearStatus {
+    /// Whether copies answer now: the store tells this process of every change (always on the
+    /// embedded backend; on Redis while the tracking connection tracks).
+    pub trusted: bool,
+    /// Copies kept now.
+    pub copies: u64,
+    /// Copies dropped so far because their entry changed (a write, a delete, an invalidation,
+    /// here or, on Redis, in any process).
+    pub dropped: u64,
+}
+
+/// The near tier of one runtime.
+pub(crate) struct NearTier {
+    copies: Cache<String, Kept, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
+    /// Notifications seen per stripe of keys.
+    notified: Box<[AtomicU64]>,
+    /// Flushes so far (a dropped tracking connection, `FLUSHALL`, a store cleared).
+    flushes: AtomicU64,
+    /// Whether what tells this process of changes is working now.
+    trusted: AtomicBool,
+    /// Per function (by its generation key): its function-wide invalidations, as the function
+    /// state holds them (`Function::near_epoch`).
+    functions: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    /// Copies dropped by a notification or an invalidation, for `Runtime::stats`.
+    dropped: AtomicU64,
+}
+
+impl NearTier {
+    /// A tier of at most `capacity` copies and `max_bytes` (values counted by their encoded size):
+    /// each copy weighs at least `max_bytes / capacity`, so neither bound can be passed.
+    pub(crate) fn new(capacity: u64, max_bytes: u64) -> Self {
+        let floor = (max_bytes / capacity.max(1)).max(1);
+        let copies = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(move |key: &String, kept: &Kept| {
+                u32::try_from((key.len() as u64 + u64::from(kept.size) + OVERHEAD).max(floor))
+                    .unwrap_or(u32::MAX)
+            })
+            .build_with_hasher(foldhash::fast::RandomState::default());
+        NearTier {
+            copies,
+            hasher: foldhash::fast::RandomState::default(),
+            notified: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            flushes: AtomicU64::new(0),
+            trusted: AtomicBool::new(false),
+            functions: RwLock::default(),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn stripe(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % STRIPES
+    }
+
+    /// Registers a function's invalidation count under its generation key, so that a change of
+    /// that key (a function-wide invalidation in another process) drops its copies.
+    pub(crate) fn register(&self, generation_key: &str, epoch: &Arc<AtomicU64>) {
+        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
+        functions.entry(generation_key.to_owned()).or_insert_with(|| Arc::clone(epoch));
+    }
+
+    /// The copy of `key` in `db`, if one is live.
+    pub(crate) fn get<T>(&self, db: u8, key: &str, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
+        let kept = self.copies.get(key)?;
+        if kept.db != db
+            || kept.flushes != self.flushes.load(SeqCst)
+            || kept.function != function.load(SeqCst)
+            || kept.expires <= Instant::now()
+        {
+            return None;
+        }
+        (keeper.take)(&*kept.value)
+    }
+
+    /// Taken before a lookup reads the backend; `None` while the tier is untrusted.
+    pub(crate) fn ticket(&self, db: u8, key: &str, function: &AtomicU64) -> Option<Ticket> {
+        if !self.trusted.load(SeqCst) {
+            return None;
+        }
+        let stripe = self.stripe(key);
+        Some(Ticket {
+            db,
+            stripe,
+            notified: self.notified[stripe].load(SeqCst),
+            flushes: self.flushes.load(SeqCst),
+            function: function.load(SeqCst),
+        })
+    }
+
+    /// Keeps a copy of what a lookup that took `ticket` read, for at most `life`, unless a change
+    /// came in between (then nothing is kept).
+    pub(crate) fn keep(
+        &self,
+        ticket: Ticket,
+        key: &str,
+        function: &AtomicU64,
+        value: Shared,
+        size: usize,
+        life: Duration,
+    ) {
+        let Some(expires) = Instant::now().checked_add(life) else { return };
+        let size = u32::try_from(size).unwrap_or(u32::MAX);
+        let kept =
+            Kept { db: ticket.db, value, flushes: ticket.flushes, function: ticket.function, expires, size };
+        self.copies.insert(key.to_owned(), kept);
+        let unchanged = self.trusted.load(SeqCst)
+            && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
+            && self.flushes.load(SeqCst) == ticket.flushes
+            && function.load(SeqCst) == ticket.function;
+        if !unchanged {
+            self.copies.invalidate(key);
+        }
+    }
+
+    /// `key` changed (in any DB: Redis's notifications do not say which).
+    pub(crate) fn forget(&self, key: &str) {
+        self.notified[self.stripe(key)].fetch_add(1, SeqCst);
+        if self.copies.remove(key).is_some() {
+            self.dropped.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// A key of the tracked prefixes changed: an entry, or a function's generation.
+    pub(crate) fn changed(&self, key: &str) {
+        if key.contains(":gen:") {
+            let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(epoch) = functions.get(key) {
+                epoch.fetch_add(1, SeqCst);
+                return;
+            }
+        }
+        self.forget(key);
+    }
+
+    /// Every copy is dropped.
+    pub(crate) fn flush(&self) {
+        self.flushes.fetch_add(1, SeqCst);
+        self.copies.invalidate_all();
+    }
+
+    /// What tells this process of changes works (again): copies from before are dropped.
+    pub(crate) fn trust(&self) {
+        self.flush();
+        self.trusted.store(true, SeqCst);
+    }
+
+    /// What tells this process of changes stopped: nothing is kept or answered until [`trust`].
+    ///
+    /// [`trust`]: NearTier::trust
+    pub(crate) fn distrust(&self) {
+        self.trusted.store(false, SeqCst);
+        self.flush();
+    }
+
+    /// What [`crate::Runtime::near_status`] reports.
+    pub(crate) fn status(&self) -> NearStatus {
+        self.copies.run_pending_tasks();
+        NearStatus {
+            trusted: self.trusted.load(SeqCst),
+            copies: self.copies.entry_count(),
+            dropped: self.dropped.load(SeqCst),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier() -> (NearTier, Arc<AtomicU64>) {
+        let near = NearTier::new(100, 1 << 20);
+        near.trust();
+        (near, Arc::default())
+    }
+
+    const LIFE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_kept_copy_answers_until_its_key_changes() {
+        let (near, f) = tier();
+        let keeper = Keeper::<String>::of();
+        let ticket = near.ticket(1, "k", &f).unwrap();
+        near.keep(ticket, "k", &f, (keeper.keep)(&"v1".to_owned()), 8, LIFE);
+        assert_eq!(near.get(1, "k", &f, keeper).as_deref(), Some("v1"));
+        assert_eq!(near.get(2, "k", &f, keeper), None, "another DB's key");
+        near.changed("k");
+        assert_eq!(near.get(1, "k", &f, keeper), None);
+    }
+
+    #[test]
+    fn a_change_between_the_ticket_and_the_copy_keeps_nothing() {
+        let (near, f) = tier();
+        let keeper = Keeper::<u32>::of();
+        let ticket = near.ticket(0, "k", &f).unwrap();
+        near.changed("k"); // the notification of a write the lookup may have missed
+        near.keep(ticket, "k", &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, "k", &f, keeper), None);
+        // Without the change, the same sequence keeps the copy.
+        let ticket = near.ticket(0, "k", &f).unwrap();
+        near.keep(ticket, "k", &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, "k", &f, keeper), Some(1));
+    }
+
+    #[test]
+    fn untrusted_flushed_and_function_wide_changes_answer_nothing() {
+        let (near, f) = tier();
+        let keeper = Keeper::<u32>::of();
+        let keep = |near: &NearTier| {
+            let ticket = near.ticket(0, "k", &f).unwrap();
+            near.keep(ticket, "k", &f, (keeper.keep)(&7), 8, LIFE);
+            assert_eq!(near.get(0, "k", &f, keeper), Some(7));
+        };
+        keep(&near);
+        near.distrust();
+        assert_eq!(near.get(0, "k", &f, keeper), None);
+        assert!(near.ticket(0, "k", &f).is_none(), "nothing is kept while untrusted");
+        near.trust();
+        keep(&near);
+        near.register("p:f:gen:00", &f);
+        near.changed("p:f:gen:00");
+        assert_eq!(near.get(0, "k", &f, keeper), None);
+    }
+
+    #[test]
+    fn a_copy_expires_after_its_life_and_a_huge_life_is_no_panic() {
+        let (near, f) = tier();
+        let keeper = Keeper::<u32>::of();
+        let ticket = near.ticket(0, "k", &f).unwrap();
+        near.keep(ticket, "k", &f, (keeper.keep)(&7), 8, Duration::from_millis(30));
+        assert_eq!(near.get(0, "k", &f, keeper), Some(7));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(near.get(0, "k", &f, keeper), None);
+        let ticket = near.ticket(0, "k", &f).unwrap();
+        near.keep(ticket, "k", &f, (keeper.keep)(&7), 8, Duration::MAX);
+    }
+
+    #[test]
+    fn the_bounds_hold() {
+        let near = NearTier::new(10, 1 << 20);
+        near.trust();
+        let f = Arc::new(AtomicU64::new(0));
+        let keeper = Keeper::<u32>::of();
+        for i in 0..100 {
+            let key = format!("k{i}");
+            let ticket = near.ticket(0, &key, &f).unwrap();
+            near.keep(ticket, &key, &f, (keeper.keep)(&i), 8, LIFE);
+        }
+        let kept = near.status().copies;
+        assert!(kept <= 10, "{kept} copies kept, bound 10");
+    }
+}

@@ -1,0 +1,230 @@
+//! The near tier: typed copies in process, dropped when their entry changes anywhere.
+//!
+//! Embedded backend: every `Clone` value is kept typed, and every change drops its copy at once.
+//! Redis: functions with `near` keep copies, and Redis's `CLIENT TRACKING` (broadcast) tells every
+//! process of every change, from this toolkit or any other client; a lost tracking connection
+//! drops every copy before one answers again.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::MarketData;
+use cache_runtime::{cached, invalidate, CacheConfig, Runtime};
+use support::{redis_runtime, RedisServer};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Quote {
+    symbol: String,
+    version: u64,
+}
+
+/// The source of truth: its version, read by every computation.
+static VERSION: AtomicU64 = AtomicU64::new(0);
+static COMPUTED: AtomicU64 = AtomicU64::new(0);
+
+#[cached(db = MarketData, prefix = "near_embedded", ttl = 60)]
+async fn embedded_quote(symbol: &str) -> Quote {
+    COMPUTED.fetch_add(1, SeqCst);
+    Quote { symbol: symbol.to_owned(), version: VERSION.load(SeqCst) }
+}
+
+/// Not `Clone`: read through the store and decoded, as before.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Opaque(u64);
+
+#[cached(db = MarketData, prefix = "near_embedded", ttl = 60)]
+async fn opaque(n: u64) -> Opaque {
+    Opaque(n)
+}
+
+fn near_hits(runtime: &Runtime, prefix: &str) -> u64 {
+    runtime.stats().get(5, prefix).map_or(0, |s| s.near_hits)
+}
+
+#[tokio::test]
+async fn embedded_hits_are_typed_copies_that_every_change_drops() {
+    let runtime = Runtime::new(CacheConfig::memory());
+    let status = runtime.near_status();
+    assert!(status.trusted, "the embedded store is its own notification: {status:?}");
+    let computed = || COMPUTED.load(SeqCst);
+    runtime
+        .scope(async {
+            let before = computed();
+            assert_eq!(embedded_quote("AAPL").await.version, 0); // miss
+            assert_eq!(embedded_quote("AAPL").await.version, 0); // hit through the store: kept
+            assert_eq!(embedded_quote("AAPL").await.version, 0); // near hit
+            assert_eq!(computed() - before, 1);
+            assert!(near_hits(&Runtime::current(), "near_embedded") >= 1);
+
+            VERSION.store(1, SeqCst);
+            invalidate!(embedded_quote("AAPL")).await;
+            assert_eq!(embedded_quote("AAPL").await.version, 1, "an invalidated copy answered");
+            assert_eq!(computed() - before, 2);
+
+            VERSION.store(2, SeqCst);
+            invalidate!(embedded_quote(..)).await;
+            assert_eq!(embedded_quote("AAPL").await.version, 2, "a function-wide invalidation left a copy");
+
+            // A type that is not `Clone` is never kept typed; its hits still count.
+            opaque(7).await;
+            let near_before = near_hits(&Runtime::current(), "near_embedded");
+            assert_eq!(opaque(7).await, Opaque(7));
+            assert_eq!(opaque(7).await, Opaque(7));
+            assert_eq!(near_hits(&Runtime::current(), "near_embedded"), near_before);
+        })
+        .await;
+    // Turned off, the same calls read the store every time.
+    let off = Runtime::new(CacheConfig::memory().with_near(false));
+    off.scope(async {
+        for _ in 0..3 {
+            embedded_quote("MSFT").await;
+        }
+    })
+    .await;
+    assert_eq!(near_hits(&off, "near_embedded"), 0);
+    assert_eq!(off.stats().get(5, "near_embedded").unwrap().hits, 2);
+}
+
+/// Each test's own source of truth (tests run at once).
+static SHARED_VERSION: AtomicU64 = AtomicU64::new(0);
+static OTHER_VERSION: AtomicU64 = AtomicU64::new(0);
+
+#[cached(db = MarketData, prefix = "near_redis", ttl = 300, near = "60s", skip(source))]
+async fn shared_quote(symbol: &str, source: &AtomicU64) -> Quote {
+    Quote { symbol: symbol.to_owned(), version: source.load(SeqCst) }
+}
+
+fn source(symbol: &str) -> &'static AtomicU64 {
+    if symbol == "ORCL" {
+        &OTHER_VERSION
+    } else {
+        &SHARED_VERSION
+    }
+}
+
+/// Calls until `runtime` answers from a near copy (a few tries: the tracking connection starts
+/// with the first call).
+async fn warm(runtime: &Runtime, symbol: &str) -> Quote {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = near_hits(runtime, "near_redis");
+        let quote = runtime.scope(shared_quote(symbol, source(symbol))).await;
+        if near_hits(runtime, "near_redis") > before {
+            return quote;
+        }
+        assert!(Instant::now() < deadline, "no near hit within 5 s: {:?}", runtime.near_status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `runtime` answers `version` for `symbol`; how long that took.
+async fn until_version(runtime: &Runtime, symbol: &str, version: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        if runtime.scope(shared_quote(symbol, source(symbol))).await.version == version {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the old copy still answers after 10 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_another_process_or_client_drops_the_copy() {
+    let server = RedisServer::start();
+    let a = redis_runtime(&server.url(), |c| c);
+    let b = redis_runtime(&server.url(), |c| c);
+    SHARED_VERSION.store(10, SeqCst);
+    assert_eq!(warm(&a, "IBM").await.version, 10);
+    assert!(a.near_status().trusted);
+
+    // Another process's invalidation.
+    SHARED_VERSION.store(11, SeqCst);
+    b.scope(invalidate!(shared_quote("IBM"))).await;
+    let took = until_version(&a, "IBM", 11).await;
+    eprintln!("a key invalidated in process B stopped answering in A after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}: the copy lives 60 s without the notification");
+
+    // Another process's function-wide invalidation (its generation key).
+    assert_eq!(warm(&a, "IBM").await.version, 11);
+    SHARED_VERSION.store(12, SeqCst);
+    b.scope(invalidate!(shared_quote(..))).await;
+    let took = until_version(&a, "IBM", 12).await;
+    assert!(took < Duration::from_secs(1), "function-wide: {took:?}");
+
+    // A client that is not this toolkit at all: `DEL` of the key.
+    assert_eq!(warm(&a, "IBM").await.version, 12);
+    SHARED_VERSION.store(13, SeqCst);
+    let mut raw = server.raw(5).await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg("near_redis:shared_quote:{*}").query_async(&mut raw).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys[0]).query_async(&mut raw).await.unwrap();
+    let took = until_version(&a, "IBM", 13).await;
+    assert!(took < Duration::from_secs(1), "raw DEL: {took:?}");
+    assert!(a.near_status().dropped >= 3, "{:?}", a.near_status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_tracking_connection_drops_every_copy_before_one_answers() {
+    let server = RedisServer::start();
+    let a = redis_runtime(&server.url(), |c| c);
+    OTHER_VERSION.store(20, SeqCst);
+    assert_eq!(warm(&a, "ORCL").await.version, 20);
+    let mut raw = server.raw(5).await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg("near_redis:shared_quote:{*}").query_async(&mut raw).await.unwrap();
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut raw).await.unwrap();
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.contains("name=cache-runtime-near"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(str::to_owned))
+        .collect();
+    assert_eq!(ids.len(), 1, "one tracking connection: {list}");
+    // Killed, then the entry deleted by the same connection, in that order on the server: the
+    // delete reaches no tracking connection, so only the flush on disconnect drops A's copy.
+    OTHER_VERSION.store(21, SeqCst);
+    let mut pipe = redis::pipe();
+    pipe.cmd("CLIENT").arg("KILL").arg("ID").arg(&ids[0]).ignore();
+    for key in &keys {
+        pipe.cmd("DEL").arg(key).ignore();
+    }
+    let _: () = pipe.query_async(&mut raw).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        a.scope(shared_quote("ORCL", &OTHER_VERSION)).await.version,
+        21,
+        "a copy answered after its notifications were lost"
+    );
+
+    // It tracks again, and changes drop copies again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.near_status().trusted {
+        assert!(Instant::now() < deadline, "not tracking again after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(warm(&a, "ORCL").await.version, 21);
+    OTHER_VERSION.store(22, SeqCst);
+    let b = redis_runtime(&server.url(), |c| c);
+    b.scope(invalidate!(shared_quote("ORCL"))).await;
+    assert!(until_version(&a, "ORCL", 22).await < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn without_tracking_the_option_reads_through() {
+    // The disk backend has no notifications: `near` functions read it like the others.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(CacheConfig::disk(dir.path()));
+    runtime
+        .scope(async {
+            for _ in 0..3 {
+                shared_quote("SAP", &SHARED_VERSION).await;
+            }
+        })
+        .await;
+    assert_eq!(near_hits(&runtime, "near_redis"), 0);
+    assert_eq!(runtime.stats().get(5, "near_redis").unwrap().hits, 2);
+    assert!(!runtime.near_status().trusted);
+}
