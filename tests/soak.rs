@@ -29,24 +29,35 @@ const MARGIN: Duration = Duration::from_millis(300);
 const RUN: Duration = Duration::from_secs(18);
 /// When the last fault ends; the hit rate is measured from `RECOVERED + 2 s` to the end.
 const RECOVERED: Duration = Duration::from_secs(13);
+/// The longest after a write's invalidation returned that a near copy in another runtime may
+/// still answer (README, "The near tier").
+const NEAR_BOUND: Duration = Duration::from_millis(100);
 
 /// The source of truth: a version per key, bumped by each write.
 struct Truth {
     versions: Vec<AtomicU64>,
-    /// Per key, the highest version whose invalidation is known to have been applied.
-    acked: Vec<AtomicU64>,
+    /// Per key, the highest version whose invalidation is known to have been applied, and when
+    /// that became known.
+    acked: Vec<Mutex<(u64, Instant)>>,
 }
 
 impl Truth {
     fn new() -> Arc<Truth> {
         Arc::new(Truth {
             versions: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
-            acked: (0..KEYS).map(|_| AtomicU64::new(0)).collect(),
+            acked: (0..KEYS).map(|_| Mutex::new((0, Instant::now()))).collect(),
         })
     }
 
     fn ack(&self, key: usize, version: u64) {
-        self.acked[key].fetch_max(version, SeqCst);
+        let mut acked = self.acked[key].lock().unwrap();
+        if version > acked.0 {
+            *acked = (version, Instant::now());
+        }
+    }
+
+    fn acked(&self, key: usize) -> (u64, Instant) {
+        *self.acked[key].lock().unwrap()
     }
 }
 
@@ -122,6 +133,8 @@ struct Report {
     reads: usize,
     writes: usize,
     stale: usize,
+    /// The longest after its write was acknowledged that a stale read returned.
+    latest_stale: Duration,
     caller_errors: usize,
     slowest: Duration,
     slowest_with_breaker_open: Duration,
@@ -135,12 +148,13 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} reads, {} writes; stale reads {}; errors/panics reaching callers {}; slowest call {:?} \
+            "{} reads, {} writes; stale reads {} (the latest {:?} after the write's invalidation returned); errors/panics reaching callers {}; slowest call {:?} \
              (started with the breaker open: {:?}); calls that paid a full op timeout {}; \
              max queued invalidations {}, max queued writes {}; hit rate from 2 s after recovery {:.0} %",
             self.reads,
             self.writes,
             self.stale,
+            self.latest_stale,
             self.caller_errors,
             self.slowest,
             self.slowest_with_breaker_open,
@@ -167,7 +181,7 @@ async fn soak(clients: Vec<Client>, server: &mut RedisServer, proxy: &FaultProxy
                 while start.elapsed() < RUN {
                     let key = (n * 7 + r) % KEYS;
                     n += 1;
-                    let floor = truth.acked[key].load(SeqCst);
+                    let (floor, acked_at) = truth.acked(key);
                     let open = client.breaker_open();
                     let began = Instant::now();
                     let (v, hit) = client.read(key, &truth).await;
@@ -176,7 +190,10 @@ async fn soak(clients: Vec<Client>, server: &mut RedisServer, proxy: &FaultProxy
                     {
                         let mut rep = report.lock().unwrap();
                         rep.reads += 1;
-                        rep.stale += usize::from(v < floor);
+                        if v < floor {
+                            rep.stale += 1;
+                            rep.latest_stale = rep.latest_stale.max(acked_at.elapsed());
+                        }
                         rep.slowest = rep.slowest.max(took);
                         rep.full_timeouts += usize::from(took >= OP_TIMEOUT);
                         if open {
@@ -282,6 +299,16 @@ async fn soak_under_a_fault_schedule() {
     let rss_growth = rss().saturating_sub(rss_before);
     eprintln!("soak, #[cached] + #[invalidates]: {protected}; the process grew by {} MiB", rss_growth >> 20);
 
+    // The same, with near copies of every read (typed, in process), kept correct across the
+    // three runtimes by Redis's tracking connection, itself through the proxy and its faults.
+    let near_rts: Vec<Runtime> = (0..RUNTIMES)
+        .map(|_| Runtime::new(config(&proxy.url()).with_near_default(Duration::from_secs(30))))
+        .collect();
+    let clients = near_rts.iter().cloned().map(Client::Toolkit).collect();
+    let near = soak(clients, &mut server, &proxy).await;
+    let near_hits: u64 = near_rts.iter().map(|rt| rt.stats().get(8, "soak").map_or(0, |s| s.near_hits)).sum();
+    eprintln!("soak, with near copies:            {near}; {near_hits} reads answered by a near copy");
+
     let naive_rt = || Runtime::new(config(&proxy.url()).with_breaker(0, Duration::ZERO));
     let clients = (0..RUNTIMES)
         .map(|_| {
@@ -311,6 +338,15 @@ async fn soak_under_a_fault_schedule() {
     );
     assert!(protected.max_queued_writes <= 16_384, "the write-behind queue is bounded: {protected}");
     assert!(protected.hit_rate_after_recovery > 0.5, "caching resumed: {protected}");
+    // Near copies: no error, the same bounds, and a stale read only within the notification's
+    // way from Redis to another runtime.
+    assert_eq!(near.caller_errors, 0, "no error or panic reached a caller: {near}");
+    assert!(near.slowest < bound, "every call within the same bound: {near}");
+    assert!(near_hits > 0, "near copies answered: {near_hits}");
+    assert!(
+        near.latest_stale <= NEAR_BOUND,
+        "a stale read within {NEAR_BOUND:?} of its write's invalidation: {near}"
+    );
     // The checks can fail: the hand-written cache-aside serves stale values under the same load.
     assert!(naive.stale > 0, "the stale-set race exists without leases: {naive}");
 }

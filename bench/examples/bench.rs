@@ -133,6 +133,31 @@ async fn theirs(symbol: &str) -> Result<Quote, FeedError> {
     Ok(feed(symbol).await)
 }
 
+/// The near tier: typed copies in process, dropped by Redis's tracking notifications.
+#[cached(db = MarketData, prefix = "bench-near", ttl = 600, near = "60s")]
+async fn ours_near(symbol: &str) -> Result<Quote, FeedError> {
+    Ok(feed(symbol).await)
+}
+
+/// The cached crate with its own RESP3 client-side cache (redis-rs `cache-aio`).
+#[cached::macros::concurrent_cached(
+    ty = "cached::AsyncRedisCache<String, Quote>",
+    create = r##"{
+        cached::AsyncRedisCache::builder("bench-cached-crate-csc")
+            .ttl(std::time::Duration::from_secs(600))
+            .connection_string(URL.get().expect("url set"))
+            .client_side_caching(true)
+            .build()
+            .await
+            .expect("the cached crate's store connects")
+    }"##,
+    convert = r##"{ symbol.to_owned() }"##,
+    map_error = r##"|e| FeedError(format!("{e:?}"))"##
+)]
+async fn theirs_near(symbol: &str) -> Result<Quote, FeedError> {
+    Ok(feed(symbol).await)
+}
+
 /// What a team writes by hand today: GET, decode; on a miss, compute and SET EX.
 async fn raw(conn: &mut (impl redis::aio::ConnectionLike + Send), symbol: &str) -> Quote {
     let key = format!("raw:quote:{symbol}");
@@ -351,6 +376,9 @@ fn cluster() -> (Vec<String>, Vec<Server>) {
 }
 
 fn main() {
+    if let Ok(url) = std::env::var("BENCH_NEAR_CHILD") {
+        return near_child(&url);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(run());
 }
@@ -600,16 +628,32 @@ async fn run() {
     //    service with the embedded backend installed by `init` runs), JSON and MessagePack.
     if wants("memory") {
         let memory = Runtime::new(CacheConfig::memory());
+        // The same backend with typed copies turned off: every hit decodes bytes.
+        let decoding = Runtime::new(CacheConfig::memory().with_near(false));
         for s in symbols() {
-            memory.scope(ours(s)).await.unwrap();
-            memory.scope(ours_packed(s)).await.unwrap();
+            for rt in [&memory, &decoding] {
+                for _ in 0..2 {
+                    rt.scope(ours(s)).await.unwrap();
+                    rt.scope(ours_packed(s)).await.unwrap();
+                }
+            }
         }
-        let (mut json_c1, mut packed_c1) = (Contender::default(), Contender::default());
+        let (mut json_c1, mut packed_c1, mut decoded_c1) =
+            (Contender::default(), Contender::default(), Contender::default());
         for _ in 0..rounds {
             json_c1.add(memory.scope(hit_loop(round_time, false)).await);
             packed_c1.add(memory.scope(hit_loop(round_time, true)).await);
+            decoded_c1.add(decoding.scope(hit_loop(round_time, false)).await);
         }
-        for (name, c) in [("#[cached]", &mut json_c1), ("#[cached] MessagePack", &mut packed_c1)] {
+        json.insert(
+            "memory_hit_p50_ns_decoded".into(),
+            ((decoded_c1.percentile_us(0.5) * 1000.0).round()).into(),
+        );
+        for (name, c) in [
+            ("#[cached]", &mut json_c1),
+            ("#[cached] MessagePack", &mut packed_c1),
+            ("#[cached], near tier off (decodes)", &mut decoded_c1),
+        ] {
             let (p50, p99) = (c.percentile_us(0.5), c.percentile_us(0.99));
             let (ops, p50s, p99s) = (format!("{:.0}", c.median()), format!("{p50:.2}"), format!("{p99:.2}"));
             table.row("embedded warm hit, concurrency 1", name, ops, p50s, p99s);
@@ -620,6 +664,88 @@ async fn run() {
             ((packed_c1.percentile_us(0.5) * 1000.0).round()).into(),
         );
         json.insert("memory_hit_ops_per_s_c1".into(), (json_c1.median().round()).into());
+    }
+
+    // 5b. The near tier on Redis: hits answered in process at 64 concurrent callers, against the
+    //     raw client's GET and the cached crate's own RESP3 client-side cache; the latency of one
+    //     near hit; and how long after an invalidation returns in this process the copy is gone
+    //     in another process.
+    if wants("near") {
+        for s in symbols() {
+            for _ in 0..3 {
+                ours_near(s).await.unwrap();
+                theirs_near(s).await.unwrap();
+            }
+        }
+        let plain_conn = redis::Client::open(format!("{url}/5"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a multiplexed connection");
+        let (mut r, mut n, mut c) = (Contender::default(), Contender::default(), Contender::default());
+        let near_hits = || runtime.stats().get(5, "bench-near").map_or(0, |s| s.near_hits);
+        let near_before = near_hits();
+        for _ in 0..rounds {
+            let conn = plain_conn.clone();
+            r.add(
+                round(64, round_time, move |i| {
+                    let mut conn = conn.clone();
+                    async move {
+                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                    }
+                })
+                .await,
+            );
+            n.add(
+                round(64, round_time, |i| async move {
+                    ours_near(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await,
+            );
+            c.add(
+                round(64, round_time, |i| async move {
+                    theirs_near(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await,
+            );
+        }
+        let near_share = (near_hits() - near_before) as f64 / n.latencies_ns.len().max(1) as f64;
+        let mut n1 = Contender::default();
+        for _ in 0..rounds {
+            n1.add(near_loop(round_time).await);
+        }
+        for (name, x) in [
+            ("raw redis GET+decode", &mut r),
+            ("#[cached(near)]", &mut n),
+            ("cached crate, client-side caching", &mut c),
+        ] {
+            let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
+            let (ops, p50s, p99s) = (format!("{:.0}", x.median()), format!("{p50:.2}"), format!("{p99:.2}"));
+            table.row("near hit, concurrency 64", name, ops, p50s, p99s);
+        }
+        let (p50, p99) = (n1.percentile_us(0.5), n1.percentile_us(0.99));
+        let (ops, p50s, p99s) = (format!("{:.0}", n1.median()), format!("{p50:.2}"), format!("{p99:.2}"));
+        table.row("near hit, concurrency 1", "#[cached(near)]", ops, p50s, p99s);
+        json.insert("near_hit_vs_raw_c64".into(), ratio(n.median(), r.median()));
+        json.insert("near_hit_vs_cached_crate_c64".into(), ratio(n.median(), c.median()));
+        json.insert("near_hit_ops_per_s_c64".into(), (n.median().round()).into());
+        json.insert("near_hit_share_c64".into(), round2(near_share));
+        json.insert("near_hit_p50_ns".into(), ((n1.percentile_us(0.5) * 1000.0).round()).into());
+
+        let (mut gone_us, early) = near_invalidations(&url, 1000).await;
+        gone_us.sort_by(f64::total_cmp);
+        let at = |p: f64| gone_us[((gone_us.len() as f64 - 1.0) * p).round() as usize];
+        table.row(
+            "near copy gone in another process, after the invalidation returned (µs)",
+            "#[cached(near)]",
+            format!("{} invalidations", gone_us.len()),
+            format!("{:.1}", at(0.5)),
+            format!("{:.1}", at(0.99)),
+        );
+        json.insert("near_invalidation_p50_us".into(), round2(at(0.5)));
+        json.insert("near_invalidation_p99_us".into(), round2(at(0.99)));
+        json.insert("near_invalidation_max_us".into(), round2(at(1.0)));
+        json.insert("near_invalidation_gone_before_return".into(), early.into());
     }
 
     // 6. Stampede: 1,000 concurrent calls on a cold key, the body taking 50 ms.
@@ -924,6 +1050,91 @@ async fn hit_loop(duration: Duration, packed: bool) -> Round {
         i += 1;
     }
     Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+}
+
+/// Near hits in a loop on the current task for `duration`.
+async fn near_loop(duration: Duration) -> Round {
+    let mut latencies_ns = Vec::with_capacity(1 << 20);
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < duration {
+        let symbol = &symbols()[i % HOT_KEYS];
+        let t0 = Instant::now();
+        std::hint::black_box(ours_near(symbol).await.unwrap());
+        latencies_ns.push(t0.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+}
+
+fn unix_nanos() -> i128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128
+}
+
+/// `n` invalidations in this process of keys another process (this binary, started with
+/// `BENCH_NEAR_CHILD`) holds near copies of: per invalidation, the µs from its return here to
+/// the copy being dropped there (0 when it was dropped before the call returned), and how many
+/// were. Both processes read the same wall clock.
+async fn near_invalidations(url: &str, n: usize) -> (Vec<f64>, usize) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env("BENCH_NEAR_CHILD", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the bench starts a copy of itself");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut gone_us, mut early) = (Vec::with_capacity(n), 0);
+    for i in 0..n {
+        let symbol = format!("INV{i}");
+        stdin.write_all(format!("{symbol}\n").as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+        cache_runtime::invalidate!(ours_near(&symbol)).await;
+        let returned = unix_nanos();
+        let gone: i128 = lines.next_line().await.unwrap().expect("the child answers").parse().unwrap();
+        if gone <= returned {
+            early += 1;
+        }
+        gone_us.push((gone - returned).max(0) as f64 / 1000.0);
+    }
+    drop(stdin);
+    let _ = child.wait().await;
+    (gone_us, early)
+}
+
+/// The other process of `near_invalidations`: for each symbol read from stdin, calls
+/// `ours_near` until a near copy answers, says `ready`, then spins until the copy is dropped
+/// and prints the wall-clock time it saw that.
+fn near_child(url: &str) {
+    use std::io::{BufRead, Write};
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let runtime = cache_runtime::init(CacheConfig::redis(url).unwrap()).unwrap();
+        let near_hits = || runtime.stats().get(5, "bench-near").map_or(0, |s| s.near_hits);
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let symbol = line.unwrap();
+            loop {
+                let before = near_hits();
+                ours_near(&symbol).await.unwrap();
+                if near_hits() > before {
+                    break;
+                }
+            }
+            let dropped = runtime.near_status().dropped;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "ready").unwrap();
+            out.flush().unwrap();
+            while runtime.near_status().dropped == dropped {
+                std::hint::spin_loop();
+            }
+            writeln!(out, "{}", unix_nanos()).unwrap();
+            out.flush().unwrap();
+        }
+    });
 }
 
 /// Whether section `name` runs: every section unless `BENCH_ONLY` lists some (`hits,memory`).

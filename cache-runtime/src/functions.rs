@@ -153,22 +153,14 @@ impl Functions {
         (generation, stale)
     }
 
-    /// Records a generation read from (or returned by) the backend; returns the one to use. A
-    /// newer one than known also kills the function's near copies (in case its notification
-    /// was lost).
+    /// Records a generation read from (or returned by) the backend; returns the one to use.
     pub(crate) fn observe(&self, f: &Function, generation: u64) -> u64 {
         f.read_at.store(self.now(), Relaxed);
-        let before = f.generation.fetch_max(generation, Relaxed);
-        if generation > before {
-            f.near_epoch.fetch_add(1, SeqCst);
-        }
-        before.max(generation)
+        f.generation.fetch_max(generation, Relaxed).max(generation)
     }
 
     /// Raises the generation kept here (embedded backend: this is the invalidation itself).
     pub(crate) fn bump_local(&self, f: &Function) -> u64 {
-        let generation = f.generation.fetch_add(1, Relaxed) + 1;
-        f.near_epoch.fetch_add(1, SeqCst);
-        generation
+        f.generation.fetch_add(1, Relaxed) + 1
     }
 }

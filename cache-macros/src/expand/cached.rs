@@ -309,16 +309,24 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
     };
     // Spanned at the return type: a value that cannot be stored is reported there.
     let call = quote_spanned!(ret.span()=> ::cache_runtime::__private::call::<#policy, _, _>);
-    let stored = quote!(<#policy as ::cache_runtime::__private::Policy<#ret>>::Stored);
+    let stored =
+        |span: Span| quote_spanned!(span=> <#policy as ::cache_runtime::__private::Policy<#ret>>::Stored);
     // Whether the near tier can keep the value typed: required with `near` (reported there),
-    // else chosen by the type (`__private::Probe`).
+    // else chosen by the type (`__private::Probe`; a type that cannot be stored at all is
+    // reported at the return type).
     let keeper = match model.near {
-        Some((_, span)) => quote_spanned!(span=> ::cache_runtime::__private::near_keeper::<#stored>()),
-        None => quote! {{
-            #[allow(unused_imports)]
-            use ::cache_runtime::__private::{Typed as _, Untyped as _};
-            (&::cache_runtime::__private::Probe::<#stored>::new()).keeper()
-        }},
+        Some((_, span)) => {
+            let stored = stored(span);
+            quote_spanned!(span=> ::cache_runtime::__private::near_keeper::<#stored>())
+        }
+        None => {
+            let stored = stored(ret.span());
+            quote! {{
+                #[allow(unused_imports)]
+                use ::cache_runtime::__private::{Typed as _, Untyped as _};
+                (&::cache_runtime::__private::Probe::<#stored>::new()).keeper()
+            }}
+        }
     };
     let body = super::async_body(Some(ret), block);
     quote! {

@@ -113,15 +113,12 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
             let state = rt.functions.get(function, &rt.stats);
             let life = key::generation_life(spec.entry_life());
             let bumped = rt.backend.bump_generation(spec.db, &state.generation_key, life).await;
-            match bumped {
-                Ok(Some(generation)) => rt.functions.observe(&state, generation),
-                Ok(None) => rt.functions.bump_local(&state),
-                Err(error) => {
-                    // Not applied: this process's near copies go all the same (a lookup then
-                    // sees the queued invalidation).
-                    state.near_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    return Err(error);
-                }
+            // This process's near copies of the function go now, applied or not (a lookup then
+            // sees the new generation, or the queued invalidation).
+            state.near_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match bumped? {
+                Some(generation) => rt.functions.observe(&state, generation),
+                None => rt.functions.bump_local(&state),
             };
             Ok(())
         }

@@ -22,6 +22,18 @@ pub async fn quote(symbol: &str, calls: &AtomicU32) -> Result<f64, std::io::Erro
     Ok(price)
 }
 
+/// Near copies: a duration literal or whole seconds; in a generic function the type parameter
+/// says it is `Clone + Send + Sync + 'static`.
+#[cached(db = MarketData, prefix = "market", ttl = 60, near = "30s")]
+async fn near_quote(symbol: &str) -> Option<String> {
+    Some(symbol.to_owned())
+}
+
+#[cached(db = MarketData, prefix = "market", ttl = 60, near = 5)]
+async fn near_echo<T: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static>(value: T) -> T {
+    value
+}
+
 /// Generic functions work: there is no per-function static.
 #[cached(db = GenAi, prefix = "genai", ttl = 60)]
 async fn echo<T: serde::Serialize + serde::de::DeserializeOwned + Send + Clone>(value: T) -> Vec<T> {
@@ -70,6 +82,10 @@ fn main() {
         assert_eq!(quote("AAPL", &calls).await.unwrap(), 150.25);
         assert!(quote("", &calls).await.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        for _ in 0..3 {
+            assert_eq!(near_quote("AAPL").await.as_deref(), Some("AAPL"));
+            assert_eq!(near_echo(7u64).await, 7);
+        }
         assert_eq!(echo(1u8).await, vec![1, 1]);
         assert_eq!(echo("a".to_string()).await, vec!["a", "a"]);
         assert_eq!(balance(1).await, Some(100));
