@@ -190,6 +190,12 @@ async fn stale_reads(fx: &Fixture, mode: Mode, seed: u64) -> (usize, Duration, u
                 if key >= ROUNDS {
                     return;
                 }
+                if matches!(mode, Mode::Near) {
+                    // A copy to drop: the round's write must reach it.
+                    for _ in 0..2 {
+                        read(mode, &readers, &naive, key, &truth, 0).await;
+                    }
+                }
                 let mut round = JoinSet::new();
                 for _ in 0..READERS {
                     let (start, slowness) = (rng.below(8), rng.below(12));
