@@ -1128,8 +1128,10 @@ fn near_child(url: &str) {
             let mut out = std::io::stdout().lock();
             writeln!(out, "ready").unwrap();
             out.flush().unwrap();
+            // Polled without holding a core: the tracking task must run too (two cores here,
+            // shared with the other process and the server).
             while runtime.near_status().dropped == dropped {
-                std::hint::spin_loop();
+                std::thread::yield_now();
             }
             writeln!(out, "{}", unix_nanos()).unwrap();
             out.flush().unwrap();

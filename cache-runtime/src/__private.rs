@@ -96,18 +96,20 @@ impl Ttl<std::time::Duration> {
 }
 
 /// A cached call (see `read_through.rs`); `keeper` when the stored type can be kept as a typed
-/// copy in the near tier (`near.rs`).
-pub async fn call<P, R, F>(
+/// copy in the near tier (`near.rs`). `body` makes the function's future: only a call that runs
+/// it pays for its size.
+pub async fn call<P, R, B, F>(
     function: CachedFn,
     key: Option<String>,
     keeper: Option<Keeper<P::Stored>>,
-    body: F,
+    body: B,
 ) -> R
 where
     P: Policy<R>,
+    B: FnOnce() -> F,
     F: Future<Output = R>,
 {
-    crate::read_through::call::<P, R, F>(function, key, keeper, body).await
+    crate::read_through::call::<P, R, B, F>(function, key, keeper, body).await
 }
 
 /// Which stored types the near tier can keep, chosen by method resolution where the type is

@@ -97,16 +97,36 @@ pub(crate) struct Functions {
     refresh: Duration,
     epoch: Instant,
     by_id: RwLock<HashMap<FunctionId, Arc<Function>, foldhash::fast::RandomState>>,
+    /// The same states by where a call comes from (`CachedFn::site`): a pointer pair hashes and
+    /// compares in a few nanoseconds, the id's strings do not. Several sites may share a state.
+    by_site: RwLock<HashMap<(usize, usize), Arc<Function>, foldhash::fast::RandomState>>,
     near: Arc<NearTier>,
 }
 
 impl Functions {
     pub(crate) fn new(authoritative: bool, refresh: Duration, near: Arc<NearTier>) -> Self {
-        Functions { authoritative, refresh, epoch: Instant::now(), by_id: RwLock::default(), near }
+        Functions {
+            authoritative,
+            refresh,
+            epoch: Instant::now(),
+            by_id: RwLock::default(),
+            by_site: RwLock::default(),
+            near,
+        }
     }
 
-    /// The state of `spec`'s function, created on first use.
+    /// The state of `function`, created on first use.
     pub(crate) fn get(&self, function: &CachedFn, stats: &StatsRegistry) -> Arc<Function> {
+        let site = function.site();
+        if let Some(f) = self.by_site.read().unwrap_or_else(|e| e.into_inner()).get(&site) {
+            return Arc::clone(f);
+        }
+        let f = self.by_id(function, stats);
+        self.by_site.write().unwrap_or_else(|e| e.into_inner()).insert(site, Arc::clone(&f));
+        f
+    }
+
+    fn by_id(&self, function: &CachedFn, stats: &StatsRegistry) -> Arc<Function> {
         let id = function.id();
         if let Some(f) = self.by_id.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
             return Arc::clone(f);

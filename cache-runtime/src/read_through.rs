@@ -51,14 +51,15 @@ struct Miss<'a> {
     counters: &'a Arc<Counters>,
 }
 
-pub(crate) async fn call<P, R, F>(
+pub(crate) async fn call<P, R, B, F>(
     cached: CachedFn,
     key: Option<String>,
     keeper: Option<Keeper<P::Stored>>,
-    body: F,
+    body: B,
 ) -> R
 where
     P: Policy<R>,
+    B: FnOnce() -> F,
     F: Future<Output = R>,
 {
     let spec = cached.spec();
@@ -69,23 +70,52 @@ where
         cache.function = spec.function,
         cache.outcome = tracing::field::Empty,
     );
-    if span.is_disabled() {
-        serve::<P, R, F>(cached, key, keeper, body).await
-    } else {
-        tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span).await
+    // A typed copy in this process (`near.rs`): no I/O, no decoding, and no state kept across
+    // an `.await` but the value.
+    if let (Some(keeper), Some(key)) = (keeper, key.as_deref()) {
+        let hit = Runtime::with_current(|runtime| {
+            let _entered = (!span.is_disabled()).then(|| span.enter());
+            near_hit(runtime.inner(), &cached, key, keeper)
+        });
+        if let Some(value) = hit {
+            // It never waits on I/O, so it never yields: spend tokio's cooperative budget so
+            // that a loop of hits cannot starve other tasks.
+            tokio::task::coop::consume_budget().await;
+            return P::restore(value);
+        }
     }
+    // Everything else, boxed, and the function's future made only there: the future of a near
+    // hit stays a few words, not the size of every path below and of the function's body.
+    if span.is_disabled() {
+        Box::pin(serve::<P, R, F>(cached, key, keeper, body)).await
+    } else {
+        Box::pin(tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span)).await
+    }
+}
+
+/// The near copy of `key`, if the function keeps copies here and one is live.
+fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: &str, keeper: Keeper<T>) -> Option<T> {
+    let spec = cached.spec();
+    rt.near_life(spec)?;
+    let function = rt.functions.get(cached, &rt.stats);
+    let value = rt.near.get(spec.db, key, &function.near_epoch, keeper)?;
+    function.counters.hit();
+    function.counters.near_hit();
+    telemetry::outcome("hit");
+    Some(value)
 }
 
 async fn serve<P, R, F>(
     cached: CachedFn,
     key: Option<String>,
     keeper: Option<Keeper<P::Stored>>,
-    body: F,
+    body: impl FnOnce() -> F,
 ) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
 {
+    let body = body();
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if rt.backend.is_none() {
@@ -107,19 +137,8 @@ where
         }
         return body.await;
     };
-    // A typed copy in this process (`near.rs`): no I/O, no decoding.
+    // Where a lookup keeps a near copy of what it reads (`call` asked the copies already).
     let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life)));
-    if let Some((keeper, _)) = near {
-        if let Some(value) = rt.near.get(spec.db, &key, &function.near_epoch, keeper) {
-            counters.hit();
-            counters.near_hit();
-            telemetry::outcome("hit");
-            // It never waits on I/O, so it never yields: spend tokio's cooperative budget so
-            // that a loop of hits cannot starve other tasks.
-            tokio::task::coop::consume_budget().await;
-            return P::restore(value);
-        }
-    }
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;

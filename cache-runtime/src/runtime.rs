@@ -124,6 +124,15 @@ impl Runtime {
         SCOPED.try_with(Runtime::clone).unwrap_or_else(|_| global().clone())
     }
 
+    /// Runs `f` on the current runtime, borrowed (no reference count touched).
+    pub(crate) fn with_current<T>(f: impl FnOnce(&Runtime) -> T) -> T {
+        let mut f = Some(f);
+        match SCOPED.try_with(|runtime| f.take().map(|f| f(runtime))) {
+            Ok(Some(done)) => done,
+            _ => (f.take().expect("not run when the scope was not there"))(global()),
+        }
+    }
+
     /// [`Runtime::current`] without touching the reference count when the process-wide runtime
     /// serves (the hit path).
     pub(crate) fn current_ref() -> Current {

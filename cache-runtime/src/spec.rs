@@ -124,6 +124,13 @@ impl CachedFn {
         self.owner
     }
 
+    /// Where calls come from, as two addresses (the spec constant's and the owner name's): cheap
+    /// to hash, and the same for every call of one function (two may share a state, see
+    /// `functions.rs`).
+    pub(crate) fn site(&self) -> (usize, usize) {
+        (std::ptr::from_ref(self.spec) as usize, self.owner.as_ptr() as usize ^ self.owner.len())
+    }
+
     /// The function, whatever its generic arguments: what `f(..)` invalidates. Instantiations of
     /// a generic function (or of a generic `impl`) have their own entries but one generation.
     pub(crate) fn id(&self) -> FunctionId {

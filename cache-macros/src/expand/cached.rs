@@ -308,7 +308,7 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
         Policy::SomeOnly => quote_spanned!(ret.span()=> ::cache_runtime::__private::SomeOnly),
     };
     // Spanned at the return type: a value that cannot be stored is reported there.
-    let call = quote_spanned!(ret.span()=> ::cache_runtime::__private::call::<#policy, _, _>);
+    let call = quote_spanned!(ret.span()=> ::cache_runtime::__private::call::<#policy, _, _, _>);
     let stored =
         |span: Span| quote_spanned!(span=> <#policy as ::cache_runtime::__private::Policy<#ret>>::Stored);
     // Whether the near tier can keep the value typed: required with `near` (reported there),
@@ -334,7 +334,7 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
         #vis #sig {
             #identity
             let #key = #key_expr;
-            #call(#function, #key, #keeper, #body).await
+            #call(#function, #key, #keeper, move || #body).await
         }
     }
 }
