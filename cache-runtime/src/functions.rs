@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use crate::key;
@@ -99,7 +101,9 @@ pub(crate) struct Functions {
     by_id: RwLock<HashMap<FunctionId, Arc<Function>, foldhash::fast::RandomState>>,
     /// The same states by where a call comes from (`CachedFn::site`): a pointer pair hashes and
     /// compares in a few nanoseconds, the id's strings do not. Several sites may share a state.
-    by_site: RwLock<HashMap<(usize, usize), Arc<Function>, foldhash::fast::RandomState>>,
+    /// Read without a lock or a reference count (`arc_swap`); replaced whole when a site is
+    /// added, which happens once per site.
+    by_site: ArcSwap<HashMap<(usize, usize), Arc<Function>, foldhash::fast::RandomState>>,
     near: Arc<NearTier>,
 }
 
@@ -110,20 +114,35 @@ impl Functions {
             refresh,
             epoch: Instant::now(),
             by_id: RwLock::default(),
-            by_site: RwLock::default(),
+            by_site: ArcSwap::default(),
             near,
         }
     }
 
     /// The state of `function`, created on first use.
     pub(crate) fn get(&self, function: &CachedFn, stats: &StatsRegistry) -> Arc<Function> {
+        self.with(function, stats, Arc::clone)
+    }
+
+    /// Runs `f` on the state of `function` (created on first use), borrowed: no reference count
+    /// is touched on the hit path.
+    pub(crate) fn with<T>(
+        &self,
+        function: &CachedFn,
+        stats: &StatsRegistry,
+        f: impl FnOnce(&Arc<Function>) -> T,
+    ) -> T {
         let site = function.site();
-        if let Some(f) = self.by_site.read().unwrap_or_else(|e| e.into_inner()).get(&site) {
-            return Arc::clone(f);
+        if let Some(state) = self.by_site.load().get(&site) {
+            return f(state);
         }
-        let f = self.by_id(function, stats);
-        self.by_site.write().unwrap_or_else(|e| e.into_inner()).insert(site, Arc::clone(&f));
-        f
+        let state = self.by_id(function, stats);
+        self.by_site.rcu(|sites| {
+            let mut sites = HashMap::clone(sites);
+            sites.insert(site, Arc::clone(&state));
+            sites
+        });
+        f(&state)
     }
 
     fn by_id(&self, function: &CachedFn, stats: &StatsRegistry) -> Arc<Function> {

@@ -97,12 +97,12 @@ where
 fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: &str, keeper: Keeper<T>) -> Option<T> {
     let spec = cached.spec();
     rt.near_life(spec)?;
-    let function = rt.functions.get(cached, &rt.stats);
-    let value = rt.near.get(spec.db, key, &function.near_epoch, keeper)?;
-    function.counters.hit();
-    function.counters.near_hit();
-    telemetry::outcome("hit");
-    Some(value)
+    rt.functions.with(cached, &rt.stats, |function| {
+        let value = rt.near.get(spec.db, key, &function.near_epoch, keeper)?;
+        function.counters.near_hit(); // also reported as a hit
+        telemetry::outcome("hit");
+        Some(value)
+    })
 }
 
 async fn serve<P, R, F>(

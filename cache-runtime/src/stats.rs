@@ -142,7 +142,8 @@ impl Counters {
             db,
             prefix: prefix.to_owned(),
             function: function.map(str::to_owned),
-            hits: self.hits.load(Relaxed),
+            // A near hit counts once, as `near_hits` (one shared counter touched per hit).
+            hits: self.hits.load(Relaxed) + self.near_hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
             fills: self.fills.load(Relaxed),
             decode_failures: self.decode_failures.load(Relaxed),
