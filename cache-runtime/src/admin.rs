@@ -193,7 +193,10 @@ async fn clear(State(admin): State<Admin>, body: Bytes) -> Response {
     match request {
         ClearRequest::Prefix { db, prefix } => {
             use crate::backend::Store;
-            match runtime.inner().backend.clear(db, &prefix).await {
+            let cleared = runtime.inner().backend.clear(db, &prefix).await;
+            // This process's near copies go now; other processes' with the store's notifications.
+            runtime.inner().near.flush();
+            match cleared {
                 Ok(removed) => {
                     tracing::info!(db, prefix, removed, "admin: cleared a prefix");
                     Json(json!({ "db": db, "prefix": prefix, "removed": removed })).into_response()

@@ -103,7 +103,7 @@ pub(crate) struct Functions {
     /// compares in a few nanoseconds, the id's strings do not. Several sites may share a state.
     /// Read without a lock or a reference count (`arc_swap`); replaced whole when a site is
     /// added, which happens once per site.
-    by_site: ArcSwap<HashMap<(usize, usize), Arc<Function>, foldhash::fast::RandomState>>,
+    by_site: ArcSwap<HashMap<(usize, usize, usize), Arc<Function>, foldhash::fast::RandomState>>,
     near: Arc<NearTier>,
 }
 
@@ -176,30 +176,49 @@ impl Functions {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
     }
 
-    /// The generation this process knows, and whether it must be read again with this lookup.
-    pub(crate) fn current(&self, f: &Function) -> (u64, bool) {
-        let generation = f.generation.load(Relaxed);
+    /// The generation this process knows, and whether it must be read again with this lookup:
+    /// when it is older than `generation_refresh`, or a function-wide change was pushed since
+    /// it was read (until a read observes it: nothing here marks it seen).
+    pub(crate) fn current(&self, f: &Function) -> Known {
+        // The epoch first: a generation read observed with it saw every change pushed before.
+        let epoch = f.near_epoch.load(SeqCst);
+        let generation = f.generation.load(SeqCst);
         if self.authoritative {
-            return (generation, false);
+            return Known { generation, stale: false, epoch };
         }
         let read_at = f.read_at.load(Relaxed);
-        let mut stale = read_at == 0 || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64;
-        let epoch = f.near_epoch.load(SeqCst);
-        if f.read_epoch.load(Relaxed) != epoch {
-            f.read_epoch.store(epoch, Relaxed);
-            stale = true;
-        }
-        (generation, stale)
+        let stale = read_at == 0
+            || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64
+            || f.read_epoch.load(SeqCst) < epoch;
+        Known { generation, stale, epoch }
     }
 
-    /// Records a generation read from (or returned by) the backend; returns the one to use.
-    pub(crate) fn observe(&self, f: &Function, generation: u64) -> u64 {
+    /// Records a generation read from (or returned by) the backend by a lookup that started at
+    /// `known`; returns the one to use.
+    pub(crate) fn observe(&self, f: &Function, generation: u64, known: &Known) -> u64 {
         f.read_at.store(self.now(), Relaxed);
-        f.generation.fetch_max(generation, Relaxed).max(generation)
+        let generation = f.generation.fetch_max(generation, SeqCst).max(generation);
+        f.read_epoch.fetch_max(known.epoch, SeqCst);
+        generation
+    }
+
+    /// Whether the generation known here reflects every function-wide change pushed up to
+    /// `epoch` (a near copy may be kept on it).
+    pub(crate) fn current_as_of(&self, f: &Function, epoch: u64) -> bool {
+        self.authoritative || f.read_epoch.load(SeqCst) >= epoch
     }
 
     /// Raises the generation kept here (embedded backend: this is the invalidation itself).
     pub(crate) fn bump_local(&self, f: &Function) -> u64 {
-        f.generation.fetch_add(1, Relaxed) + 1
+        f.generation.fetch_add(1, SeqCst) + 1
     }
+}
+
+/// What [`Functions::current`] knows.
+pub(crate) struct Known {
+    pub(crate) generation: u64,
+    /// Read the generation again with this lookup.
+    pub(crate) stale: bool,
+    /// The function's near epoch when it was asked.
+    pub(crate) epoch: u64,
 }

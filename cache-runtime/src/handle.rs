@@ -133,7 +133,10 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let counters = rt.stats.counters(Self::DB, &self.prefix, "");
         let key = self.key(key);
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
-        rt.backend.set(Self::DB, &key, &bytes, ttl).await.inspect_err(|_| counters.backend_error())?;
+        let written = rt.backend.set(Self::DB, &key, &bytes, ttl).await;
+        // A key of a `#[cached]` function written by hand: this process's near copy goes now.
+        rt.near.forget(&key);
+        written.inspect_err(|_| counters.backend_error())?;
         counters.fill();
         Ok(())
     }
@@ -184,10 +187,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         for (key, _) in &encoded {
             rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
         }
-        rt.backend
-            .set_many(Self::DB, &encoded, self.default_ttl)
-            .await
-            .inspect_err(|_| counters.backend_error())?;
+        let written = rt.backend.set_many(Self::DB, &encoded, self.default_ttl).await;
+        encoded.iter().for_each(|(key, _)| rt.near.forget(key));
+        written.inspect_err(|_| counters.backend_error())?;
         for _ in items {
             counters.fill();
         }
@@ -202,7 +204,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         for key in &full {
             rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
         }
-        Ok(rt.backend.delete_many(Self::DB, &full).await?)
+        let deleted = rt.backend.delete_many(Self::DB, &full).await;
+        full.iter().for_each(|key| rt.near.forget(key));
+        Ok(deleted?)
     }
 
     /// Stores `value` under `key` with the default TTL, written behind the caller's back: on Redis
@@ -225,8 +229,12 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
                 tracing::warn!(%error, "write-behind set failed");
             }
         });
+        let key = self.key(key);
+        // Written later: this process's near copy goes now, the store's notification does the
+        // rest when it lands.
+        rt.near.forget(&key);
         let write = crate::backend::Write {
-            key: self.key(key),
+            key,
             value: bytes.into(),
             ttl: self.default_ttl,
             lease: None,
@@ -249,7 +257,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let rt = runtime.inner();
         let key = self.key(key);
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
-        Ok(rt.backend.delete(Self::DB, &key).await?)
+        let deleted = rt.backend.delete(Self::DB, &key).await;
+        rt.near.forget(&key);
+        Ok(deleted?)
     }
 
     /// Whether `key` holds a live entry.
@@ -264,7 +274,10 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         check_ttl(ttl)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.expire(Self::DB, &self.key(key), ttl).await?)
+        let key = self.key(key);
+        let expired = rt.backend.expire(Self::DB, &key, ttl).await;
+        rt.near.forget(&key);
+        Ok(expired?)
     }
 
     /// Time left before `key` expires, or `None` if it is not there.
@@ -280,7 +293,9 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let runtime = self.runtime();
         let rt = runtime.inner();
         // A clear walks the keyspace: give it many op timeouts, not one.
-        Ok(rt.backend.clear(Self::DB, &self.prefix).await?)
+        let cleared = rt.backend.clear(Self::DB, &self.prefix).await;
+        rt.near.flush();
+        Ok(cleared?)
     }
 
     /// Whether the backend answers (PING on Redis).

@@ -55,6 +55,9 @@ struct Kept {
     expires: Instant,
     /// The encoded value's size, what the byte bound counts.
     size: u32,
+    /// Set once the check after storing it passed: until then it answers nothing (a change may
+    /// have been notified between the lookup's read and the store).
+    confirmed: Arc<AtomicBool>,
 }
 
 /// Taken by a lookup before it reads the backend; see the module's documentation.
@@ -71,6 +74,13 @@ pub(crate) struct Ticket {
 pub struct Keeper<T> {
     pub(crate) keep: fn(&T) -> Shared,
     pub(crate) take: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+}
+
+impl Ticket {
+    /// The function's near epoch when it was taken.
+    pub(crate) fn function_epoch(&self) -> u64 {
+        self.function
+    }
 }
 
 impl<T> Clone for Keeper<T> {
@@ -171,6 +181,7 @@ impl NearTier {
         if kept.db != db
             || kept.flushes != self.flushes.load(SeqCst)
             || kept.function != function.load(SeqCst)
+            || !kept.confirmed.load(SeqCst)
             || kept.expires <= Instant::now()
         {
             return None;
@@ -205,15 +216,25 @@ impl NearTier {
         life: Duration,
     ) {
         let Some(expires) = Instant::now().checked_add(life) else { return };
+        let confirmed = Arc::new(AtomicBool::new(false));
         let size = u32::try_from(size).unwrap_or(u32::MAX);
-        let kept =
-            Kept { db: ticket.db, value, flushes: ticket.flushes, function: ticket.function, expires, size };
+        let kept = Kept {
+            db: ticket.db,
+            value,
+            flushes: ticket.flushes,
+            function: ticket.function,
+            expires,
+            size,
+            confirmed: Arc::clone(&confirmed),
+        };
         self.copies.insert(key.to_owned(), kept);
         let unchanged = self.trusted.load(SeqCst)
             && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
             && self.flushes.load(SeqCst) == ticket.flushes
             && function.load(SeqCst) == ticket.function;
-        if !unchanged {
+        if unchanged {
+            confirmed.store(true, SeqCst);
+        } else {
             self.copies.remove(key);
         }
     }
@@ -226,16 +247,23 @@ impl NearTier {
         }
     }
 
-    /// A key of the tracked prefixes changed: an entry, or a function's generation.
+    /// A key of the tracked prefixes changed: an entry (`...:{hash}`), or a function's generation
+    /// (which drops every copy of the function: Redis does not say whether it was raised or only
+    /// had its life extended, which happens about once per TTL). Leases and invalidation stamps
+    /// are neither, and are ignored.
     pub(crate) fn changed(&self, key: &str) {
-        if key.contains(":gen:") {
+        if key.ends_with('}') {
+            self.forget(key);
+        } else if key.contains(":gen:") {
             let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(epoch) = functions.get(key) {
-                epoch.fetch_add(1, SeqCst);
-                return;
+            match functions.get(key) {
+                Some(epoch) => {
+                    epoch.fetch_add(1, SeqCst);
+                }
+                // A function this process has not called: it keeps no copy of it.
+                None => {}
             }
         }
-        self.forget(key);
     }
 
     /// Every copy is dropped.
@@ -284,26 +312,26 @@ mod tests {
     fn a_kept_copy_answers_until_its_key_changes() {
         let (near, f) = tier();
         let keeper = Keeper::<String>::of();
-        let ticket = near.ticket(1, "k", &f).unwrap();
-        near.keep(ticket, "k", &f, (keeper.keep)(&"v1".to_owned()), 8, LIFE);
-        assert_eq!(near.get(1, "k", &f, keeper).as_deref(), Some("v1"));
-        assert_eq!(near.get(2, "k", &f, keeper), None, "another DB's key");
-        near.changed("k");
-        assert_eq!(near.get(1, "k", &f, keeper), None);
+        let ticket = near.ticket(1, "p:f:{k}", &f).unwrap();
+        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&"v1".to_owned()), 8, LIFE);
+        assert_eq!(near.get(1, "p:f:{k}", &f, keeper).as_deref(), Some("v1"));
+        assert_eq!(near.get(2, "p:f:{k}", &f, keeper), None, "another DB's key");
+        near.changed("p:f:{k}");
+        assert_eq!(near.get(1, "p:f:{k}", &f, keeper), None);
     }
 
     #[test]
     fn a_change_between_the_ticket_and_the_copy_keeps_nothing() {
         let (near, f) = tier();
         let keeper = Keeper::<u32>::of();
-        let ticket = near.ticket(0, "k", &f).unwrap();
-        near.changed("k"); // the notification of a write the lookup may have missed
-        near.keep(ticket, "k", &f, (keeper.keep)(&1), 8, LIFE);
-        assert_eq!(near.get(0, "k", &f, keeper), None);
+        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
+        near.changed("p:f:{k}"); // the notification of a write the lookup may have missed
+        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
         // Without the change, the same sequence keeps the copy.
-        let ticket = near.ticket(0, "k", &f).unwrap();
-        near.keep(ticket, "k", &f, (keeper.keep)(&1), 8, LIFE);
-        assert_eq!(near.get(0, "k", &f, keeper), Some(1));
+        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
+        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(1));
     }
 
     #[test]
@@ -311,32 +339,35 @@ mod tests {
         let (near, f) = tier();
         let keeper = Keeper::<u32>::of();
         let keep = |near: &NearTier| {
-            let ticket = near.ticket(0, "k", &f).unwrap();
-            near.keep(ticket, "k", &f, (keeper.keep)(&7), 8, LIFE);
-            assert_eq!(near.get(0, "k", &f, keeper), Some(7));
+            let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
+            near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&7), 8, LIFE);
+            assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(7));
         };
         keep(&near);
         near.distrust();
-        assert_eq!(near.get(0, "k", &f, keeper), None);
-        assert!(near.ticket(0, "k", &f).is_none(), "nothing is kept while untrusted");
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
+        assert!(near.ticket(0, "p:f:{k}", &f).is_none(), "nothing is kept while untrusted");
         near.trust();
         keep(&near);
+        near.changed("p:f:{k}:lease"); // not an entry: nothing dropped
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(7));
         near.register("p:f:gen:00", &f);
         near.changed("p:f:gen:00");
-        assert_eq!(near.get(0, "k", &f, keeper), None);
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
     }
 
     #[test]
     fn a_copy_expires_after_its_life_and_a_huge_life_is_no_panic() {
         let (near, f) = tier();
         let keeper = Keeper::<u32>::of();
-        let ticket = near.ticket(0, "k", &f).unwrap();
-        near.keep(ticket, "k", &f, (keeper.keep)(&7), 8, Duration::from_millis(30));
-        assert_eq!(near.get(0, "k", &f, keeper), Some(7));
+        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
+        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&7), 8, Duration::from_millis(30));
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(7));
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(near.get(0, "k", &f, keeper), None);
-        let ticket = near.ticket(0, "k", &f).unwrap();
-        near.keep(ticket, "k", &f, (keeper.keep)(&7), 8, Duration::MAX);
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
+        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
+        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&8), 8, Duration::MAX);
+        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None, "a life past the clock's range keeps nothing");
     }
 
     #[test]

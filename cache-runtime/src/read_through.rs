@@ -18,7 +18,7 @@ use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
 use crate::key;
-use crate::near::Keeper;
+use crate::near::{Keeper, Ticket};
 use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, Spec};
@@ -173,7 +173,7 @@ where
         }
     } else {
         // Following a running flight: the generation this process knows is enough.
-        (rt.functions.current(&function).0, false)
+        (rt.functions.current(&function).generation, false)
     };
     let mut body = Some(body);
     loop {
@@ -230,7 +230,8 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     let counters = &function.counters;
     // Taken before the read: a change notified from here on keeps the copy from being kept.
     let ticket = near.and_then(|_| rt.near.ticket(spec.db, key, &function.near_epoch));
-    let (known, refresh) = rt.functions.current(function);
+    let known = rt.functions.current(function);
+    let refresh = known.stale;
     let decode = |bytes: &[u8]| (bytes.len(), value::decode::<T>(spec.format, bytes));
     let started = Instant::now();
     // What the entry has left, when the function refreshes eagerly, keeps stale entries or keeps
@@ -270,7 +271,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
             return Lookup::Unavailable;
         }
     };
-    let generation = read.map_or(known, |g| rt.functions.observe(function, g));
+    let generation = read.map_or(known.generation, |g| rt.functions.observe(function, g, &known));
     // An invalidation of this key that has not reached the backend yet: the stored value, if any,
     // is the one it drops, so do not return it (here, or from the lease step).
     let distrusted = rt.pending.covers(cached, key);
@@ -291,7 +292,11 @@ async fn lookup<T: serde::de::DeserializeOwned>(
                 return Lookup::Stale { value, generation };
             }
             let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
-            if let (Some(ticket), Some((keeper, life)), None) = (ticket, near, refresh) {
+            let generation_current =
+                |ticket: &Ticket| rt.functions.current_as_of(function, ticket.function_epoch());
+            if let (Some(ticket), Some((keeper, life)), None) =
+                (ticket.filter(generation_current), near, refresh)
+            {
                 let life = spec.near_copy_life(life, left.map(|_| fresh_left.unwrap_or_default()));
                 if !life.is_zero() {
                     rt.near.keep(ticket, key, &function.near_epoch, (keeper.keep)(&value), size, life);
@@ -740,9 +745,9 @@ impl FailSafe<'_> {
             .await;
         match read {
             Ok((Some(Some(written)), read)) => {
-                let current = read.map_or(rt.functions.current(self.function).0, |g| {
-                    rt.functions.observe(self.function, g)
-                });
+                let known = rt.functions.current(self.function);
+                let current =
+                    read.map_or(known.generation, |g| rt.functions.observe(self.function, g, &known));
                 written >= current.max(self.generation)
             }
             _ => false,

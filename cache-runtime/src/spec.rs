@@ -124,11 +124,11 @@ impl CachedFn {
         self.owner
     }
 
-    /// Where calls come from, as two addresses (the spec constant's and the owner name's): cheap
+    /// Where calls come from, as addresses (the spec constant's and the owner name's, with its length): cheap
     /// to hash, and the same for every call of one function (two may share a state, see
     /// `functions.rs`).
-    pub(crate) fn site(&self) -> (usize, usize) {
-        (std::ptr::from_ref(self.spec) as usize, self.owner.as_ptr() as usize ^ self.owner.len())
+    pub(crate) fn site(&self) -> (usize, usize, usize) {
+        (std::ptr::from_ref(self.spec) as usize, self.owner.as_ptr() as usize, self.owner.len())
     }
 
     /// The function, whatever its generic arguments: what `f(..)` invalidates. Instantiations of

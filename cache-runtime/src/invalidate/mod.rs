@@ -19,8 +19,20 @@ use crate::stats::Counters;
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
-/// Queues `target` for the retry worker, starting it if it is not running.
+/// Queues `target` for the retry worker, starting it if it is not running. This process's near
+/// copies of what it covers go now (lookups then see it queued).
 fn queue(runtime: &Runtime, target: Target) {
+    let rt = runtime.inner();
+    match &target {
+        Target::Key(_, Some(key)) => rt.near.forget(key),
+        Target::Key(_, None) => {}
+        Target::All(function) => {
+            rt.functions
+                .get(function, &rt.stats)
+                .near_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
     let pushed = runtime.inner().pending.push(target);
     if let Some((function, n)) = pushed.coalesced {
         let spec = function.spec();
@@ -112,15 +124,18 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
             rt.flights.revoke_prefix(spec.db, &format!("{}:", key::function_base(spec)));
             let state = rt.functions.get(function, &rt.stats);
             let life = key::generation_life(spec.entry_life());
+            let known = rt.functions.current(&state);
             let bumped = rt.backend.bump_generation(spec.db, &state.generation_key, life).await;
-            // This process's near copies of the function go now, applied or not (a lookup then
-            // sees the new generation, or the queued invalidation).
-            state.near_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            match bumped? {
-                Some(generation) => rt.functions.observe(&state, generation),
-                None => rt.functions.bump_local(&state),
+            let done = match bumped {
+                Ok(Some(generation)) => Ok(rt.functions.observe(&state, generation, &known)),
+                Ok(None) => Ok(rt.functions.bump_local(&state)),
+                Err(error) => Err(error),
             };
-            Ok(())
+            // This process's near copies of the function go now, after the new generation is
+            // known here (a copy kept on the old one by a lookup in between carries the old
+            // epoch), applied or not (a lookup then sees the queued invalidation).
+            state.near_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            done.map(|_| ())
         }
     }
 }

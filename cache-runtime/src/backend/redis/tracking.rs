@@ -9,13 +9,17 @@
 //! process that tracks them, whether or not it holds a copy; it needs no memory on the server.
 //!
 //! The tier is trusted only while this connection tracks: it is distrusted (every copy dropped)
-//! the moment the connection is lost or a `PING` on it goes unanswered for `op_timeout`, and
-//! trusted again, flushed, once a new connection tracks. The task ends with its runtime.
+//! the moment the connection is seen lost (the client library's disconnection push) or a `PING`
+//! on it, every 500 ms, goes unanswered for `op_timeout`, and trusted again, flushed, once a new
+//! connection tracks. Pushes are handled as they arrive, on the connection's own task. The task
+//! ends with its runtime. A server that cannot track (Redis before 6, an ACL without `CLIENT`)
+//! is tried again every 2 s, logged once.
 
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use redis::{PushKind, Value};
+use redis::{PushInfo, PushKind, Value};
 
 use crate::config::RedisTarget;
 use crate::error::BackendError;
@@ -48,6 +52,7 @@ impl Tracking {
 
     async fn run(self, near: Weak<NearTier>) {
         let mut pause = FIRST_PAUSE;
+        // Whether this outage was logged (once per outage, not per attempt).
         let mut failing = false;
         loop {
             let ended = self.session(&near).await;
@@ -55,31 +60,54 @@ impl Tracking {
             tier.distrust();
             drop(tier);
             match ended {
-                Ok(true) => pause = FIRST_PAUSE,
+                Ok(true) => {
+                    pause = FIRST_PAUSE;
+                    failing = false;
+                }
                 Ok(false) => return,
                 Err(error) => {
                     if !failing {
                         tracing::warn!(address = %self.target.address(), %error, "near tier: the tracking connection failed; hits read Redis until it is back (logged once per outage)");
                         failing = true;
                     }
+                    pause = (pause * 2).min(MAX_PAUSE);
                 }
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_PAUSE);
-            if failing {
-                continue;
-            }
         }
     }
 
     /// One connection's life: `Ok(true)` when it was lost after tracking, `Ok(false)` when the
     /// runtime is gone, `Err` when it could not start tracking.
     async fn session(&self, near: &Weak<NearTier>) -> Result<bool, BackendError> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // Pushes are handled on the connection's own task, in the order the server sent them,
+        // as they arrive: nothing queues them, and a slow `PING` below delays none.
+        let alive = Arc::new(AtomicBool::new(true));
+        let lost = Arc::new(tokio::sync::Notify::new());
+        let (tier, namespace, on_push_alive, on_push_lost) =
+            (near.clone(), self.namespace.clone(), Arc::clone(&alive), Arc::clone(&lost));
+        let on_push = move |push: PushInfo| -> Result<(), ()> {
+            match push.kind {
+                PushKind::Invalidate => {
+                    if let Some(tier) = tier.upgrade() {
+                        invalidated(&tier, &namespace, &push.data);
+                    }
+                }
+                PushKind::Disconnection => {
+                    on_push_alive.store(false, SeqCst);
+                    if let Some(tier) = tier.upgrade() {
+                        tier.distrust();
+                    }
+                    on_push_lost.notify_one();
+                }
+                _ => {}
+            }
+            Ok(())
+        };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.op_timeout))
-            .set_push_sender(tx);
+            .set_push_sender(on_push);
         let client = self.target.resp3_client()?;
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
         redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
@@ -90,22 +118,21 @@ impl Tracking {
         }
         track.query_async::<()>(&mut conn).await?;
         match near.upgrade() {
-            Some(tier) => tier.trust(),
+            Some(tier) => {
+                tier.trust();
+                // Lost before it was trusted: the push's `distrust` came first, so undo the trust.
+                if !alive.load(SeqCst) {
+                    tier.distrust();
+                    return Ok(true);
+                }
+            }
             None => return Ok(false),
         }
         tracing::info!(address = %self.target.address(), prefixes = ?self.prefixes, "near tier: tracking");
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             tokio::select! {
-                push = rx.recv() => {
-                    let Some(push) = push else { return Ok(true) };
-                    let Some(tier) = near.upgrade() else { return Ok(false) };
-                    match push.kind {
-                        PushKind::Invalidate => self.invalidated(&tier, &push.data),
-                        PushKind::Disconnection => return Ok(true),
-                        _ => {}
-                    }
-                }
+                _ = lost.notified() => return Ok(true),
                 _ = ping.tick() => {
                     if near.strong_count() == 0 {
                         return Ok(false);
@@ -122,22 +149,23 @@ impl Tracking {
             }
         }
     }
+}
 
-    fn invalidated(&self, tier: &NearTier, data: &[Value]) {
-        match data.first() {
-            Some(Value::Array(keys)) => {
-                for key in keys {
-                    let name = match key {
-                        Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
-                        Value::SimpleString(s) => s.as_str().into(),
-                        _ => continue,
-                    };
-                    let name = name.strip_prefix(self.namespace.as_str()).unwrap_or(&name);
-                    tier.changed(name);
-                }
+/// An `invalidate` push: the keys that changed, or a null after `FLUSHALL`/`FLUSHDB`.
+fn invalidated(tier: &NearTier, namespace: &str, data: &[Value]) {
+    match data.first() {
+        Some(Value::Array(keys)) => {
+            for key in keys {
+                let name = match key {
+                    Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
+                    Value::SimpleString(s) => s.as_str().into(),
+                    _ => continue,
+                };
+                let name = name.strip_prefix(namespace).unwrap_or(&name);
+                tier.changed(name);
             }
-            // `FLUSHALL` / `FLUSHDB`, or a message this code does not know: drop everything.
-            _ => tier.flush(),
         }
+        // `FLUSHALL` / `FLUSHDB`, or a message this code does not know: drop everything.
+        _ => tier.flush(),
     }
 }
