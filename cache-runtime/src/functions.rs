@@ -93,6 +93,9 @@ impl Function {
     }
 }
 
+/// Function states by call site (`CachedFn::site`).
+type BySite = HashMap<(usize, usize, usize), Arc<Function>, foldhash::fast::RandomState>;
+
 pub(crate) struct Functions {
     /// The copy is the truth (embedded backend): never read again.
     authoritative: bool,
@@ -103,7 +106,7 @@ pub(crate) struct Functions {
     /// compares in a few nanoseconds, the id's strings do not. Several sites may share a state.
     /// Read without a lock or a reference count (`arc_swap`); replaced whole when a site is
     /// added, which happens once per site.
-    by_site: ArcSwap<HashMap<(usize, usize, usize), Arc<Function>, foldhash::fast::RandomState>>,
+    by_site: ArcSwap<BySite>,
     near: Arc<NearTier>,
 }
 

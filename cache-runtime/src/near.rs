@@ -256,12 +256,9 @@ impl NearTier {
             self.forget(key);
         } else if key.contains(":gen:") {
             let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
-            match functions.get(key) {
-                Some(epoch) => {
-                    epoch.fetch_add(1, SeqCst);
-                }
-                // A function this process has not called: it keeps no copy of it.
-                None => {}
+            // A function this process has not called keeps no copy here.
+            if let Some(epoch) = functions.get(key) {
+                epoch.fetch_add(1, SeqCst);
             }
         }
     }
