@@ -34,7 +34,7 @@ use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::Weighter;
 
 /// A typed value as the tier keeps it.
-pub(crate) type Shared = Arc<dyn Any + Send + Sync>;
+pub(crate) type Shared = Box<dyn Any + Send + Sync>;
 
 /// How many stripes notifications are counted in: two keys share one with odds 1/1024, which
 /// costs a kept copy (a later hit reads the backend), never a wrong one.
@@ -43,9 +43,11 @@ const STRIPES: usize = 1024;
 /// What the tier charges for one copy beyond the encoded value's bytes and the key.
 const OVERHEAD: u64 = 96;
 
-/// One kept copy.
+/// One kept copy, shared: the cache hands out clones, one reference count each.
 #[derive(Clone)]
-struct Kept {
+struct Kept(Arc<Held>);
+
+struct Held {
     db: u8,
     value: Shared,
     /// The tier's flush count when the lookup that kept it started: a flush since kills it.
@@ -57,7 +59,7 @@ struct Kept {
     size: u32,
     /// Set once the check after storing it passed: until then it answers nothing (a change may
     /// have been notified between the lookup's read and the store).
-    confirmed: Arc<AtomicBool>,
+    confirmed: AtomicBool,
 }
 
 /// Taken by a lookup before it reads the backend; see the module's documentation.
@@ -93,7 +95,7 @@ impl<T> Copy for Keeper<T> {}
 impl<T: Clone + Send + Sync + 'static> Keeper<T> {
     /// The keeper of `T`.
     pub fn of() -> Self {
-        Keeper { keep: |value| Arc::new(value.clone()), take: |any| any.downcast_ref::<T>().cloned() }
+        Keeper { keep: |value| Box::new(value.clone()), take: |any| any.downcast_ref::<T>().cloned() }
     }
 }
 
@@ -106,7 +108,7 @@ struct ByBytes {
 
 impl Weighter<String, Kept> for ByBytes {
     fn weight(&self, key: &String, kept: &Kept) -> u64 {
-        (key.len() as u64 + u64::from(kept.size) + OVERHEAD).max(self.floor)
+        (key.len() as u64 + u64::from(kept.0.size) + OVERHEAD).max(self.floor)
     }
 }
 
@@ -177,7 +179,7 @@ impl NearTier {
 
     /// The copy of `key` in `db`, if one is live.
     pub(crate) fn get<T>(&self, db: u8, key: &str, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
-        let kept = self.copies.get(key)?;
+        let Kept(kept) = self.copies.get(key)?;
         if kept.db != db
             || kept.flushes != self.flushes.load(SeqCst)
             || kept.function != function.load(SeqCst)
@@ -216,24 +218,23 @@ impl NearTier {
         life: Duration,
     ) {
         let Some(expires) = Instant::now().checked_add(life) else { return };
-        let confirmed = Arc::new(AtomicBool::new(false));
         let size = u32::try_from(size).unwrap_or(u32::MAX);
-        let kept = Kept {
+        let kept = Arc::new(Held {
             db: ticket.db,
             value,
             flushes: ticket.flushes,
             function: ticket.function,
             expires,
             size,
-            confirmed: Arc::clone(&confirmed),
-        };
-        self.copies.insert(key.to_owned(), kept);
+            confirmed: AtomicBool::new(false),
+        });
+        self.copies.insert(key.to_owned(), Kept(Arc::clone(&kept)));
         let unchanged = self.trusted.load(SeqCst)
             && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
             && self.flushes.load(SeqCst) == ticket.flushes
             && function.load(SeqCst) == ticket.function;
         if unchanged {
-            confirmed.store(true, SeqCst);
+            kept.confirmed.store(true, SeqCst);
         } else {
             self.copies.remove(key);
         }
