@@ -81,6 +81,7 @@ async fn status(State(admin): State<Admin>) -> Json<Value> {
     Json(json!({
         "backend": runtime.backend_kind(),
         "address": runtime.description(),
+        "near": runtime.near_status(),
         "server": server,
         "server_error": server_error,
         "breaker_open": runtime.breaker_open(),
@@ -102,6 +103,7 @@ async fn config(State(admin): State<Admin>) -> Json<Value> {
     let (batch_max, batch_delay, batch_queue) = c.batching();
     let (breaker_threshold, breaker_cooldown) = c.breaker();
     let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let (near_on, near_default, near_capacity, near_max_bytes) = c.near();
     Json(json!({
         "backend": runtime.backend_kind(),
         // `Display` of the target: never a password.
@@ -122,6 +124,11 @@ async fn config(State(admin): State<Admin>) -> Json<Value> {
         "breaker_cooldown_ms": ms(breaker_cooldown),
         "memory_capacity": c.memory_capacity(),
         "memory_max_bytes": c.memory_max_bytes(),
+        "near": near_on,
+        "near_default_ms": near_default.map(ms),
+        "near_capacity": near_capacity,
+        "near_max_bytes": near_max_bytes,
+        "near_status": runtime.near_status(),
     }))
 }
 

@@ -140,6 +140,11 @@ impl CacheConfig {
     pub fn memory_max_bytes(&self) -> u64 {
         self.memory_max_bytes
     }
+    /// The near tier: whether it is on, its default life for functions without `near` (on
+    /// Redis), and its bounds (copies, bytes).
+    pub fn near(&self) -> (bool, Option<Duration>, u64, u64) {
+        (self.near, self.near_default, self.near_capacity, self.near_max_bytes)
+    }
     /// Life of a fill lease between renewals.
     pub fn lease_ttl(&self) -> Duration {
         self.lease_ttl
