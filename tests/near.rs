@@ -301,3 +301,30 @@ async fn in_one_process_no_copy_outlives_an_invalidation_that_returned() {
         assert!(near > 0, "{name}: no near copy answered, so this proves nothing");
     }
 }
+
+/// No `near` option: kept only through the runtime's default.
+#[cached(db = MarketData, prefix = "near_default", ttl = 60)]
+async fn defaulted(symbol: &str) -> Quote {
+    Quote { symbol: symbol.to_owned(), version: 1 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_default_of_duration_max_keeps_copies_without_overflow() {
+    let server = RedisServer::start();
+    // The default is bounded where it is set (a day), and each copy by the entry's TTL.
+    let config = CacheConfig::redis(&server.url()).unwrap().with_near_default(Duration::MAX);
+    assert_eq!(config.near().1, Some(cache_runtime::MAX_SETTING));
+    let runtime = Runtime::new(support::relaxed(config));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runtime.stats().get(5, "near_default").map_or(0, |s| s.near_hits) == 0 {
+        assert!(Instant::now() < deadline, "no near hit within 5 s: {:?}", runtime.near_status());
+        assert_eq!(runtime.scope(defaulted("SAP")).await.version, 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Without the default, the same function reads Redis every time.
+    let plain = redis_runtime(&server.url(), |c| c);
+    for _ in 0..3 {
+        plain.scope(defaulted("SAP")).await;
+    }
+    assert_eq!(plain.stats().get(5, "near_default").map_or(0, |s| s.near_hits), 0);
+}

@@ -641,9 +641,9 @@ async fn run() {
         let (mut json_c1, mut packed_c1, mut decoded_c1) =
             (Contender::default(), Contender::default(), Contender::default());
         for _ in 0..rounds {
-            json_c1.add(memory.scope(hit_loop(round_time, false)).await);
-            packed_c1.add(memory.scope(hit_loop(round_time, true)).await);
-            decoded_c1.add(decoding.scope(hit_loop(round_time, false)).await);
+            json_c1.add(memory.scope(hit_loop(round_time, ours)).await);
+            packed_c1.add(memory.scope(hit_loop(round_time, ours_packed)).await);
+            decoded_c1.add(decoding.scope(hit_loop(round_time, ours)).await);
         }
         json.insert(
             "memory_hit_p50_ns_decoded".into(),
@@ -712,7 +712,7 @@ async fn run() {
         let near_share = (near_hits() - near_before) as f64 / n.latencies_ns.len().max(1) as f64;
         let mut n1 = Contender::default();
         for _ in 0..rounds {
-            n1.add(near_loop(round_time).await);
+            n1.add(hit_loop(round_time, ours_near).await);
         }
         for (name, x) in [
             ("raw redis GET+decode", &mut r),
@@ -1033,34 +1033,19 @@ async fn batched_fills(handle: &Cache<Indicator, Quote>, runtime: &Runtime, keys
     keys as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// Warm hits in a loop on the current task for `duration`.
-async fn hit_loop(duration: Duration, packed: bool) -> Round {
+/// Warm hits of `call` in a loop on the current task for `duration`.
+async fn hit_loop<F, Fut>(duration: Duration, call: F) -> Round
+where
+    F: Fn(&'static str) -> Fut,
+    Fut: Future<Output = Result<Quote, FeedError>>,
+{
     let mut latencies_ns = Vec::with_capacity(1 << 20);
     let started = Instant::now();
     let mut i = 0;
     while started.elapsed() < duration {
         let symbol = &symbols()[i % HOT_KEYS];
         let t0 = Instant::now();
-        if packed {
-            std::hint::black_box(ours_packed(symbol).await.unwrap());
-        } else {
-            std::hint::black_box(ours(symbol).await.unwrap());
-        }
-        latencies_ns.push(t0.elapsed().as_nanos() as u64);
-        i += 1;
-    }
-    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
-}
-
-/// Near hits in a loop on the current task for `duration`.
-async fn near_loop(duration: Duration) -> Round {
-    let mut latencies_ns = Vec::with_capacity(1 << 20);
-    let started = Instant::now();
-    let mut i = 0;
-    while started.elapsed() < duration {
-        let symbol = &symbols()[i % HOT_KEYS];
-        let t0 = Instant::now();
-        std::hint::black_box(ours_near(symbol).await.unwrap());
+        std::hint::black_box(call(symbol).await.unwrap());
         latencies_ns.push(t0.elapsed().as_nanos() as u64);
         i += 1;
     }
