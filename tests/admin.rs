@@ -175,6 +175,8 @@ async fn operators_see_and_steer_the_cache_over_http() {
     let rates_before = runtime.stats().function(5, "adm_rates", "rate").unwrap().hits;
     runtime.scope(rate("EURUSD")).await;
     assert_eq!(runtime.stats().function(5, "adm_rates", "rate").unwrap().hits, rates_before + 1);
+    // The fill of the recomputed quote is written behind: it is counted once the server answers.
+    runtime.flush().await.unwrap();
 
     // The scrape: counters by DB, prefix and function, latency histograms, gauges.
     let metrics = get(port, "/metrics").await;
