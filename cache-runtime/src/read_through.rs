@@ -87,9 +87,12 @@ where
     // Everything else, boxed, and the function's future made only there: the future of a near
     // hit stays a few words, not the size of every path below and of the function's body.
     if span.is_disabled() {
-        Box::pin(serve::<P, R, F>(cached, key, keeper, body)).await
+        let serving = Box::pin(serve::<P, R, F>(cached, key, keeper, body));
+        serving.await
     } else {
-        Box::pin(tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span)).await
+        let serving =
+            Box::pin(tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span));
+        serving.await
     }
 }
 
@@ -115,11 +118,16 @@ where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    let body = body();
+    // This future and the lookup's are allocated for every call that reaches them, hits
+    // included, so both are kept small: the function's future and every path past the lookup
+    // are made, and boxed, only where they run. Two boxes under a kilobyte each are served by
+    // the allocator's per-thread cache; one of both (1.5 KB, and 5 KB before the paths past
+    // the lookup were boxed) took the allocator's shared lock, contended at 64 callers.
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if rt.backend.is_none() {
-        return body.await;
+        let running = Box::pin(body());
+        return running.await;
     }
     let spec = cached.spec();
     let function = rt.functions.get(&cached, &rt.stats);
@@ -135,7 +143,8 @@ where
                 "an argument failed to serialize into the cache key; calling uncached (logged once per function, counted as key_failures)"
             );
         }
-        return body.await;
+        let running = Box::pin(body());
+        return running.await;
     };
     // Where a lookup keeps a near copy of what it reads (`call` asked the copies already).
     let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life)));
@@ -146,14 +155,17 @@ where
         lookup_first = !rt.flights.is_running(spec.db, &key);
     }
     let (generation, overwrite) = if lookup_first {
-        match lookup::<P::Stored>(rt, &cached, &key, &function, near).await {
+        let looking = Box::pin(lookup::<P::Stored>(rt, &cached, &key, &function, near));
+        match looking.await {
             Lookup::Hit { value, refresh: Some(generation) } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                return refresh_eagerly::<P, R, F>(miss, value, body).await;
+                let running = Box::pin(refresh_eagerly::<P, R, F>(miss, value, body()));
+                return running.await;
             }
             Lookup::Stale { value, generation } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                return serve_stale::<P, R, F>(miss, value, body, &function).await;
+                let running = Box::pin(serve_stale::<P, R, F>(miss, value, body(), &function));
+                return running.await;
             }
             Lookup::Hit { value, refresh: None } => {
                 counters.hit();
@@ -168,7 +180,8 @@ where
             Lookup::Miss { generation, overwrite } => (generation, overwrite),
             Lookup::Unavailable => {
                 counters.miss();
-                return body.await;
+                let running = Box::pin(body());
+                return running.await;
             }
         }
     } else {
@@ -182,7 +195,8 @@ where
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                return lead::<P, R, F>(miss, overwrite, body, leader).await;
+                let running = Box::pin(lead::<P, R, F>(miss, overwrite, body(), leader));
+                return running.await;
             }
             Join::Follower(rx) => {
                 let shared = match flight::wait(rx).await {
@@ -203,7 +217,8 @@ where
     }
     counters.miss();
     telemetry::outcome("miss");
-    body.take().expect("a follower still holds its function").await
+    let running = Box::pin(body.take().expect("a follower still holds its function")());
+    running.await
 }
 
 /// Counts a failed backend call: `bypassed` when the breaker refused it (no network), else a
@@ -217,6 +232,38 @@ fn count_failure(counters: &Counters, spec: &Spec, key: &str, error: &BackendErr
         telemetry::outcome("unavailable");
         tracing::debug!(db = spec.db, prefix = spec.prefix, function = spec.function, %key, %error, "cache {what} failed; calling the function");
     }
+}
+
+/// A lookup's read when it needs more than the entry: the function's generation (read again
+/// every `generation_refresh`) or the entry's time left (eager refresh, fail-safe, near copies).
+/// A failure of either read fails the lookup.
+async fn read_more<V>(
+    rt: &Inner,
+    spec: &Spec,
+    key: &str,
+    function: &Function,
+    generation: bool,
+    reads_ttl: bool,
+    decode: impl Fn(&[u8]) -> V,
+) -> (Result<(Option<V>, Option<u64>), BackendError>, Option<Duration>) {
+    if !generation {
+        return match rt.backend.get_with_ttl(spec.db, key, decode).await {
+            Ok((found, left)) => (Ok((found, None)), left),
+            Err(error) => (Err(error), None),
+        };
+    }
+    let life = key::generation_life(spec.entry_life());
+    let found = rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await;
+    // A read that also reads the generation does not learn the entry's time left: ask for it
+    // (one more round trip), so that an entry past its TTL does not pass for a fresh one, and a
+    // due refresh is not missed by callers sparser than the period.
+    if reads_ttl && matches!(found, Ok((Some(_), _))) {
+        return match rt.backend.ttl(spec.db, key).await {
+            Ok(left) => (found, left),
+            Err(error) => (Err(error), None),
+        };
+    }
+    (found, None)
 }
 
 async fn lookup<T: serde::de::DeserializeOwned>(
@@ -237,31 +284,13 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     // What the entry has left, when the function refreshes eagerly, keeps stale entries or keeps
     // a near copy (which must not outlive the entry's fresh life).
     let reads_ttl = spec.reads_ttl() || ticket.is_some();
-    let mut left = None;
-    let found = if refresh {
-        let life = key::generation_life(spec.entry_life());
-        let found =
-            rt.backend.get_with_generation(spec.db, key, &function.generation_key, life, decode).await;
-        // A lookup that also reads the generation (periodic) does not learn the entry's time
-        // left: ask for it (one more round trip), so that an entry past its TTL does not pass
-        // for a fresh one, and a due refresh is not missed by callers sparser than the period.
-        if reads_ttl && matches!(found, Ok((Some(_), _))) {
-            match rt.backend.ttl(spec.db, key).await {
-                Ok(ttl) => left = ttl,
-                Err(error) => {
-                    count_failure(counters, spec, key, &error, "lookup");
-                    return Lookup::Unavailable;
-                }
-            }
-        }
-        found
-    } else if reads_ttl {
-        rt.backend.get_with_ttl(spec.db, key, decode).await.map(|(v, ttl)| {
-            left = ttl;
-            (v, None)
-        })
+    let (found, left) = if refresh || reads_ttl {
+        // Boxed: rarer than the plain read, and their futures would make every lookup's future
+        // larger (allocated whole per call; see `serve`).
+        let reading = Box::pin(read_more(rt, spec, key, function, refresh, reads_ttl, decode));
+        reading.await
     } else {
-        rt.backend.get_with(spec.db, key, decode).await.map(|v| (v, None))
+        (rt.backend.get_with(spec.db, key, decode).await.map(|v| (v, None)), None)
     };
     counters.lookup_took(started.elapsed());
     let (found, read) = match found {

@@ -19,7 +19,10 @@ pub(crate) mod redis;
 pub(crate) mod sentinel;
 pub(crate) mod store;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub use self::protocol::BackendInfo;
@@ -45,6 +48,35 @@ macro_rules! stores {
             ($d backend:expr, $d store:ident => $d body:expr) => {
                 match $d backend {
                     $(Backend::$variant($d store) => $d body),*
+                }
+            };
+        }
+
+        pin_project_lite::pin_project! {
+            /// The future of one call on whichever store the runtime has: as large as the
+            /// largest store's, where an `async fn` matching over the stores is larger than that
+            /// (the hit path's future is allocated per call: its size is a cost).
+            #[project = EachProjection]
+            pub(crate) enum Each<$($variant),*> {
+                $($variant { #[pin] future: $variant }),*
+            }
+        }
+
+        impl<Output, $($variant: Future<Output = Output>),*> Future for Each<$($variant),*> {
+            type Output = Output;
+            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Output> {
+                match self.project() {
+                    $(EachProjection::$variant { future } => future.poll(cx)),*
+                }
+            }
+        }
+
+        /// `each_store!` for a call that returns a future: the store's future, unawaited, in
+        /// an [`Each`].
+        macro_rules! each_future {
+            ($d backend:expr, $d store:ident => $d body:expr) => {
+                match $d backend {
+                    $(Backend::$variant($d store) => Each::$variant { future: $d body }),*
                 }
             };
         }
@@ -99,13 +131,14 @@ impl Store for Backend {
     fn keeps_generations_in_process(&self) -> bool {
         each_store!(self, s => Store::keeps_generations_in_process(s))
     }
-    async fn get_with<T>(
+    // The hit path's two reads: not `async fn`s, see `Each`.
+    fn get_with<T>(
         &self,
         db: u8,
         key: &str,
         decode: impl Fn(&[u8]) -> T,
-    ) -> Result<Option<T>, BackendError> {
-        each_store!(self, s => Store::get_with(s, db, key, decode).await)
+    ) -> impl Future<Output = Result<Option<T>, BackendError>> {
+        each_future!(self, s => Store::get_with(s, db, key, decode))
     }
     async fn get_with_generation<T>(
         &self,
@@ -117,13 +150,13 @@ impl Store for Backend {
     ) -> Result<(Option<T>, Option<u64>), BackendError> {
         each_store!(self, s => Store::get_with_generation(s, db, key, generation_key, generation_life, decode).await)
     }
-    async fn get_with_ttl<T>(
+    fn get_with_ttl<T>(
         &self,
         db: u8,
         key: &str,
         decode: impl Fn(&[u8]) -> T,
-    ) -> Result<(Option<T>, Option<Duration>), BackendError> {
-        each_store!(self, s => Store::get_with_ttl(s, db, key, decode).await)
+    ) -> impl Future<Output = Result<(Option<T>, Option<Duration>), BackendError>> {
+        each_future!(self, s => Store::get_with_ttl(s, db, key, decode))
     }
     async fn get_many_with<T>(
         &self,

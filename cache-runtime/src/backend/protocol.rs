@@ -135,13 +135,15 @@ pub(crate) fn stamp_life(lease_ttl: Duration) -> Duration {
     lease_ttl.saturating_mul(4).max(Duration::from_secs(1))
 }
 
-/// Runs `op` with the runtime's bound on backend calls.
-pub(crate) async fn bounded<T>(
+/// Runs `op` with the runtime's bound on backend calls (counted from this call).
+///
+/// A combinator, not an `async fn`: an `async fn` keeps its future argument beside the future it
+/// awaits, so every such layer would double the size of the hit path's future (allocated per
+/// call, and past the allocator's per-thread cache once it is over a kilobyte).
+pub(crate) fn bounded<T>(
     limit: Duration,
     op: impl Future<Output = Result<T, BackendError>>,
-) -> Result<T, BackendError> {
-    match tokio::time::timeout(limit, op).await {
-        Ok(result) => result,
-        Err(_) => Err(BackendError::Timeout(limit)),
-    }
+) -> impl Future<Output = Result<T, BackendError>> {
+    use futures_util::FutureExt;
+    tokio::time::timeout(limit, op).map(move |result| result.unwrap_or(Err(BackendError::Timeout(limit))))
 }

@@ -168,18 +168,26 @@ impl<C: Connections> RedisStore<C> {
 
     /// Runs `op` through the breaker, bounded by `limit`: refused at once while the breaker is
     /// open, and its result moves the breaker.
-    async fn guarded<T>(
-        &self,
+    ///
+    /// Combinators rather than an `async fn`, for the size of the future (see `bounded`); the
+    /// breaker is asked when the call is first polled, the bound counts from this call.
+    fn guarded<'a, T: 'a>(
+        &'a self,
         limit: Duration,
-        op: impl Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
-        let permit = self.breaker.admit()?;
-        let result = bounded(limit, op).await;
-        permit.record(&result);
-        if let Err(e) = &result {
-            self.links.failed(e);
-        }
-        result
+        op: impl Future<Output = Result<T, BackendError>> + 'a,
+    ) -> impl Future<Output = Result<T, BackendError>> + 'a {
+        use futures_util::future::{self, Either, FutureExt};
+        let op = bounded(limit, op);
+        future::lazy(move |_| self.breaker.admit()).then(move |admitted| match admitted {
+            Err(refused) => Either::Left(future::ready(Err(refused))),
+            Ok(permit) => Either::Right(op.map(move |result| {
+                permit.record(&result);
+                if let Err(e) = &result {
+                    self.links.failed(e);
+                }
+                result
+            })),
+        })
     }
 }
 
