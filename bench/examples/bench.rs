@@ -5,7 +5,7 @@
 //! Throughput is measured in alternating rounds (raw, ours, cached crate, raw, ...) and each
 //! contender's median round is used: on shared virtual machines absolute figures swing from run
 //! to run while ratios measured this way hold. Latency percentiles are over every call of every
-//! round.
+//! round. `BENCH_ALONE=raw` or `=ours` runs one contender's warm hits alone, for `perf stat`.
 
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
@@ -407,6 +407,38 @@ async fn run() {
         raw(&mut raw_conn.clone(), s).await;
     }
     runtime.flush().await.unwrap();
+
+    // 0. One contender alone (`BENCH_ALONE=raw` or `=ours`): warm hits at concurrency 64 for all
+    // the rounds' time, then exit; for `perf stat`, which measures a whole process (CPU per hit:
+    // its task-clock over the hits printed).
+    if let Ok(alone) = std::env::var("BENCH_ALONE") {
+        let conn = redis::Client::open(format!("{url}/5"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a multiplexed connection");
+        let time = round_time * u32::try_from(rounds).unwrap_or(1);
+        let r = match alone.as_str() {
+            "raw" => {
+                round(64, time, move |i| {
+                    let mut conn = conn.clone();
+                    async move {
+                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                    }
+                })
+                .await
+            }
+            "ours" => {
+                round(64, time, |i| async move {
+                    ours(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await
+            }
+            other => panic!("BENCH_ALONE is `raw` or `ours`, not `{other}`"),
+        };
+        println!("{alone} alone, concurrency 64: {} hits, {:.0} hits/s", r.ops, r.throughput());
+        return;
+    }
 
     // 1. Warm hits at concurrency 1 and 64. The raw side is a plain multiplexed connection (no
     // `ConnectionManager` around it): the cheapest correct client a team could write. The same
