@@ -120,9 +120,9 @@ where
 {
     // This future and the lookup's are allocated for every call that reaches them, hits
     // included, so both are kept small: the function's future and every path past the lookup
-    // are made, and boxed, only where they run. Two boxes under a kilobyte each are served by
-    // the allocator's per-thread cache; one of both (1.5 KB, and 5 KB before the paths past
-    // the lookup were boxed) took the allocator's shared lock, contended at 64 callers.
+    // are made, and boxed, only where they run. Boxes under a kilobyte are served by the
+    // allocator's per-thread cache; one of both (1.5 KB, and 5 KB before the paths past the
+    // lookup were boxed) took the allocator's shared lock, contended at 64 callers.
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if rt.backend.is_none() {
@@ -285,8 +285,9 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     // a near copy (which must not outlive the entry's fresh life).
     let reads_ttl = spec.reads_ttl() || ticket.is_some();
     let (found, left) = if refresh || reads_ttl {
-        // Boxed: rarer than the plain read, and their futures would make every lookup's future
-        // larger (allocated whole per call; see `serve`).
+        // Boxed: their futures would make every lookup's larger (allocated per call; see
+        // `serve`), and only functions that read the time left (eager refresh, fail-safe, near
+        // copies) take this path on every lookup; the others once per `generation_refresh`.
         let reading = Box::pin(read_more(rt, spec, key, function, refresh, reads_ttl, decode));
         reading.await
     } else {

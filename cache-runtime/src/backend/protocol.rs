@@ -145,5 +145,6 @@ pub(crate) fn bounded<T>(
     op: impl Future<Output = Result<T, BackendError>>,
 ) -> impl Future<Output = Result<T, BackendError>> {
     use futures_util::FutureExt;
-    tokio::time::timeout(limit, op).map(move |result| result.unwrap_or(Err(BackendError::Timeout(limit))))
+    tokio::time::timeout(limit, op)
+        .map(move |result| result.unwrap_or_else(|_| Err(BackendError::Timeout(limit))))
 }

@@ -170,17 +170,16 @@ impl<C: Connections> RedisStore<C> {
     /// open, and its result moves the breaker.
     ///
     /// Combinators rather than an `async fn`, for the size of the future (see `bounded`); the
-    /// breaker is asked when the call is first polled, the bound counts from this call.
+    /// breaker is asked when the call is first polled, and the bound counts from there.
     fn guarded<'a, T: 'a>(
         &'a self,
         limit: Duration,
         op: impl Future<Output = Result<T, BackendError>> + 'a,
     ) -> impl Future<Output = Result<T, BackendError>> + 'a {
         use futures_util::future::{self, Either, FutureExt};
-        let op = bounded(limit, op);
         future::lazy(move |_| self.breaker.admit()).then(move |admitted| match admitted {
             Err(refused) => Either::Left(future::ready(Err(refused))),
-            Ok(permit) => Either::Right(op.map(move |result| {
+            Ok(permit) => Either::Right(bounded(limit, op).map(move |result| {
                 permit.record(&result);
                 if let Err(e) = &result {
                     self.links.failed(e);
