@@ -97,9 +97,22 @@ async fn run_role(role: &str, dir: &str) -> String {
             assert!(values.windows(2).all(|w| w[0] == w[1]), "one value per process: {values:?}");
             format!("value={} started={started} returned={}", values[0], now_ms())
         }
-        "read" => format!("value={}", price(dir).await),
+        "read" => {
+            // The racing reader starts once the writer is ready to write: a writer still starting
+            // (a loaded machine) would otherwise write after the reader's fill, and no race runs.
+            if let Ok(ready) = std::env::var("WAIT_FOR") {
+                while !Path::new(dir).join(&ready).exists() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            format!("value={}", price(dir).await)
+        }
         "invalidate" | "delete" => {
-            // Wait until the reader has read the old row, then write and drop the entry.
+            // The store opened and used once, so that what follows the reader's read is only
+            // the write; then wait until the reader has read the old row, write and drop the entry.
+            let handle = Cache::<MarketData, String>::new("disk", Duration::from_secs(60)).unwrap();
+            let _ = handle.get("warm-up").await;
+            std::fs::write(Path::new(dir).join("writer.ready"), "1").unwrap();
             let flag = Path::new(dir).join("read.flag");
             while !flag.exists() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -110,7 +123,6 @@ async fn run_role(role: &str, dir: &str) -> String {
             } else {
                 // What a cache without stamps does: delete the key.
                 let key = cache_runtime::KeyBuilder::new("disk", "disk", "price").arg(dir).finish().unwrap();
-                let handle = Cache::<MarketData, String>::new("disk", Duration::from_secs(60)).unwrap();
                 handle.delete(key.strip_prefix("disk:").unwrap()).await.unwrap();
             }
             "written".to_owned()
@@ -239,7 +251,8 @@ fn stale_set_across_processes() {
         for (writer, expect_fresh) in [("invalidate", true), ("delete", false)] {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("db.txt"), "old").unwrap();
-            let reader = worker_command("read", dir.path(), "disk").spawn().unwrap();
+            let reader =
+                worker_command("read", dir.path(), "disk").env("WAIT_FOR", "writer.ready").spawn().unwrap();
             let writer_proc = worker_command(writer, dir.path(), "disk").spawn().unwrap();
             let read = wait_report(reader);
             wait_report(writer_proc);
