@@ -435,12 +435,18 @@ where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    let Miss { runtime, cached, spec, key, generation, counters } = miss;
+    let Miss { runtime, cached, spec, key, mut generation, counters } = miss;
     let rt = runtime.inner();
     let token = crate::backend::unique();
     let mut pause = Duration::from_millis(2);
     let mut waited = false;
     loop {
+        // The generation this process knows now, not only the one the lookup knew: a
+        // function-wide invalidation that returned since (its flights revoked, so callers
+        // arriving after it may follow this one) makes entries of the older one stale, for the
+        // stored value this asks for and for the value it fills.
+        generation =
+            generation.max(rt.functions.with(cached, &rt.stats, |f| rt.functions.current(f).generation));
         // A stored value that must not be returned (it does not decode, or an invalidation of it
         // is still queued, checked on every turn): ask for a generation none has.
         let distrusted = overwrite || rt.pending.covers(cached, key);

@@ -112,6 +112,10 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
             let db = function.spec().db;
             rt.flights.revoke(db, key);
             let done = rt.backend.invalidate(db, key, stamp_life(rt.lease_ttl)).await;
+            // Again once the backend answered: a flight started during the round trip may have
+            // read the entry before it was dropped, and a caller arriving after this returns
+            // must not follow it.
+            rt.flights.revoke(db, key);
             // This process's near copy goes now, applied or not (a lookup then sees the queued
             // invalidation); other processes' go with the server's notification.
             rt.near.forget(key);
@@ -121,7 +125,8 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
             let spec = function.spec();
             // Also revokes the flights of a same-named function of another module (same base):
             // they start over, which costs a computation, never a wrong value.
-            rt.flights.revoke_prefix(spec.db, &format!("{}:", key::function_base(spec)));
+            let base = format!("{}:", key::function_base(spec));
+            rt.flights.revoke_prefix(spec.db, &base);
             let state = rt.functions.get(function, &rt.stats);
             let life = key::generation_life(spec.entry_life());
             let known = rt.functions.current(&state);
@@ -131,6 +136,9 @@ async fn apply(rt: &Inner, target: &Target) -> Result<(), BackendError> {
                 Ok(None) => Ok(rt.functions.bump_local(&state)),
                 Err(error) => Err(error),
             };
+            // Again once the new generation is known here: a flight started during the round
+            // trip may have read an entry of the old one (see `Target::Key` above).
+            rt.flights.revoke_prefix(spec.db, &base);
             // This process's near copies of the function go now, after the new generation is
             // known here (a copy kept on the old one by a lookup in between carries the old
             // epoch), applied or not (a lookup then sees the queued invalidation).
