@@ -311,12 +311,24 @@ async fn soak_under_a_fault_schedule() {
     eprintln!("soak, with near copies:            {near}; {near_hits} reads answered by a near copy");
 
     let naive_rt = || Runtime::new(config(&proxy.url()).with_breaker(0, Duration::ZERO));
-    let clients = (0..RUNTIMES)
-        .map(|_| {
-            Client::Naive(Cache::new("naive", Duration::from_secs(30)).unwrap().with_runtime(naive_rt()))
-        })
-        .collect();
-    let naive = soak(clients, &mut server, &proxy).await;
+    let naive_clients = || {
+        (0..RUNTIMES)
+            .map(|_| {
+                Client::Naive(Cache::new("naive", Duration::from_secs(30)).unwrap().with_runtime(naive_rt()))
+            })
+            .collect()
+    };
+    // Its race needs a write to a key within a reader's 3 ms computation of it: a few per
+    // schedule, and some schedules have none (seen: 0 stale reads in 2 of 3 runs of one machine,
+    // 168 in the third). Up to three schedules, so that the proof of the race rarely misses.
+    let mut naive = soak(naive_clients(), &mut server, &proxy).await;
+    for _ in 1..3 {
+        if naive.stale > 0 {
+            break;
+        }
+        eprintln!("soak, hand-written cache-aside:   no stale read in this schedule ({naive}); again");
+        naive = soak(naive_clients(), &mut server, &proxy).await;
+    }
     eprintln!("soak, hand-written cache-aside:   {naive}");
 
     assert_eq!(protected.caller_errors, 0, "no error or panic reached a caller");

@@ -87,12 +87,9 @@ where
     // Everything else, boxed, and the function's future made only there: the future of a near
     // hit stays a few words, not the size of every path below and of the function's body.
     if span.is_disabled() {
-        let serving = Box::pin(serve::<P, R, F>(cached, key, keeper, body));
-        serving.await
+        Box::pin(serve::<P, R, F>(cached, key, keeper, body)).await
     } else {
-        let serving =
-            Box::pin(tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span));
-        serving.await
+        Box::pin(tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span)).await
     }
 }
 
@@ -126,8 +123,7 @@ where
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
     if rt.backend.is_none() {
-        let running = Box::pin(body());
-        return running.await;
+        return Box::pin(body()).await;
     }
     let spec = cached.spec();
     let function = rt.functions.get(&cached, &rt.stats);
@@ -143,8 +139,7 @@ where
                 "an argument failed to serialize into the cache key; calling uncached (logged once per function, counted as key_failures)"
             );
         }
-        let running = Box::pin(body());
-        return running.await;
+        return Box::pin(body()).await;
     };
     // Where a lookup keeps a near copy of what it reads (`call` asked the copies already).
     let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life)));
@@ -155,17 +150,14 @@ where
         lookup_first = !rt.flights.is_running(spec.db, &key);
     }
     let (generation, overwrite) = if lookup_first {
-        let looking = Box::pin(lookup::<P::Stored>(rt, &cached, &key, &function, near));
-        match looking.await {
+        match Box::pin(lookup::<P::Stored>(rt, &cached, &key, &function, near)).await {
             Lookup::Hit { value, refresh: Some(generation) } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                let running = Box::pin(refresh_eagerly::<P, R, F>(miss, value, body()));
-                return running.await;
+                return Box::pin(refresh_eagerly::<P, R, F>(miss, value, body())).await;
             }
             Lookup::Stale { value, generation } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                let running = Box::pin(serve_stale::<P, R, F>(miss, value, body(), &function));
-                return running.await;
+                return Box::pin(serve_stale::<P, R, F>(miss, value, body(), &function)).await;
             }
             Lookup::Hit { value, refresh: None } => {
                 counters.hit();
@@ -180,8 +172,7 @@ where
             Lookup::Miss { generation, overwrite } => (generation, overwrite),
             Lookup::Unavailable => {
                 counters.miss();
-                let running = Box::pin(body());
-                return running.await;
+                return Box::pin(body()).await;
             }
         }
     } else {
@@ -195,8 +186,7 @@ where
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                let running = Box::pin(lead::<P, R, F>(miss, overwrite, body(), leader));
-                return running.await;
+                return Box::pin(lead::<P, R, F>(miss, overwrite, body(), leader)).await;
             }
             Join::Follower(rx) => {
                 let shared = match flight::wait(rx).await {
@@ -217,8 +207,7 @@ where
     }
     counters.miss();
     telemetry::outcome("miss");
-    let running = Box::pin(body.take().expect("a follower still holds its function")());
-    running.await
+    Box::pin(body.take().expect("a follower still holds its function")()).await
 }
 
 /// Counts a failed backend call: `bypassed` when the breaker refused it (no network), else a
@@ -288,8 +277,7 @@ async fn lookup<T: serde::de::DeserializeOwned>(
         // Boxed: their futures would make every lookup's larger (allocated per call; see
         // `serve`), and only functions that read the time left (eager refresh, fail-safe, near
         // copies) take this path on every lookup; the others once per `generation_refresh`.
-        let reading = Box::pin(read_more(rt, spec, key, function, refresh, reads_ttl, decode));
-        reading.await
+        Box::pin(read_more(rt, spec, key, function, refresh, reads_ttl, decode)).await
     } else {
         (rt.backend.get_with(spec.db, key, decode).await.map(|v| (v, None)), None)
     };
