@@ -8,7 +8,7 @@ use serde::Serialize;
 
 pub use crate::db::CacheDb;
 pub use crate::invalidate::{invalidate, Target};
-pub use crate::key::{KeyHasher, KeyReceiver};
+pub use crate::key::{CallKey, KeyHasher, KeyReceiver};
 pub use crate::near::Keeper;
 pub use crate::policy::{OkOnly, Policy, SomeOnly, Whole};
 pub use crate::registry::{Registration, Site, SiteTarget};
@@ -98,18 +98,19 @@ impl Ttl<std::time::Duration> {
 /// A cached call (see `read_through.rs`); `keeper` when the stored type can be kept as a typed
 /// copy in the near tier (`near.rs`). `body` makes the function's future: only a call that runs
 /// it pays for its size.
-pub async fn call<P, R, B, F>(
+pub fn call<P, R, B, F>(
     function: CachedFn,
-    key: Option<String>,
+    key: Option<CallKey>,
     keeper: Option<Keeper<P::Stored>>,
     body: B,
-) -> R
+) -> impl Future<Output = R>
 where
     P: Policy<R>,
     B: FnOnce() -> F,
     F: Future<Output = R>,
 {
-    crate::read_through::call::<P, R, B, F>(function, key, keeper, body).await
+    // Not an `async fn`: a wrapper's future would keep the arguments beside the one it awaits.
+    crate::read_through::call::<P, R, B, F>(function, key, keeper, body)
 }
 
 /// Which stored types the near tier can keep, chosen by method resolution where the type is

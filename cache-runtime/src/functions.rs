@@ -37,6 +37,8 @@ pub(crate) struct Function {
     /// Function-wide invalidations seen (here, or pushed by Redis for the generation key): a near
     /// copy kept under an older count is dead.
     pub(crate) near_epoch: Arc<AtomicU64>,
+    /// The number of its key base in the near tier (`near::NearKey`).
+    pub(crate) near_base: u32,
     /// `near_epoch` when the generation was last read: a change of it (a function-wide
     /// invalidation pushed by Redis) makes the next lookup read the generation again.
     read_epoch: AtomicU64,
@@ -159,9 +161,10 @@ impl Functions {
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(by_id.entry(id).or_insert_with(|| {
             let near_epoch = Arc::new(AtomicU64::new(0));
-            self.near.register(&generation_key, &near_epoch);
+            let near_base = self.near.register(&generation_key, &key::function_base(spec), &near_epoch);
             Arc::new(Function {
                 near_epoch,
+                near_base,
                 read_epoch: AtomicU64::new(0),
                 counters,
                 generation_key,

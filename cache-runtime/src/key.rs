@@ -141,12 +141,14 @@ struct Buffer {
 
 impl KeyHasher {
     /// Starts the key of one call of `function`: its module and owner come first.
+    #[inline]
     pub fn new(function: &CachedFn) -> Self {
         let mut hasher = Self::start(function.spec().module, function.owner());
         hasher.spec = Some(function.spec());
         hasher
     }
 
+    #[inline]
     fn start(module: &str, owner: &str) -> Self {
         let mut hasher =
             KeyHasher { spec: None, hasher: None, buffer: Buffer { bytes: [0; 192], len: 0 }, failed: false };
@@ -175,6 +177,20 @@ impl KeyHasher {
         self.finish_parts(spec.prefix, spec.function, spec.version)
     }
 
+    /// The key of a call, as its hash: formatted ([`CallKey::text`]) only where the backend is
+    /// asked, not for a hit on a near copy. `None` when an argument failed to serialize.
+    #[inline]
+    pub fn finish_call(&mut self) -> Option<CallKey> {
+        let spec = self.spec.expect("KeyHasher::new names the function");
+        if self.failed {
+            return None;
+        }
+        let digest = self.digest_in_place();
+        let mut hash = [0; 16];
+        hash.copy_from_slice(&digest.as_bytes()[..16]);
+        Some(CallKey { spec, hash })
+    }
+
     fn finish_parts(self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
         if self.failed {
             return None;
@@ -183,12 +199,53 @@ impl KeyHasher {
     }
 
     fn digest(mut self) -> blake3::Hash {
+        self.digest_in_place()
+    }
+
+    fn digest_in_place(&mut self) -> blake3::Hash {
         let pending = &self.buffer.bytes[..self.buffer.len];
         match &mut self.hasher {
             Some(hasher) => hasher.update(pending).finalize(),
             None => blake3::hash(pending),
         }
     }
+}
+
+/// One call's key as its hash, with the function it belongs to: what the near tier looks copies
+/// up by, and what [`CallKey::text`] formats into the key the backend stores.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct CallKey {
+    spec: &'static Spec,
+    hash: [u8; 16],
+}
+
+impl CallKey {
+    /// The 16 bytes of blake3 the key's braces hold.
+    pub(crate) fn hash(&self) -> [u8; 16] {
+        self.hash
+    }
+
+    /// The key as the backend stores it (see the module's documentation).
+    pub(crate) fn text(&self) -> String {
+        format_key(self.spec.prefix, self.spec.function, self.spec.version, &self.hash)
+    }
+}
+
+/// The parts of an entry's key: `{prefix}:{function}[:vN]` (see [`function_base`]) and its hash;
+/// `None` for any other key (a lease, a stamp, a generation, a key the toolkit did not make).
+pub(crate) fn split_entry(key: &str) -> Option<(&str, [u8; 16])> {
+    let (base, rest) = key.rsplit_once(":{")?;
+    let hex = rest.strip_suffix('}')?.as_bytes();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut hash = [0; 16];
+    for (byte, pair) in hash.iter_mut().zip(hex.chunks_exact(2)) {
+        let digit = |c: u8| char::from(c).to_digit(16);
+        *byte = u8::try_from(digit(pair[0])? << 4 | digit(pair[1])?).ok()?;
+    }
+    Some((base, hash))
 }
 
 impl std::io::Write for KeyHasher {
@@ -315,6 +372,26 @@ mod tests {
     #[test]
     fn str_and_string_give_the_same_key() {
         assert_eq!(key(&FREE, &[&"AAPL"]), key(&FREE, &[&String::from("AAPL")]));
+    }
+
+    #[test]
+    fn a_call_key_formats_to_the_key_and_splits_back() {
+        let mut h = KeyHasher::new(&FREE);
+        h.arg("AAPL");
+        let call = h.finish_call().unwrap();
+        let text = call.text();
+        assert_eq!(Some(text.clone()), key(&FREE, &[&"AAPL"]));
+        assert_eq!(split_entry(&text), Some(("market:quote:v2", call.hash())));
+        for other in [
+            "market:quote:v2:gen:0011223344556677",
+            &format!("{text}:lease"),
+            &format!("{text}:inv"),
+            "market:quote:{0g112233445566778899aabbccddeeff}",
+            "market:quote:{00112233}",
+            "plain",
+        ] {
+            assert_eq!(split_entry(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -40,8 +40,23 @@ pub(crate) type Shared = Box<dyn Any + Send + Sync>;
 /// costs a kept copy (a later hit reads the backend), never a wrong one.
 const STRIPES: usize = 1024;
 
-/// What the tier charges for one copy beyond the encoded value's bytes and the key.
-const OVERHEAD: u64 = 96;
+/// What the tier charges for one copy beyond the encoded value's bytes (its key included).
+const OVERHEAD: u64 = 128;
+
+/// What a copy is kept under: its entry's key as the function's base (`{prefix}:{function}[:vN]`,
+/// numbered as functions register) and the hash the key's braces hold. A hit looks it up without
+/// formatting the key; a change notified by key text is split back into it (`key::split_entry`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct NearKey {
+    base: u32,
+    hash: [u8; 16],
+}
+
+impl NearKey {
+    pub(crate) fn new(base: u32, hash: [u8; 16]) -> Self {
+        NearKey { base, hash }
+    }
+}
 
 /// One kept copy, shared: the cache hands out clones, one reference count each.
 #[derive(Clone)]
@@ -75,7 +90,8 @@ pub(crate) struct Ticket {
 /// is known to be `Clone + Send + Sync + 'static` (`__private::Keeper::of`).
 pub struct Keeper<T> {
     pub(crate) keep: fn(&T) -> Shared,
-    pub(crate) take: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+    /// Writes a clone of the copy into the slot (the caller's, so the value is not moved again).
+    pub(crate) take: fn(&(dyn Any + Send + Sync), &mut Option<T>),
 }
 
 impl Ticket {
@@ -95,7 +111,10 @@ impl<T> Copy for Keeper<T> {}
 impl<T: Clone + Send + Sync + 'static> Keeper<T> {
     /// The keeper of `T`.
     pub fn of() -> Self {
-        Keeper { keep: |value| Box::new(value.clone()), take: |any| any.downcast_ref::<T>().cloned() }
+        Keeper {
+            keep: |value| Box::new(value.clone()),
+            take: |any, slot| *slot = any.downcast_ref::<T>().cloned(),
+        }
     }
 }
 
@@ -106,9 +125,9 @@ struct ByBytes {
     floor: u64,
 }
 
-impl Weighter<String, Kept> for ByBytes {
-    fn weight(&self, key: &String, kept: &Kept) -> u64 {
-        (key.len() as u64 + u64::from(kept.0.size) + OVERHEAD).max(self.floor)
+impl Weighter<NearKey, Kept> for ByBytes {
+    fn weight(&self, _: &NearKey, kept: &Kept) -> u64 {
+        (u64::from(kept.0.size) + OVERHEAD).max(self.floor)
     }
 }
 
@@ -127,7 +146,7 @@ pub struct NearStatus {
 
 /// The near tier of one runtime.
 pub(crate) struct NearTier {
-    copies: Cache<String, Kept, ByBytes, foldhash::fast::RandomState>,
+    copies: Cache<NearKey, Kept, ByBytes, foldhash::fast::RandomState>,
     hasher: foldhash::fast::RandomState,
     /// Notifications seen per stripe of keys.
     notified: Box<[AtomicU64]>,
@@ -138,6 +157,8 @@ pub(crate) struct NearTier {
     /// Per function (by its generation key): its function-wide invalidations, as the function
     /// state holds them (`Function::near_epoch`).
     functions: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    /// The number of each function base (`NearKey::base`), given as functions register.
+    bases: RwLock<HashMap<String, u32>>,
     /// Copies dropped by a notification or an invalidation, for `Runtime::stats`.
     dropped: AtomicU64,
 }
@@ -162,37 +183,64 @@ impl NearTier {
             flushes: AtomicU64::new(0),
             trusted: AtomicBool::new(false),
             functions: RwLock::default(),
+            bases: RwLock::default(),
             dropped: AtomicU64::new(0),
         }
     }
 
-    fn stripe(&self, key: &str) -> usize {
+    fn stripe(&self, key: NearKey) -> usize {
         (self.hasher.hash_one(key) as usize) % STRIPES
     }
 
-    /// Registers a function's invalidation count under its generation key, so that a change of
-    /// that key (a function-wide invalidation in another process) drops its copies.
-    pub(crate) fn register(&self, generation_key: &str, epoch: &Arc<AtomicU64>) {
+    /// Registers a function: its invalidation count under its generation key, so that a change of
+    /// that key (a function-wide invalidation in another process) drops its copies, and its base
+    /// (`key::function_base`), numbered. Returns the base's number, for its [`NearKey`]s.
+    pub(crate) fn register(&self, generation_key: &str, base: &str, epoch: &Arc<AtomicU64>) -> u32 {
         let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
         functions.entry(generation_key.to_owned()).or_insert_with(|| Arc::clone(epoch));
+        let mut bases = self.bases.write().unwrap_or_else(|e| e.into_inner());
+        let next = u32::try_from(bases.len()).unwrap_or(u32::MAX);
+        *bases.entry(base.to_owned()).or_insert(next)
+    }
+
+    /// The [`NearKey`] of an entry's key, if it is one, of a registered function.
+    fn near_key(&self, key: &str) -> Option<NearKey> {
+        let (base, hash) = crate::key::split_entry(key)?;
+        let bases = self.bases.read().unwrap_or_else(|e| e.into_inner());
+        Some(NearKey { base: *bases.get(base)?, hash })
     }
 
     /// The copy of `key` in `db`, if one is live.
-    pub(crate) fn get<T>(&self, db: u8, key: &str, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
-        let Kept(kept) = self.copies.get(key)?;
+    #[cfg(test)]
+    fn get<T>(&self, db: u8, key: NearKey, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
+        let mut slot = None;
+        self.get_into(db, key, function, keeper, &mut slot);
+        slot
+    }
+
+    /// Writes the copy of `key` in `db`, if one is live, into `slot` (left as it is otherwise).
+    pub(crate) fn get_into<T>(
+        &self,
+        db: u8,
+        key: NearKey,
+        function: &AtomicU64,
+        keeper: Keeper<T>,
+        slot: &mut Option<T>,
+    ) {
+        let Some(Kept(kept)) = self.copies.get(&key) else { return };
         if kept.db != db
             || kept.flushes != self.flushes.load(SeqCst)
             || kept.function != function.load(SeqCst)
             || !kept.confirmed.load(SeqCst)
             || kept.expires <= Instant::now()
         {
-            return None;
+            return;
         }
-        (keeper.take)(&*kept.value)
+        (keeper.take)(&*kept.value, slot)
     }
 
     /// Taken before a lookup reads the backend; `None` while the tier is untrusted.
-    pub(crate) fn ticket(&self, db: u8, key: &str, function: &AtomicU64) -> Option<Ticket> {
+    pub(crate) fn ticket(&self, db: u8, key: NearKey, function: &AtomicU64) -> Option<Ticket> {
         if !self.trusted.load(SeqCst) {
             return None;
         }
@@ -211,7 +259,7 @@ impl NearTier {
     pub(crate) fn keep(
         &self,
         ticket: Ticket,
-        key: &str,
+        key: NearKey,
         function: &AtomicU64,
         value: Shared,
         size: usize,
@@ -228,7 +276,7 @@ impl NearTier {
             size,
             confirmed: AtomicBool::new(false),
         });
-        self.copies.insert(key.to_owned(), Kept(Arc::clone(&kept)));
+        self.copies.insert(key, Kept(Arc::clone(&kept)));
         let unchanged = self.trusted.load(SeqCst)
             && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
             && self.flushes.load(SeqCst) == ticket.flushes
@@ -236,14 +284,16 @@ impl NearTier {
         if unchanged {
             kept.confirmed.store(true, SeqCst);
         } else {
-            self.copies.remove(key);
+            self.copies.remove(&key);
         }
     }
 
-    /// `key` changed (in any DB: Redis's notifications do not say which).
+    /// `key` changed (in any DB: Redis's notifications do not say which). A key that is not a
+    /// registered function's entry has no copy here, and no lookup takes a ticket on it.
     pub(crate) fn forget(&self, key: &str) {
+        let Some(key) = self.near_key(key) else { return };
         self.notified[self.stripe(key)].fetch_add(1, SeqCst);
-        if self.copies.remove(key).is_some() {
+        if self.copies.remove(&key).is_some() {
             self.dropped.fetch_add(1, SeqCst);
         }
     }
@@ -298,74 +348,79 @@ impl NearTier {
 mod tests {
     use super::*;
 
-    fn tier() -> (NearTier, Arc<AtomicU64>) {
+    /// A tier, a function's epoch, and one entry of it: its key and its text.
+    fn tier() -> (NearTier, Arc<AtomicU64>, NearKey, String) {
         let near = NearTier::new(100, 1 << 20);
         near.trust();
-        (near, Arc::default())
+        let f = Arc::default();
+        let base = near.register("p:f:gen:00", "p:f", &f);
+        (near, f, NearKey::new(base, [7; 16]), format!("p:f:{{{}}}", "07".repeat(16)))
     }
 
     const LIFE: Duration = Duration::from_secs(60);
 
     #[test]
     fn a_kept_copy_answers_until_its_key_changes() {
-        let (near, f) = tier();
+        let (near, f, key, text) = tier();
         let keeper = Keeper::<String>::of();
-        let ticket = near.ticket(1, "p:f:{k}", &f).unwrap();
-        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&"v1".to_owned()), 8, LIFE);
-        assert_eq!(near.get(1, "p:f:{k}", &f, keeper).as_deref(), Some("v1"));
-        assert_eq!(near.get(2, "p:f:{k}", &f, keeper), None, "another DB's key");
-        near.changed("p:f:{k}");
-        assert_eq!(near.get(1, "p:f:{k}", &f, keeper), None);
+        let ticket = near.ticket(1, key, &f).unwrap();
+        near.keep(ticket, key, &f, (keeper.keep)(&"v1".to_owned()), 8, LIFE);
+        assert_eq!(near.get(1, key, &f, keeper).as_deref(), Some("v1"));
+        assert_eq!(near.get(2, key, &f, keeper), None, "another DB's key");
+        near.changed(&format!("p:g:{{{}}}", "07".repeat(16))); // another function's entry
+        near.changed(&format!("p:f:{{{}}}", "08".repeat(16))); // another entry of this one
+        assert_eq!(near.get(1, key, &f, keeper).as_deref(), Some("v1"));
+        near.changed(&text);
+        assert_eq!(near.get(1, key, &f, keeper), None);
     }
 
     #[test]
     fn a_change_between_the_ticket_and_the_copy_keeps_nothing() {
-        let (near, f) = tier();
+        let (near, f, key, text) = tier();
         let keeper = Keeper::<u32>::of();
-        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
-        near.changed("p:f:{k}"); // the notification of a write the lookup may have missed
-        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&1), 8, LIFE);
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
+        let ticket = near.ticket(0, key, &f).unwrap();
+        near.changed(&text); // the notification of a write the lookup may have missed
+        near.keep(ticket, key, &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, key, &f, keeper), None);
         // Without the change, the same sequence keeps the copy.
-        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
-        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&1), 8, LIFE);
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(1));
+        let ticket = near.ticket(0, key, &f).unwrap();
+        near.keep(ticket, key, &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, key, &f, keeper), Some(1));
     }
 
     #[test]
     fn untrusted_flushed_and_function_wide_changes_answer_nothing() {
-        let (near, f) = tier();
+        let (near, f, key, text) = tier();
         let keeper = Keeper::<u32>::of();
         let keep = |near: &NearTier| {
-            let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
-            near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&7), 8, LIFE);
-            assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(7));
+            let ticket = near.ticket(0, key, &f).unwrap();
+            near.keep(ticket, key, &f, (keeper.keep)(&7), 8, LIFE);
+            assert_eq!(near.get(0, key, &f, keeper), Some(7));
         };
         keep(&near);
         near.distrust();
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
-        assert!(near.ticket(0, "p:f:{k}", &f).is_none(), "nothing is kept while untrusted");
+        assert_eq!(near.get(0, key, &f, keeper), None);
+        assert!(near.ticket(0, key, &f).is_none(), "nothing is kept while untrusted");
         near.trust();
         keep(&near);
-        near.changed("p:f:{k}:lease"); // not an entry: nothing dropped
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(7));
-        near.register("p:f:gen:00", &f);
+        near.changed(&format!("{text}:lease")); // not an entry: nothing dropped
+        assert_eq!(near.get(0, key, &f, keeper), Some(7));
         near.changed("p:f:gen:00");
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
+        assert_eq!(near.get(0, key, &f, keeper), None);
     }
 
     #[test]
     fn a_copy_expires_after_its_life_and_a_huge_life_is_no_panic() {
-        let (near, f) = tier();
+        let (near, f, key, _) = tier();
         let keeper = Keeper::<u32>::of();
-        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
-        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&7), 8, Duration::from_millis(30));
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), Some(7));
+        let ticket = near.ticket(0, key, &f).unwrap();
+        near.keep(ticket, key, &f, (keeper.keep)(&7), 8, Duration::from_millis(30));
+        assert_eq!(near.get(0, key, &f, keeper), Some(7));
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None);
-        let ticket = near.ticket(0, "p:f:{k}", &f).unwrap();
-        near.keep(ticket, "p:f:{k}", &f, (keeper.keep)(&8), 8, Duration::MAX);
-        assert_eq!(near.get(0, "p:f:{k}", &f, keeper), None, "a life past the clock's range keeps nothing");
+        assert_eq!(near.get(0, key, &f, keeper), None);
+        let ticket = near.ticket(0, key, &f).unwrap();
+        near.keep(ticket, key, &f, (keeper.keep)(&8), 8, Duration::MAX);
+        assert_eq!(near.get(0, key, &f, keeper), None, "a life past the clock's range keeps nothing");
     }
 
     #[test]
@@ -373,13 +428,25 @@ mod tests {
         let near = NearTier::new(10, 1 << 20);
         near.trust();
         let f = Arc::new(AtomicU64::new(0));
+        let base = near.register("p:f:gen:00", "p:f", &f);
         let keeper = Keeper::<u32>::of();
-        for i in 0..100 {
-            let key = format!("k{i}");
-            let ticket = near.ticket(0, &key, &f).unwrap();
-            near.keep(ticket, &key, &f, (keeper.keep)(&i), 8, LIFE);
+        for i in 0..100u8 {
+            let key = NearKey::new(base, [i; 16]);
+            let ticket = near.ticket(0, key, &f).unwrap();
+            near.keep(ticket, key, &f, (keeper.keep)(&u32::from(i)), 8, LIFE);
         }
         let kept = near.status().copies;
         assert!(kept <= 10, "{kept} copies kept, bound 10");
+    }
+
+    #[test]
+    fn same_based_functions_share_a_number_and_others_do_not() {
+        let near = NearTier::new(10, 1 << 20);
+        let (f, g) = (Arc::default(), Arc::default());
+        let a = near.register("p:f:gen:01", "p:f", &f);
+        let b = near.register("p:f:gen:02", "p:f", &g); // the same name in another module
+        let c = near.register("p:g:gen:03", "p:g", &g);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
     }
 }

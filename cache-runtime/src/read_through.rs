@@ -17,8 +17,8 @@ use crate::backend::{Acquired, FillOutcome, LeaseAsk, Renewal, Store, Write};
 use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
-use crate::key;
-use crate::near::{Keeper, Ticket};
+use crate::key::{self, CallKey};
+use crate::near::{Keeper, NearKey, Ticket};
 use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, Spec};
@@ -53,7 +53,7 @@ struct Miss<'a> {
 
 pub(crate) async fn call<P, R, B, F>(
     cached: CachedFn,
-    key: Option<String>,
+    key: Option<CallKey>,
     keeper: Option<Keeper<P::Stored>>,
     body: B,
 ) -> R
@@ -71,18 +71,20 @@ where
         cache.outcome = tracing::field::Empty,
     );
     // A typed copy in this process (`near.rs`): no I/O, no decoding, and no state kept across
-    // an `.await` but the value.
-    if let (Some(keeper), Some(key)) = (keeper, key.as_deref()) {
-        let hit = Runtime::with_current(|runtime| {
-            let _entered = (!span.is_disabled()).then(|| span.enter());
-            near_hit(runtime.inner(), &cached, key, keeper)
-        });
-        if let Some(value) = hit {
-            // It never waits on I/O, so it never yields: spend tokio's cooperative budget so
-            // that a loop of hits cannot starve other tasks.
-            tokio::task::coop::consume_budget().await;
-            return P::restore(value);
+    // an `.await` but the value, written where it is kept (a value the size of a struct moved
+    // through every layer's return was most of a hit's copying).
+    let mut hit = None;
+    if let (Some(keeper), Some(key)) = (keeper, key) {
+        Runtime::with_current(|runtime| near_hit(runtime.inner(), &cached, key, keeper, &mut hit));
+    }
+    if let Some(value) = hit {
+        if !span.is_disabled() {
+            span.record("cache.outcome", "hit");
         }
+        // It never waits on I/O, so it never yields: spend tokio's cooperative budget so that a
+        // loop of hits cannot starve other tasks.
+        tokio::task::coop::consume_budget().await;
+        return P::restore(value);
     }
     // Everything else, boxed, and the function's future made only there: the future of a near
     // hit stays a few words, not the size of every path below and of the function's body.
@@ -93,21 +95,24 @@ where
     }
 }
 
-/// The near copy of `key`, if the function keeps copies here and one is live.
-fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: &str, keeper: Keeper<T>) -> Option<T> {
+/// Writes the near copy of `key` into `slot`, if the function keeps copies here and one is live.
+fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey, keeper: Keeper<T>, slot: &mut Option<T>) {
     let spec = cached.spec();
-    rt.near_life(spec)?;
+    if rt.near_life(spec).is_none() {
+        return;
+    }
     rt.functions.with(cached, &rt.stats, |function| {
-        let value = rt.near.get(spec.db, key, &function.near_epoch, keeper)?;
-        function.counters.near_hit(); // also reported as a hit
-        telemetry::outcome("hit");
-        Some(value)
+        let key = NearKey::new(function.near_base, key.hash());
+        rt.near.get_into(spec.db, key, &function.near_epoch, keeper, slot);
+        if slot.is_some() {
+            function.counters.near_hit(); // also reported as a hit
+        }
     })
 }
 
 async fn serve<P, R, F>(
     cached: CachedFn,
-    key: Option<String>,
+    key: Option<CallKey>,
     keeper: Option<Keeper<P::Stored>>,
     body: impl FnOnce() -> F,
 ) -> R
@@ -142,7 +147,9 @@ where
         return Box::pin(body()).await;
     };
     // Where a lookup keeps a near copy of what it reads (`call` asked the copies already).
-    let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life)));
+    let near_key = NearKey::new(function.near_base, key.hash());
+    let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life, near_key)));
+    let key = key.text();
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;
@@ -260,12 +267,12 @@ async fn lookup<T: serde::de::DeserializeOwned>(
     cached: &CachedFn,
     key: &str,
     function: &Function,
-    near: Option<(Keeper<T>, Duration)>,
+    near: Option<(Keeper<T>, Duration, NearKey)>,
 ) -> Lookup<T> {
     let spec = cached.spec();
     let counters = &function.counters;
     // Taken before the read: a change notified from here on keeps the copy from being kept.
-    let ticket = near.and_then(|_| rt.near.ticket(spec.db, key, &function.near_epoch));
+    let ticket = near.and_then(|(.., near_key)| rt.near.ticket(spec.db, near_key, &function.near_epoch));
     let known = rt.functions.current(function);
     let refresh = known.stale;
     let decode = |bytes: &[u8]| (bytes.len(), value::decode::<T>(spec.format, bytes));
@@ -312,12 +319,13 @@ async fn lookup<T: serde::de::DeserializeOwned>(
             let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
             let generation_current =
                 |ticket: &Ticket| rt.functions.current_as_of(function, ticket.function_epoch());
-            if let (Some(ticket), Some((keeper, life)), None) =
+            if let (Some(ticket), Some((keeper, life, near_key)), None) =
                 (ticket.filter(generation_current), near, refresh)
             {
                 let life = spec.near_copy_life(life, left.map(|_| fresh_left.unwrap_or_default()));
                 if !life.is_zero() {
-                    rt.near.keep(ticket, key, &function.near_epoch, (keeper.keep)(&value), size, life);
+                    let copy = (keeper.keep)(&value);
+                    rt.near.keep(ticket, near_key, &function.near_epoch, copy, size, life);
                 }
             }
             return Lookup::Hit { value, refresh };

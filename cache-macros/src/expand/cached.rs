@@ -220,9 +220,10 @@ enum KeyIn {
     Companion,
 }
 
-/// A block evaluating to the key (`Option<String>`) of one call of `function` (a `CachedFn` in
-/// scope), from what is in scope: the generic parameters, the receiver, the key parameters. Both
-/// the function and its key companion use it, so invalidation hashes exactly what the call does.
+/// A block evaluating to the key of one call of `function` (a `CachedFn` in scope), from what is
+/// in scope: the generic parameters, the receiver, the key parameters; an `Option<CallKey>` in
+/// the function, an `Option<String>` in its companion. Both use it, so invalidation hashes
+/// exactly what the call does.
 fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> TokenStream {
     let hasher = Ident::new("__cache_hasher", Span::mixed_site());
     let generics = &func.sig.generics;
@@ -270,6 +271,12 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
     let args = model.key_params.iter().map(|(param, _)| {
         quote_spanned!(param.span()=> ::cache_runtime::__private::key_arg(&mut #hasher, &#param);)
     });
+    // A call keeps its key as the hash (formatted only where the backend is asked); a companion
+    // gives the key's text, for invalidation.
+    let finish = match scope {
+        KeyIn::Function => quote!(::cache_runtime::__private::KeyHasher::finish_call(&mut #hasher)),
+        KeyIn::Companion => quote!(::cache_runtime::__private::KeyHasher::finish(#hasher)),
+    };
     quote! {{
         #[allow(unused_mut)]
         let mut #hasher = ::cache_runtime::__private::KeyHasher::new(&#function);
@@ -278,7 +285,7 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
         #(#const_args)*
         #receiver
         #(#args)*
-        ::cache_runtime::__private::KeyHasher::finish(#hasher)
+        #finish
     }}
 }
 
