@@ -12,7 +12,7 @@ pub use crate::key::{CallKey, KeyHasher, KeyReceiver};
 pub use crate::near::Keeper;
 pub use crate::policy::{OkOnly, Policy, SomeOnly, Whole};
 pub use crate::registry::{Registration, Site, SiteTarget};
-pub use crate::spec::{CachedFn, Spec};
+pub use crate::spec::{CachedFn, Spec, StateMemo};
 pub use crate::value::Format;
 pub use inventory;
 

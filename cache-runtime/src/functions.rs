@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::key;
 use crate::near::NearTier;
-use crate::spec::{CachedFn, FunctionId};
+use crate::spec::{CachedFn, FunctionId, Remembered};
 use crate::stats::{Counters, StatsRegistry};
 
 /// One cached function's state in one runtime.
@@ -95,10 +95,15 @@ impl Function {
     }
 }
 
+/// Numbers each runtime's `Functions`, for `spec::Remembered`: an address could be reused.
+static RUNTIMES: AtomicU64 = AtomicU64::new(0);
+
 /// Function states by call site (`CachedFn::site`).
 type BySite = HashMap<(usize, usize, usize), Arc<Function>, foldhash::fast::RandomState>;
 
 pub(crate) struct Functions {
+    /// This runtime's number (`RUNTIMES`).
+    id: u64,
     /// The copy is the truth (embedded backend): never read again.
     authoritative: bool,
     refresh: Duration,
@@ -115,6 +120,7 @@ pub(crate) struct Functions {
 impl Functions {
     pub(crate) fn new(authoritative: bool, refresh: Duration, near: Arc<NearTier>) -> Self {
         Functions {
+            id: RUNTIMES.fetch_add(1, SeqCst),
             authoritative,
             refresh,
             epoch: Instant::now(),
@@ -138,6 +144,14 @@ impl Functions {
         f: impl FnOnce(&Arc<Function>) -> T,
     ) -> T {
         let site = function.site();
+        let memo = function.memo();
+        if let Some(known) = memo.and_then(|memo| memo.0.get()) {
+            if known.runtime == self.id && known.site == site {
+                if let Some(state) = known.state.downcast_ref::<Arc<Function>>() {
+                    return f(state);
+                }
+            }
+        }
         if let Some(state) = self.by_site.load().get(&site) {
             return f(state);
         }
@@ -147,6 +161,10 @@ impl Functions {
             sites.insert(site, Arc::clone(&state));
             sites
         });
+        if let Some(memo) = memo {
+            // The first runtime to serve the site keeps it; others use the map.
+            let _ = memo.0.set(Remembered { runtime: self.id, site, state: Box::new(Arc::clone(&state)) });
+        }
         f(&state)
     }
 

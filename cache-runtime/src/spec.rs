@@ -102,17 +102,28 @@ impl Spec {
 pub struct CachedFn {
     spec: &'static Spec,
     owner: &'static str,
+    memo: Option<&'static StateMemo>,
 }
 
 impl CachedFn {
     /// A free function.
     pub const fn free(spec: &'static Spec) -> CachedFn {
-        CachedFn { spec, owner: "" }
+        CachedFn { spec, owner: "", memo: None }
     }
 
     /// A method or associated function of the type named `owner` (`type_name::<Self>()`).
     pub const fn method(spec: &'static Spec, owner: &'static str) -> CachedFn {
-        CachedFn { spec, owner }
+        CachedFn { spec, owner, memo: None }
+    }
+
+    /// The same function, whose calls find its state through `memo` (a `static` of the call
+    /// site; see [`StateMemo`]).
+    pub const fn remembered(self, memo: &'static StateMemo) -> CachedFn {
+        CachedFn { memo: Some(memo), ..self }
+    }
+
+    pub(crate) fn memo(&self) -> Option<&'static StateMemo> {
+        self.memo
     }
 
     pub(crate) fn spec(&self) -> &'static Spec {
@@ -197,5 +208,29 @@ mod tests {
         assert!(!eager.refresh_due(Duration::from_secs(20)));
         assert!(eager.refresh_due(Duration::from_millis(19_999)));
         assert!(!SPEC.refresh_due(Duration::ZERO), "never without the option");
+    }
+}
+
+/// Where a call site keeps the state its function has in one runtime (the first that serves it:
+/// in a service, the one runtime there is), so that its calls find it with one load instead of a
+/// map lookup (`functions.rs`). The state of a runtime since dropped stays here, unused.
+#[derive(Debug)]
+pub struct StateMemo(pub(crate) std::sync::OnceLock<Remembered>);
+
+/// What a [`StateMemo`] holds: a runtime's state of the function (`functions.rs` puts it there,
+/// and only it reads it), for that runtime and call site only.
+#[derive(Debug)]
+pub(crate) struct Remembered {
+    /// The runtime's number (an address could be reused).
+    pub(crate) runtime: u64,
+    pub(crate) site: (usize, usize, usize),
+    pub(crate) state: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl StateMemo {
+    /// An empty memo, for a `static`.
+    #[allow(clippy::new_without_default)] // a `static`'s value: `Default` is not `const`
+    pub const fn new() -> Self {
+        StateMemo(std::sync::OnceLock::new())
     }
 }

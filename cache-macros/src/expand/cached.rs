@@ -114,9 +114,20 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
         _ => quote!(),
     };
     let spec_value = spec_value(func, model);
+    // The function's calls find its state through a `static` of their own (`StateMemo`).
+    let (memo_static, value) = if in_function {
+        let memo = Ident::new("__CACHE_STATE", Span::mixed_site());
+        (
+            quote!(static #memo: ::cache_runtime::__private::StateMemo = ::cache_runtime::__private::StateMemo::new();),
+            quote!(#value.remembered(&#memo)),
+        )
+    } else {
+        (quote!(), value)
+    };
     quote! {
         #ttl_check
         const #spec: ::cache_runtime::__private::Spec = #spec_value;
+        #memo_static
         let #function: ::cache_runtime::__private::CachedFn = #value;
     }
 }
