@@ -73,18 +73,19 @@ where
     // A typed copy in this process (`near.rs`): no I/O, no decoding, and no state kept across
     // an `.await` but the value, written where it is kept (a value the size of a struct moved
     // through every layer's return was most of a hit's copying).
-    let mut hit = None;
     if let (Some(keeper), Some(key)) = (keeper, key) {
-        Runtime::with_current(|runtime| near_hit(runtime.inner(), &cached, key, keeper, &mut hit));
-    }
-    if let Some(value) = hit {
-        if !span.is_disabled() {
-            span.record("cache.outcome", "hit");
-        }
-        // It never waits on I/O, so it never yields: spend tokio's cooperative budget so that a
-        // loop of hits cannot starve other tasks.
+        // A near hit never waits on I/O, so it never yields: spend tokio's cooperative budget
+        // (first, so that the value is not kept across an `.await`) so that a loop of hits cannot
+        // starve other tasks.
         tokio::task::coop::consume_budget().await;
-        return P::restore(value);
+        let mut hit = None;
+        Runtime::with_current(|runtime| near_hit(runtime.inner(), &cached, key, keeper, &mut hit));
+        if let Some(value) = hit {
+            if !span.is_disabled() {
+                span.record("cache.outcome", "hit");
+            }
+            return P::restore(value);
+        }
     }
     // Everything else, boxed, and the function's future made only there: the future of a near
     // hit stays a few words, not the size of every path below and of the function's body.

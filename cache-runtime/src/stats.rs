@@ -3,7 +3,7 @@
 //! reach it when published, see `telemetry.rs`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -30,7 +30,36 @@ pub(crate) struct Counters {
     renewals: AtomicU64,
     eager_refreshes: AtomicU64,
     stale_served: AtomicU64,
-    near_hits: AtomicU64,
+    near_hits: Striped,
+}
+
+/// A counter bumped by every near hit, on every worker thread: a near hit is a few hundred
+/// nanoseconds, and one shared counter passed its cache line between the cores on each of them
+/// (at 64 callers on two workers, that one `lock` instruction was 7 % of the hit path's time).
+/// Each thread bumps a stripe of its own, on a line of its own; reading sums them.
+#[derive(Debug, Default)]
+struct Striped([Padded; STRIPES]);
+
+/// Stripes of a [`Striped`] counter: threads beyond this many share them, still far apart.
+const STRIPES: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
+impl Striped {
+    fn add(&self) {
+        static THREADS: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static STRIPE: usize = THREADS.fetch_add(1, Relaxed) % STRIPES;
+        }
+        let stripe = STRIPE.try_with(|stripe| *stripe).unwrap_or(0);
+        self.0[stripe].0.fetch_add(1, Relaxed);
+    }
+
+    fn load(&self) -> u64 {
+        self.0.iter().map(|stripe| stripe.0.load(Relaxed)).sum()
+    }
 }
 
 /// The histograms of one function, registered with the `metrics` recorder installed when the
@@ -49,7 +78,7 @@ impl std::fmt::Debug for Latency {
 
 macro_rules! zeroed {
     ($latency:expr; $($field:ident),*) => {
-        Counters { latency: $latency, $($field: AtomicU64::new(0)),* }
+        Counters { latency: $latency, $($field: AtomicU64::new(0),)* near_hits: Striped::default() }
     };
 }
 
@@ -63,7 +92,7 @@ impl Counters {
         };
         zeroed!(latency; hits, misses, fills, decode_failures, encode_failures, backend_errors, invalidations,
             invalidation_retries, invalidations_expired, refused_fills, lease_waits, direct_fills, bypassed,
-            key_failures, invalidations_coalesced, renewals, eager_refreshes, stale_served, near_hits)
+            key_failures, invalidations_coalesced, renewals, eager_refreshes, stale_served)
     }
 
     /// How long one lookup took the backend (hit or miss).
@@ -95,7 +124,7 @@ impl Counters {
         self.eager_refreshes.fetch_add(1, Relaxed);
     }
     pub(crate) fn near_hit(&self) {
-        self.near_hits.fetch_add(1, Relaxed);
+        self.near_hits.add();
     }
     pub(crate) fn stale(&self) {
         self.stale_served.fetch_add(1, Relaxed);
@@ -142,8 +171,8 @@ impl Counters {
             db,
             prefix: prefix.to_owned(),
             function: function.map(str::to_owned),
-            // A near hit counts once, as `near_hits` (one shared counter touched per hit).
-            hits: self.hits.load(Relaxed) + self.near_hits.load(Relaxed),
+            // A near hit counts once, as `near_hits` (one counter touched per hit).
+            hits: self.hits.load(Relaxed) + self.near_hits.load(),
             misses: self.misses.load(Relaxed),
             fills: self.fills.load(Relaxed),
             decode_failures: self.decode_failures.load(Relaxed),
@@ -161,7 +190,7 @@ impl Counters {
             renewals: self.renewals.load(Relaxed),
             eager_refreshes: self.eager_refreshes.load(Relaxed),
             stale_served: self.stale_served.load(Relaxed),
-            near_hits: self.near_hits.load(Relaxed),
+            near_hits: self.near_hits.load(),
         }
     }
 }
