@@ -73,10 +73,11 @@ where
     // A typed copy in this process (`near.rs`): no I/O, no decoding, and no state kept across
     // an `.await` but the value, written where it is kept (a value the size of a struct moved
     // through every layer's return was most of a hit's copying).
-    if let (Some(keeper), Some(key)) = (keeper, key) {
+    let near = keeper.zip(key).filter(|_| Runtime::with_current(|rt| rt.inner().near_life(spec).is_some()));
+    if let Some((keeper, key)) = near {
         // A near hit never waits on I/O, so it never yields: spend tokio's cooperative budget
         // (first, so that the value is not kept across an `.await`) so that a loop of hits cannot
-        // starve other tasks.
+        // starve other tasks. Only calls that may be answered by a copy spend it here.
         tokio::task::coop::consume_budget().await;
         let mut hit = None;
         Runtime::with_current(|runtime| near_hit(runtime.inner(), &cached, key, keeper, &mut hit));
