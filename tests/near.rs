@@ -87,6 +87,52 @@ async fn embedded_hits_are_typed_copies_that_every_change_drops() {
     assert_eq!(off.stats().get(5, "near_embedded").unwrap().hits, 2);
 }
 
+/// Two functions of one name and prefix, in two modules: their entries' keys differ only in the
+/// hash (the module is hashed), so their copies must too.
+mod twin_a {
+    #[cache_runtime::cached(db = cache_runtime::db::MarketData, prefix = "near_twins", ttl = 60)]
+    pub async fn twin(n: u64) -> u64 {
+        n + 1000
+    }
+}
+
+mod twin_b {
+    #[cache_runtime::cached(db = cache_runtime::db::MarketData, prefix = "near_twins", ttl = 60)]
+    pub async fn twin(n: u64) -> u64 {
+        n + 2000
+    }
+}
+
+#[tokio::test]
+async fn same_named_functions_in_two_modules_and_two_runtimes_keep_their_copies_apart() {
+    for runtime in [Runtime::new(CacheConfig::memory()), Runtime::new(CacheConfig::memory())] {
+        runtime
+            .scope(async {
+                for round in 0..3 {
+                    for n in [1, 2] {
+                        assert_eq!(twin_a::twin(n).await, n + 1000, "round {round}");
+                        assert_eq!(twin_b::twin(n).await, n + 2000, "round {round}");
+                    }
+                }
+                // Each runtime counts its own calls (the second runtime's calls do not reach the
+                // first one's state): 4 misses, then 8 hits, 4 of them near hits at least.
+                let stats = Runtime::current().stats().get(5, "near_twins").cloned().unwrap();
+                assert_eq!((stats.misses, stats.hits), (4, 8), "{stats:?}");
+                assert!(stats.near_hits >= 4, "{stats:?}");
+                invalidate!(twin_a::twin(1)).await;
+                assert_eq!(twin_a::twin(1).await, 1001);
+                assert_eq!(twin_b::twin(1).await, 2001);
+                let after = Runtime::current().stats().get(5, "near_twins").cloned().unwrap();
+                assert_eq!(
+                    (after.misses, after.hits),
+                    (5, 9),
+                    "only the invalidated copy is recomputed: {after:?}"
+                );
+            })
+            .await;
+    }
+}
+
 /// Each test's own source of truth (tests run at once).
 static SHARED_VERSION: AtomicU64 = AtomicU64::new(0);
 static OTHER_VERSION: AtomicU64 = AtomicU64::new(0);
