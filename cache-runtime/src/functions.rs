@@ -3,7 +3,7 @@
 //!
 //! Every stored value carries the generation its writer saw (`value.rs`); a lookup treats a value
 //! from an older generation as a miss. Invalidating every entry of a function is one write: raise
-//! its generation. On Redis the generation lives in `{prefix}:{function}[:vN]:gen` and this
+//! its generation. On Redis the generation lives in `{prefix}:{function}[:vN]:gen:{id}` and this
 //! process keeps a copy, read again (in the same round trip as a lookup) once it is older than
 //! `generation_refresh`; the process that invalidates sees the new generation at once. On the
 //! embedded backend this copy is the generation itself.

@@ -178,7 +178,8 @@ impl KeyHasher {
     }
 
     /// The key of a call, as its hash: formatted ([`CallKey::text`]) only where the backend is
-    /// asked, not for a hit on a near copy. `None` when an argument failed to serialize.
+    /// asked, not for a hit on a near copy. `None` when an argument failed to serialize. Called
+    /// once, last (by reference only so that the hasher is not moved).
     #[inline]
     pub fn finish_call(&mut self) -> Option<CallKey> {
         let spec = self.spec.expect("KeyHasher::new names the function");
@@ -241,9 +242,14 @@ pub(crate) fn split_entry(key: &str) -> Option<(&str, [u8; 16])> {
         return None;
     }
     let mut hash = [0; 16];
+    // Lowercase only, as `push_hex` writes them: any other text is not an entry's key.
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     for (byte, pair) in hash.iter_mut().zip(hex.chunks_exact(2)) {
-        let digit = |c: u8| char::from(c).to_digit(16);
-        *byte = u8::try_from(digit(pair[0])? << 4 | digit(pair[1])?).ok()?;
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some((base, hash))
 }
@@ -388,6 +394,7 @@ mod tests {
             &format!("{text}:inv"),
             "market:quote:{0g112233445566778899aabbccddeeff}",
             "market:quote:{00112233}",
+            "market:quote:{00112233445566778899AABBCCDDEEFF}",
             "plain",
         ] {
             assert_eq!(split_entry(other), None, "{other}");

@@ -118,8 +118,8 @@ impl<T: Clone + Send + Sync + 'static> Keeper<T> {
     }
 }
 
-/// What a copy weighs against the byte bound: its key, its encoded value and an overhead, and at
-/// least `floor` (`max_bytes / capacity`, so that the entry bound holds too).
+/// What a copy weighs against the byte bound: its encoded value and an overhead (its key's
+/// included), and at least `floor` (`max_bytes / capacity`, so that the entry bound holds too).
 #[derive(Clone)]
 struct ByBytes {
     floor: u64,
@@ -218,7 +218,8 @@ impl NearTier {
         slot
     }
 
-    /// Writes the copy of `key` in `db`, if one is live, into `slot` (left as it is otherwise).
+    /// Writes the copy of `key` in `db` into `slot` if one is live (`None` if it does not have
+    /// the type asked for); leaves `slot` as it is otherwise.
     pub(crate) fn get_into<T>(
         &self,
         db: u8,

@@ -70,9 +70,9 @@ where
         cache.function = spec.function,
         cache.outcome = tracing::field::Empty,
     );
-    // A typed copy in this process (`near.rs`): no I/O, no decoding, and no state kept across
-    // an `.await` but the value, written where it is kept (a value the size of a struct moved
-    // through every layer's return was most of a hit's copying).
+    // A typed copy in this process (`near.rs`): no I/O, no decoding, nothing kept across an
+    // `.await`, and the value cloned into the slot it is returned from (a value the size of a
+    // struct moved through every layer's return was most of a hit's copying).
     let near = keeper.zip(key).filter(|_| Runtime::with_current(|rt| rt.inner().near_life(spec).is_some()));
     if let Some((keeper, key)) = near {
         // A near hit never waits on I/O, so it never yields: spend tokio's cooperative budget
@@ -97,12 +97,10 @@ where
     }
 }
 
-/// Writes the near copy of `key` into `slot`, if the function keeps copies here and one is live.
+/// Writes the near copy of `key` into `slot`, if one is live (`call` asked whether the function
+/// keeps copies here).
 fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey, keeper: Keeper<T>, slot: &mut Option<T>) {
     let spec = cached.spec();
-    if rt.near_life(spec).is_none() {
-        return;
-    }
     rt.functions.with(cached, &rt.stats, |function| {
         let key = NearKey::new(function.near_base, key.hash());
         rt.near.get_into(spec.db, key, &function.near_epoch, keeper, slot);

@@ -211,9 +211,13 @@ mod tests {
     }
 }
 
-/// Where a call site keeps the state its function has in one runtime (the first that serves it:
-/// in a service, the one runtime there is), so that its calls find it with one load instead of a
-/// map lookup (`functions.rs`). The state of a runtime since dropped stays here, unused.
+/// Where a `#[cached]` function's definition keeps the state the function has in one runtime
+/// (the first that serves it: in a service, the one runtime there is), so that its calls find it
+/// with one load instead of a map lookup (`functions.rs`). One per definition: the
+/// instantiations of a generic function or `impl` share it, and those it does not serve (another
+/// `Self`, another runtime) use the map. The state stays here for the life of the process, also
+/// after its runtime is dropped (held, unused: the function's counters and its generation,
+/// as a runtime's map would hold them).
 #[derive(Debug)]
 pub struct StateMemo(pub(crate) std::sync::OnceLock<Remembered>);
 

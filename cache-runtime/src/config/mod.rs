@@ -411,7 +411,7 @@ impl CacheConfig {
     }
 
     /// Sets how many copies the near tier keeps (at least 1) and how many bytes (their encoded
-    /// size, keys and about 100 bytes each; at least 1 KiB).
+    /// size and 128 bytes each, the key's share included; at least 1 KiB).
     pub fn with_near_bounds(mut self, entries: u64, bytes: u64) -> Self {
         self.near_capacity = entries.max(1);
         self.near_max_bytes = bytes.max(1024);
