@@ -374,3 +374,52 @@ async fn a_runtime_default_of_duration_max_keeps_copies_without_overflow() {
     }
     assert_eq!(plain.stats().get(5, "near_default").map_or(0, |s| s.near_hits), 0);
 }
+
+static VERSIONED: AtomicU64 = AtomicU64::new(0);
+
+#[cached(db = MarketData, prefix = "near_versioned", ttl = 300, near = "60s", version = 3)]
+async fn versioned_quote(symbol: &str) -> Quote {
+    Quote { symbol: symbol.to_owned(), version: VERSIONED.load(SeqCst) }
+}
+
+/// A copy is kept under the function's base and the key's hash, and a key named by Redis is split
+/// back into them: a versioned function's key (`...:v3:{hash}`), under a key namespace (which the
+/// notification carries and the tier strips), written by a client that is not this toolkit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_versioned_function_under_a_key_namespace_has_its_copy_dropped_by_a_raw_delete() {
+    let server = RedisServer::start();
+    let a = redis_runtime(&server.url(), |c| c.with_key_namespace("tenant7").expect("a valid namespace"));
+    VERSIONED.store(1, SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = near_hits(&a, "near_versioned");
+        assert_eq!(a.scope(versioned_quote("SAP")).await.version, 1);
+        if near_hits(&a, "near_versioned") > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no near hit within 5 s: {:?}", a.near_status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The copy answers, not the store: a change of the source alone changes nothing.
+    VERSIONED.store(2, SeqCst);
+    assert_eq!(a.scope(versioned_quote("SAP")).await.version, 1);
+
+    let mut raw = server.raw(5).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("tenant7:near_versioned:versioned_quote:v3:{*}")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys[0]).query_async(&mut raw).await.unwrap();
+    let started = Instant::now();
+    while a.scope(versioned_quote("SAP")).await.version != 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the copy outlived a raw DEL: {:?}",
+            a.near_status()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(a.near_status().dropped >= 1, "{:?}", a.near_status());
+}
