@@ -172,9 +172,8 @@ impl KeyHasher {
     }
 
     /// The key, or `None` when an argument failed to serialize.
-    pub fn finish(self) -> Option<String> {
-        let spec = self.spec.expect("KeyHasher::new names the function");
-        self.finish_parts(spec.prefix, spec.function, spec.version)
+    pub fn finish(mut self) -> Option<String> {
+        self.finish_call().map(|key| key.text())
     }
 
     /// The key of a call, as its hash: formatted ([`CallKey::text`]) only where the backend is
