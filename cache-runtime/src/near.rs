@@ -154,13 +154,20 @@ pub(crate) struct NearTier {
     flushes: AtomicU64,
     /// Whether what tells this process of changes is working now.
     trusted: AtomicBool,
-    /// Per function (by its generation key): its function-wide invalidations, as the function
-    /// state holds them (`Function::near_epoch`).
-    functions: RwLock<HashMap<String, Arc<AtomicU64>>>,
-    /// The number of each function base (`NearKey::base`), given as functions register.
-    bases: RwLock<HashMap<String, u32>>,
+    /// The functions that registered, filled by `register`.
+    registry: RwLock<Registry>,
     /// Copies dropped by a notification or an invalidation, for `Runtime::stats`.
     dropped: AtomicU64,
+}
+
+/// What the tier knows of the functions that keep copies, both filled by `NearTier::register`.
+#[derive(Default)]
+struct Registry {
+    /// Per function (by its generation key): its function-wide invalidations, as the function
+    /// state holds them (`Function::near_epoch`).
+    epochs: HashMap<String, Arc<AtomicU64>>,
+    /// The number of each function base (`NearKey::base`), given as functions register.
+    bases: HashMap<String, u32>,
 }
 
 impl NearTier {
@@ -182,8 +189,7 @@ impl NearTier {
             notified: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             flushes: AtomicU64::new(0),
             trusted: AtomicBool::new(false),
-            functions: RwLock::default(),
-            bases: RwLock::default(),
+            registry: RwLock::default(),
             dropped: AtomicU64::new(0),
         }
     }
@@ -196,18 +202,17 @@ impl NearTier {
     /// that key (a function-wide invalidation in another process) drops its copies, and its base
     /// (`key::function_base`), numbered. Returns the base's number, for its [`NearKey`]s.
     pub(crate) fn register(&self, generation_key: &str, base: &str, epoch: &Arc<AtomicU64>) -> u32 {
-        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        functions.entry(generation_key.to_owned()).or_insert_with(|| Arc::clone(epoch));
-        let mut bases = self.bases.write().unwrap_or_else(|e| e.into_inner());
-        let next = u32::try_from(bases.len()).unwrap_or(u32::MAX);
-        *bases.entry(base.to_owned()).or_insert(next)
+        let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        registry.epochs.entry(generation_key.to_owned()).or_insert_with(|| Arc::clone(epoch));
+        let next = u32::try_from(registry.bases.len()).unwrap_or(u32::MAX);
+        *registry.bases.entry(base.to_owned()).or_insert(next)
     }
 
     /// The [`NearKey`] of an entry's key, if it is one, of a registered function.
     fn near_key(&self, key: &str) -> Option<NearKey> {
         let (base, hash) = crate::key::split_entry(key)?;
-        let bases = self.bases.read().unwrap_or_else(|e| e.into_inner());
-        Some(NearKey { base: *bases.get(base)?, hash })
+        let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        Some(NearKey { base: *registry.bases.get(base)?, hash })
     }
 
     /// The copy of `key` in `db`, if one is live.
@@ -307,9 +312,9 @@ impl NearTier {
         if key.ends_with('}') {
             self.forget(key);
         } else if key.contains(":gen:") {
-            let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
+            let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
             // A function this process has not called keeps no copy here.
-            if let Some(epoch) = functions.get(key) {
+            if let Some(epoch) = registry.epochs.get(key) {
                 epoch.fetch_add(1, SeqCst);
             }
         }
