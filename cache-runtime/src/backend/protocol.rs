@@ -135,6 +135,19 @@ pub(crate) fn stamp_life(lease_ttl: Duration) -> Duration {
     lease_ttl.saturating_mul(4).max(Duration::from_secs(1))
 }
 
+/// [`bounded`] by `limit` if there is one, `op` as it is otherwise (a call the connection
+/// bounds itself).
+pub(crate) fn within<T>(
+    limit: Option<Duration>,
+    op: impl Future<Output = Result<T, BackendError>>,
+) -> impl Future<Output = Result<T, BackendError>> {
+    use futures_util::future::Either;
+    match limit {
+        Some(limit) => Either::Left(bounded(limit, op)),
+        None => Either::Right(op),
+    }
+}
+
 /// Runs `op` with the runtime's bound on backend calls (counted from this call).
 ///
 /// A combinator, not an `async fn`: an `async fn` keeps its future argument beside the future it

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
+use super::link::Link;
+
 use crate::config::{CacheConfig, RedisTarget};
 use crate::error::BackendError;
 use crate::near::NearTier;
@@ -41,6 +43,13 @@ pub(crate) trait Connections: Send + Sync + 'static {
     /// Whether one pipeline may hold commands on keys of different slots (not on Cluster).
     fn pipelines_cross_slots(&self) -> bool {
         true
+    }
+
+    /// Whether each request (one command or one pipeline) is bounded by `op_timeout` by the
+    /// connection itself, waiting for a reconnection included (one server's [`Link`]): then a
+    /// call of one request needs no timer of the store's own.
+    fn bounds_each_request(&self) -> bool {
+        false
     }
 
     /// Removes every key matching `pattern` (`SCAN` + `UNLINK` on every primary); how many.
@@ -93,8 +102,9 @@ where
     }
 }
 
-/// One server: `pool_size` auto-reconnecting multiplexed connections per DB number, the DB
-/// selected when the connection is made (so no `SELECT` ever travels with a command).
+/// One server: `pool_size` multiplexed connections per DB number, each a [`Link`] that is made
+/// again when lost, the DB selected when the connection is made (so no `SELECT` ever travels
+/// with a command).
 pub(crate) struct Server {
     target: RedisTarget,
     connect_timeout: Duration,
@@ -102,11 +112,11 @@ pub(crate) struct Server {
     pool_size: usize,
     namespace: String,
     /// Per DB, `pool_size` multiplexed connections, made on first use.
-    dbs: [OnceLock<Pool>; 16],
+    dbs: [OnceLock<Pool<Link>>; 16],
 }
 
 /// A DB's connections, handed out round robin.
-pub(crate) struct Pool<C = ConnectionManager> {
+pub(crate) struct Pool<C> {
     conns: Vec<C>,
     next: AtomicUsize,
 }
@@ -135,9 +145,9 @@ impl Server {
     }
 }
 
-/// A lazily connecting, auto-reconnecting connection to `client`. Reconnect attempts are cheap
-/// and bounded; the caller's own timeout bounds the wait, and the next command starts a fresh
-/// attempt.
+/// A lazily connecting, auto-reconnecting connection to `client` (Sentinel's). Reconnect attempts
+/// are cheap and bounded; the caller's own timeout bounds the wait, and the next command starts a
+/// fresh attempt.
 pub(crate) fn manager(
     client: redis::Client,
     connect_timeout: Duration,
@@ -162,7 +172,7 @@ pub(crate) fn namespaced<'k>(namespace: &str, key: &'k str) -> Cow<'k, str> {
 }
 
 impl Connections for Server {
-    type Conn = ConnectionManager;
+    type Conn = Link;
 
     fn kind(&self) -> &'static str {
         "redis"
@@ -172,14 +182,16 @@ impl Connections for Server {
         self.target.address()
     }
 
-    fn conn(&self, db: u8) -> Result<ConnectionManager, BackendError> {
+    fn conn(&self, db: u8) -> Result<Link, BackendError> {
         let cell = &self.dbs[usize::from(db & 0x0f)];
         let pool = match cell.get() {
             Some(pool) => pool,
             None => {
                 let conns = (0..self.pool_size)
-                    .map(|_| manager(self.target.client(db)?, self.connect_timeout, self.op_timeout))
-                    .collect::<Result<_, _>>()?;
+                    .map(|_| {
+                        Ok(Link::new(self.target.client(db)?, db, self.connect_timeout, self.op_timeout))
+                    })
+                    .collect::<Result<_, BackendError>>()?;
                 cell.get_or_init(|| Pool::new(conns))
             }
         };
@@ -188,6 +200,10 @@ impl Connections for Server {
 
     fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {
         namespaced(&self.namespace, key)
+    }
+
+    fn bounds_each_request(&self) -> bool {
+        true
     }
 
     fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {

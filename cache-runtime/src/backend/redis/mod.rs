@@ -1,11 +1,12 @@
 //! The Redis store, for every deployment: one server, Cluster (`backend/cluster`) and Sentinel
 //! (`backend/sentinel`) differ only in their [`Connections`]. Here: the store itself (every call
 //! through a circuit breaker, [`super::breaker`], and under `op_timeout`), the protocol scripts
-//! (`scripts.rs`), the write-behind batcher (`batch.rs`) and the one-server deployment
-//! (`connections.rs`).
+//! (`scripts.rs`), the write-behind batcher (`batch.rs`), the one-server deployment
+//! (`connections.rs`) and its connections (`link.rs`).
 
 pub(crate) mod batch;
 pub(crate) mod connections;
+pub(crate) mod link;
 pub(crate) mod scripts;
 pub(crate) mod tracking;
 
@@ -19,7 +20,7 @@ use self::batch::Batcher;
 pub(crate) use self::connections::{Connections, Server};
 use self::scripts::{millis, AcquireReply};
 use super::breaker::Breaker;
-use super::protocol::{bounded, Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal, Write};
+use super::protocol::{bounded, within, Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal, Write};
 use super::store::Store;
 use crate::config::CacheConfig;
 use crate::error::BackendError;
@@ -169,24 +170,50 @@ impl<C: Connections> RedisStore<C> {
     /// Runs `op` through the breaker, bounded by `limit`: refused at once while the breaker is
     /// open, and its result moves the breaker.
     ///
-    /// Combinators rather than an `async fn`, for the size of the future (see `bounded`); the
-    /// breaker is asked when the call is first polled, and the bound counts from there.
+    /// Combinators rather than an `async fn`, for the size of the future (see `bounded`). The
+    /// breaker is asked, and the bound starts, when the future is made (every caller awaits it
+    /// at once): a `lazy(..).then(..)` that asked on the first poll moved the whole call's
+    /// future once more per call.
     fn guarded<'a, T: 'a>(
         &'a self,
         limit: Duration,
         op: impl Future<Output = Result<T, BackendError>> + 'a,
     ) -> impl Future<Output = Result<T, BackendError>> + 'a {
+        self.guarded_within(Some(limit), op)
+    }
+
+    /// [`Self::guarded`] for a call of one request (one command or one pipeline): where the
+    /// connection bounds each request by `op_timeout` itself (one server's `Link`), no timer is
+    /// added (a timer-wheel entry per call was the largest single cost of a hit over Redis), and
+    /// its timeout is reported as the store's own.
+    fn guarded_request<'a, T: 'a>(
+        &'a self,
+        op: impl Future<Output = Result<T, BackendError>> + 'a,
+    ) -> impl Future<Output = Result<T, BackendError>> + 'a {
+        use futures_util::FutureExt;
+        let limit = self.op_timeout;
+        let bounded_here = !self.links.bounds_each_request();
+        self.guarded_within(bounded_here.then_some(limit), op).map(move |result| {
+            result.map_err(|e| if e.is_timeout() { BackendError::Timeout(limit) } else { e })
+        })
+    }
+
+    fn guarded_within<'a, T: 'a>(
+        &'a self,
+        limit: Option<Duration>,
+        op: impl Future<Output = Result<T, BackendError>> + 'a,
+    ) -> impl Future<Output = Result<T, BackendError>> + 'a {
         use futures_util::future::{self, Either, FutureExt};
-        future::lazy(move |_| self.breaker.admit()).then(move |admitted| match admitted {
+        match self.breaker.admit() {
             Err(refused) => Either::Left(future::ready(Err(refused))),
-            Ok(permit) => Either::Right(bounded(limit, op).map(move |result| {
+            Ok(permit) => Either::Right(within(limit, op).map(move |result| {
                 permit.record(&result);
                 if let Err(e) = &result {
                     self.links.failed(e);
                 }
                 result
             })),
-        })
+        }
     }
 }
 
@@ -208,8 +235,8 @@ impl<C: Connections> Store for RedisStore<C> {
                 redis::cmd("GET").arg(&*key).query_async(&mut self.conn(db)?).await?;
             Ok(bytes.map(|b| decode(&b)))
         };
-        match self.guarded(self.op_timeout, get()).await {
-            Err(e) if self.retry_on_timeout && e.is_timeout() => self.guarded(self.op_timeout, get()).await,
+        match self.guarded_request(get()).await {
+            Err(e) if self.retry_on_timeout && e.is_timeout() => self.guarded_request(get()).await,
             result => result,
         }
     }
@@ -234,8 +261,8 @@ impl<C: Connections> Store for RedisStore<C> {
                 .await?;
             Ok((bytes.map(|b| decode(&b)), u64::try_from(left_ms).ok().map(Duration::from_millis)))
         };
-        match self.guarded(self.op_timeout, get()).await {
-            Err(e) if self.retry_on_timeout && e.is_timeout() => self.guarded(self.op_timeout, get()).await,
+        match self.guarded_request(get()).await {
+            Err(e) if self.retry_on_timeout && e.is_timeout() => self.guarded_request(get()).await,
             result => result,
         }
     }
