@@ -187,12 +187,17 @@ impl Connections for Server {
         let pool = match cell.get() {
             Some(pool) => pool,
             None => {
-                let conns = (0..self.pool_size)
-                    .map(|_| {
-                        Ok(Link::new(self.target.client(db)?, db, self.connect_timeout, self.op_timeout))
-                    })
-                    .collect::<Result<_, BackendError>>()?;
-                cell.get_or_init(|| Pool::new(conns))
+                let clients =
+                    (0..self.pool_size).map(|_| self.target.client(db)).collect::<Result<Vec<_>, _>>()?;
+                // Links start connecting when made: only the pool that is kept makes them.
+                cell.get_or_init(|| {
+                    Pool::new(
+                        clients
+                            .into_iter()
+                            .map(|client| Link::new(client, db, self.connect_timeout, self.op_timeout))
+                            .collect(),
+                    )
+                })
             }
         };
         Ok(pool.pick())

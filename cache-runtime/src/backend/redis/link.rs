@@ -11,18 +11,24 @@
 //!   under a timer of `op_timeout` from its start.
 //!
 //! A command that finds the connection lost (dropped, reset) fails at once, as with
-//! `ConnectionManager`, and starts the next attempt; so does one that finds the last attempt
-//! failed (refused, timed out, a wrong password). Attempts go on in the background, so a caller
-//! that stops waiting does not stop them.
+//! `ConnectionManager`, and starts the next attempt. One that finds the last attempt failed
+//! (refused, timed out, a wrong password) starts the next and waits for it, within its
+//! `op_timeout`, unless the failed one started less than `RETRY_GAP` ago: then it fails at once,
+//! so that a server that refuses is not asked again on every command. Each attempt runs as a task
+//! of its own, so a caller that stops waiting does not stop it, and a runtime that ends under it
+//! only fails it.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+/// The least time between the start of an attempt that failed and the next.
+const RETRY_GAP: Duration = Duration::from_millis(50);
 
 /// An attempt to connect, shared by the commands that wait for it.
 type Attempt = Shared<BoxFuture<'static, RedisResult<MultiplexedConnection>>>;
@@ -36,6 +42,7 @@ enum State {
 /// only if the link is still on that connection's attempt.
 struct Current {
     attempt: u64,
+    started: Instant,
     state: State,
 }
 
@@ -55,23 +62,40 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Starts connecting to `client` (in the background when called inside a tokio runtime, by
-    /// the first command otherwise). Each attempt is bounded by `connect_timeout`, each command
+    /// Starts connecting to `client`. Each attempt is bounded by `connect_timeout`, each command
     /// by `op_timeout`.
     pub(crate) fn new(client: Client, db: u8, connect_timeout: Duration, op_timeout: Duration) -> Link {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(op_timeout));
-        let attempt = connect(&client, &config);
-        let inner = Arc::new(Inner {
-            client,
-            config,
-            op_timeout,
-            attempts: AtomicU64::new(0),
-            current: ArcSwap::from_pointee(Current { attempt: 0, state: State::Connecting(attempt.clone()) }),
+        let mut first = None;
+        let inner = Arc::new_cyclic(|weak| {
+            let (attempt, work) = prepare(weak.clone(), client.clone(), config.clone(), 0);
+            first = Some(work);
+            Inner {
+                client,
+                config,
+                op_timeout,
+                attempts: AtomicU64::new(0),
+                current: ArcSwap::from_pointee(Current {
+                    attempt: 0,
+                    started: Instant::now(),
+                    state: State::Connecting(attempt),
+                }),
+            }
         });
-        drive(Arc::downgrade(&inner), 0, attempt);
+        launch(first.expect("made with the link"));
         Link { inner, db: i64::from(db) }
+    }
+
+    /// The attempt the link is on, and its connection or the attempt itself.
+    fn state(&self) -> (u64, Result<MultiplexedConnection, Attempt>) {
+        let current = self.inner.current.load();
+        let state = match &current.state {
+            State::Connected(conn) => Ok(conn.clone()),
+            State::Connecting(attempt) => Err(attempt.clone()),
+        };
+        (current.attempt, state)
     }
 
     /// Sends through the connection (`send` is given a clone of it), or through the attempt under
@@ -80,48 +104,50 @@ impl Link {
     where
         F: std::future::Future<Output = RedisResult<T>>,
     {
-        let (attempt, state) = {
-            let current = self.inner.current.load();
-            let state = match &current.state {
-                State::Connected(conn) => Ok(conn.clone()),
-                State::Connecting(attempt) => Err(attempt.clone()),
-            };
-            (current.attempt, state)
-        };
-        match state {
-            Ok(conn) => {
+        match self.state() {
+            (number, Ok(conn)) => {
                 let result = send(conn).await;
-                self.lost_if_dropped(attempt, &result);
+                self.lost_if_dropped(number, &result);
                 result
             }
             // Boxed: the timer and the attempt are only paid for while connecting.
-            Err(connecting) => Box::pin(self.send_when_connected(attempt, connecting, send)).await,
+            (number, Err(connecting)) => Box::pin(self.send_when_connected(number, connecting, send)).await,
         }
     }
 
     async fn send_when_connected<T, F>(
         &self,
-        attempt: u64,
-        connecting: Attempt,
+        mut number: u64,
+        mut connecting: Attempt,
         send: impl FnOnce(MultiplexedConnection) -> F,
     ) -> RedisResult<T>
     where
         F: std::future::Future<Output = RedisResult<T>>,
     {
         let bounded = tokio::time::timeout(self.inner.op_timeout, async {
-            match connecting.await {
-                Ok(conn) => {
-                    connected(&self.inner, attempt, &conn);
-                    let result = send(conn).await;
-                    self.lost_if_dropped(attempt, &result);
-                    result
+            let conn = loop {
+                let error = match connecting.await {
+                    Ok(conn) => {
+                        connected(&self.inner, number, &conn);
+                        break conn;
+                    }
+                    Err(error) => error,
+                };
+                // The attempt failed: the next one starts (unless this one started a moment
+                // ago), and this command waits for it, within its time.
+                lost(&self.inner, number);
+                match self.state() {
+                    (now, Ok(conn)) if now != number => {
+                        number = now;
+                        break conn;
+                    }
+                    (now, Err(attempt)) if now != number => (number, connecting) = (now, attempt),
+                    _ => return Err(error),
                 }
-                Err(error) => {
-                    // The attempt failed: the next one starts now, for the commands after this.
-                    lost(&self.inner, attempt);
-                    Err(error)
-                }
-            }
+            };
+            let result = send(conn).await;
+            self.lost_if_dropped(number, &result);
+            result
         });
         match bounded.await {
             Ok(result) => result,
@@ -138,51 +164,70 @@ impl Link {
     }
 }
 
-fn connect(client: &Client, config: &AsyncConnectionConfig) -> Attempt {
-    let (client, config) = (client.clone(), config.clone());
-    async move { client.get_multiplexed_async_connection_with_config(&config).await }.boxed().shared()
+/// The work of attempt `number`, and the attempt as commands wait for it. Apart, so that an
+/// attempt that does not become the link's is never started. The work makes the link connected
+/// when it succeeds, whether or not a command waits.
+fn prepare(
+    inner: Weak<Inner>,
+    client: Client,
+    config: AsyncConnectionConfig,
+    number: u64,
+) -> (Attempt, BoxFuture<'static, ()>) {
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    let work = async move {
+        let result = client.get_multiplexed_async_connection_with_config(&config).await;
+        if let (Ok(conn), Some(inner)) = (&result, inner.upgrade()) {
+            connected(&inner, number, conn);
+        }
+        let _ = done.send(result);
+    };
+    let attempt = async move {
+        outcome.await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the connection attempt ended with the tokio runtime that ran it",
+            )
+            .into())
+        })
+    };
+    (attempt.boxed().shared(), work.boxed())
 }
 
-/// Runs `attempt` to its end even if no command waits for it (inside a tokio runtime: the
-/// runtime the link's commands are sent from, where the connection's own task then runs, as
-/// with `ConnectionManager`), and makes the link connected when it succeeds.
-fn drive(inner: Weak<Inner>, number: u64, attempt: Attempt) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    runtime.spawn(async move {
-        if let Ok(conn) = attempt.await {
-            if let Some(inner) = inner.upgrade() {
-                connected(&inner, number, &conn);
-            }
-        }
-    });
+/// Runs an attempt's work as a task: on the runtime the command that needs it runs on (where the
+/// connection's own task then runs, as with `ConnectionManager`), or on the cache's background
+/// runtime outside of one.
+fn launch(work: BoxFuture<'static, ()>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(work)),
+        Err(_) => crate::background::spawn(work),
+    }
 }
 
 /// Attempt `number` gave `conn`: the link uses it, if it was still waiting for that attempt.
 fn connected(inner: &Inner, number: u64, conn: &MultiplexedConnection) {
     let current = inner.current.load();
     if current.attempt == number && matches!(current.state, State::Connecting(_)) {
-        inner.current.compare_and_swap(
-            &*current,
-            Arc::new(Current { attempt: number, state: State::Connected(conn.clone()) }),
-        );
+        let now =
+            Current { attempt: number, started: current.started, state: State::Connected(conn.clone()) };
+        inner.current.compare_and_swap(&*current, Arc::new(now));
     }
 }
 
 /// The connection (or the attempt) `number` failed: a new attempt starts, unless one already
-/// replaced it.
+/// replaced it, or the failed attempt started less than `RETRY_GAP` ago.
 fn lost(inner: &Arc<Inner>, number: u64) {
     let current = inner.current.load();
-    if current.attempt != number {
+    if current.attempt != number
+        || (matches!(current.state, State::Connecting(_)) && current.started.elapsed() < RETRY_GAP)
+    {
         return;
     }
     let next = inner.attempts.fetch_add(1, Relaxed) + 1;
-    let attempt = connect(&inner.client, &inner.config);
-    let previous = inner.current.compare_and_swap(
-        &*current,
-        Arc::new(Current { attempt: next, state: State::Connecting(attempt.clone()) }),
-    );
+    let (attempt, work) = prepare(Arc::downgrade(inner), inner.client.clone(), inner.config.clone(), next);
+    let now = Current { attempt: next, started: Instant::now(), state: State::Connecting(attempt) };
+    let previous = inner.current.compare_and_swap(&*current, Arc::new(now));
     if Arc::ptr_eq(&*previous, &*current) {
-        drive(Arc::downgrade(inner), next, attempt);
+        launch(work);
     }
 }
 
