@@ -73,6 +73,36 @@ async fn killed_server_callers_still_get_results_then_cache_resumes() {
     }
 }
 
+/// After an outage, the first call once the server is back reaches it: a call that finds the
+/// last connection attempt failed (longer ago than the 50 ms retry gap) starts the next attempt
+/// and waits for it, within `op_timeout`, instead of failing on the old one.
+#[tokio::test]
+async fn the_first_call_after_an_outage_reaches_the_server() {
+    let mut fx = Fixture::redis_with(|c| c.with_op_timeout(OP_TIMEOUT));
+    let calls = AtomicUsize::new(0);
+    fx.run(sma("WARM", 1, &calls)).await.unwrap();
+    fx.runtime.flush().await.unwrap(); // its fill is written, not failed by the outage
+    fx.server().stop();
+    // The connection is found lost; the attempt it starts is refused.
+    fx.run(sma("DOWN", 1, &calls)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let failed = errors(&fx);
+    assert!(failed >= 1, "the call during the outage failed over to the function");
+    fx.server().restart(); // returns once the server answers PING
+    let started = Instant::now();
+    fx.run(sma("BACK", 1, &calls)).await.unwrap();
+    let took = started.elapsed();
+    eprintln!(
+        "first call after the outage: {took:?}; backend errors {failed} before it, {} after",
+        errors(&fx)
+    );
+    assert_eq!(errors(&fx), failed, "the first call after the server came back reached it");
+    assert!(took < CALL_BOUND, "and within one call's bound ({took:?})");
+    let before = calls.load(SeqCst);
+    fx.run(sma("BACK", 1, &calls)).await.unwrap();
+    assert_eq!(calls.load(SeqCst), before, "what it computed was cached");
+}
+
 #[tokio::test]
 async fn hung_server_costs_at_most_the_timeout() {
     let fx = Fixture::redis_with(|c| c.with_op_timeout(OP_TIMEOUT));
