@@ -183,6 +183,24 @@ struct Round {
     ops: u64,
     elapsed: Duration,
     latencies_ns: Vec<u64>,
+    /// This process's CPU time (user and system, every thread) during the round. The
+    /// `redis-server` the benchmark starts is another process, not counted.
+    cpu: Duration,
+}
+
+/// This process's CPU time so far (`getrusage(RUSAGE_SELF)`: every thread, not child processes).
+fn process_cpu() -> Duration {
+    // SAFETY: `getrusage` writes one `rusage` into the zeroed value it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return Duration::ZERO;
+        }
+        usage
+    };
+    let time =
+        |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 impl Round {
@@ -200,6 +218,7 @@ where
     let op = Arc::new(op);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let mut tasks = Vec::new();
     for t in 0..concurrency {
         let (op, stop) = (Arc::clone(&op), Arc::clone(&stop));
@@ -226,19 +245,28 @@ where
     for task in tasks {
         latencies_ns.extend(task.await.unwrap());
     }
-    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns, cpu }
 }
 
 #[derive(Default)]
 struct Contender {
     throughputs: Vec<f64>,
     latencies_ns: Vec<u64>,
+    cpu: Duration,
+    ops: u64,
 }
 
 impl Contender {
     fn add(&mut self, r: Round) {
         self.throughputs.push(r.throughput());
+        self.cpu += r.cpu;
+        self.ops += r.ops;
         self.latencies_ns.extend(r.latencies_ns);
+    }
+    /// This process's CPU time per operation over every round, in ns.
+    fn cpu_ns_per_op(&self) -> f64 {
+        self.cpu.as_nanos() as f64 / self.ops.max(1) as f64
     }
     fn median(&self) -> f64 {
         let mut t = self.throughputs.clone();
@@ -520,6 +548,14 @@ async fn run() {
             json.insert(format!("hit_msgpack_vs_cached_crate_c{concurrency}"), ratio(m.median(), c.median()));
             json.insert(format!("hit_msgpack_vs_raw_c{concurrency}"), ratio(m.median(), r.median()));
             json.insert(format!("raw_manager_vs_raw_c{concurrency}"), ratio(rm.median(), r.median()));
+            // CPU per hit in this process (client side only), ours over the raw client's: the
+            // figure that moves least with the machine's load. Above 1: ours costs more.
+            json.insert(format!("hit_cpu_ns_c{concurrency}"), (o.cpu_ns_per_op().round() as u64).into());
+            json.insert(format!("hit_cpu_ns_raw_c{concurrency}"), (r.cpu_ns_per_op().round() as u64).into());
+            json.insert(
+                format!("hit_cpu_vs_raw_c{concurrency}"),
+                ratio(o.cpu_ns_per_op(), r.cpu_ns_per_op()),
+            );
             json.insert(format!("hit_vs_raw_manager_c{concurrency}"), ratio(o.median(), rm.median()));
         }
     }
@@ -1073,6 +1109,7 @@ where
 {
     let mut latencies_ns = Vec::with_capacity(1 << 20);
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let mut i = 0;
     while started.elapsed() < duration {
         let symbol = &symbols()[i % HOT_KEYS];
@@ -1081,7 +1118,8 @@ where
         latencies_ns.push(t0.elapsed().as_nanos() as u64);
         i += 1;
     }
-    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns }
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    Round { ops: latencies_ns.len() as u64, elapsed: started.elapsed(), latencies_ns, cpu }
 }
 
 fn unix_nanos() -> i128 {
