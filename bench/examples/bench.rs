@@ -254,19 +254,17 @@ struct Contender {
     throughputs: Vec<f64>,
     latencies_ns: Vec<u64>,
     cpu: Duration,
-    ops: u64,
 }
 
 impl Contender {
     fn add(&mut self, r: Round) {
         self.throughputs.push(r.throughput());
         self.cpu += r.cpu;
-        self.ops += r.ops;
         self.latencies_ns.extend(r.latencies_ns);
     }
     /// This process's CPU time per operation over every round, in ns.
     fn cpu_ns_per_op(&self) -> f64 {
-        self.cpu.as_nanos() as f64 / self.ops.max(1) as f64
+        self.cpu.as_nanos() as f64 / self.latencies_ns.len().max(1) as f64
     }
     fn median(&self) -> f64 {
         let mut t = self.throughputs.clone();
