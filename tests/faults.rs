@@ -1,5 +1,5 @@
 //! Faults injected for real: `CLIENT PAUSE WRITE` (what a failover does), `SIGSTOP` (a hung
-//! host), a proxy that blackholes connections, a wrong password. Each test states the bound it
+//! host), a proxy that blackholes connections or strands them, a wrong password. Each test states the bound it
 //! checks and prints its figures (`cargo test --test faults -- --nocapture`).
 
 mod support;
@@ -187,6 +187,47 @@ async fn blackholed_reconnect_is_bounded() {
         assert!(Instant::now() < deadline, "the cache did not come back after the blackhole");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A connection that goes silent for good (its peer gone without a reset, or a middlebox that
+/// forgot the flow; new connections are answered): the OS would report it lost only when TCP
+/// gives up, many minutes later. The runtime makes it again after three lookups in a row time out
+/// on it, so the cache is back after three slow calls, not minutes of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_is_made_again() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port());
+    // No breaker: every call reaches the connection, so the count of slow calls is the link's.
+    let rt = runtime(&proxy.url(), |c| c.with_breaker(0, Duration::ZERO));
+    timed(&rt, "warm").await;
+    rt.flush().await.unwrap();
+    assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
+    proxy.strand();
+    let started = Instant::now();
+    let (mut slow, mut slowest) = (0, Duration::ZERO);
+    loop {
+        let (took, hit) = timed(&rt, "warm").await;
+        slowest = slowest.max(took);
+        if took >= OP_TIMEOUT {
+            slow += 1;
+        }
+        if hit {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still no hit 10 s after the connection went silent ({slow} calls timed out)"
+        );
+    }
+    eprintln!(
+        "silent connection: {slow} calls timed out, hit again after {:?} (slowest call {slowest:?})",
+        started.elapsed()
+    );
+    assert!((1..=3).contains(&slow), "made again after three time-outs, not {slow}");
+    assert!(
+        slowest < OP_TIMEOUT + Duration::from_millis(150),
+        "each call bounded by op_timeout ({slowest:?})"
+    );
 }
 
 #[derive(Clone, Default)]

@@ -1,7 +1,8 @@
 //! A TCP proxy between the runtime and a real `redis-server` whose behaviour is switched while it
 //! runs (after the chaos wrappers of .NET's FusionCache): pass, added latency, blackhole (accept,
 //! never answer: bytes are held, not lost, and flow again when it ends), reset (every open
-//! connection is closed with RST, new ones too) and refuse (the port stops listening).
+//! connection is closed with RST, new ones too), refuse (the port stops listening) and strand
+//! (the connections open now go silent for good, new ones pass).
 //! It runs on its own thread and runtime, so any test can drive it.
 
 use std::net::SocketAddr;
@@ -31,6 +32,8 @@ struct State {
     fault: Fault,
     /// Raised on every switch to `Reset`: connections opened before it are reset.
     resets: u64,
+    /// Raised by `strand`: connections opened before it go silent.
+    strands: u64,
 }
 
 pub struct FaultProxy {
@@ -45,7 +48,7 @@ impl FaultProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy port");
         listener.set_nonblocking(true).expect("nonblocking listener");
         let port = listener.local_addr().expect("proxy addr").port();
-        let (tx, _) = watch::channel(State { fault: Fault::Pass, resets: 0 });
+        let (tx, _) = watch::channel(State { fault: Fault::Pass, resets: 0, strands: 0 });
         let state = Arc::new(tx);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = Arc::clone(&state);
@@ -86,6 +89,15 @@ impl FaultProxy {
     }
 }
 
+impl FaultProxy {
+    /// The connections open now go silent for good: what they send is read and dropped, nothing
+    /// comes back, and they are never closed (a server that vanished without a reset, or a
+    /// middlebox that forgot the flow). Connections opened afterwards pass.
+    pub fn strand(&self) {
+        self.state.send_modify(|s| s.strands += 1);
+    }
+}
+
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.set(Fault::Reset);
@@ -121,7 +133,7 @@ async fn serve(mut listener: TcpListener, port: u16, upstream: u16, state: Arc<w
 }
 
 async fn connection(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>) {
-    let born = rx.borrow().resets;
+    let (born, strands) = (rx.borrow().resets, rx.borrow().strands);
     if rx.borrow().fault == Fault::Reset {
         return reset(client);
     }
@@ -139,7 +151,21 @@ async fn connection(client: TcpStream, upstream: u16, mut rx: watch::Receiver<St
     tokio::select! {
         _ = up => {}
         _ = down => {}
-        _ = rx.wait_for(|s| s.resets != born) => {}
+        _ = rx.wait_for(|s| s.resets != born || s.strands != strands) => {}
+    }
+    if rx.borrow().resets == born && rx.borrow().strands != strands {
+        // Stranded: the server's side goes, the client's stays open and silent until a reset.
+        drop((server_read, server_write));
+        let mut buf = vec![0u8; 64 * 1024];
+        let drain = async { while matches!(client_read.read(&mut buf).await, Ok(n) if n > 0) {} };
+        tokio::select! {
+            _ = drain => return,
+            _ = rx.wait_for(|s| s.resets != born) => {}
+        }
+        if let Ok(client) = client_read.reunite(client_write) {
+            reset(client);
+        }
+        return;
     }
     if let (Ok(client), Ok(_)) = (client_read.reunite(client_write), server_read.reunite(server_write)) {
         reset(client);

@@ -17,6 +17,12 @@
 //! so that a server that refuses is not asked again on every command. Each attempt runs as a task
 //! of its own, so a caller that stops waiting does not stop it, and a runtime that ends under it
 //! only fails it.
+//!
+//! A connection that goes silent (its peer gone without a reset, a middlebox that forgot the
+//! flow) is never reported lost by the OS until TCP gives up, many minutes later: every command
+//! on it would time out until then. So a connection on which `SILENT_TIMEOUTS` commands in a row
+//! time out, with no reply of any kind in between, counts as lost too and is made again. A
+//! server that is only slow answers some of them, which starts the count again.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -29,6 +35,14 @@ use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResu
 
 /// The least time between the start of an attempt that failed and the next.
 const RETRY_GAP: Duration = Duration::from_millis(50);
+
+/// Commands in a row that time out on one connection, none answered in between, after which it
+/// is made again.
+const SILENT_TIMEOUTS: u64 = 3;
+
+/// `Inner::silence` holds the attempt its count is of above these bits, the count in them.
+const COUNT_BITS: u32 = 16;
+const COUNT: u64 = (1 << COUNT_BITS) - 1;
 
 /// An attempt to connect, shared by the commands that wait for it.
 type Attempt = Shared<BoxFuture<'static, RedisResult<MultiplexedConnection>>>;
@@ -52,6 +66,9 @@ struct Inner {
     op_timeout: Duration,
     attempts: AtomicU64,
     current: ArcSwap<Current>,
+    /// Commands in a row that timed out on a connection, and which attempt made it (see
+    /// `COUNT_BITS`).
+    silence: AtomicU64,
 }
 
 /// A connection to one server (one DB of it): cheap to clone, clones share it.
@@ -77,6 +94,7 @@ impl Link {
                 config,
                 op_timeout,
                 attempts: AtomicU64::new(0),
+                silence: AtomicU64::new(0),
                 current: ArcSwap::from_pointee(Current {
                     attempt: 0,
                     started: Instant::now(),
@@ -107,7 +125,7 @@ impl Link {
         match self.state() {
             (number, Ok(conn)) => {
                 let result = send(conn).await;
-                self.lost_if_dropped(number, &result);
+                self.answered(number, &result);
                 result
             }
             // Boxed: the timer and the attempt are only paid for while connecting.
@@ -146,7 +164,7 @@ impl Link {
                 }
             };
             let result = send(conn).await;
-            self.lost_if_dropped(number, &result);
+            self.answered(number, &result);
             result
         });
         match bounded.await {
@@ -155,10 +173,38 @@ impl Link {
         }
     }
 
-    fn lost_if_dropped<T>(&self, attempt: u64, result: &RedisResult<T>) {
-        if let Err(error) = result {
-            if error.is_unrecoverable_error() {
-                lost(&self.inner, attempt);
+    /// What a command sent on attempt `attempt`'s connection tells of it: lost if the connection
+    /// dropped, or if this is the `SILENT_TIMEOUTS`th time-out in a row on it; alive if anything
+    /// came back (a value or an error reply), which starts the count of time-outs again.
+    fn answered<T>(&self, attempt: u64, result: &RedisResult<T>) {
+        let silence = &self.inner.silence;
+        match result {
+            Err(error) if error.is_unrecoverable_error() => lost(&self.inner, attempt),
+            Err(error) if error.is_timeout() => {
+                let counted =
+                    silence.fetch_update(Relaxed, Relaxed, |was| match (was >> COUNT_BITS).cmp(&attempt) {
+                        std::cmp::Ordering::Equal => Some(was + 1),
+                        std::cmp::Ordering::Less => Some((attempt << COUNT_BITS) | 1),
+                        // A late time-out of an older connection says nothing of this one.
+                        std::cmp::Ordering::Greater => None,
+                    });
+                if let Ok(was) = counted {
+                    let count = if was >> COUNT_BITS == attempt { (was & COUNT) + 1 } else { 1 };
+                    if count == SILENT_TIMEOUTS {
+                        tracing::warn!(
+                            timeouts = SILENT_TIMEOUTS,
+                            "cache backend: the connection stopped answering; making a new one"
+                        );
+                        lost(&self.inner, attempt);
+                    }
+                }
+            }
+            // Only read in the common case: the count is written only while commands time out.
+            _ => {
+                let was = silence.load(Relaxed);
+                if was & COUNT != 0 && was >> COUNT_BITS == attempt {
+                    let _ = silence.compare_exchange(was, attempt << COUNT_BITS, Relaxed, Relaxed);
+                }
             }
         }
     }
