@@ -192,13 +192,20 @@ async fn blackholed_reconnect_is_bounded() {
 /// A connection that goes silent for good (its peer gone without a reset, or a middlebox that
 /// forgot the flow; new connections are answered): the OS would report it lost only when TCP
 /// gives up, many minutes later. The runtime makes it again after three lookups in a row time out
-/// on it, so the cache is back after three slow calls, not minutes of them.
+/// on it, so the cache is back after three slow calls, not minutes of them. Then a server whose
+/// every reply comes too late: each connection is made again after three time-outs as well, and
+/// the warning is logged once for the whole episode, not once per connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_gone_silent_is_made_again() {
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port());
+    let (logs, _guard) = support::logs::Logs::capture();
+    let warned = || logs.count("WARN", "stopped answering");
     // No breaker: every call reaches the connection, so the count of slow calls is the link's.
-    let rt = runtime(&proxy.url(), |c| c.with_breaker(0, Duration::ZERO));
+    // A connect timeout long enough to connect through the slow replies below.
+    let rt = runtime(&proxy.url(), |c| {
+        c.with_breaker(0, Duration::ZERO).with_connect_timeout(Duration::from_secs(2))
+    });
     timed(&rt, "warm").await;
     rt.flush().await.unwrap();
     assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
@@ -220,14 +227,42 @@ async fn a_connection_gone_silent_is_made_again() {
         );
     }
     eprintln!(
-        "silent connection: {slow} calls timed out, hit again after {:?} (slowest call {slowest:?})",
-        started.elapsed()
+        "silent connection: {slow} calls timed out, hit again after {:?} (slowest call {slowest:?}), {} warning",
+        started.elapsed(),
+        warned()
     );
     assert!((1..=3).contains(&slow), "made again after three time-outs, not {slow}");
     assert!(
         slowest < OP_TIMEOUT + Duration::from_millis(150),
         "each call bounded by op_timeout ({slowest:?})"
     );
+    assert_eq!(warned(), 1, "one warning:\n{}", logs.text());
+
+    // Every reply 300 ms late, past the 200 ms op timeout: each connection goes silent in turn.
+    let connections = || async {
+        let mut conn = server.raw(0).await;
+        let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.unwrap();
+        let line = info.lines().find(|l| l.starts_with("total_connections_received:")).unwrap();
+        line.split(':').nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let before = connections().await;
+    proxy.set(Fault::Latency(Duration::from_millis(300)));
+    let mut late = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let (took, _) = timed(&rt, "warm").await;
+        assert!(took < OP_TIMEOUT + Duration::from_millis(150), "bounded by op_timeout ({took:?})");
+        late += 1;
+    }
+    proxy.set(Fault::Pass);
+    let made = connections().await - before - 1; // the counting connection
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !timed(&rt, "warm").await.1 {
+        assert!(Instant::now() < deadline, "the cache did not come back after the slow replies");
+    }
+    eprintln!("replies 300 ms late for 4 s: {late} calls, {made} connections made, {} warnings", warned());
+    assert!(made >= 2, "connections made again while replies were late ({made})");
+    assert_eq!(warned(), 2, "one warning for the second episode, not one per connection:\n{}", logs.text());
 }
 
 #[derive(Clone, Default)]

@@ -24,6 +24,7 @@
 //! time out, with no reply of any kind in between, counts as lost too and is made again. A
 //! server that is only slow answers some of them, which starts the count again.
 
+use std::cmp::Ordering;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -40,9 +41,11 @@ const RETRY_GAP: Duration = Duration::from_millis(50);
 /// is made again.
 const SILENT_TIMEOUTS: u64 = 3;
 
-/// `Inner::silence` holds the attempt its count is of above these bits, the count in them.
+/// `Inner::silence` holds the attempt its count is of above these bits; in them, `WARNED` (said
+/// so since the last reply) and the count.
 const COUNT_BITS: u32 = 16;
-const COUNT: u64 = (1 << COUNT_BITS) - 1;
+const WARNED: u64 = 1 << (COUNT_BITS - 1);
+const COUNT: u64 = WARNED - 1;
 
 /// An attempt to connect, shared by the commands that wait for it.
 type Attempt = Shared<BoxFuture<'static, RedisResult<MultiplexedConnection>>>;
@@ -181,28 +184,31 @@ impl Link {
         match result {
             Err(error) if error.is_unrecoverable_error() => lost(&self.inner, attempt),
             Err(error) if error.is_timeout() => {
-                let counted =
-                    silence.fetch_update(Relaxed, Relaxed, |was| match (was >> COUNT_BITS).cmp(&attempt) {
-                        std::cmp::Ordering::Equal => Some(was + 1),
-                        std::cmp::Ordering::Less => Some((attempt << COUNT_BITS) | 1),
+                let counted = silence.fetch_update(Relaxed, Relaxed, |was| {
+                    match (was >> COUNT_BITS).cmp(&attempt) {
+                        Ordering::Equal => Some(was + u64::from(was & COUNT < COUNT)),
+                        Ordering::Less => Some((attempt << COUNT_BITS) | (was & WARNED) | 1),
                         // A late time-out of an older connection says nothing of this one.
-                        std::cmp::Ordering::Greater => None,
-                    });
-                if let Ok(was) = counted {
-                    let count = if was >> COUNT_BITS == attempt { (was & COUNT) + 1 } else { 1 };
-                    if count == SILENT_TIMEOUTS {
+                        Ordering::Greater => None,
+                    }
+                });
+                let Ok(was) = counted else { return };
+                let count = if was >> COUNT_BITS == attempt { (was & COUNT) + 1 } else { 1 };
+                if count == SILENT_TIMEOUTS {
+                    // Said once until something answers again, not once per connection made.
+                    if silence.fetch_or(WARNED, Relaxed) & WARNED == 0 {
                         tracing::warn!(
                             timeouts = SILENT_TIMEOUTS,
-                            "cache backend: the connection stopped answering; making a new one"
+                            "cache backend: a connection stopped answering; making it again (logged once until a reply comes)"
                         );
-                        lost(&self.inner, attempt);
                     }
+                    lost(&self.inner, attempt);
                 }
             }
-            // Only read in the common case: the count is written only while commands time out.
+            // Only read in the common case: the word is written only while commands time out.
             _ => {
                 let was = silence.load(Relaxed);
-                if was & COUNT != 0 && was >> COUNT_BITS == attempt {
+                if was & (COUNT | WARNED) != 0 && was >> COUNT_BITS <= attempt {
                     let _ = silence.compare_exchange(was, attempt << COUNT_BITS, Relaxed, Relaxed);
                 }
             }
