@@ -153,3 +153,64 @@ async fn retry_on_timeout_tries_a_lookup_twice() {
     assert!(slowest >= OP_TIMEOUT * 2, "two bounded tries ({slowest:?})");
     assert!(slowest < OP_TIMEOUT * 2 + MARGIN, "two bounded tries, not more ({slowest:?})");
 }
+
+/// The tokio runtime that made the first call, and so ran the first connection attempt, ends
+/// while the attempt waits on a host that never answers. Calls from another tokio runtime still
+/// get their results, and the cache serves hits there once the host answers: the ended attempt
+/// only failed, the next one started.
+#[test]
+fn a_tokio_runtime_ending_mid_connect_does_not_break_the_connection() {
+    let server = support::RedisServer::start();
+    let proxy = support::proxy::FaultProxy::start(server.port());
+    proxy.set(support::proxy::Fault::Blackhole);
+    let cache = cache_runtime::Runtime::new(
+        cache_runtime::CacheConfig::redis(&proxy.url())
+            .unwrap()
+            .with_op_timeout(OP_TIMEOUT)
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_breaker(0, Duration::ZERO),
+    );
+    let calls = AtomicUsize::new(0);
+    let first = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let started = Instant::now();
+    assert_eq!(first.block_on(cache.scope(sma("MID", 3, &calls))), Ok(9.0));
+    assert!(started.elapsed() < CALL_BOUND, "bounded while connecting ({:?})", started.elapsed());
+    drop(first); // the attempt, still waiting on the blackhole, ends with it
+    proxy.set(support::proxy::Fault::Pass);
+
+    let second = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    second.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = calls.load(SeqCst);
+            assert_eq!(cache.scope(sma("MID", 3, &calls)).await, Ok(9.0));
+            if calls.load(SeqCst) == before {
+                break; // a hit
+            }
+            assert!(Instant::now() < deadline, "no hit 5 s after the host answered again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// Every duration setting at `Duration::MAX` (each is bounded when set): the runtime connects,
+/// caches and answers as usual, with no overflow anywhere on the way.
+#[tokio::test]
+async fn duration_settings_at_their_maximum_still_cache() {
+    let server = support::RedisServer::start();
+    let config = cache_runtime::CacheConfig::redis(&server.url())
+        .unwrap()
+        .with_op_timeout(Duration::MAX)
+        .with_connect_timeout(Duration::MAX)
+        .with_lease_ttl(Duration::MAX)
+        .with_breaker(5, Duration::MAX)
+        .with_shutdown_timeout(Duration::MAX)
+        .with_generation_refresh(Duration::MAX);
+    let cache = cache_runtime::Runtime::new(config);
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        assert_eq!(cache.scope(sma("MAX", 2, &calls)).await, Ok(6.0));
+    }
+    assert_eq!(calls.load(SeqCst), 1, "computed once, then hits");
+    cache.shutdown().await.unwrap();
+}
