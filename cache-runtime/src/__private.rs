@@ -98,12 +98,12 @@ impl Ttl<std::time::Duration> {
 /// A cached call (see `read_through.rs`); `keeper` when the stored type can be kept as a typed
 /// copy in the near tier (`near.rs`). `body` makes the function's future: only a call that runs
 /// it pays for its size.
-pub fn call<P, R, B, F>(
+pub fn call<'k, P, R, B, F>(
     function: CachedFn,
-    key: Option<CallKey>,
+    key: Option<CallKey<'k>>,
     keeper: Option<Keeper<P::Stored>>,
     body: B,
-) -> impl Future<Output = R>
+) -> impl Future<Output = R> + use<'k, P, R, B, F>
 where
     P: Policy<R>,
     B: FnOnce() -> F,

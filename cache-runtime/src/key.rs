@@ -173,22 +173,29 @@ impl KeyHasher {
 
     /// The key, or `None` when an argument failed to serialize.
     pub fn finish(mut self) -> Option<String> {
-        self.finish_call().map(|key| key.text())
+        self.finish_call().map(|key| key.text(&key.hash()))
     }
 
-    /// The key of a call, as its hash: formatted ([`CallKey::text`]) only where the backend is
-    /// asked, not for a hit on a near copy. `None` when an argument failed to serialize. Called
-    /// once, last (by reference only so that the hasher is not moved).
+    /// The key of a call, kept as the bytes it hashes (or, when they outgrew the buffer, as
+    /// its hash): hashed only where the backend is asked ([`CallKey::hash`]), and formatted
+    /// there too, not for a hit on a near copy. `None` when an argument failed to serialize.
+    /// Called once, last; the key borrows the hasher.
     #[inline]
-    pub fn finish_call(&mut self) -> Option<CallKey> {
+    pub fn finish_call(&mut self) -> Option<CallKey<'_>> {
         let spec = self.spec.expect("KeyHasher::new names the function");
         if self.failed {
             return None;
         }
-        let digest = self.digest_in_place();
-        let mut hash = [0; 16];
-        hash.copy_from_slice(&digest.as_bytes()[..16]);
-        Some(CallKey { spec, hash })
+        let args = match self.hasher {
+            None => ArgsRef::Encoded(&self.buffer.bytes[..self.buffer.len]),
+            Some(_) => {
+                let digest = self.digest_in_place();
+                let mut hash = [0; 16];
+                hash.copy_from_slice(&digest.as_bytes()[..16]);
+                ArgsRef::Hashed(hash)
+            }
+        };
+        Some(CallKey { spec, args })
     }
 
     fn finish_parts(self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
@@ -211,24 +218,48 @@ impl KeyHasher {
     }
 }
 
-/// One call's key as its hash, with the function it belongs to: what the near tier looks copies
-/// up by, and what [`CallKey::text`] formats into the key the backend stores.
-#[doc(hidden)]
+/// What a call's key is taken over, borrowed: its bytes, or, for bytes that outgrew the hasher's
+/// buffer, already its hash.
 #[derive(Clone, Copy)]
-pub struct CallKey {
-    spec: &'static Spec,
-    hash: [u8; 16],
+pub(crate) enum ArgsRef<'a> {
+    /// The key's bytes, before hashing.
+    Encoded(&'a [u8]),
+    /// The key's hash.
+    Hashed([u8; 16]),
 }
 
-impl CallKey {
+/// One call's key, with the function it belongs to: the bytes its hash is taken over (or the
+/// hash, for bytes that outgrew the hasher's buffer). What the near tier looks copies up by, and
+/// what [`CallKey::text`] formats into the key the backend stores.
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub struct CallKey<'a> {
+    spec: &'static Spec,
+    args: ArgsRef<'a>,
+}
+
+impl<'a> CallKey<'a> {
     /// The 16 bytes of blake3 the key's braces hold.
     pub(crate) fn hash(&self) -> [u8; 16] {
-        self.hash
+        match self.args {
+            ArgsRef::Encoded(bytes) => {
+                let mut hash = [0; 16];
+                hash.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
+                hash
+            }
+            ArgsRef::Hashed(hash) => hash,
+        }
     }
 
-    /// The key as the backend stores it (see the module's documentation).
-    pub(crate) fn text(&self) -> String {
-        format_key(self.spec.prefix, self.spec.function, self.spec.version, &self.hash)
+    /// What the near tier keeps a copy of this call under, borrowed.
+    pub(crate) fn args(&self) -> ArgsRef<'a> {
+        self.args
+    }
+
+    /// The key as the backend stores it, given its [`hash`](CallKey::hash) (see the module's
+    /// documentation).
+    pub(crate) fn text(&self, hash: &[u8; 16]) -> String {
+        format_key(self.spec.prefix, self.spec.function, self.spec.version, hash)
     }
 }
 
@@ -384,7 +415,8 @@ mod tests {
         let mut h = KeyHasher::new(&FREE);
         h.arg("AAPL");
         let call = h.finish_call().unwrap();
-        let text = call.text();
+        assert!(matches!(call.args(), ArgsRef::Encoded(_)), "a short key is kept as its bytes");
+        let text = call.text(&call.hash());
         assert_eq!(Some(text.clone()), key(&FREE, &[&"AAPL"]));
         assert_eq!(split_entry(&text), Some(("market:quote:v2", call.hash())));
         for other in [
@@ -398,6 +430,13 @@ mod tests {
         ] {
             assert_eq!(split_entry(other), None, "{other}");
         }
+        // Bytes that outgrow the buffer are hashed as they come: the same key.
+        let long = "x".repeat(500);
+        let mut h = KeyHasher::new(&FREE);
+        h.arg(long.as_str());
+        let call = h.finish_call().unwrap();
+        assert!(matches!(call.args(), ArgsRef::Hashed(_)));
+        assert_eq!(Some(call.text(&call.hash())), key(&FREE, &[&long.as_str()]));
     }
 
     #[test]

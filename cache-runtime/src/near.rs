@@ -28,10 +28,12 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::Weighter;
+
+pub(crate) use crate::key::ArgsRef;
 
 /// A typed value as the tier keeps it.
 pub(crate) type Shared = Box<dyn Any + Send + Sync>;
@@ -43,18 +45,119 @@ const STRIPES: usize = 1024;
 /// What the tier charges for one copy beyond the encoded value's bytes (its key included).
 const OVERHEAD: u64 = 128;
 
-/// What a copy is kept under: its entry's key as the function's base (`{prefix}:{function}[:vN]`,
-/// numbered as functions register) and the hash the key's braces hold. A hit looks it up without
-/// formatting the key; a change notified by key text is split back into it (`key::split_entry`).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+/// What a copy is kept under: its function's base (`{prefix}:{function}[:vN]`, numbered as
+/// functions register) and its call's key bytes as `key.rs` encodes them before hashing (module,
+/// owner, arguments), or, for the rare call whose bytes outgrow the hasher's buffer, the hash its
+/// key's braces hold. A hit looks a copy up by these bytes (`NearRef`): no blake3 and no key
+/// formatting. A change is notified by key text, whose hash `Index` maps back to the bytes.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct NearKey {
     base: u32,
-    hash: [u8; 16],
+    args: Args,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Args {
+    Encoded(Box<[u8]>),
+    Hashed([u8; 16]),
+}
+
+/// A [`NearKey`] as a lookup has it, borrowed from the call's key.
+pub(crate) struct NearRef<'a> {
+    base: u32,
+    args: ArgsRef<'a>,
 }
 
 impl NearKey {
-    pub(crate) fn new(base: u32, hash: [u8; 16]) -> Self {
-        NearKey { base, hash }
+    /// The key of a copy of `args`'s entry, with its `hash`, for a function numbered `base`.
+    pub(crate) fn new(base: u32, args: ArgsRef<'_>) -> Self {
+        let args = match args {
+            ArgsRef::Encoded(bytes) => Args::Encoded(bytes.into()),
+            ArgsRef::Hashed(hash) => Args::Hashed(hash),
+        };
+        NearKey { base, args }
+    }
+
+    fn borrowed(&self) -> NearRef<'_> {
+        let args = match &self.args {
+            Args::Encoded(bytes) => ArgsRef::Encoded(bytes),
+            Args::Hashed(hash) => ArgsRef::Hashed(*hash),
+        };
+        NearRef { base: self.base, args }
+    }
+}
+
+impl<'a> NearRef<'a> {
+    pub(crate) fn new(base: u32, args: ArgsRef<'a>) -> Self {
+        NearRef { base, args }
+    }
+}
+
+/// The key and its borrowed form hash alike (quick_cache looks one up by the other).
+impl std::hash::Hash for NearRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u32(self.base);
+        match self.args {
+            ArgsRef::Encoded(bytes) => {
+                state.write_u8(0);
+                state.write(bytes);
+            }
+            ArgsRef::Hashed(hash) => {
+                state.write_u8(1);
+                state.write(&hash);
+            }
+        }
+    }
+}
+
+impl std::hash::Hash for NearKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.borrowed().hash(state)
+    }
+}
+
+impl quick_cache::Equivalent<NearKey> for NearRef<'_> {
+    fn equivalent(&self, key: &NearKey) -> bool {
+        self.base == key.base
+            && match (self.args, &key.args) {
+                (ArgsRef::Encoded(a), Args::Encoded(b)) => a == &**b,
+                (ArgsRef::Hashed(a), Args::Hashed(b)) => a == *b,
+                _ => false,
+            }
+    }
+}
+
+/// Where a notified key's bytes are found: per function number and hash, the bytes of the copies
+/// kept under them, and how many `Held`s have them (a copy replaced while a hit still clones it
+/// is two). Every `Held` of encoded bytes is counted here from before it is stored until it is
+/// dropped, so a notification always finds a copy that could answer.
+#[derive(Default)]
+struct Index(std::sync::Mutex<Places>);
+
+/// Per (function number, hash): the bytes, and how many `Held`s have them.
+type Places = HashMap<(u32, [u8; 16]), (Box<[u8]>, usize)>;
+
+impl Index {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Places> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A `Held`'s place in the `Index`, given back when it is dropped.
+struct Indexed {
+    index: Arc<Index>,
+    key: (u32, [u8; 16]),
+}
+
+impl Drop for Indexed {
+    fn drop(&mut self) {
+        let mut index = self.index.lock();
+        if let Some((_, holders)) = index.get_mut(&self.key) {
+            *holders -= 1;
+            if *holders == 0 {
+                index.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -69,12 +172,15 @@ struct Held {
     flushes: u64,
     /// The function's invalidation count then: a function-wide invalidation since kills it.
     function: u64,
-    expires: Instant,
+    /// When it dies, on `clock`'s time.
+    expires: u64,
     /// The encoded value's size, what the byte bound counts.
     size: u32,
     /// Set once the check after storing it passed: until then it answers nothing (a change may
     /// have been notified between the lookup's read and the store).
     confirmed: AtomicBool,
+    /// For a copy kept under encoded bytes: its entry in the `Index`, for as long as it lives.
+    _indexed: Option<Indexed>,
 }
 
 /// Taken by a lookup before it reads the backend; see the module's documentation.
@@ -126,8 +232,12 @@ struct ByBytes {
 }
 
 impl Weighter<NearKey, Kept> for ByBytes {
-    fn weight(&self, _: &NearKey, kept: &Kept) -> u64 {
-        (u64::from(kept.0.size) + OVERHEAD).max(self.floor)
+    fn weight(&self, key: &NearKey, kept: &Kept) -> u64 {
+        let bytes = match &key.args {
+            Args::Encoded(bytes) => bytes.len() as u64,
+            Args::Hashed(_) => 0,
+        };
+        (u64::from(kept.0.size) + OVERHEAD + bytes).max(self.floor)
     }
 }
 
@@ -158,6 +268,8 @@ pub(crate) struct NearTier {
     registry: RwLock<Registry>,
     /// Copies dropped by a notification or an invalidation, for `Runtime::stats`.
     dropped: AtomicU64,
+    /// The bytes of the copies kept by hash, for notifications.
+    index: Arc<Index>,
 }
 
 /// What the tier knows of the functions that keep copies, both filled by `NearTier::register`.
@@ -191,11 +303,13 @@ impl NearTier {
             trusted: AtomicBool::new(false),
             registry: RwLock::default(),
             dropped: AtomicU64::new(0),
+            index: Arc::default(),
         }
     }
 
-    fn stripe(&self, key: NearKey) -> usize {
-        (self.hasher.hash_one(key) as usize) % STRIPES
+    /// The stripe notifications of the entry with `hash` of the function numbered `base` count in.
+    fn stripe(&self, base: u32, hash: [u8; 16]) -> usize {
+        (self.hasher.hash_one((base, hash)) as usize) % STRIPES
     }
 
     /// Registers a function: its invalidation count under its generation key, so that a change of
@@ -208,16 +322,16 @@ impl NearTier {
         *registry.bases.entry(base.to_owned()).or_insert(next)
     }
 
-    /// The [`NearKey`] of an entry's key, if it is one, of a registered function.
-    fn near_key(&self, key: &str) -> Option<NearKey> {
+    /// The function number and hash of an entry's key, if it is one, of a registered function.
+    fn entry(&self, key: &str) -> Option<(u32, [u8; 16])> {
         let (base, hash) = crate::key::split_entry(key)?;
         let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
-        Some(NearKey { base: *registry.bases.get(base)?, hash })
+        Some((*registry.bases.get(base)?, hash))
     }
 
     /// The copy of `key` in `db`, if one is live.
     #[cfg(test)]
-    fn get<T>(&self, db: u8, key: NearKey, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
+    fn get<T>(&self, db: u8, key: NearRef<'_>, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
         let mut slot = None;
         self.get_into(db, key, function, keeper, &mut slot);
         slot
@@ -228,7 +342,7 @@ impl NearTier {
     pub(crate) fn get_into<T>(
         &self,
         db: u8,
-        key: NearKey,
+        key: NearRef<'_>,
         function: &AtomicU64,
         keeper: Keeper<T>,
         slot: &mut Option<T>,
@@ -238,19 +352,20 @@ impl NearTier {
             || kept.flushes != self.flushes.load(SeqCst)
             || kept.function != function.load(SeqCst)
             || !kept.confirmed.load(SeqCst)
-            || kept.expires <= Instant::now()
+            || !clock::before(kept.expires)
         {
             return;
         }
         (keeper.take)(&*kept.value, slot)
     }
 
-    /// Taken before a lookup reads the backend; `None` while the tier is untrusted.
-    pub(crate) fn ticket(&self, db: u8, key: NearKey, function: &AtomicU64) -> Option<Ticket> {
+    /// Taken before a lookup of the entry with `hash` of the function numbered `base` reads the
+    /// backend; `None` while the tier is untrusted.
+    pub(crate) fn ticket(&self, db: u8, base: u32, hash: [u8; 16], function: &AtomicU64) -> Option<Ticket> {
         if !self.trusted.load(SeqCst) {
             return None;
         }
-        let stripe = self.stripe(key);
+        let stripe = self.stripe(base, hash);
         Some(Ticket {
             db,
             stripe,
@@ -260,19 +375,30 @@ impl NearTier {
         })
     }
 
-    /// Keeps a copy of what a lookup that took `ticket` read, for at most `life`, unless a change
-    /// came in between (then nothing is kept).
+    /// Keeps a copy of what a lookup that took `ticket` read, under `key` (whose entry's hash is
+    /// `hash`), for at most `life`, unless a change came in between (then nothing is kept).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn keep(
         &self,
         ticket: Ticket,
         key: NearKey,
+        hash: [u8; 16],
         function: &AtomicU64,
         value: Shared,
         size: usize,
         life: Duration,
     ) {
-        let Some(expires) = Instant::now().checked_add(life) else { return };
+        let Some(expires) = clock::after(life) else { return };
         let size = u32::try_from(size).unwrap_or(u32::MAX);
+        // Indexed before it is stored: a notification from then on finds it.
+        let indexed = match &key.args {
+            Args::Encoded(bytes) => {
+                let place = (key.base, hash);
+                self.index.lock().entry(place).or_insert_with(|| (bytes.clone(), 0)).1 += 1;
+                Some(Indexed { index: Arc::clone(&self.index), key: place })
+            }
+            Args::Hashed(_) => None,
+        };
         let kept = Arc::new(Held {
             db: ticket.db,
             value,
@@ -281,8 +407,9 @@ impl NearTier {
             expires,
             size,
             confirmed: AtomicBool::new(false),
+            _indexed: indexed,
         });
-        self.copies.insert(key, Kept(Arc::clone(&kept)));
+        self.copies.insert(key.clone(), Kept(Arc::clone(&kept)));
         let unchanged = self.trusted.load(SeqCst)
             && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
             && self.flushes.load(SeqCst) == ticket.flushes
@@ -290,16 +417,22 @@ impl NearTier {
         if unchanged {
             kept.confirmed.store(true, SeqCst);
         } else {
-            self.copies.remove(&key);
+            self.copies.remove(&key.borrowed());
         }
     }
 
     /// `key` changed (in any DB: Redis's notifications do not say which). A key that is not a
     /// registered function's entry has no copy here, and no lookup takes a ticket on it.
     pub(crate) fn forget(&self, key: &str) {
-        let Some(key) = self.near_key(key) else { return };
-        self.notified[self.stripe(key)].fetch_add(1, SeqCst);
-        if self.copies.remove(&key).is_some() {
+        let Some((base, hash)) = self.entry(key) else { return };
+        self.notified[self.stripe(base, hash)].fetch_add(1, SeqCst);
+        // The bytes are taken out of the index's lock first: a copy dropped takes that lock.
+        let encoded = self.index.lock().get(&(base, hash)).map(|(bytes, _)| bytes.clone());
+        let removed = match &encoded {
+            Some(bytes) => self.copies.remove(&NearRef::new(base, ArgsRef::Encoded(bytes))),
+            None => self.copies.remove(&NearRef::new(base, ArgsRef::Hashed(hash))),
+        };
+        if removed.is_some() {
             self.dropped.fetch_add(1, SeqCst);
         }
     }
@@ -350,83 +483,242 @@ impl NearTier {
     }
 }
 
+/// The time copies live on: nanoseconds of the monotonic clock. A near hit asks whether its copy
+/// is still alive, and `Instant::now` was its largest cost of its own after the lookup (tens of
+/// ns). On Linux the kernel's coarse clock (`CLOCK_MONOTONIC_COARSE`, the same clock advanced
+/// once per tick, a few ns to read) answers while the copy has more than `MARGIN` left; closer to
+/// its end, the precise clock does. So a copy never outlives its life unless the coarse clock
+/// lags by more than `MARGIN`, where it lagged by at most 5.9 ms here (one tick is 4 ms; see the
+/// test). Elsewhere the precise clock always answers.
+mod clock {
+    use std::time::Duration;
+
+    /// Far more than the coarse clock lags, and a small share of any copy's life.
+    #[cfg(target_os = "linux")]
+    const MARGIN: u64 = 50_000_000;
+
+    /// The time `life` from now, or `None` past the clock's range.
+    pub(super) fn after(life: Duration) -> Option<u64> {
+        u64::try_from(life.as_nanos()).ok()?.checked_add(precise())
+    }
+
+    /// Whether `end` has not come yet.
+    #[inline]
+    pub(super) fn before(end: u64) -> bool {
+        #[cfg(target_os = "linux")]
+        if coarse().saturating_add(MARGIN) < end {
+            return true;
+        }
+        precise() < end
+    }
+
+    #[cfg(target_os = "linux")]
+    fn nanos(t: rustix::time::Timespec) -> u64 {
+        (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn precise() -> u64 {
+        nanos(rustix::time::clock_gettime(rustix::time::ClockId::Monotonic))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[inline]
+    fn coarse() -> u64 {
+        nanos(rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn precise() -> u64 {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        u64::try_from(EPOCH.get_or_init(std::time::Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    #[cfg(all(test, target_os = "linux"))]
+    mod tests {
+        /// The coarse clock is the precise one's, lagging by less than `MARGIN`. Read between
+        /// two precise readings, so that a thread preempted between the reads cannot fail it.
+        #[test]
+        fn the_coarse_clock_lags_the_precise_one_by_less_than_the_margin() {
+            let mut lag = 0;
+            for _ in 0..100_000 {
+                let earlier = super::precise();
+                let coarse = super::coarse();
+                let later = super::precise();
+                assert!(coarse <= later, "coarse {coarse} ahead of {later}");
+                lag = lag.max(earlier.saturating_sub(coarse));
+            }
+            eprintln!("the coarse clock lagged by at most {lag} ns");
+            assert!(lag < super::MARGIN, "the coarse clock lagged by {lag} ns");
+        }
+
+        #[test]
+        fn a_copy_is_alive_until_its_end_to_the_precise_clock() {
+            let end = super::after(std::time::Duration::from_millis(5)).unwrap();
+            assert!(super::before(end), "near its end, the precise clock answers");
+            std::thread::sleep(std::time::Duration::from_millis(6));
+            assert!(!super::before(end));
+            assert!(super::before(super::after(std::time::Duration::from_secs(1)).unwrap()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A tier, a function's epoch, and one entry of it: its key and its text.
-    fn tier() -> (NearTier, Arc<AtomicU64>, NearKey, String) {
+    /// One entry of a function, as the tier sees it: its number, its key's hash, its bytes (or
+    /// none: kept by hash), and its key's text.
+    #[derive(Clone)]
+    struct Entry {
+        base: u32,
+        hash: [u8; 16],
+        bytes: Option<Vec<u8>>,
+        text: String,
+    }
+
+    impl Entry {
+        fn args(&self) -> ArgsRef<'_> {
+            match &self.bytes {
+                Some(bytes) => ArgsRef::Encoded(bytes),
+                None => ArgsRef::Hashed(self.hash),
+            }
+        }
+        fn at(&self) -> NearRef<'_> {
+            NearRef::new(self.base, self.args())
+        }
+        fn keep<T: Clone + Send + Sync + 'static>(
+            &self,
+            near: &NearTier,
+            f: &AtomicU64,
+            value: T,
+            life: Duration,
+        ) {
+            let ticket = near.ticket(0, self.base, self.hash, f).unwrap();
+            near.keep(ticket, NearKey::new(self.base, self.args()), self.hash, f, Box::new(value), 8, life);
+        }
+    }
+
+    /// A tier, a function's epoch, and one entry of it kept by its bytes.
+    fn tier() -> (NearTier, Arc<AtomicU64>, Entry) {
         let near = NearTier::new(100, 1 << 20);
         near.trust();
         let f = Arc::default();
         let base = near.register("p:f:gen:00", "p:f", &f);
-        (near, f, NearKey::new(base, [7; 16]), format!("p:f:{{{}}}", "07".repeat(16)))
+        let entry = Entry {
+            base,
+            hash: [7; 16],
+            bytes: Some(b"module\0AAPL".to_vec()),
+            text: format!("p:f:{{{}}}", "07".repeat(16)),
+        };
+        (near, f, entry)
     }
 
     const LIFE: Duration = Duration::from_secs(60);
 
     #[test]
     fn a_kept_copy_answers_until_its_key_changes() {
-        let (near, f, key, text) = tier();
-        let keeper = Keeper::<String>::of();
-        let ticket = near.ticket(1, key, &f).unwrap();
-        near.keep(ticket, key, &f, (keeper.keep)(&"v1".to_owned()), 8, LIFE);
-        assert_eq!(near.get(1, key, &f, keeper).as_deref(), Some("v1"));
-        assert_eq!(near.get(2, key, &f, keeper), None, "another DB's key");
-        near.changed(&format!("p:g:{{{}}}", "07".repeat(16))); // another function's entry
-        near.changed(&format!("p:f:{{{}}}", "08".repeat(16))); // another entry of this one
-        assert_eq!(near.get(1, key, &f, keeper).as_deref(), Some("v1"));
-        near.changed(&text);
-        assert_eq!(near.get(1, key, &f, keeper), None);
+        let (near, f, e) = tier();
+        let by_hash =
+            Entry { bytes: None, hash: [9; 16], text: format!("p:f:{{{}}}", "09".repeat(16)), ..e.clone() };
+        for e in [e, by_hash] {
+            let keeper = Keeper::<String>::of();
+            let ticket = near.ticket(1, e.base, e.hash, &f).unwrap();
+            near.keep(
+                ticket,
+                NearKey::new(e.base, e.args()),
+                e.hash,
+                &f,
+                (keeper.keep)(&"v1".to_owned()),
+                8,
+                LIFE,
+            );
+            assert_eq!(near.get(1, e.at(), &f, keeper).as_deref(), Some("v1"));
+            assert_eq!(near.get(2, e.at(), &f, keeper), None, "another DB's key");
+            near.changed(&format!("p:g:{{{}}}", "07".repeat(16))); // another function's entry
+            near.changed(&format!("p:f:{{{}}}", "08".repeat(16))); // another entry of this one
+            assert_eq!(near.get(1, e.at(), &f, keeper).as_deref(), Some("v1"));
+            near.changed(&e.text);
+            assert_eq!(near.get(1, e.at(), &f, keeper), None);
+        }
+        assert_eq!(near.status().dropped, 2);
+    }
+
+    #[test]
+    fn the_index_holds_what_copies_live_and_nothing_more() {
+        let (near, f, e) = tier();
+        let indexed = || near.index.lock().len();
+        e.keep(&near, &f, 1u32, LIFE);
+        e.keep(&near, &f, 2u32, LIFE); // replaces the first
+        assert_eq!(indexed(), 1);
+        // A copy still cloned by a hit when it is replaced and notified keeps its place until
+        // dropped, and the notification still finds the copy kept after it.
+        let held = near.copies.get(&e.at()).unwrap();
+        e.keep(&near, &f, 3u32, LIFE);
+        near.changed(&e.text);
+        assert_eq!(near.get(0, e.at(), &f, Keeper::<u32>::of()), None);
+        assert_eq!(indexed(), 1, "the held copy");
+        drop(held);
+        assert_eq!(indexed(), 0);
+        e.keep(&near, &f, 4u32, LIFE);
+        near.flush();
+        assert_eq!(indexed(), 0, "a flush empties it");
+        for i in 0..1000u16 {
+            let mut other = e.clone();
+            other.hash[..2].copy_from_slice(&i.to_le_bytes());
+            other.bytes = Some(i.to_le_bytes().to_vec());
+            other.keep(&near, &f, i, LIFE);
+        }
+        let copies = near.status().copies as usize;
+        assert!(copies <= 100, "{copies} copies");
+        assert_eq!(indexed(), copies, "evicted copies leave it");
+        near.copies.retain(|_, _| false);
+        assert_eq!(indexed(), 0, "removed copies leave it");
     }
 
     #[test]
     fn a_change_between_the_ticket_and_the_copy_keeps_nothing() {
-        let (near, f, key, text) = tier();
+        let (near, f, e) = tier();
         let keeper = Keeper::<u32>::of();
-        let ticket = near.ticket(0, key, &f).unwrap();
-        near.changed(&text); // the notification of a write the lookup may have missed
-        near.keep(ticket, key, &f, (keeper.keep)(&1), 8, LIFE);
-        assert_eq!(near.get(0, key, &f, keeper), None);
+        let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
+        near.changed(&e.text); // the notification of a write the lookup may have missed
+        near.keep(ticket, NearKey::new(e.base, e.args()), e.hash, &f, (keeper.keep)(&1), 8, LIFE);
+        assert_eq!(near.get(0, e.at(), &f, keeper), None);
         // Without the change, the same sequence keeps the copy.
-        let ticket = near.ticket(0, key, &f).unwrap();
-        near.keep(ticket, key, &f, (keeper.keep)(&1), 8, LIFE);
-        assert_eq!(near.get(0, key, &f, keeper), Some(1));
+        e.keep(&near, &f, 1u32, LIFE);
+        assert_eq!(near.get(0, e.at(), &f, keeper), Some(1));
     }
 
     #[test]
     fn untrusted_flushed_and_function_wide_changes_answer_nothing() {
-        let (near, f, key, text) = tier();
+        let (near, f, e) = tier();
         let keeper = Keeper::<u32>::of();
         let keep = |near: &NearTier| {
-            let ticket = near.ticket(0, key, &f).unwrap();
-            near.keep(ticket, key, &f, (keeper.keep)(&7), 8, LIFE);
-            assert_eq!(near.get(0, key, &f, keeper), Some(7));
+            e.keep(near, &f, 7u32, LIFE);
+            assert_eq!(near.get(0, e.at(), &f, keeper), Some(7));
         };
         keep(&near);
         near.distrust();
-        assert_eq!(near.get(0, key, &f, keeper), None);
-        assert!(near.ticket(0, key, &f).is_none(), "nothing is kept while untrusted");
+        assert_eq!(near.get(0, e.at(), &f, keeper), None);
+        assert!(near.ticket(0, e.base, e.hash, &f).is_none(), "nothing is kept while untrusted");
         near.trust();
         keep(&near);
-        near.changed(&format!("{text}:lease")); // not an entry: nothing dropped
-        assert_eq!(near.get(0, key, &f, keeper), Some(7));
+        near.changed(&format!("{}:lease", e.text)); // not an entry: nothing dropped
+        assert_eq!(near.get(0, e.at(), &f, keeper), Some(7));
         near.changed("p:f:gen:00");
-        assert_eq!(near.get(0, key, &f, keeper), None);
+        assert_eq!(near.get(0, e.at(), &f, keeper), None);
     }
 
     #[test]
     fn a_copy_expires_after_its_life_and_a_huge_life_is_no_panic() {
-        let (near, f, key, _) = tier();
+        let (near, f, e) = tier();
         let keeper = Keeper::<u32>::of();
-        let ticket = near.ticket(0, key, &f).unwrap();
-        near.keep(ticket, key, &f, (keeper.keep)(&7), 8, Duration::from_millis(30));
-        assert_eq!(near.get(0, key, &f, keeper), Some(7));
+        e.keep(&near, &f, 7u32, Duration::from_millis(30));
+        assert_eq!(near.get(0, e.at(), &f, keeper), Some(7));
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(near.get(0, key, &f, keeper), None);
-        let ticket = near.ticket(0, key, &f).unwrap();
-        near.keep(ticket, key, &f, (keeper.keep)(&8), 8, Duration::MAX);
-        assert_eq!(near.get(0, key, &f, keeper), None, "a life past the clock's range keeps nothing");
+        assert_eq!(near.get(0, e.at(), &f, keeper), None);
+        e.keep(&near, &f, 8u32, Duration::MAX);
+        assert_eq!(near.get(0, e.at(), &f, keeper), None, "a life past the clock's range keeps nothing");
     }
 
     #[test]
@@ -435,11 +727,9 @@ mod tests {
         near.trust();
         let f = Arc::new(AtomicU64::new(0));
         let base = near.register("p:f:gen:00", "p:f", &f);
-        let keeper = Keeper::<u32>::of();
         for i in 0..100u8 {
-            let key = NearKey::new(base, [i; 16]);
-            let ticket = near.ticket(0, key, &f).unwrap();
-            near.keep(ticket, key, &f, (keeper.keep)(&u32::from(i)), 8, LIFE);
+            let e = Entry { base, hash: [i; 16], bytes: Some(vec![i; 20]), text: String::new() };
+            e.keep(&near, &f, u32::from(i), LIFE);
         }
         let kept = near.status().copies;
         assert!(kept <= 10, "{kept} copies kept, bound 10");

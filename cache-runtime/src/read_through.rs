@@ -18,7 +18,7 @@ use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
 use crate::key::{self, CallKey};
-use crate::near::{Keeper, NearKey, Ticket};
+use crate::near::{Keeper, NearKey, NearRef, Ticket};
 use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, Spec};
@@ -53,7 +53,7 @@ struct Miss<'a> {
 
 pub(crate) async fn call<P, R, B, F>(
     cached: CachedFn,
-    key: Option<CallKey>,
+    key: Option<CallKey<'_>>,
     keeper: Option<Keeper<P::Stored>>,
     body: B,
 ) -> R
@@ -99,10 +99,10 @@ where
 
 /// Writes the near copy of `key` into `slot`, if one is live (`call` asked whether the function
 /// keeps copies here).
-fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey, keeper: Keeper<T>, slot: &mut Option<T>) {
+fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey<'_>, keeper: Keeper<T>, slot: &mut Option<T>) {
     let spec = cached.spec();
     rt.functions.with(cached, &rt.stats, |function| {
-        let key = NearKey::new(function.near_base, key.hash());
+        let key = NearRef::new(function.near_base, key.args());
         rt.near.get_into(spec.db, key, &function.near_epoch, keeper, slot);
         if slot.is_some() {
             function.counters.near_hit(); // also reported as a hit
@@ -112,7 +112,7 @@ fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey, keeper: Keeper<T>, s
 
 async fn serve<P, R, F>(
     cached: CachedFn,
-    key: Option<CallKey>,
+    key: Option<CallKey<'_>>,
     keeper: Option<Keeper<P::Stored>>,
     body: impl FnOnce() -> F,
 ) -> R
@@ -147,9 +147,12 @@ where
         return Box::pin(body()).await;
     };
     // Where a lookup keeps a near copy of what it reads (`call` asked the copies already).
-    let near_key = NearKey::new(function.near_base, key.hash());
-    let near = keeper.and_then(|keeper| rt.near_life(spec).map(|life| (keeper, life, near_key)));
-    let key = key.text();
+    let hash = key.hash();
+    let near = keeper.and_then(|keeper| {
+        let life = rt.near_life(spec)?;
+        Some(NearPlace { keeper, life, key: NearKey::new(function.near_base, key.args()), hash })
+    });
+    let key = key.text(&hash);
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;
@@ -262,17 +265,27 @@ async fn read_more<V>(
     (found, None)
 }
 
+/// Where a lookup keeps a near copy of what it reads: how to copy it, for how long at most,
+/// under which key, and its entry's hash.
+struct NearPlace<T> {
+    keeper: Keeper<T>,
+    life: Duration,
+    key: NearKey,
+    hash: [u8; 16],
+}
+
 async fn lookup<T: serde::de::DeserializeOwned>(
     rt: &Inner,
     cached: &CachedFn,
     key: &str,
     function: &Function,
-    near: Option<(Keeper<T>, Duration, NearKey)>,
+    near: Option<NearPlace<T>>,
 ) -> Lookup<T> {
     let spec = cached.spec();
     let counters = &function.counters;
     // Taken before the read: a change notified from here on keeps the copy from being kept.
-    let ticket = near.and_then(|(.., near_key)| rt.near.ticket(spec.db, near_key, &function.near_epoch));
+    let ticket =
+        near.as_ref().and_then(|n| rt.near.ticket(spec.db, function.near_base, n.hash, &function.near_epoch));
     let known = rt.functions.current(function);
     let refresh = known.stale;
     let decode = |bytes: &[u8]| (bytes.len(), value::decode::<T>(spec.format, bytes));
@@ -319,13 +332,11 @@ async fn lookup<T: serde::de::DeserializeOwned>(
             let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
             let generation_current =
                 |ticket: &Ticket| rt.functions.current_as_of(function, ticket.function_epoch());
-            if let (Some(ticket), Some((keeper, life, near_key)), None) =
-                (ticket.filter(generation_current), near, refresh)
-            {
-                let life = spec.near_copy_life(life, left.map(|_| fresh_left.unwrap_or_default()));
+            if let (Some(ticket), Some(near), None) = (ticket.filter(generation_current), near, refresh) {
+                let life = spec.near_copy_life(near.life, left.map(|_| fresh_left.unwrap_or_default()));
                 if !life.is_zero() {
-                    let copy = (keeper.keep)(&value);
-                    rt.near.keep(ticket, near_key, &function.near_epoch, copy, size, life);
+                    let copy = (near.keeper.keep)(&value);
+                    rt.near.keep(ticket, near.key, near.hash, &function.near_epoch, copy, size, life);
                 }
             }
             return Lookup::Hit { value, refresh };

@@ -231,10 +231,10 @@ enum KeyIn {
     Companion,
 }
 
-/// A block evaluating to the key of one call of `function` (a `CachedFn` in scope), from what is
-/// in scope: the generic parameters, the receiver, the key parameters; an `Option<CallKey>` in
-/// the function, an `Option<String>` in its companion. Both use it, so invalidation hashes
-/// exactly what the call does.
+/// The key of one call of `function` (a `CachedFn` in scope), from what is in scope: the generic
+/// parameters, the receiver, the key parameters. In the function, statements that bind it, an
+/// `Option<CallKey>`, to `__cache_key`; in its companion, a block evaluating to it, an
+/// `Option<String>`. Both use it, so invalidation hashes exactly what the call does.
 fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> TokenStream {
     let hasher = Ident::new("__cache_hasher", Span::mixed_site());
     let generics = &func.sig.generics;
@@ -282,13 +282,7 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
     let args = model.key_params.iter().map(|(param, _)| {
         quote_spanned!(param.span()=> ::cache_runtime::__private::key_arg(&mut #hasher, &#param);)
     });
-    // A call keeps its key as the hash (formatted only where the backend is asked); a companion
-    // gives the key's text, for invalidation.
-    let finish = match scope {
-        KeyIn::Function => quote!(::cache_runtime::__private::KeyHasher::finish_call(&mut #hasher)),
-        KeyIn::Companion => quote!(::cache_runtime::__private::KeyHasher::finish(#hasher)),
-    };
-    quote! {{
+    let hashed = quote! {
         #[allow(unused_mut)]
         let mut #hasher = ::cache_runtime::__private::KeyHasher::new(&#function);
         #(#type_args)*
@@ -296,8 +290,23 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
         #(#const_args)*
         #receiver
         #(#args)*
-        #finish
-    }}
+    };
+    // A call keeps its key as the bytes hashed (the hasher stays in the function's scope, and
+    // the key borrows it; hashed and formatted only where the backend is asked); a companion
+    // gives the key's text, for invalidation.
+    match scope {
+        KeyIn::Function => {
+            let key = Ident::new("__cache_key", Span::mixed_site());
+            quote! {
+                #hashed
+                let #key = ::cache_runtime::__private::KeyHasher::finish_call(&mut #hasher);
+            }
+        }
+        KeyIn::Companion => quote! {{
+            #hashed
+            ::cache_runtime::__private::KeyHasher::finish(#hasher)
+        }},
+    }
 }
 
 fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
@@ -351,7 +360,7 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
         #(#attrs)*
         #vis #sig {
             #identity
-            let #key = #key_expr;
+            #key_expr
             #call(#function, #key, #keeper, move || #body).await
         }
     }
