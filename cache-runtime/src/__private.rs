@@ -95,15 +95,33 @@ impl Ttl<std::time::Duration> {
     }
 }
 
+/// Asked first by a cached function, with its key's hasher (see `read_through::near_first`): the
+/// stored value if a near copy answers, else the call's key.
+#[inline]
+pub fn near_first<T>(
+    function: &CachedFn,
+    hasher: &mut KeyHasher,
+    keeper: Option<Keeper<T>>,
+) -> Result<T, Option<CallKey>> {
+    crate::read_through::near_first(function, hasher, keeper)
+}
+
+/// Awaited by a function whose values may be kept as near copies, before asking for one: a near
+/// hit never waits on I/O, so it never yields; this spends tokio's cooperative budget so that a
+/// loop of hits cannot starve other tasks.
+pub async fn budget() {
+    tokio::task::coop::consume_budget().await
+}
+
 /// A cached call (see `read_through.rs`); `keeper` when the stored type can be kept as a typed
 /// copy in the near tier (`near.rs`). `body` makes the function's future: only a call that runs
 /// it pays for its size.
-pub fn call<'k, P, R, B, F>(
+pub fn call<P, R, B, F>(
     function: CachedFn,
-    key: Option<CallKey<'k>>,
+    key: Option<CallKey>,
     keeper: Option<Keeper<P::Stored>>,
     body: B,
-) -> impl Future<Output = R> + use<'k, P, R, B, F>
+) -> impl Future<Output = R>
 where
     P: Policy<R>,
     B: FnOnce() -> F,

@@ -173,29 +173,37 @@ impl KeyHasher {
 
     /// The key, or `None` when an argument failed to serialize.
     pub fn finish(mut self) -> Option<String> {
-        self.finish_call().map(|key| key.text(&key.hash()))
+        self.call_key(false).map(|key| key.text())
     }
 
-    /// The key of a call, kept as the bytes it hashes (or, when they outgrew the buffer, as
-    /// its hash): hashed only where the backend is asked ([`CallKey::hash`]), and formatted
-    /// there too, not for a hit on a near copy. `None` when an argument failed to serialize.
-    /// Called once, last; the key borrows the hasher.
+    /// What the key is taken over, for a near lookup: the bytes, or, when they outgrew the
+    /// buffer, the hash. `None` when an argument failed to serialize.
     #[inline]
-    pub fn finish_call(&mut self) -> Option<CallKey<'_>> {
-        let spec = self.spec.expect("KeyHasher::new names the function");
+    pub(crate) fn args(&mut self) -> Option<ArgsRef<'_>> {
         if self.failed {
             return None;
         }
-        let args = match self.hasher {
+        Some(match self.hasher {
             None => ArgsRef::Encoded(&self.buffer.bytes[..self.buffer.len]),
-            Some(_) => {
-                let digest = self.digest_in_place();
-                let mut hash = [0; 16];
-                hash.copy_from_slice(&digest.as_bytes()[..16]);
-                ArgsRef::Hashed(hash)
-            }
-        };
-        Some(CallKey { spec, args })
+            Some(_) => ArgsRef::Hashed(self.hash16()),
+        })
+    }
+
+    /// The key of a call, hashed, with what a near copy is kept under if `near`. `None` when an
+    /// argument failed to serialize.
+    pub(crate) fn call_key(&mut self, near: bool) -> Option<CallKey> {
+        let spec = self.spec.expect("KeyHasher::new names the function");
+        let args = if near { Some(self.args()?.to_owned()) } else { None };
+        if self.failed {
+            return None;
+        }
+        Some(CallKey { spec, hash: self.hash16(), args })
+    }
+
+    fn hash16(&mut self) -> [u8; 16] {
+        let mut hash = [0; 16];
+        hash.copy_from_slice(&self.digest_in_place().as_bytes()[..16]);
+        hash
     }
 
     fn finish_parts(self, prefix: &str, function: &str, version: Option<u32>) -> Option<String> {
@@ -212,14 +220,19 @@ impl KeyHasher {
     fn digest_in_place(&mut self) -> blake3::Hash {
         let pending = &self.buffer.bytes[..self.buffer.len];
         match &mut self.hasher {
-            Some(hasher) => hasher.update(pending).finalize(),
+            // Emptied, so that a second digest hashes the same bytes.
+            Some(hasher) => {
+                hasher.update(pending);
+                self.buffer.len = 0;
+                hasher.finalize()
+            }
             None => blake3::hash(pending),
         }
     }
 }
 
 /// What a call's key is taken over, borrowed: its bytes, or, for bytes that outgrew the hasher's
-/// buffer, already its hash.
+/// buffer, already its hash. What the near tier finds a copy by.
 #[derive(Clone, Copy)]
 pub(crate) enum ArgsRef<'a> {
     /// The key's bytes, before hashing.
@@ -228,38 +241,55 @@ pub(crate) enum ArgsRef<'a> {
     Hashed([u8; 16]),
 }
 
-/// One call's key, with the function it belongs to: the bytes its hash is taken over (or the
-/// hash, for bytes that outgrew the hasher's buffer). What the near tier looks copies up by, and
-/// what [`CallKey::text`] formats into the key the backend stores.
-#[doc(hidden)]
-#[derive(Clone, Copy)]
-pub struct CallKey<'a> {
-    spec: &'static Spec,
-    args: ArgsRef<'a>,
+/// [`ArgsRef`], owned: what the near tier keeps a copy under.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Args {
+    Encoded(Box<[u8]>),
+    Hashed([u8; 16]),
 }
 
-impl<'a> CallKey<'a> {
-    /// The 16 bytes of blake3 the key's braces hold.
-    pub(crate) fn hash(&self) -> [u8; 16] {
-        match self.args {
-            ArgsRef::Encoded(bytes) => {
-                let mut hash = [0; 16];
-                hash.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
-                hash
-            }
-            ArgsRef::Hashed(hash) => hash,
+impl ArgsRef<'_> {
+    pub(crate) fn to_owned(self) -> Args {
+        match self {
+            ArgsRef::Encoded(bytes) => Args::Encoded(bytes.into()),
+            ArgsRef::Hashed(hash) => Args::Hashed(hash),
         }
     }
+}
 
-    /// What the near tier keeps a copy of this call under, borrowed.
-    pub(crate) fn args(&self) -> ArgsRef<'a> {
-        self.args
+impl Args {
+    pub(crate) fn borrowed(&self) -> ArgsRef<'_> {
+        match self {
+            Args::Encoded(bytes) => ArgsRef::Encoded(bytes),
+            Args::Hashed(hash) => ArgsRef::Hashed(*hash),
+        }
+    }
+}
+
+/// One call's key, with the function it belongs to, as its hash (formatted by
+/// [`CallKey::text`] only where the backend is asked), and, for a call whose function keeps near
+/// copies, what a copy of it is kept under.
+#[doc(hidden)]
+pub struct CallKey {
+    spec: &'static Spec,
+    hash: [u8; 16],
+    args: Option<Args>,
+}
+
+impl CallKey {
+    /// The 16 bytes of blake3 the key's braces hold.
+    pub(crate) fn hash(&self) -> [u8; 16] {
+        self.hash
     }
 
-    /// The key as the backend stores it, given its [`hash`](CallKey::hash) (see the module's
-    /// documentation).
-    pub(crate) fn text(&self, hash: &[u8; 16]) -> String {
-        format_key(self.spec.prefix, self.spec.function, self.spec.version, hash)
+    /// What a near copy of this call is kept under, if its function keeps them (taken once).
+    pub(crate) fn take_args(&mut self) -> Option<Args> {
+        self.args.take()
+    }
+
+    /// The key as the backend stores it (see the module's documentation).
+    pub(crate) fn text(&self) -> String {
+        format_key(self.spec.prefix, self.spec.function, self.spec.version, &self.hash)
     }
 }
 
@@ -414,9 +444,9 @@ mod tests {
     fn a_call_key_formats_to_the_key_and_splits_back() {
         let mut h = KeyHasher::new(&FREE);
         h.arg("AAPL");
-        let call = h.finish_call().unwrap();
-        assert!(matches!(call.args(), ArgsRef::Encoded(_)), "a short key is kept as its bytes");
-        let text = call.text(&call.hash());
+        assert!(matches!(h.args(), Some(ArgsRef::Encoded(_))), "a short key is kept as its bytes");
+        let call = h.call_key(true).unwrap();
+        let text = call.text();
         assert_eq!(Some(text.clone()), key(&FREE, &[&"AAPL"]));
         assert_eq!(split_entry(&text), Some(("market:quote:v2", call.hash())));
         for other in [
@@ -434,9 +464,10 @@ mod tests {
         let long = "x".repeat(500);
         let mut h = KeyHasher::new(&FREE);
         h.arg(long.as_str());
-        let call = h.finish_call().unwrap();
-        assert!(matches!(call.args(), ArgsRef::Hashed(_)));
-        assert_eq!(Some(call.text(&call.hash())), key(&FREE, &[&long.as_str()]));
+        assert!(matches!(h.args(), Some(ArgsRef::Hashed(_))));
+        // Asked twice (the near lookup, then the key): the same hash.
+        let call = h.call_key(true).unwrap();
+        assert_eq!(Some(call.text()), key(&FREE, &[&long.as_str()]));
     }
 
     #[test]

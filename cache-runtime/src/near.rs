@@ -33,7 +33,7 @@ use std::time::Duration;
 use quick_cache::sync::{Cache, DefaultLifecycle};
 use quick_cache::Weighter;
 
-pub(crate) use crate::key::ArgsRef;
+pub(crate) use crate::key::{Args, ArgsRef};
 
 /// A typed value as the tier keeps it.
 pub(crate) type Shared = Box<dyn Any + Send + Sync>;
@@ -56,12 +56,6 @@ pub(crate) struct NearKey {
     args: Args,
 }
 
-#[derive(Clone, PartialEq, Eq)]
-enum Args {
-    Encoded(Box<[u8]>),
-    Hashed([u8; 16]),
-}
-
 /// A [`NearKey`] as a lookup has it, borrowed from the call's key.
 pub(crate) struct NearRef<'a> {
     base: u32,
@@ -69,21 +63,13 @@ pub(crate) struct NearRef<'a> {
 }
 
 impl NearKey {
-    /// The key of a copy of `args`'s entry, with its `hash`, for a function numbered `base`.
-    pub(crate) fn new(base: u32, args: ArgsRef<'_>) -> Self {
-        let args = match args {
-            ArgsRef::Encoded(bytes) => Args::Encoded(bytes.into()),
-            ArgsRef::Hashed(hash) => Args::Hashed(hash),
-        };
+    /// The key of a copy of the call `args` of the function numbered `base`.
+    pub(crate) fn new(base: u32, args: Args) -> Self {
         NearKey { base, args }
     }
 
     fn borrowed(&self) -> NearRef<'_> {
-        let args = match &self.args {
-            Args::Encoded(bytes) => ArgsRef::Encoded(bytes),
-            Args::Hashed(hash) => ArgsRef::Hashed(*hash),
-        };
-        NearRef { base: self.base, args }
+        NearRef { base: self.base, args: self.args.borrowed() }
     }
 }
 
@@ -595,7 +581,7 @@ mod tests {
             life: Duration,
         ) {
             let ticket = near.ticket(0, self.base, self.hash, f).unwrap();
-            near.keep(ticket, NearKey::new(self.base, self.args()), self.hash, f, Box::new(value), 8, life);
+            near.keep(ticket, NearKey::new(self.base, self.args().to_owned()), self.hash, f, Box::new(value), 8, life);
         }
     }
 
@@ -626,7 +612,7 @@ mod tests {
             let ticket = near.ticket(1, e.base, e.hash, &f).unwrap();
             near.keep(
                 ticket,
-                NearKey::new(e.base, e.args()),
+                NearKey::new(e.base, e.args().to_owned()),
                 e.hash,
                 &f,
                 (keeper.keep)(&"v1".to_owned()),
@@ -682,7 +668,7 @@ mod tests {
         let keeper = Keeper::<u32>::of();
         let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
         near.changed(&e.text); // the notification of a write the lookup may have missed
-        near.keep(ticket, NearKey::new(e.base, e.args()), e.hash, &f, (keeper.keep)(&1), 8, LIFE);
+        near.keep(ticket, NearKey::new(e.base, e.args().to_owned()), e.hash, &f, (keeper.keep)(&1), 8, LIFE);
         assert_eq!(near.get(0, e.at(), &f, keeper), None);
         // Without the change, the same sequence keeps the copy.
         e.keep(&near, &f, 1u32, LIFE);

@@ -17,7 +17,7 @@ use crate::backend::{Acquired, FillOutcome, LeaseAsk, Renewal, Store, Write};
 use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
-use crate::key::{self, CallKey};
+use crate::key::{self, ArgsRef, CallKey, KeyHasher};
 use crate::near::{Keeper, NearKey, NearRef, Ticket};
 use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
@@ -51,9 +51,46 @@ struct Miss<'a> {
     counters: &'a Arc<Counters>,
 }
 
+/// Asked by a cached function before anything else, synchronously, with its key's hasher: the
+/// value if a typed copy in this process answers (`near.rs`; no I/O, no decoding, the value
+/// cloned into the slot it is returned from), else the key for [`call`], with what a copy is kept
+/// under when the function keeps them here. Synchronous so that a hit costs no future of its own
+/// and nothing held across an `.await` (the function spends tokio's budget first, see
+/// `__private::budget`).
+pub(crate) fn near_first<T>(
+    cached: &CachedFn,
+    hasher: &mut KeyHasher,
+    keeper: Option<Keeper<T>>,
+) -> Result<T, Option<CallKey>> {
+    let mut keeps = false;
+    if let Some(keeper) = keeper {
+        let mut hit = None;
+        Runtime::with_current(|runtime| {
+            let rt = runtime.inner();
+            keeps = rt.near_life(cached.spec()).is_some();
+            if let (true, Some(args)) = (keeps, hasher.args()) {
+                near_hit(rt, cached, args, keeper, &mut hit);
+            }
+        });
+        if let Some(value) = hit {
+            let spec = cached.spec();
+            let span = tracing::debug_span!(
+                "cache.call",
+                cache.db = spec.db,
+                cache.prefix = spec.prefix,
+                cache.function = spec.function,
+                cache.outcome = "hit",
+            );
+            drop(span);
+            return Ok(value);
+        }
+    }
+    Err(hasher.call_key(keeps))
+}
+
 pub(crate) async fn call<P, R, B, F>(
     cached: CachedFn,
-    key: Option<CallKey<'_>>,
+    key: Option<CallKey>,
     keeper: Option<Keeper<P::Stored>>,
     body: B,
 ) -> R
@@ -70,26 +107,8 @@ where
         cache.function = spec.function,
         cache.outcome = tracing::field::Empty,
     );
-    // A typed copy in this process (`near.rs`): no I/O, no decoding, nothing kept across an
-    // `.await`, and the value cloned into the slot it is returned from (a value the size of a
-    // struct moved through every layer's return was most of a hit's copying).
-    let near = keeper.zip(key).filter(|_| Runtime::with_current(|rt| rt.inner().near_life(spec).is_some()));
-    if let Some((keeper, key)) = near {
-        // A near hit never waits on I/O, so it never yields: spend tokio's cooperative budget
-        // (first, so that the value is not kept across an `.await`) so that a loop of hits cannot
-        // starve other tasks. Only calls that may be answered by a copy spend it here.
-        tokio::task::coop::consume_budget().await;
-        let mut hit = None;
-        Runtime::with_current(|runtime| near_hit(runtime.inner(), &cached, key, keeper, &mut hit));
-        if let Some(value) = hit {
-            if !span.is_disabled() {
-                span.record("cache.outcome", "hit");
-            }
-            return P::restore(value);
-        }
-    }
-    // Everything else, boxed, and the function's future made only there: the future of a near
-    // hit stays a few words, not the size of every path below and of the function's body.
+    // Everything boxed, and the function's future made only there: a cached function's future
+    // stays a few words (and a near hit, answered before, never makes this one).
     if span.is_disabled() {
         Box::pin(serve::<P, R, F>(cached, key, keeper, body)).await
     } else {
@@ -97,12 +116,11 @@ where
     }
 }
 
-/// Writes the near copy of `key` into `slot`, if one is live (`call` asked whether the function
-/// keeps copies here).
-fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey<'_>, keeper: Keeper<T>, slot: &mut Option<T>) {
+/// Writes the near copy of `args` into `slot`, if one is live (the function keeps copies here).
+fn near_hit<T>(rt: &Inner, cached: &CachedFn, args: ArgsRef<'_>, keeper: Keeper<T>, slot: &mut Option<T>) {
     let spec = cached.spec();
     rt.functions.with(cached, &rt.stats, |function| {
-        let key = NearRef::new(function.near_base, key.args());
+        let key = NearRef::new(function.near_base, args);
         rt.near.get_into(spec.db, key, &function.near_epoch, keeper, slot);
         if slot.is_some() {
             function.counters.near_hit(); // also reported as a hit
@@ -112,7 +130,7 @@ fn near_hit<T>(rt: &Inner, cached: &CachedFn, key: CallKey<'_>, keeper: Keeper<T
 
 async fn serve<P, R, F>(
     cached: CachedFn,
-    key: Option<CallKey<'_>>,
+    key: Option<CallKey>,
     keeper: Option<Keeper<P::Stored>>,
     body: impl FnOnce() -> F,
 ) -> R
@@ -147,12 +165,13 @@ where
         return Box::pin(body()).await;
     };
     // Where a lookup keeps a near copy of what it reads (`call` asked the copies already).
-    let hash = key.hash();
+    let mut key = key;
     let near = keeper.and_then(|keeper| {
         let life = rt.near_life(spec)?;
-        Some(NearPlace { keeper, life, key: NearKey::new(function.near_base, key.args()), hash })
+        let args = key.take_args()?;
+        Some(NearPlace { keeper, life, key: NearKey::new(function.near_base, args), hash: key.hash() })
     });
-    let key = key.text(&hash);
+    let key = key.text();
     // A flight already under way for this key (its fill may still be queued): follow it rather
     // than read what it has not written yet. One atomic load when no flight is running.
     let mut lookup_first = true;

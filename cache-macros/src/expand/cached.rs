@@ -232,10 +232,11 @@ enum KeyIn {
 }
 
 /// The key of one call of `function` (a `CachedFn` in scope), from what is in scope: the generic
-/// parameters, the receiver, the key parameters. In the function, statements that bind it, an
-/// `Option<CallKey>`, to `__cache_key`; in its companion, a block evaluating to it, an
-/// `Option<String>`. Both use it, so invalidation hashes exactly what the call does.
-fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> TokenStream {
+/// parameters, the receiver, the key parameters, hashed into `__cache_hasher`. In the function, a
+/// block ending in `near_first` (which returns a near hit, or evaluates to the key, an
+/// `Option<CallKey>`); in its companion, a block evaluating to it, an `Option<String>`. Both use
+/// it, so invalidation hashes exactly what the call does.
+fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn, near_first: TokenStream) -> TokenStream {
     let hasher = Ident::new("__cache_hasher", Span::mixed_site());
     let generics = &func.sig.generics;
     // Instantiations are different computations: each type argument's name, each const
@@ -291,17 +292,13 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn) -> To
         #receiver
         #(#args)*
     };
-    // A call keeps its key as the bytes hashed (the hasher stays in the function's scope, and
-    // the key borrows it; hashed and formatted only where the backend is asked); a companion
-    // gives the key's text, for invalidation.
+    // A call asks for a near copy by the bytes hashed, in a block of its own so that the hasher
+    // is not kept in the function's future; a companion gives the key's text, for invalidation.
     match scope {
-        KeyIn::Function => {
-            let key = Ident::new("__cache_key", Span::mixed_site());
-            quote! {
-                #hashed
-                let #key = ::cache_runtime::__private::KeyHasher::finish_call(&mut #hasher);
-            }
-        }
+        KeyIn::Function => quote! {{
+            #hashed
+            #near_first
+        }},
         KeyIn::Companion => quote! {{
             #hashed
             ::cache_runtime::__private::KeyHasher::finish(#hasher)
@@ -328,7 +325,6 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
     let function = Ident::new("__cache_fn", Span::mixed_site());
     let key = Ident::new("__cache_key", Span::mixed_site());
     let identity = identity(func, model, &function, true, site);
-    let key_expr = key_expr(func, model, &function, KeyIn::Function);
     let policy = match policy {
         Policy::Whole => quote_spanned!(ret.span()=> ::cache_runtime::__private::Whole),
         Policy::OkOnly => quote_spanned!(ret.span()=> ::cache_runtime::__private::OkOnly),
@@ -355,13 +351,29 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
             }}
         }
     };
+    // A near copy is asked for first, synchronously, after spending tokio's budget (a near hit
+    // never yields); then the call reads through with the key.
+    let keeper_var = Ident::new("__cache_keeper", Span::mixed_site());
+    let hasher = Ident::new("__cache_hasher", Span::mixed_site());
+    let restore = quote_spanned!(ret.span()=> <#policy as ::cache_runtime::__private::Policy<#ret>>::restore);
+    let near_first = quote! {
+        match ::cache_runtime::__private::near_first(&#function, &mut #hasher, #keeper_var) {
+            ::core::result::Result::Ok(__cache_hit) => return #restore(__cache_hit),
+            ::core::result::Result::Err(__cache_key) => __cache_key,
+        }
+    };
+    let key_expr = key_expr(func, model, &function, KeyIn::Function, near_first);
     let body = super::async_body(Some(ret), block);
     quote! {
         #(#attrs)*
         #vis #sig {
             #identity
-            #key_expr
-            #call(#function, #key, #keeper, move || #body).await
+            let #keeper_var = #keeper;
+            if ::core::option::Option::is_some(&#keeper_var) {
+                ::cache_runtime::__private::budget().await;
+            }
+            let #key = #key_expr;
+            #call(#function, #key, #keeper_var, move || #body).await
         }
     }
 }
@@ -378,7 +390,7 @@ fn companions(func: &ItemFn, model: &Cached, site: Site, registration: TokenStre
         Receiver::Hashed { self_token, .. } => Some(quote!(&#self_token)),
         Receiver::None | Receiver::Skipped => None,
     };
-    let key_expr = key_expr(func, model, &function, KeyIn::Companion);
+    let key_expr = key_expr(func, model, &function, KeyIn::Companion, TokenStream::new());
     let params = receiver.into_iter().chain(model.key_params.iter().map(|(name, ty)| quote!(#name: #ty)));
     // A function under `#[cfg]` has its companions under the same `#[cfg]`.
     let cfgs: Vec<_> =
