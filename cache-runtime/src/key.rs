@@ -141,17 +141,35 @@ struct Buffer {
 
 impl KeyHasher {
     /// Starts the key of one call of `function`: its module and owner come first.
-    #[inline]
     pub fn new(function: &CachedFn) -> Self {
-        let mut hasher = Self::start(function.spec().module, function.owner());
-        hasher.spec = Some(function.spec());
+        let mut hasher = Self::fresh(function);
+        hasher.begin(function);
         hasher
     }
 
+    /// [`KeyHasher::new`] in two steps, for generated code: the hasher, empty, then
+    /// [`KeyHasher::begin`] writes its first parts. Apart, so that the hasher is written where it
+    /// lives rather than built and moved there (a copy of its buffer on every call).
+    #[inline(always)]
+    pub fn fresh(function: &CachedFn) -> Self {
+        KeyHasher { spec: Some(function.spec()), ..Self::empty() }
+    }
+
+    /// Writes what comes first in the key of a call of `function`: its module and owner. Called
+    /// once, right after [`KeyHasher::fresh`].
     #[inline]
+    pub fn begin(&mut self, function: &CachedFn) {
+        self.arg(function.spec().module);
+        self.arg(function.owner());
+    }
+
+    #[inline(always)]
+    fn empty() -> Self {
+        KeyHasher { spec: None, hasher: None, buffer: Buffer { bytes: [0; 192], len: 0 }, failed: false }
+    }
+
     fn start(module: &str, owner: &str) -> Self {
-        let mut hasher =
-            KeyHasher { spec: None, hasher: None, buffer: Buffer { bytes: [0; 192], len: 0 }, failed: false };
+        let mut hasher = Self::empty();
         hasher.arg(module);
         hasher.arg(owner);
         hasher

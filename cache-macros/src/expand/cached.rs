@@ -285,7 +285,8 @@ fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn, near_
     });
     let hashed = quote! {
         #[allow(unused_mut)]
-        let mut #hasher = ::cache_runtime::__private::KeyHasher::new(&#function);
+        let mut #hasher = ::cache_runtime::__private::KeyHasher::fresh(&#function);
+        ::cache_runtime::__private::KeyHasher::begin(&mut #hasher, &#function);
         #(#type_args)*
         #(#impl_trait_args)*
         #(#const_args)*
