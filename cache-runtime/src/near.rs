@@ -581,7 +581,15 @@ mod tests {
             life: Duration,
         ) {
             let ticket = near.ticket(0, self.base, self.hash, f).unwrap();
-            near.keep(ticket, NearKey::new(self.base, self.args().to_owned()), self.hash, f, Box::new(value), 8, life);
+            near.keep(
+                ticket,
+                NearKey::new(self.base, self.args().to_owned()),
+                self.hash,
+                f,
+                Box::new(value),
+                8,
+                life,
+            );
         }
     }
 

@@ -236,7 +236,13 @@ enum KeyIn {
 /// block ending in `near_first` (which returns a near hit, or evaluates to the key, an
 /// `Option<CallKey>`); in its companion, a block evaluating to it, an `Option<String>`. Both use
 /// it, so invalidation hashes exactly what the call does.
-fn key_expr(func: &ItemFn, model: &Cached, function: &Ident, scope: KeyIn, near_first: TokenStream) -> TokenStream {
+fn key_expr(
+    func: &ItemFn,
+    model: &Cached,
+    function: &Ident,
+    scope: KeyIn,
+    near_first: TokenStream,
+) -> TokenStream {
     let hasher = Ident::new("__cache_hasher", Span::mixed_site());
     let generics = &func.sig.generics;
     // Instantiations are different computations: each type argument's name, each const
