@@ -194,7 +194,9 @@ async fn blackholed_reconnect_is_bounded() {
 /// gives up, many minutes later. The runtime makes it again after three lookups in a row time out
 /// on it, so the cache is back after three slow calls, not minutes of them. Then a server whose
 /// every reply comes too late: each connection is made again after three time-outs as well, and
-/// the warning is logged once for the whole episode, not once per connection.
+/// the warning is logged once for the whole episode, not once per connection. Then one stall
+/// shorter than two timeouts with many lookups in flight: they time out together, and the
+/// connection is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_gone_silent_is_made_again() {
     let server = RedisServer::start();
@@ -263,6 +265,30 @@ async fn a_connection_gone_silent_is_made_again() {
     eprintln!("replies 300 ms late for 4 s: {late} calls, {made} connections made, {} warnings", warned());
     assert!(made >= 2, "connections made again while replies were late ({made})");
     assert_eq!(warned(), 2, "one warning for the second episode, not one per connection:\n{}", logs.text());
+
+    // One stall (every command paused for 300 ms, under two op timeouts) with 20 lookups in
+    // flight: all 20 time out together, which is one stall, not silence; the connection is kept,
+    // and answers after it.
+    let before = connections().await;
+    let mut pause = server.raw(0).await;
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(300).arg("ALL").query_async(&mut pause).await.unwrap();
+    let stalled: Vec<_> = (0..20)
+        .map(|i| {
+            let rt = rt.clone();
+            tokio::spawn(async move { timed(&rt, &format!("stall{i}")).await.0 })
+        })
+        .collect();
+    let mut timed_out = 0;
+    for call in stalled {
+        timed_out += usize::from(call.await.unwrap() >= OP_TIMEOUT);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await; // the pause ends
+    assert!(timed(&rt, "warm").await.1, "a hit on the same connection after the stall");
+    let made = connections().await - before - 2; // the pausing and the counting connections
+    eprintln!("one 300 ms stall: {timed_out} of 20 lookups timed out together, {made} connections made");
+    assert!(timed_out >= 3, "the stall timed out the lookups in flight ({timed_out})");
+    assert_eq!(made, 0, "one stall does not make the connection again");
+    assert_eq!(warned(), 2);
 }
 
 #[derive(Clone, Default)]

@@ -95,20 +95,27 @@ impl Ttl<std::time::Duration> {
     }
 }
 
-/// Asked first by a cached function, with its key's hasher (see `read_through::near_first`): the
-/// stored value if a near copy answers, else the call's key.
+/// Asked first by a cached function: whether a near copy may answer this call (see
+/// `read_through::near_on`); if so it awaits [`budget`] before asking.
+#[inline]
+pub fn near_on<T>(function: &CachedFn, keeper: &Option<Keeper<T>>) -> bool {
+    crate::read_through::near_on(function, keeper)
+}
+
+/// Asked next, with its key's hasher (see `read_through::near_first`): the stored value if a
+/// near copy answers, else the call's key.
 #[inline]
 pub fn near_first<T>(
     function: &CachedFn,
     hasher: &mut KeyHasher,
     keeper: Option<Keeper<T>>,
+    near: bool,
 ) -> Result<T, Option<CallKey>> {
-    crate::read_through::near_first(function, hasher, keeper)
+    crate::read_through::near_first(function, hasher, keeper, near)
 }
 
-/// Awaited by a function whose values may be kept as near copies, before asking for one: a near
-/// hit never waits on I/O, so it never yields; this spends tokio's cooperative budget so that a
-/// loop of hits cannot starve other tasks.
+/// Awaited before asking for a near copy: a near hit never waits on I/O, so it never yields;
+/// this spends tokio's cooperative budget so that a loop of hits cannot starve other tasks.
 pub async fn budget() {
     tokio::task::coop::consume_budget().await
 }

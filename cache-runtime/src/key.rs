@@ -259,10 +259,11 @@ pub(crate) enum ArgsRef<'a> {
     Hashed([u8; 16]),
 }
 
-/// [`ArgsRef`], owned: what the near tier keeps a copy under.
+/// [`ArgsRef`], owned: what the near tier keeps a copy under (its bytes shared with the tier's
+/// index of them, not copied).
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Args {
-    Encoded(Box<[u8]>),
+    Encoded(std::sync::Arc<[u8]>),
     Hashed([u8; 16]),
 }
 

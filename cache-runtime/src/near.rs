@@ -120,8 +120,9 @@ impl quick_cache::Equivalent<NearKey> for NearRef<'_> {
 #[derive(Default)]
 struct Index(std::sync::Mutex<Places>);
 
-/// Per (function number, hash): the bytes, and how many `Held`s have them.
-type Places = HashMap<(u32, [u8; 16]), (Box<[u8]>, usize)>;
+/// Per (function number, hash): the bytes (shared with the copies' keys), and how many `Held`s
+/// have them.
+type Places = HashMap<(u32, [u8; 16]), (Arc<[u8]>, usize)>;
 
 impl Index {
     fn lock(&self) -> std::sync::MutexGuard<'_, Places> {
@@ -380,7 +381,7 @@ impl NearTier {
         let indexed = match &key.args {
             Args::Encoded(bytes) => {
                 let place = (key.base, hash);
-                self.index.lock().entry(place).or_insert_with(|| (bytes.clone(), 0)).1 += 1;
+                self.index.lock().entry(place).or_insert_with(|| (Arc::clone(bytes), 0)).1 += 1;
                 Some(Indexed { index: Arc::clone(&self.index), key: place })
             }
             Args::Hashed(_) => None,
@@ -413,7 +414,7 @@ impl NearTier {
         let Some((base, hash)) = self.entry(key) else { return };
         self.notified[self.stripe(base, hash)].fetch_add(1, SeqCst);
         // The bytes are taken out of the index's lock first: a copy dropped takes that lock.
-        let encoded = self.index.lock().get(&(base, hash)).map(|(bytes, _)| bytes.clone());
+        let encoded = self.index.lock().get(&(base, hash)).map(|(bytes, _)| Arc::clone(bytes));
         let removed = match &encoded {
             Some(bytes) => self.copies.remove(&NearRef::new(base, ArgsRef::Encoded(bytes))),
             None => self.copies.remove(&NearRef::new(base, ArgsRef::Hashed(hash))),
@@ -540,9 +541,10 @@ mod clock {
 
         #[test]
         fn a_copy_is_alive_until_its_end_to_the_precise_clock() {
-            let end = super::after(std::time::Duration::from_millis(5)).unwrap();
+            // 30 ms: under the margin, so the precise clock answers from the start.
+            let end = super::after(std::time::Duration::from_millis(30)).unwrap();
             assert!(super::before(end), "near its end, the precise clock answers");
-            std::thread::sleep(std::time::Duration::from_millis(6));
+            std::thread::sleep(std::time::Duration::from_millis(40));
             assert!(!super::before(end));
             assert!(super::before(super::after(std::time::Duration::from_secs(1)).unwrap()));
         }

@@ -51,27 +51,29 @@ struct Miss<'a> {
     counters: &'a Arc<Counters>,
 }
 
-/// Asked by a cached function before anything else, synchronously, with its key's hasher: the
-/// value if a typed copy in this process answers (`near.rs`; no I/O, no decoding, the value
-/// cloned into the slot it is returned from), else the key for [`call`], with what a copy is kept
-/// under when the function keeps them here. Synchronous so that a hit costs no future of its own
-/// and nothing held across an `.await` (the function spends tokio's budget first, see
-/// `__private::budget`).
+/// Whether a call of `cached` may be answered by a near copy here: it can be kept (`keeper`) and
+/// the runtime serving the call keeps copies of it. Asked first, so that only such calls spend
+/// tokio's budget (`__private::budget`).
+pub(crate) fn near_on<T>(cached: &CachedFn, keeper: &Option<Keeper<T>>) -> bool {
+    keeper.is_some() && Runtime::with_current(|runtime| runtime.inner().near_life(cached.spec()).is_some())
+}
+
+/// Asked by a cached function next, synchronously, with its key's hasher and what [`near_on`]
+/// said: the value if a typed copy in this process answers (`near.rs`; no I/O, no decoding, the
+/// value cloned into the slot it is returned from), else the key for [`call`], with what a copy
+/// is kept under when the function keeps them here. Synchronous so that a hit costs no future of
+/// its own and nothing is held across an `.await`.
 pub(crate) fn near_first<T>(
     cached: &CachedFn,
     hasher: &mut KeyHasher,
     keeper: Option<Keeper<T>>,
+    near: bool,
 ) -> Result<T, Option<CallKey>> {
-    let mut keeps = false;
-    if let Some(keeper) = keeper {
+    if let (true, Some(keeper)) = (near, keeper) {
         let mut hit = None;
-        Runtime::with_current(|runtime| {
-            let rt = runtime.inner();
-            keeps = rt.near_life(cached.spec()).is_some();
-            if let (true, Some(args)) = (keeps, hasher.args()) {
-                near_hit(rt, cached, args, keeper, &mut hit);
-            }
-        });
+        if let Some(args) = hasher.args() {
+            Runtime::with_current(|runtime| near_hit(runtime.inner(), cached, args, keeper, &mut hit));
+        }
         if let Some(value) = hit {
             let spec = cached.spec();
             let span = tracing::debug_span!(
@@ -85,7 +87,7 @@ pub(crate) fn near_first<T>(
             return Ok(value);
         }
     }
-    Err(hasher.call_key(keeps))
+    Err(hasher.call_key(near))
 }
 
 pub(crate) async fn call<P, R, B, F>(

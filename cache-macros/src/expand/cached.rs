@@ -359,14 +359,17 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
         }
     };
     // A near copy is asked for first, synchronously, after spending tokio's budget (a near hit
-    // never yields); then the call reads through with the key.
+    // never yields) if one may answer; then the call reads through with the key.
     let keeper_var = Ident::new("__cache_keeper", Span::mixed_site());
+    let near_var = Ident::new("__cache_near", Span::mixed_site());
+    let (hit, key_out) =
+        (Ident::new("__cache_hit", Span::mixed_site()), Ident::new("__cache_key", Span::mixed_site()));
     let hasher = Ident::new("__cache_hasher", Span::mixed_site());
     let restore = quote_spanned!(ret.span()=> <#policy as ::cache_runtime::__private::Policy<#ret>>::restore);
     let near_first = quote! {
-        match ::cache_runtime::__private::near_first(&#function, &mut #hasher, #keeper_var) {
-            ::core::result::Result::Ok(__cache_hit) => return #restore(__cache_hit),
-            ::core::result::Result::Err(__cache_key) => __cache_key,
+        match ::cache_runtime::__private::near_first(&#function, &mut #hasher, #keeper_var, #near_var) {
+            ::core::result::Result::Ok(#hit) => return #restore(#hit),
+            ::core::result::Result::Err(#key_out) => #key_out,
         }
     };
     let key_expr = key_expr(func, model, &function, KeyIn::Function, near_first);
@@ -376,7 +379,8 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
         #vis #sig {
             #identity
             let #keeper_var = #keeper;
-            if ::core::option::Option::is_some(&#keeper_var) {
+            let #near_var = ::cache_runtime::__private::near_on(&#function, &#keeper_var);
+            if #near_var {
                 ::cache_runtime::__private::budget().await;
             }
             let #key = #key_expr;

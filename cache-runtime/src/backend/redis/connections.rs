@@ -36,6 +36,13 @@ pub(crate) trait Connections: Send + Sync + 'static {
     /// command, not here.
     fn conn(&self, db: u8) -> Result<Self::Conn, BackendError>;
 
+    /// A clone of `conn` that keeps sending on the connection it has now, for a request whose
+    /// follow-up must reach the server after it (a lease request and its release). Only one
+    /// server's [`Link`] may change connections under a clone; the others are already so.
+    fn pinned(conn: &Self::Conn) -> Self::Conn {
+        conn.clone()
+    }
+
     /// The key as the server stores it. One server keeps each DB number apart itself; Cluster has
     /// only DB 0, so each DB gets a key namespace of its own there.
     fn key<'k>(&self, db: u8, key: &'k str) -> Cow<'k, str>;
@@ -209,6 +216,10 @@ impl Connections for Server {
 
     fn bounds_each_request(&self) -> bool {
         true
+    }
+
+    fn pinned(conn: &Link) -> Link {
+        conn.pinned()
     }
 
     fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {

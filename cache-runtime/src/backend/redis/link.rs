@@ -21,8 +21,14 @@
 //! A connection that goes silent (its peer gone without a reset, a middlebox that forgot the
 //! flow) is never reported lost by the OS until TCP gives up, many minutes later: every command
 //! on it would time out until then. So a connection on which `SILENT_TIMEOUTS` commands in a row
-//! time out, with no reply of any kind in between, counts as lost too and is made again. A
-//! server that is only slow answers some of them, which starts the count again.
+//! time out, with no reply of any kind in between and the first and last at least `op_timeout`
+//! apart, counts as lost too and is made again. Commands in flight together when the server
+//! stalls once time out together, within a moment: that is one stall, not silence, and the
+//! commands sent after it are answered, which starts the count again.
+//!
+//! A lease request's release must follow the request on its connection (`OrphanGuard`), so a
+//! request that may need one is sent on a [`Link::pinned`] clone: it keeps the connection it
+//! finds even if the link makes a new one meanwhile.
 
 use std::cmp::Ordering;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -72,6 +78,9 @@ struct Inner {
     /// Commands in a row that timed out on a connection, and which attempt made it (see
     /// `COUNT_BITS`).
     silence: AtomicU64,
+    /// When the first of those timed out, in ns since `born`.
+    silence_began: AtomicU64,
+    born: Instant,
 }
 
 /// A connection to one server (one DB of it): cheap to clone, clones share it.
@@ -79,6 +88,8 @@ struct Inner {
 pub(crate) struct Link {
     inner: Arc<Inner>,
     db: i64,
+    /// For a pinned clone: the connection it keeps, and the attempt that made it.
+    pinned: Option<(u64, MultiplexedConnection)>,
 }
 
 impl Link {
@@ -98,6 +109,8 @@ impl Link {
                 op_timeout,
                 attempts: AtomicU64::new(0),
                 silence: AtomicU64::new(0),
+                silence_began: AtomicU64::new(0),
+                born: Instant::now(),
                 current: ArcSwap::from_pointee(Current {
                     attempt: 0,
                     started: Instant::now(),
@@ -106,7 +119,18 @@ impl Link {
             }
         });
         launch(first.expect("made with the link"));
-        Link { inner, db: i64::from(db) }
+        Link { inner, db: i64::from(db), pinned: None }
+    }
+
+    /// A clone that sends every command on the connection the link has now (or, while it
+    /// connects, as the link does), even if the link makes a new one meanwhile: for a request
+    /// whose follow-up must reach the server after it (see the module's documentation).
+    pub(crate) fn pinned(&self) -> Link {
+        let pinned = match self.state() {
+            (attempt, Ok(conn)) => Some((attempt, conn)),
+            (_, Err(_)) => None,
+        };
+        Link { pinned, ..self.clone() }
     }
 
     /// The attempt the link is on, and its connection or the attempt itself.
@@ -125,6 +149,11 @@ impl Link {
     where
         F: std::future::Future<Output = RedisResult<T>>,
     {
+        if let Some((number, conn)) = &self.pinned {
+            let result = send(conn.clone()).await;
+            self.answered(*number, &result);
+            return result;
+        }
         match self.state() {
             (number, Ok(conn)) => {
                 let result = send(conn).await;
@@ -180,7 +209,8 @@ impl Link {
     /// dropped, or if this is the `SILENT_TIMEOUTS`th time-out in a row on it; alive if anything
     /// came back (a value or an error reply), which starts the count of time-outs again.
     fn answered<T>(&self, attempt: u64, result: &RedisResult<T>) {
-        let silence = &self.inner.silence;
+        let inner = &*self.inner;
+        let silence = &inner.silence;
         match result {
             Err(error) if error.is_unrecoverable_error() => lost(&self.inner, attempt),
             Err(error) if error.is_timeout() => {
@@ -194,11 +224,19 @@ impl Link {
                 });
                 let Ok(was) = counted else { return };
                 let count = if was >> COUNT_BITS == attempt { (was & COUNT) + 1 } else { 1 };
-                if count == SILENT_TIMEOUTS {
+                let now = u64::try_from(inner.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                if count == 1 {
+                    inner.silence_began.store(now, Relaxed);
+                    return;
+                }
+                // Time-outs of commands that were in flight together at one stall come within a
+                // moment of each other: silence is time-outs spread over more than one timeout.
+                let spread = now.saturating_sub(inner.silence_began.load(Relaxed));
+                if count >= SILENT_TIMEOUTS && u128::from(spread) >= inner.op_timeout.as_nanos() {
                     // Said once until something answers again, not once per connection made.
                     if silence.fetch_or(WARNED, Relaxed) & WARNED == 0 {
                         tracing::warn!(
-                            timeouts = SILENT_TIMEOUTS,
+                            timeouts = count,
                             "cache backend: a connection stopped answering; making it again (logged once until a reply comes)"
                         );
                     }
@@ -207,9 +245,11 @@ impl Link {
             }
             // Only read in the common case: the word is written only while commands time out.
             _ => {
-                let was = silence.load(Relaxed);
-                if was & (COUNT | WARNED) != 0 && was >> COUNT_BITS <= attempt {
-                    let _ = silence.compare_exchange(was, attempt << COUNT_BITS, Relaxed, Relaxed);
+                if silence.load(Relaxed) & (COUNT | WARNED) != 0 {
+                    let _ = silence.fetch_update(Relaxed, Relaxed, |was| {
+                        (was & (COUNT | WARNED) != 0 && was >> COUNT_BITS <= attempt)
+                            .then_some(attempt << COUNT_BITS)
+                    });
                 }
             }
         }

@@ -456,7 +456,8 @@ impl<C: Connections> Store for RedisStore<C> {
     ) -> Result<Acquired<T>, BackendError> {
         let key = self.key(db, key);
         self.guarded(self.op_timeout, async {
-            let conn = self.conn(db)?;
+            // Pinned: the release, if owed, follows the request on its connection.
+            let conn = C::pinned(&self.conn(db)?);
             let mut orphan = OrphanGuard { conn: Some(conn.clone()), key: &key, token: ask.token };
             let reply =
                 scripts::acquire(&mut conn.clone(), &key, ask.token, ask.ttl, ask.min_generation).await;
