@@ -233,7 +233,9 @@ async fn a_connection_gone_silent_is_made_again() {
         started.elapsed(),
         warned()
     );
-    assert!((1..=3).contains(&slow), "made again after three time-outs, not {slow}");
+    // Three requests timed out: the lookups, and the write-behind fill of the first if the link
+    // saw it time out (its own timer and the store's end together).
+    assert!((2..=3).contains(&slow), "made again after three time-outs, not {slow} calls");
     assert!(
         slowest < OP_TIMEOUT + Duration::from_millis(150),
         "each call bounded by op_timeout ({slowest:?})"

@@ -21,8 +21,8 @@
 //! A connection that goes silent (its peer gone without a reset, a middlebox that forgot the
 //! flow) is never reported lost by the OS until TCP gives up, many minutes later: every command
 //! on it would time out until then. So a connection on which `SILENT_TIMEOUTS` commands in a row
-//! time out, with no reply of any kind in between and the first and last at least `op_timeout`
-//! apart, counts as lost too and is made again. Commands in flight together when the server
+//! time out, with no reply of any kind in between and the first and last at least half of
+//! `op_timeout` apart, counts as lost too and is made again. Commands in flight together when the server
 //! stalls once time out together, within a moment: that is one stall, not silence, and the
 //! commands sent after it are answered, which starts the count again.
 //!
@@ -230,9 +230,10 @@ impl Link {
                     return;
                 }
                 // Time-outs of commands that were in flight together at one stall come within a
-                // moment of each other: silence is time-outs spread over more than one timeout.
+                // moment (a timer tick) of each other: silence is time-outs spread over at least
+                // half a timeout.
                 let spread = now.saturating_sub(inner.silence_began.load(Relaxed));
-                if count >= SILENT_TIMEOUTS && u128::from(spread) >= inner.op_timeout.as_nanos() {
+                if count >= SILENT_TIMEOUTS && u128::from(spread) >= inner.op_timeout.as_nanos() / 2 {
                     // Said once until something answers again, not once per connection made.
                     if silence.fetch_or(WARNED, Relaxed) & WARNED == 0 {
                         tracing::warn!(
