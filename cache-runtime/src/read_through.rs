@@ -75,15 +75,10 @@ pub(crate) fn near_first<T>(
             Runtime::with_current(|runtime| near_hit(runtime.inner(), cached, args, keeper, &mut hit));
         }
         if let Some(value) = hit {
-            let spec = cached.spec();
-            let span = tracing::debug_span!(
-                "cache.call",
-                cache.db = spec.db,
-                cache.prefix = spec.prefix,
-                cache.function = spec.function,
-                cache.outcome = "hit",
-            );
-            drop(span);
+            let span = call_span(cached.spec());
+            if !span.is_disabled() {
+                span.record("cache.outcome", "hit");
+            }
             return Ok(value);
         }
     }
@@ -101,14 +96,7 @@ where
     B: FnOnce() -> F,
     F: Future<Output = R>,
 {
-    let spec = cached.spec();
-    let span = tracing::debug_span!(
-        "cache.call",
-        cache.db = spec.db,
-        cache.prefix = spec.prefix,
-        cache.function = spec.function,
-        cache.outcome = tracing::field::Empty,
-    );
+    let span = call_span(cached.spec());
     // Everything boxed, and the function's future made only there: a cached function's future
     // stays a few words (and a near hit, answered before, never makes this one).
     if span.is_disabled() {
@@ -116,6 +104,17 @@ where
     } else {
         Box::pin(tracing::Instrument::instrument(serve::<P, R, F>(cached, key, keeper, body), span)).await
     }
+}
+
+/// The span of one cached call; its outcome is recorded where it is known.
+fn call_span(spec: &Spec) -> tracing::Span {
+    tracing::debug_span!(
+        "cache.call",
+        cache.db = spec.db,
+        cache.prefix = spec.prefix,
+        cache.function = spec.function,
+        cache.outcome = tracing::field::Empty,
+    )
 }
 
 /// Writes the near copy of `args` into `slot`, if one is live (the function keeps copies here).
