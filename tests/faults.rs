@@ -213,12 +213,15 @@ async fn a_connection_gone_silent_is_made_again() {
     assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
     proxy.strand();
     let started = Instant::now();
-    let (mut slow, mut slowest) = (0, Duration::ZERO);
+    let (mut slow, mut slowest, mut slow_at_warning) = (0, Duration::ZERO, None);
     loop {
         let (took, hit) = timed(&rt, "warm").await;
         slowest = slowest.max(took);
         if took >= OP_TIMEOUT {
             slow += 1;
+        }
+        if slow_at_warning.is_none() && warned() > 0 {
+            slow_at_warning = Some(slow);
         }
         if hit {
             break;
@@ -229,13 +232,16 @@ async fn a_connection_gone_silent_is_made_again() {
         );
     }
     eprintln!(
-        "silent connection: {slow} calls timed out, hit again after {:?} (slowest call {slowest:?}), {} warning",
+        "silent connection: made again after {slow_at_warning:?} calls timed out; {slow} timed out in all, hit again after {:?} (slowest call {slowest:?}), {} warning",
         started.elapsed(),
         warned()
     );
-    // Three requests timed out: the lookups, and the write-behind fill of the first if the link
-    // saw it time out (its own timer and the store's end together).
-    assert!((2..=3).contains(&slow), "made again after three time-outs, not {slow} calls");
+    // Made again once three requests timed out: the lookups, and the write-behind fill of the
+    // first if the link saw it time out (its own timer and the store's end together). The calls
+    // after it wait for the new connection, within `op_timeout`: on a loaded machine making it
+    // can take longer (CI once saw 6 slow calls in all), which is not the rule under test.
+    let at = slow_at_warning.unwrap_or(usize::MAX);
+    assert!((2..=3).contains(&at), "made again after three time-outs, not after {at} slow calls");
     assert!(
         slowest < OP_TIMEOUT + Duration::from_millis(150),
         "each call bounded by op_timeout ({slowest:?})"
