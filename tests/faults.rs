@@ -236,12 +236,14 @@ async fn a_connection_gone_silent_is_made_again() {
         started.elapsed(),
         warned()
     );
-    // Made again once three requests timed out: the lookups, and the write-behind fill of the
-    // first if the link saw it time out (its own timer and the store's end together). The calls
-    // after it wait for the new connection, within `op_timeout`: on a loaded machine making it
-    // can take longer (CI once saw 6 slow calls in all), which is not the rule under test.
+    // Made again once the link saw three requests time out. Not every slow call is one of them:
+    // a lookup that also re-reads the function's generation (due every `generation_refresh`,
+    // so it depends on the machine's speed) is two requests under the store's own timer, which
+    // the link does not see; the first call's write-behind fill may be one. So 2-4 slow calls
+    // (CI saw 4; a doubled threshold gives 6). The calls after it wait for the new connection,
+    // within `op_timeout`.
     let at = slow_at_warning.unwrap_or(usize::MAX);
-    assert!((2..=3).contains(&at), "made again after three time-outs, not after {at} slow calls");
+    assert!((2..=4).contains(&at), "made again after three time-outs, not after {at} slow calls");
     assert!(
         slowest < OP_TIMEOUT + Duration::from_millis(150),
         "each call bounded by op_timeout ({slowest:?})"
