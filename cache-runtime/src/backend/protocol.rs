@@ -136,14 +136,16 @@ pub(crate) fn stamp_life(lease_ttl: Duration) -> Duration {
 }
 
 /// [`bounded`] by `limit` if there is one, `op` as it is otherwise (a call the connection
-/// bounds itself).
-pub(crate) fn within<T>(
+/// bounds itself). The bounded form is boxed: inline, its timer would make the future of every
+/// call larger, the connection-bounded hit included (allocated per call, see
+/// `read_through::serve`), while only calls that need it pay the box.
+pub(crate) fn within<'a, T: 'a>(
     limit: Option<Duration>,
-    op: impl Future<Output = Result<T, BackendError>>,
-) -> impl Future<Output = Result<T, BackendError>> {
+    op: impl Future<Output = Result<T, BackendError>> + 'a,
+) -> impl Future<Output = Result<T, BackendError>> + 'a {
     use futures_util::future::Either;
     match limit {
-        Some(limit) => Either::Left(bounded(limit, op)),
+        Some(limit) => Either::Left(Box::pin(bounded(limit, op))),
         None => Either::Right(op),
     }
 }
