@@ -26,6 +26,7 @@
 pub mod admin;
 mod backend;
 mod background;
+mod clock;
 mod config;
 pub mod db;
 mod error;

@@ -22,7 +22,9 @@
 //! flow) is never reported lost by the OS until TCP gives up, many minutes later: every command
 //! on it would time out until then. So a connection on which `SILENT_TIMEOUTS` commands in a row
 //! time out, with no reply of any kind in between and the first and last at least half of
-//! `op_timeout` apart, counts as lost too and is made again. Commands in flight together when the server
+//! `op_timeout` apart, counts as lost too and is made again. A command whose caller stopped
+//! waiting after three quarters of `op_timeout` or more (a timer above the link's: the store's
+//! own, for calls of several requests) counts as timed out too ([`Request`]). Commands in flight together when the server
 //! stalls once time out together, within a moment: that is one stall, not silence, and the
 //! commands sent after it are answered, which starts the count again.
 //!
@@ -150,14 +152,16 @@ impl Link {
         F: std::future::Future<Output = RedisResult<T>>,
     {
         if let Some((number, conn)) = &self.pinned {
+            let request = Request::sent(self, *number);
             let result = send(conn.clone()).await;
-            self.answered(*number, &result);
+            request.answered(&result);
             return result;
         }
         match self.state() {
             (number, Ok(conn)) => {
+                let request = Request::sent(self, number);
                 let result = send(conn).await;
-                self.answered(number, &result);
+                request.answered(&result);
                 result
             }
             // Boxed: the timer and the attempt are only paid for while connecting.
@@ -195,8 +199,9 @@ impl Link {
                     _ => return Err(error),
                 }
             };
+            let request = Request::sent(self, number);
             let result = send(conn).await;
-            self.answered(number, &result);
+            request.answered(&result);
             result
         });
         match bounded.await {
@@ -253,6 +258,48 @@ impl Link {
                     });
                 }
             }
+        }
+    }
+}
+
+/// A request on attempt `attempt`'s connection, until its result is told to the link. Dropped
+/// before that (a timer above the link's, the store's own or the caller's, gave up on it) after
+/// waiting `DROPPED_AS_TIMEOUT` of `op_timeout` for a reply, it counts as a time-out: the
+/// connection did not answer it either. So the silence rule sees every request that went
+/// unanswered, not only those the connection's own timer ended.
+struct Request<'a> {
+    link: &'a Link,
+    attempt: u64,
+    /// When it was sent, on the coarse clock (a few ns to read; behind by a tick or two).
+    sent: u64,
+    told: bool,
+}
+
+/// The share of `op_timeout` (in quarters) a dropped request must have waited to count as a
+/// time-out: a store's timer of `op_timeout` started before the request fires about
+/// `op_timeout` after it, which the coarse clock measures a few ms short.
+const DROPPED_AS_TIMEOUT: u32 = 3;
+
+impl<'a> Request<'a> {
+    fn sent(link: &'a Link, attempt: u64) -> Self {
+        Request { link, attempt, sent: crate::clock::coarse(), told: false }
+    }
+
+    fn answered<T>(mut self, result: &RedisResult<T>) {
+        self.told = true;
+        self.link.answered(self.attempt, result);
+    }
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        if self.told {
+            return;
+        }
+        let waited = u128::from(crate::clock::coarse().saturating_sub(self.sent));
+        if waited * 4 >= self.link.inner.op_timeout.as_nanos() * u128::from(DROPPED_AS_TIMEOUT) {
+            let timed_out: RedisResult<()> = Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+            self.link.answered(self.attempt, &timed_out);
         }
     }
 }
