@@ -236,12 +236,11 @@ async fn a_connection_gone_silent_is_made_again() {
         started.elapsed(),
         warned()
     );
-    // Made again once three requests went unanswered: each slow call is one or more (a lookup
-    // that also re-reads the function's generation is two, given up together, counted as one
-    // moment), so 3 slow calls here in every local run. 4 is allowed: CI saw 4 once, before
-    // requests the store's own timer gives up on were counted, and the cause was not shown by a
-    // run (a doubled threshold gives 6). The calls after it wait for the new connection, within
-    // `op_timeout`.
+    // Made again once three requests went unanswered: each slow call is one (a lookup that also
+    // re-reads the function's generation is one pipeline here), so 3 slow calls in every local
+    // run. 4 is allowed: CI saw 4 once, before requests the store's own timer gives up on were
+    // counted, and the cause was not shown by a run (a doubled threshold gives 6). The calls
+    // after it wait for the new connection, within `op_timeout`.
     let at = slow_at_warning.unwrap_or(usize::MAX);
     assert!((2..=4).contains(&at), "made again after three time-outs, not after {at} slow calls");
     assert!(
@@ -320,12 +319,15 @@ async fn a_connection_gone_silent_is_made_again_when_callers_stop_waiting_first(
     assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
     proxy.strand();
     let started = Instant::now();
-    let mut gave_up = 0;
+    let (mut gave_up, mut gave_up_at_warning) = (0, None);
     loop {
         match tokio::time::timeout(DEADLINE, timed(&rt, "warm")).await {
             Err(_) => gave_up += 1,
             Ok((_, true)) => break,
             Ok((_, false)) => {}
+        }
+        if gave_up_at_warning.is_none() && logs.count("WARN", "stopped answering") > 0 {
+            gave_up_at_warning = Some(gave_up);
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
@@ -334,13 +336,13 @@ async fn a_connection_gone_silent_is_made_again_when_callers_stop_waiting_first(
     }
     let warned = logs.count("WARN", "stopped answering");
     eprintln!(
-        "silent, callers giving up at {DEADLINE:?}: {gave_up} gave up, hit again after {:?}, {warned} warning",
+        "silent, callers giving up at {DEADLINE:?}: made again after {gave_up_at_warning:?} gave up; {gave_up} in all, hit again after {:?}, {warned} warning",
         started.elapsed()
     );
-    assert!(
-        (2..=4).contains(&gave_up),
-        "made again after three given-up requests, not after {gave_up} calls"
-    );
+    // Where the rule acts: the calls given up before the warning. After it, a call may still
+    // give up while the new connection is made through the proxy on a loaded machine.
+    let at = gave_up_at_warning.unwrap_or(usize::MAX);
+    assert!((2..=4).contains(&at), "made again after three given-up requests, not after {at} calls");
     assert_eq!(warned, 1, "one warning:\n{}", logs.text());
 }
 

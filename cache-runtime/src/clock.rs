@@ -37,8 +37,9 @@ fn nanos(t: rustix::time::Timespec) -> u64 {
     (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
 }
 
+/// The precise clock.
 #[cfg(target_os = "linux")]
-fn precise() -> u64 {
+pub(crate) fn precise() -> u64 {
     nanos(rustix::time::clock_gettime(rustix::time::ClockId::Monotonic))
 }
 
@@ -56,7 +57,7 @@ pub(crate) fn coarse() -> u64 {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn precise() -> u64 {
+pub(crate) fn precise() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     u64::try_from(EPOCH.get_or_init(std::time::Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }

@@ -920,11 +920,13 @@ mod tests {
         near: Duration::ZERO,
     };
 
-    /// Every Redis hit allocates the call's future and the lookup's. glibc serves allocations of
-    /// up to 1,032 bytes from a cache of each thread; one of 1,024 bytes or more takes the arena's
-    /// shared lock and consolidates it. At 64 callers on two workers that lock was contended: a
-    /// lookup future of 1,280 bytes cost a futex call per hit (0.99-1.04, against 0.43-0.56 at
-    /// 872 bytes) and about 1.2 µs of CPU per hit (`BENCH_ALONE=ours` under `perf stat`).
+    /// Every Redis hit allocates the call's future and the lookup's. glibc serves an allocation
+    /// from a cache of its thread when that holds one of its size; otherwise from the shared
+    /// arena, under its lock, and a request of 1,024 bytes or more first consolidates the arena
+    /// (`malloc_consolidate`). At 64 callers on two workers the lookup's future at 1,280 bytes
+    /// cost a futex call per hit (0.99-1.04, against 0.43-0.56 at 872 bytes) and about 1.2 µs
+    /// of CPU per hit (`BENCH_ALONE=ours` under `perf stat`). Layouts are a 64-bit target's.
+    #[cfg(target_pointer_width = "64")]
     #[tokio::test]
     async fn the_futures_a_redis_hit_allocates_stay_under_a_kilobyte() {
         // Debug builds lay these futures out 50-110 bytes smaller than release builds (measured

@@ -124,6 +124,15 @@ impl Link {
         Link { inner, db: i64::from(db), pinned: None }
     }
 
+    /// The time a request is timed on (see [`Request`]), in ns.
+    fn now(&self) -> u64 {
+        if self.inner.op_timeout >= COARSE_FROM {
+            crate::clock::coarse()
+        } else {
+            crate::clock::precise()
+        }
+    }
+
     /// A clone that sends every command on the connection the link has now (or, while it
     /// connects, as the link does), even if the link makes a new one meanwhile: for a request
     /// whose follow-up must reach the server after it (see the module's documentation).
@@ -265,8 +274,12 @@ impl Link {
 /// A request on attempt `attempt`'s connection, until its result is told to the link. Dropped
 /// before that (a timer above the link's, the store's own or the caller's, gave up on it) after
 /// waiting `DROPPED_AS_TIMEOUT` of `op_timeout` for a reply, it counts as a time-out: the
-/// connection did not answer it either. So the silence rule sees every request that went
-/// unanswered, not only those the connection's own timer ended.
+/// connection did not answer it in that time. So the silence rule sees every request that went
+/// unanswered that long, not only those the connection's own timer ended. The cost: a reply
+/// to a dropped request is thrown away unseen by redis-rs, so it never starts the count again;
+/// callers that always give up between this share and `op_timeout` on a server slower than them
+/// see their connection made again every three requests, as for a server slower than
+/// `op_timeout` (README, "Failure model").
 struct Request<'a> {
     link: &'a Link,
     attempt: u64,
@@ -280,9 +293,13 @@ struct Request<'a> {
 /// `op_timeout` after it, which the coarse clock measures a few ms short.
 const DROPPED_AS_TIMEOUT: u32 = 3;
 
+/// The least `op_timeout` whose requests are timed on the coarse clock: it lags by a tick or two
+/// (under 6 ms measured), a small share of this; shorter timeouts are timed precisely.
+const COARSE_FROM: Duration = Duration::from_millis(100);
+
 impl<'a> Request<'a> {
     fn sent(link: &'a Link, attempt: u64) -> Self {
-        Request { link, attempt, sent: crate::clock::coarse(), told: false }
+        Request { link, attempt, sent: link.now(), told: false }
     }
 
     fn answered<T>(mut self, result: &RedisResult<T>) {
@@ -296,7 +313,7 @@ impl Drop for Request<'_> {
         if self.told {
             return;
         }
-        let waited = u128::from(crate::clock::coarse().saturating_sub(self.sent));
+        let waited = u128::from(self.link.now().saturating_sub(self.sent));
         if waited * 4 >= self.link.inner.op_timeout.as_nanos() * u128::from(DROPPED_AS_TIMEOUT) {
             let timed_out: RedisResult<()> = Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
             self.link.answered(self.attempt, &timed_out);
