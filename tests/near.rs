@@ -136,6 +136,7 @@ async fn same_named_functions_in_two_modules_and_two_runtimes_keep_their_copies_
 /// Each test's own source of truth (tests run at once).
 static SHARED_VERSION: AtomicU64 = AtomicU64::new(0);
 static OTHER_VERSION: AtomicU64 = AtomicU64::new(0);
+static LONG_VERSION: AtomicU64 = AtomicU64::new(0);
 
 #[cached(db = MarketData, prefix = "near_redis", ttl = 300, near = "60s", skip(source))]
 async fn shared_quote(symbol: &str, source: &AtomicU64) -> Quote {
@@ -145,6 +146,8 @@ async fn shared_quote(symbol: &str, source: &AtomicU64) -> Quote {
 fn source(symbol: &str) -> &'static AtomicU64 {
     if symbol == "ORCL" {
         &OTHER_VERSION
+    } else if symbol.len() > 200 {
+        &LONG_VERSION
     } else {
         &SHARED_VERSION
     }
@@ -211,6 +214,25 @@ async fn a_change_in_another_process_or_client_drops_the_copy() {
     let took = until_version(&a, "IBM", 13).await;
     assert!(took < Duration::from_secs(1), "raw DEL: {took:?}");
     assert!(a.near_status().dropped >= 3, "{:?}", a.near_status());
+}
+
+/// A call whose key outgrows the key hasher's 192-byte buffer (here a 300-byte argument) has its
+/// copy kept by its hash rather than by its bytes (`near.rs`); another process's invalidation
+/// drops it all the same, through the generated code on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_kept_by_its_hash_is_dropped_by_another_process_too() {
+    let server = RedisServer::start();
+    let a = redis_runtime(&server.url(), |c| c);
+    let b = redis_runtime(&server.url(), |c| c);
+    let long = "L".repeat(300);
+    LONG_VERSION.store(20, SeqCst);
+    assert_eq!(warm(&a, &long).await.version, 20);
+    LONG_VERSION.store(21, SeqCst);
+    b.scope(invalidate!(shared_quote(&long))).await;
+    let took = until_version(&a, &long, 21).await;
+    eprintln!("a copy kept by hash, invalidated in process B, stopped answering in A after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}: the copy lives 60 s without the notification");
+    assert!(a.near_status().dropped >= 1, "{:?}", a.near_status());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
