@@ -22,7 +22,8 @@
 //! flow) is never reported lost by the OS until TCP gives up, many minutes later: every command
 //! on it would time out until then. So a connection on which `SILENT_TIMEOUTS` commands in a row
 //! time out, with no reply of any kind in between and the first and last at least half of
-//! `op_timeout` apart, counts as lost too and is made again. A command whose caller stopped
+//! `op_timeout` apart, counts as lost too and is made again; each connection made again so,
+//! with no reply since, gives the next twice the time-outs (`SILENT_DOUBLINGS`). A command whose caller stopped
 //! waiting after three quarters of `op_timeout` or more (a timer above the link's: the store's
 //! own, for calls of several requests) counts as timed out too ([`Request`]). Commands in flight together when the server
 //! stalls once time out together, within a moment: that is one stall, not silence, and the
@@ -33,7 +34,7 @@
 //! finds even if the link makes a new one meanwhile.
 
 use std::cmp::Ordering;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,11 @@ const RETRY_GAP: Duration = Duration::from_millis(50);
 /// Commands in a row that time out on one connection, none answered in between, after which it
 /// is made again.
 const SILENT_TIMEOUTS: u64 = 3;
+
+/// Each connection made again for silence, with no reply since, doubles the time-outs the next
+/// one is given (3, 6, 12, then 24 at most): a server slower than every timeout is not
+/// reconnected to every three requests for as long as it stays slow.
+const SILENT_DOUBLINGS: u32 = 3;
 
 /// `Inner::silence` holds the attempt its count is of above these bits; in them, `WARNED` (said
 /// so since the last reply) and the count.
@@ -82,6 +88,8 @@ struct Inner {
     silence: AtomicU64,
     /// When the first of those timed out, in ns since `born`.
     silence_began: AtomicU64,
+    /// Connections made again for silence since the last reply (see `SILENT_DOUBLINGS`).
+    silent_remakes: AtomicU32,
     born: Instant,
 }
 
@@ -112,6 +120,7 @@ impl Link {
                 attempts: AtomicU64::new(0),
                 silence: AtomicU64::new(0),
                 silence_began: AtomicU64::new(0),
+                silent_remakes: AtomicU32::new(0),
                 born: Instant::now(),
                 current: ArcSwap::from_pointee(Current {
                     attempt: 0,
@@ -226,7 +235,9 @@ impl Link {
         let inner = &*self.inner;
         let silence = &inner.silence;
         match result {
-            Err(error) if error.is_unrecoverable_error() => lost(&self.inner, attempt),
+            Err(error) if error.is_unrecoverable_error() => {
+                lost(&self.inner, attempt);
+            }
             Err(error) if error.is_timeout() => {
                 let counted = silence.fetch_update(Relaxed, Relaxed, |was| {
                     match (was >> COUNT_BITS).cmp(&attempt) {
@@ -247,7 +258,8 @@ impl Link {
                 // moment (a timer tick) of each other: silence is time-outs spread over at least
                 // half a timeout.
                 let spread = now.saturating_sub(inner.silence_began.load(Relaxed));
-                if count >= SILENT_TIMEOUTS && u128::from(spread) >= inner.op_timeout.as_nanos() / 2 {
+                let needed = SILENT_TIMEOUTS << inner.silent_remakes.load(Relaxed).min(SILENT_DOUBLINGS);
+                if count >= needed && u128::from(spread) >= inner.op_timeout.as_nanos() / 2 {
                     // Said once until something answers again, not once per connection made.
                     if silence.fetch_or(WARNED, Relaxed) & WARNED == 0 {
                         tracing::warn!(
@@ -255,16 +267,21 @@ impl Link {
                             "cache backend: a connection stopped answering; making it again (logged once until a reply comes)"
                         );
                     }
-                    lost(&self.inner, attempt);
+                    if lost(&self.inner, attempt) {
+                        inner.silent_remakes.fetch_add(1, Relaxed);
+                    }
                 }
             }
             // Only read in the common case: the word is written only while commands time out.
             _ => {
                 if silence.load(Relaxed) & (COUNT | WARNED) != 0 {
-                    let _ = silence.fetch_update(Relaxed, Relaxed, |was| {
+                    let reset = silence.fetch_update(Relaxed, Relaxed, |was| {
                         (was & (COUNT | WARNED) != 0 && was >> COUNT_BITS <= attempt)
                             .then_some(attempt << COUNT_BITS)
                     });
+                    if reset.is_ok() {
+                        inner.silent_remakes.store(0, Relaxed);
+                    }
                 }
             }
         }
@@ -371,21 +388,24 @@ fn connected(inner: &Inner, number: u64, conn: &MultiplexedConnection) {
 }
 
 /// The connection (or the attempt) `number` failed: a new attempt starts, unless one already
-/// replaced it, or the failed attempt started less than `RETRY_GAP` ago.
-fn lost(inner: &Arc<Inner>, number: u64) {
+/// replaced it, or the failed attempt started less than `RETRY_GAP` ago. Whether this call
+/// started it.
+fn lost(inner: &Arc<Inner>, number: u64) -> bool {
     let current = inner.current.load();
     if current.attempt != number
         || (matches!(current.state, State::Connecting(_)) && current.started.elapsed() < RETRY_GAP)
     {
-        return;
+        return false;
     }
     let next = inner.attempts.fetch_add(1, Relaxed) + 1;
     let (attempt, work) = prepare(Arc::downgrade(inner), inner.client.clone(), inner.config.clone(), next);
     let now = Current { attempt: next, started: Instant::now(), state: State::Connecting(attempt) };
     let previous = inner.current.compare_and_swap(&*current, Arc::new(now));
-    if Arc::ptr_eq(&*previous, &*current) {
+    let replaced = Arc::ptr_eq(&*previous, &*current);
+    if replaced {
         launch(work);
     }
+    replaced
 }
 
 impl ConnectionLike for Link {
