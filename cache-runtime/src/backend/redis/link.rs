@@ -23,11 +23,12 @@
 //! on it would time out until then. So a connection on which `SILENT_TIMEOUTS` commands in a row
 //! time out, with no reply of any kind in between and the first and last at least half of
 //! `op_timeout` apart, counts as lost too and is made again; each connection made again so,
-//! with no reply since, gives the next twice the time-outs (`SILENT_DOUBLINGS`). A command whose caller stopped
-//! waiting after three quarters of `op_timeout` or more (a timer above the link's: the store's
-//! own, for calls of several requests) counts as timed out too ([`Request`]). Commands in flight together when the server
-//! stalls once time out together, within a moment: that is one stall, not silence, and the
-//! commands sent after it are answered, which starts the count again.
+//! with no reply since, gives the next twice the time-outs (`SILENT_DOUBLINGS`). A command
+//! given up by whoever waited for it after three quarters of `op_timeout` or more (a timer above
+//! the link's: the store's own, over every call but a lookup, or a caller's deadline) counts as
+//! timed out too ([`Request`]). Commands in flight together when the server stalls once time out
+//! together, within a moment: that is one stall, not silence, and the commands sent after it are
+//! answered, which starts the count again.
 //!
 //! A lease request's release must follow the request on its connection (`OrphanGuard`), so a
 //! request that may need one is sent on a [`Link::pinned`] clone: it keeps the connection it
