@@ -29,6 +29,19 @@ fn runtime(url: &str, adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Runtim
     ))
 }
 
+/// A runtime through `proxy` whose key `warm` hits. No breaker: every call reaches the
+/// connection, so the count of slow calls is the link's. A connect timeout long enough to
+/// connect through slow replies.
+async fn warm_without_breaker(proxy: &FaultProxy) -> Runtime {
+    let rt = runtime(&proxy.url(), |c| {
+        c.with_breaker(0, Duration::ZERO).with_connect_timeout(Duration::from_secs(2))
+    });
+    timed(&rt, "warm").await;
+    rt.flush().await.unwrap();
+    assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
+    rt
+}
+
 /// A call's duration, and whether it was a hit (the body did not run).
 async fn timed(rt: &Runtime, symbol: &str) -> (Duration, bool) {
     let ran = AtomicBool::new(false);
@@ -203,14 +216,7 @@ async fn a_connection_gone_silent_is_made_again() {
     let proxy = FaultProxy::start(server.port());
     let (logs, _guard) = support::logs::Logs::capture();
     let warned = || logs.count("WARN", "stopped answering");
-    // No breaker: every call reaches the connection, so the count of slow calls is the link's.
-    // A connect timeout long enough to connect through the slow replies below.
-    let rt = runtime(&proxy.url(), |c| {
-        c.with_breaker(0, Duration::ZERO).with_connect_timeout(Duration::from_secs(2))
-    });
-    timed(&rt, "warm").await;
-    rt.flush().await.unwrap();
-    assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
+    let rt = warm_without_breaker(&proxy).await;
     proxy.strand();
     let started = Instant::now();
     let (mut slow, mut slowest, mut slow_at_warning) = (0, Duration::ZERO, None);
@@ -306,19 +312,14 @@ async fn a_connection_gone_silent_is_made_again() {
 /// deadline, here 180 ms against a 200 ms `op_timeout`): the connection's timer never ends their
 /// requests, but a request given up after three quarters of `op_timeout` counts as timed out, so
 /// the connection is made again all the same. Without that it never is (no hit in 10 s). The
-/// store's own timer, over calls of several requests, gives up on them the same way.
+/// store's own timer, over every call on one server but a lookup, gives up on them the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_gone_silent_is_made_again_when_callers_stop_waiting_first() {
     const DEADLINE: Duration = Duration::from_millis(180);
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port());
     let (logs, _guard) = support::logs::Logs::capture();
-    let rt = runtime(&proxy.url(), |c| {
-        c.with_breaker(0, Duration::ZERO).with_connect_timeout(Duration::from_secs(2))
-    });
-    timed(&rt, "warm").await;
-    rt.flush().await.unwrap();
-    assert!(timed(&rt, "warm").await.1, "a hit through the proxy");
+    let rt = warm_without_breaker(&proxy).await;
     proxy.strand();
     let started = Instant::now();
     let (mut gave_up, mut gave_up_at_warning) = (0, None);

@@ -897,7 +897,6 @@ mod tests {
     use super::*;
     use crate::config::CacheConfig;
     use crate::policy::OkOnly;
-    use crate::value::Format;
 
     /// A value like the benchmark's: four `String`s and six numbers (144 bytes).
     #[derive(serde::Serialize, serde::Deserialize)]
@@ -906,19 +905,7 @@ mod tests {
         numbers: [u64; 6],
     }
 
-    static SPEC: Spec = Spec {
-        db: 5,
-        prefix: "market",
-        function: "quote",
-        module: "svc",
-        ttl: Duration::from_secs(100),
-        version: None,
-        format: Format::Json,
-        jitter_percent: 0,
-        eager_refresh_percent: 0,
-        stale_if_error: Duration::ZERO,
-        near: Duration::ZERO,
-    };
+    static SPEC: Spec = Spec::EXAMPLE;
 
     /// Every Redis hit allocates the call's future and the lookup's. glibc serves an allocation
     /// from a cache of its thread when that holds one of its size; otherwise from the shared

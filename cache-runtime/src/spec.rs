@@ -172,11 +172,10 @@ impl Target {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SPEC: Spec = Spec {
+impl Spec {
+    /// A plain function's spec for unit tests: JSON, a 100 s TTL, no option set.
+    #[cfg(test)]
+    pub(crate) const EXAMPLE: Spec = Spec {
         db: 5,
         prefix: "market",
         function: "quote",
@@ -184,11 +183,18 @@ mod tests {
         ttl: Duration::from_secs(100),
         version: None,
         format: Format::Json,
-        jitter_percent: 20,
+        jitter_percent: 0,
         eager_refresh_percent: 0,
         stale_if_error: Duration::ZERO,
         near: Duration::ZERO,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: Spec = Spec { jitter_percent: 20, ..Spec::EXAMPLE };
 
     #[test]
     fn a_jittered_ttl_is_never_longer_than_declared_and_spreads_over_the_share() {
