@@ -215,7 +215,12 @@ impl KeyHasher {
         if self.failed {
             return None;
         }
-        Some(CallKey { spec, hash: self.hash16(), args })
+        // A key kept by its hash has just been hashed: not again.
+        let hash = match &args {
+            Some(Args::Hashed(hash)) => *hash,
+            _ => self.hash16(),
+        };
+        Some(CallKey { spec, hash, args })
     }
 
     fn hash16(&mut self) -> [u8; 16] {
