@@ -5,7 +5,7 @@
 //! Throughput is measured in alternating rounds (raw, ours, cached crate, raw, ...) and each
 //! contender's median round is used: on shared virtual machines absolute figures swing from run
 //! to run while ratios measured this way hold. Latency percentiles are over every call of every
-//! round. `BENCH_ALONE=raw` or `=ours` runs one contender's warm hits alone, for `perf stat`.
+//! round. `BENCH_ALONE=raw`, `=ours` or `=near` runs one contender's warm hits alone, for `perf stat`.
 
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
@@ -137,6 +137,12 @@ async fn theirs(symbol: &str) -> Result<Quote, FeedError> {
 #[cached(db = MarketData, prefix = "bench-near", ttl = 600, near = "60s")]
 async fn ours_near(symbol: &str) -> Result<Quote, FeedError> {
     Ok(feed(symbol).await)
+}
+
+/// The floor under any in-process hit that returns an owned value: a clone of one kept `Quote`.
+async fn clone_only(_symbol: &str) -> Result<Quote, FeedError> {
+    static KEPT: OnceLock<Quote> = OnceLock::new();
+    Ok(KEPT.get_or_init(|| make_quote("SYM0000")).clone())
 }
 
 /// The cached crate with its own RESP3 client-side cache (redis-rs `cache-aio`).
@@ -460,7 +466,21 @@ async fn run() {
                 })
                 .await
             }
-            other => panic!("BENCH_ALONE is `raw` or `ours`, not `{other}`"),
+            // Near hits on the current task (concurrency 1), as `near_hit_p50_ns` measures them.
+            "near" => {
+                for s in symbols() {
+                    for _ in 0..3 {
+                        ours_near(s).await.unwrap();
+                    }
+                }
+                let mut r = hit_loop(time, ours_near).await;
+                let hits = r.throughput();
+                r.latencies_ns.sort_unstable();
+                let p50 = r.latencies_ns[r.latencies_ns.len() / 2];
+                println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
+                return;
+            }
+            other => panic!("BENCH_ALONE is `raw`, `ours` or `near`, not `{other}`"),
         };
         println!("{alone} alone, concurrency 64: {} hits, {:.0} hits/s", r.ops, r.throughput());
         return;
@@ -776,9 +796,10 @@ async fn run() {
             );
         }
         let near_share = (near_hits() - near_before) as f64 / n.latencies_ns.len().max(1) as f64;
-        let mut n1 = Contender::default();
+        let (mut n1, mut floor) = (Contender::default(), Contender::default());
         for _ in 0..rounds {
             n1.add(hit_loop(round_time, ours_near).await);
+            floor.add(hit_loop(round_time, clone_only).await);
         }
         for (name, x) in [
             ("raw redis GET+decode", &mut r),
@@ -792,11 +813,15 @@ async fn run() {
         let (p50, p99) = (n1.percentile_us(0.5), n1.percentile_us(0.99));
         let (ops, p50s, p99s) = (format!("{:.0}", n1.median()), format!("{p50:.2}"), format!("{p99:.2}"));
         table.row("near hit, concurrency 1", "#[cached(near)]", ops, p50s, p99s);
+        let (p50, p99) = (floor.percentile_us(0.5), floor.percentile_us(0.99));
+        let (ops, p50s, p99s) = (format!("{:.0}", floor.median()), format!("{p50:.2}"), format!("{p99:.2}"));
+        table.row("near hit, concurrency 1", "the value's clone alone (floor)", ops, p50s, p99s);
         json.insert("near_hit_vs_raw_c64".into(), ratio(n.median(), r.median()));
         json.insert("near_hit_vs_cached_crate_c64".into(), ratio(n.median(), c.median()));
         json.insert("near_hit_ops_per_s_c64".into(), (n.median().round()).into());
         json.insert("near_hit_share_c64".into(), round2(near_share));
         json.insert("near_hit_p50_ns".into(), ((n1.percentile_us(0.5) * 1000.0).round()).into());
+        json.insert("near_hit_floor_p50_ns".into(), ((floor.percentile_us(0.5) * 1000.0).round()).into());
 
         let (mut gone_us, early) = near_invalidations(&url, 1000).await;
         gone_us.sort_by(f64::total_cmp);
@@ -1099,7 +1124,8 @@ async fn batched_fills(handle: &Cache<Indicator, Quote>, runtime: &Runtime, keys
     keys as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// Warm hits of `call` in a loop on the current task for `duration`.
+/// Warm hits of `call` in a loop on the current task for `duration`, each timed from the call to
+/// the value in hand.
 async fn hit_loop<F, Fut>(duration: Duration, call: F) -> Round
 where
     F: Fn(&'static str) -> Fut,
@@ -1112,8 +1138,10 @@ where
     while started.elapsed() < duration {
         let symbol = &symbols()[i % HOT_KEYS];
         let t0 = Instant::now();
-        std::hint::black_box(call(symbol).await.unwrap());
+        let value = call(symbol).await.unwrap();
         latencies_ns.push(t0.elapsed().as_nanos() as u64);
+        // Timed to the value in hand: dropping it is the caller's work, after.
+        drop(std::hint::black_box(value));
         i += 1;
     }
     let cpu = process_cpu().saturating_sub(cpu_before);

@@ -96,7 +96,7 @@ impl KeyBuilder {
         for part in &self.pending {
             match part {
                 KeyPart::TypeArg(name) => hasher.arg(name.as_str()),
-                KeyPart::Arg(Ok(bytes)) => std::io::Write::write_all(&mut hasher, bytes).ok()?,
+                KeyPart::Arg(Ok(bytes)) => hasher.extend(bytes),
                 KeyPart::Arg(Err(())) => return None,
             }
         }
@@ -159,8 +159,50 @@ impl KeyHasher {
     /// once, right after [`KeyHasher::fresh`].
     #[inline]
     pub fn begin(&mut self, function: &CachedFn) {
-        self.arg(function.spec().module);
-        self.arg(function.owner());
+        self.text(function.spec().module);
+        self.text(function.owner());
+    }
+
+    /// Writes `text` as postcard writes a `str` (its length as a LEB128 varint, then its bytes),
+    /// without postcard: the parts every call writes (module, owner) cost a byte pushed and one
+    /// copy. The unit test `text_is_written_as_postcard_writes_a_str` holds the two together.
+    #[inline]
+    fn text(&mut self, text: &str) {
+        if text.len() < 0x80 {
+            self.push(text.len() as u8);
+        } else {
+            self.long_length(text.len());
+        }
+        if !text.is_empty() {
+            self.extend(text.as_bytes());
+        }
+    }
+
+    /// A length of 128 or more, as a LEB128 varint (see [`KeyHasher::text`]).
+    #[cold]
+    fn long_length(&mut self, mut len: usize) {
+        let mut varint = [0u8; 10];
+        let mut used = 0;
+        while len >= 0x80 {
+            varint[used] = (len as u8) | 0x80;
+            len >>= 7;
+            used += 1;
+        }
+        varint[used] = len as u8;
+        self.extend(&varint[..=used]);
+    }
+
+    /// Appends one byte (see [`KeyHasher::extend`]).
+    #[inline(always)]
+    fn push(&mut self, byte: u8) {
+        let Buffer { bytes, len } = &mut self.buffer;
+        match bytes.get_mut(*len) {
+            Some(free) => {
+                *free = byte;
+                *len += 1;
+            }
+            None => self.spill(&[byte]),
+        }
     }
 
     #[inline(always)]
@@ -170,21 +212,21 @@ impl KeyHasher {
 
     fn start(module: &str, owner: &str) -> Self {
         let mut hasher = Self::empty();
-        hasher.arg(module);
-        hasher.arg(owner);
+        hasher.text(module);
+        hasher.text(owner);
         hasher
     }
 
     /// A generic type argument's name (`std::any::type_name::<T>()`).
     pub fn type_arg(&mut self, name: &'static str) {
-        self.arg(name)
+        self.text(name)
     }
 
     /// Adds one argument. An argument whose `Serialize` impl fails makes the whole key unusable
     /// (the call then runs uncached, counted as `key_failures`) rather than silently colliding
     /// with another key.
     pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) {
-        if postcard::to_io(value, &mut *self).is_err() {
+        if postcard::serialize_with_flavor(value, Append(self)).is_err() {
             self.failed = true;
         }
     }
@@ -338,24 +380,60 @@ pub(crate) fn split_entry(key: &str) -> Option<(&str, [u8; 16])> {
     Some((base, hash))
 }
 
-impl std::io::Write for KeyHasher {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+impl KeyHasher {
+    /// Appends `data` to what the key is taken over: kept in the buffer while it fits, else
+    /// hashed (the buffer first).
+    #[inline(always)]
+    fn extend(&mut self, data: &[u8]) {
         let Buffer { bytes, len } = &mut self.buffer;
-        if *len + data.len() > bytes.len() {
-            let hasher = self.hasher.get_or_insert_with(Default::default);
-            hasher.update(&bytes[..*len]);
-            *len = 0;
-            if data.len() > bytes.len() {
-                hasher.update(data);
-                return Ok(data.len());
+        match bytes.get_mut(*len..*len + data.len()) {
+            Some(free) => {
+                free.copy_from_slice(data);
+                *len += data.len();
             }
+            None => self.spill(data),
         }
-        bytes[*len..*len + data.len()].copy_from_slice(data);
-        *len += data.len();
-        Ok(data.len())
     }
 
-    fn flush(&mut self) -> std::io::Result<()> {
+    /// [`KeyHasher::extend`] past the buffer: the buffer is hashed, then `data` is hashed too or
+    /// starts the buffer again.
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, data: &[u8]) {
+        let Buffer { bytes, len } = &mut self.buffer;
+        let hasher = self.hasher.get_or_insert_with(Default::default);
+        hasher.update(&bytes[..*len]);
+        *len = 0;
+        if data.len() > bytes.len() {
+            hasher.update(data);
+        } else {
+            bytes[..data.len()].copy_from_slice(data);
+            *len = data.len();
+        }
+    }
+}
+
+/// Where `postcard` writes an argument's bytes: straight into the hasher's buffer (a postcard
+/// flavor, so a length prefix is a byte pushed, not an `io::Write` call). The bytes are
+/// postcard's whatever writes them, so keys do not change.
+struct Append<'a>(&'a mut KeyHasher);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
         Ok(())
     }
 }
@@ -504,6 +582,22 @@ mod tests {
         let one_shot = blake3::hash(&bytes);
         let expected = format_key("market", "quote", Some(2), &one_shot.as_bytes()[..16]);
         assert_eq!(key(&FREE, &[&long]), Some(expected));
+    }
+
+    #[test]
+    fn text_is_written_as_postcard_writes_a_str() {
+        for len in [0, 1, 5, 127, 128, 191, 192, 300, 16_383, 16_384, 70_000] {
+            let text = "é".repeat(len / 2) + &"x".repeat(len % 2);
+            let (mut ours, mut postcards) = (KeyHasher::empty(), KeyHasher::empty());
+            ours.text(&text);
+            postcards.arg(text.as_str());
+            assert_eq!(ours.digest().as_bytes(), postcards.digest().as_bytes(), "length {len}");
+            let mut short = KeyHasher::empty();
+            short.text(&text);
+            if let Some(ArgsRef::Encoded(bytes)) = short.args() {
+                assert_eq!(bytes, postcard::to_allocvec(text.as_str()).unwrap(), "length {len}");
+            }
+        }
     }
 
     #[test]
