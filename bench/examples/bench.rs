@@ -5,7 +5,8 @@
 //! Throughput is measured in alternating rounds (raw, ours, cached crate, raw, ...) and each
 //! contender's median round is used: on shared virtual machines absolute figures swing from run
 //! to run while ratios measured this way hold. Latency percentiles are over every call of every
-//! round. `BENCH_ALONE=raw`, `=ours` or `=near` runs one contender's warm hits alone, for `perf stat`.
+//! round. `BENCH_ALONE=raw`, `=ours`, `=near` or `=memory` runs one contender's warm hits alone, for
+//! `perf stat` or valgrind.
 
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
@@ -480,7 +481,20 @@ async fn run() {
                 println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
                 return;
             }
-            other => panic!("BENCH_ALONE is `raw`, `ours` or `near`, not `{other}`"),
+            // Embedded hits on the current task (concurrency 1), as `memory_hit_p50_ns` measures them.
+            "memory" => {
+                let memory = Runtime::new(CacheConfig::memory());
+                for s in symbols() {
+                    memory.scope(ours(s)).await.unwrap();
+                }
+                let mut r = memory.scope(hit_loop(time, ours)).await;
+                let hits = r.throughput();
+                r.latencies_ns.sort_unstable();
+                let p50 = r.latencies_ns[r.latencies_ns.len() / 2];
+                println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
+                return;
+            }
+            other => panic!("BENCH_ALONE is `raw`, `ours`, `near` or `memory`, not `{other}`"),
         };
         println!("{alone} alone, concurrency 64: {} hits, {:.0} hits/s", r.ops, r.throughput());
         return;
