@@ -235,6 +235,89 @@ async fn a_copy_kept_by_its_hash_is_dropped_by_another_process_too() {
     assert!(a.near_status().dropped >= 1, "{:?}", a.near_status());
 }
 
+static EXTENDED_VERSION: AtomicU64 = AtomicU64::new(0);
+
+#[cached(db = MarketData, prefix = "near_extend", ttl = 300, near = "60s")]
+async fn extended_quote(symbol: &str) -> Quote {
+    Quote { symbol: symbol.to_owned(), version: EXTENDED_VERSION.load(SeqCst) }
+}
+
+/// Calls `extended_quote(symbol)` in `runtime` until a near copy answers.
+async fn warm_extended(runtime: &Runtime, symbol: &str) -> Quote {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = near_hits(runtime, "near_extend");
+        let quote = runtime.scope(extended_quote(symbol)).await;
+        if near_hits(runtime, "near_extend") > before {
+            return quote;
+        }
+        assert!(Instant::now() < deadline, "no near hit within 5 s: {:?}", runtime.near_status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether one call of `extended_quote(symbol)` in `runtime` was answered by a near copy.
+async fn answered_near(runtime: &Runtime, symbol: &str) -> (bool, Quote) {
+    let before = near_hits(runtime, "near_extend");
+    let quote = runtime.scope(extended_quote(symbol)).await;
+    (near_hits(runtime, "near_extend") > before, quote)
+}
+
+/// The runtime extends a function's generation key (`PEXPIRE`) about once per TTL, and Redis
+/// notifies that like any change of the key. Such a notification makes the next lookup read the
+/// generation again; when it is unchanged, the function's other copies answer again instead of
+/// every one being read from Redis once more. A real function-wide invalidation from another
+/// process still ends them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_key_whose_life_is_extended_keeps_the_functions_copies() {
+    let server = RedisServer::start();
+    let a = redis_runtime(&server.url(), |c| c);
+    let b = redis_runtime(&server.url(), |c| c);
+    EXTENDED_VERSION.store(1, SeqCst);
+    for symbol in ["E1", "E2", "E3"] {
+        assert_eq!(warm_extended(&a, symbol).await.version, 1);
+    }
+    let mut raw = server.raw(5).await;
+    let generations: Vec<String> =
+        redis::cmd("KEYS").arg("near_extend:extended_quote:gen:*").query_async(&mut raw).await.unwrap();
+    assert_eq!(generations.len(), 1, "{generations:?}");
+
+    // What the runtime does to a generation key about once per TTL: extend its life.
+    let _: () = redis::cmd("PEXPIRE").arg(&generations[0]).arg(600_000).query_async(&mut raw).await.unwrap();
+    // Notifications reach `a` in order on one connection: once a later one (process B's
+    // invalidation of E3) has dropped E3's copy, the extension's has been handled too.
+    let dropped = a.near_status().dropped;
+    b.scope(invalidate!(extended_quote("E3"))).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.near_status().dropped == dropped {
+        assert!(
+            Instant::now() < deadline,
+            "no copy dropped 5 s after B's invalidation: {:?}",
+            a.near_status()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    // The first call after it reads the generation again, so E1's copy does not answer; finding
+    // the generation unchanged, the function's other copies answer again.
+    let (e1_near, e1) = answered_near(&a, "E1").await;
+    let (e2_near, e2) = answered_near(&a, "E2").await;
+    assert_eq!((e1.version, e2.version), (1, 1));
+    assert!(!e1_near, "E1's copy answered before the generation was read again");
+    assert!(e2_near, "E2's copy did not answer after a generation read that found no change: a life extension cost every copy");
+
+    // A real function-wide invalidation from another process: no copy of the old generation
+    // answers once the new generation is read here.
+    EXTENDED_VERSION.store(2, SeqCst);
+    b.scope(invalidate!(extended_quote(..))).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.scope(extended_quote("E1")).await.version != 2 {
+        assert!(Instant::now() < deadline, "E1 still answers the old generation after 5 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(a.scope(extended_quote("E2")).await.version, 2, "E2's copy of the old generation answered");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_tracking_connection_drops_every_copy_before_one_answers() {
     let server = RedisServer::start();

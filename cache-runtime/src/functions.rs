@@ -34,13 +34,17 @@ pub(crate) struct Function {
     /// Whether stale values are being served for it (`stale_if_error`): logged when it starts
     /// and when a computation succeeds again, not per call.
     serving_stale: AtomicBool,
-    /// Function-wide invalidations seen (here, or pushed by Redis for the generation key): a near
-    /// copy kept under an older count is dead.
+    /// Function-wide invalidations made here: a near copy kept under an older count is dead.
     pub(crate) near_epoch: Arc<AtomicU64>,
+    /// Changes of the generation key pushed by Redis (a function-wide invalidation anywhere, or
+    /// only its life extended: Redis does not say which). Until a lookup reads the generation
+    /// again after the latest, no near copy of the function answers; then those written under
+    /// the generation read (or a later one) answer again.
+    pub(crate) pushed: Arc<AtomicU64>,
     /// The number of its key base in the near tier (`near::NearKey`).
     pub(crate) near_base: u32,
-    /// `near_epoch` when the generation was last read: a change of it (a function-wide
-    /// invalidation pushed by Redis) makes the next lookup read the generation again.
+    /// `pushed` when the generation was last read: a change of it makes the next lookup read the
+    /// generation again.
     read_epoch: AtomicU64,
     /// Keys whose function just failed, and until when their stale value answers without trying
     /// the function again (`stale_if_error`'s throttle).
@@ -178,10 +182,11 @@ impl Functions {
         let generation_key = key::generation_key(function);
         let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(by_id.entry(id).or_insert_with(|| {
-            let near_epoch = Arc::new(AtomicU64::new(0));
-            let near_base = self.near.register(&generation_key, &key::function_base(spec), &near_epoch);
+            let pushed = Arc::new(AtomicU64::new(0));
+            let near_base = self.near.register(&generation_key, &key::function_base(spec), &pushed);
             Arc::new(Function {
-                near_epoch,
+                near_epoch: Arc::new(AtomicU64::new(0)),
+                pushed,
                 near_base,
                 read_epoch: AtomicU64::new(0),
                 counters,
@@ -204,8 +209,8 @@ impl Functions {
     /// when it is older than `generation_refresh`, or a function-wide change was pushed since
     /// it was read (until a read observes it: nothing here marks it seen).
     pub(crate) fn current(&self, f: &Function) -> Known {
-        // The epoch first: a generation read observed with it saw every change pushed before.
-        let epoch = f.near_epoch.load(SeqCst);
+        // The count first: a generation read observed with it saw every change pushed before.
+        let epoch = f.pushed.load(SeqCst);
         let generation = f.generation.load(SeqCst);
         if self.authoritative {
             return Known { generation, stale: false, epoch };
@@ -226,10 +231,18 @@ impl Functions {
         generation
     }
 
-    /// Whether the generation known here reflects every function-wide change pushed up to
-    /// `epoch` (a near copy may be kept on it).
-    pub(crate) fn current_as_of(&self, f: &Function, epoch: u64) -> bool {
-        self.authoritative || f.read_epoch.load(SeqCst) >= epoch
+    /// The generation known here if it reflects every change of the generation key pushed so
+    /// far (a near copy written under it or later may answer); `None` until a lookup has read it
+    /// again after the latest.
+    #[inline]
+    pub(crate) fn confirmed_generation(&self, f: &Function) -> Option<u64> {
+        // The count first, then the generation: `observe` stores them in the other order, so a
+        // read count that covers the pushed one comes with its generation.
+        let pushed = f.pushed.load(SeqCst);
+        if !self.authoritative && f.read_epoch.load(SeqCst) < pushed {
+            return None;
+        }
+        Some(f.generation.load(SeqCst))
     }
 
     /// Raises the generation kept here (embedded backend: this is the invalidation itself).
@@ -243,6 +256,6 @@ pub(crate) struct Known {
     pub(crate) generation: u64,
     /// Read the generation again with this lookup.
     pub(crate) stale: bool,
-    /// The function's near epoch when it was asked.
+    /// The function's count of pushed generation changes when it was asked.
     pub(crate) epoch: u64,
 }

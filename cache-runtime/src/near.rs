@@ -16,8 +16,11 @@
 //! write replaces it and its notification arrives (and drops nothing, as no copy is kept yet),
 //! then the lookup keeps `v1`. Here a lookup takes a [`Ticket`] before it reads, and keeps its copy
 //! only if no notification for its key (a stripe of keys), no flush and no function-wide
-//! invalidation came in between; the check runs after the copy is stored, so that a notification
-//! racing with it either sees the copy (and drops it) or is seen by the check.
+//! invalidation made here came in between; the check runs after the copy is stored, so that a
+//! notification racing with it either sees the copy (and drops it) or is seen by the check. A
+//! function-wide change made elsewhere arrives as a change of the function's generation key: each
+//! copy carries the generation its entry was written under and answers only while no pushed
+//! change is unread and the generation read since is not later.
 //!
 //! The copies live in a `quick_cache` (sharded, S3-FIFO eviction, bounded by weight): its `get`
 //! takes a shard's read lock and records nothing, where moka's records every read for its
@@ -159,8 +162,12 @@ struct Held {
     value: Shared,
     /// The tier's flush count when the lookup that kept it started: a flush since kills it.
     flushes: u64,
-    /// The function's invalidation count then: a function-wide invalidation since kills it.
+    /// The function's invalidation count then: a function-wide invalidation made here since
+    /// kills it.
     function: u64,
+    /// The generation its entry was written under: it answers only while the generation known
+    /// (and confirmed, see `Functions::confirmed_generation`) is not later.
+    written: u64,
     /// When it dies, on `clock`'s time.
     expires: u64,
     /// The encoded value's size, what the byte bound counts.
@@ -187,13 +194,6 @@ pub struct Keeper<T> {
     pub(crate) keep: fn(&T) -> Shared,
     /// Writes a clone of the copy into the slot (the caller's, so the value is not moved again).
     pub(crate) take: fn(&(dyn Any + Send + Sync), &mut Option<T>),
-}
-
-impl Ticket {
-    /// The function's near epoch when it was taken.
-    pub(crate) fn function_epoch(&self) -> u64 {
-        self.function
-    }
 }
 
 impl<T> Clone for Keeper<T> {
@@ -264,8 +264,8 @@ pub(crate) struct NearTier {
 /// What the tier knows of the functions that keep copies, both filled by `NearTier::register`.
 #[derive(Default)]
 struct Registry {
-    /// Per function (by its generation key): its function-wide invalidations, as the function
-    /// state holds them (`Function::near_epoch`).
+    /// Per function (by its generation key): the changes of that key pushed by Redis, as the
+    /// function state holds them (`Function::pushed`).
     epochs: HashMap<String, Arc<AtomicU64>>,
     /// The number of each function base (`NearKey::base`), given as functions register.
     bases: HashMap<String, u32>,
@@ -301,8 +301,9 @@ impl NearTier {
         (self.hasher.hash_one((base, hash)) as usize) % STRIPES
     }
 
-    /// Registers a function: its invalidation count under its generation key, so that a change of
-    /// that key (a function-wide invalidation in another process) drops its copies, and its base
+    /// Registers a function: its count of pushed changes under its generation key, so that a
+    /// change of that key (a function-wide invalidation in another process, or its life extended)
+    /// holds its copies back until the generation is read again, and its base
     /// (`key::function_base`), numbered. Returns the base's number, for its [`NearKey`]s.
     pub(crate) fn register(&self, generation_key: &str, base: &str, epoch: &Arc<AtomicU64>) -> u32 {
         let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
@@ -322,24 +323,29 @@ impl NearTier {
     #[cfg(test)]
     fn get<T>(&self, db: u8, key: NearRef<'_>, function: &AtomicU64, keeper: Keeper<T>) -> Option<T> {
         let mut slot = None;
-        self.get_into(db, key, function, keeper, &mut slot);
+        self.get_into(db, key, function, Some(0), keeper, &mut slot);
         slot
     }
 
     /// Writes the copy of `key` in `db` into `slot` if one is live (`None` if it does not have
-    /// the type asked for); leaves `slot` as it is otherwise.
+    /// the type asked for); leaves `slot` as it is otherwise. `function` is the function's count
+    /// of invalidations made here, `generation` its confirmed generation (`None`: no copy of it
+    /// answers).
     pub(crate) fn get_into<T>(
         &self,
         db: u8,
         key: NearRef<'_>,
         function: &AtomicU64,
+        generation: Option<u64>,
         keeper: Keeper<T>,
         slot: &mut Option<T>,
     ) {
+        let Some(generation) = generation else { return };
         let Some(Kept(kept)) = self.copies.get(&key) else { return };
         if kept.db != db
             || kept.flushes != self.flushes.load(SeqCst)
             || kept.function != function.load(SeqCst)
+            || kept.written < generation
             || !kept.confirmed.load(SeqCst)
             || !clock::before(kept.expires)
         {
@@ -365,7 +371,8 @@ impl NearTier {
     }
 
     /// Keeps a copy of what a lookup that took `ticket` read, under `key` (whose entry's hash is
-    /// `hash`), for at most `life`, unless a change came in between (then nothing is kept).
+    /// `hash` and was written under generation `written`), for at most `life`, unless a change
+    /// came in between (then nothing is kept).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn keep(
         &self,
@@ -373,6 +380,7 @@ impl NearTier {
         key: NearKey,
         hash: [u8; 16],
         function: &AtomicU64,
+        written: u64,
         value: Shared,
         size: usize,
         life: Duration,
@@ -393,6 +401,7 @@ impl NearTier {
             value,
             flushes: ticket.flushes,
             function: ticket.function,
+            written,
             expires,
             size,
             confirmed: AtomicBool::new(false),
@@ -426,10 +435,11 @@ impl NearTier {
         }
     }
 
-    /// A key of the tracked prefixes changed: an entry (`...:{hash}`), or a function's generation
-    /// (which drops every copy of the function: Redis does not say whether it was raised or only
-    /// had its life extended, which happens about once per TTL). Leases and invalidation stamps
-    /// are neither, and are ignored.
+    /// A key of the tracked prefixes changed: an entry (`...:{hash}`), or a function's generation.
+    /// Redis does not say whether a generation was raised or only had its life extended (about
+    /// once per TTL), so its copies are held back until a lookup reads the generation again, and
+    /// those written under it answer again (`Functions::confirmed_generation`). Leases and
+    /// invalidation stamps are neither, and are ignored.
     pub(crate) fn changed(&self, key: &str) {
         if key.ends_with('}') {
             self.forget(key);
@@ -509,6 +519,7 @@ mod tests {
                 NearKey::new(self.base, self.args().to_owned()),
                 self.hash,
                 f,
+                0,
                 Box::new(value),
                 8,
                 life,
@@ -546,6 +557,7 @@ mod tests {
                 NearKey::new(e.base, e.args().to_owned()),
                 e.hash,
                 &f,
+                0,
                 (keeper.keep)(&"v1".to_owned()),
                 8,
                 LIFE,
@@ -599,7 +611,16 @@ mod tests {
         let keeper = Keeper::<u32>::of();
         let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
         near.changed(&e.text); // the notification of a write the lookup may have missed
-        near.keep(ticket, NearKey::new(e.base, e.args().to_owned()), e.hash, &f, (keeper.keep)(&1), 8, LIFE);
+        near.keep(
+            ticket,
+            NearKey::new(e.base, e.args().to_owned()),
+            e.hash,
+            &f,
+            0,
+            (keeper.keep)(&1),
+            8,
+            LIFE,
+        );
         assert_eq!(near.get(0, e.at(), &f, keeper), None);
         // Without the change, the same sequence keeps the copy.
         e.keep(&near, &f, 1u32, LIFE);
@@ -624,6 +645,33 @@ mod tests {
         assert_eq!(near.get(0, e.at(), &f, keeper), Some(7));
         near.changed("p:f:gen:00");
         assert_eq!(near.get(0, e.at(), &f, keeper), None);
+    }
+
+    #[test]
+    fn a_copy_answers_while_its_generation_is_confirmed_and_not_passed() {
+        let (near, f, e) = tier();
+        let keeper = Keeper::<u32>::of();
+        let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
+        near.keep(
+            ticket,
+            NearKey::new(e.base, e.args().to_owned()),
+            e.hash,
+            &f,
+            3,
+            (keeper.keep)(&9),
+            8,
+            LIFE,
+        );
+        let get = |generation| {
+            let mut slot = None;
+            near.get_into(0, e.at(), &f, generation, keeper, &mut slot);
+            slot
+        };
+        assert_eq!(get(Some(2)), Some(9), "written under a later generation than the one known");
+        assert_eq!(get(Some(3)), Some(9));
+        assert_eq!(get(Some(4)), None, "a later generation was read: written under an older one");
+        assert_eq!(get(None), None, "a pushed change of the generation is unread");
+        assert_eq!(get(Some(3)), Some(9), "held back, not dropped");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::error::BackendError;
 use crate::flight::{self, Flights, Join, Leader, Outcome};
 use crate::functions::Function;
 use crate::key::{self, ArgsRef, CallKey, KeyHasher};
-use crate::near::{Keeper, NearKey, NearRef, Ticket};
+use crate::near::{Keeper, NearKey, NearRef};
 use crate::policy::Policy;
 use crate::runtime::{Inner, Runtime};
 use crate::spec::{CachedFn, Spec};
@@ -122,7 +122,8 @@ fn near_hit<T>(rt: &Inner, cached: &CachedFn, args: ArgsRef<'_>, keeper: Keeper<
     let spec = cached.spec();
     rt.functions.with(cached, &rt.stats, |function| {
         let key = NearRef::new(function.near_base, args);
-        rt.near.get_into(spec.db, key, &function.near_epoch, keeper, slot);
+        let generation = rt.functions.confirmed_generation(function);
+        rt.near.get_into(spec.db, key, &function.near_epoch, generation, keeper, slot);
         if slot.is_some() {
             function.counters.near_hit(); // also reported as a hit
         }
@@ -358,13 +359,22 @@ fn lookup<'a, T: serde::de::DeserializeOwned + 'a>(
                     return Lookup::Stale { value, generation };
                 }
                 let refresh = fresh_left.is_some_and(|left| spec.refresh_due(left)).then_some(generation);
-                let generation_current =
-                    |ticket: &Ticket| rt.functions.current_as_of(function, ticket.function_epoch());
-                if let (Some(ticket), Some(near), None) = (ticket.filter(generation_current), near, refresh) {
+                // Kept with the generation its entry was written under: it answers while that
+                // is not older than the generation confirmed here (`near_hit`).
+                if let (Some(ticket), Some(near), None) = (ticket, near, refresh) {
                     let life = spec.near_copy_life(near.life, left.map(|_| fresh_left.unwrap_or_default()));
                     if !life.is_zero() {
                         let copy = (near.keeper.keep)(&value);
-                        rt.near.keep(ticket, near.key, near.hash, &function.near_epoch, copy, size, life);
+                        rt.near.keep(
+                            ticket,
+                            near.key,
+                            near.hash,
+                            &function.near_epoch,
+                            written,
+                            copy,
+                            size,
+                            life,
+                        );
                     }
                 }
                 return Lookup::Hit { value, refresh };
