@@ -5,7 +5,7 @@
 //! Throughput is measured in alternating rounds (raw, ours, cached crate, raw, ...) and each
 //! contender's median round is used: on shared virtual machines absolute figures swing from run
 //! to run while ratios measured this way hold. Latency percentiles are over every call of every
-//! round. `BENCH_ALONE=raw`, `=ours`, `=near` or `=memory` runs one contender's warm hits alone, for
+//! round. `BENCH_ALONE=raw`, `=ours`, `=near`, `=near64` or `=memory` runs one contender's warm hits alone, for
 //! `perf stat` or valgrind.
 
 use std::future::Future;
@@ -481,6 +481,18 @@ async fn run() {
                 println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
                 return;
             }
+            // Near hits at concurrency 64, as `near_hit_vs_raw_c64` measures them.
+            "near64" => {
+                for s in symbols() {
+                    for _ in 0..3 {
+                        ours_near(s).await.unwrap();
+                    }
+                }
+                round(64, time, |i| async move {
+                    ours_near(&symbols()[i % HOT_KEYS]).await.unwrap();
+                })
+                .await
+            }
             // Embedded hits on the current task (concurrency 1), as `memory_hit_p50_ns` measures them.
             "memory" => {
                 let memory = Runtime::new(CacheConfig::memory());
@@ -494,7 +506,7 @@ async fn run() {
                 println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
                 return;
             }
-            other => panic!("BENCH_ALONE is `raw`, `ours`, `near` or `memory`, not `{other}`"),
+            other => panic!("BENCH_ALONE is `raw`, `ours`, `near`, `near64` or `memory`, not `{other}`"),
         };
         println!("{alone} alone, concurrency 64: {} hits, {:.0} hits/s", r.ops, r.throughput());
         return;

@@ -210,12 +210,14 @@ impl Functions {
     /// it was read (until a read observes it: nothing here marks it seen).
     pub(crate) fn current(&self, f: &Function) -> Known {
         // The count first: a generation read observed with it saw every change pushed before.
+        // Then when it was read, before the generation: `observe` stores them in the other
+        // order, so a recent read comes with its generation.
         let epoch = f.pushed.load(SeqCst);
+        let read_at = f.read_at.load(SeqCst);
         let generation = f.generation.load(SeqCst);
         if self.authoritative {
             return Known { generation, stale: false, epoch };
         }
-        let read_at = f.read_at.load(Relaxed);
         let stale = read_at == 0
             || self.now().saturating_sub(read_at) >= self.refresh.as_nanos() as u64
             || f.read_epoch.load(SeqCst) < epoch;
@@ -225,9 +227,9 @@ impl Functions {
     /// Records a generation read from (or returned by) the backend by a lookup that started at
     /// `known`; returns the one to use.
     pub(crate) fn observe(&self, f: &Function, generation: u64, known: &Known) -> u64 {
-        f.read_at.store(self.now(), Relaxed);
         let generation = f.generation.fetch_max(generation, SeqCst).max(generation);
         f.read_epoch.fetch_max(known.epoch, SeqCst);
+        f.read_at.store(self.now(), SeqCst);
         generation
     }
 

@@ -265,8 +265,9 @@ pub(crate) struct NearTier {
 #[derive(Default)]
 struct Registry {
     /// Per function (by its generation key): the changes of that key pushed by Redis, as the
-    /// function state holds them (`Function::pushed`).
-    epochs: HashMap<String, Arc<AtomicU64>>,
+    /// function state holds them (`Function::pushed`); two functions that differ only by DB
+    /// share a generation key, and both count its changes.
+    epochs: HashMap<String, Vec<Arc<AtomicU64>>>,
     /// The number of each function base (`NearKey::base`), given as functions register.
     bases: HashMap<String, u32>,
 }
@@ -307,7 +308,10 @@ impl NearTier {
     /// (`key::function_base`), numbered. Returns the base's number, for its [`NearKey`]s.
     pub(crate) fn register(&self, generation_key: &str, base: &str, epoch: &Arc<AtomicU64>) -> u32 {
         let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
-        registry.epochs.entry(generation_key.to_owned()).or_insert_with(|| Arc::clone(epoch));
+        let counts = registry.epochs.entry(generation_key.to_owned()).or_default();
+        if !counts.iter().any(|c| Arc::ptr_eq(c, epoch)) {
+            counts.push(Arc::clone(epoch));
+        }
         let next = u32::try_from(registry.bases.len()).unwrap_or(u32::MAX);
         *registry.bases.entry(base.to_owned()).or_insert(next)
     }
@@ -446,8 +450,8 @@ impl NearTier {
         } else if key.contains(":gen:") {
             let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
             // A function this process has not called keeps no copy here.
-            if let Some(epoch) = registry.epochs.get(key) {
-                epoch.fetch_add(1, SeqCst);
+            for count in registry.epochs.get(key).into_iter().flatten() {
+                count.fetch_add(1, SeqCst);
             }
         }
     }
@@ -458,9 +462,17 @@ impl NearTier {
         self.copies.clear();
     }
 
-    /// What tells this process of changes works (again): copies from before are dropped.
+    /// What tells this process of changes works (again): copies from before are dropped, and
+    /// each function reads its generation again before a copy of it answers (a function-wide
+    /// change while nothing told this process may be unknown here).
     pub(crate) fn trust(&self) {
         self.flush();
+        {
+            let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            for count in registry.epochs.values().flatten() {
+                count.fetch_add(1, SeqCst);
+            }
+        }
         self.trusted.store(true, SeqCst);
     }
 
@@ -527,12 +539,13 @@ mod tests {
         }
     }
 
-    /// A tier, a function's epoch, and one entry of it kept by its bytes.
+    /// A tier, a function's count of invalidations made here, and one entry of it kept by its
+    /// bytes. The function's count of pushed generation changes is [`pushed`]'s.
     fn tier() -> (NearTier, Arc<AtomicU64>, Entry) {
         let near = NearTier::new(100, 1 << 20);
         near.trust();
         let f = Arc::default();
-        let base = near.register("p:f:gen:00", "p:f", &f);
+        let base = near.register("p:f:gen:00", "p:f", &Arc::default());
         let entry = Entry {
             base,
             hash: [7; 16],
@@ -643,8 +656,36 @@ mod tests {
         keep(&near);
         near.changed(&format!("{}:lease", e.text)); // not an entry: nothing dropped
         assert_eq!(near.get(0, e.at(), &f, keeper), Some(7));
+        // A pushed generation change only counts (the caller then holds copies back until the
+        // generation is read again: `a_copy_answers_while_its_generation_is_confirmed_and_not_passed`);
+        // a function-wide invalidation made here ends them.
+        let before = pushed(&near, "p:f:gen:00");
         near.changed("p:f:gen:00");
+        assert_eq!(pushed(&near, "p:f:gen:00"), before + 1);
+        assert_eq!(near.get(0, e.at(), &f, keeper), Some(7));
+        f.fetch_add(1, SeqCst);
         assert_eq!(near.get(0, e.at(), &f, keeper), None);
+    }
+
+    /// What `changed` counted for the function with `generation_key`.
+    fn pushed(near: &NearTier, generation_key: &str) -> u64 {
+        let registry = near.registry.read().unwrap();
+        registry.epochs[generation_key].iter().map(|c| c.load(SeqCst)).sum()
+    }
+
+    #[test]
+    fn two_functions_under_one_generation_key_both_count_its_changes_and_trust_counts_one() {
+        let near = NearTier::new(100, 1 << 20);
+        let (a, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        near.register("p:f:gen:00", "p:f", &a);
+        near.register("p:f:gen:00", "p:f", &b); // the same function in another DB
+        near.register("p:f:gen:00", "p:f", &a); // registered again: counted once
+        near.changed("p:f:gen:00");
+        assert_eq!((a.load(SeqCst), b.load(SeqCst)), (1, 1));
+        // Tracking (re)started: a change pushed while it was down may be unknown here, so every
+        // function reads its generation again.
+        near.trust();
+        assert_eq!((a.load(SeqCst), b.load(SeqCst)), (2, 2));
     }
 
     #[test]

@@ -20,20 +20,21 @@ const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// Queues `target` for the retry worker, starting it if it is not running. This process's near
-/// copies of what it covers go now (lookups then see it queued).
+/// copies of what it covers go then, after it is queued: a lookup that checked the queue before
+/// keeps its copy before they go (and loses it) or sees them gone when it checks its ticket.
 fn queue(runtime: &Runtime, target: Target) {
     let rt = runtime.inner();
-    match &target {
-        Target::Key(_, Some(key)) => rt.near.forget(key),
-        Target::Key(_, None) => {}
-        Target::All(function) => {
-            rt.functions
-                .get(function, &rt.stats)
-                .near_epoch
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
+    let (key, function) = match &target {
+        Target::Key(_, key) => (key.clone(), None),
+        Target::All(function) => (None, Some(rt.functions.get(function, &rt.stats))),
+    };
     let pushed = runtime.inner().pending.push(target);
+    if let Some(key) = key {
+        rt.near.forget(&key);
+    }
+    if let Some(function) = function {
+        function.near_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     if let Some((function, n)) = pushed.coalesced {
         let spec = function.spec();
         runtime.inner().stats.counters(spec.db, spec.prefix, spec.function).invalidations_coalesced(n as u64);
