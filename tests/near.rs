@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
@@ -153,19 +154,34 @@ fn source(symbol: &str) -> &'static AtomicU64 {
     }
 }
 
-/// Calls until `runtime` answers from a near copy (a few tries: the tracking connection starts
-/// with the first call).
-async fn warm(runtime: &Runtime, symbol: &str) -> Quote {
+/// One call, `call`, in `runtime`: whether a near copy of `prefix` answered it, and what it
+/// returned.
+async fn answered_near(runtime: &Runtime, prefix: &str, call: impl Future<Output = Quote>) -> (bool, Quote) {
+    let before = near_hits(runtime, prefix);
+    let quote = runtime.scope(call).await;
+    (near_hits(runtime, prefix) > before, quote)
+}
+
+/// Calls until `runtime` answers from a near copy of `prefix` (a few tries: the tracking
+/// connection starts with the first call).
+async fn until_near<F: Future<Output = Quote>>(
+    runtime: &Runtime,
+    prefix: &str,
+    call: impl Fn() -> F,
+) -> Quote {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let before = near_hits(runtime, "near_redis");
-        let quote = runtime.scope(shared_quote(symbol, source(symbol))).await;
-        if near_hits(runtime, "near_redis") > before {
+        if let (true, quote) = answered_near(runtime, prefix, call()).await {
             return quote;
         }
         assert!(Instant::now() < deadline, "no near hit within 5 s: {:?}", runtime.near_status());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Calls `shared_quote(symbol)` until a near copy answers.
+async fn warm(runtime: &Runtime, symbol: &str) -> Quote {
+    until_near(runtime, "near_redis", || shared_quote(symbol, source(symbol))).await
 }
 
 /// Waits until `runtime` answers `version` for `symbol`; how long that took.
@@ -242,27 +258,6 @@ async fn extended_quote(symbol: &str) -> Quote {
     Quote { symbol: symbol.to_owned(), version: EXTENDED_VERSION.load(SeqCst) }
 }
 
-/// Calls `extended_quote(symbol)` in `runtime` until a near copy answers.
-async fn warm_extended(runtime: &Runtime, symbol: &str) -> Quote {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = near_hits(runtime, "near_extend");
-        let quote = runtime.scope(extended_quote(symbol)).await;
-        if near_hits(runtime, "near_extend") > before {
-            return quote;
-        }
-        assert!(Instant::now() < deadline, "no near hit within 5 s: {:?}", runtime.near_status());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Whether one call of `extended_quote(symbol)` in `runtime` was answered by a near copy.
-async fn answered_near(runtime: &Runtime, symbol: &str) -> (bool, Quote) {
-    let before = near_hits(runtime, "near_extend");
-    let quote = runtime.scope(extended_quote(symbol)).await;
-    (near_hits(runtime, "near_extend") > before, quote)
-}
-
 /// The runtime extends a function's generation key (`PEXPIRE`) about once per TTL, and Redis
 /// notifies that like any change of the key. Such a notification makes the next lookup read the
 /// generation again; when it is unchanged, the function's other copies answer again instead of
@@ -275,7 +270,7 @@ async fn a_generation_key_whose_life_is_extended_keeps_the_functions_copies() {
     let b = redis_runtime(&server.url(), |c| c);
     EXTENDED_VERSION.store(1, SeqCst);
     for symbol in ["E1", "E2", "E3"] {
-        assert_eq!(warm_extended(&a, symbol).await.version, 1);
+        assert_eq!(until_near(&a, "near_extend", || extended_quote(symbol)).await.version, 1);
     }
     let mut raw = server.raw(5).await;
     let generations: Vec<String> =
@@ -300,8 +295,8 @@ async fn a_generation_key_whose_life_is_extended_keeps_the_functions_copies() {
 
     // The first call after it reads the generation again, so E1's copy does not answer; finding
     // the generation unchanged, the function's other copies answer again.
-    let (e1_near, e1) = answered_near(&a, "E1").await;
-    let (e2_near, e2) = answered_near(&a, "E2").await;
+    let (e1_near, e1) = answered_near(&a, "near_extend", extended_quote("E1")).await;
+    let (e2_near, e2) = answered_near(&a, "near_extend", extended_quote("E2")).await;
     assert_eq!((e1.version, e2.version), (1, 1));
     assert!(!e1_near, "E1's copy answered before the generation was read again");
     assert!(e2_near, "E2's copy did not answer after a generation read that found no change: a life extension cost every copy");

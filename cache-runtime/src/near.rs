@@ -526,16 +526,20 @@ mod tests {
             life: Duration,
         ) {
             let ticket = near.ticket(0, self.base, self.hash, f).unwrap();
-            near.keep(
-                ticket,
-                NearKey::new(self.base, self.args().to_owned()),
-                self.hash,
-                f,
-                0,
-                Box::new(value),
-                8,
-                life,
-            );
+            self.keep_on(near, ticket, f, 0, value, life);
+        }
+        /// Keeps `value` on a `ticket` taken before, for an entry written under `written`.
+        fn keep_on<T: Clone + Send + Sync + 'static>(
+            &self,
+            near: &NearTier,
+            ticket: Ticket,
+            f: &AtomicU64,
+            written: u64,
+            value: T,
+            life: Duration,
+        ) {
+            let key = NearKey::new(self.base, self.args().to_owned());
+            near.keep(ticket, key, self.hash, f, written, Box::new(value), 8, life);
         }
     }
 
@@ -624,16 +628,7 @@ mod tests {
         let keeper = Keeper::<u32>::of();
         let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
         near.changed(&e.text); // the notification of a write the lookup may have missed
-        near.keep(
-            ticket,
-            NearKey::new(e.base, e.args().to_owned()),
-            e.hash,
-            &f,
-            0,
-            (keeper.keep)(&1),
-            8,
-            LIFE,
-        );
+        e.keep_on(&near, ticket, &f, 0, 1u32, LIFE);
         assert_eq!(near.get(0, e.at(), &f, keeper), None);
         // Without the change, the same sequence keeps the copy.
         e.keep(&near, &f, 1u32, LIFE);
@@ -693,16 +688,7 @@ mod tests {
         let (near, f, e) = tier();
         let keeper = Keeper::<u32>::of();
         let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
-        near.keep(
-            ticket,
-            NearKey::new(e.base, e.args().to_owned()),
-            e.hash,
-            &f,
-            3,
-            (keeper.keep)(&9),
-            8,
-            LIFE,
-        );
+        e.keep_on(&near, ticket, &f, 3, 9u32, LIFE);
         let get = |generation| {
             let mut slot = None;
             near.get_into(0, e.at(), &f, generation, keeper, &mut slot);
