@@ -469,25 +469,12 @@ async fn run() {
             }
             // Near hits on the current task (concurrency 1), as `near_hit_p50_ns` measures them.
             "near" => {
-                for s in symbols() {
-                    for _ in 0..3 {
-                        ours_near(s).await.unwrap();
-                    }
-                }
-                let mut r = hit_loop(time, ours_near).await;
-                let hits = r.throughput();
-                r.latencies_ns.sort_unstable();
-                let p50 = r.latencies_ns[r.latencies_ns.len() / 2];
-                println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
-                return;
+                warm_near().await;
+                return print_p50("near", hit_loop(time, ours_near).await);
             }
             // Near hits at concurrency 64, as `near_hit_vs_raw_c64` measures them.
             "near64" => {
-                for s in symbols() {
-                    for _ in 0..3 {
-                        ours_near(s).await.unwrap();
-                    }
-                }
+                warm_near().await;
                 round(64, time, |i| async move {
                     ours_near(&symbols()[i % HOT_KEYS]).await.unwrap();
                 })
@@ -499,12 +486,7 @@ async fn run() {
                 for s in symbols() {
                     memory.scope(ours(s)).await.unwrap();
                 }
-                let mut r = memory.scope(hit_loop(time, ours)).await;
-                let hits = r.throughput();
-                r.latencies_ns.sort_unstable();
-                let p50 = r.latencies_ns[r.latencies_ns.len() / 2];
-                println!("near alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
-                return;
+                return print_p50("memory", memory.scope(hit_loop(time, ours)).await);
             }
             other => panic!("BENCH_ALONE is `raw`, `ours`, `near`, `near64` or `memory`, not `{other}`"),
         };
@@ -783,9 +765,9 @@ async fn run() {
     //     near hit; and how long after an invalidation returns in this process the copy is gone
     //     in another process.
     if wants("near") {
+        warm_near().await;
         for s in symbols() {
             for _ in 0..3 {
-                ours_near(s).await.unwrap();
                 theirs_near(s).await.unwrap();
             }
         }
@@ -1148,6 +1130,24 @@ async fn batched_fills(handle: &Cache<Indicator, Quote>, runtime: &Runtime, keys
     }
     runtime.flush().await.unwrap();
     keys as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Calls the near function on every hot key until its copies are kept (the tracking connection
+/// starts with the first call).
+async fn warm_near() {
+    for s in symbols() {
+        for _ in 0..3 {
+            ours_near(s).await.unwrap();
+        }
+    }
+}
+
+/// What `BENCH_ALONE` prints for a contender measured at concurrency 1.
+fn print_p50(name: &str, mut r: Round) {
+    let hits = r.throughput();
+    r.latencies_ns.sort_unstable();
+    let p50 = r.latencies_ns.get(r.latencies_ns.len() / 2).copied().unwrap_or(0);
+    println!("{name} alone, concurrency 1: {} hits, {hits:.0} hits/s, p50 {p50} ns", r.ops);
 }
 
 /// Warm hits of `call` in a loop on the current task for `duration`, each timed from the call to
