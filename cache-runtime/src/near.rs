@@ -22,9 +22,10 @@
 //! copy carries the generation its entry was written under and answers only while no pushed
 //! change is unread and the generation read since is not later.
 //!
-//! The copies live in a `quick_cache` (sharded, S3-FIFO eviction, bounded by weight): its `get`
-//! takes a shard's read lock and records nothing, where moka's records every read for its
-//! policy; a hit here is a few hundred nanoseconds, so that difference is most of it.
+//! The copies live in `near/copies.rs`: a lock-free map whose lookups write nothing shared,
+//! bounded by weight, the oldest kept evicted first.
+
+mod copies;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -33,10 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use quick_cache::sync::{Cache, DefaultLifecycle};
-
 use crate::clock;
-use quick_cache::Weighter;
+use copies::Copies;
 
 pub(crate) use crate::key::{Args, ArgsRef};
 
@@ -84,7 +83,7 @@ impl<'a> NearRef<'a> {
     }
 }
 
-/// The key and its borrowed form hash alike (quick_cache looks one up by the other).
+/// The key and its borrowed form hash alike (the map looks one up by the other).
 impl std::hash::Hash for NearRef<'_> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u32(self.base);
@@ -107,7 +106,7 @@ impl std::hash::Hash for NearKey {
     }
 }
 
-impl quick_cache::Equivalent<NearKey> for NearRef<'_> {
+impl papaya::Equivalent<NearKey> for NearRef<'_> {
     fn equivalent(&self, key: &NearKey) -> bool {
         self.base == key.base
             && match (self.args, &key.args) {
@@ -119,13 +118,13 @@ impl quick_cache::Equivalent<NearKey> for NearRef<'_> {
 }
 
 /// Where a notified key's bytes are found: per function number and hash, the bytes of the copies
-/// kept under them, and how many `Held`s have them (a copy replaced while a hit still clones it
-/// is two). Every `Held` of encoded bytes is counted here from before it is stored until it is
-/// dropped, so a notification always finds a copy that could answer.
+/// kept under them, and how many copies in the map have them (a copy being replaced by one of the
+/// same key is two for a moment). Every copy of encoded bytes is counted here from before it is
+/// stored until it leaves the map, so a notification always finds a copy that could answer.
 #[derive(Default)]
 struct Index(std::sync::Mutex<Places>);
 
-/// Per (function number, hash): the bytes (shared with the copies' keys), and how many `Held`s
+/// Per (function number, hash): the bytes (shared with the copies' keys), and how many copies
 /// have them.
 type Places = HashMap<(u32, [u8; 16]), (Arc<[u8]>, usize)>;
 
@@ -133,30 +132,20 @@ impl Index {
     fn lock(&self) -> std::sync::MutexGuard<'_, Places> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-/// A `Held`'s place in the `Index`, given back when it is dropped.
-struct Indexed {
-    index: Arc<Index>,
-    key: (u32, [u8; 16]),
-}
-
-impl Drop for Indexed {
-    fn drop(&mut self) {
-        let mut index = self.index.lock();
-        if let Some((_, holders)) = index.get_mut(&self.key) {
+    /// One copy of the bytes at `place` left the map.
+    fn release(&self, place: (u32, [u8; 16])) {
+        let mut index = self.lock();
+        if let Some((_, holders)) = index.get_mut(&place) {
             *holders -= 1;
             if *holders == 0 {
-                index.remove(&self.key);
+                index.remove(&place);
             }
         }
     }
 }
 
-/// One kept copy, shared: the cache hands out clones, one reference count each.
-#[derive(Clone)]
-struct Kept(Arc<Held>);
-
+/// One kept copy.
 struct Held {
     db: u8,
     value: Shared,
@@ -170,13 +159,18 @@ struct Held {
     written: u64,
     /// When it dies, on `clock`'s time.
     expires: u64,
-    /// The encoded value's size, what the byte bound counts.
-    size: u32,
     /// Set once the check after storing it passed: until then it answers nothing (a change may
     /// have been notified between the lookup's read and the store).
     confirmed: AtomicBool,
-    /// For a copy kept under encoded bytes: its entry in the `Index`, for as long as it lives.
-    _indexed: Option<Indexed>,
+    /// For a copy kept under encoded bytes: its place in the `Index`, given back when it leaves
+    /// the map.
+    indexed: Option<(u32, [u8; 16])>,
+    /// Its place in the order copies were kept in, for eviction (`copies.rs`).
+    stamp: u64,
+    /// What it weighs against the byte bound: its encoded value and an overhead (its key's
+    /// included), and at least the tier's floor (`max_bytes / capacity`, so that the entry bound
+    /// holds too).
+    weight: u64,
 }
 
 /// Taken by a lookup before it reads the backend; see the module's documentation.
@@ -213,23 +207,6 @@ impl<T: Clone + Send + Sync + 'static> Keeper<T> {
     }
 }
 
-/// What a copy weighs against the byte bound: its encoded value and an overhead (its key's
-/// included), and at least `floor` (`max_bytes / capacity`, so that the entry bound holds too).
-#[derive(Clone)]
-struct ByBytes {
-    floor: u64,
-}
-
-impl Weighter<NearKey, Kept> for ByBytes {
-    fn weight(&self, key: &NearKey, kept: &Kept) -> u64 {
-        let bytes = match &key.args {
-            Args::Encoded(bytes) => bytes.len() as u64,
-            Args::Hashed(_) => 0,
-        };
-        (u64::from(kept.0.size) + OVERHEAD + bytes).max(self.floor)
-    }
-}
-
 /// The near tier of a runtime, as [`crate::Runtime::near_status`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct NearStatus {
@@ -245,7 +222,9 @@ pub struct NearStatus {
 
 /// The near tier of one runtime.
 pub(crate) struct NearTier {
-    copies: Cache<NearKey, Kept, ByBytes, foldhash::fast::RandomState>,
+    copies: Copies,
+    /// The least a copy weighs: `max_bytes / capacity`.
+    floor: u64,
     hasher: foldhash::fast::RandomState,
     /// Notifications seen per stripe of keys.
     notified: Box<[AtomicU64]>,
@@ -276,17 +255,9 @@ impl NearTier {
     /// A tier of at most `capacity` copies and `max_bytes` (values counted by their encoded size):
     /// each copy weighs at least `max_bytes / capacity`, so neither bound can be passed.
     pub(crate) fn new(capacity: u64, max_bytes: u64) -> Self {
-        let floor = (max_bytes / capacity.max(1)).max(1);
-        let copies = Cache::with(
-            // Grows as copies are kept; this is only its first allocation.
-            usize::try_from(capacity.min(1024)).unwrap_or(1024),
-            max_bytes,
-            ByBytes { floor },
-            foldhash::fast::RandomState::default(),
-            DefaultLifecycle::default(),
-        );
         NearTier {
-            copies,
+            copies: Copies::new(max_bytes),
+            floor: (max_bytes / capacity.max(1)).max(1),
             hasher: foldhash::fast::RandomState::default(),
             notified: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             flushes: AtomicU64::new(0),
@@ -345,17 +316,26 @@ impl NearTier {
         slot: &mut Option<T>,
     ) {
         let Some(generation) = generation else { return };
-        let Some(Kept(kept)) = self.copies.get(&key) else { return };
-        if kept.db != db
-            || kept.flushes != self.flushes.load(SeqCst)
-            || kept.function != function.load(SeqCst)
-            || kept.written < generation
-            || !kept.confirmed.load(SeqCst)
-            || !clock::before(kept.expires)
-        {
-            return;
+        self.copies.read(&key, |kept| {
+            if kept.db == db
+                && kept.flushes == self.flushes.load(SeqCst)
+                && kept.function == function.load(SeqCst)
+                && kept.written >= generation
+                && kept.confirmed.load(SeqCst)
+                && clock::before(kept.expires)
+            {
+                (keeper.take)(&*kept.value, slot)
+            }
+        });
+    }
+
+    /// Gives back what a copy that left the map held in the index.
+    fn gone(&self) -> impl Fn(&Held) + '_ {
+        |held| {
+            if let Some(place) = held.indexed {
+                self.index.release(place);
+            }
         }
-        (keeper.take)(&*kept.value, slot)
     }
 
     /// Taken before a lookup of the entry with `hash` of the function numbered `base` reads the
@@ -390,28 +370,29 @@ impl NearTier {
         life: Duration,
     ) {
         let Some(expires) = clock::after(life) else { return };
-        let size = u32::try_from(size).unwrap_or(u32::MAX);
         // Indexed before it is stored: a notification from then on finds it.
-        let indexed = match &key.args {
+        let (indexed, key_bytes) = match &key.args {
             Args::Encoded(bytes) => {
                 let place = (key.base, hash);
                 self.index.lock().entry(place).or_insert_with(|| (Arc::clone(bytes), 0)).1 += 1;
-                Some(Indexed { index: Arc::clone(&self.index), key: place })
+                (Some(place), bytes.len() as u64)
             }
-            Args::Hashed(_) => None,
+            Args::Hashed(_) => (None, 0),
         };
-        let kept = Arc::new(Held {
+        let weight = (size as u64).saturating_add(OVERHEAD + key_bytes).max(self.floor);
+        let make = |stamp| Held {
             db: ticket.db,
             value,
             flushes: ticket.flushes,
             function: ticket.function,
             written,
             expires,
-            size,
             confirmed: AtomicBool::new(false),
-            _indexed: indexed,
-        });
-        self.copies.insert(key.clone(), Kept(Arc::clone(&kept)));
+            indexed,
+            stamp,
+            weight,
+        };
+        let kept = self.copies.insert(key.clone(), make, self.gone());
         let unchanged = self.trusted.load(SeqCst)
             && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
             && self.flushes.load(SeqCst) == ticket.flushes
@@ -419,7 +400,7 @@ impl NearTier {
         if unchanged {
             kept.confirmed.store(true, SeqCst);
         } else {
-            self.copies.remove(&key.borrowed());
+            self.copies.remove(&key.borrowed(), self.gone());
         }
     }
 
@@ -431,10 +412,10 @@ impl NearTier {
         // The bytes are taken out of the index's lock first: a copy dropped takes that lock.
         let encoded = self.index.lock().get(&(base, hash)).map(|(bytes, _)| Arc::clone(bytes));
         let removed = match &encoded {
-            Some(bytes) => self.copies.remove(&NearRef::new(base, ArgsRef::Encoded(bytes))),
-            None => self.copies.remove(&NearRef::new(base, ArgsRef::Hashed(hash))),
+            Some(bytes) => self.copies.remove(&NearRef::new(base, ArgsRef::Encoded(bytes)), self.gone()),
+            None => self.copies.remove(&NearRef::new(base, ArgsRef::Hashed(hash)), self.gone()),
         };
-        if removed.is_some() {
+        if removed {
             self.dropped.fetch_add(1, SeqCst);
         }
     }
@@ -459,7 +440,7 @@ impl NearTier {
     /// Every copy is dropped.
     pub(crate) fn flush(&self) {
         self.flushes.fetch_add(1, SeqCst);
-        self.copies.clear();
+        self.copies.clear(self.gone());
     }
 
     /// What tells this process of changes works (again): copies from before are dropped, and
@@ -597,18 +578,19 @@ mod tests {
         e.keep(&near, &f, 1u32, LIFE);
         e.keep(&near, &f, 2u32, LIFE); // replaces the first
         assert_eq!(indexed(), 1);
-        // A copy still cloned by a hit when it is replaced and notified keeps its place until
-        // dropped, and the notification still finds the copy kept after it.
-        let held = near.copies.get(&e.at()).unwrap();
-        e.keep(&near, &f, 3u32, LIFE);
-        near.changed(&e.text);
+        // A copy that left the map leaves the index then, even while a lookup still reads it
+        // (papaya frees it later): no later lookup can find it.
+        near.copies.read(&e.at(), |held| {
+            near.changed(&e.text);
+            assert!(held.indexed.is_some());
+            assert_eq!(near.index.lock().len(), 0, "the read copy left");
+        });
         assert_eq!(near.get(0, e.at(), &f, Keeper::<u32>::of()), None);
-        assert_eq!(indexed(), 1, "the held copy");
-        drop(held);
-        assert_eq!(indexed(), 0);
         e.keep(&near, &f, 4u32, LIFE);
+        assert_eq!(indexed(), 1);
         near.flush();
         assert_eq!(indexed(), 0, "a flush empties it");
+        assert_eq!(near.copies.weight(), 0, "and the weight");
         for i in 0..1000u16 {
             let mut other = e.clone();
             other.hash[..2].copy_from_slice(&i.to_le_bytes());
@@ -618,8 +600,73 @@ mod tests {
         let copies = near.status().copies as usize;
         assert!(copies <= 100, "{copies} copies");
         assert_eq!(indexed(), copies, "evicted copies leave it");
-        near.copies.retain(|_, _| false);
+        near.copies.clear(near.gone());
         assert_eq!(indexed(), 0, "removed copies leave it");
+    }
+
+    #[test]
+    fn the_weight_counts_the_copies_kept_and_the_oldest_go_first() {
+        // 10 copies at most (the floor, 1 MiB / 10, is above any copy's own weight).
+        let near = NearTier::new(10, 1 << 20);
+        near.trust();
+        let f = Arc::new(AtomicU64::new(0));
+        let base = near.register("p:f:gen:00", "p:f", &f);
+        let entry = |i: u8| Entry { base, hash: [i; 16], bytes: Some(vec![i; 20]), text: String::new() };
+        let floor = (1u64 << 20) / 10;
+        for i in 0..10u8 {
+            entry(i).keep(&near, &f, u32::from(i), LIFE);
+        }
+        assert_eq!(near.copies.weight(), 10 * floor);
+        entry(3).keep(&near, &f, 33u32, LIFE); // replaced: weighs the same
+        assert_eq!(near.copies.weight(), 10 * floor);
+        let answers = |i: u8| near.get(0, entry(i).at(), &f, Keeper::<u32>::of());
+        for _ in 0..10 {
+            assert_eq!(answers(0), Some(0)); // read often, and still the oldest
+        }
+        entry(10).keep(&near, &f, 10u32, LIFE); // the oldest, 0, goes
+        entry(11).keep(&near, &f, 11u32, LIFE); // then 1
+        assert_eq!((answers(0), answers(1), answers(2)), (None, None, Some(2)));
+        assert_eq!((answers(3), answers(10), answers(11)), (Some(33), Some(10), Some(11)));
+        assert_eq!(near.copies.weight(), 10 * floor);
+        assert_eq!(near.status().copies, 10);
+        // Replacing the same copies over and over leaves the queue of their order bounded.
+        for round in 0..1000u32 {
+            entry(5).keep(&near, &f, round, LIFE);
+        }
+        assert_eq!(near.status().copies, 10);
+        assert!(near.copies.queued() <= 2 * 10 + 64, "{} queued", near.copies.queued());
+    }
+
+    #[test]
+    fn keeps_replacements_drops_and_evictions_from_many_threads_leave_the_counts_exact() {
+        let near = NearTier::new(50, 1 << 20);
+        near.trust();
+        let f = Arc::new(AtomicU64::new(0));
+        let base = near.register("p:f:gen:00", "p:f", &f);
+        let entry = |i: u8| Entry {
+            base,
+            hash: [i; 16],
+            bytes: Some(vec![i; 1 + usize::from(i)]),
+            text: format!("p:f:{{{}}}", format!("{i:02x}").repeat(16)),
+        };
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let (near, f) = (&near, &f);
+                s.spawn(move || {
+                    for n in 0..5_000u32 {
+                        let i = ((n * 7 + t * 13) % 120) as u8;
+                        match n % 3 {
+                            0 | 1 => entry(i).keep(near, f, n, LIFE),
+                            _ => near.changed(&entry(i).text),
+                        }
+                    }
+                });
+            }
+        });
+        let copies = near.status().copies;
+        assert!(copies <= 50, "{copies} copies");
+        assert_eq!(near.copies.weight(), near.copies.summed(), "the weight counted is the copies'");
+        assert_eq!(near.index.lock().len() as u64, copies, "one place per copy");
     }
 
     #[test]
