@@ -30,7 +30,7 @@ mod copies;
 use std::any::Any;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -370,16 +370,23 @@ impl NearTier {
         life: Duration,
     ) {
         let Some(expires) = clock::after(life) else { return };
+        let key_bytes = match &key.args {
+            Args::Encoded(bytes) => bytes.len() as u64,
+            Args::Hashed(_) => 0,
+        };
+        let weight = (size as u64).saturating_add(OVERHEAD + key_bytes).max(self.floor);
+        if !self.copies.admits(weight) {
+            return;
+        }
         // Indexed before it is stored: a notification from then on finds it.
-        let (indexed, key_bytes) = match &key.args {
+        let indexed = match &key.args {
             Args::Encoded(bytes) => {
                 let place = (key.base, hash);
                 self.index.lock().entry(place).or_insert_with(|| (Arc::clone(bytes), 0)).1 += 1;
-                (Some(place), bytes.len() as u64)
+                Some(place)
             }
-            Args::Hashed(_) => (None, 0),
+            Args::Hashed(_) => None,
         };
-        let weight = (size as u64).saturating_add(OVERHEAD + key_bytes).max(self.floor);
         let make = |stamp| Held {
             db: ticket.db,
             value,
@@ -393,6 +400,10 @@ impl NearTier {
             weight,
         };
         let kept = self.copies.insert(key.clone(), make, self.gone());
+        // Between the copy stored and the counts read, and in `forget` between the count raised
+        // and the copy looked for: without both, each side could miss the other's write (the
+        // map publishes a slot with a release store, not a sequentially consistent one).
+        fence(SeqCst);
         let unchanged = self.trusted.load(SeqCst)
             && self.notified[ticket.stripe].load(SeqCst) == ticket.notified
             && self.flushes.load(SeqCst) == ticket.flushes
@@ -400,7 +411,8 @@ impl NearTier {
         if unchanged {
             kept.confirmed.store(true, SeqCst);
         } else {
-            self.copies.remove(&key.borrowed(), self.gone());
+            // This copy only: another lookup's, kept since on a clean ticket, stays.
+            self.copies.remove_stamped(&key.borrowed(), kept.stamp, self.gone());
         }
     }
 
@@ -409,7 +421,8 @@ impl NearTier {
     pub(crate) fn forget(&self, key: &str) {
         let Some((base, hash)) = self.entry(key) else { return };
         self.notified[self.stripe(base, hash)].fetch_add(1, SeqCst);
-        // The bytes are taken out of the index's lock first: a copy dropped takes that lock.
+        fence(SeqCst); // see `keep`
+                       // The bytes are taken out of the index's lock first: a copy dropped takes that lock.
         let encoded = self.index.lock().get(&(base, hash)).map(|(bytes, _)| Arc::clone(bytes));
         let removed = match &encoded {
             Some(bytes) => self.copies.remove(&NearRef::new(base, ArgsRef::Encoded(bytes)), self.gone()),
@@ -629,6 +642,13 @@ mod tests {
         assert_eq!((answers(3), answers(10), answers(11)), (Some(33), Some(10), Some(11)));
         assert_eq!(near.copies.weight(), 10 * floor);
         assert_eq!(near.status().copies, 10);
+        // A copy heavier than the whole bound is not kept, and evicts nothing.
+        let e = entry(20);
+        let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
+        let key = NearKey::new(e.base, e.args().to_owned());
+        near.keep(ticket, key, e.hash, &f, 0, Box::new(20u32), 1 << 21, LIFE);
+        assert_eq!((answers(20), answers(2), near.status().copies), (None, Some(2), 10));
+        assert_eq!(near.index.lock().len(), 10);
         // Replacing the same copies over and over leaves the queue of their order bounded.
         for round in 0..1000u32 {
             entry(5).keep(&near, &f, round, LIFE);

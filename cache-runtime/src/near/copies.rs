@@ -90,10 +90,12 @@ impl Copies {
         }
         while self.weight.load(SeqCst) > self.max_weight {
             let Some((key, stamp)) = order.queue.pop_front() else { break };
-            self.remove_stamped(&key.borrowed(), stamp, &guard, &gone);
+            self.take_stamped(&key.borrowed(), stamp, &guard, &gone);
         }
         // Entries of copies replaced or removed since are skipped as they come up; compacted
-        // when they are most of the queue, so that it stays within twice the copies.
+        // when they are most of the queue, so that it stays within twice the copies. A compaction
+        // looks every entry up, under the lock that keeps wait on (lookups do not take it): at
+        // the default bound of 100,000 copies, once per at least 100,000 keeps.
         if order.queue.len() > 2 * self.map.len() + 64 {
             order.queue.retain(|(key, stamp)| {
                 self.map.get(&key.borrowed(), &guard).is_some_and(|held| held.stamp == *stamp)
@@ -114,8 +116,18 @@ impl Copies {
         }
     }
 
-    /// Takes out the copy under `key` if it is the one stamped `stamp`.
-    fn remove_stamped(&self, key: &NearRef<'_>, stamp: u64, guard: &impl Guard, gone: &impl Fn(&Held)) {
+    /// Whether a copy of `weight` may be kept: one heavier than the bound alone would evict every
+    /// other copy, then itself.
+    pub(super) fn admits(&self, weight: u64) -> bool {
+        weight <= self.max_weight
+    }
+
+    /// Takes out the copy under `key` if it is the one stamped `stamp`; `gone` is called with it.
+    pub(super) fn remove_stamped(&self, key: &NearRef<'_>, stamp: u64, gone: impl Fn(&Held)) {
+        self.take_stamped(key, stamp, &self.map.guard(), &gone);
+    }
+
+    fn take_stamped(&self, key: &NearRef<'_>, stamp: u64, guard: &impl Guard, gone: &impl Fn(&Held)) {
         if let Ok(Some((_, held))) = self.map.remove_if(key, |_, held| held.stamp == stamp, guard) {
             self.left(held, gone);
         }
@@ -127,7 +139,7 @@ impl Copies {
         let mut order = self.order();
         // Every copy in the map has its entry in the queue (stored under this lock).
         for (key, stamp) in std::mem::take(&mut order.queue) {
-            self.remove_stamped(&key.borrowed(), stamp, &guard, &gone);
+            self.take_stamped(&key.borrowed(), stamp, &guard, &gone);
         }
     }
 
