@@ -41,26 +41,30 @@ pub const fn checked_ttl(seconds: u64) -> u64 {
 
 /// `ttl = CONSTANT`: the constant's value in seconds, in a constant context, by its type. An
 /// integer (zero or negative reads as 0, which [`checked_ttl`] refuses) or a `Duration` of whole
-/// seconds; any other type is refused where the user wrote it, by [`TtlType`] (and rustc then
-/// also says that `Ttl<that type>` has no `seconds`).
+/// seconds, made a `Ttl` by [`ttl`]; any other type is refused where the user wrote it, by
+/// [`TtlType`], and only there (the type `ttl` returns is then unknown, so rustc adds no error
+/// about its missing `seconds`).
 pub struct Ttl<T>(T);
 
-/// The types a `ttl` constant may have.
+/// The types a `ttl` constant may have; `Ttl` is always `Ttl<Self>`.
 #[diagnostic::on_unimplemented(
     message = "`ttl` takes whole seconds: an integer constant or a `Duration` constant, not `{Self}`",
     label = "a `{Self}`"
 )]
-pub trait TtlType {}
+pub trait TtlType {
+    type Ttl;
+}
 
-impl<T: TtlType> Ttl<T> {
-    pub const fn new(value: T) -> Self {
-        Ttl(value)
-    }
+/// The `Ttl` of a `ttl` constant (see [`Ttl`]).
+pub const fn ttl<T: TtlType<Ttl = Ttl<T>>>(value: T) -> T::Ttl {
+    Ttl(value)
 }
 
 macro_rules! ttl_integers {
     ($($t:ty),*) => {$(
-        impl TtlType for $t {}
+        impl TtlType for $t {
+            type Ttl = Ttl<$t>;
+        }
         impl Ttl<$t> {
             #[allow(unused_comparisons, clippy::cast_sign_loss, clippy::absurd_extreme_comparisons)]
             pub const fn seconds(self) -> u64 {
@@ -79,7 +83,9 @@ macro_rules! ttl_integers {
 
 ttl_integers!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize);
 
-impl TtlType for std::time::Duration {}
+impl TtlType for std::time::Duration {
+    type Ttl = Ttl<std::time::Duration>;
+}
 
 /// What [`Ttl::seconds`] answers for a `Duration` with a fraction of a second, which
 /// [`checked_ttl`] refuses with its own message (one check, so one error, where the user wrote it).

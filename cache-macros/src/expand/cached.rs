@@ -175,10 +175,10 @@ fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
 fn ttl_seconds(ttl: &TtlValue) -> TokenStream {
     match ttl {
         TtlValue::Seconds(seconds) => quote!(#seconds),
-        // Through `Ttl`, by the constant's type (an integer or a `Duration`); an expression of
+        // Through `__private::ttl`, by the constant's type (an integer or a `Duration`); an expression of
         // literals alone (`60 * 60 * 24`) has no type of its own yet, and is read as an integer.
         TtlValue::Const(expr) if has_ident(expr.to_token_stream()) => {
-            quote_spanned!(expr.span()=> ::cache_runtime::__private::Ttl::new(#expr).seconds())
+            quote_spanned!(expr.span()=> ::cache_runtime::__private::ttl(#expr).seconds())
         }
         TtlValue::Const(expr) => quote_spanned!(expr.span()=> ((#expr) as u64)),
     }
