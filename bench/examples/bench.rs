@@ -218,10 +218,11 @@ impl Round {
     }
 }
 
-/// In a `round`, one call in this many is timed for the latency percentiles; every call counts
-/// for throughput. Prime to tokio's cooperative budget (128 per poll): with 8, every call that
-/// spends a task's budget (and waits for the other tasks' turns) would be timed, and those waits
-/// would be a sixteenth of the timed calls instead of a 128th of all calls.
+/// In a `round`, one call in this many is timed for the latency percentiles (each task's
+/// seventh, fourteenth...; not its first, which may wait for the round to start); every call
+/// counts for throughput. Prime to tokio's cooperative budget (128 per poll), so that the calls
+/// that spend a task's budget (and wait for the other tasks' turns) are timed as often as any
+/// other: with 8, every one of them would be, a sixteenth of the timed calls instead of a 128th.
 const SAMPLED: u64 = 7;
 
 /// `concurrency` tasks calling `op(i)` in a loop for `duration`.
@@ -241,7 +242,7 @@ where
             let mut latencies = Vec::with_capacity(1 << 13);
             let (mut i, mut ops) = (t, 0u64);
             while !stop.load(SeqCst) {
-                if ops % SAMPLED == 0 {
+                if ops % SAMPLED == SAMPLED - 1 {
                     let t0 = Instant::now();
                     op(i).await;
                     latencies.push(t0.elapsed().as_nanos() as u64);
