@@ -22,8 +22,9 @@
 //! copy carries the generation its entry was written under and answers only while no pushed
 //! change is unread and the generation read since is not later.
 //!
-//! The copies live in `near/copies.rs`: a lock-free map whose lookups write nothing shared,
-//! bounded by weight, the oldest kept evicted first.
+//! The copies live in `near/copies.rs`: a lock-free map whose lookups write nothing shared (but
+//! a copy's "read since" flag, once per eviction pass), bounded by weight, the oldest kept and
+//! not read since evicted first.
 
 mod copies;
 
@@ -162,6 +163,8 @@ struct Held {
     /// Set once the check after storing it passed: until then it answers nothing (a change may
     /// have been notified between the lookup's read and the store).
     confirmed: AtomicBool,
+    /// Set by a lookup that found it, cleared when eviction passes over it (`copies.rs`).
+    used: AtomicBool,
     /// For a copy kept under encoded bytes: its place in the `Index`, given back when it leaves
     /// the map.
     indexed: Option<(u32, [u8; 16])>,
@@ -395,6 +398,7 @@ impl NearTier {
             written,
             expires,
             confirmed: AtomicBool::new(false),
+            used: AtomicBool::new(false),
             indexed,
             stamp,
             weight,
@@ -633,13 +637,23 @@ mod tests {
         entry(3).keep(&near, &f, 33u32, LIFE); // replaced: weighs the same
         assert_eq!(near.copies.weight(), 10 * floor);
         let answers = |i: u8| near.get(0, entry(i).at(), &f, Keeper::<u32>::of());
-        for _ in 0..10 {
-            assert_eq!(answers(0), Some(0)); // read often, and still the oldest
-        }
+        assert_eq!(answers(1), Some(1)); // read: passed over once
         entry(10).keep(&near, &f, 10u32, LIFE); // the oldest, 0, goes
-        entry(11).keep(&near, &f, 11u32, LIFE); // then 1
-        assert_eq!((answers(0), answers(1), answers(2)), (None, None, Some(2)));
-        assert_eq!((answers(3), answers(10), answers(11)), (Some(33), Some(10), Some(11)));
+        entry(11).keep(&near, &f, 11u32, LIFE); // then 2, not 1
+        entry(12).keep(&near, &f, 12u32, LIFE); // then 4 (3 was kept again, after 9)
+        assert_eq!((answers(0), answers(1), answers(2)), (None, Some(1), None));
+        assert_eq!((answers(3), answers(4), answers(5)), (Some(33), None, Some(5)));
+        assert_eq!((answers(10), answers(11), answers(12)), (Some(10), Some(11), Some(12)));
+        // Every other copy read: each is passed over once, and the new copy, not read yet, goes
+        // (a scan of new keys does not push out copies in use); the next keep finds the flags
+        // cleared, and the oldest goes.
+        for i in [1, 3, 5, 6, 7, 8, 9, 10, 11, 12] {
+            assert!(answers(i).is_some());
+        }
+        entry(13).keep(&near, &f, 13u32, LIFE);
+        assert_eq!(answers(13), None);
+        entry(14).keep(&near, &f, 14u32, LIFE);
+        assert_eq!((answers(5), answers(6), answers(14)), (None, Some(6), Some(14)));
         assert_eq!(near.copies.weight(), 10 * floor);
         assert_eq!(near.status().copies, 10);
         // A copy heavier than the whole bound is not kept, and evicts nothing.
@@ -647,7 +661,7 @@ mod tests {
         let ticket = near.ticket(0, e.base, e.hash, &f).unwrap();
         let key = NearKey::new(e.base, e.args().to_owned());
         near.keep(ticket, key, e.hash, &f, 0, Box::new(20u32), 1 << 21, LIFE);
-        assert_eq!((answers(20), answers(2), near.status().copies), (None, Some(2), 10));
+        assert_eq!((answers(20), answers(6), near.status().copies), (None, Some(6), 10));
         assert_eq!(near.index.lock().len(), 10);
         // Replacing the same copies over and over leaves the queue of their order bounded.
         for round in 0..1000u32 {
@@ -675,9 +689,10 @@ mod tests {
                 s.spawn(move || {
                     for n in 0..5_000u32 {
                         let i = ((n * 7 + t * 13) % 120) as u8;
-                        match n % 3 {
+                        match n % 4 {
                             0 | 1 => entry(i).keep(near, f, n, LIFE),
-                            _ => near.changed(&entry(i).text),
+                            2 => near.changed(&entry(i).text),
+                            _ => drop(near.get(0, entry(i).at(), f, Keeper::<u32>::of())),
                         }
                     }
                 });

@@ -1,5 +1,6 @@
 //! Where the near tier's copies live: a lock-free map (`papaya`) whose lookups write nothing
-//! shared, bounded by weight with first-in, first-out eviction.
+//! shared, bounded by weight with first-in, first-out eviction that passes over a copy read
+//! since it was kept once (second chance, the CLOCK policy).
 //!
 //! Why not a cache crate: a near hit costs a few hundred nanoseconds, and at 64 callers on two
 //! cores a lookup that writes anything shared (a shard's read lock, a reference count, a
@@ -9,14 +10,15 @@
 //! `String` cloned per lookup). A lookup here pins papaya's epoch (a thread-local write) and
 //! reads. What a cache crate gave besides, the bound and eviction, is done on the write side,
 //! which only lookups that read the backend reach: copies are counted by weight as they are
-//! kept, and the oldest kept go first when the bound is passed.
+//! kept, and the oldest kept go first when the bound is passed, but for those read since. A
+//! lookup marks the copy it reads with a flag, written only when not set yet.
 //!
 //! Every copy leaves through this file (replaced, removed, evicted, cleared) and is handed to
 //! `gone`, exactly once, so that what is counted per copy elsewhere (the index of its key's
 //! bytes) is given back when it leaves the map, not when papaya frees it later.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use papaya::{Guard, HashMap};
@@ -65,12 +67,19 @@ impl Copies {
     #[inline]
     pub(super) fn read<R>(&self, key: &NearRef<'_>, read: impl FnOnce(&Held) -> R) -> Option<R> {
         let guard = self.map.guard();
-        self.map.get(key, &guard).map(|held| read(held))
+        self.map.get(key, &guard).map(|held| {
+            // Written only when not set: a copy read again and again is written once per pass
+            // of the eviction, not once per read.
+            if !held.used.load(Relaxed) {
+                held.used.store(true, Relaxed);
+            }
+            read(held)
+        })
     }
 
     /// Stores the copy `make` builds from its stamp under `key` (replacing the copy there), then
-    /// evicts the oldest copies while the weight is past the bound; `gone` is
-    /// called with each copy that left. Returns the copy stored.
+    /// evicts the oldest copies not read since they were kept while the weight is past the bound
+    /// (second chance); `gone` is called with each copy that left. Returns the copy stored.
     pub(super) fn insert(
         &self,
         key: NearKey,
@@ -88,8 +97,21 @@ impl Copies {
         if let Some(old) = self.map.insert(key, Arc::clone(&held), &guard) {
             self.left(old, &gone);
         }
+        // The oldest go first, but one read since it was kept (or last passed over) is passed
+        // over once, to the back of the queue; at most one pass over the queue per keep, so that
+        // lookups marking copies all the while cannot keep this loop going.
+        let mut chances = order.queue.len();
         while self.weight.load(SeqCst) > self.max_weight {
             let Some((key, stamp)) = order.queue.pop_front() else { break };
+            if chances > 0 {
+                let used = self.map.get(&key.borrowed(), &guard).filter(|held| held.stamp == stamp);
+                if let Some(held) = used.filter(|held| held.used.swap(false, Relaxed)) {
+                    let _ = held;
+                    chances -= 1;
+                    order.queue.push_back((key, stamp));
+                    continue;
+                }
+            }
             self.take_stamped(&key.borrowed(), stamp, &guard, &gone);
         }
         // Entries of copies replaced or removed since are skipped as they come up; compacted
