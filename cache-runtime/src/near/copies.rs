@@ -1,6 +1,7 @@
 //! Where the near tier's copies live: a lock-free map (`papaya`) whose lookups write nothing
-//! shared, bounded by weight with first-in, first-out eviction that passes over a copy read
-//! since it was kept once (second chance, the CLOCK policy).
+//! shared but a copy's read flag (once per eviction pass), bounded by weight with first-in,
+//! first-out eviction that passes over, once, a copy read since it was kept (second chance, the
+//! CLOCK policy).
 //!
 //! Why not a cache crate: a near hit costs a few hundred nanoseconds, and at 64 callers on two
 //! cores a lookup that writes anything shared (a shard's read lock, a reference count, a
@@ -104,9 +105,8 @@ impl Copies {
         while self.weight.load(SeqCst) > self.max_weight {
             let Some((key, stamp)) = order.queue.pop_front() else { break };
             if chances > 0 {
-                let used = self.map.get(&key.borrowed(), &guard).filter(|held| held.stamp == stamp);
-                if let Some(held) = used.filter(|held| held.used.swap(false, Relaxed)) {
-                    let _ = held;
+                let kept = self.map.get(&key.borrowed(), &guard).filter(|held| held.stamp == stamp);
+                if kept.is_some_and(|held| held.used.swap(false, Relaxed)) {
                     chances -= 1;
                     order.queue.push_back((key, stamp));
                     continue;
