@@ -559,6 +559,17 @@ mod tests {
 
     const LIFE: Duration = Duration::from_secs(60);
 
+    /// A trusted tier of at most `capacity` copies (and 1 MiB), a function's count of
+    /// invalidations made here, and the number of its base, registered (with a count of pushed
+    /// generation changes of its own, as `tier` does).
+    fn trusted(capacity: u64) -> (NearTier, Arc<AtomicU64>, u32) {
+        let near = NearTier::new(capacity, 1 << 20);
+        near.trust();
+        let f = Arc::new(AtomicU64::new(0));
+        let base = near.register("p:f:gen:00", "p:f", &Arc::default());
+        (near, f, base)
+    }
+
     #[test]
     fn a_kept_copy_answers_until_its_key_changes() {
         let (near, f, e) = tier();
@@ -624,10 +635,7 @@ mod tests {
     #[test]
     fn the_weight_counts_the_copies_kept_and_the_oldest_go_first() {
         // 10 copies at most (the floor, 1 MiB / 10, is above any copy's own weight).
-        let near = NearTier::new(10, 1 << 20);
-        near.trust();
-        let f = Arc::new(AtomicU64::new(0));
-        let base = near.register("p:f:gen:00", "p:f", &f);
+        let (near, f, base) = trusted(10);
         let entry = |i: u8| Entry { base, hash: [i; 16], bytes: Some(vec![i; 20]), text: String::new() };
         let floor = (1u64 << 20) / 10;
         for i in 0..10u8 {
@@ -673,10 +681,7 @@ mod tests {
 
     #[test]
     fn keeps_replacements_drops_and_evictions_from_many_threads_leave_the_counts_exact() {
-        let near = NearTier::new(50, 1 << 20);
-        near.trust();
-        let f = Arc::new(AtomicU64::new(0));
-        let base = near.register("p:f:gen:00", "p:f", &f);
+        let (near, f, base) = trusted(50);
         let entry = |i: u8| Entry {
             base,
             hash: [i; 16],
@@ -797,10 +802,7 @@ mod tests {
 
     #[test]
     fn the_bounds_hold() {
-        let near = NearTier::new(10, 1 << 20);
-        near.trust();
-        let f = Arc::new(AtomicU64::new(0));
-        let base = near.register("p:f:gen:00", "p:f", &f);
+        let (near, f, base) = trusted(10);
         for i in 0..100u8 {
             let e = Entry { base, hash: [i; 16], bytes: Some(vec![i; 20]), text: String::new() };
             e.keep(&near, &f, u32::from(i), LIFE);
