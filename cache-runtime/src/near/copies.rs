@@ -8,8 +8,8 @@
 //! policy's record of the read) moves that cache line between the cores on about every other
 //! hit. `quick_cache`, which kept the copies before, took a shard's read lock and cloned an `Arc`
 //! per hit: 189 ns per lookup on each of this machine's two cores against papaya's 79 (two
-//! threads, 1,000 keys, a `String` cloned per lookup). A lookup here pins papaya's epoch (a thread-local write) and
-//! reads. What a cache crate gave besides, the bound and eviction, is done on the write side,
+//! threads, 1,000 keys, a `String` cloned per lookup). A lookup here pins papaya's epoch (a
+//! thread-local write) and reads. What a cache crate gave besides, the bound and eviction, is done on the write side,
 //! which only lookups that read the backend reach: copies are counted by weight as they are
 //! kept, and the oldest kept go first when the bound is passed, but for those read since. A
 //! lookup marks the copy it reads with a flag, written only when not set yet.
