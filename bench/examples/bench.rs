@@ -522,8 +522,17 @@ async fn run() {
             .get_multiplexed_async_connection()
             .await
             .expect("a multiplexed connection");
-        for concurrency in [1usize, 64] {
-            let (mut r, mut o, mut c, mut m, mut rm) = (
+        // The same hits with every lookup its own GET (`with_read_coalescing(false)`).
+        let uncoalesced = Runtime::new(CacheConfig::redis(&url).unwrap().with_read_coalescing(false));
+        // `BENCH_CONCURRENCY=2,4,8` measures other concurrencies (each its own `_c{n}` figures).
+        let concurrencies: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
+            .map(|list| {
+                list.split(',').map(|n| n.trim().parse().expect("BENCH_CONCURRENCY: numbers")).collect()
+            })
+            .unwrap_or_else(|_| vec![1, 64]);
+        for concurrency in concurrencies {
+            let (mut r, mut o, mut c, mut m, mut rm, mut u) = (
+                Contender::default(),
                 Contender::default(),
                 Contender::default(),
                 Contender::default(),
@@ -559,6 +568,16 @@ async fn run() {
                     })
                     .await,
                 );
+                let one_get_each = uncoalesced.clone();
+                u.add(
+                    round(concurrency, round_time, move |i| {
+                        let rt = one_get_each.clone();
+                        async move {
+                            rt.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                        }
+                    })
+                    .await,
+                );
                 let manager = raw_conn.clone();
                 rm.add(
                     round(concurrency, round_time, move |i| {
@@ -574,6 +593,7 @@ async fn run() {
                 ("raw redis GET+decode", &mut r),
                 ("raw, ConnectionManager", &mut rm),
                 ("#[cached]", &mut o),
+                ("#[cached], one GET per lookup", &mut u),
                 ("#[cached] MessagePack", &mut m),
                 ("cached crate", &mut c),
             ] {
@@ -587,6 +607,7 @@ async fn run() {
                 );
             }
             json.insert(format!("hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
+            json.insert(format!("hit_uncoalesced_vs_raw_c{concurrency}"), ratio(u.median(), r.median()));
             json.insert(format!("hit_vs_cached_crate_c{concurrency}"), ratio(o.median(), c.median()));
             json.insert(format!("hit_ops_per_s_c{concurrency}"), (o.median().round()).into());
             json.insert(format!("hit_msgpack_vs_cached_crate_c{concurrency}"), ratio(m.median(), c.median()));

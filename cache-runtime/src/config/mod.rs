@@ -93,6 +93,7 @@ pub struct CacheConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) generation_refresh: Duration,
     pub(crate) pool_size: usize,
+    pub(crate) coalesce_reads: bool,
     pub(crate) batch_max: usize,
     pub(crate) batch_delay: Duration,
     pub(crate) batch_queue: usize,
@@ -157,6 +158,10 @@ impl CacheConfig {
     pub fn pool_size(&self) -> usize {
         self.pool_size
     }
+    /// Whether one server's lookups are coalesced under load (see `with_read_coalescing`).
+    pub fn read_coalescing(&self) -> bool {
+        self.coalesce_reads
+    }
     /// Most fills per pipeline, wait for more, and fills queued per DB.
     pub fn batching(&self) -> (usize, Duration, usize) {
         (self.batch_max, self.batch_delay, self.batch_queue)
@@ -194,6 +199,7 @@ impl CacheConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             generation_refresh: DEFAULT_GENERATION_REFRESH,
             pool_size: DEFAULT_POOL_SIZE,
+            coalesce_reads: true,
             batch_max: DEFAULT_BATCH_MAX,
             batch_delay: DEFAULT_BATCH_DELAY,
             batch_queue: DEFAULT_BATCH_QUEUE,
@@ -342,6 +348,16 @@ impl CacheConfig {
     /// Sets the number of multiplexed connections per DB (1 to [`MAX_POOL_SIZE`]).
     pub fn with_pool_size(mut self, connections: usize) -> Self {
         self.pool_size = connections.clamp(1, MAX_POOL_SIZE);
+        self
+    }
+
+    /// Sets whether lookups on one Redis server are coalesced under load (on by default). A
+    /// lookup that finds no other read in flight on its connection is sent at once, one `GET`;
+    /// one that finds others in flight yields to the scheduler once, and the lookups made
+    /// meanwhile go with it, one `MGET`. Off, every lookup is its own `GET`. Cluster and
+    /// Sentinel never coalesce.
+    pub fn with_read_coalescing(mut self, on: bool) -> Self {
+        self.coalesce_reads = on;
         self
     }
 

@@ -43,6 +43,19 @@ pub(crate) trait Connections: Send + Sync + 'static {
         conn.clone()
     }
 
+    /// `key`'s value in `db` (the key as the server stores it): one `GET`, which one server's
+    /// connections coalesce with others under load (`reads.rs`).
+    fn get<'a>(
+        &'a self,
+        db: u8,
+        key: &'a str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send + 'a {
+        async move {
+            let mut conn = self.conn(db)?;
+            Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
+        }
+    }
+
     /// The key as the server stores it. One server keeps each DB number apart itself; Cluster has
     /// only DB 0, so each DB gets a key namespace of its own there.
     fn key<'k>(&self, db: u8, key: &'k str) -> Cow<'k, str>;
@@ -117,6 +130,8 @@ pub(crate) struct Server {
     connect_timeout: Duration,
     op_timeout: Duration,
     pool_size: usize,
+    /// Whether reads are coalesced under load (`reads.rs`).
+    coalesce_reads: bool,
     namespace: String,
     /// Per DB, `pool_size` multiplexed connections, made on first use.
     dbs: [OnceLock<Pool<Link>>; 16],
@@ -134,8 +149,13 @@ impl<C: Clone> Pool<C> {
     }
 
     pub(crate) fn pick(&self) -> C {
+        self.next().clone()
+    }
+
+    /// The next connection, not cloned.
+    fn next(&self) -> &C {
         let i = if self.conns.len() == 1 { 0 } else { self.next.fetch_add(1, Relaxed) % self.conns.len() };
-        self.conns[i].clone()
+        &self.conns[i]
     }
 }
 
@@ -146,9 +166,25 @@ impl Server {
             connect_timeout: config.connect_timeout,
             op_timeout: config.op_timeout,
             pool_size: config.pool_size.max(1),
+            coalesce_reads: config.coalesce_reads,
             namespace: config.key_namespace.clone(),
             dbs: Default::default(),
         }
+    }
+
+    /// `db`'s connections, made on first use.
+    fn pool(&self, db: u8) -> Result<&Pool<Link>, BackendError> {
+        let cell = &self.dbs[usize::from(db & 0x0f)];
+        if let Some(pool) = cell.get() {
+            return Ok(pool);
+        }
+        let clients = (0..self.pool_size).map(|_| self.target.client(db)).collect::<Result<Vec<_>, _>>()?;
+        // Links start connecting when made: only the pool that is kept makes them.
+        Ok(cell.get_or_init(|| {
+            let link =
+                |client| Link::new(client, db, self.connect_timeout, self.op_timeout, self.coalesce_reads);
+            Pool::new(clients.into_iter().map(link).collect())
+        }))
     }
 }
 
@@ -190,24 +226,19 @@ impl Connections for Server {
     }
 
     fn conn(&self, db: u8) -> Result<Link, BackendError> {
-        let cell = &self.dbs[usize::from(db & 0x0f)];
-        let pool = match cell.get() {
-            Some(pool) => pool,
-            None => {
-                let clients =
-                    (0..self.pool_size).map(|_| self.target.client(db)).collect::<Result<Vec<_>, _>>()?;
-                // Links start connecting when made: only the pool that is kept makes them.
-                cell.get_or_init(|| {
-                    Pool::new(
-                        clients
-                            .into_iter()
-                            .map(|client| Link::new(client, db, self.connect_timeout, self.op_timeout))
-                            .collect(),
-                    )
-                })
-            }
-        };
-        Ok(pool.pick())
+        Ok(self.pool(db)?.pick())
+    }
+
+    fn get<'a>(
+        &'a self,
+        db: u8,
+        key: &'a str,
+    ) -> impl Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send + 'a {
+        use futures_util::future::{self, Either, TryFutureExt};
+        match self.pool(db) {
+            Ok(pool) => Either::Left(pool.next().get(key).err_into()),
+            Err(error) => Either::Right(future::ready(Err(error))),
+        }
     }
 
     fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {

@@ -30,11 +30,14 @@
 //! together, within a moment: that is one stall, not silence, and the commands sent after it are
 //! answered, which starts the count again.
 //!
+//! One key's reads on a link ([`Link::get`]) are coalesced under load (`reads.rs`).
+//!
 //! A lease request's release must follow the request on its connection (`OrphanGuard`), so a
 //! request that may need one is sent on a [`Link::pinned`] clone: it keeps the connection it
 //! finds even if the link makes a new one meanwhile.
 
 use std::cmp::Ordering;
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -43,6 +46,8 @@ use arc_swap::ArcSwap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::reads::{Reads, Sender};
 
 /// The least time between the start of an attempt that failed and the next.
 const RETRY_GAP: Duration = Duration::from_millis(50);
@@ -92,6 +97,7 @@ struct Inner {
     /// Connections made again for silence since the last reply (see `SILENT_DOUBLINGS`).
     silent_remakes: AtomicU32,
     born: Instant,
+    reads: Reads,
 }
 
 /// A connection to one server (one DB of it): cheap to clone, clones share it.
@@ -105,8 +111,14 @@ pub(crate) struct Link {
 
 impl Link {
     /// Starts connecting to `client`. Each attempt is bounded by `connect_timeout`, each command
-    /// by `op_timeout`.
-    pub(crate) fn new(client: Client, db: u8, connect_timeout: Duration, op_timeout: Duration) -> Link {
+    /// by `op_timeout`; reads are coalesced under load if `coalesce_reads` (`reads.rs`).
+    pub(crate) fn new(
+        client: Client,
+        db: u8,
+        connect_timeout: Duration,
+        op_timeout: Duration,
+        coalesce_reads: bool,
+    ) -> Link {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(op_timeout));
@@ -123,6 +135,7 @@ impl Link {
                 silence_began: AtomicU64::new(0),
                 silent_remakes: AtomicU32::new(0),
                 born: Instant::now(),
+                reads: Reads::new(coalesce_reads),
                 current: ArcSwap::from_pointee(Current {
                     attempt: 0,
                     started: Instant::now(),
@@ -152,6 +165,12 @@ impl Link {
             (_, Err(_)) => None,
         };
         Link { pinned, ..self.clone() }
+    }
+
+    /// `key`'s value: a `GET`, or under load a share of an `MGET` (`reads.rs`). Bounded by
+    /// `op_timeout`.
+    pub(crate) fn get<'a>(&'a self, key: &'a str) -> impl Future<Output = RedisResult<Option<Vec<u8>>>> + 'a {
+        self.inner.reads.get(key, self)
     }
 
     /// The attempt the link is on, and its connection or the attempt itself.
@@ -407,6 +426,16 @@ fn lost(inner: &Arc<Inner>, number: u64) -> bool {
         launch(work);
     }
     replaced
+}
+
+impl Sender for Link {
+    fn send(&self, cmd: Cmd) -> RedisFuture<'_, Value> {
+        Box::pin(Link::send(self, move |mut conn| async move { conn.send_packed_command(&cmd).await }))
+    }
+
+    fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
 }
 
 impl ConnectionLike for Link {

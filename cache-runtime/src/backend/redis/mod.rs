@@ -7,6 +7,7 @@
 pub(crate) mod batch;
 pub(crate) mod connections;
 pub(crate) mod link;
+mod reads;
 pub(crate) mod scripts;
 pub(crate) mod tracking;
 
@@ -231,14 +232,8 @@ impl<C: Connections> Store for RedisStore<C> {
         decode: impl Fn(&[u8]) -> T,
     ) -> Result<Option<T>, BackendError> {
         let key = self.key(db, key);
-        // The connection is bound before the command: as a temporary of the command's
-        // expression, the `?` on it would be kept in the future beside it (136 bytes more in
-        // every hit's lookup, which is allocated per call; see `read_through::serve`).
-        let get = || async {
-            let mut conn = self.conn(db)?;
-            let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&*key).query_async(&mut conn).await?;
-            Ok(bytes.map(|b| decode(&b)))
-        };
+        // One server's connections coalesce concurrent reads (`reads.rs`).
+        let get = || async { Ok(self.links.get(db, &key).await?.map(|b| decode(&b))) };
         match self.guarded_request(get()).await {
             // Boxed: rare, and inline it would double the future every hit allocates.
             Err(e) if self.retry_on_timeout && e.is_timeout() => Box::pin(self.guarded_request(get())).await,

@@ -1,0 +1,139 @@
+//! Lookups on one Redis server, coalesced under load into `MGET`s (`backend/redis/reads.rs`),
+//! against a real server: every caller gets its own key's value, the server sees fewer commands
+//! than lookups (and none coalesced with the option off), and a stalled server still bounds each
+//! call by `op_timeout`.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use cache_runtime::db::Grpc;
+use cache_runtime::{cached, CacheConfig, Runtime};
+use support::RedisServer;
+use tokio::task::JoinSet;
+
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+static STALLED_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(db = Grpc, prefix = "reads", ttl = 600)]
+async fn page(id: u32) -> String {
+    CALLS.fetch_add(1, SeqCst);
+    format!("page {id}")
+}
+
+/// The same, for the stalled-server test (its own count of calls).
+#[cached(db = Grpc, prefix = "reads", ttl = 600)]
+async fn stalled(id: u32) -> String {
+    STALLED_CALLS.fetch_add(1, SeqCst);
+    format!("page {id}")
+}
+
+/// `calls` of `cmdstat_{command}` in the server's `INFO commandstats`.
+async fn calls_of(server: &RedisServer, command: &str) -> u64 {
+    let info: String =
+        redis::cmd("INFO").arg("commandstats").query_async(&mut server.raw(0).await).await.unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// `rounds` rounds of one concurrent call of `function` for each of `ids`, each checked against
+/// its own id.
+async fn read_all<F: std::future::Future<Output = String> + Send + 'static>(
+    runtime: &Runtime,
+    function: fn(u32) -> F,
+    ids: u32,
+    rounds: usize,
+) {
+    for _ in 0..rounds {
+        let mut set = JoinSet::new();
+        for id in 0..ids {
+            let rt = runtime.clone();
+            set.spawn(async move { (id, rt.scope(function(id)).await) });
+        }
+        while let Some(joined) = set.join_next().await {
+            let (id, value) = joined.unwrap();
+            assert_eq!(value, format!("page {id}"), "a caller got another key's value");
+        }
+    }
+}
+
+const IDS: u32 = 512;
+const ROUNDS: usize = 20;
+
+/// 512 concurrent lookups of 512 warm keys, twenty times: with coalescing (the default) the
+/// server answers them with fewer than half as many commands as lookups, some of them `MGET`s;
+/// with it off, with one `GET` each. Either way each caller gets its own value and the function never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_share_mgets_and_each_gets_its_own_value() {
+    let mut seen = Vec::new();
+    for coalesce in [true, false] {
+        let server = RedisServer::start();
+        let runtime = support::redis_runtime(&server.url(), |c| c.with_read_coalescing(coalesce));
+        read_all(&runtime, page, IDS, 1).await;
+        runtime.flush().await.unwrap();
+        let filled = CALLS.load(SeqCst);
+        let _: () =
+            redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut server.raw(0).await).await.unwrap();
+        read_all(&runtime, page, IDS, ROUNDS).await;
+        assert_eq!(CALLS.load(SeqCst), filled, "every lookup a hit");
+        let (gets, mgets) = (calls_of(&server, "get").await, calls_of(&server, "mget").await);
+        eprintln!(
+            "coalescing {coalesce}: {} lookups as {gets} GETs and {mgets} MGETs",
+            IDS as usize * ROUNDS
+        );
+        seen.push((coalesce, gets, mgets));
+    }
+    let lookups = u64::from(IDS) * ROUNDS as u64;
+    let (_, gets, mgets) = seen[0];
+    assert!(mgets > 0 && gets + mgets < lookups / 2, "coalesced: {seen:?}");
+    // Off: a GET per lookup (and, for the lookups that read the function's generation again,
+    // one more in their pipeline).
+    let (_, gets, mgets) = seen[1];
+    assert!(mgets == 0 && gets >= lookups, "one GET per lookup: {seen:?}");
+}
+
+/// A server stopped (`SIGSTOP`) under 64 concurrent lookups: each call still returns (the
+/// function runs) within `op_timeout` and a little, coalesced or not; after the server resumes,
+/// lookups are hits again, nothing left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
+    let server = RedisServer::start();
+    let op_timeout = Duration::from_millis(300);
+    let config = CacheConfig::redis(&server.url()).unwrap().with_op_timeout(op_timeout);
+    let runtime = Runtime::new(config.with_breaker(1_000, Duration::from_millis(100)));
+    read_all(&runtime, stalled, 64, 1).await;
+    runtime.flush().await.unwrap();
+    server.freeze();
+    let mut set = JoinSet::new();
+    for id in 0..64 {
+        let rt = runtime.clone();
+        set.spawn(async move {
+            let start = Instant::now();
+            assert_eq!(rt.scope(stalled(id)).await, format!("page {id}"));
+            start.elapsed()
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(took) = set.join_next().await {
+        slowest = slowest.max(took.unwrap());
+    }
+    server.thaw();
+    eprintln!("64 lookups on a stopped server: slowest {slowest:?} at an op_timeout of {op_timeout:?}");
+    // A read that waited for another's reply before its own was sent would take twice this.
+    assert!(slowest < op_timeout * 3 / 2, "slowest {slowest:?}, op_timeout {op_timeout:?}");
+    // Once the breaker's cool-down is over and the connection answers, a whole round is hits.
+    let start = Instant::now();
+    loop {
+        let before = STALLED_CALLS.load(SeqCst);
+        read_all(&runtime, stalled, 64, 1).await;
+        if STALLED_CALLS.load(SeqCst) == before {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(3), "no round of hits 3 s after the stall");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
