@@ -97,16 +97,23 @@ async fn concurrent_lookups_share_mgets_and_each_gets_its_own_value() {
 }
 
 /// A server stopped (`SIGSTOP`) under 64 concurrent lookups: each call still returns (the
-/// function runs) within `op_timeout` and a little, coalesced or not; after the server resumes,
-/// lookups are hits again, nothing left waiting.
+/// function runs) within `op_timeout` and a little, those sent alone and those sent in an `MGET`
+/// (the server counts the `MGET`s once it resumes); after that, lookups are hits again, nothing
+/// left waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
     let server = RedisServer::start();
     let op_timeout = Duration::from_millis(300);
-    let config = CacheConfig::redis(&server.url()).unwrap().with_op_timeout(op_timeout);
+    // The generation is read once a minute here, so that the stalled lookups are the entry's
+    // `GET`s (a lookup due to read it again is a pipeline of its own, never coalesced).
+    let config = CacheConfig::redis(&server.url())
+        .unwrap()
+        .with_op_timeout(op_timeout)
+        .with_generation_refresh(Duration::from_secs(60));
     let runtime = Runtime::new(config.with_breaker(1_000, Duration::from_millis(100)));
     read_all(&runtime, stalled, 64, 1).await;
     runtime.flush().await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut server.raw(0).await).await.unwrap();
     server.freeze();
     let mut set = JoinSet::new();
     for id in 0..64 {
@@ -125,6 +132,9 @@ async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
     eprintln!("64 lookups on a stopped server: slowest {slowest:?} at an op_timeout of {op_timeout:?}");
     // A read that waited for another's reply before its own was sent would take twice this.
     assert!(slowest < op_timeout * 3 / 2, "slowest {slowest:?}, op_timeout {op_timeout:?}");
+    // The requests sent during the stall reach the server once it resumes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(calls_of(&server, "mget").await > 0, "some of the stalled lookups went as MGETs");
     // Once the breaker's cool-down is over and the connection answers, a whole round is hits.
     let start = Instant::now();
     loop {

@@ -116,6 +116,7 @@ async fn config(State(admin): State<Admin>) -> Json<Value> {
         "invalidation_recheck_ms": ms(c.invalidation_recheck()),
         "shutdown_timeout_ms": ms(c.shutdown_timeout()),
         "pool_size": c.pool_size(),
+        "read_coalescing": c.read_coalescing(),
         "batch_max": batch_max,
         "batch_delay_ms": ms(batch_delay),
         "batch_queue": batch_queue,

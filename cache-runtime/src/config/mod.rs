@@ -352,10 +352,10 @@ impl CacheConfig {
     }
 
     /// Sets whether lookups on one Redis server are coalesced under load (on by default). A
-    /// lookup that finds no other read in flight on its connection is sent at once, one `GET`;
-    /// one that finds others in flight yields to the scheduler once, and the lookups made
-    /// meanwhile go with it, one `MGET`. Off, every lookup is its own `GET`. Cluster and
-    /// Sentinel never coalesce.
+    /// lookup that finds fewer than 8 of its connection's lookups in flight is sent at once, one
+    /// `GET`; one that finds more opens a batch, and the lookups made before the batch's task
+    /// next runs go with it, one `MGET`. Off, every lookup is its own `GET`. Cluster and
+    /// Sentinel never coalesce (README, "Connections").
     pub fn with_read_coalescing(mut self, on: bool) -> Self {
         self.coalesce_reads = on;
         self

@@ -436,6 +436,10 @@ impl Sender for Link {
     fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
     }
+
+    fn reads(&self) -> &Reads {
+        &self.inner.reads
+    }
 }
 
 impl ConnectionLike for Link {

@@ -1,23 +1,27 @@
 //! [`Reads`]: one key's reads (`GET`) on one connection, coalesced under load.
 //!
-//! - A read that finds no other read in flight on the connection is sent at once, a `GET`, as it
-//!   would be alone: at one caller, a read costs a `GET` plus a lock taken twice.
-//! - One that finds others in flight opens a batch and yields to the scheduler once; the reads
-//!   made while it is yielded (by the tasks that were ready to run) join the batch, and it sends
-//!   them all together, one `MGET`, and answers each from its reply. A read that finds a batch
-//!   open joins it. No read waits for another's reply to be sent.
+//! - A read that finds fewer than `ALONE_BELOW` of the connection's reads in flight (the reads
+//!   made here; other commands on the connection are not counted) is sent at once, a `GET`, as
+//!   it would be alone: it costs a `GET` plus a lock taken twice.
+//! - One that finds more opens a batch and starts a task that sends it: the task yields to the
+//!   scheduler once, so that the reads made meanwhile (by the tasks that were ready to run) join
+//!   the batch, then sends them all as one `MGET` (a `GET` if none joined) and answers each from
+//!   its reply. A read that finds a batch open joins it. No read waits for another read's reply
+//!   before its own is sent, and none depends on another caller's future: a caller that stops
+//!   waiting takes nothing with it.
 //!
 //! Why: at many concurrent callers, each `GET` costs the client a request of its own (a packed
 //! command, a channel message, a reply parsed, a task woken) and the server a command; an `MGET`
 //! of n keys costs one of each.
 //!
-//! Bounds: a read that joins a batch is answered within `op_timeout` of its start: the `MGET` is
-//! sent under a timer of what is left of the oldest read's. A read that is dropped while it leads
-//! a batch (its caller stopped waiting) hands the batch to one of the reads in it, which sends it
-//! (again); one dropped while it waits is left out of the `MGET`, or its answer is dropped.
+//! Bounds: a batch is sent under a timer of what is left of its oldest read's `op_timeout`, and
+//! not at all if nothing is left, so each read in it is answered within `op_timeout` of its start
+//! (a younger read may be timed out with the oldest, sooner than its own bound).
 //!
-//! An `MGET` answers nil for a key that holds another type (a `GET` answers `WRONGTYPE`): such an
-//! entry reads as a miss, and the fill that follows replaces it.
+//! Differences from a `GET`: an `MGET` reads a key that holds another type as nil where a `GET`
+//! answers `WRONGTYPE`. Either way the call runs its function uncached: the nil is a miss, whose
+//! lease request then meets the same `WRONGTYPE`. One failed `MGET` is a failure for each read in
+//! it, as the `GET`s it replaced would each have failed.
 
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};
@@ -27,7 +31,7 @@ use futures_util::future::{Either, FutureExt};
 use redis::{Cmd, RedisError, RedisResult, Value};
 use tokio::sync::oneshot;
 
-/// Requests in flight on a connection below which a read is sent at once, alone.
+/// The connection's reads in flight (batches included) below which a read is sent at once.
 const ALONE_BELOW: usize = 8;
 
 /// The reads on one connection.
@@ -39,29 +43,28 @@ pub(crate) struct Reads {
 
 #[derive(Default)]
 struct Queue {
-    /// Requests (a `GET` or an `MGET`) in flight, or batches being gathered.
+    /// Reads sent alone and not answered yet, and batches being gathered or sent.
     in_flight: usize,
-    /// The batch being gathered, if one is: the reads that joined it.
+    /// The batch being gathered, if one is.
     open: Option<Vec<Member>>,
 }
 
-/// A read that joined another's batch.
+/// A read in a batch.
 struct Member {
     key: String,
     joined: Instant,
-    tell: oneshot::Sender<Told>,
+    tell: oneshot::Sender<RedisResult<Option<Vec<u8>>>>,
 }
 
-enum Told {
-    Answer(RedisResult<Option<Vec<u8>>>),
-    /// The read that led the batch was dropped: send these with yours.
-    Lead(Vec<Member>),
-}
+type Answer = oneshot::Receiver<RedisResult<Option<Vec<u8>>>>;
 
-/// What reads are sent through (a connection), each request bounded by `op_timeout`.
-pub(crate) trait Sender: Sync {
+/// What reads are sent through (a connection), each request bounded by `op_timeout`; a clone
+/// sends a batch from a task of its own.
+pub(crate) trait Sender: Clone + Send + Sync + 'static {
     fn send(&self, cmd: Cmd) -> redis::RedisFuture<'_, Value>;
     fn op_timeout(&self) -> Duration;
+    /// The connection's reads.
+    fn reads(&self) -> &Reads;
 }
 
 impl Reads {
@@ -73,8 +76,9 @@ impl Reads {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `key`'s value, read through `sender`. Not an `async fn`: a read sent at once is a small
-    /// future (every hit allocates its lookup's); the others are boxed.
+    /// `key`'s value, read through `sender` (whose `reads()` is `self`). Not an `async fn`: a
+    /// read sent at once is a small future (every hit allocates its lookup's); one in a batch
+    /// waits for its answer.
     pub(crate) fn get<'a, S: Sender>(
         &'a self,
         key: &'a str,
@@ -83,168 +87,117 @@ impl Reads {
         if !self.coalesce {
             return Either::Left(Either::Left(one_of(sender.send(get(key)))));
         }
-        let role = {
-            let mut queue = self.queue();
-            if let Some(open) = &mut queue.open {
-                let (tell, told) = oneshot::channel();
-                let joined = Instant::now();
-                open.push(Member { key: key.to_owned(), joined, tell });
-                Role::Joins(told, joined)
-            } else if queue.in_flight < ALONE_BELOW {
-                queue.in_flight += 1;
-                Role::Alone
-            } else {
-                queue.in_flight += 1;
-                queue.open = Some(Vec::new());
-                Role::Gathers
-            }
-        };
-        match role {
-            // Sent at once, bounded by the connection.
-            Role::Alone => {
-                let flight = Flight { reads: self, gathering: false, carried: Vec::new() };
-                let sent = sender.send(get(key));
-                Either::Left(Either::Right(async move {
-                    let result = one(sent.await);
-                    drop(flight);
-                    result
-                }))
-            }
-            Role::Gathers => Either::Right(
-                async move {
-                    let mut flight = Flight { reads: self, gathering: true, carried: Vec::new() };
-                    let joined = Instant::now();
-                    tokio::task::yield_now().await;
-                    flight.gathering = false;
-                    flight.carried = self.queue().open.take().unwrap_or_default();
-                    lead(flight, key, joined, sender).await
-                }
-                .boxed(),
-            ),
-            Role::Joins(told, joined) => Either::Right(
-                async move {
-                    let mut waiting = Waiting { reads: self, told };
-                    match (&mut waiting.told).await {
-                        Ok(Told::Answer(result)) => result,
-                        Ok(Told::Lead(carried)) => {
-                            let flight = Flight { reads: self, gathering: false, carried };
-                            lead(flight, key, joined, sender).await
-                        }
-                        Err(_) => Err(aborted()),
-                    }
-                }
-                .boxed(),
-            ),
+        let mut queue = self.queue();
+        let member = |tell| Member { key: key.to_owned(), joined: Instant::now(), tell };
+        if let Some(open) = &mut queue.open {
+            let (tell, answer) = oneshot::channel();
+            open.push(member(tell));
+            return Either::Right(wait(answer));
         }
-    }
-
-    /// A read in flight was dropped before it answered the reads `carried` (or, while it
-    /// gathered, those that joined its batch): one of them sends them. With none, the flight
-    /// ends.
-    fn hand_off(&self, mut carried: Vec<Member>, gathering: bool) {
-        if gathering {
-            let mut queue = self.queue();
-            carried.extend(queue.open.take().unwrap_or_default());
+        if queue.in_flight < ALONE_BELOW {
+            queue.in_flight += 1;
+            drop(queue);
+            // Counted out when the read ends or is dropped, polled or not.
+            let flight = Flight { reads: self };
+            let sent = sender.send(get(key));
+            return Either::Left(Either::Right(async move {
+                let result = one(sent.await);
+                drop(flight);
+                result
+            }));
         }
-        while let Some(next) = carried.pop() {
-            match next.tell.send(Told::Lead(carried)) {
-                // The flight is its now.
-                Ok(()) => return,
-                // Its caller stopped waiting: the next one.
-                Err(Told::Lead(back)) => carried = back,
-                Err(Told::Answer(_)) => carried = Vec::new(),
-            }
+        let (tell, answer) = oneshot::channel();
+        queue.in_flight += 1;
+        queue.open = Some(vec![member(tell)]);
+        drop(queue);
+        // Counted out (and the batch closed) when the task ends or is dropped, run or not.
+        let batch = send_batch(Batch { sender: sender.clone(), gathering: true });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(batch)),
+            Err(_) => crate::background::spawn(batch),
         }
-        self.queue().in_flight -= 1;
+        Either::Right(wait(answer))
     }
 }
 
-enum Role {
-    /// No other read in flight: a `GET` of its own.
-    Alone,
-    /// Others in flight, no batch open: it opens one and sends it.
-    Gathers,
-    /// A batch is open: it joins.
-    Joins(oneshot::Receiver<Told>, Instant),
+fn wait(answer: Answer) -> impl Future<Output = RedisResult<Option<Vec<u8>>>> {
+    answer.map(|told| told.unwrap_or_else(|_| Err(aborted())))
 }
 
-/// Sends the read of `key` with the reads `flight` carries: one `MGET` (a `GET` if it carries
-/// none, bounded by the connection), under a timer of what is left of the oldest one's
-/// `op_timeout`. Each is answered from its reply.
-async fn lead(
-    mut flight: Flight<'_>,
-    key: &str,
-    joined: Instant,
-    sender: &impl Sender,
-) -> RedisResult<Option<Vec<u8>>> {
-    flight.carried.retain(|member| !member.tell.is_closed());
-    if flight.carried.is_empty() {
-        return one(sender.send(get(key)).await);
-    }
-    let oldest = flight.carried.iter().map(|member| member.joined).fold(joined, std::cmp::min);
+/// The batch a read opened: after one yield, it takes the reads that joined, sends them as one
+/// `MGET` (or a `GET`) under a timer of what is left of the oldest one's `op_timeout`, and
+/// answers each.
+async fn send_batch<S: Sender>(mut batch: Batch<S>) {
+    tokio::task::yield_now().await;
+    let mut members = batch.sender.reads().queue().open.take().unwrap_or_default();
+    batch.gathering = false;
+    let sender = &batch.sender;
+    // Callers that stopped waiting are left out.
+    members.retain(|member| !member.tell.is_closed());
+    let Some(oldest) = members.iter().map(|member| member.joined).min() else { return };
     let left = sender.op_timeout().saturating_sub(oldest.elapsed());
-    let mut mget = redis::cmd("MGET");
-    mget.arg(key);
-    for member in &flight.carried {
-        mget.arg(&member.key);
-    }
-    let reply = match tokio::time::timeout(left, sender.send(mget)).await {
-        Ok(reply) => reply,
-        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+    let timed_out = || RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+    let values = if left.is_zero() {
+        Err(timed_out())
+    } else if let [alone] = &members[..] {
+        match tokio::time::timeout(left, sender.send(get(&alone.key))).await {
+            Ok(reply) => reply.map(|value| vec![value]),
+            Err(_) => Err(timed_out()),
+        }
+    } else {
+        let mut mget = redis::cmd("MGET");
+        for member in &members {
+            mget.arg(&member.key);
+        }
+        match tokio::time::timeout(left, sender.send(mget)).await {
+            Ok(reply) => reply.and_then(Value::extract_error).and_then(|reply| match reply {
+                Value::Array(values) if values.len() == members.len() => Ok(values),
+                other => Err(unexpected(&other)),
+            }),
+            Err(_) => Err(timed_out()),
+        }
     };
-    let values = reply.and_then(|reply| match reply {
-        Value::Array(values) if values.len() == flight.carried.len() + 1 => Ok(values),
-        other => Err(unexpected(&other)),
-    });
     match values {
         Ok(values) => {
-            let mut values = values.into_iter();
-            let own = one(values.next().ok_or_else(|| unexpected(&Value::Nil)));
-            for (member, value) in flight.carried.drain(..).zip(values) {
-                let _ = member.tell.send(Told::Answer(one(Ok(value))));
+            for (member, value) in members.into_iter().zip(values) {
+                let _ = member.tell.send(one(Ok(value)));
             }
-            own
         }
         Err(error) => {
-            for member in flight.carried.drain(..) {
-                let _ = member.tell.send(Told::Answer(Err(error.clone())));
+            for member in members {
+                let _ = member.tell.send(Err(error.clone()));
             }
-            Err(error)
         }
     }
+    drop(batch);
 }
 
-/// A request in flight (or a batch being gathered), counted in `Queue::in_flight` until it is
-/// dropped. Dropped before it answered the reads it carries, it hands them on.
+/// A read sent alone, counted in `Queue::in_flight` until it is dropped.
 struct Flight<'a> {
     reads: &'a Reads,
-    gathering: bool,
-    carried: Vec<Member>,
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        if self.gathering || !self.carried.is_empty() {
-            self.reads.hand_off(std::mem::take(&mut self.carried), self.gathering);
-        } else {
-            self.reads.queue().in_flight -= 1;
-        }
+        self.reads.queue().in_flight -= 1;
     }
 }
 
-/// A read waiting in a batch. Dropped, it takes no more messages; if it was told to lead before
-/// that, it hands the batch on, so that a batch never goes to a read that is gone.
-struct Waiting<'a> {
-    reads: &'a Reads,
-    told: oneshot::Receiver<Told>,
+/// A batch's task, counted in `Queue::in_flight` until it is dropped. Dropped while it gathers
+/// (its runtime ended, run or not), it closes the batch: the reads in it are answered with an
+/// error.
+struct Batch<S: Sender> {
+    sender: S,
+    gathering: bool,
 }
 
-impl Drop for Waiting<'_> {
+impl<S: Sender> Drop for Batch<S> {
     fn drop(&mut self) {
-        self.told.close();
-        if let Ok(Told::Lead(carried)) = self.told.try_recv() {
-            self.reads.hand_off(carried, false);
+        let mut queue = self.sender.reads().queue();
+        if self.gathering {
+            queue.open = None;
         }
+        queue.in_flight -= 1;
     }
 }
 
@@ -258,9 +211,9 @@ async fn one_of(sent: redis::RedisFuture<'_, Value>) -> RedisResult<Option<Vec<u
     one(sent.await)
 }
 
-/// One key's reply: its bytes, or none.
+/// One key's reply: its bytes, none, or the error the server answered.
 fn one(reply: RedisResult<Value>) -> RedisResult<Option<Vec<u8>>> {
-    match reply? {
+    match reply?.extract_error()? {
         Value::Nil => Ok(None),
         Value::BulkString(bytes) => Ok(Some(bytes)),
         other => Ok(redis::from_redis_value(other)?),
@@ -273,8 +226,11 @@ fn unexpected(reply: &Value) -> RedisError {
 }
 
 fn aborted() -> RedisError {
-    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the read that was to send this one was lost")
-        .into()
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "the task sending this read's batch ended with its tokio runtime",
+    )
+    .into()
 }
 
 #[cfg(test)]
@@ -286,32 +242,49 @@ mod tests {
 
     /// A connection whose replies the test gives: it records each command sent (its words) and
     /// the means to answer it.
-    struct Fake {
+    #[derive(Clone)]
+    struct Fake(Arc<Inner>);
+
+    struct Inner {
         op_timeout: Duration,
+        reads: Reads,
         sent: Mutex<Vec<(Vec<String>, Reply)>>,
     }
 
     type Reply = Option<oneshot::Sender<RedisResult<Value>>>;
 
     impl Fake {
-        fn new(op_timeout: Duration) -> Arc<Self> {
-            Arc::new(Fake { op_timeout, sent: Mutex::new(Vec::new()) })
+        fn new(coalesce: bool, op_timeout: Duration) -> Self {
+            Fake(Arc::new(Inner { op_timeout, reads: Reads::new(coalesce), sent: Mutex::new(Vec::new()) }))
         }
 
-        /// The words of every command sent so far.
         fn commands(&self) -> Vec<Vec<String>> {
-            self.sent.lock().unwrap().iter().map(|(words, _)| words.clone()).collect()
+            self.0.sent.lock().unwrap().iter().map(|(words, _)| words.clone()).collect()
+        }
+
+        fn reply(&self, i: usize, reply: Value) {
+            let tell = self.0.sent.lock().unwrap()[i].1.take().expect("answered once");
+            let _ = tell.send(Ok(reply));
         }
 
         /// Answers command `i` with one value per key: the key's name, upper-cased.
         fn answer(&self, i: usize) {
-            let (words, tell) = &mut self.sent.lock().unwrap()[i];
+            let words = self.commands()[i].clone();
             let value = |key: &String| Value::BulkString(key.to_uppercase().into_bytes());
             let reply = match words[0].as_str() {
                 "GET" => value(&words[1]),
                 _ => Value::Array(words[1..].iter().map(value).collect()),
             };
-            let _ = tell.take().expect("answered once").send(Ok(reply));
+            self.reply(i, reply);
+        }
+
+        fn read<'a>(&'a self, key: &'a str) -> Read<'a> {
+            Box::pin(self.0.reads.get(key, self))
+        }
+
+        fn settled(&self) -> bool {
+            let queue = self.0.reads.queue();
+            queue.in_flight == 0 && queue.open.is_none()
         }
     }
 
@@ -324,21 +297,24 @@ mod tests {
                     _ => "<cursor>".into(),
                 })
                 .collect();
-            let (tell, told) = oneshot::channel();
-            self.sent.lock().unwrap().push((words, Some(tell)));
-            Box::pin(async move { told.await.unwrap_or_else(|_| Err(aborted())) })
+            // Sent when first polled, as a connection's request is.
+            Box::pin(async move {
+                let (tell, told) = oneshot::channel();
+                self.0.sent.lock().unwrap().push((words, Some(tell)));
+                told.await.unwrap_or_else(|_| Err(aborted()))
+            })
         }
 
         fn op_timeout(&self) -> Duration {
-            self.op_timeout
+            self.0.op_timeout
+        }
+
+        fn reads(&self) -> &Reads {
+            &self.0.reads
         }
     }
 
     type Read<'a> = Pin<Box<dyn Future<Output = RedisResult<Option<Vec<u8>>>> + 'a>>;
-
-    fn read<'a>(reads: &'a Reads, key: &'a str, fake: &'a Fake) -> Read<'a> {
-        Box::pin(reads.get(key, fake))
-    }
 
     fn poll(read: &mut Read<'_>) -> Poll<RedisResult<Option<Vec<u8>>>> {
         read.as_mut().poll(&mut Context::from_waker(Waker::noop()))
@@ -355,142 +331,191 @@ mod tests {
         list.iter().map(|w| w.to_string()).collect()
     }
 
-    fn settled(reads: &Reads) -> bool {
-        let queue = reads.queue();
-        queue.in_flight == 0 && queue.open.is_none()
+    /// Lets the batch tasks spawned on this (current-thread) runtime run until they wait.
+    async fn run_tasks() {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
     }
 
-    /// Below `ALONE_BELOW` requests in flight each read is a `GET` sent at once; from there, a
-    /// read gathers the reads made while it yields and sends one `MGET`, and every read gets its
-    /// own key's value, whatever order the replies come in.
-    #[tokio::test]
-    async fn reads_go_alone_below_the_threshold_and_together_above_it_each_answered_with_its_own() {
-        let (reads, fake) = (Reads::new(true), Fake::new(Duration::from_secs(5)));
-        let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
-        let mut alone: Vec<Read> = keys[..ALONE_BELOW].iter().map(|k| read(&reads, k, &fake)).collect();
-        for r in &mut alone {
+    /// `ALONE_BELOW` reads each sent at once, alone, and left in flight.
+    fn busy<'a>(fake: &'a Fake, keys: &'a [String]) -> Vec<Read<'a>> {
+        let mut reads: Vec<Read> = keys.iter().map(|k| fake.read(k)).collect();
+        for r in &mut reads {
             assert!(poll(r).is_pending());
         }
         assert_eq!(fake.commands().len(), ALONE_BELOW, "each sent at once, alone");
-        // The ninth opens a batch and yields; three more join it.
-        let mut gatherer = read(&reads, &keys[8], &fake);
-        assert!(poll(&mut gatherer).is_pending());
-        let mut joined: Vec<Read> = keys[9..].iter().map(|k| read(&reads, k, &fake)).collect();
-        for r in &mut joined {
+        reads
+    }
+
+    fn busy_keys() -> Vec<String> {
+        (0..ALONE_BELOW).map(|i| format!("busy{i}")).collect()
+    }
+
+    /// Below `ALONE_BELOW` reads in flight each read is a `GET` sent at once; from there, reads
+    /// made together go as one `MGET`, and every read gets its own key's value, whatever order
+    /// the replies come in.
+    #[tokio::test]
+    async fn reads_go_alone_below_the_threshold_and_together_above_it_each_answered_with_its_own() {
+        let fake = Fake::new(true, Duration::from_secs(5));
+        let keys = busy_keys();
+        let mut alone = busy(&fake, &keys);
+        let batch_keys = ["k8", "k9", "k10", "k11"];
+        let mut batched: Vec<Read> = batch_keys.iter().map(|k| fake.read(k)).collect();
+        for r in &mut batched {
             assert!(poll(r).is_pending());
         }
-        assert_eq!(fake.commands().len(), ALONE_BELOW, "nothing more sent while it gathers");
-        assert!(poll(&mut gatherer).is_pending());
+        assert_eq!(fake.commands().len(), ALONE_BELOW, "nothing more sent before the batch's task runs");
+        run_tasks().await;
         assert_eq!(fake.commands()[ALONE_BELOW], words(&["MGET", "k8", "k9", "k10", "k11"]));
         // Answered backwards: each still gets its own.
         fake.answer(ALONE_BELOW);
         for i in (0..ALONE_BELOW).rev() {
             fake.answer(i);
         }
-        // The gatherer reads the reply and answers the others.
-        assert_eq!(value(poll(&mut gatherer)), "K8");
-        for (r, key) in joined.iter_mut().zip(&keys[9..]) {
+        run_tasks().await;
+        for (r, key) in batched.iter_mut().zip(batch_keys) {
             assert_eq!(value(poll(r)), key.to_uppercase());
         }
         for (r, key) in alone.iter_mut().zip(&keys) {
             assert_eq!(value(poll(r)), key.to_uppercase());
         }
-        drop((alone, gatherer, joined));
-        assert!(settled(&reads), "every flight counted out");
+        assert!(fake.settled(), "every flight counted out");
     }
 
-    /// A read's future dropped at each of its `.await`s: while it gathers, while its `MGET` is
-    /// in flight, while it waits in a batch, and after it was told to lead but before it ran.
-    /// Each time, the reads it carried are sent by another and answered; none is left waiting.
+    /// A caller that stops waiting takes nothing with it, wherever it stops: a read dropped
+    /// before it was ever polled (alone, opening a batch, joining one), the read that opened a
+    /// batch dropped before the batch is sent, one in a batch dropped while the `MGET` is in
+    /// flight, and one kept but never polled again. The others are answered each time.
     #[tokio::test]
-    async fn a_read_dropped_at_each_await_hands_its_batch_on() {
-        let (reads, fake) = (Reads::new(true), Fake::new(Duration::from_secs(5)));
-        let keys: Vec<String> = (0..ALONE_BELOW).map(|i| format!("busy{i}")).collect();
-        let mut busy: Vec<Read> = keys.iter().map(|k| read(&reads, k, &fake)).collect();
-        for r in &mut busy {
-            assert!(poll(r).is_pending());
-        }
+    async fn a_caller_that_stops_waiting_takes_nothing_with_it() {
+        let fake = Fake::new(true, Duration::from_secs(5));
+        // Made and dropped unpolled while nothing is in flight: counted out at once.
+        drop(fake.read("never"));
+        assert!(fake.settled());
+        let keys = busy_keys();
+        let mut alone = busy(&fake, &keys);
         let sent = ALONE_BELOW;
-
-        // 1. The gatherer dropped while it yields: the last read that joined leads.
-        let mut gatherer = read(&reads, "g", &fake);
-        assert!(poll(&mut gatherer).is_pending());
-        let mut joined: Vec<Read> =
-            ["a", "b", "c", "d"].into_iter().map(|k| read(&reads, k, &fake)).collect();
-        for r in &mut joined {
+        // An unpolled opener and joiner, dropped; then a batch whose opener is dropped, one
+        // joiner dropped, one kept unpolled, one awaited.
+        drop((fake.read("x"), fake.read("y")));
+        run_tasks().await;
+        assert_eq!(fake.commands().len(), sent, "a batch of no one is not sent");
+        let (mut opener, mut dropped, mut kept, mut awaited) =
+            (fake.read("a"), fake.read("b"), fake.read("c"), fake.read("d"));
+        for r in [&mut opener, &mut dropped, &mut kept, &mut awaited] {
             assert!(poll(r).is_pending());
         }
-        drop(gatherer);
-        let [mut a, mut b, c, mut d] = <[Read; 4]>::try_from(joined).ok().unwrap();
-        assert!(poll(&mut a).is_pending() && poll(&mut b).is_pending());
-        assert_eq!(fake.commands().len(), sent, "told to lead, not run yet");
-        assert!(poll(&mut d).is_pending());
-        assert_eq!(fake.commands()[sent], words(&["MGET", "d", "a", "b", "c"]));
-
-        // 2. The leader dropped while its MGET is in flight: `c` is told to lead the rest.
-        drop(d);
-        // 3. `c` dropped before it ran: the batch goes on to `b`, which sends it again.
-        drop(c);
-        assert!(poll(&mut a).is_pending());
-        assert_eq!(fake.commands().len(), sent + 1);
-        assert!(poll(&mut b).is_pending());
-        assert_eq!(fake.commands()[sent + 1], words(&["MGET", "b", "a"]));
-        fake.answer(sent + 1);
-        assert_eq!(value(poll(&mut b)), "B");
-        assert_eq!(value(poll(&mut a)), "A");
-        // The dropped reads' request answers late into nothing.
+        drop(opener);
+        run_tasks().await;
+        assert_eq!(fake.commands()[sent], words(&["MGET", "b", "c", "d"]), "the opener left out");
+        drop(dropped);
         fake.answer(sent);
-
-        // 5. A read dropped while it waits in a batch is left out of the MGET.
-        let mut gatherer = read(&reads, "h", &fake);
-        assert!(poll(&mut gatherer).is_pending());
-        let (mut d, mut e) = (read(&reads, "d", &fake), read(&reads, "e", &fake));
-        assert!(poll(&mut d).is_pending());
-        assert!(poll(&mut e).is_pending());
-        drop(e);
-        assert!(poll(&mut gatherer).is_pending());
-        assert_eq!(fake.commands()[sent + 2], words(&["MGET", "h", "d"]));
-        fake.answer(sent + 2);
-        assert_eq!(value(poll(&mut gatherer)), "H");
-        assert_eq!(value(poll(&mut d)), "D");
-
+        run_tasks().await;
+        assert_eq!(value(poll(&mut awaited)), "D");
+        // `kept` was answered without being polled, and reads its answer when it is.
+        assert_eq!(value(poll(&mut kept)), "C");
         for i in 0..ALONE_BELOW {
             fake.answer(i);
         }
-        for r in &mut busy {
+        for r in &mut alone {
             assert!(poll(r).is_ready());
         }
-        drop(busy);
-        assert!(settled(&reads), "every flight counted out");
+        assert!(fake.settled(), "every flight counted out");
     }
 
-    /// An `MGET` is bounded by what is left of its oldest read's `op_timeout`, and every read in
-    /// it gets the time-out; a read made after them is served.
+    /// A batch whose task ends with its runtime before it is sent answers its reads with an
+    /// error and closes: the next read opens a batch of its own and is served.
+    #[test]
+    fn a_batch_whose_runtime_ends_closes() {
+        let fake = Fake::new(true, Duration::from_secs(5));
+        let keys = busy_keys();
+        let mut alone = busy(&fake, &keys);
+        let ended = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let entered = ended.enter();
+        let mut orphan = fake.read("a");
+        assert!(poll(&mut orphan).is_pending());
+        drop(entered);
+        drop(ended);
+        assert!(matches!(poll(&mut orphan), Poll::Ready(Err(_))));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut next = fake.read("b");
+            assert!(poll(&mut next).is_pending());
+            run_tasks().await;
+            assert_eq!(fake.commands().last().unwrap(), &words(&["GET", "b"]));
+            fake.answer(fake.commands().len() - 1);
+            run_tasks().await;
+            assert_eq!(value(poll(&mut next)), "B");
+        });
+        for i in 0..ALONE_BELOW {
+            fake.answer(i);
+        }
+        for r in &mut alone {
+            assert!(poll(r).is_ready());
+        }
+        drop((alone, orphan));
+        assert!(fake.settled(), "every flight counted out");
+    }
+
+    /// A batch is bounded by what is left of its oldest read's `op_timeout`, and every read in it
+    /// gets the time-out; a batch made after it is served.
     #[tokio::test]
     async fn a_batch_times_out_at_its_oldest_reads_bound() {
         let op_timeout = Duration::from_millis(200);
-        let fake = Fake::new(op_timeout);
-        let keys: Vec<String> = (0..ALONE_BELOW).map(|i| format!("busy{i}")).collect();
-        let reads = Reads::new(true);
-        let mut busy: Vec<Read> = Vec::new();
-        for k in &keys {
-            busy.push(read(&reads, k, &fake));
-            assert!(poll(busy.last_mut().unwrap()).is_pending());
-        }
+        let fake = Fake::new(true, op_timeout);
+        let keys = busy_keys();
+        let _alone = busy(&fake, &keys);
         let start = Instant::now();
-        let mut gatherer = read(&reads, "g", &fake);
-        assert!(poll(&mut gatherer).is_pending());
-        let mut joined = read(&reads, "j", &fake);
-        assert!(poll(&mut joined).is_pending());
-        // The joined read has waited 100 ms before its batch is sent.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (led, waited) = tokio::join!(gatherer, joined);
+        let (first, second) = (fake.read("a"), fake.read("b"));
+        let (first, second) = tokio::join!(first, second);
         let took = start.elapsed();
-        for result in [led, waited] {
+        for result in [first, second] {
             assert!(result.as_ref().is_err_and(|e| e.is_timeout()), "{result:?}");
         }
         assert!(took >= op_timeout && took < op_timeout * 3 / 2, "{took:?}, bound {op_timeout:?}");
-        drop(busy);
-        assert!(settled(&reads));
+        let mut later = fake.read("c");
+        assert!(poll(&mut later).is_pending());
+        run_tasks().await;
+        assert_eq!(fake.commands().last().unwrap(), &words(&["GET", "c"]));
+        fake.answer(fake.commands().len() - 1);
+        run_tasks().await;
+        assert_eq!(value(poll(&mut later)), "C");
+    }
+
+    /// An error the server answers reaches each read as the server's error (not a reply that
+    /// failed to parse): for a `GET` sent alone, and for an `MGET` refused as a whole.
+    #[tokio::test]
+    async fn a_servers_error_reaches_each_read_as_it_was_answered() {
+        let refused =
+            || redis::parse_redis_value(b"-NOPERM this user has no permissions to run it\r\n").unwrap();
+        let fake = Fake::new(true, Duration::from_secs(5));
+        let keys = busy_keys();
+        let mut alone = busy(&fake, &keys);
+        let (mut a, mut b) = (fake.read("a"), fake.read("b"));
+        assert!(poll(&mut a).is_pending() && poll(&mut b).is_pending());
+        run_tasks().await;
+        fake.reply(ALONE_BELOW, refused());
+        fake.reply(0, refused());
+        run_tasks().await;
+        for result in [poll(&mut a), poll(&mut b), poll(&mut alone[0])] {
+            let Poll::Ready(Err(error)) = result else { panic!("{result:?}") };
+            assert_eq!(error.code(), Some("NOPERM"), "{error:?}");
+        }
+    }
+
+    /// Off, every read is its own `GET`, however many are in flight.
+    #[tokio::test]
+    async fn off_every_read_is_its_own_get() {
+        let fake = Fake::new(false, Duration::from_secs(5));
+        let keys: Vec<String> = (0..3 * ALONE_BELOW).map(|i| format!("k{i}")).collect();
+        let mut reads: Vec<Read> = keys.iter().map(|k| fake.read(k)).collect();
+        for r in &mut reads {
+            assert!(poll(r).is_pending());
+        }
+        run_tasks().await;
+        let commands = fake.commands();
+        assert_eq!(commands.len(), keys.len());
+        assert!(commands.iter().zip(&keys).all(|(c, k)| c == &words(&["GET", k])), "{commands:?}");
     }
 }
