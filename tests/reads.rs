@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::Grpc;
-use cache_runtime::{cached, CacheConfig, Runtime};
+use cache_runtime::{cached, CacheConfig, KeyBuilder, Runtime};
 use support::RedisServer;
 use tokio::task::JoinSet;
 
@@ -26,6 +26,15 @@ async fn page(id: u32) -> String {
 #[cached(db = Grpc, prefix = "reads", ttl = 600)]
 async fn stalled(id: u32) -> String {
     STALLED_CALLS.fetch_add(1, SeqCst);
+    format!("page {id}")
+}
+
+static WRONG_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// The same, for the wrong-type test (its own count of calls).
+#[cached(db = Grpc, prefix = "reads", ttl = 600)]
+async fn wrong(id: u32) -> String {
+    WRONG_CALLS.fetch_add(1, SeqCst);
     format!("page {id}")
 }
 
@@ -146,4 +155,30 @@ async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
         assert!(start.elapsed() < Duration::from_secs(3), "no round of hits 3 s after the stall");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A key that holds another type (a hash, written by something else) where an entry should be:
+/// read alone (a `GET`, which answers `WRONGTYPE`) or in a batch (an `MGET`, which answers nil),
+/// the call runs its function and returns its value, uncached, and the hash is left as it was;
+/// the other lookups in its batches are hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_runs_the_function_alone_or_in_a_batch() {
+    let server = RedisServer::start();
+    let runtime = support::redis_runtime(&server.url(), |c| c);
+    let key = KeyBuilder::new("reads", "reads", "wrong").arg(&300u32).finish().unwrap();
+    let mut raw = server.raw(1).await;
+    let _: () = redis::cmd("HSET").arg(&key).arg("field").arg("kept").query_async(&mut raw).await.unwrap();
+    // Alone: nothing else in flight. Then in batches: its lookup is made in the middle of each
+    // burst, when more than eight are in flight.
+    assert_eq!(runtime.scope(wrong(300)).await, "page 300");
+    assert_eq!(WRONG_CALLS.load(SeqCst), 1);
+    read_all(&runtime, wrong, 512, 1).await;
+    runtime.flush().await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut server.raw(0).await).await.unwrap();
+    let before = WRONG_CALLS.load(SeqCst);
+    read_all(&runtime, wrong, 512, 5).await;
+    assert!(calls_of(&server, "mget").await > 0, "some lookups went as MGETs");
+    assert_eq!(WRONG_CALLS.load(SeqCst) - before, 5, "only the wrong-type key's calls ran the function");
+    let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut raw).await.unwrap();
+    assert_eq!(kind, "hash", "the other type's value is left as it was");
 }
