@@ -106,9 +106,8 @@ async fn concurrent_lookups_share_mgets_and_each_gets_its_own_value() {
 }
 
 /// A server stopped (`SIGSTOP`) under 64 concurrent lookups: each call still returns (the
-/// function runs) within `op_timeout` and a little, those sent alone and those sent in an `MGET`
-/// (the server counts the `MGET`s once it resumes); after that, lookups are hits again, nothing
-/// left waiting.
+/// function runs) within `op_timeout` and a little, whether it was sent alone or in an `MGET`;
+/// after that, lookups are hits again, nothing left waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
     let server = RedisServer::start();
@@ -141,9 +140,12 @@ async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
     eprintln!("64 lookups on a stopped server: slowest {slowest:?} at an op_timeout of {op_timeout:?}");
     // A read that waited for another's reply before its own was sent would take twice this.
     assert!(slowest < op_timeout * 3 / 2, "slowest {slowest:?}, op_timeout {op_timeout:?}");
-    // The requests sent during the stall reach the server once it resumes.
+    // The requests sent during the stall reach the server once it resumes. How many went as
+    // `MGET`s depends on the scheduler (a batch's task that an idle worker picks up at once
+    // gathers no one), so it is reported, not asserted; the unit tests in `reads.rs` bound a
+    // batch on its own.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(calls_of(&server, "mget").await > 0, "some of the stalled lookups went as MGETs");
+    eprintln!("of which {} went as MGETs", calls_of(&server, "mget").await);
     // Once the breaker's cool-down is over and the connection answers, a whole round is hits.
     let start = Instant::now();
     loop {

@@ -6,7 +6,8 @@
 //! - One that finds more opens a batch and starts a task that sends it: the task yields to the
 //!   scheduler once, so that the reads made meanwhile (by the tasks that were ready to run) join
 //!   the batch, then sends them all as one `MGET` (a `GET` if none joined) and answers each from
-//!   its reply. A read that finds a batch open joins it. No read waits for another read's reply
+//!   its reply. A read that finds a batch open joins it, unless the batch holds `MAX_BATCH`
+//!   reads already: then it is sent alone. No read waits for another read's reply
 //!   before its own is sent, and none depends on another caller's future: a caller that stops
 //!   waiting takes nothing with it.
 //!
@@ -33,6 +34,9 @@ use tokio::sync::oneshot;
 
 /// The connection's reads in flight (batches included) below which a read is sent at once.
 const ALONE_BELOW: usize = 8;
+
+/// The most reads in one batch: a read that finds the open batch this full is sent alone.
+const MAX_BATCH: usize = 256;
 
 /// The reads on one connection.
 pub(crate) struct Reads {
@@ -89,12 +93,16 @@ impl Reads {
         }
         let mut queue = self.queue();
         let member = |tell| Member { key: key.to_owned(), joined: Instant::now(), tell };
-        if let Some(open) = &mut queue.open {
-            let (tell, answer) = oneshot::channel();
-            open.push(member(tell));
-            return Either::Right(wait(answer));
-        }
-        if queue.in_flight < ALONE_BELOW {
+        let full = match &mut queue.open {
+            Some(open) if open.len() < MAX_BATCH => {
+                let (tell, answer) = oneshot::channel();
+                open.push(member(tell));
+                return Either::Right(wait(answer));
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if full || queue.in_flight < ALONE_BELOW {
             queue.in_flight += 1;
             drop(queue);
             // Counted out when the read ends or is dropped, polled or not.
@@ -381,6 +389,29 @@ mod tests {
             assert_eq!(value(poll(r)), key.to_uppercase());
         }
         assert!(fake.settled(), "every flight counted out");
+    }
+
+    /// A batch holds at most `MAX_BATCH` reads; the read after them is sent alone, at once.
+    #[tokio::test]
+    async fn a_full_batch_takes_no_more() {
+        let fake = Fake::new(true, Duration::from_secs(5));
+        let keys = busy_keys();
+        let _alone = busy(&fake, &keys);
+        let batched: Vec<String> = (0..MAX_BATCH).map(|i| format!("b{i}")).collect();
+        let mut reads: Vec<Read> = batched.iter().map(|k| fake.read(k)).collect();
+        let mut over = fake.read("over");
+        for r in reads.iter_mut().chain([&mut over]) {
+            assert!(poll(r).is_pending());
+        }
+        run_tasks().await;
+        let commands = fake.commands();
+        assert_eq!(commands[ALONE_BELOW], words(&["GET", "over"]), "sent alone, at once");
+        assert_eq!(commands[ALONE_BELOW + 1].len(), MAX_BATCH + 1, "one MGET of the batch");
+        fake.answer(ALONE_BELOW);
+        fake.answer(ALONE_BELOW + 1);
+        run_tasks().await;
+        assert_eq!(value(poll(&mut over)), "OVER");
+        assert_eq!(value(poll(&mut reads[MAX_BATCH - 1])), format!("B{}", MAX_BATCH - 1));
     }
 
     /// A caller that stops waiting takes nothing with it, wherever it stops: a read dropped
