@@ -360,6 +360,28 @@ mod tests {
         (0..ALONE_BELOW).map(|i| format!("busy{i}")).collect()
     }
 
+    /// Answers the reads `busy` left in flight; each is then done.
+    fn answer_busy(fake: &Fake, busy: &mut [Read<'_>]) {
+        for i in 0..ALONE_BELOW {
+            fake.answer(i);
+        }
+        for r in busy {
+            assert!(poll(r).is_ready());
+        }
+    }
+
+    /// A read of `key` made now (its batch the only one open) is sent as a `GET` of its own and
+    /// served.
+    async fn served_alone(fake: &Fake, key: &str) {
+        let mut read = fake.read(key);
+        assert!(poll(&mut read).is_pending());
+        run_tasks().await;
+        assert_eq!(fake.commands().last().unwrap(), &words(&["GET", key]));
+        fake.answer(fake.commands().len() - 1);
+        run_tasks().await;
+        assert_eq!(value(poll(&mut read)), key.to_uppercase());
+    }
+
     /// Below `ALONE_BELOW` reads in flight each read is a `GET` sent at once; from there, reads
     /// made together go as one `MGET`, and every read gets its own key's value, whatever order
     /// the replies come in.
@@ -446,12 +468,7 @@ mod tests {
         assert_eq!(value(poll(&mut awaited)), "D");
         // `kept` was answered without being polled, and reads its answer when it is.
         assert_eq!(value(poll(&mut kept)), "C");
-        for i in 0..ALONE_BELOW {
-            fake.answer(i);
-        }
-        for r in &mut alone {
-            assert!(poll(r).is_ready());
-        }
+        answer_busy(&fake, &mut alone);
         assert!(fake.settled(), "every flight counted out");
     }
 
@@ -471,20 +488,9 @@ mod tests {
         assert!(matches!(poll(&mut orphan), Poll::Ready(Err(_))));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let mut next = fake.read("b");
-            assert!(poll(&mut next).is_pending());
-            run_tasks().await;
-            assert_eq!(fake.commands().last().unwrap(), &words(&["GET", "b"]));
-            fake.answer(fake.commands().len() - 1);
-            run_tasks().await;
-            assert_eq!(value(poll(&mut next)), "B");
+            served_alone(&fake, "b").await;
         });
-        for i in 0..ALONE_BELOW {
-            fake.answer(i);
-        }
-        for r in &mut alone {
-            assert!(poll(r).is_ready());
-        }
+        answer_busy(&fake, &mut alone);
         drop((alone, orphan));
         assert!(fake.settled(), "every flight counted out");
     }
@@ -505,13 +511,7 @@ mod tests {
             assert!(result.as_ref().is_err_and(|e| e.is_timeout()), "{result:?}");
         }
         assert!(took >= op_timeout && took < op_timeout * 3 / 2, "{took:?}, bound {op_timeout:?}");
-        let mut later = fake.read("c");
-        assert!(poll(&mut later).is_pending());
-        run_tasks().await;
-        assert_eq!(fake.commands().last().unwrap(), &words(&["GET", "c"]));
-        fake.answer(fake.commands().len() - 1);
-        run_tasks().await;
-        assert_eq!(value(poll(&mut later)), "C");
+        served_alone(&fake, "c").await;
     }
 
     /// An error the server answers reaches each read as the server's error (not a reply that
