@@ -1,16 +1,19 @@
 //! A primary behind Sentinel (`redis+sentinel://`): caching follows the primary when the
 //! sentinels fail it over to its replica under load, with no wrong answer and no error reaching a
-//! caller. `cargo test --test sentinel -- --nocapture` prints README's figures.
+//! caller. `cargo test --test sentinel -- --nocapture` prints README's figures. The near tier's
+//! copies follow the primary too: its tracking connection goes where the store's connections go.
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::MarketData;
-use cache_runtime::{cached, CacheConfig, Runtime};
+use cache_runtime::{cached, invalidate, CacheConfig, Runtime};
+use support::cluster::cli;
 use support::load::Load;
-use support::sentinel::SentinelSet;
+use support::sentinel::{SentinelSet, MASTER};
+use support::RedisServer;
 
 #[cached(db = MarketData, prefix = "sn", ttl = 300, skip(calls))]
 async fn level(n: u32, calls: &AtomicUsize) -> u64 {
@@ -78,4 +81,163 @@ async fn the_primary_fails_over_under_load() {
     assert_eq!(wrong, 0, "every caller got its function's value");
     assert!(calls > 100, "the load ran ({calls} calls)");
     assert_eq!(promoted, set.replica.port());
+}
+
+/// `source`'s version and `n`: what the function returns now.
+#[cached(db = MarketData, prefix = "sn_near", ttl = 300, near = "60s", skip(source))]
+async fn near_level(n: u32, source: &AtomicU64) -> u64 {
+    source.load(SeqCst) * 1000 + u64::from(n)
+}
+
+/// Never cached: it fails.
+#[cached(db = MarketData, prefix = "sn_near", ttl = 300)]
+async fn unavailable(n: u32) -> Result<u64, u32> {
+    Err(n)
+}
+
+fn near_hits(rt: &Runtime) -> u64 {
+    rt.stats().get(5, "sn_near").map_or(0, |s| s.near_hits)
+}
+
+/// Calls `near_level(n)` in `rt` until a near copy answers it (the tier trusted: tracking on the
+/// primary the store reads), within `within`; what it answered.
+async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
+    let started = Instant::now();
+    loop {
+        let before = near_hits(rt);
+        let value = rt.scope(near_level(n, source)).await;
+        if near_hits(rt) > before {
+            return value;
+        }
+        assert!(started.elapsed() < within, "no near hit within {within:?}: {:?}", rt.near_status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Calls `near_level(n)` in `rt` until it answers `want`; how long that took (at most 10 s).
+async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        if rt.scope(near_level(n, source)).await == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "still not {want} after 10 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// How many tracking connections (`cache-runtime-near`) the server on `port` has.
+fn tracking_connections(port: u16) -> usize {
+    cli(port, &["CLIENT", "LIST"]).lines().filter(|l| l.contains("name=cache-runtime-near")).count()
+}
+
+fn sentinel_runtime(set: &SentinelSet) -> Runtime {
+    Runtime::new(CacheConfig::redis(&set.url()).unwrap().with_op_timeout(Duration::from_millis(250)))
+}
+
+/// Near copies behind Sentinel: another process's invalidation drops them through the primary's
+/// tracking; when the primary is killed every copy is dropped; once the replica is promoted, the
+/// tracking connection is there and another process's invalidation on it drops the copy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_copies_follow_the_primary_through_a_failover() {
+    static SOURCE: AtomicU64 = AtomicU64::new(1);
+    let mut set = SentinelSet::start();
+    let (a, b) = (sentinel_runtime(&set), sentinel_runtime(&set));
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
+    assert_eq!(tracking_connections(set.primary.port()), 1);
+    SOURCE.store(2, SeqCst);
+    b.scope(invalidate!(near_level(7))).await;
+    let took = until_value(&a, 7, &SOURCE, 2007).await;
+    assert!(took < Duration::from_secs(1), "another process's invalidation reached the copy after {took:?}");
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 2007);
+
+    set.primary.stop();
+    let killed = Instant::now();
+    while a.near_status().trusted {
+        assert!(killed.elapsed() < Duration::from_secs(2), "copies still trusted 2 s after the primary died");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let distrusted = killed.elapsed();
+    assert_eq!(a.near_status().copies, 0, "every copy dropped");
+    while set.primary_port() != set.replica.port() {
+        assert!(killed.elapsed() < Duration::from_secs(60), "the sentinels never promoted the replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B writes on the new primary: a second call of a fresh key is a hit.
+    loop {
+        let other = AtomicU64::new(0);
+        b.scope(near_level(500, &other)).await;
+        other.store(1, SeqCst);
+        if b.scope(near_level(500, &other)).await == 500 {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "B never cached on the new primary");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let value = until_near(&a, 7, &SOURCE, Duration::from_secs(30)).await;
+    let resumed = killed.elapsed();
+    assert_eq!(value, 2007);
+    assert_eq!(tracking_connections(set.replica.port()), 2, "A and B track the promoted replica");
+    SOURCE.store(3, SeqCst);
+    b.scope(invalidate!(near_level(7))).await;
+    let took = until_value(&a, 7, &SOURCE, 3007).await;
+    println!(
+        "sentinel near tier: copies dropped {:.0} ms after the primary was killed, near hits again {:.2} s after; \
+         an invalidation on the promoted replica reached the other process's copy after {took:?}",
+        distrusted.as_secs_f64() * 1000.0,
+        resumed.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(1), "the copy outlived an invalidation on the new primary: {took:?}");
+}
+
+/// The store's connections are handed a primary at another address while the tracking connection
+/// to the old one is alive and nothing kills it (the sentinels now name another server; the old
+/// one still answers reads and `PING`s, its writes paused). The copies read from the old primary
+/// are dropped at that moment, the tracking connection moves to the new one, and an invalidation
+/// made there drops the copies read from it. Without the move, the old server would tell nothing
+/// of the new one's changes: the copy would answer for its whole `near` life (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_copies_move_with_the_connections_when_the_sentinels_name_another_server() {
+    static SOURCE: AtomicU64 = AtomicU64::new(1);
+    let set = SentinelSet::start();
+    let elsewhere = RedisServer::start();
+    let a = sentinel_runtime(&set);
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
+    let old = set.primary.port();
+    assert_eq!(tracking_connections(old), 1);
+
+    for &port in &set.ports {
+        assert!(cli(port, &["SENTINEL", "REMOVE", MASTER]).contains("OK"));
+        let monitor =
+            cli(port, &["SENTINEL", "MONITOR", MASTER, "127.0.0.1", &elsewhere.port().to_string(), "2"]);
+        assert!(monitor.contains("OK"), "{monitor}");
+    }
+    assert_eq!(set.primary_port(), elsewhere.port());
+    SOURCE.store(2, SeqCst);
+    set.primary.pause_writes(3000).await;
+    assert_eq!(tracking_connections(old), 1, "the old primary's tracking connection is alive");
+    // A miss in A (of a function that fails, so that nothing is written after it): its lease
+    // request to the old primary times out, so A asks the sentinels again, with no other call.
+    let moved = Instant::now();
+    assert_eq!(a.scope(unavailable(8)).await, Err(8));
+    // The copy read from the old primary is dropped as soon as the sentinels have named the new
+    // one: A reads that (no entry there: computed), and keeps a copy of it once it tracks there.
+    let dropped = until_value(&a, 7, &SOURCE, 2007).await;
+    assert!(
+        dropped < Duration::from_millis(250),
+        "the old primary's copy answered for {dropped:?} after the connections moved"
+    );
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(10)).await, 2007);
+    let tracked = moved.elapsed();
+    assert_eq!(tracking_connections(elsewhere.port()), 1, "the tracking connection moved");
+    assert_eq!(tracking_connections(old), 0, "the old primary's tracking connection is closed");
+    println!(
+        "sentinel near tier: after a call found the old primary's writes paused, its copy answered for \
+         {dropped:?} more; near hits again after {tracked:?}"
+    );
+    let b = sentinel_runtime(&set);
+    SOURCE.store(3, SeqCst);
+    b.scope(invalidate!(near_level(7))).await;
+    let took = until_value(&a, 7, &SOURCE, 3007).await;
+    assert!(took < Duration::from_secs(1), "the copy outlived an invalidation on the new primary: {took:?}");
 }

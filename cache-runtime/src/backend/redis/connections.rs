@@ -91,7 +91,7 @@ pub(crate) trait Connections: Send + Sync + 'static {
     fn failed(&self, _error: &BackendError) {}
 
     /// Starts the near tier's notifications (`tracking.rs`); `false` where they are not built
-    /// (Cluster: one tracking connection per primary; Sentinel: one that follows failovers).
+    /// (Cluster: it would need one tracking connection per primary).
     fn track(&self, _near: &Arc<NearTier>, _prefixes: Vec<String>) -> bool {
         false
     }
@@ -257,7 +257,7 @@ impl Connections for Server {
         let namespace =
             if self.namespace.is_empty() { String::new() } else { format!("{}:", self.namespace) };
         super::tracking::Tracking {
-            target: self.target.clone(),
+            source: Box::new(self.target.clone()),
             namespace,
             prefixes,
             connect_timeout: self.connect_timeout,

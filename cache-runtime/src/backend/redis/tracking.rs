@@ -15,6 +15,8 @@
 //! ends with its runtime. A server that cannot track (Redis before 6, an ACL without `CLIENT`)
 //! is tried again every 2 s, logged once.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -34,8 +36,47 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// The name the connection has in `CLIENT LIST`.
 pub(crate) const CLIENT_NAME: &str = "cache-runtime-near";
 
+/// A boxed future, as [`Source`] returns them.
+pub(crate) type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The server a tracking connection is made to.
+pub(crate) trait Source: Send + Sync + 'static {
+    /// Where it is, for logs (never a password).
+    fn address(&self) -> String;
+
+    /// A RESP3 client for the server to track now, and a mark that [`Source::moved`] compares
+    /// with: taken before the server is looked up, so that a move made meanwhile counts.
+    fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>>;
+
+    /// Whether the store's connections moved to another server since `mark` was taken.
+    fn moved(&self, _mark: u64) -> bool {
+        false
+    }
+
+    /// Resolves when they may have moved, once it is known where they are (then
+    /// [`Source::moved`] tells).
+    fn moving(&self) -> Boxed<'_, ()> {
+        Box::pin(std::future::pending())
+    }
+
+    /// Told when a connection to the server located could not start tracking (it may be gone:
+    /// the next [`Source::locate`] should ask where the server is now).
+    fn failed(&self) {}
+}
+
+/// One server: always the same.
+impl Source for RedisTarget {
+    fn address(&self) -> String {
+        RedisTarget::address(self)
+    }
+
+    fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>> {
+        Box::pin(async move { Ok((self.resp3_client()?, 0)) })
+    }
+}
+
 pub(crate) struct Tracking {
-    pub(crate) target: RedisTarget,
+    pub(crate) source: Box<dyn Source>,
     /// What every key on the server starts with (`{namespace}:`), or empty.
     pub(crate) namespace: String,
     pub(crate) prefixes: Vec<String>,
@@ -66,8 +107,9 @@ impl Tracking {
                 }
                 Ok(false) => return,
                 Err(error) => {
+                    self.source.failed();
                     if !failing {
-                        tracing::warn!(address = %self.target.address(), %error, "near tier: the tracking connection failed; hits read Redis until it is back (logged once per outage)");
+                        tracing::warn!(address = %self.source.address(), %error, "near tier: the tracking connection failed; hits read Redis until it is back (logged once per outage)");
                         failing = true;
                     }
                     pause = (pause * 2).min(MAX_PAUSE);
@@ -108,7 +150,7 @@ impl Tracking {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.op_timeout))
             .set_push_sender(on_push);
-        let client = self.target.resp3_client()?;
+        let (client, mark) = self.source.locate().await?;
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
         redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
         let mut track = redis::cmd("CLIENT");
@@ -120,19 +162,27 @@ impl Tracking {
         match near.upgrade() {
             Some(tier) => {
                 tier.trust();
-                // Lost before it was trusted: the push's `distrust` came first, so undo the trust.
-                if !alive.load(SeqCst) {
+                // Lost, or the store's connections moved to another server, before it was
+                // trusted: the `distrust` that told of it came first, so undo the trust.
+                if !alive.load(SeqCst) || self.source.moved(mark) {
                     tier.distrust();
                     return Ok(true);
                 }
             }
             None => return Ok(false),
         }
-        tracing::info!(address = %self.target.address(), prefixes = ?self.prefixes, "near tier: tracking");
+        let address = client.get_connection_info().addr().to_string();
+        tracing::info!(%address, prefixes = ?self.prefixes, "near tier: tracking");
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             tokio::select! {
                 _ = lost.notified() => return Ok(true),
+                _ = self.source.moving() => {
+                    if self.source.moved(mark) {
+                        tracing::info!(%address, "near tier: the store's connections moved to another server; tracking there");
+                        return Ok(true);
+                    }
+                }
                 _ = ping.tick() => {
                     if near.strong_count() == 0 {
                         return Ok(false);
@@ -143,6 +193,9 @@ impl Tracking {
                     ).await;
                     if !matches!(answered, Ok(Ok(()))) {
                         tracing::debug!("near tier: the tracking connection did not answer a PING; dropping every copy");
+                        return Ok(true);
+                    }
+                    if self.source.moved(mark) {
                         return Ok(true);
                     }
                 }

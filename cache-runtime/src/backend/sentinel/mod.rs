@@ -2,9 +2,14 @@
 //! asked where the primary is (the `redis` crate's `SentinelClient`) on first use, and again after
 //! any call that finds the connection gone or the server read-only (a failover happened), so
 //! caching follows the primary to whichever replica the sentinels promote.
+//!
+//! The near tier's tracking connection (`backend/redis/tracking.rs`) goes to the primary the
+//! connections use, and follows them: the moment they are handed a primary at another address,
+//! every near copy is dropped and none answers until the tracking connection tracks there.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -12,9 +17,11 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
 use super::redis::connections::{manager, namespaced, scan_and_unlink, Connections};
+use super::redis::tracking::{Boxed, Source, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
 use crate::config::{CacheConfig, SentinelTarget};
 use crate::error::BackendError;
+use crate::near::NearTier;
 
 pub(crate) struct SentinelPrimary {
     shared: Arc<Shared>,
@@ -30,6 +37,15 @@ struct Shared {
     /// The primary as last answered, with its connections; `None` until asked, and again once
     /// a call finds it gone.
     current: Mutex<Option<Arc<Primary>>>,
+    /// Where the last primary answered is (kept while `current` is `None`), to tell a move.
+    address: Mutex<Option<String>>,
+    /// How many times the connections were handed a primary at another address.
+    moves: AtomicU64,
+    /// Told of each move, and of each time the primary is forgotten, for the tracking
+    /// connection.
+    moving: tokio::sync::Notify,
+    /// The near tier, once its tracking started: distrusted at each move.
+    near: OnceLock<Weak<NearTier>>,
 }
 
 struct Primary {
@@ -46,6 +62,10 @@ impl SentinelPrimary {
                 op_timeout: config.op_timeout,
                 sentinels: tokio::sync::Mutex::new(None),
                 current: Mutex::new(None),
+                address: Mutex::new(None),
+                moves: AtomicU64::new(0),
+                moving: tokio::sync::Notify::new(),
+                near: OnceLock::new(),
             }),
             namespace: config.key_namespace.clone(),
         }
@@ -99,8 +119,34 @@ impl Shared {
         let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
         let primary =
             Arc::new(Primary { info: found.get_connection_info().clone(), dbs: Default::default() });
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&primary));
+        self.install(&primary);
         Ok(primary)
+    }
+
+    /// Hands the connections `primary`. At another address than the last one, near copies read
+    /// from the last one are no longer told of changes (its tracking connection hears the old
+    /// server), so the tier is distrusted before any call can read the new one, and the tracking
+    /// connection is told to move.
+    fn install(&self, primary: &Arc<Primary>) {
+        let address = primary.info.addr().to_string();
+        let mut last = self.address.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_some_and(|last| *last != address) {
+            self.moves.fetch_add(1, SeqCst);
+            if let Some(tier) = self.near.get().and_then(Weak::upgrade) {
+                tier.distrust();
+            }
+            self.moving.notify_one();
+        }
+        *last = Some(address);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(primary));
+    }
+
+    /// A client for `info` (the primary's address and credentials) with this target's CA.
+    fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, BackendError> {
+        Ok(match CaCert::certificates(&self.target.ca) {
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
+        })
     }
 
     fn conn(&self, primary: &Primary, db: u8) -> Result<ConnectionManager, BackendError> {
@@ -109,11 +155,7 @@ impl Shared {
             return Ok(conn.clone());
         }
         let settings = primary.info.redis_settings().clone().set_db(i64::from(db));
-        let info = primary.info.clone().set_redis_settings(settings);
-        let client = match CaCert::certificates(&self.target.ca) {
-            Some(certs) => redis::Client::build_with_tls(info, certs)?,
-            None => redis::Client::open(info)?,
-        };
+        let client = self.client_for(primary.info.clone().set_redis_settings(settings))?;
         let conn = manager(client, self.connect_timeout, self.op_timeout)?;
         Ok(cell.get_or_init(|| conn).clone())
     }
@@ -128,11 +170,56 @@ impl Shared {
             || e.is_timeout()
             || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
         if moved {
-            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, primary)) {
-                *current = None;
-            }
+            self.forget(Some(primary));
         }
+    }
+
+    /// The primary (`primary`, or whichever is known) may have moved: the next call asks the
+    /// sentinels, and so does the near tier's tracking connection at once (a process whose
+    /// lookups are all answered by copies would otherwise never ask).
+    fn forget(&self, primary: Option<&Arc<Primary>>) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if primary.is_none_or(|primary| current.as_ref().is_some_and(|c| Arc::ptr_eq(c, primary))) {
+            *current = None;
+            self.moving.notify_one();
+        }
+    }
+}
+
+/// The near tier's tracking connection goes to the primary the connections use now.
+struct Tracked(Arc<Shared>);
+
+impl Source for Tracked {
+    fn address(&self) -> String {
+        format!("sentinel {}", self.0.target.address())
+    }
+
+    fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>> {
+        Box::pin(async move {
+            let mark = self.0.moves.load(SeqCst);
+            let primary = self.0.primary().await?;
+            let settings = primary.info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+            Ok((self.0.client_for(primary.info.clone().set_redis_settings(settings))?, mark))
+        })
+    }
+
+    fn moved(&self, mark: u64) -> bool {
+        self.0.moves.load(SeqCst) != mark
+    }
+
+    /// After a move, or once the primary was forgotten and the sentinels asked again (which is
+    /// a move if they name another server).
+    fn moving(&self) -> Boxed<'_, ()> {
+        Box::pin(async move {
+            self.0.moving.notified().await;
+            let _ = self.0.primary().await;
+        })
+    }
+
+    /// The primary may have gone (a failover the connections have not run into yet): the next
+    /// question asks the sentinels.
+    fn failed(&self) {
+        self.0.forget(None);
     }
 }
 
@@ -215,8 +302,21 @@ impl Connections for SentinelPrimary {
     /// failure was already checked on the connection.
     fn failed(&self, error: &BackendError) {
         if error.is_timeout() {
-            *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.shared.forget(None);
         }
+    }
+
+    fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {
+        let _ = self.shared.near.set(Arc::downgrade(near));
+        Tracking {
+            source: Box::new(Tracked(Arc::clone(&self.shared))),
+            namespace: if self.namespace.is_empty() { String::new() } else { format!("{}:", self.namespace) },
+            prefixes,
+            connect_timeout: self.shared.connect_timeout,
+            op_timeout: self.shared.op_timeout,
+        }
+        .start(near);
+        true
     }
 
     async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {
