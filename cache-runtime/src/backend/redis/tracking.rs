@@ -48,20 +48,31 @@ pub(crate) trait Source: Send + Sync + 'static {
     /// with: taken before the server is looked up, so that a move made meanwhile counts.
     fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>>;
 
-    /// Whether the store's connections moved to another server since `mark` was taken.
-    fn moved(&self, _mark: u64) -> bool {
-        false
+    /// A mark for [`Source::moved`]: how many moves so far.
+    fn mark(&self) -> u64 {
+        0
     }
 
-    /// Resolves when they may have moved, once it is known where they are (then
-    /// [`Source::moved`] tells).
+    /// Whether the store's connections moved to another server since `mark` was taken.
+    fn moved(&self, mark: u64) -> bool {
+        self.mark() != mark
+    }
+
+    /// Resolves when they may have moved: then [`Source::settle`] finds out, and
+    /// [`Source::moved`] tells.
     fn moving(&self) -> Boxed<'_, ()> {
         Box::pin(std::future::pending())
     }
 
-    /// Told when a connection to the server located could not start tracking (it may be gone:
-    /// the next [`Source::locate`] should ask where the server is now).
-    fn failed(&self) {}
+    /// Finds out where the store's connections are, if that is not known now (a move then
+    /// counts for [`Source::moved`]). Awaited to the end, never dropped halfway.
+    fn settle(&self) -> Boxed<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    /// Told when a connection to the server located at `address` could not start tracking:
+    /// if it could not be reached, the next [`Source::locate`] should ask where the server is.
+    fn failed(&self, _address: &str, _error: &BackendError) {}
 }
 
 /// One server: always the same.
@@ -107,7 +118,6 @@ impl Tracking {
                 }
                 Ok(false) => return,
                 Err(error) => {
-                    self.source.failed();
                     if !failing {
                         tracing::warn!(address = %self.source.address(), %error, "near tier: the tracking connection failed; hits read Redis until it is back (logged once per outage)");
                         failing = true;
@@ -115,7 +125,21 @@ impl Tracking {
                     pause = (pause * 2).min(MAX_PAUSE);
                 }
             }
-            tokio::time::sleep(pause).await;
+            // A move ends the pause: the server to track is known again (a primary forgotten,
+            // by this task's own failure too, does not).
+            let mark = self.source.mark();
+            let sleep = tokio::time::sleep(pause);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = self.source.moving() => {
+                        if self.source.moved(mark) {
+                            break;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -151,14 +175,25 @@ impl Tracking {
             .set_response_timeout(Some(self.op_timeout))
             .set_push_sender(on_push);
         let (client, mark) = self.source.locate().await?;
-        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-        redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
-        let mut track = redis::cmd("CLIENT");
-        track.arg("TRACKING").arg("ON").arg("BCAST");
-        for prefix in &self.prefixes {
-            track.arg("PREFIX").arg(format!("{}{prefix}", self.namespace));
-        }
-        track.query_async::<()>(&mut conn).await?;
+        let address = client.get_connection_info().addr().to_string();
+        let tracking = async {
+            let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+            redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
+            let mut track = redis::cmd("CLIENT");
+            track.arg("TRACKING").arg("ON").arg("BCAST");
+            for prefix in &self.prefixes {
+                track.arg("PREFIX").arg(format!("{}{prefix}", self.namespace));
+            }
+            track.query_async::<()>(&mut conn).await?;
+            Ok::<_, BackendError>(conn)
+        };
+        let mut conn = match tracking.await {
+            Ok(conn) => conn,
+            Err(error) => {
+                self.source.failed(&address, &error);
+                return Err(error);
+            }
+        };
         match near.upgrade() {
             Some(tier) => {
                 tier.trust();
@@ -171,13 +206,13 @@ impl Tracking {
             }
             None => return Ok(false),
         }
-        let address = client.get_connection_info().addr().to_string();
         tracing::info!(%address, prefixes = ?self.prefixes, "near tier: tracking");
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             tokio::select! {
                 _ = lost.notified() => return Ok(true),
                 _ = self.source.moving() => {
+                    self.source.settle().await;
                     if self.source.moved(mark) {
                         tracing::info!(%address, "near tier: the store's connections moved to another server; tracking there");
                         return Ok(true);
@@ -195,6 +230,9 @@ impl Tracking {
                         tracing::debug!("near tier: the tracking connection did not answer a PING; dropping every copy");
                         return Ok(true);
                     }
+                    // A question to the sentinels that a move began but did not finish is
+                    // asked again here.
+                    self.source.settle().await;
                     if self.source.moved(mark) {
                         return Ok(true);
                     }

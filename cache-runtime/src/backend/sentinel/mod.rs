@@ -196,30 +196,43 @@ impl Source for Tracked {
 
     fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>> {
         Box::pin(async move {
-            let mark = self.0.moves.load(SeqCst);
+            let mark = self.mark();
             let primary = self.0.primary().await?;
             let settings = primary.info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
             Ok((self.0.client_for(primary.info.clone().set_redis_settings(settings))?, mark))
         })
     }
 
-    fn moved(&self, mark: u64) -> bool {
-        self.0.moves.load(SeqCst) != mark
+    fn mark(&self) -> u64 {
+        self.0.moves.load(SeqCst)
     }
 
-    /// After a move, or once the primary was forgotten and the sentinels asked again (which is
-    /// a move if they name another server).
+    /// After a move, or once the primary was forgotten.
     fn moving(&self) -> Boxed<'_, ()> {
+        Box::pin(self.0.moving.notified())
+    }
+
+    /// Asks the sentinels if the primary was forgotten (a move, if they name another server).
+    fn settle(&self) -> Boxed<'_, ()> {
         Box::pin(async move {
-            self.0.moving.notified().await;
-            let _ = self.0.primary().await;
+            if self.0.current().is_none() {
+                let _ = self.0.primary().await;
+            }
         })
     }
 
-    /// The primary may have gone (a failover the connections have not run into yet): the next
-    /// question asks the sentinels.
-    fn failed(&self) {
-        self.0.forget(None);
+    /// A primary the tracking connection could not reach (not one that refused tracking) may
+    /// have gone, in a failover the connections have not run into yet: if they still use it,
+    /// the next call asks the sentinels.
+    fn failed(&self, address: &str, error: &BackendError) {
+        let unreachable = match error {
+            BackendError::Redis(failure) => failure.is_connection_failure() || error.is_timeout(),
+            other => other.is_timeout(),
+        };
+        let current = self.0.current();
+        if let Some(primary) = current.filter(|p| unreachable && p.info.addr().to_string() == address) {
+            self.0.forget(Some(&primary));
+        }
     }
 }
 
