@@ -13,6 +13,7 @@ use cache_runtime::db::{MarketData, Session};
 use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
 use support::cluster::cli;
 use support::load::Load;
+use support::near::{near_key, near_level, tracking_connections, until_distrusted, until_near, until_value};
 use support::{Fixture, RedisCluster};
 
 #[cached(db = MarketData, prefix = "px", ttl = 300, skip(calls))]
@@ -382,4 +383,137 @@ async fn direct_fills_land_where_lookups_read() {
         .await
         .unwrap();
     assert_eq!(keys, vec![format!("blue:{}", price_key(5))]);
+}
+
+/// Near copies on Cluster: every node is tracked, so another process's invalidation of a key (on
+/// whichever primary holds it), a function-wide invalidation, and a raw `DEL` drop the copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_copies_on_every_primary_are_dropped_by_another_process() {
+    static SOURCE: AtomicU64 = AtomicU64::new(1);
+    let (config, ns) = support::cluster_config();
+    let (a, b) = (Runtime::new(config.clone()), Runtime::new(config));
+    let keys: Vec<u32> = (1..=12).collect();
+    let stored = |n: u32| format!("{ns}:db5:{}", near_key(n));
+    let owners: std::collections::BTreeSet<u16> =
+        keys.iter().map(|&n| RedisCluster::shared().primary_of(&stored(n))).collect();
+    assert_eq!(owners.len(), 3, "the keys are spread over the three primaries");
+    let within = Duration::from_secs(5);
+    let mut slowest = Duration::ZERO;
+    for round in 2..=4u64 {
+        for &n in &keys {
+            assert_eq!(until_near(&a, n, &SOURCE, within).await, (round - 1) * 1000 + u64::from(n));
+        }
+        SOURCE.store(round, SeqCst);
+        match round {
+            2 => {
+                for &n in &keys {
+                    b.scope(invalidate!(near_level(n))).await;
+                }
+            }
+            3 => b.scope(invalidate!(near_level(..))).await,
+            _ => {
+                let mut raw = Fixture::cluster().await.cluster.unwrap().conn;
+                for &n in &keys {
+                    let _: () = ::redis::cmd("DEL").arg(stored(n)).query_async(&mut raw).await.unwrap();
+                }
+            }
+        }
+        for &n in &keys {
+            let took = until_value(&a, n, &SOURCE, round * 1000 + u64::from(n)).await;
+            assert!(
+                took < Duration::from_secs(1),
+                "round {round}: the copy of {n} outlived its change by {took:?}"
+            );
+            slowest = slowest.max(took);
+        }
+    }
+    println!("cluster near tier: 36 changes in another process (a key, the function, a raw DEL) reached the copies within {slowest:?}");
+    assert!(a.near_status().dropped >= 36, "{:?}", a.near_status());
+}
+
+/// A primary killed: every copy is dropped when its tracking connection goes, the node set is
+/// tracked again once the cluster has flagged the node failed, and another process's
+/// invalidation on the promoted replica drops the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_copies_follow_a_cluster_failover() {
+    static SOURCE: AtomicU64 = AtomicU64::new(1);
+    let mut cluster = RedisCluster::start(1000);
+    let ns = support::unique_namespace();
+    let config = CacheConfig::cluster(&cluster.addresses())
+        .unwrap()
+        .with_key_namespace(&ns)
+        .unwrap()
+        .with_op_timeout(Duration::from_millis(250));
+    let (a, b) = (Runtime::new(config.clone()), Runtime::new(config));
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
+    let ports: Vec<u16> =
+        cluster.addresses().iter().map(|a| a.rsplit_once(':').unwrap().1.parse().unwrap()).collect();
+    for &port in &ports {
+        assert_eq!(tracking_connections(port), 1, "A tracks every node, :{port} included");
+    }
+    let key = format!("{ns}:db5:{}", near_key(7));
+    let other = AtomicU64::new(0);
+    until_near(&b, 500, &other, Duration::from_secs(5)).await;
+
+    // A manual failover (`CLUSTER FAILOVER` on the key's replica): both nodes stay up and were
+    // tracked before, so the copy keeps answering, and a change on the new primary reaches it.
+    let old = cluster.primary_of(&key);
+    let replica = replica_of(old);
+    assert!(cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
+    let started = Instant::now();
+    while cluster.primary_of(&key) != replica {
+        assert!(started.elapsed() < Duration::from_secs(10), "the replica never took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Longer than the nodes' check (with each `PING`, every 500 ms): the set of nodes is the
+    // same, so nothing is dropped (tracking the primaries alone, it would change, and be).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = support::near::near_hits(&a);
+    assert_eq!(a.scope(near_level(7, &SOURCE)).await, 1007);
+    assert_eq!(
+        support::near::near_hits(&a),
+        before + 1,
+        "the copy was dropped by a manual failover: {:?}",
+        a.near_status()
+    );
+    SOURCE.store(2, SeqCst);
+    b.scope(invalidate!(near_level(7))).await;
+    let switched = until_value(&a, 7, &SOURCE, 2007).await;
+    assert!(
+        switched < Duration::from_secs(1),
+        "the copy outlived an invalidation on the new primary: {switched:?}"
+    );
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 2007);
+
+    // The new primary killed.
+    let killed = Instant::now();
+    cluster.kill(replica);
+    let distrusted = until_distrusted(&a, killed).await;
+    let before = support::near::near_hits(&a);
+    assert_eq!(a.scope(near_level(7, &SOURCE)).await, 2007);
+    assert_eq!(support::near::near_hits(&a), before, "a copy answered while a node was not tracked");
+    // Near hits again once the failed node is left out and the others tracked.
+    let value = until_near(&a, 7, &SOURCE, Duration::from_secs(30)).await;
+    let resumed = killed.elapsed();
+    assert_eq!(value, 2007);
+    until_near(&b, 500, &other, Duration::from_secs(30)).await;
+    SOURCE.store(3, SeqCst);
+    b.scope(invalidate!(near_level(7))).await;
+    let took = until_value(&a, 7, &SOURCE, 3007).await;
+    println!(
+        "cluster near tier: after a manual failover an invalidation on the new primary reached the copy in {switched:?}; \
+         copies dropped {:.0} ms after a primary was killed, near hits again {:.2} s after \
+         (cluster-node-timeout 1000 ms); an invalidation on the promoted replica reached the other process's copy after {took:?}",
+        distrusted.as_secs_f64() * 1000.0,
+        resumed.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(1), "the copy outlived an invalidation after the failover: {took:?}");
+}
+
+/// The port of the replica of the primary on `port`.
+fn replica_of(port: u16) -> u16 {
+    let id = cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
+    let replicas = cli(port, &["CLUSTER", "REPLICAS", &id]);
+    let addr = replicas.split_whitespace().nth(1).expect("the primary has a replica");
+    addr.split('@').next().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
 }

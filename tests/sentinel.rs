@@ -12,6 +12,7 @@ use cache_runtime::db::MarketData;
 use cache_runtime::{cached, invalidate, CacheConfig, Runtime};
 use support::cluster::cli;
 use support::load::Load;
+use support::near::{near_hits, near_level, tracking_connections, until_distrusted, until_near, until_value};
 use support::sentinel::{SentinelSet, MASTER};
 use support::RedisServer;
 
@@ -83,52 +84,10 @@ async fn the_primary_fails_over_under_load() {
     assert_eq!(promoted, set.replica.port());
 }
 
-/// `source`'s version and `n`: what the function returns now.
-#[cached(db = MarketData, prefix = "sn_near", ttl = 300, near = "60s", skip(source))]
-async fn near_level(n: u32, source: &AtomicU64) -> u64 {
-    source.load(SeqCst) * 1000 + u64::from(n)
-}
-
 /// Never cached: it fails.
-#[cached(db = MarketData, prefix = "sn_near", ttl = 300)]
+#[cached(db = MarketData, prefix = "sn_fails", ttl = 300)]
 async fn unavailable(n: u32) -> Result<u64, u32> {
     Err(n)
-}
-
-fn near_hits(rt: &Runtime) -> u64 {
-    rt.stats().get(5, "sn_near").map_or(0, |s| s.near_hits)
-}
-
-/// Calls `near_level(n)` in `rt` until a near copy answers it (the tier trusted: tracking on the
-/// primary the store reads), within `within`; what it answered.
-async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
-    let started = Instant::now();
-    loop {
-        let before = near_hits(rt);
-        let value = rt.scope(near_level(n, source)).await;
-        if near_hits(rt) > before {
-            return value;
-        }
-        assert!(started.elapsed() < within, "no near hit within {within:?}: {:?}", rt.near_status());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Calls `near_level(n)` in `rt` until it answers `want`; how long that took (at most 10 s).
-async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
-    let started = Instant::now();
-    loop {
-        if rt.scope(near_level(n, source)).await == want {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "still not {want} after 10 s");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// How many tracking connections (`cache-runtime-near`) the server on `port` has.
-fn tracking_connections(port: u16) -> usize {
-    cli(port, &["CLIENT", "LIST"]).lines().filter(|l| l.contains("name=cache-runtime-near")).count()
 }
 
 fn sentinel_runtime(set: &SentinelSet) -> Runtime {
@@ -153,16 +112,7 @@ async fn near_copies_follow_the_primary_through_a_failover() {
 
     set.primary.stop();
     let killed = Instant::now();
-    // Distrusted, then emptied (by the tracking task, on another thread: both are waited for).
-    while a.near_status().trusted || a.near_status().copies > 0 {
-        assert!(
-            killed.elapsed() < Duration::from_secs(2),
-            "copies still kept 2 s after the primary died: {:?}",
-            a.near_status()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let distrusted = killed.elapsed();
+    let distrusted = until_distrusted(&a, killed).await;
     let before = near_hits(&a);
     assert_eq!(a.scope(near_level(7, &SOURCE)).await, 2007);
     assert_eq!(near_hits(&a), before, "a copy answered while nothing tracked");

@@ -191,10 +191,10 @@ async fn write(
 }
 
 /// How long after an invalidation returned a read in another process may still miss it: the
-/// notification's way ([`NEAR_BOUND`]), or, without near copies (Cluster: no tracking), the next
-/// read of the function's generation for a function-wide one ([`GENERATION_BOUND`]).
+/// notification's way ([`NEAR_BOUND`]), or, without near copies (the disk backend: no tracking),
+/// the next read of the function's generation for a function-wide one ([`GENERATION_BOUND`]).
 fn bound(fx: &Fixture, mode: Mode) -> Duration {
-    let tracked = fx.cluster.is_none() && fx.disk.is_none();
+    let tracked = fx.disk.is_none();
     if matches!(mode, Mode::NearAll) && fx.is_remote() && !tracked {
         GENERATION_BOUND
     } else {
@@ -337,8 +337,8 @@ async fn near_property(fx: &mut Fixture, mode: Mode, seed: u64) {
     if !fx.is_remote() {
         assert_eq!(near, 0, "in one process a near copy outlived an invalidation (seed {seed:#x})");
     }
-    // Where the tier is available (not on Cluster nor disk), copies must have answered.
-    if fx.cluster.is_none() && fx.disk.is_none() {
+    // Where the tier is available (not on disk), copies must have answered.
+    if fx.disk.is_none() {
         assert!(near_hits > 0, "no read was answered by a near copy: this run proves nothing");
     }
     let bound = bound(fx, mode);

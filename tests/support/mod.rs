@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod http;
 pub mod load;
 pub mod logs;
+pub mod near;
 pub mod proxy;
 pub mod sentinel;
 pub mod tls;

@@ -1,11 +1,14 @@
 //! Redis Cluster, as the Redis store's [`Connections`]: one multiplexed cluster connection (the
 //! `redis` crate's async cluster client, which follows `MOVED`/`ASK` and a failover's new
 //! topology), each DB marker in a key namespace of its own (`db{N}:`; Cluster has only DB 0),
-//! pipelines kept within one slot, and `clear`/`health_check` on every primary.
+//! pipelines kept within one slot, and `clear`/`health_check` on every primary. The near tier's
+//! tracking connections, one to every node, are in `tracking.rs`.
+
+mod tracking;
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
@@ -13,9 +16,11 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo};
 
 use super::redis::connections::{scan_and_unlink, Connections};
+use super::redis::tracking::{Strip, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
 use crate::config::{CacheConfig, ClusterTarget};
 use crate::error::BackendError;
+use crate::near::NearTier;
 
 pub(crate) struct ClusterNodes {
     target: ClusterTarget,
@@ -23,6 +28,8 @@ pub(crate) struct ClusterNodes {
     op_timeout: Duration,
     /// What each DB's stored keys start with: `[{namespace}:]db{N}:`.
     prefixes: [String; 16],
+    /// `{namespace}:`, or empty.
+    namespace: String,
     conn: OnceLock<ClusterConnection>,
 }
 
@@ -36,6 +43,10 @@ impl ClusterNodes {
                 "" => format!("db{db}:"),
                 namespace => format!("{namespace}:db{db}:"),
             }),
+            namespace: match config.key_namespace.as_str() {
+                "" => String::new(),
+                namespace => format!("{namespace}:"),
+            },
             conn: OnceLock::new(),
         }
     }
@@ -130,6 +141,23 @@ impl Connections for ClusterNodes {
     }
 
     fn replicated(&self) -> bool {
+        true
+    }
+
+    /// Tracking connections to every node (`tracking.rs`), over the prefixes in every DB's
+    /// namespace.
+    fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {
+        let Ok(conn) = self.conn(0) else { return false };
+        let tracked =
+            self.prefixes.iter().flat_map(|db| prefixes.iter().map(move |prefix| format!("{db}{prefix}")));
+        Tracking {
+            source: Box::new(tracking::Nodes::new(conn, self.target.clone())),
+            prefixes: tracked.collect(),
+            strip: Strip { namespace: self.namespace.clone(), dbs: true },
+            connect_timeout: self.connect_timeout,
+            op_timeout: self.op_timeout,
+        }
+        .start(near);
         true
     }
 

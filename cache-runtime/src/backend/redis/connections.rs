@@ -90,8 +90,7 @@ pub(crate) trait Connections: Send + Sync + 'static {
     /// Told of every failed call (Sentinel asks where the primary is now).
     fn failed(&self, _error: &BackendError) {}
 
-    /// Starts the near tier's notifications (`tracking.rs`); `false` where they are not built
-    /// (Cluster: it would need one tracking connection per primary).
+    /// Starts the near tier's notifications (`tracking.rs`); `false` where they are not built.
     fn track(&self, _near: &Arc<NearTier>, _prefixes: Vec<String>) -> bool {
         false
     }
@@ -258,8 +257,8 @@ impl Connections for Server {
             if self.namespace.is_empty() { String::new() } else { format!("{}:", self.namespace) };
         super::tracking::Tracking {
             source: Box::new(self.target.clone()),
-            namespace,
-            prefixes,
+            prefixes: prefixes.iter().map(|prefix| format!("{namespace}{prefix}")).collect(),
+            strip: super::tracking::Strip { namespace, dbs: false },
             connect_timeout: self.connect_timeout,
             op_timeout: self.op_timeout,
         }

@@ -44,9 +44,9 @@ pub(crate) trait Source: Send + Sync + 'static {
     /// Where it is, for logs (never a password).
     fn address(&self) -> String;
 
-    /// A RESP3 client for the server to track now, and a mark that [`Source::moved`] compares
-    /// with: taken before the server is looked up, so that a move made meanwhile counts.
-    fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>>;
+    /// A RESP3 client for each server to track now, and a mark that [`Source::moved`] compares
+    /// with: taken before the servers are looked up, so that a move made meanwhile counts.
+    fn locate(&self) -> Boxed<'_, Result<(Vec<redis::Client>, u64), BackendError>>;
 
     /// A mark for [`Source::moved`]: how many moves so far.
     fn mark(&self) -> u64 {
@@ -81,15 +81,16 @@ impl Source for RedisTarget {
         RedisTarget::address(self)
     }
 
-    fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>> {
-        Box::pin(async move { Ok((self.resp3_client()?, 0)) })
+    fn locate(&self) -> Boxed<'_, Result<(Vec<redis::Client>, u64), BackendError>> {
+        Box::pin(async move { Ok((vec![self.resp3_client()?], 0)) })
     }
 }
 
 pub(crate) struct Tracking {
     pub(crate) source: Box<dyn Source>,
-    /// What every key on the server starts with (`{namespace}:`), or empty.
-    pub(crate) namespace: String,
+    /// What the keys the servers name start with, before the near tier's.
+    pub(crate) strip: Strip,
+    /// The prefixes tracked, as the servers store them (`strip`'s start included).
     pub(crate) prefixes: Vec<String>,
     pub(crate) connect_timeout: Duration,
     pub(crate) op_timeout: Duration,
@@ -143,57 +144,27 @@ impl Tracking {
         }
     }
 
-    /// One connection's life: `Ok(true)` when it was lost after tracking, `Ok(false)` when the
-    /// runtime is gone, `Err` when it could not start tracking.
+    /// One session's life (a tracking connection to each server located): `Ok(true)` when one
+    /// was lost after tracking, or the servers moved; `Ok(false)` when the runtime is gone;
+    /// `Err` when one could not start tracking.
     async fn session(&self, near: &Weak<NearTier>) -> Result<bool, BackendError> {
-        // Pushes are handled on the connection's own task, in the order the server sent them,
+        // Pushes are handled on each connection's own task, in the order the server sent them,
         // as they arrive: nothing queues them, and a slow `PING` below delays none.
         let alive = Arc::new(AtomicBool::new(true));
         let lost = Arc::new(tokio::sync::Notify::new());
-        let (tier, namespace, on_push_alive, on_push_lost) =
-            (near.clone(), self.namespace.clone(), Arc::clone(&alive), Arc::clone(&lost));
-        let on_push = move |push: PushInfo| -> Result<(), ()> {
-            match push.kind {
-                PushKind::Invalidate => {
-                    if let Some(tier) = tier.upgrade() {
-                        invalidated(&tier, &namespace, &push.data);
-                    }
+        let (clients, mark) = self.source.locate().await?;
+        let mut conns = Vec::with_capacity(clients.len());
+        for client in &clients {
+            let address = client.get_connection_info().addr().to_string();
+            match self.connect(client, near, &alive, &lost).await {
+                Ok(conn) => conns.push((address, conn)),
+                Err(error) => {
+                    self.source.failed(&address, &error);
+                    return Err(error);
                 }
-                PushKind::Disconnection => {
-                    on_push_alive.store(false, SeqCst);
-                    if let Some(tier) = tier.upgrade() {
-                        tier.distrust();
-                    }
-                    on_push_lost.notify_one();
-                }
-                _ => {}
             }
-            Ok(())
-        };
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.op_timeout))
-            .set_push_sender(on_push);
-        let (client, mark) = self.source.locate().await?;
-        let address = client.get_connection_info().addr().to_string();
-        let tracking = async {
-            let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-            redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
-            let mut track = redis::cmd("CLIENT");
-            track.arg("TRACKING").arg("ON").arg("BCAST");
-            for prefix in &self.prefixes {
-                track.arg("PREFIX").arg(format!("{}{prefix}", self.namespace));
-            }
-            track.query_async::<()>(&mut conn).await?;
-            Ok::<_, BackendError>(conn)
-        };
-        let mut conn = match tracking.await {
-            Ok(conn) => conn,
-            Err(error) => {
-                self.source.failed(&address, &error);
-                return Err(error);
-            }
-        };
+        }
+        let addresses: Vec<String> = conns.iter().map(|(address, _)| address.clone()).collect();
         match near.upgrade() {
             Some(tier) => {
                 tier.trust();
@@ -206,7 +177,7 @@ impl Tracking {
             }
             None => return Ok(false),
         }
-        tracing::info!(%address, prefixes = ?self.prefixes, "near tier: tracking");
+        tracing::info!(?addresses, prefixes = ?self.prefixes, "near tier: tracking");
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
             tokio::select! {
@@ -214,7 +185,7 @@ impl Tracking {
                 _ = self.source.moving() => {
                     self.source.settle().await;
                     if self.source.moved(mark) {
-                        tracing::info!(%address, "near tier: the store's connections moved to another server; tracking there");
+                        tracing::info!(?addresses, "near tier: the store's connections moved to other servers; tracking there");
                         return Ok(true);
                     }
                 }
@@ -222,28 +193,99 @@ impl Tracking {
                     if near.strong_count() == 0 {
                         return Ok(false);
                     }
-                    let answered = tokio::time::timeout(
-                        self.op_timeout,
-                        redis::cmd("PING").query_async::<()>(&mut conn),
-                    ).await;
-                    if !matches!(answered, Ok(Ok(()))) {
-                        tracing::debug!("near tier: the tracking connection did not answer a PING; dropping every copy");
-                        return Ok(true);
+                    for (address, conn) in &mut conns {
+                        let answered = tokio::time::timeout(
+                            self.op_timeout,
+                            redis::cmd("PING").query_async::<()>(conn),
+                        ).await;
+                        if !matches!(answered, Ok(Ok(()))) {
+                            tracing::debug!(%address, "near tier: a tracking connection did not answer a PING; dropping every copy");
+                            return Ok(true);
+                        }
                     }
-                    // A question to the sentinels that a move began but did not finish is
-                    // asked again here.
+                    // Where the servers are is checked again (Cluster: its nodes), and a
+                    // question to the sentinels that a move began but did not finish is asked
+                    // again.
                     self.source.settle().await;
                     if self.source.moved(mark) {
+                        tracing::info!(?addresses, "near tier: the servers to track changed; tracking them");
                         return Ok(true);
                     }
                 }
             }
         }
     }
+
+    /// A connection to `client`'s server that tracks the prefixes, its pushes handled as they
+    /// arrive; its loss clears `alive` and distrusts the tier at once.
+    async fn connect(
+        &self,
+        client: &redis::Client,
+        near: &Weak<NearTier>,
+        alive: &Arc<AtomicBool>,
+        lost: &Arc<tokio::sync::Notify>,
+    ) -> Result<redis::aio::MultiplexedConnection, BackendError> {
+        let (tier, strip, alive, lost) =
+            (near.clone(), self.strip.clone(), Arc::clone(alive), Arc::clone(lost));
+        let on_push = move |push: PushInfo| -> Result<(), ()> {
+            match push.kind {
+                PushKind::Invalidate => {
+                    if let Some(tier) = tier.upgrade() {
+                        invalidated(&tier, &strip, &push.data);
+                    }
+                }
+                PushKind::Disconnection => {
+                    alive.store(false, SeqCst);
+                    if let Some(tier) = tier.upgrade() {
+                        tier.distrust();
+                    }
+                    lost.notify_one();
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.op_timeout))
+            .set_push_sender(on_push);
+        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+        redis::cmd("CLIENT").arg("SETNAME").arg(CLIENT_NAME).query_async::<()>(&mut conn).await?;
+        let mut track = redis::cmd("CLIENT");
+        track.arg("TRACKING").arg("ON").arg("BCAST");
+        for prefix in &self.prefixes {
+            track.arg("PREFIX").arg(prefix);
+        }
+        track.query_async::<()>(&mut conn).await?;
+        Ok(conn)
+    }
+}
+
+/// What the keys a server names start with, before the key the near tier knows
+/// (`{prefix}:{function}:...`): the key namespace (`{namespace}:`, or empty), and on Cluster
+/// the DB's (`db{N}:`).
+#[derive(Clone)]
+pub(crate) struct Strip {
+    pub(crate) namespace: String,
+    pub(crate) dbs: bool,
+}
+
+impl Strip {
+    /// `key` as the near tier knows it.
+    fn key<'k>(&self, key: &'k str) -> &'k str {
+        let key = key.strip_prefix(self.namespace.as_str()).unwrap_or(key);
+        if !self.dbs {
+            return key;
+        }
+        key.strip_prefix("db")
+            .and_then(|rest| rest.split_once(':'))
+            .filter(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(key, |(_, rest)| rest)
+    }
 }
 
 /// An `invalidate` push: the keys that changed, or a null after `FLUSHALL`/`FLUSHDB`.
-fn invalidated(tier: &NearTier, namespace: &str, data: &[Value]) {
+fn invalidated(tier: &NearTier, strip: &Strip, data: &[Value]) {
     match data.first() {
         Some(Value::Array(keys)) => {
             for key in keys {
@@ -252,11 +294,30 @@ fn invalidated(tier: &NearTier, namespace: &str, data: &[Value]) {
                     Value::SimpleString(s) => s.as_str().into(),
                     _ => continue,
                 };
-                let name = name.strip_prefix(namespace).unwrap_or(&name);
-                tier.changed(name);
+                tier.changed(strip.key(&name));
             }
         }
         // `FLUSHALL` / `FLUSHDB`, or a message this code does not know: drop everything.
         _ => tier.flush(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Strip;
+
+    #[test]
+    fn a_pushed_key_is_read_back_without_the_namespace_or_the_clusters_db() {
+        let plain = Strip { namespace: "ns:".into(), dbs: false };
+        assert_eq!(plain.key("ns:market:quote:{ab}"), "market:quote:{ab}");
+        assert_eq!(plain.key("market:quote:{ab}"), "market:quote:{ab}");
+        let cluster = Strip { namespace: "ns:".into(), dbs: true };
+        assert_eq!(cluster.key("ns:db5:market:quote:{ab}"), "market:quote:{ab}");
+        assert_eq!(cluster.key("ns:db14:market:quote:gen"), "market:quote:gen");
+        // A prefix that only looks like a DB's is left as it is.
+        assert_eq!(cluster.key("ns:dbx:market:quote:{ab}"), "dbx:market:quote:{ab}");
+        assert_eq!(cluster.key("ns:db:market"), "db:market");
+        let bare = Strip { namespace: String::new(), dbs: true };
+        assert_eq!(bare.key("db0:p:f:{00}"), "p:f:{00}");
     }
 }

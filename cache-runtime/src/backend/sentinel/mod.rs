@@ -17,7 +17,7 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
 use super::redis::connections::{manager, namespaced, scan_and_unlink, Connections};
-use super::redis::tracking::{Boxed, Source, Tracking};
+use super::redis::tracking::{Boxed, Source, Strip, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
 use crate::config::{CacheConfig, SentinelTarget};
 use crate::error::BackendError;
@@ -194,12 +194,12 @@ impl Source for Tracked {
         format!("sentinel {}", self.0.target.address())
     }
 
-    fn locate(&self) -> Boxed<'_, Result<(redis::Client, u64), BackendError>> {
+    fn locate(&self) -> Boxed<'_, Result<(Vec<redis::Client>, u64), BackendError>> {
         Box::pin(async move {
             let mark = self.mark();
             let primary = self.0.primary().await?;
             let settings = primary.info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
-            Ok((self.0.client_for(primary.info.clone().set_redis_settings(settings))?, mark))
+            Ok((vec![self.0.client_for(primary.info.clone().set_redis_settings(settings))?], mark))
         })
     }
 
@@ -321,10 +321,12 @@ impl Connections for SentinelPrimary {
 
     fn track(&self, near: &Arc<NearTier>, prefixes: Vec<String>) -> bool {
         let _ = self.shared.near.set(Arc::downgrade(near));
+        let namespace =
+            if self.namespace.is_empty() { String::new() } else { format!("{}:", self.namespace) };
         Tracking {
             source: Box::new(Tracked(Arc::clone(&self.shared))),
-            namespace: if self.namespace.is_empty() { String::new() } else { format!("{}:", self.namespace) },
-            prefixes,
+            prefixes: prefixes.iter().map(|prefix| format!("{namespace}{prefix}")).collect(),
+            strip: Strip { namespace, dbs: false },
             connect_timeout: self.shared.connect_timeout,
             op_timeout: self.shared.op_timeout,
         }

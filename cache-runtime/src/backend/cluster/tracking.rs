@@ -1,0 +1,164 @@
+//! The near tier's notifications on Cluster: the tracking session (`backend/redis/tracking.rs`)
+//! keeps a tracking connection to every node the cluster names, primaries and replicas alike.
+//! Each node pushes the keys written on it, and a replica those its primary sends it, so a
+//! replica promoted in a failover was already heard before the cluster client reads from it.
+//! The nodes are asked again (`CLUSTER NODES`, through the store's cluster connection) with each
+//! `PING` of the tracking connections: a node that joins or leaves ends the session, the tier
+//! distrusted until every node of the new set tracks. A node flagged failed (`fail`), or not yet
+//! known by address (`handshake`, `noaddr`), is not tracked.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::ConnectionAddr;
+
+use super::super::redis::tracking::{Boxed, Source};
+use crate::config::targets::CaCert;
+use crate::config::ClusterTarget;
+use crate::error::BackendError;
+
+/// The nodes of one cluster, as the tracking session's [`Source`].
+pub(crate) struct Nodes {
+    conn: ClusterConnection,
+    target: ClusterTarget,
+    /// A fingerprint of the nodes last seen (their addresses, sorted).
+    seen: AtomicU64,
+}
+
+impl Nodes {
+    pub(crate) fn new(conn: ClusterConnection, target: ClusterTarget) -> Self {
+        Nodes { conn, target, seen: AtomicU64::new(0) }
+    }
+
+    /// The addresses of the nodes to track, sorted; their fingerprint recorded as seen.
+    async fn ask(&self) -> Result<Vec<(String, u16)>, BackendError> {
+        let reply = self
+            .conn
+            .clone()
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        let text: String = redis::from_redis_value(reply)?;
+        let nodes = trackable(&text);
+        let mut hasher = DefaultHasher::new();
+        nodes.hash(&mut hasher);
+        self.seen.store(hasher.finish(), SeqCst);
+        Ok(nodes)
+    }
+
+    /// A RESP3 client for the node at `host:port`, with the cluster's credentials and TLS.
+    fn client(&self, host: String, port: u16) -> Result<redis::Client, BackendError> {
+        let template = self.target.nodes.first().cloned().ok_or_else(|| {
+            BackendError::from(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no cluster node configured",
+            )))
+        })?;
+        let addr = match template.addr() {
+            ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
+                ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
+            }
+            _ if self.target.tls => ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        let mut settings = template.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+        if let Some(username) = &self.target.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.target.password {
+            settings = settings.set_password(password);
+        }
+        let info = template.set_addr(addr).set_redis_settings(settings);
+        Ok(match CaCert::certificates(&self.target.ca) {
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
+        })
+    }
+}
+
+impl Source for Nodes {
+    fn address(&self) -> String {
+        format!("cluster {}", self.target.address())
+    }
+
+    fn locate(&self) -> Boxed<'_, Result<(Vec<redis::Client>, u64), BackendError>> {
+        Box::pin(async move {
+            let nodes = self.ask().await?;
+            let mark = self.mark();
+            let clients = nodes.into_iter().map(|(host, port)| self.client(host, port));
+            Ok((clients.collect::<Result<_, _>>()?, mark))
+        })
+    }
+
+    fn mark(&self) -> u64 {
+        self.seen.load(SeqCst)
+    }
+
+    /// The nodes asked again; if the cluster does not answer, the last answer stands (the
+    /// tracking connections' own `PING`s tell whether the nodes are there).
+    fn settle(&self) -> Boxed<'_, ()> {
+        Box::pin(async move {
+            let _ = self.ask().await;
+        })
+    }
+}
+
+/// The nodes of a `CLUSTER NODES` reply to track: each line is `id ip:port@cport[,hostname]
+/// flags master ...`; those flagged `fail`, `handshake` or `noaddr` are left out.
+fn trackable(reply: &str) -> Vec<(String, u16)> {
+    let mut nodes = Vec::new();
+    for line in reply.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_id), Some(addr), Some(flags)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if flags.split(',').any(|flag| matches!(flag, "fail" | "handshake" | "noaddr")) {
+            continue;
+        }
+        let addr = addr.split(['@', ',']).next().unwrap_or(addr);
+        let Some((host, port)) = addr.rsplit_once(':') else { continue };
+        let (host, Ok(port)) = (host.trim_start_matches('[').trim_end_matches(']'), port.parse::<u16>())
+        else {
+            continue;
+        };
+        if host.is_empty() || port == 0 {
+            continue;
+        }
+        nodes.push((host.to_owned(), port));
+    }
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trackable;
+
+    #[test]
+    fn every_node_but_the_failed_and_unknown_ones_is_tracked() {
+        let reply = "\
+07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@40002,node-b.example master - 0 1426238316232 2 connected 5461-10922
+292f 127.0.0.1:30003@40003 master,fail - 1426238318243 1426238318243 3 disconnected
+6ec2 127.0.0.1:30005@40005 master,fail? - 0 1426238316232 5 connected
+824f :0@0 master,noaddr - 0 0 0 disconnected
+e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
+9a1b [::1]:30006@40006 handshake - 0 0 0 connected
+";
+        assert_eq!(
+            trackable(reply),
+            vec![
+                ("127.0.0.1".to_owned(), 30001),
+                ("127.0.0.1".to_owned(), 30002),
+                ("127.0.0.1".to_owned(), 30004),
+                ("127.0.0.1".to_owned(), 30005),
+            ]
+        );
+    }
+}
