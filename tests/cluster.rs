@@ -13,7 +13,7 @@ use cache_runtime::db::{MarketData, Session};
 use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
 use support::cluster::cli;
 use support::load::Load;
-use support::near::{near_key, near_level, tracking_connections, until_distrusted, until_near, until_value};
+use support::near::{tracking_connections, until_distrusted};
 use support::{Fixture, RedisCluster};
 
 #[cached(db = MarketData, prefix = "px", ttl = 300, skip(calls))]
@@ -385,6 +385,30 @@ async fn direct_fills_land_where_lookups_read() {
     assert_eq!(keys, vec![format!("blue:{}", price_key(5))]);
 }
 
+/// `source`'s version and `n`: what the function returns now.
+#[cached(db = MarketData, prefix = "cl_near", ttl = 300, near = "60s", skip(source))]
+async fn near_level(n: u32, source: &AtomicU64) -> u64 {
+    source.load(SeqCst) * 1000 + u64::from(n)
+}
+
+fn near_hits(rt: &Runtime) -> u64 {
+    support::near::near_hits(rt, "cl_near")
+}
+
+/// `near_level(n)` in `rt` until a near copy answers it, within `within`; what it answered.
+async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
+    support::near::until_near(rt, "cl_near", || near_level(n, source), within).await
+}
+
+/// `near_level(n)` in `rt` until it answers `want`; how long that took.
+async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
+    support::near::until_value(rt, || near_level(n, source), want).await
+}
+
+fn near_key(n: u32) -> String {
+    KeyBuilder::new(module_path!(), "cl_near", "near_level").arg(&n).finish().unwrap()
+}
+
 /// Near copies on Cluster: every node is tracked, so another process's invalidation of a key (on
 /// whichever primary holds it), a function-wide invalidation, and a raw `DEL` drop the copies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,13 +467,13 @@ async fn near_copies_follow_a_cluster_failover() {
         .unwrap()
         .with_key_namespace(&ns)
         .unwrap()
-        .with_op_timeout(Duration::from_millis(250));
+        .with_op_timeout(Duration::from_secs(1));
     let (a, b) = (Runtime::new(config.clone()), Runtime::new(config));
     assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
     let ports: Vec<u16> =
         cluster.addresses().iter().map(|a| a.rsplit_once(':').unwrap().1.parse().unwrap()).collect();
     for &port in &ports {
-        assert_eq!(tracking_connections(port), 1, "A tracks every node, :{port} included");
+        until_tracked(port, 1);
     }
     let key = format!("{ns}:db5:{}", near_key(7));
     let other = AtomicU64::new(0);
@@ -468,14 +492,9 @@ async fn near_copies_follow_a_cluster_failover() {
     // Longer than the nodes' check (with each `PING`, every 500 ms): the set of nodes is the
     // same, so nothing is dropped (tracking the primaries alone, it would change, and be).
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let before = support::near::near_hits(&a);
+    let before = near_hits(&a);
     assert_eq!(a.scope(near_level(7, &SOURCE)).await, 1007);
-    assert_eq!(
-        support::near::near_hits(&a),
-        before + 1,
-        "the copy was dropped by a manual failover: {:?}",
-        a.near_status()
-    );
+    assert_eq!(near_hits(&a), before + 1, "the copy was dropped by a manual failover: {:?}", a.near_status());
     SOURCE.store(2, SeqCst);
     b.scope(invalidate!(near_level(7))).await;
     let switched = until_value(&a, 7, &SOURCE, 2007).await;
@@ -485,13 +504,22 @@ async fn near_copies_follow_a_cluster_failover() {
     );
     assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 2007);
 
+    // A node joins (no slots yet): the next check of the nodes ends the session, every copy is
+    // dropped, and the new set (the new node included) is tracked.
+    let joined = cluster.add_node();
+    until_tracked(joined, 1);
+    let before = near_hits(&a);
+    assert_eq!(a.scope(near_level(7, &SOURCE)).await, 2007);
+    assert_eq!(near_hits(&a), before, "a copy kept before the node joined still answered");
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 2007);
+
     // The new primary killed.
     let killed = Instant::now();
     cluster.kill(replica);
     let distrusted = until_distrusted(&a, killed).await;
-    let before = support::near::near_hits(&a);
+    let before = near_hits(&a);
     assert_eq!(a.scope(near_level(7, &SOURCE)).await, 2007);
-    assert_eq!(support::near::near_hits(&a), before, "a copy answered while a node was not tracked");
+    assert_eq!(near_hits(&a), before, "a copy answered while a node was not tracked");
     // Near hits again once the failed node is left out and the others tracked.
     let value = until_near(&a, 7, &SOURCE, Duration::from_secs(30)).await;
     let resumed = killed.elapsed();
@@ -508,6 +536,15 @@ async fn near_copies_follow_a_cluster_failover() {
         resumed.as_secs_f64()
     );
     assert!(took < Duration::from_secs(1), "the copy outlived an invalidation after the failover: {took:?}");
+}
+
+/// Waits until the node on `port` has `n` tracking connections (within 10 s).
+fn until_tracked(port: u16, n: usize) {
+    let started = Instant::now();
+    while tracking_connections(port) != n {
+        assert!(started.elapsed() < Duration::from_secs(10), ":{port} never had {n} tracking connections");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The port of the replica of the primary on `port`.

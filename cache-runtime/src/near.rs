@@ -3,11 +3,13 @@
 //! process that the entry changed, so copies are kept only where something does:
 //!
 //! - on the embedded backend, the store itself, synchronously, on every write, delete and clear;
-//! - on one Redis server, or the primary behind Sentinel, Redis's server-assisted client-side
-//!   caching: a connection of its own in RESP3 with `CLIENT TRACKING ON BCAST` over the prefixes
-//!   of the functions that keep copies (`backend/redis/tracking.rs`). Every write to those keys,
-//!   from any process, is pushed to it. Behind Sentinel it follows the store's connections to
-//!   each new primary, the tier distrusted from the moment they move (`backend/sentinel`).
+//! - on Redis (one server, the primary behind Sentinel, or every node of a Cluster), Redis's
+//!   server-assisted client-side caching: connections of its own in RESP3 with `CLIENT TRACKING
+//!   ON BCAST` over the prefixes of the functions that keep copies (`backend/redis/tracking.rs`).
+//!   Every write to those keys, from any process, is pushed to them. Behind Sentinel the
+//!   connection follows the store's to each new primary, the tier distrusted from the moment
+//!   they move (`backend/sentinel`); on Cluster a change in the set of nodes ends the session
+//!   (`backend/cluster/tracking.rs`).
 //!
 //! Until that connection is tracking, and again from the moment it drops until it tracks again,
 //! the tier is *untrusted*: no copy answers and none is kept. Each copy also expires on its own,

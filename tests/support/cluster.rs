@@ -16,6 +16,8 @@ install it (Debian/Ubuntu: `apt-get install redis-tools`, macOS: `brew install r
 /// dropped, and also when the test binary exits without dropping it (a static, a killed run).
 pub struct Node {
     pub port: u16,
+    /// Its cluster bus port (not `port + 10000`: both are free ports).
+    bus: u16,
     alive: bool,
     /// The shell around the node, and its stdin (the lifeline).
     shell: Option<Child>,
@@ -127,6 +129,31 @@ impl RedisCluster {
             }
         }
         panic!("no primary owns slot {slot}")
+    }
+
+    /// Starts a node without slots and makes the cluster meet it; its port, once every node
+    /// knows it by address.
+    pub fn add_node(&mut self) -> u16 {
+        let dir = self._dir.path().join(format!("node{}", self.nodes.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = spawn_node(&dir, false, 1000);
+        let (port, bus) = (node.port, node.bus);
+        self.nodes.push(node);
+        let met =
+            cli(self.nodes[0].port, &["CLUSTER", "MEET", "127.0.0.1", &port.to_string(), &bus.to_string()]);
+        assert!(met.contains("OK"), "CLUSTER MEET: {met}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let id = self.node_id(port);
+        while !self.nodes.iter().filter(|n| n.alive).all(|n| {
+            cli(n.port, &["CLUSTER", "NODES"]).lines().any(|l| l.starts_with(&id) && !l.contains("handshake"))
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not meet the node on port {port} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        port
     }
 
     /// Kills a node (SIGKILL): its replica is promoted after the node timeout.
@@ -244,7 +271,7 @@ fn spawn_node(dir: &std::path::Path, shared: bool, node_timeout_ms: u64) -> Node
         } else {
             Some(child)
         };
-        return Node { port, alive: true, shell, lifeline, pid };
+        return Node { port, bus, alive: true, shell, lifeline, pid };
     }
     panic!("could not start a cluster node: {last}");
 }

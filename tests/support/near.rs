@@ -1,31 +1,30 @@
-//! Near copies across a failover (Sentinel, Cluster): a function that keeps them, and waits for
-//! a copy to answer or for a value to be seen.
+//! Near copies across a failover (Sentinel, Cluster): waits for a copy to answer or for a value
+//! to be seen, given the call to make (a cached function with `near`, of the test's own: a
+//! cached function here would be registered in every test binary) and its prefix.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use cache_runtime::db::MarketData;
-use cache_runtime::{cached, Runtime};
+use cache_runtime::Runtime;
 
-/// `source`'s version and `n`: what the function returns now.
-#[cached(db = MarketData, prefix = "follow_near", ttl = 300, near = "60s", skip(source))]
-pub async fn near_level(n: u32, source: &AtomicU64) -> u64 {
-    source.load(SeqCst) * 1000 + u64::from(n)
+/// The near hits `rt` counted for functions of `prefix` in DB 5.
+pub fn near_hits(rt: &Runtime, prefix: &str) -> u64 {
+    rt.stats().get(5, prefix).map_or(0, |s| s.near_hits)
 }
 
-/// The near hits `rt` counted for [`near_level`].
-pub fn near_hits(rt: &Runtime) -> u64 {
-    rt.stats().get(5, "follow_near").map_or(0, |s| s.near_hits)
-}
-
-/// Calls `near_level(n)` in `rt` until a near copy answers it (the tier trusted: tracking where the
-/// store reads), within `within`; what it answered.
-pub async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
+/// Makes `call` in `rt` until a near copy of `prefix` answers it (the tier trusted: tracking where
+/// the store reads), within `within`; what it answered.
+pub async fn until_near<F: Future<Output = u64>>(
+    rt: &Runtime,
+    prefix: &str,
+    call: impl Fn() -> F,
+    within: Duration,
+) -> u64 {
     let started = Instant::now();
     loop {
-        let before = near_hits(rt);
-        let value = rt.scope(near_level(n, source)).await;
-        if near_hits(rt) > before {
+        let before = near_hits(rt, prefix);
+        let value = rt.scope(call()).await;
+        if near_hits(rt, prefix) > before {
             return value;
         }
         assert!(started.elapsed() < within, "no near hit within {within:?}: {:?}", rt.near_status());
@@ -33,11 +32,11 @@ pub async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Durati
     }
 }
 
-/// Calls `near_level(n)` in `rt` until it answers `want`; how long that took (at most 10 s).
-pub async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
+/// Makes `call` in `rt` until it answers `want`; how long that took (at most 10 s).
+pub async fn until_value<F: Future<Output = u64>>(rt: &Runtime, call: impl Fn() -> F, want: u64) -> Duration {
     let started = Instant::now();
     loop {
-        if rt.scope(near_level(n, source)).await == want {
+        if rt.scope(call()).await == want {
             return started.elapsed();
         }
         assert!(started.elapsed() < Duration::from_secs(10), "still not {want} after 10 s");
@@ -66,9 +65,4 @@ pub async fn until_distrusted(rt: &Runtime, since: Instant) -> Duration {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     since.elapsed()
-}
-
-/// The key of `near_level(n)` as README gives it (before a namespace or a Cluster DB's).
-pub fn near_key(n: u32) -> String {
-    cache_runtime::KeyBuilder::new(module_path!(), "follow_near", "near_level").arg(&n).finish().unwrap()
 }

@@ -89,6 +89,13 @@ impl Source for Nodes {
     fn locate(&self) -> Boxed<'_, Result<(Vec<redis::Client>, u64), BackendError>> {
         Box::pin(async move {
             let nodes = self.ask().await?;
+            if nodes.is_empty() {
+                let none = redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "CLUSTER NODES named no node to track",
+                ));
+                return Err(none.into());
+            }
             let mark = self.mark();
             let clients = nodes.into_iter().map(|(host, port)| self.client(host, port));
             Ok((clients.collect::<Result<_, _>>()?, mark))

@@ -108,6 +108,9 @@ impl Tracking {
         // Whether this outage was logged (once per outage, not per attempt).
         let mut failing = false;
         loop {
+            if near.strong_count() == 0 {
+                return;
+            }
             let ended = self.session(&near).await;
             let Some(tier) = near.upgrade() else { return };
             tier.distrust();
@@ -179,6 +182,7 @@ impl Tracking {
         }
         tracing::info!(?addresses, prefixes = ?self.prefixes, "near tier: tracking");
         let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = lost.notified() => return Ok(true),
@@ -193,20 +197,24 @@ impl Tracking {
                     if near.strong_count() == 0 {
                         return Ok(false);
                     }
-                    for (address, conn) in &mut conns {
+                    // Every connection at once, each within `op_timeout`.
+                    let pings = conns.iter_mut().map(|(address, conn)| async move {
                         let answered = tokio::time::timeout(
                             self.op_timeout,
                             redis::cmd("PING").query_async::<()>(conn),
                         ).await;
-                        if !matches!(answered, Ok(Ok(()))) {
+                        (address, answered)
+                    });
+                    for (address, answered) in futures_util::future::join_all(pings).await {
+                        if !answers(&answered) {
                             tracing::debug!(%address, "near tier: a tracking connection did not answer a PING; dropping every copy");
                             return Ok(true);
                         }
                     }
                     // Where the servers are is checked again (Cluster: its nodes), and a
                     // question to the sentinels that a move began but did not finish is asked
-                    // again.
-                    self.source.settle().await;
+                    // again; within `op_timeout` (the last answer stands past it).
+                    let _ = tokio::time::timeout(self.op_timeout, self.source.settle()).await;
                     if self.source.moved(mark) {
                         tracing::info!(?addresses, "near tier: the servers to track changed; tracking them");
                         return Ok(true);
@@ -258,6 +266,16 @@ impl Tracking {
         }
         track.query_async::<()>(&mut conn).await?;
         Ok(conn)
+    }
+}
+
+/// Whether a `PING`'s outcome shows the connection alive: `PONG`, or a server that is loading
+/// a dataset or has lost its primary (`LOADING`, `MASTERDOWN`: it answers, and still pushes).
+fn answers(answered: &Result<redis::RedisResult<()>, tokio::time::error::Elapsed>) -> bool {
+    match answered {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => matches!(error.code(), Some("LOADING" | "MASTERDOWN")),
+        Err(_) => false,
     }
 }
 
