@@ -473,7 +473,7 @@ async fn near_copies_follow_a_cluster_failover() {
     let ports: Vec<u16> =
         cluster.addresses().iter().map(|a| a.rsplit_once(':').unwrap().1.parse().unwrap()).collect();
     for &port in &ports {
-        until_tracked(port, 1);
+        until_tracked(port, 1).await;
     }
     let key = format!("{ns}:db5:{}", near_key(7));
     let other = AtomicU64::new(0);
@@ -505,9 +505,9 @@ async fn near_copies_follow_a_cluster_failover() {
     assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 2007);
 
     // A node joins (no slots yet): the next check of the nodes ends the session, every copy is
-    // dropped, and the new set (the new node included) is tracked.
+    // dropped, and the new set (the new node included) is tracked, by A and by B.
     let joined = cluster.add_node();
-    until_tracked(joined, 1);
+    until_tracked(joined, 2).await;
     let before = near_hits(&a);
     assert_eq!(a.scope(near_level(7, &SOURCE)).await, 2007);
     assert_eq!(near_hits(&a), before, "a copy kept before the node joined still answered");
@@ -539,11 +539,18 @@ async fn near_copies_follow_a_cluster_failover() {
 }
 
 /// Waits until the node on `port` has `n` tracking connections (within 10 s).
-fn until_tracked(port: u16, n: usize) {
+async fn until_tracked(port: u16, n: usize) {
     let started = Instant::now();
-    while tracking_connections(port) != n {
-        assert!(started.elapsed() < Duration::from_secs(10), ":{port} never had {n} tracking connections");
-        std::thread::sleep(Duration::from_millis(20));
+    loop {
+        let now = tracking_connections(port);
+        if now == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            ":{port} has {now} tracking connections, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
