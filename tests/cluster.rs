@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::{MarketData, Session};
-use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
+use cache_runtime::{cached, invalidate, Cache, KeyBuilder, Runtime};
 use support::cluster::cli;
 use support::load::Load;
 use support::near::{tracking_connections, until_distrusted};
@@ -159,13 +159,8 @@ async fn is_hit(rt: &Runtime, symbol: u32, executions: &AtomicUsize) -> bool {
 async fn a_primary_killed_under_load() {
     static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
     let mut cluster = RedisCluster::start(1000);
-    let ns = support::unique_namespace();
-    let config = CacheConfig::cluster(&cluster.addresses())
-        .unwrap()
-        .with_key_namespace(&ns)
-        .unwrap()
-        .with_op_timeout(Duration::from_millis(250));
-    let rt = Runtime::new(config);
+    let (config, ns) = cluster.config();
+    let rt = Runtime::new(config.with_op_timeout(Duration::from_millis(250)));
     // Warm: every symbol cached.
     for symbol in 0..200 {
         rt.scope(price(symbol, &EXECUTIONS)).await;
@@ -232,9 +227,8 @@ async fn a_primary_killed_under_load() {
 async fn a_slot_migrated_under_load() {
     static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
     let cluster = RedisCluster::start(2000);
-    let ns = support::unique_namespace();
-    let rt =
-        Runtime::new(CacheConfig::cluster(&cluster.addresses()).unwrap().with_key_namespace(&ns).unwrap());
+    let (config, ns) = cluster.config();
+    let rt = Runtime::new(config);
     let hot = 5;
     let stored = format!("{ns}:db5:{}", price_key(hot));
     let slot: u16 = cli(cluster.nodes[0].port, &["CLUSTER", "KEYSLOT", &stored]).trim().parse().unwrap();
@@ -385,25 +379,7 @@ async fn direct_fills_land_where_lookups_read() {
     assert_eq!(keys, vec![format!("blue:{}", price_key(5))]);
 }
 
-/// `source`'s version and `n`: what the function returns now.
-#[cached(db = MarketData, prefix = "cl_near", ttl = 300, near = "60s", skip(source))]
-async fn near_level(n: u32, source: &AtomicU64) -> u64 {
-    source.load(SeqCst) * 1000 + u64::from(n)
-}
-
-fn near_hits(rt: &Runtime) -> u64 {
-    support::near::near_hits(rt, "cl_near")
-}
-
-/// `near_level(n)` in `rt` until a near copy answers it, within `within`; what it answered.
-async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
-    support::near::until_near(rt, "cl_near", || near_level(n, source), within).await
-}
-
-/// `near_level(n)` in `rt` until it answers `want`; how long that took.
-async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
-    support::near::until_value(rt, || near_level(n, source), want).await
-}
+support::near::near_function!("cl_near");
 
 fn near_key(n: u32) -> String {
     KeyBuilder::new(module_path!(), "cl_near", "near_level").arg(&n).finish().unwrap()
@@ -462,12 +438,8 @@ async fn near_copies_on_every_primary_are_dropped_by_another_process() {
 async fn near_copies_follow_a_cluster_failover() {
     static SOURCE: AtomicU64 = AtomicU64::new(1);
     let mut cluster = RedisCluster::start(1000);
-    let ns = support::unique_namespace();
-    let config = CacheConfig::cluster(&cluster.addresses())
-        .unwrap()
-        .with_key_namespace(&ns)
-        .unwrap()
-        .with_op_timeout(Duration::from_secs(1));
+    let (config, ns) = cluster.config();
+    let config = config.with_op_timeout(Duration::from_secs(1));
     let (a, b) = (Runtime::new(config.clone()), Runtime::new(config));
     assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
     let ports: Vec<u16> =

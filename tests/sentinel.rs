@@ -84,25 +84,7 @@ async fn the_primary_fails_over_under_load() {
     assert_eq!(promoted, set.replica.port());
 }
 
-/// `source`'s version and `n`: what the function returns now.
-#[cached(db = MarketData, prefix = "sn_near", ttl = 300, near = "60s", skip(source))]
-async fn near_level(n: u32, source: &AtomicU64) -> u64 {
-    source.load(SeqCst) * 1000 + u64::from(n)
-}
-
-fn near_hits(rt: &Runtime) -> u64 {
-    support::near::near_hits(rt, "sn_near")
-}
-
-/// `near_level(n)` in `rt` until a near copy answers it, within `within`; what it answered.
-async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
-    support::near::until_near(rt, "sn_near", || near_level(n, source), within).await
-}
-
-/// `near_level(n)` in `rt` until it answers `want`; how long that took.
-async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
-    support::near::until_value(rt, || near_level(n, source), want).await
-}
+support::near::near_function!("sn_near");
 
 /// Never cached: it fails.
 #[cached(db = MarketData, prefix = "sn_fails", ttl = 300)]

@@ -131,6 +131,16 @@ impl RedisCluster {
         panic!("no primary owns slot {slot}")
     }
 
+    /// A configuration for this cluster in a key namespace of its own (returned with it).
+    pub fn config(&self) -> (cache_runtime::CacheConfig, String) {
+        let namespace = super::unique_namespace();
+        let config = cache_runtime::CacheConfig::cluster(&self.addresses())
+            .expect("loopback nodes parse")
+            .with_key_namespace(&namespace)
+            .expect("a valid namespace");
+        (config, namespace)
+    }
+
     /// Starts a node without slots and makes the cluster meet it; its port, once every node
     /// knows it by address.
     pub fn add_node(&mut self) -> u16 {

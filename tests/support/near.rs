@@ -1,6 +1,7 @@
 //! Near copies across a failover (Sentinel, Cluster): waits for a copy to answer or for a value
-//! to be seen, given the call to make (a cached function with `near`, of the test's own: a
-//! cached function here would be registered in every test binary) and its prefix.
+//! to be seen, given the call to make and its prefix, and [`near_function!`], which defines a
+//! cached function with `near` and those waits for it in the test binary that asks (a cached
+//! function written here would be registered in every test binary).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -66,3 +67,33 @@ pub async fn until_distrusted(rt: &Runtime, since: Instant) -> Duration {
     }
     since.elapsed()
 }
+
+/// Defines, where it is invoked, `near_level(n, source)` (cached with `near`, under `prefix`,
+/// returning `source`'s version * 1000 + n) and, for it, `near_hits(rt)`,
+/// `until_near(rt, n, source, within)` and `until_value(rt, n, source, want)`.
+#[allow(unused_macros)] // each test binary uses part of the support
+macro_rules! near_function {
+    ($prefix:tt) => {
+        /// `source`'s version and `n`: what the function returns now.
+        #[cached(db = MarketData, prefix = $prefix, ttl = 300, near = "60s", skip(source))]
+        async fn near_level(n: u32, source: &AtomicU64) -> u64 {
+            source.load(SeqCst) * 1000 + u64::from(n)
+        }
+
+        fn near_hits(rt: &Runtime) -> u64 {
+            support::near::near_hits(rt, $prefix)
+        }
+
+        /// `near_level(n)` in `rt` until a near copy answers it, within `within`; what it answered.
+        async fn until_near(rt: &Runtime, n: u32, source: &AtomicU64, within: Duration) -> u64 {
+            support::near::until_near(rt, $prefix, || near_level(n, source), within).await
+        }
+
+        /// `near_level(n)` in `rt` until it answers `want`; how long that took.
+        async fn until_value(rt: &Runtime, n: u32, source: &AtomicU64, want: u64) -> Duration {
+            support::near::until_value(rt, || near_level(n, source), want).await
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use near_function;
