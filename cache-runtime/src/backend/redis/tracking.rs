@@ -45,7 +45,8 @@ pub(crate) trait Source: Send + Sync + 'static {
     fn address(&self) -> String;
 
     /// A RESP3 client for each server to track now, and a mark that [`Source::moved`] compares
-    /// with: taken before the servers are looked up, so that a move made meanwhile counts.
+    /// with (behind Sentinel taken before the primary is looked up, so that a move made meanwhile
+    /// counts; on Cluster the fingerprint of the nodes located).
     fn locate(&self) -> Boxed<'_, Result<(Vec<redis::Client>, u64), BackendError>>;
 
     /// A mark for [`Source::moved`]: how many moves so far.
