@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::db::Grpc;
 use cache_runtime::{cached, CacheConfig, KeyBuilder, Runtime};
-use support::RedisServer;
+use support::{read_all, RedisServer};
 use tokio::task::JoinSet;
 
 static CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -29,6 +29,15 @@ async fn stalled(id: u32) -> String {
     format!("page {id}")
 }
 
+static PATIENT_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// The same, for the longest-`op_timeout` test (its own count of calls).
+#[cached(db = Grpc, prefix = "reads", ttl = 600)]
+async fn patient(id: u32) -> String {
+    PATIENT_CALLS.fetch_add(1, SeqCst);
+    format!("page {id}")
+}
+
 static WRONG_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// The same, for the wrong-type test (its own count of calls).
@@ -36,38 +45,6 @@ static WRONG_CALLS: AtomicUsize = AtomicUsize::new(0);
 async fn wrong(id: u32) -> String {
     WRONG_CALLS.fetch_add(1, SeqCst);
     format!("page {id}")
-}
-
-/// `calls` of `cmdstat_{command}` in the server's `INFO commandstats`.
-async fn calls_of(server: &RedisServer, command: &str) -> u64 {
-    let info: String =
-        redis::cmd("INFO").arg("commandstats").query_async(&mut server.raw(0).await).await.unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
-        .unwrap_or(0)
-}
-
-/// `rounds` rounds of one concurrent call of `function` for each of `ids`, each checked against
-/// its own id.
-async fn read_all<F: std::future::Future<Output = String> + Send + 'static>(
-    runtime: &Runtime,
-    function: fn(u32) -> F,
-    ids: u32,
-    rounds: usize,
-) {
-    for _ in 0..rounds {
-        let mut set = JoinSet::new();
-        for id in 0..ids {
-            let rt = runtime.clone();
-            set.spawn(async move { (id, rt.scope(function(id)).await) });
-        }
-        while let Some(joined) = set.join_next().await {
-            let (id, value) = joined.unwrap();
-            assert_eq!(value, format!("page {id}"), "a caller got another key's value");
-        }
-    }
 }
 
 const IDS: u32 = 512;
@@ -85,11 +62,10 @@ async fn concurrent_lookups_share_mgets_and_each_gets_its_own_value() {
         read_all(&runtime, page, IDS, 1).await;
         runtime.flush().await.unwrap();
         let filled = CALLS.load(SeqCst);
-        let _: () =
-            redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut server.raw(0).await).await.unwrap();
+        server.reset_stats().await;
         read_all(&runtime, page, IDS, ROUNDS).await;
         assert_eq!(CALLS.load(SeqCst), filled, "every lookup a hit");
-        let (gets, mgets) = (calls_of(&server, "get").await, calls_of(&server, "mget").await);
+        let (gets, mgets) = (server.calls_of("get").await, server.calls_of("mget").await);
         eprintln!(
             "coalescing {coalesce}: {} lookups as {gets} GETs and {mgets} MGETs",
             IDS as usize * ROUNDS
@@ -121,7 +97,7 @@ async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
     let runtime = Runtime::new(config.with_breaker(1_000, Duration::from_millis(100)));
     read_all(&runtime, stalled, 64, 1).await;
     runtime.flush().await.unwrap();
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut server.raw(0).await).await.unwrap();
+    server.reset_stats().await;
     server.freeze();
     let mut set = JoinSet::new();
     for id in 0..64 {
@@ -145,7 +121,7 @@ async fn a_stalled_server_bounds_coalesced_lookups_by_the_op_timeout() {
     // gathers no one), so it is reported, not asserted; the unit tests in `reads.rs` bound a
     // batch on its own.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    eprintln!("of which {} went as MGETs", calls_of(&server, "mget").await);
+    eprintln!("of which {} went as MGETs", server.calls_of("mget").await);
     // Once the breaker's cool-down is over and the connection answers, a whole round is hits.
     let start = Instant::now();
     loop {
@@ -176,11 +152,31 @@ async fn a_key_of_another_type_runs_the_function_alone_or_in_a_batch() {
     assert_eq!(WRONG_CALLS.load(SeqCst), 1);
     read_all(&runtime, wrong, 512, 1).await;
     runtime.flush().await.unwrap();
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut server.raw(0).await).await.unwrap();
+    server.reset_stats().await;
     let before = WRONG_CALLS.load(SeqCst);
     read_all(&runtime, wrong, 512, 5).await;
-    assert!(calls_of(&server, "mget").await > 0, "some lookups went as MGETs");
+    assert!(server.calls_of("mget").await > 0, "some lookups went as MGETs");
     assert_eq!(WRONG_CALLS.load(SeqCst) - before, 5, "only the wrong-type key's calls ran the function");
     let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut raw).await.unwrap();
     assert_eq!(kind, "hash", "the other type's value is left as it was");
+}
+
+/// A caller's `Duration::MAX` as `op_timeout` (bounded when set): lookups are still coalesced,
+/// a batch's timer (what is left of its oldest lookup's bound) overflows nothing, and each caller
+/// gets its own value from the cache. A batch whose task failed would answer its lookups with an
+/// error, and their calls would run the function.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_at_the_longest_op_timeout_are_coalesced_and_each_gets_its_own_value() {
+    let server = RedisServer::start();
+    let runtime = Runtime::new(CacheConfig::redis(&server.url()).unwrap().with_op_timeout(Duration::MAX));
+    read_all(&runtime, patient, IDS, 1).await;
+    runtime.flush().await.unwrap();
+    let filled = PATIENT_CALLS.load(SeqCst);
+    assert_eq!(filled, IDS as usize, "each key filled once");
+    server.reset_stats().await;
+    read_all(&runtime, patient, IDS, 5).await;
+    let mgets = server.calls_of("mget").await;
+    eprintln!("op_timeout Duration::MAX: {} lookups, {mgets} MGETs", IDS * 5);
+    assert_eq!(PATIENT_CALLS.load(SeqCst), filled, "every lookup a hit");
+    assert!(mgets > 0, "some lookups went as MGETs");
 }

@@ -14,7 +14,7 @@ use support::cluster::cli;
 use support::load::Load;
 use support::near::{tracking_connections, until_distrusted};
 use support::sentinel::{SentinelSet, MASTER};
-use support::RedisServer;
+use support::{read_all, RedisServer};
 
 #[cached(db = MarketData, prefix = "sn", ttl = 300, skip(calls))]
 async fn level(n: u32, calls: &AtomicUsize) -> u64 {
@@ -82,6 +82,46 @@ async fn the_primary_fails_over_under_load() {
     assert_eq!(wrong, 0, "every caller got its function's value");
     assert!(calls > 100, "the load ran ({calls} calls)");
     assert_eq!(promoted, set.replica.port());
+}
+
+static PAGE_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(db = MarketData, prefix = "sn_reads", ttl = 300)]
+async fn page(id: u32) -> String {
+    PAGE_CALLS.fetch_add(1, SeqCst);
+    format!("page {id}")
+}
+
+/// Lookups on the primary behind Sentinel are coalesced as on one server: 512 concurrent lookups
+/// of warm keys, five times over, reach the primary as fewer commands than lookups, some of them
+/// `MGET`s, and each caller gets its own value; with coalescing off, a `GET` each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_on_the_primary_share_mgets() {
+    const IDS: u32 = 512;
+    const ROUNDS: usize = 5;
+    let set = SentinelSet::start();
+    let mut seen = Vec::new();
+    for coalesce in [true, false] {
+        let config = CacheConfig::redis(&set.url()).unwrap().with_read_coalescing(coalesce);
+        let rt = Runtime::new(config.with_generation_refresh(Duration::from_secs(60)));
+        read_all(&rt, page, IDS, 1).await;
+        rt.flush().await.unwrap();
+        let filled = PAGE_CALLS.load(SeqCst);
+        set.primary.reset_stats().await;
+        read_all(&rt, page, IDS, ROUNDS).await;
+        assert_eq!(PAGE_CALLS.load(SeqCst), filled, "every lookup a hit");
+        let (gets, mgets) = (set.primary.calls_of("get").await, set.primary.calls_of("mget").await);
+        eprintln!(
+            "sentinel, coalescing {coalesce}: {} lookups as {gets} GETs and {mgets} MGETs",
+            IDS as usize * ROUNDS
+        );
+        seen.push((gets, mgets));
+    }
+    let lookups = u64::from(IDS) * ROUNDS as u64;
+    let (gets, mgets) = seen[0];
+    assert!(mgets > 0 && gets + mgets < lookups, "coalesced: {seen:?}");
+    let (gets, mgets) = seen[1];
+    assert!(mgets == 0 && gets >= lookups, "one GET per lookup: {seen:?}");
 }
 
 support::near::near_function!("sn_near");

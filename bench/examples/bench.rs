@@ -469,9 +469,12 @@ async fn run() {
             .await
             .expect("a multiplexed connection");
         let time = round_time * u32::try_from(rounds).unwrap_or(1);
+        // `BENCH_CONCURRENCY=1` measures `raw`, `ours` and `near64` at another concurrency.
+        let callers: usize =
+            std::env::var("BENCH_CONCURRENCY").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(64);
         let r = match alone.as_str() {
             "raw" => {
-                round(64, time, move |i| {
+                round(callers, time, move |i| {
                     let mut conn = conn.clone();
                     async move {
                         raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
@@ -480,7 +483,7 @@ async fn run() {
                 .await
             }
             "ours" => {
-                round(64, time, |i| async move {
+                round(callers, time, |i| async move {
                     ours(&symbols()[i % HOT_KEYS]).await.unwrap();
                 })
                 .await
@@ -493,7 +496,7 @@ async fn run() {
             // Near hits at concurrency 64, as `near_hit_vs_raw_c64` measures them.
             "near64" => {
                 warm_near().await;
-                round(64, time, |i| async move {
+                round(callers, time, |i| async move {
                     ours_near(&symbols()[i % HOT_KEYS]).await.unwrap();
                 })
                 .await
@@ -508,7 +511,7 @@ async fn run() {
             }
             other => panic!("BENCH_ALONE is `raw`, `ours`, `near`, `near64` or `memory`, not `{other}`"),
         };
-        println!("{alone} alone, concurrency 64: {} hits, {:.0} hits/s", r.ops, r.throughput());
+        println!("{alone} alone, concurrency {callers}: {} hits, {:.0} hits/s", r.ops, r.throughput());
         return;
     }
 

@@ -150,6 +150,25 @@ impl RedisServer {
         let client = redis::Client::open(format!("{}/{db}", self.url())).expect("client");
         client.get_multiplexed_async_connection().await.expect("raw connection")
     }
+
+    /// How many times the server ran `command` (lower case) since it started or since `CONFIG
+    /// RESETSTAT`: `calls` of `cmdstat_{command}` in its `INFO commandstats`.
+    #[allow(dead_code)] // not every test binary counts commands
+    pub async fn calls_of(&self, command: &str) -> u64 {
+        let info: String =
+            redis::cmd("INFO").arg("commandstats").query_async(&mut self.raw(0).await).await.unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+            .unwrap_or(0)
+    }
+
+    /// `CONFIG RESETSTAT`: the command counts start again from zero.
+    #[allow(dead_code)]
+    pub async fn reset_stats(&self) {
+        redis::cmd("CONFIG").arg("RESETSTAT").query_async::<()>(&mut self.raw(0).await).await.unwrap();
+    }
 }
 
 impl Drop for RedisServer {
@@ -235,6 +254,28 @@ pub fn relaxed(config: CacheConfig) -> CacheConfig {
 /// A Redis runtime for `url` with [`relaxed`] timeouts.
 pub fn redis_runtime(url: &str, adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Runtime {
     Runtime::new(adjust(relaxed(CacheConfig::redis(url).expect("loopback URL parses"))))
+}
+
+/// `rounds` rounds of one concurrent call of `function` for each of `ids`, each checked to
+/// return its own id's value, `page {id}`.
+#[allow(dead_code)] // not every test binary reads in bursts
+pub async fn read_all<F: std::future::Future<Output = String> + Send + 'static>(
+    runtime: &Runtime,
+    function: fn(u32) -> F,
+    ids: u32,
+    rounds: usize,
+) {
+    for _ in 0..rounds {
+        let mut set = tokio::task::JoinSet::new();
+        for id in 0..ids {
+            let rt = runtime.clone();
+            set.spawn(async move { (id, rt.scope(function(id)).await) });
+        }
+        while let Some(joined) = set.join_next().await {
+            let (id, value) = joined.unwrap();
+            assert_eq!(value, format!("page {id}"), "a caller got another key's value");
+        }
+    }
 }
 
 /// One backend under test: its runtime, and (for Redis) the server behind it, or (for Cluster)

@@ -158,7 +158,7 @@ impl CacheConfig {
     pub fn pool_size(&self) -> usize {
         self.pool_size
     }
-    /// Whether one server's lookups are coalesced under load (see `with_read_coalescing`).
+    /// Whether lookups are coalesced under load (see `with_read_coalescing`).
     pub fn read_coalescing(&self) -> bool {
         self.coalesce_reads
     }
@@ -351,11 +351,11 @@ impl CacheConfig {
         self
     }
 
-    /// Sets whether lookups on one Redis server are coalesced under load (on by default). A
-    /// lookup that finds fewer than 8 of its connection's lookups in flight is sent at once, one
-    /// `GET`; one that finds more opens a batch, and the lookups made before the batch's task
-    /// next runs go with it, one `MGET`. Off, every lookup is its own `GET`. Cluster and
-    /// Sentinel never coalesce (README, "Connections").
+    /// Sets whether lookups on one Redis server (or the primary behind Sentinel) are coalesced
+    /// under load (on by default). A lookup that finds fewer than 8 of its connection's lookups
+    /// in flight is sent at once, one `GET`; one that finds more opens a batch, and the lookups
+    /// made before the batch's task next runs go with it, one `MGET`. Off, every lookup is its
+    /// own `GET`. Cluster never coalesces (README, "Connections").
     pub fn with_read_coalescing(mut self, on: bool) -> Self {
         self.coalesce_reads = on;
         self

@@ -44,7 +44,7 @@ pub(crate) trait Connections: Send + Sync + 'static {
     }
 
     /// `key`'s value in `db` (the key as the server stores it): one `GET`, which one server's
-    /// connections coalesce with others under load (`reads.rs`).
+    /// connections and Sentinel's coalesce with others under load (`reads.rs`).
     fn get<'a>(
         &'a self,
         db: u8,

@@ -7,7 +7,7 @@
 pub(crate) mod batch;
 pub(crate) mod connections;
 pub(crate) mod link;
-mod reads;
+pub(crate) mod reads;
 pub(crate) mod scripts;
 pub(crate) mod tracking;
 

@@ -3,6 +3,9 @@
 //! any call that finds the connection gone or the server read-only (a failover happened), so
 //! caching follows the primary to whichever replica the sentinels promote.
 //!
+//! One key's reads (`GET`) on a primary's DB are coalesced under load as on one server
+//! (`backend/redis/reads.rs`): each batch is one `MGET` on that primary's connection.
+//!
 //! The near tier's tracking connection (`backend/redis/tracking.rs`) goes to the primary the
 //! connections use, and follows them: the moment they are handed a primary at another address,
 //! every near copy is dropped and none answers until the tracking connection tracks there.
@@ -17,6 +20,7 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
 use super::redis::connections::{manager, namespaced, scan_and_unlink, Connections};
+use super::redis::reads::{Reads, Sender};
 use super::redis::tracking::{Boxed, Source, Strip, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
 use crate::config::{CacheConfig, SentinelTarget};
@@ -32,6 +36,8 @@ struct Shared {
     target: SentinelTarget,
     connect_timeout: Duration,
     op_timeout: Duration,
+    /// Whether reads are coalesced (`CacheConfig::with_read_coalescing`).
+    coalesce_reads: bool,
     /// Asks the sentinels; one question at a time.
     sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
     /// The primary as last answered, with its connections; `None` until asked, and again once
@@ -50,7 +56,13 @@ struct Shared {
 
 struct Primary {
     info: redis::ConnectionInfo,
-    dbs: [OnceLock<ConnectionManager>; 16],
+    dbs: [OnceLock<Arc<Db>>; 16],
+}
+
+/// A DB's connection to one primary, and the reads on it.
+struct Db {
+    conn: ConnectionManager,
+    reads: Reads,
 }
 
 impl SentinelPrimary {
@@ -60,6 +72,7 @@ impl SentinelPrimary {
                 target,
                 connect_timeout: config.connect_timeout,
                 op_timeout: config.op_timeout,
+                coalesce_reads: config.coalesce_reads,
                 sentinels: tokio::sync::Mutex::new(None),
                 current: Mutex::new(None),
                 address: Mutex::new(None),
@@ -150,14 +163,19 @@ impl Shared {
     }
 
     fn conn(&self, primary: &Primary, db: u8) -> Result<ConnectionManager, BackendError> {
+        Ok(self.db(primary, db)?.conn.clone())
+    }
+
+    /// `db` on `primary`, its connection made on first use.
+    fn db(&self, primary: &Primary, db: u8) -> Result<Arc<Db>, BackendError> {
         let cell = &primary.dbs[usize::from(db & 0x0f)];
-        if let Some(conn) = cell.get() {
-            return Ok(conn.clone());
+        if let Some(db) = cell.get() {
+            return Ok(Arc::clone(db));
         }
         let settings = primary.info.redis_settings().clone().set_db(i64::from(db));
         let client = self.client_for(primary.info.clone().set_redis_settings(settings))?;
         let conn = manager(client, self.connect_timeout, self.op_timeout)?;
-        Ok(cell.get_or_init(|| conn).clone())
+        Ok(Arc::clone(cell.get_or_init(|| Arc::new(Db { conn, reads: Reads::new(self.coalesce_reads) }))))
     }
 
     /// After a failed call: a connection that failed, or a server that no longer takes writes,
@@ -275,6 +293,33 @@ impl ConnectionLike for SentinelConn {
     }
 }
 
+/// What one primary's DB's reads are sent through (`reads.rs`): its connection, each reply's
+/// failure checked for a move as any other command's.
+#[derive(Clone)]
+struct Reader {
+    shared: Arc<Shared>,
+    primary: Arc<Primary>,
+    db: Arc<Db>,
+}
+
+impl Sender for Reader {
+    fn send(&self, cmd: Cmd) -> RedisFuture<'_, Value> {
+        Box::pin(async move {
+            let result = self.db.conn.clone().req_packed_command(&cmd).await;
+            self.shared.check(&self.primary, &result);
+            result
+        })
+    }
+
+    fn op_timeout(&self) -> Duration {
+        self.shared.op_timeout
+    }
+
+    fn reads(&self) -> &Reads {
+        &self.db.reads
+    }
+}
+
 /// A failure to find the primary, as the `redis` error the connection reports.
 fn into_redis(e: BackendError) -> redis::RedisError {
     match e {
@@ -300,6 +345,24 @@ impl Connections for SentinelPrimary {
 
     fn conn(&self, db: u8) -> Result<SentinelConn, BackendError> {
         Ok(SentinelConn { shared: Arc::clone(&self.shared), db })
+    }
+
+    /// Coalesced with the other reads on the primary's DB (`reads.rs`). Boxed: inline, its type nested the hit path's future past the compiler's recursion limit
+    /// in callers' code (an axum handler, a test's `async` block). The lookup allocated its
+    /// request's future before too (a `SentinelConn` command is boxed).
+    fn get<'a>(
+        &'a self,
+        db: u8,
+        key: &'a str,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, BackendError>> + Send + 'a {
+        use futures_util::FutureExt;
+        async move {
+            let primary = self.shared.primary().await?;
+            let reader =
+                Reader { shared: Arc::clone(&self.shared), db: self.shared.db(&primary, db)?, primary };
+            Ok(reader.db.reads.get(key, &reader).await?)
+        }
+        .boxed()
     }
 
     fn replicated(&self) -> bool {
