@@ -323,7 +323,34 @@ fn invalidated(tier: &NearTier, strip: &Strip, data: &[Value]) {
 
 #[cfg(test)]
 mod tests {
-    use super::Strip;
+    use super::{answers, Strip};
+    use std::time::Duration;
+
+    /// A `PING`'s outcome as `query_async::<()>` gives it for `wire`, the server's reply.
+    fn pinged(wire: &[u8]) -> Result<redis::RedisResult<()>, tokio::time::error::Elapsed> {
+        let reply = redis::parse_redis_value(wire).and_then(redis::Value::extract_error);
+        Ok(reply.and_then(|value| Ok(redis::from_redis_value(value)?)))
+    }
+
+    /// A server loading its dataset, or a replica that lost its primary with
+    /// `replica-serve-stale-data no` (it answers `PING` so: checked by hand on Redis 7.0), still
+    /// answers, and still pushes: its copies are kept. Any other error, or no answer in time, ends
+    /// the session.
+    #[tokio::test]
+    async fn a_loading_server_or_a_replica_without_its_primary_answers_a_ping() {
+        assert!(answers(&pinged(b"+PONG\r\n")));
+        assert!(answers(&pinged(b"-LOADING Redis is loading the dataset in memory\r\n")));
+        assert!(answers(&pinged(
+            b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n"
+        )));
+        assert!(!answers(&pinged(b"-NOPERM User tracker has no permissions to run the 'ping' command\r\n")));
+        assert!(!answers(&pinged(b"-ERR unknown command\r\n")));
+        let dropped = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!answers(&Ok(Err(dropped.into()))));
+        let silent =
+            tokio::time::timeout(Duration::ZERO, std::future::pending::<redis::RedisResult<()>>()).await;
+        assert!(!answers(&silent));
+    }
 
     #[test]
     fn a_pushed_key_is_read_back_without_the_namespace_or_the_clusters_db() {
