@@ -351,23 +351,44 @@ fn server() -> (String, Server) {
     if let Ok(url) = std::env::var("REDIS_URL") {
         return (url, Server(None, None));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("cache-bench-{}", std::process::id()));
+    let (port, server) = spawn("redis-server", "REDIS_URL", |port, _| {
+        vec!["--port".into(), port.to_string(), "--bind".into(), "127.0.0.1".into()]
+    });
+    (format!("redis://127.0.0.1:{port}"), server)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `program` (`redis-server` or `redis-sentinel`) on a free loopback port, in a temporary
+/// directory of its own, with no persistence, started with `args(port, dir)` and answering
+/// connections; `instead` is the variable that names a server of one's own instead.
+fn spawn(
+    program: &str,
+    instead: &str,
+    args: impl FnOnce(u16, &std::path::Path) -> Vec<String>,
+) -> (u16, Server) {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("cache-bench-{program}-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
+    let child = Command::new(program)
+        .args(args(port, &dir))
+        .args(["--save", "", "--appendonly", "no", "--dir"])
         .arg(&dir)
         .stdout(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("redis-server could not start ({e}); install it (apt-get install redis-server) or set REDIS_URL"));
+        .unwrap_or_else(|e| {
+            let package = if program == "redis-sentinel" { "redis-sentinel" } else { "redis-server" };
+            panic!("{program} could not start ({e}); install it (apt-get install {package}) or set {instead}")
+        });
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
+        assert!(Instant::now() < deadline, "{program} did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(100));
-    (format!("redis://127.0.0.1:{port}"), Server(Some(child), Some(tempdir::Dir(dir))))
+    (port, Server(Some(child), Some(tempdir::Dir(dir))))
 }
 
 /// `REDIS_CLUSTER_NODES`, or three cluster-enabled `redis-server`s joined by `redis-cli --cluster
@@ -379,23 +400,13 @@ fn cluster() -> (Vec<String>, Vec<Server>) {
     let mut servers = Vec::new();
     let mut nodes = Vec::new();
     for _ in 0..3 {
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (port, bus) = (free(), free());
-        let dir = std::env::temp_dir().join(format!("cache-bench-cluster-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server could not start ({e}); install it (apt-get install redis-server) or set REDIS_CLUSTER_NODES"));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "a cluster node did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        servers.push(Server(Some(child), Some(tempdir::Dir(dir))));
+        let (port, server) = spawn("redis-server", "REDIS_CLUSTER_NODES", |port, _| {
+            let (port, bus) = (port.to_string(), free_port().to_string());
+            let args =
+                ["--port", &port, "--cluster-port", &bus, "--bind", "127.0.0.1", "--cluster-enabled", "yes"];
+            args.map(String::from).to_vec()
+        });
+        servers.push(server);
         nodes.push(format!("127.0.0.1:{port}"));
     }
     let created = Command::new("redis-cli")
@@ -424,6 +435,34 @@ fn cluster() -> (Vec<String>, Vec<Server>) {
         }
     }
     (nodes, servers)
+}
+
+/// `REDIS_SENTINEL_URL` (`redis+sentinel://...`), or a `redis-server` and one `redis-sentinel`
+/// watching it (quorum 1, no replica: the benchmark measures the hit path behind Sentinel, not a
+/// failover); the URL, and the primary's own URL for the raw client.
+fn sentinel() -> (String, String, Vec<Server>) {
+    if let Ok(url) = std::env::var("REDIS_SENTINEL_URL") {
+        let primary = std::env::var("REDIS_SENTINEL_PRIMARY_URL")
+            .expect("REDIS_SENTINEL_PRIMARY_URL: the primary behind REDIS_SENTINEL_URL, for the raw client");
+        return (url, primary, Vec::new());
+    }
+    let (primary_port, primary) = spawn("redis-server", "REDIS_SENTINEL_URL", |port, _| {
+        vec!["--port".into(), port.to_string(), "--bind".into(), "127.0.0.1".into()]
+    });
+    let (sentinel_port, sentinel) = spawn("redis-sentinel", "REDIS_SENTINEL_URL", |port, dir| {
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!("port {port}\nbind 127.0.0.1\nsentinel monitor bench 127.0.0.1 {primary_port} 1\n"),
+        )
+        .unwrap();
+        vec![conf.display().to_string()]
+    });
+    (
+        format!("redis+sentinel://127.0.0.1:{sentinel_port}/bench"),
+        format!("redis://127.0.0.1:{primary_port}"),
+        vec![sentinel, primary],
+    )
 }
 
 fn main() {
@@ -990,6 +1029,73 @@ async fn run() {
         let s = stats.get(7, "fill").unwrap();
         assert_eq!((s.fills, s.backend_errors), (fill_keys as u64, 0), "every batched fill was written");
         on_cluster.shutdown().await.unwrap();
+    }
+
+    // 7b. A primary behind Sentinel (one sentinel started here, or REDIS_SENTINEL_URL): warm
+    //     hits at concurrency 1 and 64 against the raw client on the same primary, alternating.
+    if wants("sentinel") {
+        let (url, primary_url, _servers) = sentinel();
+        let behind = Runtime::new(CacheConfig::redis(&url).unwrap());
+        let uncoalesced = Runtime::new(CacheConfig::redis(&url).unwrap().with_read_coalescing(false));
+        let plain = redis::Client::open(format!("{primary_url}/5"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("a connection to the primary");
+        for s in symbols() {
+            behind.scope(ours(s)).await.unwrap();
+            raw(&mut plain.clone(), s).await;
+        }
+        behind.flush().await.unwrap();
+        // The same keys, warm, through one GET per lookup.
+        let hit = |rt: &Runtime| {
+            let rt = rt.clone();
+            move |i: usize| {
+                let rt = rt.clone();
+                async move {
+                    rt.scope(ours(&symbols()[i % HOT_KEYS])).await.unwrap();
+                }
+            }
+        };
+        for concurrency in [1, 64] {
+            let (mut r, mut o, mut u) = (Contender::default(), Contender::default(), Contender::default());
+            for _ in 0..rounds {
+                let conn = plain.clone();
+                r.add(
+                    round(concurrency, round_time, move |i| {
+                        let mut conn = conn.clone();
+                        async move {
+                            raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+                        }
+                    })
+                    .await,
+                );
+                o.add(round(concurrency, round_time, hit(&behind)).await);
+                u.add(round(concurrency, round_time, hit(&uncoalesced)).await);
+            }
+            let what = format!("sentinel warm hit, concurrency {concurrency}");
+            let contenders = [
+                ("raw GET+decode, primary", &mut r),
+                ("#[cached] via Sentinel", &mut o),
+                ("  one GET per lookup", &mut u),
+            ];
+            for (name, x) in contenders {
+                let (p50, p99) = (x.percentile_us(0.5), x.percentile_us(0.99));
+                let (ops, p50s, p99s) =
+                    (format!("{:.0}", x.median()), format!("{p50:.1}"), format!("{p99:.1}"));
+                table.row(&what, name, ops, p50s, p99s);
+            }
+            json.insert(format!("sentinel_hit_vs_raw_c{concurrency}"), ratio(o.median(), r.median()));
+            json.insert(
+                format!("sentinel_hit_uncoalesced_vs_raw_c{concurrency}"),
+                ratio(u.median(), r.median()),
+            );
+        }
+        let stats = behind.stats();
+        let s = stats.get(5, "bench").unwrap();
+        assert_eq!(s.backend_errors, 0, "every lookup behind Sentinel was answered");
+        behind.shutdown().await.unwrap();
+        uncoalesced.shutdown().await.unwrap();
     }
 
     // 8. The disk backend against Python's diskcache (seed 003's engine): sets of distinct keys
