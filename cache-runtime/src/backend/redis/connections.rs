@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionLike;
 
 use super::link::Link;
 
@@ -37,8 +37,10 @@ pub(crate) trait Connections: Send + Sync + 'static {
     fn conn(&self, db: u8) -> Result<Self::Conn, BackendError>;
 
     /// A clone of `conn` that keeps sending on the connection it has now, for a request whose
-    /// follow-up must reach the server after it (a lease request and its release). Only one
-    /// server's [`Link`] may change connections under a clone; the others are already so.
+    /// follow-up must reach the server after it (a lease request and its release). One
+    /// server's and Sentinel's connections are [`Link`]s, which may change connections under a
+    /// clone: they pin it. Cluster's client routes each command itself, unpinned (README,
+    /// "Deployments").
     fn pinned(conn: &Self::Conn) -> Self::Conn {
         conn.clone()
     }
@@ -185,23 +187,6 @@ impl Server {
             Pool::new(clients.into_iter().map(link).collect())
         }))
     }
-}
-
-/// A lazily connecting, auto-reconnecting connection to `client` (Sentinel's). Reconnect attempts
-/// are cheap and bounded; the caller's own timeout bounds the wait, and the next command starts a
-/// fresh attempt.
-pub(crate) fn manager(
-    client: redis::Client,
-    connect_timeout: Duration,
-    op_timeout: Duration,
-) -> Result<ConnectionManager, BackendError> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(connect_timeout))
-        .set_response_timeout(Some(op_timeout))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(10))
-        .set_max_delay(Duration::from_millis(100));
-    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
 }
 
 /// `{namespace}:{key}`, or `key` itself without a namespace.

@@ -3,8 +3,9 @@
 //! any call that finds the connection gone or the server read-only (a failover happened), so
 //! caching follows the primary to whichever replica the sentinels promote.
 //!
-//! One key's reads (`GET`) on a primary's DB are coalesced under load as on one server
-//! (`backend/redis/reads.rs`): each batch is one `MGET` on that primary's connection.
+//! Each DB's connection to the primary is a [`Link`], as one server's are
+//! (`backend/redis/link.rs`); one key's reads (`GET`) on it are coalesced under load as on one
+//! server (`backend/redis/reads.rs`): each batch is one `MGET` on that primary's connection.
 //!
 //! The near tier's tracking connection (`backend/redis/tracking.rs`) goes to the primary the
 //! connections use, and follows them: the moment they are handed a primary at another address,
@@ -15,11 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
-use super::redis::connections::{manager, namespaced, scan_and_unlink, Connections};
+use super::redis::connections::{namespaced, scan_and_unlink, Connections};
+use super::redis::link::Link;
 use super::redis::reads::{Reads, Sender};
 use super::redis::tracking::{Boxed, Source, Strip, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
@@ -56,13 +58,9 @@ struct Shared {
 
 struct Primary {
     info: redis::ConnectionInfo,
-    dbs: [OnceLock<Arc<Db>>; 16],
-}
-
-/// A DB's connection to one primary, and the reads on it.
-struct Db {
-    conn: ConnectionManager,
-    reads: Reads,
+    /// Each DB's connection, as one server's are (`Link`: made again when lost, each command
+    /// bounded by `op_timeout`, reads coalesced).
+    dbs: [OnceLock<Link>; 16],
 }
 
 impl SentinelPrimary {
@@ -162,20 +160,17 @@ impl Shared {
         })
     }
 
-    fn conn(&self, primary: &Primary, db: u8) -> Result<ConnectionManager, BackendError> {
-        Ok(self.db(primary, db)?.conn.clone())
-    }
-
-    /// `db` on `primary`, its connection made on first use.
-    fn db(&self, primary: &Primary, db: u8) -> Result<Arc<Db>, BackendError> {
+    /// `db`'s connection to `primary`, made on first use.
+    fn conn(&self, primary: &Primary, db: u8) -> Result<Link, BackendError> {
         let cell = &primary.dbs[usize::from(db & 0x0f)];
-        if let Some(db) = cell.get() {
-            return Ok(Arc::clone(db));
+        if let Some(link) = cell.get() {
+            return Ok(link.clone());
         }
         let settings = primary.info.redis_settings().clone().set_db(i64::from(db));
         let client = self.client_for(primary.info.clone().set_redis_settings(settings))?;
-        let conn = manager(client, self.connect_timeout, self.op_timeout)?;
-        Ok(Arc::clone(cell.get_or_init(|| Arc::new(Db { conn, reads: Reads::new(self.coalesce_reads) }))))
+        Ok(cell
+            .get_or_init(|| Link::new(client, db, self.connect_timeout, self.op_timeout, self.coalesce_reads))
+            .clone())
     }
 
     /// After a failed call: a connection that failed, or a server that no longer takes writes,
@@ -260,13 +255,27 @@ impl Source for Tracked {
 pub(crate) struct SentinelConn {
     shared: Arc<Shared>,
     db: u8,
+    /// For a pinned clone (`Connections::pinned`): the primary known when it was made, and a
+    /// pinned clone of its connection, which every command goes to.
+    pinned: Option<(Arc<Primary>, Link)>,
+}
+
+impl SentinelConn {
+    /// The primary and its connection: the pinned ones, or the current ones.
+    async fn target(&self) -> redis::RedisResult<(Arc<Primary>, Link)> {
+        if let Some(pinned) = &self.pinned {
+            return Ok(pinned.clone());
+        }
+        let primary = self.shared.primary().await.map_err(into_redis)?;
+        let link = self.shared.conn(&primary, self.db).map_err(into_redis)?;
+        Ok((primary, link))
+    }
 }
 
 impl ConnectionLike for SentinelConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let primary = self.shared.primary().await.map_err(into_redis)?;
-            let mut conn = self.shared.conn(&primary, self.db).map_err(into_redis)?;
+            let (primary, mut conn) = self.target().await?;
             let result = conn.req_packed_command(cmd).await;
             self.shared.check(&primary, &result);
             result
@@ -280,8 +289,7 @@ impl ConnectionLike for SentinelConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let primary = self.shared.primary().await.map_err(into_redis)?;
-            let mut conn = self.shared.conn(&primary, self.db).map_err(into_redis)?;
+            let (primary, mut conn) = self.target().await?;
             let result = conn.req_packed_commands(pipeline, offset, count).await;
             self.shared.check(&primary, &result);
             result
@@ -299,13 +307,13 @@ impl ConnectionLike for SentinelConn {
 struct Reader {
     shared: Arc<Shared>,
     primary: Arc<Primary>,
-    db: Arc<Db>,
+    link: Link,
 }
 
 impl Sender for Reader {
     fn send(&self, cmd: Cmd) -> RedisFuture<'_, Value> {
         Box::pin(async move {
-            let result = self.db.conn.clone().req_packed_command(&cmd).await;
+            let result = Sender::send(&self.link, cmd).await;
             self.shared.check(&self.primary, &result);
             result
         })
@@ -316,7 +324,7 @@ impl Sender for Reader {
     }
 
     fn reads(&self) -> &Reads {
-        &self.db.reads
+        Sender::reads(&self.link)
     }
 }
 
@@ -344,7 +352,20 @@ impl Connections for SentinelPrimary {
     }
 
     fn conn(&self, db: u8) -> Result<SentinelConn, BackendError> {
-        Ok(SentinelConn { shared: Arc::clone(&self.shared), db })
+        Ok(SentinelConn { shared: Arc::clone(&self.shared), db, pinned: None })
+    }
+
+    /// Pinned to the primary known now and to the connection its link has now, so that a lease
+    /// request's release follows the request on its connection as on one server. While no
+    /// primary is known (before the first call, after a failed one), unpinned: the request waits
+    /// for the sentinels' answer, and its release may reach another connection first.
+    fn pinned(conn: &SentinelConn) -> SentinelConn {
+        let pinned = conn.pinned.clone().or_else(|| {
+            let primary = conn.shared.current()?;
+            let link = conn.shared.conn(&primary, conn.db).ok()?.pinned();
+            Some((primary, link))
+        });
+        SentinelConn { pinned, ..conn.clone() }
     }
 
     /// Coalesced with the other reads on the primary's DB (`reads.rs`). Boxed: inline, its type nested the hit path's future past the compiler's recursion limit
@@ -358,9 +379,9 @@ impl Connections for SentinelPrimary {
         use futures_util::FutureExt;
         async move {
             let primary = self.shared.primary().await?;
-            let reader =
-                Reader { shared: Arc::clone(&self.shared), db: self.shared.db(&primary, db)?, primary };
-            Ok(reader.db.reads.get(key, &reader).await?)
+            let link = self.shared.conn(&primary, db)?;
+            let reader = Reader { shared: Arc::clone(&self.shared), link, primary };
+            Ok(reader.reads().get(key, &reader).await?)
         }
         .boxed()
     }
