@@ -1047,7 +1047,7 @@ async fn run() {
             raw(&mut plain.clone(), s).await;
         }
         behind.flush().await.unwrap();
-        // The same keys, warm, through one GET per lookup.
+        // Warm hits through `rt` (coalesced, or one GET per lookup).
         let hit = |rt: &Runtime| {
             let rt = rt.clone();
             move |i: usize| {

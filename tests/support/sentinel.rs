@@ -10,9 +10,10 @@ use super::{free_port, RedisServer};
 pub const SENTINEL_HINT: &str = "redis-sentinel was not found on PATH. The Sentinel tests start three sentinels: \
 install it (Debian/Ubuntu: `apt-get install redis-sentinel`, macOS: `brew install redis`) and run the tests again.";
 
-pub const MASTER: &str = "cache";
-
 pub struct SentinelSet {
+    /// The name the sentinels know the primary by: `cache-{port}`, one per set, so that the
+    /// sets the tests run side by side never take each other's announcements for their own.
+    pub master: String,
     pub primary: RedisServer,
     pub replica: RedisServer,
     sentinels: Vec<Child>,
@@ -28,6 +29,7 @@ impl SentinelSet {
         wait_for("the replica to sync", || {
             cli(replica.port(), &["INFO", "replication"]).contains("master_link_status:up")
         });
+        let master = format!("cache-{}", primary.port());
         let dir = tempfile::tempdir().unwrap();
         let mut sentinels = Vec::new();
         let mut ports = Vec::new();
@@ -37,9 +39,9 @@ impl SentinelSet {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {MASTER} 127.0.0.1 {} 2\n\
-                     sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 5000\n\
-                     sentinel parallel-syncs {MASTER} 1\n",
+                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\n\
+                     sentinel parallel-syncs {master} 1\n",
                     dir.path().display(),
                     primary.port()
                 ),
@@ -59,16 +61,23 @@ impl SentinelSet {
             sentinels.push(child);
             ports.push(port);
         }
-        let set = SentinelSet { primary, replica, sentinels, ports, _dir: dir };
+        let set = SentinelSet { master, primary, replica, sentinels, ports, _dir: dir };
         for &port in &set.ports {
             wait_for("a sentinel to answer", || super::ping(port));
         }
         // Each sentinel knows the replica and the two other sentinels: a failover can be agreed.
         for &port in &set.ports {
-            wait_for("the sentinels to find each other and the replica", || {
-                let sentinels = cli(port, &["SENTINEL", "SENTINELS", MASTER]);
-                let replicas = cli(port, &["SENTINEL", "REPLICAS", MASTER]);
-                sentinels.matches("runid").count() == 2 && replicas.contains(&set.replica.port().to_string())
+            let seen = std::cell::RefCell::new(String::new());
+            wait_for_or_show("the sentinels to find each other and the replica", &seen, || {
+                let sentinels = cli(port, &["SENTINEL", "SENTINELS", &set.master]);
+                let replicas = cli(port, &["SENTINEL", "REPLICAS", &set.master]);
+                let found = sentinels.matches("runid").count() == 2
+                    && replicas.contains(&set.replica.port().to_string());
+                *seen.borrow_mut() = format!(
+                    "sentinel :{port} knows these sentinels:\n{sentinels}\nand these replicas (expected :{}):\n{replicas}",
+                    set.replica.port()
+                );
+                found
             });
         }
         set
@@ -77,12 +86,12 @@ impl SentinelSet {
     /// `redis+sentinel://127.0.0.1:a,127.0.0.1:b,127.0.0.1:c/cache`
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
+        format!("redis+sentinel://{}/{}", hosts.join(","), self.master)
     }
 
     /// The port the sentinels name as the primary now.
     pub fn primary_port(&self) -> u16 {
-        let reply = cli(self.ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER]);
+        let reply = cli(self.ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.master]);
         reply.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
     }
 }
@@ -97,9 +106,14 @@ impl Drop for SentinelSet {
 }
 
 fn wait_for(what: &str, ready: impl Fn() -> bool) {
+    wait_for_or_show(what, &std::cell::RefCell::new(String::new()), ready);
+}
+
+/// `wait_for`, showing what `seen` holds last if it times out.
+fn wait_for_or_show(what: &str, seen: &std::cell::RefCell<String>, ready: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last seen: {}", seen.borrow());
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -173,15 +173,20 @@ impl Shared {
             .clone())
     }
 
-    /// After a failed call: a connection that failed, or a server that no longer takes writes,
-    /// means the primary may have moved; the next call asks the sentinels again.
-    fn check<T>(&self, primary: &Arc<Primary>, result: &redis::RedisResult<T>) {
-        let Err(e) = result else { return };
-        let moved = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
+    /// After a call: a connection that failed, or a server that no longer takes writes (its
+    /// error reply, which the connection hands over as a value: the caller extracts it), means
+    /// the primary may have moved; the next call asks the sentinels again.
+    fn check<V: TellsOfAMove>(&self, primary: &Arc<Primary>, result: &redis::RedisResult<V>) {
+        let moved = match result {
+            Err(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.code().is_some_and(demoted)
+            }
+            Ok(reply) => reply.tells_of_a_move(),
+        };
         if moved {
             self.forget(Some(primary));
         }
@@ -196,6 +201,32 @@ impl Shared {
             *current = None;
             self.moving.notify_one();
         }
+    }
+}
+
+/// The error codes of a server that is no longer (or not yet) a primary that takes writes.
+fn demoted(code: &str) -> bool {
+    matches!(code, "READONLY" | "MASTERDOWN" | "LOADING")
+}
+
+/// A reply (or a pipeline's replies) that holds such an error.
+trait TellsOfAMove {
+    fn tells_of_a_move(&self) -> bool;
+}
+
+impl TellsOfAMove for Value {
+    fn tells_of_a_move(&self) -> bool {
+        match self {
+            Value::ServerError(e) => demoted(e.code()),
+            Value::Array(replies) => replies.tells_of_a_move(),
+            _ => false,
+        }
+    }
+}
+
+impl TellsOfAMove for Vec<Value> {
+    fn tells_of_a_move(&self) -> bool {
+        self.iter().any(|reply| matches!(reply, Value::ServerError(e) if demoted(e.code())))
     }
 }
 
@@ -433,5 +464,30 @@ impl Connections for SentinelPrimary {
 
     async fn info(&self) -> Result<Vec<String>, BackendError> {
         Ok(vec![redis::cmd("INFO").query_async::<String>(&mut self.conn(0)?).await?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TellsOfAMove;
+
+    fn reply(wire: &[u8]) -> redis::Value {
+        redis::parse_redis_value(wire).unwrap()
+    }
+
+    /// A demoted server's error reply, alone, in a pipeline's replies or in an array, tells of a
+    /// move; any other reply does not.
+    #[test]
+    fn a_read_only_or_loading_servers_reply_tells_of_a_move() {
+        let readonly = reply(b"-READONLY You can't write against a read only replica.\r\n");
+        assert!(readonly.tells_of_a_move());
+        assert!(reply(b"-LOADING Redis is loading the dataset in memory\r\n").tells_of_a_move());
+        assert!(reply(b"-MASTERDOWN Link with MASTER is down\r\n").tells_of_a_move());
+        assert!(vec![reply(b"+OK\r\n"), readonly.clone()].tells_of_a_move());
+        assert!(reply(b"*2\r\n$1\r\na\r\n-READONLY You can't write\r\n").tells_of_a_move());
+        assert!(!reply(b"-ERR unknown command\r\n").tells_of_a_move());
+        assert!(!reply(b"-NOSCRIPT No matching script\r\n").tells_of_a_move());
+        assert!(!reply(b"$5\r\nvalue\r\n").tells_of_a_move());
+        assert!(!vec![reply(b"+OK\r\n"), reply(b"$-1\r\n")].tells_of_a_move());
     }
 }
