@@ -153,7 +153,9 @@ async fn send_batch<S: Sender>(mut batch: Batch<S>) {
             Err(_) => Err(timed_out()),
         }
     } else {
-        let mut mget = redis::cmd("MGET");
+        let bytes = members.iter().map(|member| member.key.len()).sum::<usize>();
+        let mut mget = Cmd::with_capacity(1 + members.len(), "MGET".len() + bytes);
+        mget.arg("MGET");
         for member in &members {
             mget.arg(&member.key);
         }
@@ -209,9 +211,11 @@ impl<S: Sender> Drop for Batch<S> {
     }
 }
 
+/// Sized for its words up front: `redis::cmd` grows the command's buffer when the key is added,
+/// a reallocation on every lookup.
 fn get(key: &str) -> Cmd {
-    let mut get = redis::cmd("GET");
-    get.arg(key);
+    let mut get = Cmd::with_capacity(2, "GET".len() + key.len());
+    get.arg("GET").arg(key);
     get
 }
 
