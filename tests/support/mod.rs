@@ -225,12 +225,50 @@ fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Ch
         }
         // A server with a password answers PING with NOAUTH: it is up all the same.
         if ping(port) {
-            return Ok(child);
+            return ours(port, child);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     Err(format!("redis-server on port {port} did not answer PING within 10 s"))
+}
+
+/// `child` if it is what answers on `port`: the port may have been taken by another test's
+/// server between our probe and its bind (it then answers PING before `child` fails to bind and
+/// exits). A server that asks for a password is taken as ours.
+pub fn ours(port: u16, mut child: Child) -> Result<Child, String> {
+    match process_id(port) {
+        Some(pid) if pid != child.id() => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("port {port} answers as process {pid}, another test's"))
+        }
+        _ => Ok(child),
+    }
+}
+
+/// The process id of what answers on `port` (`INFO server`'s `process_id`), if it answers
+/// without a password.
+pub fn process_id(port: u16) -> Option<u32> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while reply.len() < 64 * 1024 {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some(rest) = text.split("process_id:").nth(1) {
+            if let Some((pid, _)) = rest.split_once("\r\n") {
+                return pid.trim().parse().ok();
+            }
+        }
+    }
+    None
 }
 
 pub fn ping(port: u16) -> bool {

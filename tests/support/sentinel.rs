@@ -34,37 +34,12 @@ impl SentinelSet {
         let mut sentinels = Vec::new();
         let mut ports = Vec::new();
         for i in 0..3 {
-            let port = free_port();
             let conf = dir.path().join(format!("sentinel{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master} 127.0.0.1 {} 2\n\
-                     sentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\n\
-                     sentinel parallel-syncs {master} 1\n",
-                    dir.path().display(),
-                    primary.port()
-                ),
-            )
-            .unwrap();
-            let child = Command::new("redis-sentinel")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        panic!("{SENTINEL_HINT}");
-                    }
-                    panic!("spawn redis-sentinel: {e}")
-                });
+            let (port, child) = start_sentinel(&conf, &master, primary.port());
             sentinels.push(child);
             ports.push(port);
         }
         let set = SentinelSet { master, primary, replica, sentinels, ports, _dir: dir };
-        for &port in &set.ports {
-            wait_for("a sentinel to answer", || super::ping(port));
-        }
         // Each sentinel knows the replica and the two other sentinels: a failover can be agreed.
         for &port in &set.ports {
             let seen = std::cell::RefCell::new(String::new());
@@ -103,6 +78,60 @@ impl Drop for SentinelSet {
             let _ = child.wait();
         }
     }
+}
+
+/// A sentinel watching `master` at `primary`, configured in `conf`, on a free port, answering
+/// there as itself (a port taken by another test's process in the meantime is given up for
+/// another).
+fn start_sentinel(conf: &std::path::Path, master: &str, primary: u16) -> (u16, Child) {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let dir = conf.parent().expect("the set's directory");
+        std::fs::write(
+            conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\n\
+                 sentinel parallel-syncs {master} 1\n",
+                dir.display(),
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("redis-sentinel")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    panic!("{SENTINEL_HINT}");
+                }
+                panic!("spawn redis-sentinel: {e}")
+            });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                last = format!("redis-sentinel exited at start ({status}); port {port} may be taken");
+                break;
+            }
+            if super::ping(port) {
+                match super::ours(port, child) {
+                    Ok(child) => return (port, child),
+                    Err(e) => last = e,
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                last = format!("redis-sentinel on port {port} did not answer PING within 10 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("could not start redis-sentinel: {last}");
 }
 
 fn wait_for(what: &str, ready: impl Fn() -> bool) {
