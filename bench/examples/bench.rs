@@ -168,6 +168,12 @@ async fn theirs_near(symbol: &str) -> Result<Quote, FeedError> {
 }
 
 /// What a team writes by hand today: GET, decode; on a miss, compute and SET EX.
+/// One warm hit of the raw contender on `conn` (a clone), on key `i` of the hot keys: what each
+/// raw round runs.
+async fn raw_hit(mut conn: impl redis::aio::ConnectionLike + Send, i: usize) {
+    raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
+}
+
 async fn raw(conn: &mut (impl redis::aio::ConnectionLike + Send), symbol: &str) -> Quote {
     let key = format!("raw:quote:{symbol}");
     let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await.expect("GET");
@@ -512,15 +518,7 @@ async fn run() {
         let callers: usize =
             std::env::var("BENCH_CONCURRENCY").ok().and_then(|n| n.trim().parse().ok()).unwrap_or(64);
         let r = match alone.as_str() {
-            "raw" => {
-                round(callers, time, move |i| {
-                    let mut conn = conn.clone();
-                    async move {
-                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                    }
-                })
-                .await
-            }
+            "raw" => round(callers, time, move |i| raw_hit(conn.clone(), i)).await,
             "ours" => {
                 round(callers, time, |i| async move {
                     ours(&symbols()[i % HOT_KEYS]).await.unwrap();
@@ -583,15 +581,7 @@ async fn run() {
             );
             for _ in 0..rounds {
                 let conn = plain_conn.clone();
-                r.add(
-                    round(concurrency, round_time, move |i| {
-                        let mut conn = conn.clone();
-                        async move {
-                            raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                        }
-                    })
-                    .await,
-                );
+                r.add(round(concurrency, round_time, move |i| raw_hit(conn.clone(), i)).await);
                 o.add(
                     round(concurrency, round_time, |i| async move {
                         ours(&symbols()[i % HOT_KEYS]).await.unwrap();
@@ -621,15 +611,7 @@ async fn run() {
                     .await,
                 );
                 let manager = raw_conn.clone();
-                rm.add(
-                    round(concurrency, round_time, move |i| {
-                        let mut conn = manager.clone();
-                        async move {
-                            raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                        }
-                    })
-                    .await,
-                );
+                rm.add(round(concurrency, round_time, move |i| raw_hit(manager.clone(), i)).await);
             }
             for (name, x) in [
                 ("raw redis GET+decode", &mut r),
@@ -862,15 +844,7 @@ async fn run() {
         let near_before = near_hits();
         for _ in 0..rounds {
             let conn = plain_conn.clone();
-            r.add(
-                round(64, round_time, move |i| {
-                    let mut conn = conn.clone();
-                    async move {
-                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                    }
-                })
-                .await,
-            );
+            r.add(round(64, round_time, move |i| raw_hit(conn.clone(), i)).await);
             n.add(
                 round(64, round_time, |i| async move {
                     ours_near(&symbols()[i % HOT_KEYS]).await.unwrap();
@@ -988,15 +962,7 @@ async fn run() {
         let (mut r, mut o) = (Contender::default(), Contender::default());
         for _ in 0..rounds {
             let conn = raw_cluster.clone();
-            r.add(
-                round(64, round_time, move |i| {
-                    let mut conn = conn.clone();
-                    async move {
-                        raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                    }
-                })
-                .await,
-            );
+            r.add(round(64, round_time, move |i| raw_hit(conn.clone(), i)).await);
             let c = on_cluster.clone();
             o.add(
                 round(64, round_time, move |i| {
@@ -1061,15 +1027,7 @@ async fn run() {
             let (mut r, mut o, mut u) = (Contender::default(), Contender::default(), Contender::default());
             for _ in 0..rounds {
                 let conn = plain.clone();
-                r.add(
-                    round(concurrency, round_time, move |i| {
-                        let mut conn = conn.clone();
-                        async move {
-                            raw(&mut conn, &symbols()[i % HOT_KEYS]).await;
-                        }
-                    })
-                    .await,
-                );
+                r.add(round(concurrency, round_time, move |i| raw_hit(conn.clone(), i)).await);
                 o.add(round(concurrency, round_time, hit(&behind)).await);
                 u.add(round(concurrency, round_time, hit(&uncoalesced)).await);
             }

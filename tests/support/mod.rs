@@ -217,11 +217,17 @@ fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Ch
     let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
     args.extend(aof.iter().map(|s| s.to_string()));
     args.extend_from_slice(extra);
-    let mut child = spawn_server(dir, &args).map_err(|e| format!("spawn redis-server: {e}"))?;
+    let child = spawn_server(dir, &args).map_err(|e| format!("spawn redis-server: {e}"))?;
+    answering("redis-server", port, child)
+}
+
+/// `child` (a `program` started on `port`) once it answers there as itself, within 10 s; an
+/// error if it exits first (the port may be taken) or another process answers there.
+pub fn answering(program: &str, port: u16, mut child: Child) -> Result<Child, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("redis-server exited at start ({status}); port {port} may be taken"));
+            return Err(format!("{program} exited at start ({status}); port {port} may be taken"));
         }
         // A server with a password answers PING with NOAUTH: it is up all the same.
         if ping(port) {
@@ -230,13 +236,14 @@ fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Ch
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
-    Err(format!("redis-server on port {port} did not answer PING within 10 s"))
+    let _ = child.wait();
+    Err(format!("{program} on port {port} did not answer PING within 10 s"))
 }
 
 /// `child` if it is what answers on `port`: the port may have been taken by another test's
 /// server between our probe and its bind (it then answers PING before `child` fails to bind and
 /// exits). A server that asks for a password is taken as ours.
-pub fn ours(port: u16, mut child: Child) -> Result<Child, String> {
+fn ours(port: u16, mut child: Child) -> Result<Child, String> {
     match process_id(port) {
         Some(pid) if pid != child.id() => {
             let _ = child.kill();

@@ -98,7 +98,7 @@ fn start_sentinel(conf: &std::path::Path, master: &str, primary: u16) -> (u16, C
             ),
         )
         .unwrap();
-        let mut child = Command::new("redis-sentinel")
+        let child = Command::new("redis-sentinel")
             .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -109,26 +109,9 @@ fn start_sentinel(conf: &std::path::Path, master: &str, primary: u16) -> (u16, C
                 }
                 panic!("spawn redis-sentinel: {e}")
             });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                last = format!("redis-sentinel exited at start ({status}); port {port} may be taken");
-                break;
-            }
-            if super::ping(port) {
-                match super::ours(port, child) {
-                    Ok(child) => return (port, child),
-                    Err(e) => last = e,
-                }
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                last = format!("redis-sentinel on port {port} did not answer PING within 10 s");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match super::answering("redis-sentinel", port, child) {
+            Ok(child) => return (port, child),
+            Err(e) => last = e,
         }
     }
     panic!("could not start redis-sentinel: {last}");
