@@ -255,3 +255,187 @@ async fn near_copies_move_with_the_connections_when_the_sentinels_name_another_s
     let took = until_value(&a, 7, &SOURCE, 3007).await;
     assert!(took < Duration::from_secs(1), "the copy outlived an invalidation on the new primary: {took:?}");
 }
+
+/// A cached function whose executions are counted in `ran`.
+#[cached(db = MarketData, prefix = "sn_lease", ttl = 300, skip(ran))]
+async fn leased(symbol: &str, ran: &AtomicUsize) -> u64 {
+    ran.fetch_add(1, SeqCst);
+    symbol.len() as u64
+}
+
+/// `leased(symbol)` in `rt`: how long it took.
+async fn timed_lease(rt: &Runtime, symbol: &str) -> Duration {
+    let ran = AtomicUsize::new(0);
+    let started = Instant::now();
+    assert_eq!(rt.scope(leased(symbol, &ran)).await, symbol.len() as u64);
+    started.elapsed()
+}
+
+/// A lease request that times out during `CLIENT PAUSE WRITE` behind Sentinel leaves no lease
+/// that would make another process wait for a value nobody computes. On one server
+/// (`tests/faults.rs`) the request runs when the pause ends and its release follows it on the same
+/// connection. Behind Sentinel the time-out also makes the runtime ask the sentinels and give the
+/// primary new connections, and the old one is closed once its release gives up: the server drops
+/// the paused commands of a closed connection, so the request never runs (seen in every local run:
+/// no lease request and no release run). Shown against the same paused primary with a lease set by
+/// a request nobody releases on a connection kept open, which costs the other process the lease's
+/// whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_lease_request_does_not_stall_other_processes() {
+    const OP_TIMEOUT: Duration = Duration::from_millis(200);
+    let set = SentinelSet::start();
+    let lease = Duration::from_secs(2);
+    // Generations trusted for an hour: lookups are a plain GET, answered during CLIENT PAUSE
+    // WRITE, so the pause meets the lease request.
+    let runtime = || {
+        Runtime::new(
+            CacheConfig::redis(&set.url())
+                .unwrap()
+                .with_op_timeout(OP_TIMEOUT)
+                .with_lease_ttl(lease)
+                .with_generation_refresh(Duration::from_secs(3600)),
+        )
+    };
+    let (a, b) = (runtime(), runtime());
+    for rt in [&a, &b] {
+        timed_lease(rt, "warm").await; // reads the generation once
+    }
+
+    // Protected: A's lease request times out during a 600 ms pause; the primary runs it on resume.
+    set.primary.reset_stats().await;
+    set.primary.pause_writes(600).await;
+    let took = timed_lease(&a, "orphan").await;
+    assert!(
+        took >= OP_TIMEOUT && took < OP_TIMEOUT * 2,
+        "A paid one timeout for the lease request ({took:?})"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await; // the pause is over
+                                                          // Nothing of the request is left: either it never ran (the time-out gave the primary new
+                                                          // connections and closed the old one, and the server drops what a closed connection had not
+                                                          // run yet), or it ran and the release that followed it gave the lease back.
+    let key =
+        cache_runtime::KeyBuilder::new("sentinel", "sn_lease", "leased").arg("orphan").finish().unwrap();
+    let left: bool = redis::cmd("EXISTS")
+        .arg(format!("{key}:lease"))
+        .query_async(&mut set.primary.raw(5).await)
+        .await
+        .unwrap();
+    let (requests, releases) = (set.primary.calls_of("evalsha").await, set.primary.calls_of("eval").await);
+    let waited = timed_lease(&b, "orphan").await;
+
+    // Unprotected: the same request, sent by hand and abandoned after the same timeout.
+    let key = cache_runtime::KeyBuilder::new("sentinel", "sn_lease", "leased").arg("naked").finish().unwrap();
+    set.primary.pause_writes(600).await;
+    let mut raw = set.primary.raw(5).await;
+    let orphan =
+        redis::cmd("SET").arg(format!("{key}:lease")).arg("42").arg("NX").arg("PX").arg(2000).to_owned();
+    let _ = tokio::time::timeout(OP_TIMEOUT, orphan.query_async::<()>(&mut raw)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stalled = timed_lease(&b, "naked").await;
+
+    eprintln!(
+        "sentinel, after a 600 ms CLIENT PAUSE WRITE: the other process waited {waited:?} (after the timed-out request) \
+         vs {stalled:?} (unreleased orphan, lease {lease:?}); the lease request took {took:?}; after the pause \
+         the primary had run {requests} lease requests and {releases} releases"
+    );
+    assert!(!left, "no lease was left behind by the timed-out request");
+    assert!(waited < Duration::from_millis(300), "no orphaned lease stalled the other process ({waited:?})");
+    assert!(stalled > Duration::from_millis(1000), "the race exists without the release ({stalled:?})");
+}
+
+/// The primary frozen (`SIGSTOP`) for 700 ms, shorter than the sentinels' `down-after-milliseconds`,
+/// under 64 callers: no failover, and every call is bounded by one `op_timeout` (plus
+/// scheduling), coalesced lookups and lookups on connections made again after the first time-out
+/// included; hits resume soon after the primary does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_bounds_every_call_by_the_op_timeout() {
+    const OP_TIMEOUT: Duration = Duration::from_millis(200);
+    const CALLERS: u32 = 64;
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    let set = SentinelSet::start();
+    let rt = Runtime::new(CacheConfig::redis(&set.url()).unwrap().with_op_timeout(OP_TIMEOUT));
+    for n in 0..CALLERS {
+        rt.scope(level(n, &RAN)).await;
+    }
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 3, &RAN).await, "cached through the sentinels' primary");
+    let start = Instant::now();
+    let (freeze_at, thaw_at, end_at) =
+        (Duration::from_millis(500), Duration::from_millis(1200), Duration::from_millis(3000));
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..CALLERS {
+        let rt = rt.clone();
+        callers.spawn(async move {
+            // (started at, took, hit)
+            let mut log = Vec::new();
+            let mut n = i;
+            while start.elapsed() < end_at {
+                let (at, before) = (start.elapsed(), RAN.load(SeqCst));
+                assert_eq!(rt.scope(level(n % CALLERS, &RAN)).await, u64::from(n % CALLERS) + 1);
+                log.push((at, start.elapsed() - at, RAN.load(SeqCst) == before));
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            log
+        });
+    }
+    tokio::time::sleep_until((start + freeze_at).into()).await;
+    set.primary.freeze();
+    tokio::time::sleep_until((start + thaw_at).into()).await;
+    set.primary.thaw();
+    let mut log = Vec::new();
+    while let Some(joined) = callers.join_next().await {
+        log.extend(joined.expect("no caller panicked"));
+    }
+    let slowest = log.iter().map(|(_, took, _)| *took).max().unwrap_or_default();
+    let paid = log.iter().filter(|(_, took, _)| *took >= OP_TIMEOUT).count();
+    let resumed =
+        log.iter().filter(|(at, _, hit)| *hit && *at >= thaw_at).map(|(at, took, _)| *at + *took).min();
+    let resumed = resumed.map_or(Duration::MAX, |r| r - thaw_at);
+    eprintln!(
+        "sentinel, primary frozen 700 ms under {CALLERS} callers, op timeout {OP_TIMEOUT:?}: {} calls, {paid} paid a \
+         full op timeout, slowest {slowest:?}, first hit {resumed:?} after the primary resumed",
+        log.len()
+    );
+    assert_eq!(set.primary_port(), set.primary.port(), "no failover: the freeze was shorter than down-after");
+    assert!(paid > 0, "the freeze met calls in flight");
+    assert!(
+        slowest < OP_TIMEOUT + Duration::from_millis(150),
+        "every call bounded by one op timeout ({slowest:?})"
+    );
+    assert!(resumed < Duration::from_millis(1500), "hits resume soon after the primary ({resumed:?})");
+}
+
+static MAX_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(db = MarketData, prefix = "sn_max", ttl = 300)]
+async fn page_max(id: u32) -> String {
+    MAX_CALLS.fetch_add(1, SeqCst);
+    format!("page {id}")
+}
+
+/// A caller-supplied `op_timeout` of `Duration::MAX` behind Sentinel: no overflow anywhere in
+/// the timers of lookups (alone and coalesced), lease requests, fills and the sentinels'
+/// queries; values are cached and each caller gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_op_timeout_caches_behind_sentinel() {
+    let set = SentinelSet::start();
+    let rt = Runtime::new(CacheConfig::redis(&set.url()).unwrap().with_op_timeout(Duration::MAX));
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    for n in 0..16 {
+        rt.scope(level(n, &RAN)).await;
+    }
+    rt.flush().await.unwrap();
+    assert_eq!(RAN.load(SeqCst), 16, "one execution per key");
+    read_all(&rt, page_max, 256, 1).await;
+    rt.flush().await.unwrap();
+    set.primary.reset_stats().await;
+    read_all(&rt, page_max, 256, 3).await;
+    assert_eq!(MAX_CALLS.load(SeqCst), 256, "filled once, then every lookup a hit");
+    let mgets = set.primary.calls_of("mget").await;
+    eprintln!("sentinel, op timeout Duration::MAX: 768 concurrent lookups with {mgets} MGETs");
+    assert!(mgets > 0, "lookups coalesced at the longest op timeout");
+    for n in 0..16 {
+        assert!(is_hit(&rt, n, &RAN).await, "level({n}) cached");
+    }
+}
