@@ -260,6 +260,7 @@ async fn disabled_runtime_always_runs() {
         cluster: None,
         tls: None,
         disk: None,
+        sentinel: None,
     };
     let calls = AtomicUsize::new(0);
     for _ in 0..3 {

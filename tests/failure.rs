@@ -133,6 +133,7 @@ async fn unreachable_server_from_the_start() {
         cluster: None,
         tls: None,
         disk: None,
+        sentinel: None,
     };
     let calls = AtomicUsize::new(0);
     let slowest = slowest_of(&fx, 10, &calls).await;

@@ -332,6 +332,8 @@ pub struct Fixture {
     pub tls: Option<TlsView>,
     /// The disk backend's directory, removed with the fixture.
     pub disk: Option<tempfile::TempDir>,
+    /// The sentinel that names `server` as the primary, for a runtime behind Sentinel.
+    pub sentinel: Option<sentinel::OneSentinel>,
 }
 
 /// A TLS-only server of the test's own, with the certificates it trusts.
@@ -378,7 +380,7 @@ impl Fixture {
     pub fn disk() -> Fixture {
         let dir = tempfile::tempdir().expect("a temp dir");
         let runtime = Runtime::new(CacheConfig::disk(dir.path()));
-        Fixture { runtime, server: None, cluster: None, tls: None, disk: Some(dir) }
+        Fixture { runtime, server: None, cluster: None, tls: None, disk: Some(dir), sentinel: None }
     }
 
     pub fn memory() -> Fixture {
@@ -388,6 +390,7 @@ impl Fixture {
             cluster: None,
             tls: None,
             disk: None,
+            sentinel: None,
         }
     }
 
@@ -398,7 +401,30 @@ impl Fixture {
     pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
         let server = RedisServer::start();
         let config = adjust(relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses")));
-        Fixture { runtime: Runtime::new(config), server: Some(server), cluster: None, tls: None, disk: None }
+        Fixture {
+            runtime: Runtime::new(config),
+            server: Some(server),
+            cluster: None,
+            tls: None,
+            disk: None,
+            sentinel: None,
+        }
+    }
+
+    /// A runtime behind Sentinel (`redis+sentinel://`): one sentinel of its own naming a server
+    /// of its own as the primary. Raw access (`raw`, `server`) goes to that server.
+    pub fn sentinel() -> Fixture {
+        let server = RedisServer::start();
+        let sentinel = sentinel::OneSentinel::watching(&server);
+        let config = relaxed(CacheConfig::redis(&sentinel.url()).expect("a sentinel URL parses"));
+        Fixture {
+            runtime: Runtime::new(config),
+            server: Some(server),
+            cluster: None,
+            tls: None,
+            disk: None,
+            sentinel: Some(sentinel),
+        }
     }
 
     /// A runtime on this binary's shared cluster, in a key namespace of its own.
@@ -419,6 +445,7 @@ impl Fixture {
             cluster: Some(ClusterView { conn, namespace }),
             tls: None,
             disk: None,
+            sentinel: None,
         }
     }
 
@@ -435,6 +462,7 @@ impl Fixture {
             cluster: None,
             tls: Some(TlsView { server, certs }),
             disk: None,
+            sentinel: None,
         }
     }
 
@@ -442,7 +470,7 @@ impl Fixture {
         self.server.as_mut().expect("a Redis fixture")
     }
 
-    /// Whether entries live in a Redis deployment (one server or Cluster).
+    /// Whether entries live in a Redis deployment (one server, Cluster or behind Sentinel).
     pub fn is_remote(&self) -> bool {
         self.server.is_some() || self.cluster.is_some() || self.tls.is_some()
     }
@@ -529,7 +557,7 @@ impl Fixture {
     }
 }
 
-/// Writes `mod memory`, `mod disk`, `mod redis`, `mod tls` (one server over TLS) and `mod cluster`, each with one `#[tokio::test]` per listed
+/// Writes `mod memory`, `mod disk`, `mod redis`, `mod tls` (one server over TLS), `mod cluster` and `mod sentinel` (a server behind one sentinel), each with one `#[tokio::test]` per listed
 /// behaviour, calling `behaviour(&mut Fixture)`.
 #[macro_export]
 macro_rules! on_every_backend {
@@ -571,6 +599,14 @@ macro_rules! on_every_backend {
                 #[tokio::test]
                 async fn $test() {
                     super::$test(&mut $crate::support::Fixture::cluster().await).await
+                }
+            )*
+        }
+        mod sentinel {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&mut $crate::support::Fixture::sentinel()).await
                 }
             )*
         }

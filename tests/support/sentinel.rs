@@ -1,5 +1,7 @@
 //! Sentinel for the tests: a primary, a replica and three `redis-sentinel` processes watching
-//! them (quorum 2, `down-after-milliseconds` 1000), on free loopback ports, stopped when dropped.
+//! them (quorum 2, `down-after-milliseconds` 1000), on free loopback ports, stopped when dropped;
+//! or [`OneSentinel`], one sentinel naming a server of the caller's, for the behaviour tests that
+//! run on every backend.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,6 +70,37 @@ impl SentinelSet {
     pub fn primary_port(&self) -> u16 {
         let reply = cli(self.ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.master]);
         reply.lines().nth(1).and_then(|p| p.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+/// One sentinel watching a server of the caller's, with no replica: it names that server as the
+/// primary, which is all a runtime behind Sentinel needs to serve (`Fixture::sentinel`).
+/// Stopped when dropped.
+pub struct OneSentinel {
+    master: String,
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl OneSentinel {
+    pub fn watching(primary: &RedisServer) -> OneSentinel {
+        let master = format!("cache-{}", primary.port());
+        let dir = tempfile::tempdir().unwrap();
+        let (port, child) = start_sentinel(&dir.path().join("sentinel.conf"), &master, primary.port());
+        OneSentinel { master, port, child, _dir: dir }
+    }
+
+    /// `redis+sentinel://127.0.0.1:port/master`
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/{}", self.port, self.master)
+    }
+}
+
+impl Drop for OneSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
