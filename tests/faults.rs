@@ -91,6 +91,75 @@ async fn a_timed_out_lease_request_does_not_stall_other_processes() {
     assert!(stalled > Duration::from_millis(1000), "the race exists without the release ({stalled:?})");
 }
 
+/// A lease request the server ran, whose reply was held back (a slow link) and then lost with
+/// its connection (reset before the reply came through): its release cannot follow it on that
+/// connection, which is gone, so it is sent on the connection made next, and the lease does not
+/// make another process wait for a value nobody computes. Shown against the same sequence for a
+/// request sent by hand, whose lease nobody releases: that one costs the other process the
+/// lease's whole life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_other_processes() {
+    const SLOW: Duration = Duration::from_millis(150);
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port());
+    let lease = Duration::from_secs(2);
+    // A's replies come through the proxy, held back SLOW each: the lookup's reply comes at SLOW,
+    // the lease request is sent then and run by the server at once, and its reply would come at
+    // 2 x SLOW. The connection is cut halfway between. No call times out (op timeout 1 s).
+    let config = |c: CacheConfig| {
+        c.with_lease_ttl(lease)
+            .with_generation_refresh(Duration::from_secs(3600))
+            .with_op_timeout(Duration::from_secs(1))
+            .with_connect_timeout(Duration::from_secs(1))
+    };
+    let a = Runtime::new(config(CacheConfig::redis(&proxy.url()).unwrap()));
+    let b = Runtime::new(config(CacheConfig::redis(&server.url()).unwrap()));
+    for rt in [&a, &b] {
+        timed(rt, "warm").await; // reads the generation once
+    }
+
+    // Protected: A's lease request is run, its reply lost with the connection.
+    proxy.set(Fault::Latency(SLOW));
+    let call = tokio::spawn({
+        let a = a.clone();
+        async move { timed(&a, "lost").await }
+    });
+    tokio::time::sleep(SLOW * 3 / 2).await;
+    proxy.cut();
+    proxy.set(Fault::Pass);
+    let (took, hit) = call.await.unwrap();
+    assert!(!hit, "A ran its function");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held: bool = redis::cmd("EXISTS")
+        .arg(format!("{}:lease", KeyBuilder::new("faults", "fault", "ema").arg("lost").finish().unwrap()))
+        .query_async(&mut server.raw(7).await)
+        .await
+        .unwrap();
+    let (waited, _) = timed(&b, "lost").await;
+
+    // Unprotected: the same request sent by hand through the proxy, its reply lost the same way.
+    let key = KeyBuilder::new("faults", "fault", "ema").arg("dropped").finish().unwrap();
+    let by_hand = redis::Client::open(format!("{}/7", proxy.url())).unwrap();
+    let mut raw = by_hand.get_multiplexed_async_connection().await.unwrap();
+    proxy.set(Fault::Latency(SLOW));
+    let orphan =
+        redis::cmd("SET").arg(format!("{key}:lease")).arg("42").arg("NX").arg("PX").arg(2000).to_owned();
+    let sent = tokio::spawn(async move { orphan.query_async::<()>(&mut raw).await });
+    tokio::time::sleep(SLOW / 2).await;
+    proxy.cut();
+    proxy.set(Fault::Pass);
+    assert!(sent.await.unwrap().is_err(), "the request's reply was lost with its connection");
+    let (stalled, _) = timed(&b, "dropped").await;
+
+    eprintln!(
+        "a lease request run, its reply lost with its connection: A's call took {took:?}; the other process \
+         waited {waited:?} (released on the next connection) vs {stalled:?} (unreleased, lease {lease:?})"
+    );
+    assert!(!held, "the lease was released");
+    assert!(waited < Duration::from_millis(300), "no orphaned lease stalled the other process ({waited:?})");
+    assert!(stalled > Duration::from_millis(1000), "the race exists without the release ({stalled:?})");
+}
+
 /// 200 concurrent callers in a loop; the server frozen (SIGSTOP) for 3 s, then resumed. With the
 /// breaker, only the calls in flight when it froze (and one probe per cool-down) pay a full
 /// timeout; without it, every call does.

@@ -1,8 +1,9 @@
 //! A TCP proxy between the runtime and a real `redis-server` whose behaviour is switched while it
 //! runs (after the chaos wrappers of .NET's FusionCache): pass, added latency, blackhole (accept,
 //! never answer: bytes are held, not lost, and flow again when it ends), reset (every open
-//! connection is closed with RST, new ones too), refuse (the port stops listening) and strand
-//! (the connections open now go silent for good, new ones pass).
+//! connection is closed with RST, new ones too), refuse (the port stops listening), strand
+//! (the connections open now go silent for good, new ones pass) and cut (the connections open
+//! now are reset, new ones pass).
 //! It runs on its own thread and runtime, so any test can drive it.
 
 use std::net::SocketAddr;
@@ -95,6 +96,15 @@ impl FaultProxy {
     /// middlebox that forgot the flow). Connections opened afterwards pass.
     pub fn strand(&self) {
         self.state.send_modify(|s| s.strands += 1);
+    }
+}
+
+impl FaultProxy {
+    /// The connections open now are reset (RST to the client, as a middlebox that dropped its
+    /// state would send; the server's side is closed), whatever they held back; the fault stays as
+    /// it is for the connections opened afterwards.
+    pub fn cut(&self) {
+        self.state.send_modify(|s| s.resets += 1);
     }
 }
 
