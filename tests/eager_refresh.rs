@@ -123,6 +123,36 @@ async fn redis_two_processes_refresh_a_hot_key_once() {
     check(&runtimes, &with, &without, run);
 }
 
+/// The same two processes on the disk backend (two runtimes on one directory, as two
+/// processes on one host share it), on Cluster and behind Sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_two_processes_refresh_a_hot_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtimes = [Runtime::new(CacheConfig::disk(dir.path())), Runtime::new(CacheConfig::disk(dir.path()))];
+    let run = Duration::from_millis(4_500);
+    let (with, without) = hammer(&runtimes, run).await;
+    check(&runtimes, &with, &without, run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_processes_refresh_a_hot_key_once() {
+    let (config, _namespace) = support::cluster_config();
+    let runtimes = [Runtime::new(config.clone()), Runtime::new(config)];
+    let run = Duration::from_millis(4_500);
+    let (with, without) = hammer(&runtimes, run).await;
+    check(&runtimes, &with, &without, run);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_two_processes_refresh_a_hot_key_once() {
+    let fx = support::Fixture::sentinel();
+    let url = fx.sentinel.as_ref().expect("a Sentinel fixture").url();
+    let runtimes = [fx.runtime.clone(), support::redis_runtime(&url, |c| c)];
+    let run = Duration::from_millis(4_500);
+    let (with, without) = hammer(&runtimes, run).await;
+    check(&runtimes, &with, &without, run);
+}
+
 #[cached(db = MarketData, prefix = "eager", ttl = 4, eager_refresh = "50%", skip(delay))]
 async fn slow_eager(symbol: &str, delay: Duration) -> u64 {
     tokio::time::sleep(delay).await;
