@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::MarketData;
-use cache_runtime::{cached, invalidate, KeyBuilder, Runtime};
+use cache_runtime::{cached, invalidate, CacheConfig, KeyBuilder, Runtime};
 use support::{Fixture, RedisServer};
 use tokio::task::JoinSet;
 
@@ -233,11 +233,45 @@ async fn outage(runtimes: &[Runtime], fail_safe: bool, run: Duration) -> (usize,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_keep_answering_through_an_outage() {
     let server = RedisServer::start();
-    let runtimes =
-        [support::redis_runtime(&server.url(), |c| c), support::redis_runtime(&server.url(), |c| c)];
+    keep_answering(&[
+        support::redis_runtime(&server.url(), |c| c),
+        support::redis_runtime(&server.url(), |c| c),
+    ])
+    .await;
+}
+
+/// The same two processes on the disk backend (two runtimes on one directory), on Cluster and
+/// behind Sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_keep_answering_through_an_outage_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    keep_answering(&[
+        Runtime::new(CacheConfig::disk(dir.path())),
+        Runtime::new(CacheConfig::disk(dir.path())),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_keep_answering_through_an_outage_on_cluster() {
+    let (config, _namespace) = support::cluster_config();
+    keep_answering(&[Runtime::new(config.clone()), Runtime::new(config)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_keep_answering_through_an_outage_behind_sentinel() {
+    let fx = support::Fixture::sentinel();
+    let url = fx.sentinel.as_ref().expect("a Sentinel fixture").url();
+    keep_answering(&[fx.runtime.clone(), support::redis_runtime(&url, |c| c)]).await;
+}
+
+/// With `stale_if_error`, every call of 16 callers over `runtimes` is answered through a 3 s
+/// outage of the dependency, which is tried about once per process per throttle; without it,
+/// every call fails.
+async fn keep_answering(runtimes: &[Runtime]) {
     let run = Duration::from_secs(3);
-    let (answers, errors, tried) = outage(&runtimes, true, run).await;
-    let (plain_answers, plain_errors, plain_tried) = outage(&runtimes, false, run).await;
+    let (answers, errors, tried) = outage(runtimes, true, run).await;
+    let (plain_answers, plain_errors, plain_tried) = outage(runtimes, false, run).await;
     println!(
         "dependency down for {run:?}, 16 callers over two runtimes: stale_if_error: {answers} answered, {errors} errors, dependency tried {tried} times; without: {plain_answers} answered, {plain_errors} errors, tried {plain_tried} times"
     );
