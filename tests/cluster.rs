@@ -533,3 +533,85 @@ fn replica_of(port: u16) -> u16 {
     let addr = replicas.split_whitespace().nth(1).expect("the primary has a replica");
     addr.split('@').next().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
 }
+
+#[cached(db = MarketData, prefix = "px_lost", ttl = 300, skip(calls))]
+async fn lost_reply(symbol: u32, calls: &AtomicUsize) -> u64 {
+    calls.fetch_add(1, SeqCst);
+    u64::from(symbol) * 5
+}
+
+/// A lease request the server ran whose reply was lost with its connection (replies held back
+/// 150 ms by a fault proxy in front of the key's primary, which the cluster announces at the
+/// proxy's port; the connection reset halfway): Cluster's client sends the request again on a
+/// new connection, with the same token, and the lease script grants a lease that holds its own
+/// token again. Before, that second run answered "held by someone else", and the caller waited
+/// for its own lease until `lease_ttl`. Asserted: the call took far less than `lease_ttl`, the
+/// script ran twice for it (the resend, the race itself, happened in this run), and the entry was
+/// filled (the other process hits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease() {
+    const SLOW: Duration = Duration::from_millis(150);
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let cluster = RedisCluster::start(5000);
+    let (config, ns) = cluster.config();
+    let lease = Duration::from_secs(3);
+    let config = config
+        .with_lease_ttl(lease)
+        .with_generation_refresh(Duration::from_secs(3600))
+        .with_op_timeout(Duration::from_secs(2));
+    let key = KeyBuilder::new(module_path!(), "px_lost", "lost_reply").arg(&7u32).finish().unwrap();
+    let primary = cluster.primary_of(&format!("{ns}:db5:{key}"));
+    let proxy = support::proxy::FaultProxy::start(primary);
+    let announced = format!("127.0.0.1:{}@", proxy.port());
+    assert!(
+        cli(primary, &["CONFIG", "SET", "cluster-announce-port", &proxy.port().to_string()]).contains("OK")
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.primaries().iter().all(|&p| cli(p, &["CLUSTER", "NODES"]).contains(&announced)) {
+        assert!(Instant::now() < deadline, "the cluster did not announce the proxy within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (a, b) = (Runtime::new(config.clone()), Runtime::new(config));
+    for rt in [&a, &b] {
+        rt.scope(lost_reply(1, &CALLS)).await; // connected, generations read
+    }
+    assert!(cli(primary, &["CONFIG", "RESETSTAT"]).contains("OK"));
+    let scripts_run = || {
+        let stats = cli(primary, &["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+
+    proxy.set(support::proxy::Fault::Latency(SLOW));
+    let before = CALLS.load(SeqCst);
+    let started = Instant::now();
+    let call = tokio::spawn({
+        let a = a.clone();
+        async move { a.scope(lost_reply(7, &CALLS)).await }
+    });
+    tokio::time::sleep(SLOW * 3 / 2).await;
+    proxy.set(support::proxy::Fault::Pass);
+    proxy.cut();
+    assert_eq!(call.await.unwrap(), 35);
+    let took = started.elapsed();
+    a.flush().await.unwrap();
+    let ran = scripts_run();
+    let hit = {
+        let calls = CALLS.load(SeqCst);
+        b.scope(lost_reply(7, &CALLS)).await;
+        CALLS.load(SeqCst) == calls
+    };
+    eprintln!(
+        "cluster, a lease request whose reply was lost with its connection: the call took {took:?} \
+         (lease {lease:?}), {} execution(s), {ran} script runs on the key's primary, the other process hit: {hit}",
+        CALLS.load(SeqCst) - before - usize::from(!hit)
+    );
+    assert!(took < lease / 3, "the caller did not wait for its own lease ({took:?})");
+    assert!(ran >= 3, "the lease request ran twice and the fill once ({ran} script runs)");
+    assert!(hit, "the entry was filled under the lease granted again");
+}

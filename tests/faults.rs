@@ -117,25 +117,32 @@ async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_
     for rt in [&a, &b] {
         timed(rt, "warm").await; // reads the generation once
     }
+    server.reset_stats().await;
 
-    // Protected: A's lease request is run, its reply lost with the connection.
+    // Protected: A's lease request is run, its reply lost with the connection. (The fault is
+    // lifted before the cut, so the connection made next is not slowed; the reply held back
+    // stays held until the cut.)
     proxy.set(Fault::Latency(SLOW));
     let call = tokio::spawn({
         let a = a.clone();
         async move { timed(&a, "lost").await }
     });
     tokio::time::sleep(SLOW * 3 / 2).await;
-    proxy.cut();
     proxy.set(Fault::Pass);
+    proxy.cut();
     let (took, hit) = call.await.unwrap();
     assert!(!hit, "A ran its function");
+    assert!(took >= SLOW * 3 / 2, "A's call ended with the cut, not before ({took:?})");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let held: bool = redis::cmd("EXISTS")
         .arg(format!("{}:lease", KeyBuilder::new("faults", "fault", "ema").arg("lost").finish().unwrap()))
         .query_async(&mut server.raw(7).await)
         .await
         .unwrap();
-    let (waited, _) = timed(&b, "lost").await;
+    // The request ran (a lease was set) and a release reached the server: the one sent behind
+    // the request on its connection never did, that connection being gone.
+    let (requests, releases) = (server.calls_of("evalsha").await, server.calls_of("eval").await);
+    let (waited, b_hit) = timed(&b, "lost").await;
 
     // Unprotected: the same request sent by hand through the proxy, its reply lost the same way.
     let key = KeyBuilder::new("faults", "fault", "ema").arg("dropped").finish().unwrap();
@@ -146,8 +153,8 @@ async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_
         redis::cmd("SET").arg(format!("{key}:lease")).arg("42").arg("NX").arg("PX").arg(2000).to_owned();
     let sent = tokio::spawn(async move { orphan.query_async::<()>(&mut raw).await });
     tokio::time::sleep(SLOW / 2).await;
-    proxy.cut();
     proxy.set(Fault::Pass);
+    proxy.cut();
     assert!(sent.await.unwrap().is_err(), "the request's reply was lost with its connection");
     let (stalled, _) = timed(&b, "dropped").await;
 
@@ -155,6 +162,11 @@ async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_
         "a lease request run, its reply lost with its connection: A's call took {took:?}; the other process \
          waited {waited:?} (released on the next connection) vs {stalled:?} (unreleased, lease {lease:?})"
     );
+    assert!(
+        requests >= 1 && releases >= 1,
+        "the lease request ran ({requests}) and was released ({releases})"
+    );
+    assert!(!b_hit, "A's reply never came, so nothing was filled: B ran its function");
     assert!(!held, "the lease was released");
     assert!(waited < Duration::from_millis(300), "no orphaned lease stalled the other process ({waited:?})");
     assert!(stalled > Duration::from_millis(1000), "the race exists without the release ({stalled:?})");

@@ -345,8 +345,8 @@ async fn a_timed_out_lease_request_does_not_stall_other_processes() {
 
 /// The primary frozen (`SIGSTOP`) for 700 ms, shorter than the sentinels' `down-after-milliseconds`,
 /// under 64 callers: no failover, and every call is bounded by one `op_timeout` (plus
-/// scheduling), coalesced lookups and lookups on connections made again after the first time-out
-/// included; hits resume soon after the primary does.
+/// scheduling), lookups on the connections made again after the first time-out included; hits
+/// resume soon after the primary does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_primary_bounds_every_call_by_the_op_timeout() {
     const OP_TIMEOUT: Duration = Duration::from_millis(200);

@@ -41,6 +41,12 @@ impl RedisFailure {
     pub fn is_connection_failure(&self) -> bool {
         self.0.is_io_error() || self.0.is_connection_dropped() || self.0.is_connection_refusal()
     }
+
+    /// Whether the connection is gone (dropped, reset, refused): a connection failure that is
+    /// not a time-out (redis-rs reports its response timeout as an I/O error).
+    pub(crate) fn is_connection_lost(&self) -> bool {
+        self.is_connection_failure() && !self.0.is_timeout()
+    }
 }
 
 impl fmt::Display for RedisFailure {

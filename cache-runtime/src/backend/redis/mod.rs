@@ -454,8 +454,13 @@ impl<C: Connections> Store for RedisStore<C> {
             // Pinned: the release, if owed, follows the request on its connection.
             let next = self.conn(db)?;
             let conn = C::pinned(&next);
-            let mut orphan =
-                OrphanGuard { conn: Some(conn.clone()), next: Some(next), key: &key, token: ask.token };
+            let mut orphan = OrphanGuard {
+                conn: Some(conn.clone()),
+                next: Some(next),
+                key: &key,
+                token: ask.token,
+                op_timeout: self.op_timeout,
+            };
             let reply =
                 scripts::acquire(&mut conn.clone(), &key, ask.token, ask.ttl, ask.min_generation).await;
             if reply.is_ok() {
@@ -558,29 +563,33 @@ impl<C: Connections> Store for RedisStore<C> {
 
 /// Armed while a lease request is unanswered; dropped armed, it sends the release of its token
 /// on the same connection, so the server runs it right after the request if it runs that at all.
-/// If that connection is gone (reset or closed before the request's reply came), the release is
-/// sent again on the store's connection as it is then (`next`, made again meanwhile): the server
-/// ran the request before the old one went or will not run it, and a lease it set would otherwise
-/// make every other caller of the key wait out `lease_ttl`.
+/// If that connection is lost (dropped or reset before the request's reply came: not a time-out,
+/// where the connection is alive and the release already waits behind the request), the release
+/// is sent again on the store's connection as it is then (`next`, made again meanwhile): a lease
+/// the request set would otherwise make every caller of the key wait out `lease_ttl`. The release
+/// is a compare-and-delete of our token, so sent twice, or before a request the server has yet to
+/// run, it takes nothing from anyone (in the last case it does nothing, as if never sent). Each
+/// send is bounded by `op_timeout`.
 struct OrphanGuard<'a, Conn: redis::aio::ConnectionLike + Send + 'static> {
     conn: Option<Conn>,
     next: Option<Conn>,
     key: &'a str,
     token: u64,
+    op_timeout: Duration,
 }
 
 impl<Conn: redis::aio::ConnectionLike + Send + 'static> Drop for OrphanGuard<'_, Conn> {
     fn drop(&mut self) {
         let (Some(mut conn), Some(mut next)) = (self.conn.take(), self.next.take()) else { return };
-        let (key, token) = (self.key.to_owned(), self.token);
+        let (key, token, limit) = (self.key.to_owned(), self.token, self.op_timeout);
         // Written to the connection now, in order after the request; the answer does not matter
         // (the background task only keeps the future alive until it is sent), unless it says the
-        // connection is gone. The release is a compare-and-delete of our token: sent twice, or
-        // after the lease changed hands, it takes nothing from anyone.
+        // connection is lost.
         crate::background::spawn(async move {
-            match scripts::release(&mut conn, &key, token).await {
-                Err(BackendError::Redis(failure)) if failure.is_connection_failure() => {
-                    let _ = scripts::release(&mut next, &key, token).await;
+            match bounded(limit, scripts::release(&mut conn, &key, token)).await {
+                Err(BackendError::Redis(failure)) if failure.is_connection_lost() => {
+                    drop(conn); // nothing holds the lost connection open meanwhile
+                    let _ = bounded(limit, scripts::release(&mut next, &key, token)).await;
                 }
                 _ => {}
             }

@@ -18,7 +18,10 @@ use crate::key;
 /// generation is read from the head of a JSON (`[g,...]`) or MessagePack value (`0x93` then an
 /// integer; see `value.rs`) without decoding the rest.
 /// A fresh entry: `{1, value}`. Lease taken: `{2, stamp}`, the key's invalidation stamp at the
-/// grant (`'0'` if none). Someone else holds it: `{3}`.
+/// grant (`'0'` if none). Someone else holds it: `{3}`. Held with our token already: this request
+/// ran before and its reply was lost (Cluster's client sends it again after a lost connection),
+/// so it is ours: granted again, with its life renewed and the stamp as it is now, which is the
+/// one of the first grant (an invalidation since would have removed the lease).
 const ACQUIRE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -41,6 +44,10 @@ if v then
   if g and g >= tonumber(ARGV[3]) then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, redis.call('GET', KEYS[3]) or '0'}
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return {2, redis.call('GET', KEYS[3]) or '0'}
 end
 return {3}
