@@ -588,7 +588,7 @@ impl<Conn: redis::aio::ConnectionLike + Send + 'static> Drop for OrphanGuard<'_,
         crate::background::spawn(async move {
             match bounded(limit, scripts::release(&mut conn, &key, token)).await {
                 Err(BackendError::Redis(failure)) if failure.is_connection_lost() => {
-                    drop(conn); // nothing holds the lost connection open meanwhile
+                    drop(conn); // one server, Sentinel: nothing holds the lost connection open
                     let _ = bounded(limit, scripts::release(&mut next, &key, token)).await;
                 }
                 _ => {}

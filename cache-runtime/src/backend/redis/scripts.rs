@@ -20,8 +20,9 @@ use crate::key;
 /// A fresh entry: `{1, value}`. Lease taken: `{2, stamp}`, the key's invalidation stamp at the
 /// grant (`'0'` if none). Someone else holds it: `{3}`. Held with our token already: this request
 /// ran before and its reply was lost (Cluster's client sends it again after a lost connection),
-/// so it is ours: granted again, with its life renewed and the stamp as it is now, which is the
-/// one of the first grant (an invalidation since would have removed the lease).
+/// so it is ours: granted again, with its life renewed and the stamp as it is now. No
+/// invalidation came since the first grant (it would have removed the lease); the stamp may have
+/// expired or been evicted meanwhile, and then reads `'0'`, as for any grant made after that.
 const ACQUIRE: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
