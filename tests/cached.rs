@@ -257,14 +257,7 @@ async fn corrupt_value_is_recomputed(fx: &mut Fixture) {
 /// Not a backend behaviour: run once, on a runtime with caching off.
 #[tokio::test]
 async fn disabled_runtime_always_runs() {
-    let off = Fixture {
-        runtime: cache_runtime::Runtime::new(cache_runtime::CacheConfig::disabled()),
-        server: None,
-        cluster: None,
-        tls: None,
-        disk: None,
-        sentinel: None,
-    };
+    let off = Fixture::bare(cache_runtime::Runtime::new(cache_runtime::CacheConfig::disabled()));
     let calls = AtomicUsize::new(0);
     for _ in 0..3 {
         off.run(quote("OFF", &calls)).await.unwrap();

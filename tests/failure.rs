@@ -125,16 +125,9 @@ async fn unreachable_server_from_the_start() {
     let mut server = support::RedisServer::start();
     let url = server.url();
     server.stop();
-    let fx = Fixture {
-        runtime: cache_runtime::Runtime::new(
-            cache_runtime::CacheConfig::redis(&url).unwrap().with_op_timeout(OP_TIMEOUT),
-        ),
-        server: None,
-        cluster: None,
-        tls: None,
-        disk: None,
-        sentinel: None,
-    };
+    let fx = Fixture::bare(cache_runtime::Runtime::new(
+        cache_runtime::CacheConfig::redis(&url).unwrap().with_op_timeout(OP_TIMEOUT),
+    ));
     let calls = AtomicUsize::new(0);
     let slowest = slowest_of(&fx, 10, &calls).await;
     assert!(slowest < CALL_BOUND, "{slowest:?}");

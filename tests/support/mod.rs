@@ -376,22 +376,21 @@ pub fn cluster_config() -> (CacheConfig, String) {
 }
 
 impl Fixture {
+    /// `runtime` alone: no server, cluster, TLS server, directory or sentinel of its own (the
+    /// other constructors fill in theirs).
+    pub fn bare(runtime: Runtime) -> Fixture {
+        Fixture { runtime, server: None, cluster: None, tls: None, disk: None, sentinel: None }
+    }
+
     /// The disk backend in a directory of its own, removed with the fixture.
     pub fn disk() -> Fixture {
         let dir = tempfile::tempdir().expect("a temp dir");
         let runtime = Runtime::new(CacheConfig::disk(dir.path()));
-        Fixture { runtime, server: None, cluster: None, tls: None, disk: Some(dir), sentinel: None }
+        Fixture { disk: Some(dir), ..Fixture::bare(runtime) }
     }
 
     pub fn memory() -> Fixture {
-        Fixture {
-            runtime: Runtime::new(CacheConfig::memory()),
-            server: None,
-            cluster: None,
-            tls: None,
-            disk: None,
-            sentinel: None,
-        }
+        Fixture::bare(Runtime::new(CacheConfig::memory()))
     }
 
     pub fn redis() -> Fixture {
@@ -401,14 +400,7 @@ impl Fixture {
     pub fn redis_with(adjust: impl FnOnce(CacheConfig) -> CacheConfig) -> Fixture {
         let server = RedisServer::start();
         let config = adjust(relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses")));
-        Fixture {
-            runtime: Runtime::new(config),
-            server: Some(server),
-            cluster: None,
-            tls: None,
-            disk: None,
-            sentinel: None,
-        }
+        Fixture { server: Some(server), ..Fixture::bare(Runtime::new(config)) }
     }
 
     /// A runtime behind Sentinel (`redis+sentinel://`): one sentinel of its own naming a server
@@ -417,14 +409,7 @@ impl Fixture {
         let server = RedisServer::start();
         let sentinel = sentinel::OneSentinel::watching(&server);
         let config = relaxed(CacheConfig::redis(&sentinel.url()).expect("a sentinel URL parses"));
-        Fixture {
-            runtime: Runtime::new(config),
-            server: Some(server),
-            cluster: None,
-            tls: None,
-            disk: None,
-            sentinel: Some(sentinel),
-        }
+        Fixture { server: Some(server), sentinel: Some(sentinel), ..Fixture::bare(Runtime::new(config)) }
     }
 
     /// A runtime on this binary's shared cluster, in a key namespace of its own.
@@ -440,12 +425,8 @@ impl Fixture {
         .unwrap();
         let conn = client.get_async_connection().await.expect("a raw cluster connection");
         Fixture {
-            runtime: Runtime::new(adjust(config)),
-            server: None,
             cluster: Some(ClusterView { conn, namespace }),
-            tls: None,
-            disk: None,
-            sentinel: None,
+            ..Fixture::bare(Runtime::new(adjust(config)))
         }
     }
 
@@ -456,14 +437,7 @@ impl Fixture {
         let config = relaxed(CacheConfig::redis(&server.url()).expect("loopback URL parses"))
             .with_ca_cert(certs.ca().to_str().unwrap())
             .expect("the generated CA");
-        Fixture {
-            runtime: Runtime::new(config),
-            server: None,
-            cluster: None,
-            tls: Some(TlsView { server, certs }),
-            disk: None,
-            sentinel: None,
-        }
+        Fixture { tls: Some(TlsView { server, certs }), ..Fixture::bare(Runtime::new(config)) }
     }
 
     pub fn server(&mut self) -> &mut RedisServer {
