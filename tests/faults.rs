@@ -99,17 +99,28 @@ async fn a_timed_out_lease_request_does_not_stall_other_processes() {
 /// lease's whole life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_other_processes() {
+    lease_reply_lost_with_its_connection(Duration::from_secs(1)).await;
+}
+
+/// The same with the longest `op_timeout` a caller can give (`Duration::MAX`): the second send
+/// of the release is bounded by it as every store call is, and still goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_reply_is_released_with_the_longest_op_timeout() {
+    lease_reply_lost_with_its_connection(Duration::MAX).await;
+}
+
+async fn lease_reply_lost_with_its_connection(op_timeout: Duration) {
     const SLOW: Duration = Duration::from_millis(150);
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port());
     let lease = Duration::from_secs(2);
     // A's replies come through the proxy, held back SLOW each: the lookup's reply comes at SLOW,
     // the lease request is sent then and run by the server at once, and its reply would come at
-    // 2 x SLOW. The connection is cut halfway between. No call times out (op timeout 1 s).
+    // 2 x SLOW. The connection is cut halfway between. No call times out (op timeout >= 1 s).
     let config = |c: CacheConfig| {
         c.with_lease_ttl(lease)
             .with_generation_refresh(Duration::from_secs(3600))
-            .with_op_timeout(Duration::from_secs(1))
+            .with_op_timeout(op_timeout)
             .with_connect_timeout(Duration::from_secs(1))
     };
     let a = Runtime::new(config(CacheConfig::redis(&proxy.url()).unwrap()));
@@ -159,8 +170,8 @@ async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_
     let (stalled, _) = timed(&b, "dropped").await;
 
     eprintln!(
-        "a lease request run, its reply lost with its connection: A's call took {took:?}; the other process \
-         waited {waited:?} (released on the next connection) vs {stalled:?} (unreleased, lease {lease:?})"
+        "a lease request run, its reply lost with its connection (op timeout {op_timeout:?}): A's call took \
+         {took:?}; the other process waited {waited:?} (released on the next connection) vs {stalled:?} (unreleased, lease {lease:?})"
     );
     assert!(
         requests >= 1 && releases >= 1,

@@ -79,13 +79,47 @@ pub(crate) fn encode<T: Serialize + DeserializeOwned>(
 /// shape of `T` (or before shapes were stored) is an error.
 pub(crate) fn decode<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Result<(u64, T), CodecError> {
     let (generation, value, shape): (u64, T, u64) = match format {
-        Format::Json => serde_json::from_slice(bytes).map_err(CodecError::invalid)?,
+        Format::Json => match json_triple(bytes) {
+            // What this crate writes: only the value goes through serde_json.
+            Some((generation, value, shape)) => {
+                (generation, serde_json::from_slice(value).map_err(CodecError::invalid)?, shape)
+            }
+            // Anything else (spaces after the commas, as Python's `json.dumps` writes): the
+            // whole array through serde_json.
+            None => serde_json::from_slice(bytes).map_err(CodecError::invalid)?,
+        },
         Format::MessagePack => rmp_serde::from_slice(bytes).map_err(CodecError::invalid)?,
     };
     if shape != crate::shape::of::<T>() {
         return Err(CodecError::OtherShape);
     }
     Ok((generation, value))
+}
+
+/// `[generation,value,shape]` as [`encode`] writes it, split without parsing the value: the two
+/// numbers and the value's bytes between the first comma and the last. `None` for any other
+/// spelling (whitespace, a number JSON does not allow, fewer than three elements), which the
+/// caller then reads whole. A hit decodes this way: serde_json reading the triple spends more
+/// on the two 16- to 20-digit numbers than on a small struct's fields.
+fn json_triple(bytes: &[u8]) -> Option<(u64, &[u8], u64)> {
+    let inner = bytes.strip_prefix(b"[")?.strip_suffix(b"]")?;
+    let first = inner.iter().position(|b| *b == b',')?;
+    let last = inner.iter().rposition(|b| *b == b',')?;
+    if last <= first {
+        return None;
+    }
+    Some((json_u64(&inner[..first])?, &inner[first + 1..last], json_u64(&inner[last + 1..])?))
+}
+
+/// A JSON unsigned integer that fits a `u64`: digits only, no leading zero.
+fn json_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// The generation of a stored value without decoding the value.
@@ -124,6 +158,40 @@ mod tests {
         assert_eq!(encode(Format::Json, 5, &1u32).unwrap(), format!("[5,1,{shape}]").as_bytes());
         assert_eq!(generation_of(b"{\"old\":1}"), None);
         assert!(decode::<(String, f64)>(Format::MessagePack, b"[5,1]").is_err());
+    }
+
+    /// The split that hits take and serde_json reading the whole array agree on every input
+    /// either accepts; what the split refuses is read whole.
+    #[test]
+    fn the_json_split_reads_what_serde_json_reads() {
+        let shape = crate::shape::of::<(String, f64)>();
+        let ours = format!(r#"[17,["AAPL",150.25],{shape}]"#);
+        let cases = [
+            ours.clone(),
+            format!(r#"[17, ["AAPL", 150.25], {shape}]"#), // Python's json.dumps
+            format!(r#"[017,["AAPL",150.25],{shape}]"#),   // not JSON
+            format!(r#"[17,["AAPL",150.25],{shape},3]"#),  // four elements
+            r#"[17,["AAPL",150.25]]"#.to_owned(),          // before shapes were stored
+            format!(r#"[17,["AAPL",150.25],{shape}]  "#),  // trailing whitespace
+            format!(r#"[18446744073709551616,["AAPL",150.25],{shape}]"#), // past u64
+            format!(r#"[-1,["AAPL",150.25],{shape}]"#),
+            format!(r#"[17,["AAPL",150.25,1],{shape}]"#), // the value of another type
+            format!(r#"[17,["AAPL",150.25],{}]"#, shape ^ 1), // another shape
+            "[1,2,3]".to_owned(),
+            "[,]".to_owned(),
+            "[]".to_owned(),
+        ];
+        for case in &cases {
+            let whole = serde_json::from_slice::<(u64, (String, f64), u64)>(case.as_bytes()).ok();
+            if let (Some((g, v, s)), Some((wg, wv, ws))) = (json_triple(case.as_bytes()), &whole) {
+                let v = serde_json::from_slice::<(String, f64)>(v).unwrap();
+                assert_eq!((g, &v, s), (*wg, wv, *ws), "{case}");
+            }
+            let expected = whole.filter(|(_, _, s)| *s == shape).map(|(g, v, _)| (g, v));
+            assert_eq!(decode::<(String, f64)>(Format::Json, case.as_bytes()).ok(), expected, "{case}");
+        }
+        assert!(json_triple(ours.as_bytes()).is_some(), "the split takes what encode writes");
+        assert!(json_triple(cases[1].as_bytes()).is_none(), "and leaves the spaced form to serde_json");
     }
 
     #[test]
