@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use redis::aio::ConnectionLike;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
@@ -44,7 +45,8 @@ struct Shared {
     sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
     /// The primary as last answered, with its connections; `None` until asked, and again once
     /// a call finds it gone.
-    current: Mutex<Option<Arc<Primary>>>,
+    /// Read on every call (a hit's included): a load, no lock.
+    current: ArcSwapOption<Primary>,
     /// Where the last primary answered is (kept while `current` is `None`), to tell a move.
     address: Mutex<Option<String>>,
     /// How many times the connections were handed a primary at another address.
@@ -72,7 +74,7 @@ impl SentinelPrimary {
                 op_timeout: config.op_timeout,
                 coalesce_reads: config.coalesce_reads,
                 sentinels: tokio::sync::Mutex::new(None),
-                current: Mutex::new(None),
+                current: ArcSwapOption::empty(),
                 address: Mutex::new(None),
                 moves: AtomicU64::new(0),
                 moving: tokio::sync::Notify::new(),
@@ -85,7 +87,7 @@ impl SentinelPrimary {
 
 impl Shared {
     fn current(&self) -> Option<Arc<Primary>> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current.load_full()
     }
 
     fn client(&self) -> redis::RedisResult<SentinelClient> {
@@ -149,7 +151,7 @@ impl Shared {
             self.moving.notify_one();
         }
         *last = Some(address);
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(primary));
+        self.current.store(Some(Arc::clone(primary)));
     }
 
     /// A client for `info` (the primary's address and credentials) with this target's CA.
@@ -196,9 +198,19 @@ impl Shared {
     /// sentinels, and so does the near tier's tracking connection at once (a process whose
     /// lookups are all answered by copies would otherwise never ask).
     fn forget(&self, primary: Option<&Arc<Primary>>) {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if primary.is_none_or(|primary| current.as_ref().is_some_and(|c| Arc::ptr_eq(c, primary))) {
-            *current = None;
+        let forgotten = match primary {
+            None => {
+                self.current.store(None);
+                true
+            }
+            // Only if it is still the one known: a primary installed since stays.
+            Some(primary) => {
+                let expected = Some(Arc::clone(primary));
+                let was = self.current.compare_and_swap(&expected, None);
+                was.as_ref().is_some_and(|was| Arc::ptr_eq(was, primary))
+            }
+        };
+        if forgotten {
             self.moving.notify_one();
         }
     }
