@@ -534,9 +534,10 @@ fn replica_of(port: u16) -> u16 {
     addr.split('@').next().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
-#[cached(db = MarketData, prefix = "px_lost", ttl = 300, skip(calls))]
-async fn lost_reply(symbol: u32, calls: &AtomicUsize) -> u64 {
+#[cached(db = MarketData, prefix = "px_lost", ttl = 300, skip(calls, body))]
+async fn lost_reply(symbol: u32, calls: &AtomicUsize, body: Duration) -> u64 {
     calls.fetch_add(1, SeqCst);
+    tokio::time::sleep(body).await;
     u64::from(symbol) * 5
 }
 
@@ -547,7 +548,9 @@ async fn lost_reply(symbol: u32, calls: &AtomicUsize) -> u64 {
 /// token again. Before, that second run answered "held by someone else", and the caller waited
 /// for its own lease until `lease_ttl`. Asserted: the call took far less than `lease_ttl`, the
 /// lease request ran twice on the server (the resend, the race itself, happened in this run),
-/// and the entry was filled (the other process hits).
+/// and the entry was filled (the other process hits). Then the same with a body that outlives
+/// `lease_ttl`: the lease granted again is renewed, and the other process waits for it (it ran
+/// its own function after 0.56 s when renewing cut the lease short instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease() {
     const SLOW: Duration = Duration::from_millis(150);
@@ -573,7 +576,7 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
     }
     let (a, b) = (Runtime::new(config.clone()), Runtime::new(config));
     for rt in [&a, &b] {
-        rt.scope(lost_reply(1, &CALLS)).await; // connected, generations read
+        rt.scope(lost_reply(1, &CALLS, Duration::ZERO)).await; // connected, generations read
     }
     // Every command the key's primary runs is logged (the slow log at a threshold of 0), so the
     // lease requests for the key can be counted: `EVALSHA sha 3 key lease stamp token ms min`,
@@ -582,29 +585,33 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
         assert!(cli(primary, &["CONFIG", "SET", setting[0], setting[1]]).contains("OK"));
     }
     assert!(cli(primary, &["SLOWLOG", "RESET"]).contains("OK"));
-    let lease_key = format!("{ns}:db5:{key}:lease");
     let lease_ms = lease.as_millis().to_string();
-    let lease_requests = || async {
-        let node = redis::Client::open(format!("redis://127.0.0.1:{primary}")).unwrap();
-        let mut node = node.get_multiplexed_async_connection().await.unwrap();
-        let log: Vec<redis::Value> =
-            redis::cmd("SLOWLOG").arg("GET").arg(-1).query_async(&mut node).await.unwrap();
-        log.iter()
-            .filter(|entry| {
-                let redis::Value::Array(fields) = entry else { return false };
-                let Some(redis::Value::Array(args)) = fields.get(3) else { return false };
-                let text: Vec<String> = args
-                    .iter()
-                    .map(|a| match a {
-                        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                        _ => String::new(),
-                    })
-                    .collect();
-                text.first().is_some_and(|c| c.eq_ignore_ascii_case("evalsha"))
-                    && text.get(4) == Some(&lease_key)
-                    && text.get(7) == Some(&lease_ms)
-            })
-            .count()
+    let lease_requests = |symbol: u32| {
+        let key = KeyBuilder::new(module_path!(), "px_lost", "lost_reply").arg(&symbol).finish().unwrap();
+        let lease_key = format!("{ns}:db5:{key}:lease");
+        let lease_ms = &lease_ms;
+        async move {
+            let node = redis::Client::open(format!("redis://127.0.0.1:{primary}")).unwrap();
+            let mut node = node.get_multiplexed_async_connection().await.unwrap();
+            let log: Vec<redis::Value> =
+                redis::cmd("SLOWLOG").arg("GET").arg(-1).query_async(&mut node).await.unwrap();
+            log.iter()
+                .filter(|entry| {
+                    let redis::Value::Array(fields) = entry else { return false };
+                    let Some(redis::Value::Array(args)) = fields.get(3) else { return false };
+                    let text: Vec<String> = args
+                        .iter()
+                        .map(|a| match a {
+                            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                            _ => String::new(),
+                        })
+                        .collect();
+                    text.first().is_some_and(|c| c.eq_ignore_ascii_case("evalsha"))
+                        && text.get(4) == Some(&lease_key)
+                        && text.get(7) == Some(lease_ms)
+                })
+                .count()
+        }
     };
 
     proxy.set(support::proxy::Fault::Latency(SLOW));
@@ -612,7 +619,7 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
     let started = Instant::now();
     let call = tokio::spawn({
         let a = a.clone();
-        async move { a.scope(lost_reply(7, &CALLS)).await }
+        async move { a.scope(lost_reply(7, &CALLS, Duration::ZERO)).await }
     });
     tokio::time::sleep(SLOW * 3 / 2).await;
     proxy.set(support::proxy::Fault::Pass);
@@ -620,10 +627,10 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
     assert_eq!(call.await.unwrap(), 35);
     let took = started.elapsed();
     a.flush().await.unwrap();
-    let ran = lease_requests().await;
+    let ran = lease_requests(7).await;
     let hit = {
         let calls = CALLS.load(SeqCst);
-        b.scope(lost_reply(7, &CALLS)).await;
+        b.scope(lost_reply(7, &CALLS, Duration::ZERO)).await;
         CALLS.load(SeqCst) == calls
     };
     eprintln!(
@@ -634,4 +641,37 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
     assert!(took < lease / 3, "the caller did not wait for its own lease ({took:?})");
     assert_eq!(ran, 2, "the lease request ran, and ran again when the client sent it again");
     assert!(hit, "the entry was filled under the lease granted again");
+
+    // The same lost reply, then a body that outlives the lease (by 1 s): the lease granted
+    // again is renewed by its token like any other, so the other process waits for it and
+    // hits, rather than taking the lease when it would have expired and running its own.
+    let body = lease + Duration::from_secs(1);
+    proxy.set(support::proxy::Fault::Latency(SLOW));
+    let before = CALLS.load(SeqCst);
+    let call = tokio::spawn({
+        let a = a.clone();
+        async move { a.scope(lost_reply(8, &CALLS, body)).await }
+    });
+    tokio::time::sleep(SLOW * 3 / 2).await;
+    proxy.set(support::proxy::Fault::Pass);
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Counted before the other process asks (its waits for the lease are lease requests too).
+    let ran = lease_requests(8).await;
+    let started = Instant::now();
+    let other = b.scope(lost_reply(8, &CALLS, Duration::ZERO)).await;
+    let waited = started.elapsed();
+    assert_eq!(call.await.unwrap(), 40);
+    eprintln!(
+        "cluster, the same with a body of {body:?} (lease {lease:?}): the other process waited {waited:?}, \
+         {} execution(s), the lease request ran {ran} times",
+        CALLS.load(SeqCst) - before
+    );
+    assert_eq!(other, 40);
+    assert_eq!(CALLS.load(SeqCst) - before, 1, "the other process waited for the renewed lease");
+    assert!(
+        waited > lease - Duration::from_millis(500),
+        "it waited past the lease's first life ({waited:?})"
+    );
+    assert_eq!(ran, 2, "this request also ran twice (the client's resend)");
 }
