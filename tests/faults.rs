@@ -102,8 +102,8 @@ async fn a_lease_request_whose_reply_is_lost_with_its_connection_does_not_stall_
     lease_reply_lost_with_its_connection(Duration::from_secs(1)).await;
 }
 
-/// The same with the longest `op_timeout` a caller can give (`Duration::MAX`): the second send
-/// of the release is bounded by it as every store call is, and still goes at once.
+/// The same with the longest `op_timeout` a caller can give (`Duration::MAX`, taken as one
+/// day): the second send of the release is timed by it, and still goes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lease_reply_is_released_with_the_longest_op_timeout() {
     lease_reply_lost_with_its_connection(Duration::MAX).await;

@@ -97,10 +97,14 @@ pub(crate) fn decode<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Resul
 }
 
 /// `[generation,value,shape]` as [`encode`] writes it, split without parsing the value: the two
-/// numbers and the value's bytes between the first comma and the last. `None` for any other
-/// spelling (whitespace, a number JSON does not allow, fewer than three elements), which the
-/// caller then reads whole. A hit decodes this way: serde_json reading the triple spends more
-/// on the two 16- to 20-digit numbers than on a small struct's fields.
+/// numbers and the value's bytes between the first comma and the last. `None` unless both
+/// numbers are bare JSON integers that fit a `u64` right inside the brackets and commas (so
+/// spaces after the commas, a number JSON does not allow, or fewer than three elements), which
+/// the caller then reads whole. A hit decodes this way: serde_json reading the triple spends
+/// more on the two 16- to 20-digit numbers than on a small struct's fields. The answer is the
+/// whole array's (`the_json_split_reads_what_serde_json_reads`), but for one limit: serde_json
+/// refuses JSON nested deeper than 128 levels, and the value read alone may nest one level more
+/// than inside the array.
 fn json_triple(bytes: &[u8]) -> Option<(u64, &[u8], u64)> {
     let inner = bytes.strip_prefix(b"[")?.strip_suffix(b"]")?;
     let first = inner.iter().position(|b| *b == b',')?;
@@ -160,38 +164,74 @@ mod tests {
         assert!(decode::<(String, f64)>(Format::MessagePack, b"[5,1]").is_err());
     }
 
-    /// The split that hits take and serde_json reading the whole array agree on every input
-    /// either accepts; what the split refuses is read whole.
+    /// What [`decode`] answered before the split: the whole array through serde_json, then the
+    /// shape; the error's kind kept (`Invalid` or `OtherShape`, which callers log differently).
+    fn decoded_whole<T: DeserializeOwned>(bytes: &[u8]) -> Result<(u64, T), &'static str> {
+        let (generation, value, shape): (u64, T, u64) =
+            serde_json::from_slice(bytes).map_err(|_| "invalid")?;
+        if shape != crate::shape::of::<T>() {
+            return Err("other shape");
+        }
+        Ok((generation, value))
+    }
+
+    /// `decode` against [`decoded_whole`] on each case, wrapped as `[generation,value,shape]`
+    /// with each given generation and shape text.
+    fn agree<T: DeserializeOwned + PartialEq + std::fmt::Debug>(values: &[&str], numbers: &[&str]) -> usize {
+        let shape = crate::shape::of::<T>().to_string();
+        let other = (crate::shape::of::<T>() ^ 1).to_string();
+        let mut split = 0;
+        for value in values {
+            for generation in numbers {
+                for shape in numbers.iter().copied().chain([shape.as_str(), other.as_str()]) {
+                    for case in [
+                        format!("[{generation},{value},{shape}]"),
+                        format!("[{generation}, {value}, {shape}]"), // Python's json.dumps
+                        format!("[{generation},{value},{shape}] "),
+                        format!("[{generation},{value},{shape},1]"),
+                        format!("[{generation},{value}]"),
+                    ] {
+                        let ours = decode::<T>(Format::Json, case.as_bytes()).map_err(|e| match e {
+                            CodecError::Invalid(_) => "invalid",
+                            CodecError::OtherShape => "other shape",
+                        });
+                        assert_eq!(ours, decoded_whole::<T>(case.as_bytes()), "{case}");
+                        split += usize::from(json_triple(case.as_bytes()).is_some());
+                    }
+                }
+            }
+        }
+        split
+    }
+
+    /// The split that hits take answers as serde_json reading the whole array did, error kinds
+    /// included, for values whose text holds commas, brackets, quotes and escapes, and for
+    /// numbers JSON allows and does not (leading zeros, signs, exponents, past `u64`).
     #[test]
     fn the_json_split_reads_what_serde_json_reads() {
+        let numbers =
+            ["0", "17", "18446744073709551615", "18446744073709551616", "017", "-1", "1e3", "+1", "", "1 "];
+        let strings =
+            [r#""AAPL""#, r#""a,b""#, r#""],5""#, r#""\"],[\"""#, r#""\u002c""#, r#""""#, "5", "[]"];
+        let mut split = agree::<String>(&strings, &numbers);
+        split +=
+            agree::<(String, f64)>(&[r#"["AAPL",150.25]"#, r#"["a,]",1e2]"#, r#"["A",1,2]"#, "[]"], &numbers);
+        split += agree::<Vec<Vec<u8>>>(&["[[1,2],[3]]", "[[]]", "[[1,],[2]]", "[[256]]"], &numbers);
+        split += agree::<Option<u64>>(&["null", "7", "-7", "[7]"], &numbers);
+        split += agree::<()>(&["null", "[]", "0"], &numbers);
+        split += agree::<std::collections::BTreeMap<String, u64>>(
+            &[r#"{"a,":1,"b":2}"#, "{}", r#"{"a":1,}"#],
+            &numbers,
+        );
+        assert!(split > 0, "the split was taken");
         let shape = crate::shape::of::<(String, f64)>();
-        let ours = format!(r#"[17,["AAPL",150.25],{shape}]"#);
-        let cases = [
-            ours.clone(),
-            format!(r#"[17, ["AAPL", 150.25], {shape}]"#), // Python's json.dumps
-            format!(r#"[017,["AAPL",150.25],{shape}]"#),   // not JSON
-            format!(r#"[17,["AAPL",150.25],{shape},3]"#),  // four elements
-            r#"[17,["AAPL",150.25]]"#.to_owned(),          // before shapes were stored
-            format!(r#"[17,["AAPL",150.25],{shape}]  "#),  // trailing whitespace
-            format!(r#"[18446744073709551616,["AAPL",150.25],{shape}]"#), // past u64
-            format!(r#"[-1,["AAPL",150.25],{shape}]"#),
-            format!(r#"[17,["AAPL",150.25,1],{shape}]"#), // the value of another type
-            format!(r#"[17,["AAPL",150.25],{}]"#, shape ^ 1), // another shape
-            "[1,2,3]".to_owned(),
-            "[,]".to_owned(),
-            "[]".to_owned(),
-        ];
-        for case in &cases {
-            let whole = serde_json::from_slice::<(u64, (String, f64), u64)>(case.as_bytes()).ok();
-            if let (Some((g, v, s)), Some((wg, wv, ws))) = (json_triple(case.as_bytes()), &whole) {
-                let v = serde_json::from_slice::<(String, f64)>(v).unwrap();
-                assert_eq!((g, &v, s), (*wg, wv, *ws), "{case}");
-            }
-            let expected = whole.filter(|(_, _, s)| *s == shape).map(|(g, v, _)| (g, v));
-            assert_eq!(decode::<(String, f64)>(Format::Json, case.as_bytes()).ok(), expected, "{case}");
-        }
-        assert!(json_triple(ours.as_bytes()).is_some(), "the split takes what encode writes");
-        assert!(json_triple(cases[1].as_bytes()).is_none(), "and leaves the spaced form to serde_json");
+        let ours = encode(Format::Json, 17, &("AAPL".to_owned(), 150.25)).unwrap();
+        assert_eq!(
+            json_triple(&ours),
+            Some((17, &br#"["AAPL",150.25]"#[..], shape)),
+            "what encode writes is split"
+        );
+        assert!(json_triple(format!("[17, 1, {shape}]").as_bytes()).is_none(), "spaces are read whole");
     }
 
     #[test]
