@@ -205,8 +205,7 @@ impl Shared {
             }
             // Only if it is still the one known: a primary installed since stays.
             Some(primary) => {
-                let expected = Some(Arc::clone(primary));
-                let was = self.current.compare_and_swap(&expected, None);
+                let was = self.current.compare_and_swap(Arc::as_ptr(primary), None);
                 was.as_ref().is_some_and(|was| Arc::ptr_eq(was, primary))
             }
         };
