@@ -51,6 +51,24 @@ pub(crate) struct Function {
     failed_keys: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
+/// A function's state held by one call ([`Functions::hold`]).
+pub(crate) enum Held {
+    /// Kept by the call site's memo for as long as the program runs.
+    Remembered(&'static Arc<Function>),
+    Shared(Arc<Function>),
+}
+
+impl std::ops::Deref for Held {
+    type Target = Function;
+
+    fn deref(&self) -> &Function {
+        match self {
+            Held::Remembered(state) => state,
+            Held::Shared(state) => state,
+        }
+    }
+}
+
 /// The most keys a function remembers as failing; past it, the oldest are forgotten (their next
 /// stale read tries the function again).
 const MAX_FAILED_KEYS: usize = 10_000;
@@ -139,6 +157,25 @@ impl Functions {
         self.with(function, stats, Arc::clone)
     }
 
+    /// The state of `function` for one call: borrowed from its call site's memo when this runtime
+    /// is the one the memo keeps (no reference count touched: a call holds it across awaits), else
+    /// shared.
+    pub(crate) fn hold(&self, function: &CachedFn, stats: &StatsRegistry) -> Held {
+        match self.remembered(function) {
+            Some(state) => Held::Remembered(state),
+            None => Held::Shared(self.get(function, stats)),
+        }
+    }
+
+    /// The state the call site's memo keeps for this runtime, if it does.
+    fn remembered(&self, function: &CachedFn) -> Option<&'static Arc<Function>> {
+        let known = function.memo()?.0.get()?;
+        if known.runtime != self.id || known.site != function.site() {
+            return None;
+        }
+        known.state.downcast_ref::<Arc<Function>>()
+    }
+
     /// Runs `f` on the state of `function` (created on first use), borrowed: no reference count
     /// is touched on the hit path.
     pub(crate) fn with<T>(
@@ -147,15 +184,11 @@ impl Functions {
         stats: &StatsRegistry,
         f: impl FnOnce(&Arc<Function>) -> T,
     ) -> T {
+        if let Some(state) = self.remembered(function) {
+            return f(state);
+        }
         let site = function.site();
         let memo = function.memo();
-        if let Some(known) = memo.and_then(|memo| memo.0.get()) {
-            if known.runtime == self.id && known.site == site {
-                if let Some(state) = known.state.downcast_ref::<Arc<Function>>() {
-                    return f(state);
-                }
-            }
-        }
         if let Some(state) = self.by_site.load().get(&site) {
             return f(state);
         }

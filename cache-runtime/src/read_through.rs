@@ -151,7 +151,7 @@ where
         return Box::pin(body()).await;
     }
     let spec = cached.spec();
-    let function = rt.functions.get(&cached, &rt.stats);
+    let function = rt.functions.hold(&cached, &rt.stats);
     let counters = &function.counters;
     let Some(key) = key else {
         counters.key_failure();

@@ -71,9 +71,13 @@ fn describe() {
     describe_gauge!(BREAKER_OPEN, "1 while the circuit breaker makes cached calls skip the backend.");
 }
 
-/// Records the outcome of the cached call whose span is current (`cache.outcome`).
+/// Records the outcome of the cached call whose span is current (`cache.outcome`). That span is
+/// a debug one: where no subscriber takes debug, none was made, and the current span (a lookup
+/// through the subscriber, on every hit) is not asked for.
 pub(crate) fn outcome(outcome: &'static str) {
-    tracing::Span::current().record("cache.outcome", outcome);
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current().record("cache.outcome", outcome);
+    }
 }
 
 #[cfg(feature = "prometheus")]

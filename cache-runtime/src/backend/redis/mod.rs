@@ -234,11 +234,14 @@ impl<C: Connections> Store for RedisStore<C> {
         let key = self.key(db, key);
         // One server's connections coalesce concurrent reads (`reads.rs`).
         let get = || async { Ok(self.links.get(db, &key).await?.map(|b| decode(&b))) };
+        // The first answer is not kept across the retry's await: the future every hit allocates
+        // would hold it (160 bytes here) besides the request in flight.
         match self.guarded_request(get()).await {
-            // Boxed: rare, and inline it would double the future every hit allocates.
-            Err(e) if self.retry_on_timeout && e.is_timeout() => Box::pin(self.guarded_request(get())).await,
-            result => result,
+            Err(e) if self.retry_on_timeout && e.is_timeout() => {}
+            result => return result,
         }
+        // Boxed: rare, and inline it would double the future every hit allocates.
+        Box::pin(self.guarded_request(get())).await
     }
 
     /// GET and PTTL of the entry in one pipeline (one key, one slot: on a Cluster too), retried
@@ -258,9 +261,10 @@ impl<C: Connections> Store for RedisStore<C> {
             Ok((bytes.map(|b| decode(&b)), u64::try_from(left_ms).ok().map(Duration::from_millis)))
         };
         match self.guarded_request(get()).await {
-            Err(e) if self.retry_on_timeout && e.is_timeout() => Box::pin(self.guarded_request(get())).await,
-            result => result,
+            Err(e) if self.retry_on_timeout && e.is_timeout() => {}
+            result => return result,
         }
+        Box::pin(self.guarded_request(get())).await
     }
 
     /// GET of the entry and of the function's generation, and the generation key's time to
