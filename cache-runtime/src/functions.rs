@@ -8,6 +8,7 @@
 //! `generation_refresh`; the process that invalidates sees the new generation at once. On the
 //! embedded backend this copy is the generation itself.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
@@ -49,24 +50,6 @@ pub(crate) struct Function {
     /// Keys whose function just failed, and until when their stale value answers without trying
     /// the function again (`stale_if_error`'s throttle).
     failed_keys: std::sync::Mutex<HashMap<String, Instant>>,
-}
-
-/// A function's state held by one call ([`Functions::hold`]).
-pub(crate) enum Held {
-    /// Kept by the call site's memo for as long as the program runs.
-    Remembered(&'static Arc<Function>),
-    Shared(Arc<Function>),
-}
-
-impl std::ops::Deref for Held {
-    type Target = Function;
-
-    fn deref(&self) -> &Function {
-        match self {
-            Held::Remembered(state) => state,
-            Held::Shared(state) => state,
-        }
-    }
 }
 
 /// The most keys a function remembers as failing; past it, the oldest are forgotten (their next
@@ -160,10 +143,10 @@ impl Functions {
     /// The state of `function` for one call: borrowed from its call site's memo when this runtime
     /// is the one the memo keeps (no reference count touched: a call holds it across awaits), else
     /// shared.
-    pub(crate) fn hold(&self, function: &CachedFn, stats: &StatsRegistry) -> Held {
+    pub(crate) fn hold(&self, function: &CachedFn, stats: &StatsRegistry) -> Cow<'static, Arc<Function>> {
         match self.remembered(function) {
-            Some(state) => Held::Remembered(state),
-            None => Held::Shared(self.get(function, stats)),
+            Some(state) => Cow::Borrowed(state),
+            None => Cow::Owned(self.get(function, stats)),
         }
     }
 
