@@ -450,11 +450,18 @@ async fn near_copies_follow_a_cluster_failover() {
     let key = format!("{ns}:db5:{}", near_key(7));
     let other = AtomicU64::new(0);
     until_near(&b, 500, &other, Duration::from_secs(5)).await;
+    let old = cluster.primary_of(&key);
+    let replica = replica_of(old);
+    // The replica pushes the entry's write when it applies it, which on a loaded machine can be
+    // after the copy was kept (that drops it: README). Once it has caught up, the copy is made
+    // again if it had to be, and from then on nothing drops it but what this test does.
+    until_replicated(old, replica).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // its push, on its way
+    assert_eq!(until_near(&a, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
+    let dropped = a.near_status().dropped;
 
     // A manual failover (`CLUSTER FAILOVER` on the key's replica): both nodes stay up and were
     // tracked before, so the copy keeps answering, and a change on the new primary reaches it.
-    let old = cluster.primary_of(&key);
-    let replica = replica_of(old);
     assert!(cli(replica, &["CLUSTER", "FAILOVER"]).contains("OK"));
     let started = Instant::now();
     while cluster.primary_of(&key) != replica {
@@ -467,6 +474,7 @@ async fn near_copies_follow_a_cluster_failover() {
     let before = near_hits(&a);
     assert_eq!(a.scope(near_level(7, &SOURCE)).await, 1007);
     assert_eq!(near_hits(&a), before + 1, "the copy was dropped by a manual failover: {:?}", a.near_status());
+    assert_eq!(a.near_status().dropped, dropped, "a copy was dropped by a manual failover");
     SOURCE.store(2, SeqCst);
     b.scope(invalidate!(near_level(7))).await;
     let switched = until_value(&a, 7, &SOURCE, 2007).await;
@@ -523,6 +531,28 @@ async fn until_tracked(port: u16, n: usize) {
             ":{port} has {now} tracking connections, not {n}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the replica on `replica` has applied everything its primary on `primary` has
+/// sent (its `slave_repl_offset` reached the primary's `master_repl_offset`), within 10 s.
+async fn until_replicated(primary: u16, replica: u16) {
+    let offset = |port: u16, field: &str| -> u64 {
+        let info = cli(port, &["INFO", "replication"]);
+        let line = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(field))
+            .unwrap_or_else(|| panic!("{field} in {info}"));
+        line.trim_start_matches(':').trim().parse().unwrap()
+    };
+    let started = Instant::now();
+    let target = offset(primary, "master_repl_offset");
+    while offset(replica, "slave_repl_offset") < target {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            ":{replica} did not catch up with :{primary} in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
