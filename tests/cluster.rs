@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cache_runtime::db::{MarketData, Session};
 use cache_runtime::{cached, invalidate, Cache, KeyBuilder, Runtime};
-use support::cluster::cli;
+use support::cluster::{cli, until_replicated};
 use support::load::Load;
 use support::near::{tracking_connections, until_distrusted};
 use support::{Fixture, RedisCluster};
@@ -534,28 +534,6 @@ async fn until_tracked(port: u16, n: usize) {
     }
 }
 
-/// Waits until the replica on `replica` has applied everything its primary on `primary` has
-/// sent (its `slave_repl_offset` reached the primary's `master_repl_offset`), within 10 s.
-async fn until_replicated(primary: u16, replica: u16) {
-    let offset = |port: u16, field: &str| -> u64 {
-        let info = cli(port, &["INFO", "replication"]);
-        let line = info
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(field))
-            .unwrap_or_else(|| panic!("{field} in {info}"));
-        line.trim_start_matches(':').trim().parse().unwrap()
-    };
-    let started = Instant::now();
-    let target = offset(primary, "master_repl_offset");
-    while offset(replica, "slave_repl_offset") < target {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            ":{replica} did not catch up with :{primary} in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The port of the replica of the primary on `port`.
 fn replica_of(port: u16) -> u16 {
     let id = cli(port, &["CLUSTER", "MYID"]).trim().to_owned();
@@ -651,7 +629,13 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
         let a = a.clone();
         async move { a.scope(lost_reply(7, &CALLS, Duration::ZERO)).await }
     });
-    tokio::time::sleep(SLOW * 3 / 2).await;
+    // Cut once the request has run (its reply held back by the proxy), not after a fixed time:
+    // on a loaded machine it may not have run yet, or its reply may be through already.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lease_requests(7).await == 0 {
+        assert!(Instant::now() < deadline, "the lease request never ran");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     proxy.set(support::proxy::Fault::Pass);
     proxy.cut();
     assert_eq!(call.await.unwrap(), 35);
@@ -682,7 +666,13 @@ async fn a_lease_request_sent_again_after_a_lost_reply_is_granted_its_own_lease(
         let a = a.clone();
         async move { a.scope(lost_reply(8, &CALLS, body)).await }
     });
-    tokio::time::sleep(SLOW * 3 / 2).await;
+    // Cut once the request has run (its reply held back by the proxy), not after a fixed time:
+    // on a loaded machine it may not have run yet, or its reply may be through already.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lease_requests(8).await == 0 {
+        assert!(Instant::now() < deadline, "the lease request never ran");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     proxy.set(support::proxy::Fault::Pass);
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use cache_runtime::db::MarketData;
-use cache_runtime::{cached, invalidate, CacheConfig, Runtime};
-use support::cluster::cli;
+use cache_runtime::{cached, invalidate, CacheConfig, KeyBuilder, Runtime};
+use support::cluster::{cli, until_replicated};
 use support::load::Load;
 use support::near::{tracking_connections, until_distrusted};
 use support::sentinel::SentinelSet;
@@ -254,6 +254,87 @@ async fn near_copies_move_with_the_connections_when_the_sentinels_name_another_s
     b.scope(invalidate!(near_level(7))).await;
     let took = until_value(&a, 7, &SOURCE, 3007).await;
     assert!(took < Duration::from_secs(1), "the copy outlived an invalidation on the new primary: {took:?}");
+}
+
+/// A primary the sentinels demote while it is alive (`SENTINEL FAILOVER`): they promote the
+/// replica at once, but convert the old primary to a replica only seconds later, and until then
+/// it still takes the writes of a process that has seen no call fail. An invalidation it
+/// acknowledges in that window is lost when it is converted (it resyncs from the new primary,
+/// which still holds the old entry). The invalidation's recheck asks the sentinels first, finds
+/// the new primary and applies it there. In the same run, the same kind of invalidation from a
+/// runtime with the recheck turned off stays lost (the race this guards against happened): the
+/// new primary serves its old entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_taken_by_a_primary_demoted_alive_is_applied_on_the_new_one() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let set = SentinelSet::start();
+    let config = CacheConfig::redis(&set.url()).unwrap().with_op_timeout(Duration::from_millis(250));
+    // Three sentinels asked at once on a loaded machine: more time than the default 250 ms.
+    let checked = Runtime::new(config.clone().with_connect_timeout(Duration::from_secs(2)));
+    let unchecked = Runtime::new(config.with_invalidation_recheck(Duration::ZERO));
+    for (rt, n) in [(&checked, 7), (&unchecked, 8)] {
+        rt.scope(level(n, &CALLS)).await;
+        rt.flush().await.unwrap();
+        assert!(is_hit(rt, n, &CALLS).await, "{n} cached on the primary");
+    }
+    let (old, new) = (set.primary.port(), set.replica.port());
+    until_replicated(old, new).await;
+    let stored = |port: u16, n: u32| {
+        let key = KeyBuilder::new(module_path!(), "sn", "level").arg(&n).finish().unwrap();
+        !cli(port, &["-n", "5", "GET", &key]).trim().is_empty()
+    };
+    let primary = |port: u16| cli(port, &["ROLE"]).starts_with("master");
+    assert!(stored(new, 7) && stored(new, 8), "the replica holds both entries");
+
+    let started = Instant::now();
+    assert!(cli(set.ports[0], &["SENTINEL", "FAILOVER", &set.master]).contains("OK"));
+    while set.primary_port() != new {
+        assert!(started.elapsed() < Duration::from_secs(30), "the sentinels never promoted the replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let promoted = started.elapsed();
+    assert!(primary(old), "the old primary was converted before the test wrote to it");
+    checked.scope(invalidate!(level(7))).await;
+    unchecked.scope(invalidate!(level(8))).await;
+    let invalidated = started.elapsed();
+    // Acknowledged by the old primary (its entries are gone there), not by the new one.
+    assert!(!stored(old, 7) && !stored(old, 8), "the old primary took both invalidations");
+    assert!(stored(new, 7) && stored(new, 8), "the new primary never heard of them");
+    assert!(primary(old), "the old primary was converted while the test wrote to it");
+
+    // The recheck (2 s after the invalidation) applies it on the new primary, before the
+    // sentinels convert the old one.
+    while stored(new, 7) {
+        assert!(
+            started.elapsed() < invalidated + Duration::from_secs(6),
+            "the recheck never applied the invalidation on the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied = started.elapsed();
+    assert!(primary(old), "the sentinels converted the old primary before the recheck");
+
+    // The sentinels convert the old primary; it resyncs from the new one.
+    while primary(old) || !cli(old, &["INFO", "replication"]).contains("master_link_status:up") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the sentinels never converted the old primary");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let converted = started.elapsed();
+    let fresh = sentinel_runtime(&set);
+    let before = CALLS.load(SeqCst);
+    assert_eq!(fresh.scope(level(7, &CALLS)).await, 8);
+    assert_eq!(CALLS.load(SeqCst), before + 1, "the entry invalidated on the demoted primary was served");
+    let before = CALLS.load(SeqCst);
+    assert_eq!(fresh.scope(level(8, &CALLS)).await, 9);
+    assert_eq!(
+        CALLS.load(SeqCst),
+        before,
+        "without the recheck the invalidation was not lost: the race this test is about did not happen"
+    );
+    println!(
+        "sentinel: SENTINEL FAILOVER named the replica after {promoted:?}; the old primary took an invalidation at \
+         {invalidated:?}, the recheck applied it on the new primary at {applied:?}, the sentinels converted the old one at {converted:?}"
+    );
 }
 
 /// A cached function whose executions are counted in `ran`.

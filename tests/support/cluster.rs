@@ -285,3 +285,23 @@ fn spawn_node(dir: &std::path::Path, shared: bool, node_timeout_ms: u64) -> Node
     }
     panic!("could not start a cluster node: {last}");
 }
+
+/// Waits until the replica on `replica` has applied everything its primary on `primary` had sent
+/// when this was called (its `slave_repl_offset` reached the primary's `master_repl_offset`),
+/// within 10 s.
+pub async fn until_replicated(primary: u16, replica: u16) {
+    let offset = |port: u16, field: &str| -> u64 {
+        let info = cli(port, &["INFO", "replication"]);
+        let value = info.lines().find_map(|l| l.trim().strip_prefix(field)?.strip_prefix(':'));
+        value.and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {field} in {info}"))
+    };
+    let started = Instant::now();
+    let target = offset(primary, "master_repl_offset");
+    while offset(replica, "slave_repl_offset") < target {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            ":{replica} did not catch up with :{primary} in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

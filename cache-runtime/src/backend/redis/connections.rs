@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 
@@ -91,6 +91,14 @@ pub(crate) trait Connections: Send + Sync + 'static {
 
     /// Told of every failed call (Sentinel asks where the primary is now).
     fn failed(&self, _error: &BackendError) {}
+
+    /// Before an invalidation acknowledged at `since` is checked again: where writes go is asked
+    /// again if it can change with no call failing, by an answer asked for after `since`
+    /// (Sentinel: a primary the sentinels demote while it is alive takes writes until they
+    /// convert it to a replica, several seconds later, and those writes are lost then).
+    fn confirm(&self, _since: Instant) -> impl Future<Output = ()> + Send + '_ {
+        std::future::ready(())
+    }
 
     /// Starts the near tier's notifications (`tracking.rs`); `false` where they are not built.
     fn track(&self, _near: &Arc<NearTier>, _prefixes: Vec<String>) -> bool {

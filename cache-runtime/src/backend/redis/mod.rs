@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use self::batch::Batcher;
 pub(crate) use self::connections::{Connections, Server};
@@ -79,8 +79,10 @@ impl<C: Connections> RedisStore<C> {
 
     /// On a replicated deployment, checks `what` again after `recheck_after`, in the
     /// background: replication is asynchronous, so a primary can acknowledge an invalidation and
-    /// die before its replica has it; the promoted replica would serve the old entry. Tried until
-    /// it succeeds (the failover may still be under way) or `RECHECK_GIVE_UP` has passed.
+    /// die before its replica has it (or, behind Sentinel, be demoted alive and lose it); the
+    /// promoted replica would serve the old entry. Where writes go is asked again first
+    /// (`Connections::confirm`). Tried until it succeeds (the failover may still be under way)
+    /// or `RECHECK_GIVE_UP` has passed.
     fn recheck(&self, db: u8, what: Recheck) {
         if !self.links.replicated() || self.recheck_after.is_zero() {
             return;
@@ -100,11 +102,14 @@ impl<C: Connections> RedisStore<C> {
         }
         let rechecks = Arc::clone(&self.rechecks);
         let Ok(conn) = self.conn(db) else { return };
-        let (delay, limit) = (self.recheck_after, self.op_timeout);
+        let (delay, limit, links, acknowledged) =
+            (self.recheck_after, self.op_timeout, Arc::clone(&self.links), Instant::now());
         crate::background::spawn(async move {
             let _done = Decrement(rechecks);
             tokio::time::sleep(delay).await;
-            let started = std::time::Instant::now();
+            // The server that acknowledged it may have been replaced with no call failing since.
+            links.confirm(acknowledged).await;
+            let started = Instant::now();
             let mut pause = Duration::from_millis(50);
             loop {
                 let mut conn = conn.clone();

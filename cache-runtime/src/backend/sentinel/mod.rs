@@ -1,7 +1,9 @@
 //! A primary behind Redis Sentinel, as the Redis store's [`Connections`]: the sentinels are
 //! asked where the primary is (the `redis` crate's `SentinelClient`) on first use, and again after
 //! any call that finds the connection gone or the server read-only (a failover happened), so
-//! caching follows the primary to whichever replica the sentinels promote.
+//! caching follows the primary to whichever replica the sentinels promote. Before an
+//! invalidation is checked again (`backend/redis/mod.rs`), every sentinel is asked too
+//! ([`Shared::confirm`]): a primary demoted while alive answers as one until it is converted.
 //!
 //! Each DB's connection to the primary is a [`Link`], as one server's are
 //! (`backend/redis/link.rs`); one key's reads (`GET`) on it are coalesced under load as on one
@@ -12,9 +14,10 @@
 //! every near copy is dropped and none answers until the tracking connection tracks there.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use redis::aio::ConnectionLike;
@@ -43,6 +46,8 @@ struct Shared {
     coalesce_reads: bool,
     /// Asks the sentinels; one question at a time.
     sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
+    /// The last round of questions to every sentinel (`confirm`).
+    confirmed: tokio::sync::Mutex<Confirmed>,
     /// The primary as last answered, with its connections; `None` until asked, and again once
     /// a call finds it gone.
     /// Read on every call (a hit's included): a load, no lock.
@@ -56,6 +61,18 @@ struct Shared {
     moving: tokio::sync::Notify,
     /// The near tier, once its tracking started: distrusted at each move.
     near: OnceLock<Weak<NearTier>>,
+}
+
+/// What [`Shared::confirm`] last found.
+#[derive(Default)]
+struct Confirmed {
+    /// When its last round of questions began: the checks of invalidations acknowledged
+    /// before that take its outcome.
+    asked: Option<Instant>,
+    /// The newest config epoch answered: an older answer never moves the connections.
+    epoch: u64,
+    /// Whether its last round had no answer (logged once until one comes).
+    failing: bool,
 }
 
 struct Primary {
@@ -74,6 +91,7 @@ impl SentinelPrimary {
                 op_timeout: config.op_timeout,
                 coalesce_reads: config.coalesce_reads,
                 sentinels: tokio::sync::Mutex::new(None),
+                confirmed: tokio::sync::Mutex::new(Confirmed::default()),
                 current: ArcSwapOption::empty(),
                 address: Mutex::new(None),
                 moves: AtomicU64::new(0),
@@ -94,9 +112,7 @@ impl Shared {
         let target = &self.target;
         let mut addrs = Vec::new();
         for sentinel in &target.sentinels {
-            let (host, port) = sentinel.rsplit_once(':').unwrap_or((sentinel, "26379"));
-            let port = port.parse().unwrap_or(26379);
-            addrs.push(ConnectionAddr::Tcp(host.to_owned(), port));
+            addrs.push(sentinel_address(sentinel));
         }
         let mut builder = SentinelClientBuilder::new(addrs, &target.master, SentinelServerType::Master)?;
         if let Some(username) = &target.username {
@@ -134,6 +150,104 @@ impl Shared {
             Arc::new(Primary { info: found.get_connection_info().clone(), dbs: Default::default() });
         self.install(&primary);
         Ok(primary)
+    }
+
+    /// Every sentinel asked where the primary is, unless that was asked after `since` already
+    /// (one round of questions serves every check waiting on it, answered or not). The newest
+    /// answer by config epoch wins: right after a failover a sentinel may still name the old
+    /// primary, which answers `ROLE` as a primary until the sentinels convert it (so the `redis`
+    /// crate's `SentinelClient`, which takes the first sentinel's answer and checks the server's
+    /// role, can name it). At another address than the primary in use, the connections move
+    /// there (`install`). Nothing changes if no sentinel answers (logged once until one does),
+    /// if the answer is older than one already taken, or if no primary is in use (the next call
+    /// asks).
+    async fn confirm(&self, since: Instant) {
+        let _one_question = self.sentinels.lock().await;
+        let mut confirmed = self.confirmed.lock().await;
+        if confirmed.asked.is_some_and(|asked| asked >= since) {
+            return;
+        }
+        let asked = Instant::now();
+        let newest = self.newest_primary().await;
+        let Some(known) = self.current() else { return };
+        confirmed.asked = Some(asked);
+        let (epoch, host, port) = match newest {
+            Ok(newest) => {
+                if std::mem::take(&mut confirmed.failing) {
+                    tracing::warn!(sentinels = %self.target.address(), "the sentinels answer again");
+                }
+                newest
+            }
+            Err(error) => {
+                if !std::mem::replace(&mut confirmed.failing, true) {
+                    tracing::warn!(sentinels = %self.target.address(), %error, "no sentinel answered where the primary is; invalidations are checked again on the primary in use (logged once until one does)");
+                }
+                return;
+            }
+        };
+        if epoch < confirmed.epoch {
+            return;
+        }
+        confirmed.epoch = epoch;
+        if known.info.addr().to_string() == format!("{host}:{port}") {
+            return;
+        }
+        let addr = match known.info.addr() {
+            ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
+                ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
+            }
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        tracing::warn!(from = %known.info.addr(), to = %addr, "the sentinels name another primary than the one in use, which still answered; moving there");
+        self.install(&Arc::new(Primary { info: known.info.clone().set_addr(addr), dbs: Default::default() }));
+    }
+
+    /// The newest of the sentinels' answers (highest config epoch): its epoch and the primary's
+    /// address. Each sentinel is asked `SENTINEL GET-MASTER-ADDR-BY-NAME` (during a failover,
+    /// the promoted replica already, where `SENTINEL MASTER` still names the old primary) and
+    /// `SENTINEL MASTER` (for the epoch), all at once, each within `connect_timeout`.
+    async fn newest_primary(&self) -> Result<(u64, String, u16), BackendError> {
+        let asks = self.target.sentinels.iter().map(|sentinel| async move {
+            let client = redis::Client::open(sentinel_address(sentinel))?;
+            let ask = async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                redis::pipe()
+                    .cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(&self.target.master)
+                    .cmd("SENTINEL")
+                    .arg("MASTER")
+                    .arg(&self.target.master)
+                    .query_async::<((String, u16), HashMap<String, String>)>(&mut conn)
+                    .await
+            };
+            let ((host, port), fields) = tokio::time::timeout(self.connect_timeout, ask)
+                .await
+                .map_err(|_| BackendError::Timeout(self.connect_timeout))??;
+            match fields.get("config-epoch").and_then(|e| e.parse::<u64>().ok()) {
+                Some(epoch) => Ok((epoch, host, port)),
+                None => Err(BackendError::from(redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "SENTINEL MASTER named no config-epoch",
+                )))),
+            }
+        });
+        let mut newest: Option<(u64, String, u16)> = None;
+        let mut failure = None;
+        for answer in futures_util::future::join_all(asks).await {
+            match answer {
+                Ok(found) if newest.as_ref().is_none_or(|(epoch, ..)| found.0 > *epoch) => {
+                    newest = Some(found)
+                }
+                Ok(_) => {}
+                Err(error) => failure = Some(error),
+            }
+        }
+        newest.ok_or_else(|| {
+            failure.unwrap_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Client, "no sentinel configured")).into()
+            })
+        })
     }
 
     /// Hands the connections `primary`. At another address than the last one, near copies read
@@ -213,6 +327,12 @@ impl Shared {
             self.moving.notify_one();
         }
     }
+}
+
+/// A sentinel's `host:port` as a plain TCP address (26379 where no port parses).
+fn sentinel_address(sentinel: &str) -> ConnectionAddr {
+    let (host, port) = sentinel.rsplit_once(':').unwrap_or((sentinel, "26379"));
+    ConnectionAddr::Tcp(host.to_owned(), port.parse().unwrap_or(26379))
 }
 
 /// The error codes of a server that is no longer (or not yet) a primary that takes writes.
@@ -430,6 +550,12 @@ impl Connections for SentinelPrimary {
 
     fn replicated(&self) -> bool {
         true
+    }
+
+    /// The sentinels asked again: a primary demoted while alive answers as before until they
+    /// convert it (`SENTINEL FAILOVER`: 8 s or more after the replica was promoted).
+    fn confirm(&self, since: Instant) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.shared.confirm(since)
     }
 
     fn key<'k>(&self, _db: u8, key: &'k str) -> Cow<'k, str> {
