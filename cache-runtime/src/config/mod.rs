@@ -271,8 +271,12 @@ impl CacheConfig {
     /// Sets how long after an acknowledged invalidation it is checked again on Cluster and
     /// Sentinel (at most [`MAX_SETTING`]; zero: never). Replication is asynchronous: a primary can
     /// acknowledge an invalidation and fail before its replica has it, and the promoted replica
-    /// would serve the old entry. The check applies the invalidation again if it is missing (see
-    /// README, "Failover").
+    /// would serve the old entry. The check applies the invalidation again if it is missing.
+    /// Behind Sentinel it first asks every sentinel where the primary is (within
+    /// `connect_timeout`; one round serves the checks acknowledged before it began), so that an
+    /// invalidation taken by a primary demoted while alive is applied on the new one; zero turns
+    /// that off too. See README, "An invalidation acknowledged by a primary that dies before
+    /// replicating it".
     pub fn with_invalidation_recheck(mut self, delay: Duration) -> Self {
         self.invalidation_recheck = bounded(delay);
         self
@@ -308,7 +312,8 @@ impl CacheConfig {
         self
     }
 
-    /// Sets the bound on opening a connection (at most [`MAX_SETTING`]).
+    /// Sets the bound on opening a connection (at most [`MAX_SETTING`]), and behind Sentinel on
+    /// each sentinel's answer.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = bounded(timeout).max(Duration::from_millis(1));
         self

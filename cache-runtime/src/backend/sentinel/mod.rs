@@ -52,8 +52,9 @@ struct Shared {
     /// a call finds it gone.
     /// Read on every call (a hit's included): a load, no lock.
     current: ArcSwapOption<Primary>,
-    /// Where the last primary answered is (kept while `current` is `None`), to tell a move.
-    address: Mutex<Option<String>>,
+    /// The last primary answered (kept while `current` is `None`): its address tells a move,
+    /// and `confirm` connects to another address with its settings.
+    last: Mutex<Option<redis::ConnectionInfo>>,
     /// How many times the connections were handed a primary at another address.
     moves: AtomicU64,
     /// Told of each move, and of each time the primary is forgotten, for the tracking
@@ -71,7 +72,7 @@ struct Confirmed {
     asked: Option<Instant>,
     /// The newest config epoch answered: an older answer never moves the connections.
     epoch: u64,
-    /// Whether its last round had no answer (logged once until one comes).
+    /// Whether its last round had too few answers (logged once until enough come).
     failing: bool,
 }
 
@@ -93,7 +94,7 @@ impl SentinelPrimary {
                 sentinels: tokio::sync::Mutex::new(None),
                 confirmed: tokio::sync::Mutex::new(Confirmed::default()),
                 current: ArcSwapOption::empty(),
-                address: Mutex::new(None),
+                last: Mutex::new(None),
                 moves: AtomicU64::new(0),
                 moving: tokio::sync::Notify::new(),
                 near: OnceLock::new(),
@@ -154,22 +155,21 @@ impl Shared {
 
     /// Every sentinel asked where the primary is, unless that was asked after `since` already
     /// (one round of questions serves every check waiting on it, answered or not). The newest
-    /// answer by config epoch wins: right after a failover a sentinel may still name the old
-    /// primary, which answers `ROLE` as a primary until the sentinels convert it (so the `redis`
-    /// crate's `SentinelClient`, which takes the first sentinel's answer and checks the server's
-    /// role, can name it). At another address than the primary in use, the connections move
-    /// there (`install`). Nothing changes if no sentinel answers (logged once until one does),
-    /// if the answer is older than one already taken, or if no primary is in use (the next call
-    /// asks).
+    /// answer by config epoch of a majority of the sentinels wins: right after a failover a
+    /// sentinel may still name the old primary, which answers `ROLE` as a primary until the
+    /// sentinels convert it (so the `redis` crate's `SentinelClient`, which takes the first
+    /// sentinel's answer and checks the server's role, can name it). At another address than
+    /// the last primary, the connections move there (`install`). Nothing changes if fewer than
+    /// a majority answer (logged once until they do), if the answer is older than one already
+    /// taken, or before any primary was known (the first call asks). Only one round at a time;
+    /// calls that ask the sentinels themselves do not wait for it.
     async fn confirm(&self, since: Instant) {
-        let _one_question = self.sentinels.lock().await;
         let mut confirmed = self.confirmed.lock().await;
         if confirmed.asked.is_some_and(|asked| asked >= since) {
             return;
         }
         let asked = Instant::now();
         let newest = self.newest_primary().await;
-        let Some(known) = self.current() else { return };
         confirmed.asked = Some(asked);
         let (epoch, host, port) = match newest {
             Ok(newest) => {
@@ -180,7 +180,7 @@ impl Shared {
             }
             Err(error) => {
                 if !std::mem::replace(&mut confirmed.failing, true) {
-                    tracing::warn!(sentinels = %self.target.address(), %error, "no sentinel answered where the primary is; invalidations are checked again on the primary in use (logged once until one does)");
+                    tracing::warn!(sentinels = %self.target.address(), %error, "a majority of the sentinels did not answer where the primary is; invalidations are checked again on the primary in use (logged once until they do)");
                 }
                 return;
             }
@@ -189,23 +189,29 @@ impl Shared {
             return;
         }
         confirmed.epoch = epoch;
-        if known.info.addr().to_string() == format!("{host}:{port}") {
+        let Some(last) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        if last.addr().to_string() == format!("{host}:{port}") {
+            if self.current().is_none() {
+                // Forgotten after a failed call: the next call would ask `SentinelClient`.
+                self.install(&Arc::new(Primary { info: last, dbs: Default::default() }));
+            }
             return;
         }
-        let addr = match known.info.addr() {
+        let addr = match last.addr() {
             ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
                 ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
             }
             _ => ConnectionAddr::Tcp(host, port),
         };
-        tracing::warn!(from = %known.info.addr(), to = %addr, "the sentinels name another primary than the one in use, which still answered; moving there");
-        self.install(&Arc::new(Primary { info: known.info.clone().set_addr(addr), dbs: Default::default() }));
+        tracing::warn!(from = %last.addr(), to = %addr, "the sentinels name another primary than the one last used; moving there");
+        self.install(&Arc::new(Primary { info: last.set_addr(addr), dbs: Default::default() }));
     }
 
-    /// The newest of the sentinels' answers (highest config epoch): its epoch and the primary's
-    /// address. Each sentinel is asked `SENTINEL GET-MASTER-ADDR-BY-NAME` (during a failover,
-    /// the promoted replica already, where `SENTINEL MASTER` still names the old primary) and
-    /// `SENTINEL MASTER` (for the epoch), all at once, each within `connect_timeout`.
+    /// The newest of the sentinels' answers (highest config epoch), if a majority answered:
+    /// its epoch and the primary's address. Each sentinel is asked
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` (during a failover, the promoted replica already, where
+    /// `SENTINEL MASTER` still names the old primary) and `SENTINEL MASTER` (for the epoch), all
+    /// at once on new connections, each within `connect_timeout`.
     async fn newest_primary(&self) -> Result<(u64, String, u16), BackendError> {
         let asks = self.target.sentinels.iter().map(|sentinel| async move {
             let client = redis::Client::open(sentinel_address(sentinel))?;
@@ -233,21 +239,26 @@ impl Shared {
             }
         });
         let mut newest: Option<(u64, String, u16)> = None;
-        let mut failure = None;
+        let (mut answered, mut failure) = (0, None);
         for answer in futures_util::future::join_all(asks).await {
             match answer {
-                Ok(found) if newest.as_ref().is_none_or(|(epoch, ..)| found.0 > *epoch) => {
-                    newest = Some(found)
+                Ok(found) => {
+                    answered += 1;
+                    if newest.as_ref().is_none_or(|(epoch, ..)| found.0 > *epoch) {
+                        newest = Some(found);
+                    }
                 }
-                Ok(_) => {}
                 Err(error) => failure = Some(error),
             }
         }
-        newest.ok_or_else(|| {
-            failure.unwrap_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::Client, "no sentinel configured")).into()
-            })
-        })
+        let majority = self.target.sentinels.len() / 2 + 1;
+        match newest {
+            Some(newest) if answered >= majority => Ok(newest),
+            _ => Err(failure.unwrap_or_else(|| {
+                let few = format!("{answered} of {} sentinels answered", self.target.sentinels.len());
+                redis::RedisError::from((redis::ErrorKind::Client, "too few sentinels answered", few)).into()
+            })),
+        }
     }
 
     /// Hands the connections `primary`. At another address than the last one, near copies read
@@ -256,15 +267,15 @@ impl Shared {
     /// connection is told to move.
     fn install(&self, primary: &Arc<Primary>) {
         let address = primary.info.addr().to_string();
-        let mut last = self.address.lock().unwrap_or_else(|e| e.into_inner());
-        if last.as_ref().is_some_and(|last| *last != address) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_some_and(|last| last.addr().to_string() != address) {
             self.moves.fetch_add(1, SeqCst);
             if let Some(tier) = self.near.get().and_then(Weak::upgrade) {
                 tier.distrust();
             }
             self.moving.notify_one();
         }
-        *last = Some(address);
+        *last = Some(primary.info.clone());
         self.current.store(Some(Arc::clone(primary)));
     }
 
