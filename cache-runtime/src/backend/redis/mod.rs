@@ -108,7 +108,9 @@ impl<C: Connections> RedisStore<C> {
             let _done = Decrement(rechecks);
             tokio::time::sleep(delay).await;
             // The server that acknowledged it may have been replaced with no call failing since.
-            links.confirm(acknowledged).await;
+            // Asked within the recheck's own delay (each answer is bounded by `connect_timeout`,
+            // which may be as long as a day); past it, the check runs where writes go now.
+            let _ = tokio::time::timeout(delay, links.confirm(acknowledged)).await;
             let started = Instant::now();
             let mut pause = Duration::from_millis(50);
             loop {
