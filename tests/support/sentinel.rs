@@ -66,6 +66,12 @@ impl SentinelSet {
         format!("redis+sentinel://{}/{}", hosts.join(","), self.master)
     }
 
+    /// Freezes sentinel `i` (SIGSTOP): it takes connections and never answers. It is killed
+    /// with the set.
+    pub fn freeze_sentinel(&self, i: usize) {
+        super::signal(self.sentinels[i].id(), "-STOP");
+    }
+
     /// The port the sentinels name as the primary now.
     pub fn primary_port(&self) -> u16 {
         let reply = cli(self.ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.master]);

@@ -272,8 +272,9 @@ impl CacheConfig {
     /// Sentinel (at most [`MAX_SETTING`]; zero: never). Replication is asynchronous: a primary can
     /// acknowledge an invalidation and fail before its replica has it, and the promoted replica
     /// would serve the old entry. The check applies the invalidation again if it is missing.
-    /// Behind Sentinel it first asks every sentinel where the primary is (within
-    /// `connect_timeout`; one round serves the checks acknowledged before it began), so that an
+    /// Behind Sentinel it first asks every sentinel where the primary is (each within
+    /// `connect_timeout`, the slowest not waited for long once a majority answered; one round
+    /// serves the checks acknowledged before it began), so that an
     /// invalidation taken by a primary demoted while alive is applied on the new one; zero turns
     /// that off too. See README, "An invalidation acknowledged by a primary that dies before
     /// replicating it".

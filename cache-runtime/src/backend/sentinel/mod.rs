@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
@@ -32,6 +33,10 @@ use crate::config::targets::{tls_provider, CaCert};
 use crate::config::{CacheConfig, SentinelTarget};
 use crate::error::BackendError;
 use crate::near::NearTier;
+
+/// Once a majority of the sentinels has answered `confirm`'s question, how long the others are
+/// waited for beyond as long again as the majority took.
+const MAJORITY_GRACE: Duration = Duration::from_millis(50);
 
 pub(crate) struct SentinelPrimary {
     shared: Arc<Shared>,
@@ -211,12 +216,18 @@ impl Shared {
     /// its epoch and the primary's address. Each sentinel is asked
     /// `SENTINEL GET-MASTER-ADDR-BY-NAME` (during a failover, the promoted replica already, where
     /// `SENTINEL MASTER` still names the old primary) and `SENTINEL MASTER` (for the epoch), all
-    /// at once on new connections, each within `connect_timeout`.
+    /// at once on new connections, each within `connect_timeout`; once a majority has answered,
+    /// the others only within as long again as the majority took, plus `MAJORITY_GRACE`.
     async fn newest_primary(&self) -> Result<(u64, String, u16), BackendError> {
         let asks = self.target.sentinels.iter().map(|sentinel| async move {
             let client = redis::Client::open(sentinel_address(sentinel))?;
             let ask = async {
-                let mut conn = client.get_multiplexed_async_connection().await?;
+                // The `redis` crate's own defaults (1 s to connect, 500 ms to answer) would
+                // otherwise cut a question shorter than `connect_timeout`.
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.connect_timeout));
+                let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
                 redis::pipe()
                     .cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
@@ -238,20 +249,37 @@ impl Shared {
                 )))),
             }
         });
+        // Answers taken as they come; once a majority has answered, the others are waited for
+        // only as long again as the majority took (and `MAJORITY_GRACE` more): a sentinel that
+        // stopped answering (frozen, a dropped route) would otherwise hold every round for the
+        // whole `connect_timeout`, past the recheck that waits on it.
+        let majority = self.target.sentinels.len() / 2 + 1;
+        let started = tokio::time::Instant::now();
+        let mut asks: futures_util::stream::FuturesUnordered<_> = asks.collect();
         let mut newest: Option<(u64, String, u16)> = None;
-        let (mut answered, mut failure) = (0, None);
-        for answer in futures_util::future::join_all(asks).await {
+        let (mut answered, mut failure, mut cut) = (0, None, None);
+        loop {
+            let next = match cut {
+                None => asks.next().await,
+                Some(cut) => match tokio::time::timeout_at(cut, asks.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            let Some(answer) = next else { break };
             match answer {
                 Ok(found) => {
                     answered += 1;
                     if newest.as_ref().is_none_or(|(epoch, ..)| found.0 > *epoch) {
                         newest = Some(found);
                     }
+                    if answered == majority {
+                        cut = Some(tokio::time::Instant::now() + started.elapsed() + MAJORITY_GRACE);
+                    }
                 }
                 Err(error) => failure = Some(error),
             }
         }
-        let majority = self.target.sentinels.len() / 2 + 1;
         match newest {
             Some(newest) if answered >= majority => Ok(newest),
             _ => Err(failure.unwrap_or_else(|| {
