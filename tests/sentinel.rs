@@ -550,3 +550,55 @@ async fn the_longest_op_timeout_caches_behind_sentinel() {
         assert!(is_hit(&rt, n, &RAN).await, "level({n}) cached");
     }
 }
+
+/// The first of the three sentinels frozen (`SIGSTOP`: it takes connections and never answers):
+/// the runtime asks the three at once and takes the two others' answer, on first use and again
+/// after the primary is killed and they promote the replica. In the same run the `redis` crate's
+/// `SentinelClient` (which the runtime asked alone until this release) is given as long as the
+/// runtime gives a question, the default `connect_timeout`, and does not answer: it waits for the
+/// sentinels in the order given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_sentinel_does_not_stop_caching() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let mut set = SentinelSet::start();
+    set.freeze_sentinel(0);
+    let rt = sentinel_runtime(&set);
+    let first = Instant::now();
+    rt.scope(level(40, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 40, &CALLS).await, "no hit with one sentinel of three frozen");
+    let first = first.elapsed();
+
+    let addrs: Vec<String> = set.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+    let mut alone = redis::sentinel::SentinelClient::build(
+        addrs,
+        set.master.clone(),
+        None,
+        redis::sentinel::SentinelServerType::Master,
+    )
+    .unwrap();
+    let default = CacheConfig::memory().connect_timeout();
+    assert!(
+        tokio::time::timeout(default, alone.async_get_client()).await.is_err(),
+        "SentinelClient answered within {default:?} with its first sentinel frozen: this test shows nothing"
+    );
+
+    let new = set.replica.port();
+    set.primary.stop();
+    let killed = Instant::now();
+    loop {
+        rt.scope(level(41, &CALLS)).await;
+        let _ = rt.flush().await;
+        if is_hit(&rt, 41, &CALLS).await {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "never cached on the promoted replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let followed = killed.elapsed();
+    let named = cli(set.ports[1], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &set.master]);
+    assert!(named.contains(&new.to_string()), "the sentinels name {named:?}, not the replica :{new}");
+    println!(
+        "sentinel (first sentinel frozen): first use cached (two calls) in {first:?}; cached on the promoted replica {followed:?} after the primary was killed"
+    );
+}

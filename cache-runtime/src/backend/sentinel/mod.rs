@@ -1,7 +1,10 @@
 //! A primary behind Redis Sentinel, as the Redis store's [`Connections`]: the sentinels are
-//! asked where the primary is (the `redis` crate's `SentinelClient`) on first use, and again after
-//! any call that finds the connection gone or the server read-only (a failover happened), so
-//! caching follows the primary to whichever replica the sentinels promote. Before an
+//! asked where the primary is on first use, and again after any call that finds the connection
+//! gone or the server read-only (a failover happened), so caching follows the primary to
+//! whichever replica the sentinels promote. All of them are asked at once and a majority's newest
+//! answer is taken ([`Shared::newest_primary`]), so that one sentinel that never answers costs a
+//! moment, not the whole `connect_timeout`; with fewer answers, the `redis` crate's
+//! `SentinelClient` asks them in the order given. Before an
 //! invalidation is checked again (`backend/redis/mod.rs`), every sentinel is asked too
 //! ([`Shared::confirm`]): a primary demoted while alive answers as one until it is converted.
 //!
@@ -51,6 +54,9 @@ struct Shared {
     coalesce_reads: bool,
     /// Asks the sentinels; one question at a time.
     sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
+    /// The newest config epoch a majority of the sentinels answered (`newest_primary`): an older
+    /// answer never moves the connections.
+    epoch: AtomicU64,
     /// The last round of questions to every sentinel (`confirm`).
     confirmed: tokio::sync::Mutex<Confirmed>,
     /// The primary as last answered, with its connections; `None` until asked, and again once
@@ -75,8 +81,6 @@ struct Confirmed {
     /// When its last round of questions began: the checks of invalidations acknowledged
     /// before that take its outcome.
     asked: Option<Instant>,
-    /// The newest config epoch answered: an older answer never moves the connections.
-    epoch: u64,
     /// Whether its last round had too few answers (logged once until enough come).
     failing: bool,
 }
@@ -97,6 +101,7 @@ impl SentinelPrimary {
                 op_timeout: config.op_timeout,
                 coalesce_reads: config.coalesce_reads,
                 sentinels: tokio::sync::Mutex::new(None),
+                epoch: AtomicU64::new(0),
                 confirmed: tokio::sync::Mutex::new(Confirmed::default()),
                 current: ArcSwapOption::empty(),
                 last: Mutex::new(None),
@@ -137,7 +142,7 @@ impl Shared {
         builder.build()
     }
 
-    /// The primary, asking the sentinels if it is not known.
+    /// The primary, asking the sentinels if it is not known (within `connect_timeout`).
     async fn primary(&self) -> Result<Arc<Primary>, BackendError> {
         if let Some(primary) = self.current() {
             return Ok(primary);
@@ -146,16 +151,81 @@ impl Shared {
         if let Some(primary) = self.current() {
             return Ok(primary); // another call asked while we waited
         }
-        let client = match sentinels.as_mut() {
-            Some(client) => client,
-            None => sentinels.insert(self.client()?),
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        // The newest answer of a majority of the sentinels (so one that never answers costs a
+        // moment, not the whole `connect_timeout`), if the server it names answers as a primary.
+        let newest = match self.newest_primary().await {
+            Ok((epoch, host, port)) => {
+                let info = self.info_at(host, port)?;
+                let primary = tokio::time::timeout_at(deadline, self.answers_as_primary(&info)).await;
+                primary.is_ok_and(|primary| primary).then_some((epoch, info))
+            }
+            Err(_) => None,
         };
-        let ask = tokio::time::timeout(self.connect_timeout, client.async_get_client());
-        let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
-        let primary =
-            Arc::new(Primary { info: found.get_connection_info().clone(), dbs: Default::default() });
+        let info = match newest {
+            Some((epoch, info)) => {
+                self.epoch.fetch_max(epoch, SeqCst);
+                info
+            }
+            // Otherwise the first sentinel, in the order given, that names a server answering as
+            // a primary (the `redis` crate's `SentinelClient`), in what is left of the time.
+            None => {
+                let client = match sentinels.as_mut() {
+                    Some(client) => client,
+                    None => sentinels.insert(self.client()?),
+                };
+                let ask = tokio::time::timeout_at(deadline, client.async_get_client());
+                let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
+                found.get_connection_info().clone()
+            }
+        };
+        let primary = Arc::new(Primary { info, dbs: Default::default() });
         self.install(&primary);
         Ok(primary)
+    }
+
+    /// The primary's connection settings at `host:port`: this target's user, password and TLS
+    /// (its CA is added where the client is made, `client_for`).
+    fn info_at(&self, host: String, port: u16) -> Result<redis::ConnectionInfo, BackendError> {
+        let target = &self.target;
+        let addr = if target.tls {
+            tls_provider();
+            ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None }
+        } else {
+            ConnectionAddr::Tcp(host, port)
+        };
+        let mut settings = redis::RedisConnectionInfo::default();
+        if let Some(username) = &target.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &target.password {
+            settings = settings.set_password(password);
+        }
+        Ok(redis::IntoConnectionInfo::into_connection_info(addr)?.set_redis_settings(settings))
+    }
+
+    /// The settings of a connection made to ask one question: `connect_timeout` to connect and
+    /// to answer (the `redis` crate's own defaults, 1 s and 500 ms, would cut it shorter).
+    fn asking(&self) -> redis::AsyncConnectionConfig {
+        redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.connect_timeout))
+    }
+
+    /// Whether the server at `info` says it is a primary (`ROLE`).
+    async fn answers_as_primary(&self, info: &redis::ConnectionInfo) -> bool {
+        let ask = async {
+            let client = self.client_for(info.clone())?;
+            let mut conn = client.get_multiplexed_async_connection_with_config(&self.asking()).await?;
+            let role: Value = redis::cmd("ROLE").query_async(&mut conn).await?;
+            Ok::<_, BackendError>(role)
+        };
+        match ask.await {
+            Ok(Value::Array(fields)) => {
+                matches!(fields.first(), Some(Value::BulkString(role)) if role.as_slice() == b"master")
+            }
+            _ => false,
+        }
     }
 
     /// Every sentinel asked where the primary is, unless that was asked after `since` already
@@ -190,10 +260,9 @@ impl Shared {
                 return;
             }
         };
-        if epoch < confirmed.epoch {
+        if self.epoch.fetch_max(epoch, SeqCst) > epoch {
             return;
         }
-        confirmed.epoch = epoch;
         let Some(last) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
         if last.addr().to_string() == format!("{host}:{port}") {
             if self.current().is_none() {
@@ -222,12 +291,7 @@ impl Shared {
         let asks = self.target.sentinels.iter().map(|sentinel| async move {
             let client = redis::Client::open(sentinel_address(sentinel))?;
             let ask = async {
-                // The `redis` crate's own defaults (1 s to connect, 500 ms to answer) would
-                // otherwise cut a question shorter than `connect_timeout`.
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.connect_timeout));
-                let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+                let mut conn = client.get_multiplexed_async_connection_with_config(&self.asking()).await?;
                 redis::pipe()
                     .cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
