@@ -256,6 +256,58 @@ async fn near_copies_move_with_the_connections_when_the_sentinels_name_another_s
     assert!(took < Duration::from_secs(1), "the copy outlived an invalidation on the new primary: {took:?}");
 }
 
+/// A process that only reads, behind Sentinel, with near copies: the sentinels demote its primary
+/// while it is alive (`SENTINEL FAILOVER`), and another process invalidates on the new one. The
+/// process that listens to the sentinels' announcements (the default) moves to the new primary
+/// as they name it and answers the new value; in the same run, one that does not listen
+/// (`with_sentinel_announcements(false)`) keeps answering its copy of the old one, tracked on the
+/// demoted primary, which still says it is a primary: no call of its own failed, so nothing told
+/// it of the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_only_reads_follows_a_failover_the_sentinels_announce() {
+    static SOURCE: AtomicU64 = AtomicU64::new(1);
+    let set = SentinelSet::start();
+    let config = CacheConfig::redis(&set.url()).unwrap().with_op_timeout(Duration::from_millis(250));
+    let heard = Runtime::new(config.clone());
+    let deaf = Runtime::new(config.with_sentinel_announcements(false));
+    for rt in [&heard, &deaf] {
+        assert_eq!(until_near(rt, 7, &SOURCE, Duration::from_secs(5)).await, 1007);
+    }
+    let (old, new) = (set.primary.port(), set.replica.port());
+    assert_eq!(tracking_connections(old), 2);
+    until_replicated(old, new).await;
+
+    let started = Instant::now();
+    let named = demote(&set).await;
+    SOURCE.store(2, SeqCst);
+    let writer = sentinel_runtime(&set);
+    writer.scope(invalidate!(near_level(7))).await;
+    let invalidated = started.elapsed();
+    let primary = |port: u16| cli(port, &["ROLE"]).starts_with("master");
+    assert!(primary(old), "the sentinels converted the old primary before the test could look");
+
+    let took = until_value(&heard, 7, &SOURCE, 2007).await;
+    let followed = started.elapsed();
+    let before = near_hits(&deaf);
+    let stale = deaf.scope(near_level(7, &SOURCE)).await;
+    assert!(primary(old), "the sentinels converted the old primary before the test could look");
+    assert_eq!(
+        (stale, near_hits(&deaf) - before),
+        (1007, 1),
+        "the process that does not listen answered something else than its copy from the demoted primary: \
+         the failover this test is about did not happen as it expects"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the listening process answered the new value {took:?} after the invalidation on the new primary"
+    );
+    println!(
+        "sentinel announcements: SENTINEL FAILOVER named the replica after {named:?}; another process invalidated \
+         on it at {invalidated:?}; the process that listens answered the new value at {followed:?}; the one that \
+         does not still answered its copy from the demoted primary"
+    );
+}
+
 /// A primary the sentinels demote while it is alive (`SENTINEL FAILOVER`): they promote the
 /// replica at once, but convert the old primary to a replica only seconds later, and until then
 /// it still takes the writes of a process that has seen no call fail. An invalidation it
@@ -280,6 +332,17 @@ async fn a_frozen_sentinel_does_not_hold_the_recheck_of_an_invalidation() {
     demoted_alive(&CALLS, Duration::from_secs(30), true).await;
 }
 
+/// `SENTINEL FAILOVER`, the primary alive: how long until the sentinels name the replica.
+async fn demote(set: &SentinelSet) -> Duration {
+    let started = Instant::now();
+    assert!(cli(set.ports[0], &["SENTINEL", "FAILOVER", &set.master]).contains("OK"));
+    while set.primary_port() != set.replica.port() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the sentinels never promoted the replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
 /// Whether a server on `port` answers `PING` within `within`.
 async fn answers(port: u16, within: Duration) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -294,7 +357,13 @@ async fn answers(port: u16, within: Duration) -> bool {
 
 async fn demoted_alive(calls: &'static AtomicUsize, connect_timeout: Duration, freeze_one: bool) {
     let set = SentinelSet::start();
-    let config = CacheConfig::redis(&set.url()).unwrap().with_op_timeout(Duration::from_millis(250));
+    // The sentinels' announcements would move both runtimes to the new primary before they
+    // invalidate: this is about the question asked before a recheck, which also covers an
+    // announcement missed (a subscription lost at that moment).
+    let config = CacheConfig::redis(&set.url())
+        .unwrap()
+        .with_op_timeout(Duration::from_millis(250))
+        .with_sentinel_announcements(false);
     let checked = Runtime::new(config.clone().with_connect_timeout(connect_timeout));
     let unchecked = Runtime::new(config.with_invalidation_recheck(Duration::ZERO));
     for (rt, n) in [(&checked, 7), (&unchecked, 8)] {
@@ -319,12 +388,7 @@ async fn demoted_alive(calls: &'static AtomicUsize, connect_timeout: Duration, f
         );
     }
     let started = Instant::now();
-    assert!(cli(set.ports[0], &["SENTINEL", "FAILOVER", &set.master]).contains("OK"));
-    while set.primary_port() != new {
-        assert!(started.elapsed() < Duration::from_secs(30), "the sentinels never promoted the replica");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let promoted = started.elapsed();
+    let promoted = demote(&set).await;
     assert!(primary(old), "the old primary was converted before the test wrote to it");
     checked.scope(invalidate!(level(7))).await;
     unchecked.scope(invalidate!(level(8))).await;
@@ -554,9 +618,9 @@ async fn the_longest_op_timeout_caches_behind_sentinel() {
 /// The first of the three sentinels frozen (`SIGSTOP`: it takes connections and never answers):
 /// the runtime asks the three at once and takes the two others' answer, on first use and again
 /// after the primary is killed and they promote the replica. In the same run the `redis` crate's
-/// `SentinelClient` (which the runtime asked alone until this release) is given as long as the
-/// runtime gives a question, the default `connect_timeout`, and does not answer: it waits for the
-/// sentinels in the order given.
+/// `SentinelClient` (which the runtime asked alone, inside the call, until this release) does not
+/// answer within the call's `op_timeout`: it takes the sentinels' answers in the order given, and
+/// the frozen one's only ends at the crate's own 500 ms response timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_sentinel_does_not_stop_caching() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -577,10 +641,10 @@ async fn a_frozen_sentinel_does_not_stop_caching() {
         redis::sentinel::SentinelServerType::Master,
     )
     .unwrap();
-    let default = CacheConfig::memory().connect_timeout();
+    let op_timeout = Duration::from_millis(250); // `sentinel_runtime`'s
     assert!(
-        tokio::time::timeout(default, alone.async_get_client()).await.is_err(),
-        "SentinelClient answered within {default:?} with its first sentinel frozen: this test shows nothing"
+        tokio::time::timeout(op_timeout, alone.async_get_client()).await.is_err(),
+        "SentinelClient answered within {op_timeout:?} with its first sentinel frozen: this test shows nothing"
     );
 
     let new = set.replica.port();

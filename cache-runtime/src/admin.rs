@@ -117,6 +117,7 @@ async fn config(State(admin): State<Admin>) -> Json<Value> {
         "shutdown_timeout_ms": ms(c.shutdown_timeout()),
         "pool_size": c.pool_size(),
         "read_coalescing": c.read_coalescing(),
+        "sentinel_announcements": c.sentinel_announcements(),
         "batch_max": batch_max,
         "batch_delay_ms": ms(batch_delay),
         "batch_queue": batch_queue,

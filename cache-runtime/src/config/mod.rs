@@ -94,6 +94,7 @@ pub struct CacheConfig {
     pub(crate) generation_refresh: Duration,
     pub(crate) pool_size: usize,
     pub(crate) coalesce_reads: bool,
+    pub(crate) sentinel_announcements: bool,
     pub(crate) batch_max: usize,
     pub(crate) batch_delay: Duration,
     pub(crate) batch_queue: usize,
@@ -162,6 +163,11 @@ impl CacheConfig {
     pub fn read_coalescing(&self) -> bool {
         self.coalesce_reads
     }
+    /// Whether the sentinels' `+switch-master` announcements are listened to (see
+    /// `with_sentinel_announcements`).
+    pub fn sentinel_announcements(&self) -> bool {
+        self.sentinel_announcements
+    }
     /// Most fills per pipeline, wait for more, and fills queued per DB.
     pub fn batching(&self) -> (usize, Duration, usize) {
         (self.batch_max, self.batch_delay, self.batch_queue)
@@ -200,6 +206,7 @@ impl CacheConfig {
             generation_refresh: DEFAULT_GENERATION_REFRESH,
             pool_size: DEFAULT_POOL_SIZE,
             coalesce_reads: true,
+            sentinel_announcements: true,
             batch_max: DEFAULT_BATCH_MAX,
             batch_delay: DEFAULT_BATCH_DELAY,
             batch_queue: DEFAULT_BATCH_QUEUE,
@@ -364,6 +371,17 @@ impl CacheConfig {
     /// own `GET`. Cluster never coalesces (README, "Connections").
     pub fn with_read_coalescing(mut self, on: bool) -> Self {
         self.coalesce_reads = on;
+        self
+    }
+
+    /// Sets whether, behind Sentinel, the runtime listens to each sentinel's `+switch-master`
+    /// announcements (on by default): one subscription per sentinel, made on first use. When one
+    /// names a new primary for this master, every sentinel is asked where the primary is (as
+    /// before an invalidation's recheck) and the connections move there, so a process that only
+    /// reads, and its near copies, follows a failover without waiting for a call to fail. Off, the
+    /// primary is asked for only on first use, after a failed call and before a recheck.
+    pub fn with_sentinel_announcements(mut self, on: bool) -> Self {
+        self.sentinel_announcements = on;
         self
     }
 

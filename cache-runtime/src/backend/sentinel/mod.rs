@@ -4,7 +4,9 @@
 //! whichever replica the sentinels promote. All of them are asked at once and a majority's newest
 //! answer is taken ([`Shared::newest_primary`]), so that one sentinel that never answers costs a
 //! moment, not the whole `connect_timeout`; with fewer answers, the `redis` crate's
-//! `SentinelClient` asks them in the order given. Before an
+//! `SentinelClient` asks them in the order given. Each sentinel's `+switch-master`
+//! announcements are listened to (`announcements.rs`): one for this master starts a round of
+//! questions ([`Shared::confirm`]), so a process that only reads follows a failover too. Before an
 //! invalidation is checked again (`backend/redis/mod.rs`), every sentinel is asked too
 //! ([`Shared::confirm`]): a primary demoted while alive answers as one until it is converted.
 //!
@@ -16,6 +18,8 @@
 //! connections use, and follows them: the moment they are handed a primary at another address,
 //! every near copy is dropped and none answers until the tracking connection tracks there.
 
+mod announcements;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -23,13 +27,14 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
 use super::redis::connections::{namespaced, scan_and_unlink, Connections};
-use super::redis::link::Link;
+use super::redis::link::{launch, Link};
 use super::redis::reads::{Reads, Sender};
 use super::redis::tracking::{Boxed, Source, Strip, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
@@ -54,18 +59,16 @@ struct Shared {
     coalesce_reads: bool,
     /// Asks the sentinels; one question at a time.
     sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
-    /// The newest config epoch a majority of the sentinels answered (`newest_primary`): an older
-    /// answer never moves the connections.
-    epoch: AtomicU64,
+    /// The question to the sentinels under way, if one is (`primary`).
+    discovering: Mutex<Option<Discovery>>,
     /// The last round of questions to every sentinel (`confirm`).
     confirmed: tokio::sync::Mutex<Confirmed>,
     /// The primary as last answered, with its connections; `None` until asked, and again once
     /// a call finds it gone.
     /// Read on every call (a hit's included): a load, no lock.
     current: ArcSwapOption<Primary>,
-    /// The last primary answered (kept while `current` is `None`): its address tells a move,
-    /// and `confirm` connects to another address with its settings.
-    last: Mutex<Option<redis::ConnectionInfo>>,
+    /// The last primary handed the connections, and the answer it came from.
+    last: Mutex<Last>,
     /// How many times the connections were handed a primary at another address.
     moves: AtomicU64,
     /// Told of each move, and of each time the primary is forgotten, for the tracking
@@ -73,6 +76,59 @@ struct Shared {
     moving: tokio::sync::Notify,
     /// The near tier, once its tracking started: distrusted at each move.
     near: OnceLock<Weak<NearTier>>,
+    /// Whether the sentinels' announcements are listened to (`announcements.rs`), and whether
+    /// that has started (on the first primary found).
+    announcements: bool,
+    listening: std::sync::atomic::AtomicBool,
+    /// Never sent: dropped with this, which ends the subscriptions to the announcements.
+    dropped: tokio::sync::watch::Sender<()>,
+}
+
+/// The last primary handed the connections.
+#[derive(Default)]
+struct Last {
+    /// Its settings (kept while `current` is `None`): its address tells a move, and `confirm`
+    /// connects to another address with its settings.
+    info: Option<redis::ConnectionInfo>,
+    /// The newest config epoch taken from a majority of the sentinels: an older answer never
+    /// moves the connections by itself (`confirm`, `discover`).
+    epoch: u64,
+    /// How many primaries were handed the connections: a question's answer is not taken if
+    /// another was handed them while it was asked.
+    installs: u64,
+}
+
+/// A question to the sentinels for the primary, shared by the calls that wait for it.
+type Discovery = SharedFuture<BoxFuture<'static, Result<Arc<Primary>, Unfound>>>;
+
+/// Why a question found no primary, as its waiters are each given it.
+#[derive(Clone)]
+struct Unfound {
+    timeout: Option<Duration>,
+    text: String,
+}
+
+impl From<&BackendError> for Unfound {
+    fn from(error: &BackendError) -> Self {
+        let timeout = match error {
+            BackendError::Timeout(bound) => Some(*bound),
+            _ => None,
+        };
+        Unfound { timeout, text: error.to_string() }
+    }
+}
+
+impl From<Unfound> for BackendError {
+    fn from(unfound: Unfound) -> Self {
+        match unfound.timeout {
+            Some(bound) => BackendError::Timeout(bound),
+            // Counted as a connection failure, as the sentinels' own were.
+            None => {
+                redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, unfound.text))
+                    .into()
+            }
+        }
+    }
 }
 
 /// What [`Shared::confirm`] last found.
@@ -101,13 +157,16 @@ impl SentinelPrimary {
                 op_timeout: config.op_timeout,
                 coalesce_reads: config.coalesce_reads,
                 sentinels: tokio::sync::Mutex::new(None),
-                epoch: AtomicU64::new(0),
+                discovering: Mutex::new(None),
                 confirmed: tokio::sync::Mutex::new(Confirmed::default()),
                 current: ArcSwapOption::empty(),
-                last: Mutex::new(None),
+                last: Mutex::new(Last::default()),
                 moves: AtomicU64::new(0),
                 moving: tokio::sync::Notify::new(),
                 near: OnceLock::new(),
+                announcements: config.sentinel_announcements,
+                listening: std::sync::atomic::AtomicBool::new(false),
+                dropped: tokio::sync::watch::Sender::new(()),
             }),
             namespace: config.key_namespace.clone(),
         }
@@ -142,46 +201,118 @@ impl Shared {
         builder.build()
     }
 
-    /// The primary, asking the sentinels if it is not known (within `connect_timeout`).
-    async fn primary(&self) -> Result<Arc<Primary>, BackendError> {
+    /// The primary, asking the sentinels if it is not known. The question runs as a task of its
+    /// own, shared by the calls that wait for it (`discover`): a call cut by its `op_timeout`
+    /// leaves it to finish, and a later call finds the primary it found.
+    async fn primary(self: &Arc<Self>) -> Result<Arc<Primary>, BackendError> {
         if let Some(primary) = self.current() {
             return Ok(primary);
         }
+        let discovery = {
+            let mut running = self.discovering.lock().unwrap_or_else(|e| e.into_inner());
+            match running.as_ref() {
+                Some(discovery) if discovery.peek().is_none() => discovery.clone(),
+                _ => {
+                    let (done, outcome) = tokio::sync::oneshot::channel();
+                    let shared = Arc::clone(self);
+                    launch(Box::pin(async move {
+                        let _ = done.send(shared.discover().await.map_err(|e| Unfound::from(&e)));
+                    }));
+                    let discovery: Discovery = async move {
+                        outcome.await.unwrap_or(Err(Unfound {
+                            timeout: None,
+                            text: "the question to the sentinels ended with the tokio runtime that ran it"
+                                .into(),
+                        }))
+                    }
+                    .boxed()
+                    .shared();
+                    *running = Some(discovery.clone());
+                    discovery
+                }
+            }
+        };
+        discovery.await.map_err(BackendError::from)
+    }
+
+    /// Asks the sentinels where the primary is, and hands the connections what they answer.
+    /// First every sentinel at once: the newest of the answers, if a majority answered
+    /// (`newest_primary`, within `connect_timeout`), if the server it names says it is a primary
+    /// (within `connect_timeout` more). An answer older than the last one taken (sentinels that
+    /// lag behind the one that answered then) gives way to the last primary, if that one still
+    /// says it is a primary. Otherwise the first sentinel, in the order given, that names a
+    /// server saying it is a primary (the `redis` crate's `SentinelClient`, within
+    /// `connect_timeout` more). The first primary found starts listening to the sentinels'
+    /// announcements (if they are listened to).
+    async fn discover(self: &Arc<Self>) -> Result<Arc<Primary>, BackendError> {
         let mut sentinels = self.sentinels.lock().await;
         if let Some(primary) = self.current() {
-            return Ok(primary); // another call asked while we waited
+            return Ok(primary); // another question found it meanwhile
         }
-        let deadline = tokio::time::Instant::now() + self.connect_timeout;
-        // The newest answer of a majority of the sentinels (so one that never answers costs a
-        // moment, not the whole `connect_timeout`), if the server it names answers as a primary.
-        let newest = match self.newest_primary().await {
+        let (seen, known) = {
+            let last = self.last();
+            (last.installs, last.info.clone().map(|info| (last.epoch, info)))
+        };
+        let failure = match self.newest_primary().await {
             Ok((epoch, host, port)) => {
                 let info = self.info_at(host, port)?;
-                let primary = tokio::time::timeout_at(deadline, self.answers_as_primary(&info)).await;
-                primary.is_ok_and(|primary| primary).then_some((epoch, info))
+                let mut candidates = Vec::with_capacity(2);
+                if let Some((newer, known)) = known {
+                    if epoch < newer && known.addr().to_string() != info.addr().to_string() {
+                        candidates.push((newer, known));
+                    }
+                }
+                candidates.push((epoch, info));
+                let mut found = None;
+                for (epoch, info) in candidates {
+                    let asked =
+                        tokio::time::timeout(self.connect_timeout, self.answers_as_primary(&info)).await;
+                    if asked.is_ok_and(|primary| primary) {
+                        found = Some((epoch, info));
+                        break;
+                    }
+                }
+                match found {
+                    Some((epoch, info)) => return Ok(self.found(info, Some(epoch), seen)),
+                    None => BackendError::from(redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "the server the sentinels name does not say it is a primary",
+                    ))),
+                }
             }
-            Err(_) => None,
+            Err(error) => error,
         };
-        let info = match newest {
-            Some((epoch, info)) => {
-                self.epoch.fetch_max(epoch, SeqCst);
-                info
-            }
-            // Otherwise the first sentinel, in the order given, that names a server answering as
-            // a primary (the `redis` crate's `SentinelClient`), in what is left of the time.
-            None => {
-                let client = match sentinels.as_mut() {
-                    Some(client) => client,
-                    None => sentinels.insert(self.client()?),
-                };
-                let ask = tokio::time::timeout_at(deadline, client.async_get_client());
-                let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
-                found.get_connection_info().clone()
+        tracing::debug!(sentinels = %self.target.address(), error = %failure, "asking every sentinel found no primary; asking them in order");
+        let client = match sentinels.as_mut() {
+            Some(client) => client,
+            None => sentinels.insert(self.client()?),
+        };
+        let ask = tokio::time::timeout(self.connect_timeout, client.async_get_client());
+        let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
+        Ok(self.found(found.get_connection_info().clone(), None, seen))
+    }
+
+    /// Hands the connections the primary at `info` (answered at config `epoch`, if known),
+    /// unless another was handed them since the question began (`seen` installs): then that one.
+    fn found(self: &Arc<Self>, info: redis::ConnectionInfo, epoch: Option<u64>, seen: u64) -> Arc<Primary> {
+        let primary = {
+            let mut last = self.last();
+            match self.current() {
+                Some(current) if last.installs != seen => current,
+                _ => {
+                    if let Some(epoch) = epoch {
+                        last.epoch = epoch;
+                    }
+                    let primary = Arc::new(Primary { info, dbs: Default::default() });
+                    self.install(&mut last, &primary);
+                    primary
+                }
             }
         };
-        let primary = Arc::new(Primary { info, dbs: Default::default() });
-        self.install(&primary);
-        Ok(primary)
+        if self.announcements && !self.listening.swap(true, SeqCst) {
+            announcements::listen(self);
+        }
+        primary
     }
 
     /// The primary's connection settings at `host:port`: this target's user, password and TLS
@@ -212,20 +343,22 @@ impl Shared {
             .set_response_timeout(Some(self.connect_timeout))
     }
 
-    /// Whether the server at `info` says it is a primary (`ROLE`).
+    /// Whether the server at `info` says it is a primary: `ROLE`, or `INFO replication` for a
+    /// user not allowed `ROLE` (an `@admin` command).
     async fn answers_as_primary(&self, info: &redis::ConnectionInfo) -> bool {
         let ask = async {
             let client = self.client_for(info.clone())?;
             let mut conn = client.get_multiplexed_async_connection_with_config(&self.asking()).await?;
-            let role: Value = redis::cmd("ROLE").query_async(&mut conn).await?;
-            Ok::<_, BackendError>(role)
-        };
-        match ask.await {
-            Ok(Value::Array(fields)) => {
-                matches!(fields.first(), Some(Value::BulkString(role)) if role.as_slice() == b"master")
+            match redis::cmd("ROLE").query_async::<redis::Role>(&mut conn).await {
+                Ok(role) => Ok(matches!(role, redis::Role::Primary { .. })),
+                Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await?;
+                    Ok(info.lines().any(|line| line.trim() == "role:master"))
+                }
+                Err(error) => Err(BackendError::from(error)),
             }
-            _ => false,
-        }
+        };
+        ask.await.unwrap_or(false)
     }
 
     /// Every sentinel asked where the primary is, unless that was asked after `since` already
@@ -260,25 +393,27 @@ impl Shared {
                 return;
             }
         };
-        if self.epoch.fetch_max(epoch, SeqCst) > epoch {
+        let mut last = self.last();
+        if epoch < last.epoch {
             return;
         }
-        let Some(last) = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
-        if last.addr().to_string() == format!("{host}:{port}") {
+        last.epoch = epoch;
+        let Some(known) = last.info.clone() else { return };
+        if known.addr().to_string() == format!("{host}:{port}") {
             if self.current().is_none() {
-                // Forgotten after a failed call: the next call would ask `SentinelClient`.
-                self.install(&Arc::new(Primary { info: last, dbs: Default::default() }));
+                // Forgotten after a failed call: the next call would ask the sentinels.
+                self.install(&mut last, &Arc::new(Primary { info: known, dbs: Default::default() }));
             }
             return;
         }
-        let addr = match last.addr() {
+        let addr = match known.addr() {
             ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
                 ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
             }
             _ => ConnectionAddr::Tcp(host, port),
         };
-        tracing::warn!(from = %last.addr(), to = %addr, "the sentinels name another primary than the one last used; moving there");
-        self.install(&Arc::new(Primary { info: last.set_addr(addr), dbs: Default::default() }));
+        tracing::warn!(from = %known.addr(), to = %addr, "the sentinels name another primary than the one last used; moving there");
+        self.install(&mut last, &Arc::new(Primary { info: known.set_addr(addr), dbs: Default::default() }));
     }
 
     /// The newest of the sentinels' answers (highest config epoch), if a majority answered:
@@ -357,18 +492,22 @@ impl Shared {
     /// from the last one are no longer told of changes (its tracking connection hears the old
     /// server), so the tier is distrusted before any call can read the new one, and the tracking
     /// connection is told to move.
-    fn install(&self, primary: &Arc<Primary>) {
+    fn install(&self, last: &mut Last, primary: &Arc<Primary>) {
         let address = primary.info.addr().to_string();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.as_ref().is_some_and(|last| last.addr().to_string() != address) {
+        if last.info.as_ref().is_some_and(|last| last.addr().to_string() != address) {
             self.moves.fetch_add(1, SeqCst);
             if let Some(tier) = self.near.get().and_then(Weak::upgrade) {
                 tier.distrust();
             }
             self.moving.notify_one();
         }
-        *last = Some(primary.info.clone());
+        last.info = Some(primary.info.clone());
+        last.installs += 1;
         self.current.store(Some(Arc::clone(primary)));
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, Last> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A client for `info` (the primary's address and credentials) with this target's CA.
