@@ -375,7 +375,7 @@ impl CacheConfig {
     }
 
     /// Sets whether, behind Sentinel, the runtime listens to each sentinel's `+switch-master`
-    /// announcements (on by default): one subscription per sentinel, made on first use. When one
+    /// announcements (on by default): one subscription per sentinel, started once the first primary is found. When one
     /// names a new primary for this master, every sentinel is asked where the primary is (as
     /// before an invalidation's recheck) and the connections move there, so a process that only
     /// reads, and its near copies, follows a failover without waiting for a call to fail. Off, the

@@ -390,7 +390,7 @@ fn prepare(
 /// Runs an attempt's work as a task: on the runtime the command that needs it runs on (where the
 /// connection's own task then runs, as with `ConnectionManager`), or on the cache's background
 /// runtime outside of one.
-pub(crate) fn launch(work: BoxFuture<'static, ()>) {
+fn launch(work: BoxFuture<'static, ()>) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn(work)),
         Err(_) => crate::background::spawn(work),

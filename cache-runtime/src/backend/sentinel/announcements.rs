@@ -10,10 +10,12 @@
 //! failed (a demoted primary that is still alive answers reads until the sentinels convert it,
 //! many seconds later).
 //!
-//! A subscription that is lost is made again `RESUBSCRIBE` later, and once it is, a round is
-//! asked for too (an announcement may have been missed meanwhile). A sentinel that never answers
-//! leaves its subscription silent; the others' announcements still come. Each task ends when the
-//! store it serves is dropped.
+//! Each subscription, once made, asks for a round too (an announcement may have come before it;
+//! one round serves every subscription made after it began). A subscription that is lost, or
+//! whose `PING` (every `PING_EVERY`) goes unanswered within `connect_timeout` (at least 1 s), is
+//! made again `RESUBSCRIBE` later. One that cannot be made (a sentinel down, or one that needs
+//! TLS or a password, which the toolkit does not speak to sentinels) is logged once until it is.
+//! Each task ends when the store it serves is dropped.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -28,6 +30,10 @@ const SWITCH: &str = "+switch-master";
 
 /// How long after a subscription is lost (or could not be made) it is made again.
 const RESUBSCRIBE: Duration = Duration::from_secs(1);
+
+/// How often a subscription's connection is asked `PING`; unanswered within `connect_timeout`
+/// (at least 1 s), it is made again.
+const PING_EVERY: Duration = Duration::from_secs(10);
 
 /// Starts one subscription per sentinel of `shared`'s target.
 pub(super) fn listen(shared: &Arc<Shared>) {
@@ -45,12 +51,17 @@ pub(super) fn listen(shared: &Arc<Shared>) {
 }
 
 /// Subscribes to `+switch-master` on the sentinel at `address`, again whenever that is lost,
-/// and asks every sentinel where the primary is at each announcement for this master.
+/// and asks every sentinel where the primary is at each announcement for this master, and once
+/// each subscription is made (an announcement may have come before it).
 async fn subscribe(shared: Weak<Shared>, address: ConnectionAddr) {
     let Some(strong) = shared.upgrade() else { return };
     let (master, connect_timeout) = (strong.target.master.clone(), strong.connect_timeout);
     drop(strong);
-    let mut subscribed_before = false;
+    let answer_within = connect_timeout.max(Duration::from_secs(1));
+    // Since when announcements may have been missed: one round of questions serves every
+    // subscription made after it (`Shared::confirm`).
+    let mut since = Instant::now();
+    let mut warned = false;
     loop {
         let subscription = async {
             let client = redis::Client::open(address.clone())?;
@@ -60,28 +71,49 @@ async fn subscribe(shared: Weak<Shared>, address: ConnectionAddr) {
         };
         match tokio::time::timeout(connect_timeout, subscription).await {
             Ok(Ok(pubsub)) => {
-                if std::mem::replace(&mut subscribed_before, true) {
-                    // Made again: an announcement may have come while it was lost.
-                    let Some(shared) = shared.upgrade() else { return };
-                    shared.confirm(Instant::now()).await;
+                if std::mem::take(&mut warned) {
+                    tracing::warn!(sentinel = %address, "subscribed to the sentinel's announcements again");
                 }
-                let mut messages = pubsub.into_on_message();
-                while let Some(message) = messages.next().await {
-                    let Ok(text) = message.get_payload::<String>() else { continue };
-                    if text.split(' ').next() != Some(master.as_str()) {
-                        continue;
+                let Some(strong) = shared.upgrade() else { return };
+                strong.confirm(since).await;
+                drop(strong);
+                let (mut sink, mut messages) = pubsub.split();
+                let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+                loop {
+                    tokio::select! {
+                        message = messages.next() => {
+                            let Some(message) = message else { break };
+                            let Ok(text) = message.get_payload::<String>() else { continue };
+                            if text.split(' ').next() != Some(master.as_str()) {
+                                continue;
+                            }
+                            let Some(strong) = shared.upgrade() else { return };
+                            tracing::debug!(sentinel = %address, announcement = %text, "a sentinel announced a new primary; asking every sentinel");
+                            strong.confirm(Instant::now()).await;
+                        }
+                        _ = ping.tick() => {
+                            // A connection whose peer is gone without a reset never ends the
+                            // stream: a `PING` unanswered tells.
+                            let answered = tokio::time::timeout(answer_within, sink.ping::<redis::Value>()).await;
+                            if !matches!(answered, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
                     }
-                    let Some(shared) = shared.upgrade() else { return };
-                    tracing::debug!(sentinel = %address, announcement = %text, "a sentinel announced a new primary; asking every sentinel");
-                    shared.confirm(Instant::now()).await;
                 }
+                since = Instant::now();
                 tracing::debug!(sentinel = %address, "the subscription to a sentinel's announcements was lost; made again in 1 s");
             }
-            Ok(Err(error)) => {
-                tracing::debug!(sentinel = %address, %error, "could not subscribe to a sentinel's announcements; tried again in 1 s");
-            }
-            Err(_) => {
-                tracing::debug!(sentinel = %address, "a sentinel did not take a subscription within connect_timeout; tried again in 1 s");
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within connect_timeout ({connect_timeout:?})"),
+                };
+                if std::mem::replace(&mut warned, true) {
+                    tracing::debug!(sentinel = %address, %error, "could not subscribe to a sentinel's announcements; tried again in 1 s");
+                } else {
+                    tracing::warn!(sentinel = %address, %error, "could not subscribe to the sentinel's announcements; tried again every second (logged once until it succeeds)");
+                }
             }
         }
         if shared.strong_count() == 0 {

@@ -3,8 +3,8 @@
 //! gone or the server read-only (a failover happened), so caching follows the primary to
 //! whichever replica the sentinels promote. All of them are asked at once and a majority's newest
 //! answer is taken ([`Shared::newest_primary`]), so that one sentinel that never answers costs a
-//! moment, not the whole `connect_timeout`; with fewer answers, the `redis` crate's
-//! `SentinelClient` asks them in the order given. Each sentinel's `+switch-master`
+//! moment, not the whole `connect_timeout`; with fewer answers, or a server that does not say it
+//! is a primary, the `redis` crate's `SentinelClient` asks them in the order given. Each sentinel's `+switch-master`
 //! announcements are listened to (`announcements.rs`): one for this master starts a round of
 //! questions ([`Shared::confirm`]), so a process that only reads follows a failover too. Before an
 //! invalidation is checked again (`backend/redis/mod.rs`), every sentinel is asked too
@@ -34,7 +34,7 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{Cmd, ConnectionAddr, RedisFuture, Value};
 
 use super::redis::connections::{namespaced, scan_and_unlink, Connections};
-use super::redis::link::{launch, Link};
+use super::redis::link::Link;
 use super::redis::reads::{Reads, Sender};
 use super::redis::tracking::{Boxed, Source, Strip, Tracking};
 use crate::config::targets::{tls_provider, CaCert};
@@ -211,13 +211,16 @@ impl Shared {
         let discovery = {
             let mut running = self.discovering.lock().unwrap_or_else(|e| e.into_inner());
             match running.as_ref() {
-                Some(discovery) if discovery.peek().is_none() => discovery.clone(),
+                // Polled here, not peeked: a question whose waiters were all cut never shows its
+                // outcome to `peek`, and a later call must ask again, not take that outcome.
+                Some(discovery) if discovery.clone().now_or_never().is_none() => discovery.clone(),
                 _ => {
                     let (done, outcome) = tokio::sync::oneshot::channel();
                     let shared = Arc::clone(self);
-                    launch(Box::pin(async move {
+                    // On the cache's own runtime: a caller's runtime may never run it again.
+                    crate::background::spawn(async move {
                         let _ = done.send(shared.discover().await.map_err(|e| Unfound::from(&e)));
-                    }));
+                    });
                     let discovery: Discovery = async move {
                         outcome.await.unwrap_or(Err(Unfound {
                             timeout: None,
@@ -239,7 +242,7 @@ impl Shared {
     /// First every sentinel at once: the newest of the answers, if a majority answered
     /// (`newest_primary`, within `connect_timeout`), if the server it names says it is a primary
     /// (within `connect_timeout` more). An answer older than the last one taken (sentinels that
-    /// lag behind the one that answered then) gives way to the last primary, if that one still
+    /// lag behind the one that answered then) is never taken: the last primary is, if it still
     /// says it is a primary. Otherwise the first sentinel, in the order given, that names a
     /// server saying it is a primary (the `redis` crate's `SentinelClient`, within
     /// `connect_timeout` more). The first primary found starts listening to the sentinels'
@@ -255,30 +258,19 @@ impl Shared {
         };
         let failure = match self.newest_primary().await {
             Ok((epoch, host, port)) => {
-                let info = self.info_at(host, port)?;
-                let mut candidates = Vec::with_capacity(2);
-                if let Some((newer, known)) = known {
-                    if epoch < newer && known.addr().to_string() != info.addr().to_string() {
-                        candidates.push((newer, known));
-                    }
+                let answered = self.info_at(host, port)?;
+                let (epoch, info) = match known {
+                    Some((newer, known)) if epoch < newer => (newer, known),
+                    _ => (epoch, answered),
+                };
+                let asked = tokio::time::timeout(self.connect_timeout, self.answers_as_primary(&info)).await;
+                if asked.is_ok_and(|primary| primary) {
+                    return Ok(self.found(info, Some(epoch), seen));
                 }
-                candidates.push((epoch, info));
-                let mut found = None;
-                for (epoch, info) in candidates {
-                    let asked =
-                        tokio::time::timeout(self.connect_timeout, self.answers_as_primary(&info)).await;
-                    if asked.is_ok_and(|primary| primary) {
-                        found = Some((epoch, info));
-                        break;
-                    }
-                }
-                match found {
-                    Some((epoch, info)) => return Ok(self.found(info, Some(epoch), seen)),
-                    None => BackendError::from(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "the server the sentinels name does not say it is a primary",
-                    ))),
-                }
+                BackendError::from(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the server the sentinels name does not say it is a primary",
+                )))
             }
             Err(error) => error,
         };
@@ -293,16 +285,23 @@ impl Shared {
     }
 
     /// Hands the connections the primary at `info` (answered at config `epoch`, if known),
-    /// unless another was handed them since the question began (`seen` installs): then that one.
+    /// unless another was handed them since the question began (`seen` installs): then that one
+    /// (again, if a failed call forgot it since).
     fn found(self: &Arc<Self>, info: redis::ConnectionInfo, epoch: Option<u64>, seen: u64) -> Arc<Primary> {
         let primary = {
             let mut last = self.last();
             match self.current() {
                 Some(current) if last.installs != seen => current,
                 _ => {
-                    if let Some(epoch) = epoch {
-                        last.epoch = epoch;
-                    }
+                    let info = match last.info.clone() {
+                        Some(newer) if last.installs != seen => newer,
+                        _ => {
+                            if let Some(epoch) = epoch {
+                                last.epoch = last.epoch.max(epoch);
+                            }
+                            info
+                        }
+                    };
                     let primary = Arc::new(Primary { info, dbs: Default::default() });
                     self.install(&mut last, &primary);
                     primary
