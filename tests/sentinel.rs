@@ -327,6 +327,53 @@ async fn a_process_that_only_reads_follows_a_failover_the_sentinels_announce() {
     );
 }
 
+/// A user not allowed `ROLE` (an `@admin` command) behind Sentinel: the runtime asks
+/// `INFO replication`, as that user, whether the server the sentinels name is a primary, and
+/// caches. The server's ACL log counts each `ROLE` refused: one, the runtime's own question. Had
+/// that question failed, the `redis` crate's `SentinelClient` would have been asked too, and
+/// would have been refused a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_not_allowed_role_finds_the_primary_behind_sentinel() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let set = SentinelSet::start();
+    let user = ["ACL", "SETUSER", "cacheuser", "on", ">secret", "~*", "&*", "+@all", "-role"];
+    for port in [set.primary.port(), set.replica.port()] {
+        let reply = cli(port, &user);
+        assert!(reply.contains("OK"), "{reply}");
+    }
+    let primary = set.primary.port();
+    let as_user = |args: &[&str]| {
+        let mut all = vec!["--user", "cacheuser", "--pass", "secret", "--no-auth-warning"];
+        all.extend_from_slice(args);
+        cli(primary, &all)
+    };
+    assert!(as_user(&["ROLE"]).contains("NOPERM"), "the user may run ROLE: this test shows nothing");
+    assert_eq!(cli(primary, &["ACL", "LOG", "RESET"]).trim(), "OK");
+
+    let hosts: Vec<String> = set.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let url = format!("redis+sentinel://cacheuser:secret@{}/{}", hosts.join(","), set.master);
+    // No call times out on a loaded machine (a time-out would ask the sentinels again).
+    let rt = Runtime::new(CacheConfig::redis(&url).unwrap().with_op_timeout(Duration::from_secs(2)));
+    rt.scope(level(60, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 60, &CALLS).await, "nothing cached as a user not allowed ROLE");
+    let stored = KeyBuilder::new(module_path!(), "sn", "level").arg(&60u32).finish().unwrap();
+    assert!(!as_user(&["-n", "5", "GET", &stored]).trim().is_empty(), "the entry is not on the primary");
+
+    // `ACL LOG`: entries of `count`, `reason`, `context`, `object`... one field or value per line.
+    let log = cli(primary, &["ACL", "LOG"]);
+    let (mut count, mut refused) = (0, 0);
+    let mut lines = log.lines().map(str::trim);
+    while let Some(line) = lines.next() {
+        match line {
+            "count" => count = lines.next().and_then(|c| c.parse().ok()).unwrap_or(0),
+            "object" if lines.next() == Some("role") => refused += count,
+            _ => {}
+        }
+    }
+    assert_eq!(refused, 1, "ROLE was refused {refused} times, not once (ACL LOG:\n{log})");
+}
+
 /// A primary the sentinels demote while it is alive (`SENTINEL FAILOVER`): they promote the
 /// replica at once, but convert the old primary to a replica only seconds later, and until then
 /// it still takes the writes of a process that has seen no call fail. An invalidation it
