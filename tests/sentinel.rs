@@ -259,7 +259,7 @@ async fn near_copies_move_with_the_connections_when_the_sentinels_name_another_s
 /// A process that only reads, behind Sentinel, with near copies: the sentinels demote its primary
 /// while it is alive (`SENTINEL FAILOVER`), and another process invalidates on the new one. The
 /// process that listens to the sentinels' announcements (the default) moves to the new primary
-/// as they name it and answers the new value; in the same run, one that does not listen
+/// as they announce it and answers the new value; in the same run, one that does not listen
 /// (`with_sentinel_announcements(false)`) keeps answering its copy of the old one, tracked on the
 /// demoted primary, which still says it is a primary: no call of its own failed, so nothing told
 /// it of the failover.
@@ -331,7 +331,7 @@ async fn a_process_that_only_reads_follows_a_failover_the_sentinels_announce() {
 /// `INFO replication`, as that user, whether the server the sentinels name is a primary, and
 /// caches. The server's ACL log counts each `ROLE` refused: one, the runtime's own question. Had
 /// that question failed, the `redis` crate's `SentinelClient` would have been asked too, and
-/// would have been refused a second.
+/// would have been refused up to three more (four in all, checked by hand).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_not_allowed_role_finds_the_primary_behind_sentinel() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -376,7 +376,8 @@ async fn a_user_not_allowed_role_finds_the_primary_behind_sentinel() {
 
 /// A primary the sentinels demote while it is alive (`SENTINEL FAILOVER`): they promote the
 /// replica at once, but convert the old primary to a replica only seconds later, and until then
-/// it still takes the writes of a process that has seen no call fail. An invalidation it
+/// it still takes the writes of a process that has seen no call fail (and does not listen to
+/// the sentinels' announcements). An invalidation it
 /// acknowledges in that window is lost when it is converted (it resyncs from the new primary,
 /// which still holds the old entry). The invalidation's recheck asks the sentinels first, finds
 /// the new primary and applies it there. In the same run, the same kind of invalidation from a
@@ -423,9 +424,9 @@ async fn answers(port: u16, within: Duration) -> bool {
 
 async fn demoted_alive(calls: &'static AtomicUsize, connect_timeout: Duration, freeze_one: bool) {
     let set = SentinelSet::start();
-    // The sentinels' announcements would move both runtimes to the new primary before they
-    // invalidate: this is about the question asked before a recheck, which also covers an
-    // announcement missed (a subscription lost at that moment).
+    // The sentinels' announcements could move both runtimes to the new primary before or after
+    // they invalidate, so the race would not reliably happen: this is about the question asked
+    // before a recheck, which also covers an announcement missed (a subscription lost then).
     let config = CacheConfig::redis(&set.url())
         .unwrap()
         .with_op_timeout(Duration::from_millis(250))
@@ -685,8 +686,9 @@ async fn the_longest_op_timeout_caches_behind_sentinel() {
 /// the runtime asks the three at once and takes the two others' answer, on first use and again
 /// after the primary is killed and they promote the replica. In the same run the `redis` crate's
 /// `SentinelClient` (which the runtime asked alone, inside the call, until this release) does not
-/// answer within the call's `op_timeout`: it takes the sentinels' answers in the order given, and
-/// the frozen one's only ends at the crate's own 500 ms response timeout.
+/// answer within the call's `op_timeout` (all this asserts): it takes the sentinels' answers in
+/// the order given, and the frozen one's only ends at the crate's own 1 s connection timeout (a
+/// frozen sentinel never answers the connection's `CLIENT SETINFO`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_sentinel_does_not_stop_caching() {
     static CALLS: AtomicUsize = AtomicUsize::new(0);

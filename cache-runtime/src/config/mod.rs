@@ -280,8 +280,8 @@ impl CacheConfig {
     /// acknowledge an invalidation and fail before its replica has it, and the promoted replica
     /// would serve the old entry. The check applies the invalidation again if it is missing.
     /// Behind Sentinel it first asks every sentinel where the primary is (each within
-    /// `connect_timeout`, the slowest not waited for long once a majority answered; one round
-    /// serves the checks acknowledged before it began), so that an
+    /// `connect_timeout`; once a majority answered, the others only as long again as it took,
+    /// plus 50 ms; one round serves the checks acknowledged before it began), so that an
     /// invalidation taken by a primary demoted while alive is applied on the new one; zero turns
     /// that off too. See README, "An invalidation acknowledged by a primary that dies before
     /// replicating it".
@@ -375,11 +375,13 @@ impl CacheConfig {
     }
 
     /// Sets whether, behind Sentinel, the runtime listens to each sentinel's `+switch-master`
-    /// announcements (on by default): one subscription per sentinel, started once the first primary is found. When one
-    /// names a new primary for this master, every sentinel is asked where the primary is (as
-    /// before an invalidation's recheck) and the connections move there, so a process that only
-    /// reads, and its near copies, follows a failover without waiting for a call to fail. Off, the
-    /// primary is asked for only on first use, after a failed call and before a recheck.
+    /// announcements (on by default): one subscription per sentinel, started once the first
+    /// primary is found. When one names a new primary for this master, every sentinel is asked
+    /// where the primary is (as before an invalidation's recheck) and the connections move to
+    /// the newest answer, if a majority answered and it is not older than one taken, so a process
+    /// that only reads, and its near copies, follows a failover without waiting for a call to
+    /// fail. Off, the primary is asked for only on first use, after a failed call, when the near
+    /// tier's tracking connection cannot reach the primary, and before a recheck.
     pub fn with_sentinel_announcements(mut self, on: bool) -> Self {
         self.sentinel_announcements = on;
         self

@@ -1,11 +1,14 @@
 //! A primary behind Redis Sentinel, as the Redis store's [`Connections`]: the sentinels are
-//! asked where the primary is on first use, and again after any call that finds the connection
-//! gone or the server read-only (a failover happened), so caching follows the primary to
-//! whichever replica the sentinels promote. All of them are asked at once and a majority's newest
-//! answer is taken ([`Shared::newest_primary`]), so that one sentinel that never answers costs a
-//! moment, not the whole `connect_timeout`; with fewer answers, or a server that does not say it
-//! is a primary, the `redis` crate's `SentinelClient` asks them in the order given. Each sentinel's `+switch-master`
-//! announcements are listened to (`announcements.rs`): one for this master starts a round of
+//! asked where the primary is on first use, and again after any call that times out, finds the
+//! connection gone or the server read-only (a failover happened), so caching follows the primary
+//! to whichever replica the sentinels promote ([`Shared::discover`]). All of them are asked at
+//! once and the newest answer is taken if a majority answered ([`Shared::newest_primary`]), so
+//! that one sentinel that never answers costs as long again as the majority took plus
+//! `MAJORITY_GRACE`, not the whole `connect_timeout`; with fewer answers, or a server that does
+//! not say it is a primary, the `redis` crate's `SentinelClient` asks them (up to three at once)
+//! and takes the first, in the order given, that names a primary. Unless
+//! `with_sentinel_announcements(false)`, each sentinel's `+switch-master` announcements are
+//! listened to (`announcements.rs`): one for this master starts a round of
 //! questions ([`Shared::confirm`]), so a process that only reads follows a failover too. Before an
 //! invalidation is checked again (`backend/redis/mod.rs`), every sentinel is asked too
 //! ([`Shared::confirm`]): a primary demoted while alive answers as one until it is converted.
@@ -42,7 +45,7 @@ use crate::config::{CacheConfig, SentinelTarget};
 use crate::error::BackendError;
 use crate::near::NearTier;
 
-/// Once a majority of the sentinels has answered `confirm`'s question, how long the others are
+/// Once a majority of the sentinels has answered `newest_primary`'s question, how long the others are
 /// waited for beyond as long again as the majority took.
 const MAJORITY_GRACE: Duration = Duration::from_millis(50);
 
@@ -57,9 +60,10 @@ struct Shared {
     op_timeout: Duration,
     /// Whether reads are coalesced (`CacheConfig::with_read_coalescing`).
     coalesce_reads: bool,
-    /// Asks the sentinels; one question at a time.
+    /// The `redis` crate's `SentinelClient` (`discover`'s fallback); its lock keeps `discover` to
+    /// one at a time.
     sentinels: tokio::sync::Mutex<Option<SentinelClient>>,
-    /// The question to the sentinels under way, if one is (`primary`).
+    /// The last question to the sentinels for the primary (`primary`), finished or not.
     discovering: Mutex<Option<Discovery>>,
     /// The last round of questions to every sentinel (`confirm`).
     confirmed: tokio::sync::Mutex<Confirmed>,
@@ -67,7 +71,8 @@ struct Shared {
     /// a call finds it gone.
     /// Read on every call (a hit's included): a load, no lock.
     current: ArcSwapOption<Primary>,
-    /// The last primary handed the connections, and the answer it came from.
+    /// The last primary handed the connections, the newest config epoch taken, and how many
+    /// primaries were handed them.
     last: Mutex<Last>,
     /// How many times the connections were handed a primary at another address.
     moves: AtomicU64,
@@ -360,15 +365,17 @@ impl Shared {
         ask.await.unwrap_or(false)
     }
 
-    /// Every sentinel asked where the primary is, unless that was asked after `since` already
-    /// (one round of questions serves every check waiting on it, answered or not). The newest
-    /// answer by config epoch of a majority of the sentinels wins: right after a failover a
+    /// Every sentinel asked where the primary is (before an invalidation's recheck, at an
+    /// announcement, once a subscription to them is made), unless that was asked after `since`
+    /// already (one round of questions serves every check waiting on it, answered or not). The
+    /// newest answer by config epoch wins, if a majority answered: right after a failover a
     /// sentinel may still name the old primary, which answers `ROLE` as a primary until the
     /// sentinels convert it (so the `redis` crate's `SentinelClient`, which takes the first
     /// sentinel's answer and checks the server's role, can name it). At another address than
     /// the last primary, the connections move there (`install`). Nothing changes if fewer than
     /// a majority answer (logged once until they do), if the answer is older than one already
-    /// taken, or before any primary was known (the first call asks). Only one round at a time;
+    /// taken, or before any primary was known (the first call asks; the answer's epoch is still
+    /// recorded). Only one round at a time;
     /// calls that ask the sentinels themselves do not wait for it.
     async fn confirm(&self, since: Instant) {
         let mut confirmed = self.confirmed.lock().await;
@@ -387,7 +394,7 @@ impl Shared {
             }
             Err(error) => {
                 if !std::mem::replace(&mut confirmed.failing, true) {
-                    tracing::warn!(sentinels = %self.target.address(), %error, "a majority of the sentinels did not answer where the primary is; invalidations are checked again on the primary in use (logged once until they do)");
+                    tracing::warn!(sentinels = %self.target.address(), %error, "a majority of the sentinels did not answer where the primary is; the primary in use is kept, and invalidations are checked again there (logged once until they do)");
                 }
                 return;
             }
