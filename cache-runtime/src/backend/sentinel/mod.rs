@@ -93,7 +93,7 @@ struct Shared {
 #[derive(Default)]
 struct Last {
     /// Its settings (kept while `current` is `None`): its address tells a move, and `confirm`
-    /// connects to another address with its settings.
+    /// installs it again if a failed call forgot it.
     info: Option<redis::ConnectionInfo>,
     /// The newest config epoch taken from a majority of the sentinels: an older answer never
     /// moves the connections by itself (`confirm`, `discover`).
@@ -405,21 +405,17 @@ impl Shared {
         }
         last.epoch = epoch;
         let Some(known) = last.info.clone() else { return };
-        if known.addr().to_string() == format!("{host}:{port}") {
+        // The target's settings at the answered address, as `discover` makes them.
+        let Ok(answered) = self.info_at(host, port) else { return };
+        if known.addr().to_string() == answered.addr().to_string() {
             if self.current().is_none() {
                 // Forgotten after a failed call: the next call would ask the sentinels.
                 self.install(&mut last, &Arc::new(Primary { info: known, dbs: Default::default() }));
             }
             return;
         }
-        let addr = match known.addr() {
-            ConnectionAddr::TcpTls { insecure, tls_params, .. } => {
-                ConnectionAddr::TcpTls { host, port, insecure: *insecure, tls_params: tls_params.clone() }
-            }
-            _ => ConnectionAddr::Tcp(host, port),
-        };
-        tracing::warn!(from = %known.addr(), to = %addr, "the sentinels name another primary than the one last used; moving there");
-        self.install(&mut last, &Arc::new(Primary { info: known.set_addr(addr), dbs: Default::default() }));
+        tracing::warn!(from = %known.addr(), to = %answered.addr(), "the sentinels name another primary than the one last used; moving there");
+        self.install(&mut last, &Arc::new(Primary { info: answered, dbs: Default::default() }));
     }
 
     /// The newest of the sentinels' answers (highest config epoch), if a majority answered:
