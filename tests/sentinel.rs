@@ -734,3 +734,96 @@ async fn a_frozen_sentinel_does_not_stop_caching() {
         "sentinel (first sentinel frozen): first use cached (two calls) in {first:?}; cached on the promoted replica {followed:?} after the primary was killed"
     );
 }
+
+/// The connections made to the server on loopback `port` that the kernel still holds for it (IPv4;
+/// its listening socket left out). A frozen sentinel never takes them from the kernel nor closes
+/// them, so from the moment it froze each connection made to it stays counted, open or closed
+/// by the other side: this counts the questions asked of it.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp (Linux)");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) != Some(&"0A")
+        })
+        .count()
+}
+
+/// Every sentinel frozen (`SIGSTOP`) on first use, with a `connect_timeout` of 30 s, so that the
+/// question to them hangs far longer than any call: each call is answered by its function within
+/// its `op_timeout` (250 ms; once the breaker opens, at once), and callers cut at 50 ms
+/// mid-question (a timer above the cache) change nothing: the calls share one question, one
+/// connection per sentinel, rather than each asking again. Once the sentinels run again they
+/// answer that question, and caching resumes at the breaker's next probe (its 500 ms cool-down),
+/// not at the question's 30 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sentinel_frozen_bounds_each_call_and_caching_resumes_when_they_answer() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let set = SentinelSet::start();
+    for i in 0..set.ports.len() {
+        set.freeze_sentinel(i);
+    }
+    for &port in &set.ports {
+        assert!(!answers(port, Duration::from_millis(200)).await, "sentinel :{port} answers while frozen");
+    }
+    let before: Vec<usize> = set.ports.iter().map(|&port| connections_to(port)).collect();
+    let op_timeout = Duration::from_millis(250);
+    let rt = Runtime::new(
+        CacheConfig::redis(&set.url())
+            .unwrap()
+            .with_op_timeout(op_timeout)
+            .with_connect_timeout(Duration::from_secs(30)),
+    );
+    let (mut slowest, mut cut) = (Duration::ZERO, 0);
+    for n in 0..20u32 {
+        let call = rt.scope(level(100 + n, &CALLS));
+        if n % 4 == 1 {
+            // Cut by its caller while it waits for the sentinels (once the breaker has opened,
+            // after five time-outs, calls no longer wait, and none is cut).
+            if tokio::time::timeout(Duration::from_millis(50), call).await.is_err() {
+                cut += 1;
+            }
+            continue;
+        }
+        let started = Instant::now();
+        assert_eq!(call.await, u64::from(100 + n) + 1, "each call gets its function's value");
+        slowest = slowest.max(started.elapsed());
+    }
+    let asked: Vec<usize> = set
+        .ports
+        .iter()
+        .zip(&before)
+        .map(|(&port, before)| connections_to(port).saturating_sub(*before))
+        .collect();
+    println!(
+        "sentinel (every sentinel frozen): 20 calls ({cut} cut at 50 ms), the slowest answered in {slowest:?}; connections made to each sentinel: {asked:?}"
+    );
+    assert!(
+        slowest < op_timeout + Duration::from_millis(200),
+        "a call took {slowest:?}, past its op_timeout"
+    );
+    assert!(
+        asked.iter().all(|&n| n == 1),
+        "the calls did not share one question to the sentinels: connections made {asked:?}"
+    );
+    assert!(!is_hit(&rt, 100, &CALLS).await, "cached with every sentinel frozen");
+
+    for i in 0..set.ports.len() {
+        set.thaw_sentinel(i);
+    }
+    let thawed = Instant::now();
+    while !is_hit(&rt, 120, &CALLS).await {
+        let _ = rt.flush().await;
+        assert!(thawed.elapsed() < Duration::from_secs(10), "never cached after the sentinels ran again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resumed = thawed.elapsed();
+    println!("sentinel (every sentinel frozen): cached {resumed:?} after the sentinels ran again");
+    assert!(
+        resumed < Duration::from_secs(3),
+        "caching resumed only {resumed:?} after the sentinels ran again"
+    );
+}

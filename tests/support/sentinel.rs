@@ -72,6 +72,12 @@ impl SentinelSet {
         super::signal(self.sentinels[i].id(), "-STOP");
     }
 
+    /// Lets sentinel `i`, frozen by [`Self::freeze_sentinel`], run again (SIGCONT): it answers
+    /// what was sent to it meanwhile.
+    pub fn thaw_sentinel(&self, i: usize) {
+        super::signal(self.sentinels[i].id(), "-CONT");
+    }
+
     /// The port the sentinels name as the primary now.
     pub fn primary_port(&self) -> u16 {
         let reply = cli(self.ports[0], &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.master]);
