@@ -13,6 +13,7 @@ use cache_runtime::{cached, invalidate, CacheConfig, KeyBuilder, Runtime};
 use support::cluster::{cli, until_replicated};
 use support::load::Load;
 use support::near::{tracking_connections, until_distrusted};
+use support::proxy::FaultProxy;
 use support::sentinel::SentinelSet;
 use support::{read_all, RedisServer};
 
@@ -825,5 +826,90 @@ async fn every_sentinel_frozen_bounds_each_call_and_caching_resumes_when_they_an
     assert!(
         resumed < Duration::from_secs(3),
         "caching resumed only {resumed:?} after the sentinels ran again"
+    );
+}
+
+/// How many connections subscribed to something the sentinel on `port` lists now (Sentinel has no
+/// `PUBSUB`: its clients list shows each connection's subscriptions).
+fn subscribers(port: u16) -> usize {
+    cli(port, &["CLIENT", "LIST"]).lines().filter(|client| client.contains(" sub=1 ")).count()
+}
+
+/// Waits until the sentinel on `port` lists `want` subscribed connections, within `within`;
+/// how long that took.
+async fn until_subscribers(port: u16, want: usize, within: Duration) -> Duration {
+    let started = Instant::now();
+    while subscribers(port) != want {
+        assert!(
+            started.elapsed() < within,
+            "sentinel :{port} lists {} subscribed connections after {within:?}, not {want}",
+            subscribers(port)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+/// The subscriptions to the sentinels' announcements go silent for good, as behind a middlebox
+/// that forgot the flow (each sentinel reached through a proxy that strands them: their server
+/// side is closed, their client side stays open and never answers or ends). Each subscription's
+/// `PING` (every 10 s, unanswered within 1 s) finds it out, and the subscription is made again
+/// (1 s later); then a failover (`SENTINEL FAILOVER`, the old primary alive) is followed by a
+/// process that only reads, as announced on the new subscriptions. Without the `PING`, nothing
+/// ever ends such a subscription: no sentinel lists it again (checked by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_gone_silent_is_made_again() {
+    static SOURCE: AtomicU64 = AtomicU64::new(1);
+    let set = SentinelSet::start();
+    let proxies: Vec<FaultProxy> = set.ports.iter().map(|&port| FaultProxy::start(port)).collect();
+    let hosts: Vec<String> = proxies.iter().map(|proxy| format!("127.0.0.1:{}", proxy.port())).collect();
+    let url = format!("redis+sentinel://{}/{}", hosts.join(","), set.master);
+    let rt = Runtime::new(CacheConfig::redis(&url).unwrap().with_op_timeout(Duration::from_millis(250)));
+    assert_eq!(until_near(&rt, 9, &SOURCE, Duration::from_secs(5)).await, 1009);
+    for &port in &set.ports {
+        until_subscribers(port, 1, Duration::from_secs(10)).await;
+    }
+
+    for proxy in &proxies {
+        proxy.strand();
+    }
+    let stranded = Instant::now();
+    // The sentinels see the subscriptions go; the runtime's side of them stays open and silent.
+    for &port in &set.ports {
+        until_subscribers(port, 0, Duration::from_secs(2)).await;
+    }
+    // A `PING` within 10 s, unanswered for 1 s, and the subscription made 1 s later.
+    let mut again = Duration::ZERO;
+    for &port in &set.ports {
+        until_subscribers(port, 1, Duration::from_secs(16).saturating_sub(stranded.elapsed())).await;
+        again = again.max(stranded.elapsed());
+    }
+    println!("sentinel announcements: every subscription made again {again:?} after it went silent");
+
+    let (old, new) = (set.primary.port(), set.replica.port());
+    until_replicated(old, new).await;
+    let started = Instant::now();
+    demote(&set).await;
+    SOURCE.store(2, SeqCst);
+    let led = format!("redis+sentinel://127.0.0.1:{}/{}", set.ports[0], set.master);
+    let writer = Runtime::new(
+        CacheConfig::redis(&led)
+            .unwrap()
+            .with_op_timeout(Duration::from_millis(250))
+            .with_sentinel_announcements(false),
+    );
+    writer.scope(invalidate!(near_level(9))).await;
+    let took = until_value(&rt, 9, &SOURCE, 2009).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "the process answered the new value {took:?} after the invalidation"
+    );
+    assert!(
+        cli(old, &["ROLE"]).starts_with("master"),
+        "the sentinels converted the old primary before the test could look"
+    );
+    println!(
+        "sentinel announcements: after the subscriptions were made again, the process followed a failover {:?} after it began",
+        started.elapsed()
     );
 }
