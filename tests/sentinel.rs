@@ -787,8 +787,9 @@ async fn every_sentinel_frozen_bounds_each_call_and_caching_resumes_when_they_an
         if n % 4 == 1 {
             // Cut by its caller while it waits for the sentinels (once the breaker has opened,
             // after five time-outs, calls no longer wait, and none is cut).
-            if tokio::time::timeout(Duration::from_millis(50), call).await.is_err() {
-                cut += 1;
+            match tokio::time::timeout(Duration::from_millis(50), call).await {
+                Ok(value) => assert_eq!(value, u64::from(100 + n) + 1, "each call gets its function's value"),
+                Err(_) => cut += 1,
             }
             continue;
         }
