@@ -14,7 +14,8 @@ use support::cluster::{cli, until_replicated};
 use support::load::Load;
 use support::near::{tracking_connections, until_distrusted};
 use support::proxy::FaultProxy;
-use support::sentinel::SentinelSet;
+use support::sentinel::{OneSentinel, SentinelSet};
+use support::tls::{tls_cli, Certificates, TlsServer};
 use support::{read_all, RedisServer};
 
 #[cached(db = MarketData, prefix = "sn", ttl = 300, skip(calls))]
@@ -940,4 +941,130 @@ async fn a_subscription_gone_silent_is_made_again() {
         "sentinel announcements: after the subscriptions were made again, the process followed a failover {:?} after it began",
         started.elapsed()
     );
+}
+
+/// The sentinel on `port`'s answer to `args`, asked as `redis-cli` with the sentinel's password.
+fn cli_with_password(port: u16, password: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .args(["--no-auth-warning", "-a", password, "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// Connections subscribed to something, in a `CLIENT LIST` reply.
+fn subscribed(client_list: &str) -> usize {
+    client_list.lines().filter(|client| client.contains(" sub=1 ")).count()
+}
+
+/// Waits until `count()` is `want`, within 5 s (a subscription is made once the first primary
+/// is found).
+async fn until_subscribed(want: usize, count: impl Fn() -> usize) {
+    let started = Instant::now();
+    while count() != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the sentinel lists {} subscribed connections after 5 s, not {want}",
+            count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A runtime that could not reach the sentinels: `calls` of `level(n)` all ran the function, and
+/// the stats count them as backend failures (errors or calls the open breaker skipped).
+async fn never_cached(rt: &Runtime, n: u32, calls: &AtomicUsize) -> u64 {
+    let before = calls.load(SeqCst);
+    for _ in 0..3 {
+        assert_eq!(rt.scope(level(n, calls)).await, u64::from(n) + 1);
+    }
+    assert_eq!(calls.load(SeqCst), before + 3, "a call was answered from the cache");
+    let s = rt.stats().get(5, "sn").cloned().expect("level's stats");
+    s.backend_errors + s.bypassed
+}
+
+/// Sentinels that ask for a password of their own (`requirepass`), in front of a primary that
+/// asks for another: given both (`with_sentinel_credentials`, and the primary's in the URL), a
+/// runtime finds the primary, caches, and subscribes to the sentinel's announcements. In the same
+/// run, a runtime given only the primary's password, and one given a wrong sentinel password,
+/// never cache: the sentinel refuses them, and each says so once in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_ask_for_a_password_are_given_theirs() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let primary = RedisServer::start_with_args(&["--requirepass", "primary-pw"]);
+    let auth = format!("requirepass sentinel-pw\nsentinel auth-pass cache-{} primary-pw", primary.port());
+    let sentinel = OneSentinel::configured(primary.port(), &auth, None);
+    let url = format!("redis+sentinel://:primary-pw@127.0.0.1:{}/{}", sentinel.port, sentinel.master);
+    let config = || CacheConfig::redis(&url).unwrap().with_op_timeout(Duration::from_millis(250));
+    let subscriptions = || subscribed(&cli_with_password(sentinel.port, "sentinel-pw", &["CLIENT", "LIST"]));
+    assert!(
+        cli(sentinel.port, &["SENTINEL", "MASTERS"]).contains("NOAUTH"),
+        "the sentinel answers without its password"
+    );
+
+    // Not given the sentinel's password, then given a wrong one: each refusal is logged once,
+    // saying what to do.
+    let mut failures = 0;
+    for refused in [config(), config().with_sentinel_credentials(None, "wrong")] {
+        let refused = Runtime::new(refused);
+        let (logs, guard) = support::logs::Logs::capture();
+        failures += never_cached(&refused, 1, &CALLS).await;
+        drop(guard);
+        assert_eq!(
+            logs.count("WARN", "REDIS_SENTINEL_PASSWORD"),
+            1,
+            "the refusal was not logged once, saying what to do: {}",
+            logs.text()
+        );
+    }
+    assert!(failures >= 1, "no failure counted without the sentinel's password");
+    assert_eq!(subscriptions(), 0, "subscribed without the sentinel's password");
+
+    let rt = Runtime::new(config().with_sentinel_credentials(None, "sentinel-pw"));
+    rt.scope(level(2, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 2, &CALLS).await, "cached through the primary the sentinel named");
+    until_subscribed(1, subscriptions).await;
+    println!("sentinel password: cached with it; without it or with a wrong one, {failures} failures counted in 6 calls");
+}
+
+/// Sentinels and a primary that speak TLS only: configured from the environment
+/// (`REDIS_SENTINEL_TLS`, `REDIS_TLS`, and the test's CA in `REDIS_CA_CERT`), a runtime finds the
+/// primary, caches, and subscribes to the sentinel's announcements over TLS. In the same run, one
+/// without `REDIS_SENTINEL_TLS` never caches: the sentinel does not answer plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_over_tls_are_reached_over_tls() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let certs = Certificates::generate();
+    let primary = TlsServer::start(&certs);
+    let sentinel = OneSentinel::configured(primary.port, "", Some(&certs));
+    let config = |sentinel_tls: &str| {
+        let vars = std::collections::HashMap::from([
+            ("REDIS_SENTINELS", format!("127.0.0.1:{}", sentinel.port)),
+            ("REDIS_SENTINEL_MASTER", sentinel.master.clone()),
+            ("REDIS_TLS", "true".to_owned()),
+            ("REDIS_SENTINEL_TLS", sentinel_tls.to_owned()),
+            ("REDIS_CA_CERT", certs.ca().to_str().unwrap().to_owned()),
+        ]);
+        CacheConfig::from_lookup(|name| vars.get(name).cloned())
+            .unwrap()
+            .with_op_timeout(Duration::from_millis(250))
+    };
+    let subscriptions = || subscribed(&tls_cli(&certs.ca(), sentinel.port, &["CLIENT", "LIST"]));
+    let named =
+        tls_cli(&certs.ca(), sentinel.port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &sentinel.master]);
+    assert!(named.contains(&primary.port.to_string()), "the sentinel over TLS names the primary: {named}");
+
+    let plain = Runtime::new(config("false"));
+    let failures = never_cached(&plain, 1, &CALLS).await;
+    assert!(failures >= 1, "no failure counted with the sentinel asked over plain TCP");
+    assert_eq!(subscriptions(), 0, "subscribed over plain TCP");
+
+    let rt = Runtime::new(config("true"));
+    rt.scope(level(2, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 2, &CALLS).await, "cached through the primary the sentinel named, over TLS");
+    until_subscribed(1, subscriptions).await;
+    println!("sentinel TLS: cached over TLS; over plain TCP, {failures} failures counted in 3 calls");
 }

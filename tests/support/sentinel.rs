@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::cluster::cli;
+use super::tls::Certificates;
 use super::{free_port, RedisServer};
 
 pub const SENTINEL_HINT: &str = "redis-sentinel was not found on PATH. The Sentinel tests start three sentinels: \
@@ -37,7 +38,7 @@ impl SentinelSet {
         let mut ports = Vec::new();
         for i in 0..3 {
             let conf = dir.path().join(format!("sentinel{i}.conf"));
-            let (port, child) = start_sentinel(&conf, &master, primary.port());
+            let (port, child) = start_sentinel(&conf, &master, primary.port(), "", None);
             sentinels.push(child);
             ports.push(port);
         }
@@ -89,18 +90,30 @@ impl SentinelSet {
 /// primary, which is all a runtime behind Sentinel needs to serve (`Fixture::sentinel`).
 /// Stopped when dropped.
 pub struct OneSentinel {
-    master: String,
-    port: u16,
+    pub master: String,
+    pub port: u16,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl OneSentinel {
     pub fn watching(primary: &RedisServer) -> OneSentinel {
-        let master = format!("cache-{}", primary.port());
+        Self::configured(primary.port(), "", None)
+    }
+
+    /// One sentinel watching the server on `primary`, with `extra` lines in its configuration
+    /// (`requirepass`, `sentinel auth-pass`...); given `tls`, it speaks TLS only (`port 0`), to
+    /// its clients and to the server it watches.
+    pub fn configured(primary: u16, extra: &str, tls: Option<&Certificates>) -> OneSentinel {
+        let master = format!("cache-{primary}");
         let dir = tempfile::tempdir().unwrap();
-        let (port, child) = start_sentinel(&dir.path().join("sentinel.conf"), &master, primary.port());
+        let (port, child) = start_sentinel(&dir.path().join("sentinel.conf"), &master, primary, extra, tls);
         OneSentinel { master, port, child, _dir: dir }
+    }
+
+    /// Freezes it (SIGSTOP): it takes connections and never answers. Killed when dropped.
+    pub fn freeze(&self) {
+        super::signal(self.child.id(), "-STOP");
     }
 
     /// `redis+sentinel://127.0.0.1:port/master`
@@ -125,20 +138,30 @@ impl Drop for SentinelSet {
     }
 }
 
-/// A sentinel watching `master` at `primary`, configured in `conf`, on a free port, answering
-/// there as itself (a port taken by another test's process in the meantime is given up for
-/// another).
-fn start_sentinel(conf: &std::path::Path, master: &str, primary: u16) -> (u16, Child) {
+/// A sentinel watching `master` at `primary`, configured in `conf` (with `extra` lines), on a
+/// free port, answering there as itself (a port taken by another test's process in the meantime
+/// is given up for another); TLS only with `tls`.
+fn start_sentinel(
+    conf: &std::path::Path,
+    master: &str,
+    primary: u16,
+    extra: &str,
+    tls: Option<&Certificates>,
+) -> (u16, Child) {
     let mut last = String::new();
     for _ in 0..5 {
         let port = free_port();
         let dir = conf.parent().expect("the set's directory");
+        let listen = match tls {
+            None => format!("port {port}\n"),
+            Some(certs) => format!("port 0\ntls-port {port}\ntls-replication yes\n{}", certs.config_lines()),
+        };
         std::fs::write(
             conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {master} 127.0.0.1 {primary} 2\n\
+                "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor {master} 127.0.0.1 {primary} 2\n\
                  sentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\n\
-                 sentinel parallel-syncs {master} 1\n",
+                 sentinel parallel-syncs {master} 1\n{extra}\n",
                 dir.display(),
             ),
         )
@@ -154,7 +177,11 @@ fn start_sentinel(conf: &std::path::Path, master: &str, primary: u16) -> (u16, C
                 }
                 panic!("spawn redis-sentinel: {e}")
             });
-        match super::answering("redis-sentinel", port, child) {
+        let up = match tls {
+            None => super::answering("redis-sentinel", port, child),
+            Some(_) => super::tls::listening("redis-sentinel", port, child),
+        };
+        match up {
             Ok(child) => return (port, child),
             Err(e) => last = e,
         }

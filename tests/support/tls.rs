@@ -34,18 +34,24 @@ impl Certificates {
         self.dir.path().join("other-ca.pem")
     }
 
-    fn server_args(&self) -> Vec<String> {
+    /// The server's TLS settings: its certificate and key, the CA, no client certificates.
+    fn settings(&self) -> [(&'static str, String); 4] {
         let p = |name: &str| self.dir.path().join(name).to_str().unwrap().to_owned();
-        vec![
-            "--tls-cert-file".into(),
-            p("server.pem"),
-            "--tls-key-file".into(),
-            p("server.key"),
-            "--tls-ca-cert-file".into(),
-            p("ca.pem"),
-            "--tls-auth-clients".into(),
-            "no".into(),
+        [
+            ("tls-cert-file", p("server.pem")),
+            ("tls-key-file", p("server.key")),
+            ("tls-ca-cert-file", p("ca.pem")),
+            ("tls-auth-clients", "no".into()),
         ]
+    }
+
+    fn server_args(&self) -> Vec<String> {
+        self.settings().into_iter().flat_map(|(name, value)| [format!("--{name}"), value]).collect()
+    }
+
+    /// The same settings as lines of a configuration file (a sentinel's).
+    pub fn config_lines(&self) -> String {
+        self.settings().into_iter().map(|(name, value)| format!("{name} {value}\n")).collect()
     }
 }
 
@@ -91,6 +97,24 @@ impl Drop for TlsServer {
     }
 }
 
+/// `child` once it listens on `port` (a TLS port takes TCP connections once the server
+/// listens), within 10 s; an error if it exited first (the port may be taken).
+pub fn listening(program: &str, port: u16, mut child: Child) -> Result<Child, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{program} exited at start ({status}); port {port} may be taken"));
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(format!("{program} did not listen on port {port} within 10 s"))
+}
+
 fn spawn_tls(port: u16, dir: &Path, tls: &[String], extra: &[String]) -> Child {
     let mut args: Vec<String> = ["--port", "0", "--tls-port", &port.to_string(), "--appendonly", "no"]
         .iter()
@@ -99,13 +123,7 @@ fn spawn_tls(port: u16, dir: &Path, tls: &[String], extra: &[String]) -> Child {
     args.extend_from_slice(tls);
     args.extend_from_slice(extra);
     let child = super::spawn_server(dir, &args).unwrap_or_else(|e| panic!("spawn redis-server: {e}"));
-    // A TLS port accepts TCP connections once the server listens.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "a TLS redis-server on port {port} did not listen within 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
+    listening("a TLS redis-server", port, child).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Three TLS-only primaries joined as a cluster (`--tls-cluster yes`), stopped when dropped.

@@ -387,6 +387,30 @@ impl CacheConfig {
         self
     }
 
+    /// Behind Sentinel: the password the sentinels themselves ask for (their `requirepass`), and
+    /// the ACL user it belongs to if not `default`. The primary's own credentials are another
+    /// pair (`redis+sentinel://user:password@...`, `REDIS_USERNAME`, `REDIS_PASSWORD`). Every
+    /// question to the sentinels and every subscription to their announcements authenticates
+    /// with it. Also `REDIS_SENTINEL_USERNAME` and `REDIS_SENTINEL_PASSWORD`. No effect on other
+    /// backends.
+    pub fn with_sentinel_credentials(mut self, username: Option<&str>, password: &str) -> Self {
+        if let BackendKind::Sentinel(target) = &mut self.backend {
+            target.set_sentinel_credentials(username.map(str::to_owned), Some(password.to_owned()));
+        }
+        self
+    }
+
+    /// Behind Sentinel: whether the sentinels are reached over TLS (off by default), trusting
+    /// the CA of [`Self::with_ca_cert`] if one is given, else the system roots. TLS to the
+    /// primary is its own setting (`REDIS_TLS`). Also `REDIS_SENTINEL_TLS`. No effect on other
+    /// backends.
+    pub fn with_sentinel_tls(mut self, on: bool) -> Self {
+        if let BackendKind::Sentinel(target) = &mut self.backend {
+            target.set_sentinel_tls(on);
+        }
+        self
+    }
+
     /// Sets the write-behind batcher: most fills per pipeline, wait for more, queue per DB (0
     /// turns write-behind off: every fill is written before the call returns).
     pub fn with_batching(mut self, max: usize, delay: Duration, queue: usize) -> Self {
@@ -474,6 +498,8 @@ impl CacheConfig {
     /// | `REDIS_CA_CERT` | a PEM file of CA certificates trusted instead of the system roots |
     /// | `REDIS_CLUSTER_NODES` | `host:port,host:port,...`: Redis Cluster |
     /// | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | `host:port,...` and the primary's name: Sentinel |
+    /// | `REDIS_SENTINEL_USERNAME`, `REDIS_SENTINEL_PASSWORD` | what the sentinels themselves ask for ([`CacheConfig::with_sentinel_credentials`]) |
+    /// | `REDIS_SENTINEL_TLS` | `true`: TLS to the sentinels ([`CacheConfig::with_sentinel_tls`]) |
     /// | `CACHE_KEY_NAMESPACE` | what every key on Redis starts with ([`CacheConfig::with_key_namespace`]) |
     /// | `CACHE_OP_TIMEOUT_MS` | bound on each backend call, in milliseconds |
     /// | `CACHE_POOL_SIZE` | multiplexed connections per DB (Redis) |
@@ -508,18 +534,8 @@ impl CacheConfig {
         }
         let username = var("REDIS_USERNAME");
         let password = var("REDIS_PASSWORD");
-        let tls = match var("REDIS_TLS").map(|t| t.trim().to_ascii_lowercase()) {
-            None => false,
-            Some(t) if matches!(t.as_str(), "true" | "1" | "yes" | "on") => true,
-            Some(t) if matches!(t.as_str(), "false" | "0" | "no" | "off") => false,
-            Some(other) => {
-                return Err(ConfigError::InvalidValue {
-                    variable: "REDIS_TLS",
-                    value: other,
-                    expected: "true or false",
-                })
-            }
-        };
+        let tls = env_flag(&var, "REDIS_TLS")?;
+        let sentinel_tls = env_flag(&var, "REDIS_SENTINEL_TLS")?;
         let redis_url = || -> Result<Option<String>, ConfigError> {
             if let Some(url) = var("REDIS_URL") {
                 return Ok(Some(url));
@@ -621,12 +637,18 @@ impl CacheConfig {
                 })
             }
         };
-        // A `redis+sentinel://` URL takes the user, password and TLS of the environment too.
+        // A `redis+sentinel://` URL takes the user, password and TLS of the environment too,
+        // and the sentinels' own.
         let config = match config.backend {
             BackendKind::Sentinel(mut target) => {
                 target.set_credentials(username.clone(), password.clone());
                 if tls {
                     target.set_tls(true);
+                }
+                target
+                    .set_sentinel_credentials(var("REDIS_SENTINEL_USERNAME"), var("REDIS_SENTINEL_PASSWORD"));
+                if sentinel_tls {
+                    target.set_sentinel_tls(true);
                 }
                 CacheConfig { backend: BackendKind::Sentinel(target), ..config }
             }
@@ -694,6 +716,17 @@ impl CacheConfig {
             self = self.with_pool_size(usize::try_from(n).unwrap_or(usize::MAX));
         }
         Ok(self)
+    }
+}
+
+/// A variable that is `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`); unset is
+/// `false`.
+fn env_flag(var: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Result<bool, ConfigError> {
+    match var(variable).map(|t| t.trim().to_ascii_lowercase()) {
+        None => Ok(false),
+        Some(t) if matches!(t.as_str(), "true" | "1" | "yes" | "on") => Ok(true),
+        Some(t) if matches!(t.as_str(), "false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError::InvalidValue { variable, value: other, expected: "true or false" }),
     }
 }
 
@@ -878,6 +911,41 @@ mod tests {
         assert!(from(&[("REDIS_SENTINELS", "h1"), ("REDIS_SENTINEL_MASTER", "m")]).is_err(), "no port");
         let err = CacheConfig::redis("redis+sentinel://u:hunter2@h1:26379").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn the_sentinels_own_credentials_and_tls_are_apart_from_the_primarys() {
+        let sentinel_vars = [
+            ("REDIS_SENTINEL_USERNAME", "watcher"),
+            ("REDIS_SENTINEL_PASSWORD", "s3ntinel"),
+            ("REDIS_SENTINEL_TLS", "yes"),
+            ("REDIS_PASSWORD", "pw"),
+        ];
+        let listed = [("REDIS_SENTINELS", "h1:26379"), ("REDIS_SENTINEL_MASTER", "cache")];
+        let url = [("REDIS_URL", "redis+sentinel://h1:26379/cache")];
+        for first in [&listed[..], &url[..]] {
+            let vars: Vec<_> = first.iter().chain(&sentinel_vars).copied().collect();
+            let config = from(&vars).unwrap();
+            let BackendKind::Sentinel(target) = &config.backend else { panic!("{config:?}") };
+            assert_eq!(
+                (target.sentinel_username.as_deref(), target.sentinel_password.as_deref()),
+                (Some("watcher"), Some("s3ntinel"))
+            );
+            assert!(target.sentinel_tls && !target.tls, "TLS to the sentinels only: {target:?}");
+            assert_eq!((target.username.as_deref(), target.password.as_deref()), (None, Some("pw")));
+            assert!(!format!("{config:?}").contains("s3ntinel"), "{config:?}");
+        }
+        let built = CacheConfig::sentinel(&["h1:26379"], "cache")
+            .unwrap()
+            .with_sentinel_credentials(Some("watcher"), "s3ntinel")
+            .with_sentinel_tls(true);
+        let BackendKind::Sentinel(target) = &built.backend else { panic!("{built:?}") };
+        assert_eq!(target.sentinel_password.as_deref(), Some("s3ntinel"));
+        assert!(target.sentinel_tls);
+        assert!(from(&[("REDIS_SENTINEL_TLS", "maybe")]).is_err());
+        // Not behind Sentinel: nothing to set, and nothing else changes.
+        let one = CacheConfig::redis("redis://h:6379").unwrap().with_sentinel_credentials(None, "s3ntinel");
+        assert!(matches!(&one.backend, BackendKind::Redis(_)) && !format!("{one:?}").contains("s3ntinel"));
     }
 
     #[test]

@@ -214,6 +214,11 @@ pub struct SentinelTarget {
     pub(crate) password: Option<String>,
     pub(crate) tls: bool,
     pub(crate) ca: Option<CaCert>,
+    /// What the sentinels themselves ask for, not the primary: their own user and password
+    /// (`requirepass`, or an ACL user of theirs), and whether they speak TLS.
+    pub(crate) sentinel_username: Option<String>,
+    pub(crate) sentinel_password: Option<String>,
+    pub(crate) sentinel_tls: bool,
 }
 
 impl SentinelTarget {
@@ -246,6 +251,9 @@ impl SentinelTarget {
             password: None,
             tls: false,
             ca: None,
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_tls: false,
         })
     }
 
@@ -286,6 +294,15 @@ impl SentinelTarget {
         self.ca = Some(ca);
     }
 
+    pub(crate) fn set_sentinel_credentials(&mut self, username: Option<String>, password: Option<String>) {
+        self.sentinel_username = username.or(self.sentinel_username.take());
+        self.sentinel_password = password.or(self.sentinel_password.take());
+    }
+
+    pub(crate) fn set_sentinel_tls(&mut self, tls: bool) {
+        self.sentinel_tls = tls;
+    }
+
     /// `master@host:port,...`, for logs.
     pub fn address(&self) -> String {
         format!("{}@{}", self.master, self.sentinels.join(","))
@@ -300,6 +317,12 @@ impl fmt::Debug for SentinelTarget {
             .field("tls", &self.tls)
             .field("username", &self.username)
             .field("password", &if self.password.is_some() { "<redacted>" } else { "<none>" })
+            .field("sentinel_tls", &self.sentinel_tls)
+            .field("sentinel_username", &self.sentinel_username)
+            .field(
+                "sentinel_password",
+                &if self.sentinel_password.is_some() { "<redacted>" } else { "<none>" },
+            )
             .finish()
     }
 }

@@ -13,17 +13,17 @@
 //! Each subscription, once made, asks for a round too (an announcement may have come before it;
 //! one round serves every subscription made after it began). A subscription that is lost, or
 //! whose `PING` (every `PING_EVERY`) goes unanswered within `connect_timeout` (at least 1 s), is
-//! made again `RESUBSCRIBE` later. One that cannot be made (a sentinel down, or one that needs
-//! TLS or a password, which the toolkit does not speak to sentinels) is logged once until it is.
+//! made again `RESUBSCRIBE` later. One that cannot be made (a sentinel down, or refusing the
+//! credentials or TLS it was given: `CacheConfig::with_sentinel_credentials`, `with_sentinel_tls`)
+//! is logged once until it is.
 //! Each task ends when the store it serves is dropped.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redis::ConnectionAddr;
 
-use super::{sentinel_address, Shared};
+use super::Shared;
 
 /// The channel sentinels announce a new primary on.
 const SWITCH: &str = "+switch-master";
@@ -39,7 +39,7 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 pub(super) fn listen(shared: &Arc<Shared>) {
     for sentinel in &shared.target.sentinels {
         let mut dropped = shared.dropped.subscribe();
-        let subscription = subscribe(Arc::downgrade(shared), sentinel_address(sentinel));
+        let subscription = subscribe(Arc::downgrade(shared), sentinel.clone());
         crate::background::spawn(async move {
             tokio::select! {
                 // Never sent: this only ends when the store is dropped.
@@ -53,9 +53,18 @@ pub(super) fn listen(shared: &Arc<Shared>) {
 /// Subscribes to `+switch-master` on the sentinel at `address`, again whenever that is lost,
 /// and asks every sentinel where the primary is at each announcement for this master, and once
 /// each subscription is made (an announcement may have come before it).
-async fn subscribe(shared: Weak<Shared>, address: ConnectionAddr) {
+async fn subscribe(shared: Weak<Shared>, address: String) {
     let Some(strong) = shared.upgrade() else { return };
     let (master, connect_timeout) = (strong.target.master.clone(), strong.connect_timeout);
+    // Made once: what can fail here (a CA that does not parse) fails every question to the
+    // sentinels as well, which the calls count and log.
+    let client = match strong.sentinel_client(&address) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(sentinel = %address, %error, "cannot subscribe to the sentinel's announcements");
+            return;
+        }
+    };
     drop(strong);
     let answer_within = connect_timeout.max(Duration::from_secs(1));
     // Since when announcements may have been missed: one round of questions serves every
@@ -64,7 +73,6 @@ async fn subscribe(shared: Weak<Shared>, address: ConnectionAddr) {
     let mut warned = false;
     loop {
         let subscription = async {
-            let client = redis::Client::open(address.clone())?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(SWITCH).await?;
             Ok::<_, redis::RedisError>(pubsub)

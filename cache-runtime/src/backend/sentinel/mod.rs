@@ -13,6 +13,11 @@
 //! invalidation is checked again (`backend/redis/mod.rs`), every sentinel is asked too
 //! ([`Shared::confirm`]): a primary demoted while alive answers as one until it is converted.
 //!
+//! The sentinels are asked with their own user and password, and over TLS, when the target says
+//! so (`CacheConfig::with_sentinel_credentials`, `with_sentinel_tls`): the primary's credentials
+//! and TLS are its own. A sentinel that refuses the credentials it was given says so in the
+//! error, naming the setting (`sentinel_error`).
+//!
 //! Each DB's connection to the primary is a [`Link`], as one server's are
 //! (`backend/redis/link.rs`); one key's reads (`GET`) on it are coalesced under load as on one
 //! server (`backend/redis/reads.rs`): each batch is one `MGET` on that primary's connection.
@@ -185,10 +190,7 @@ impl Shared {
 
     fn client(&self) -> redis::RedisResult<SentinelClient> {
         let target = &self.target;
-        let mut addrs = Vec::new();
-        for sentinel in &target.sentinels {
-            addrs.push(sentinel_address(sentinel));
-        }
+        let addrs = target.sentinels.iter().map(|sentinel| sentinel_address(sentinel, target.sentinel_tls));
         let mut builder = SentinelClientBuilder::new(addrs, &target.master, SentinelServerType::Master)?;
         if let Some(username) = &target.username {
             builder = builder.set_client_to_redis_username(username);
@@ -196,12 +198,27 @@ impl Shared {
         if let Some(password) = &target.password {
             builder = builder.set_client_to_redis_password(password);
         }
+        if let Some(username) = &target.sentinel_username {
+            builder = builder.set_client_to_sentinel_username(username);
+        }
+        if let Some(password) = &target.sentinel_password {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+        // The CA is given only where TLS is spoken: the `redis` crate refuses certificates for
+        // a plain TCP address.
         if target.tls {
             tls_provider();
             builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(certs) = CaCert::certificates(&target.ca) {
+                builder = builder.set_client_to_redis_certificates(certs);
+            }
         }
-        if let Some(certs) = CaCert::certificates(&target.ca) {
-            builder = builder.set_client_to_redis_certificates(certs);
+        if target.sentinel_tls {
+            tls_provider();
+            builder = builder.set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+            if let Some(certs) = CaCert::certificates(&target.ca) {
+                builder = builder.set_client_to_sentinel_certificates(certs);
+            }
         }
         builder.build()
     }
@@ -285,7 +302,10 @@ impl Shared {
             None => sentinels.insert(self.client()?),
         };
         let ask = tokio::time::timeout(self.connect_timeout, client.async_get_client());
-        let found = ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))??;
+        let found = ask
+            .await
+            .map_err(|_| BackendError::Timeout(self.connect_timeout))?
+            .map_err(|error| sentinel_error("the sentinels", error))?;
         Ok(self.found(found.get_connection_info().clone(), None, seen))
     }
 
@@ -324,19 +344,19 @@ impl Shared {
     fn info_at(&self, host: String, port: u16) -> Result<redis::ConnectionInfo, BackendError> {
         let target = &self.target;
         let addr = if target.tls {
-            tls_provider();
             ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None }
         } else {
             ConnectionAddr::Tcp(host, port)
         };
-        let mut settings = redis::RedisConnectionInfo::default();
-        if let Some(username) = &target.username {
-            settings = settings.set_username(username);
-        }
-        if let Some(password) = &target.password {
-            settings = settings.set_password(password);
-        }
-        Ok(redis::IntoConnectionInfo::into_connection_info(addr)?.set_redis_settings(settings))
+        connection_info(addr, &target.username, &target.password)
+    }
+
+    /// A client for the sentinel at `sentinel` (`host:port`): over TLS if the target says so,
+    /// with the sentinels' own user and password.
+    fn sentinel_client(&self, sentinel: &str) -> Result<redis::Client, BackendError> {
+        let target = &self.target;
+        let addr = sentinel_address(sentinel, target.sentinel_tls);
+        self.client_for(connection_info(addr, &target.sentinel_username, &target.sentinel_password)?)
     }
 
     /// The settings of a connection made to ask one question: `connect_timeout` to connect and
@@ -426,7 +446,7 @@ impl Shared {
     /// the others only within as long again as the majority took, plus `MAJORITY_GRACE`.
     async fn newest_primary(&self) -> Result<(u64, String, u16), BackendError> {
         let asks = self.target.sentinels.iter().map(|sentinel| async move {
-            let client = redis::Client::open(sentinel_address(sentinel))?;
+            let client = self.sentinel_client(sentinel)?;
             let ask = async {
                 let mut conn = client.get_multiplexed_async_connection_with_config(&self.asking()).await?;
                 redis::pipe()
@@ -441,7 +461,8 @@ impl Shared {
             };
             let ((host, port), fields) = tokio::time::timeout(self.connect_timeout, ask)
                 .await
-                .map_err(|_| BackendError::Timeout(self.connect_timeout))??;
+                .map_err(|_| BackendError::Timeout(self.connect_timeout))?
+                .map_err(|error| sentinel_error(sentinel, error))?;
             match fields.get("config-epoch").and_then(|e| e.parse::<u64>().ok()) {
                 Some(epoch) => Ok((epoch, host, port)),
                 None => Err(BackendError::from(redis::RedisError::from((
@@ -512,8 +533,13 @@ impl Shared {
         self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A client for `info` (the primary's address and credentials) with this target's CA.
+    /// A client for `info` (a primary's or a sentinel's address and credentials), trusting this
+    /// target's CA if it is reached over TLS.
     fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, BackendError> {
+        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            return Ok(redis::Client::open(info)?);
+        }
+        tls_provider();
         Ok(match CaCert::certificates(&self.target.ca) {
             Some(certs) => redis::Client::build_with_tls(info, certs)?,
             None => redis::Client::open(info)?,
@@ -573,10 +599,49 @@ impl Shared {
     }
 }
 
-/// A sentinel's `host:port` as a plain TCP address (26379 where no port parses).
-fn sentinel_address(sentinel: &str) -> ConnectionAddr {
+/// A sentinel's `host:port` as an address, TLS or not (26379 where no port parses).
+fn sentinel_address(sentinel: &str, tls: bool) -> ConnectionAddr {
     let (host, port) = sentinel.rsplit_once(':').unwrap_or((sentinel, "26379"));
-    ConnectionAddr::Tcp(host.to_owned(), port.parse().unwrap_or(26379))
+    let (host, port) = (host.to_owned(), port.parse().unwrap_or(26379));
+    if tls {
+        ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None }
+    } else {
+        ConnectionAddr::Tcp(host, port)
+    }
+}
+
+/// A sentinel's error, saying what to do when it refused the credentials it was given (none,
+/// or the primary's where the sentinels have their own): a `NOAUTH` or `WRONGPASS` reply, or a
+/// failed `AUTH`. `who`: the sentinel, or the sentinels.
+fn sentinel_error(who: &str, error: redis::RedisError) -> BackendError {
+    let refused = error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error.code().is_some_and(|code| matches!(code, "NOAUTH" | "WRONGPASS"));
+    if !refused {
+        return error.into();
+    }
+    let what = format!("{who}: {error}");
+    redis::RedisError::from((
+        redis::ErrorKind::AuthenticationFailed,
+        "a sentinel refused the credentials it was given; the sentinels' own password (requirepass) is set with CacheConfig::with_sentinel_credentials or REDIS_SENTINEL_PASSWORD, apart from the primary's",
+        what,
+    ))
+    .into()
+}
+
+/// `addr` with a user and password (either may be absent).
+fn connection_info(
+    addr: ConnectionAddr,
+    username: &Option<String>,
+    password: &Option<String>,
+) -> Result<redis::ConnectionInfo, BackendError> {
+    let mut settings = redis::RedisConnectionInfo::default();
+    if let Some(username) = username {
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = password {
+        settings = settings.set_password(password);
+    }
+    Ok(redis::IntoConnectionInfo::into_connection_info(addr)?.set_redis_settings(settings))
 }
 
 /// The error codes of a server that is no longer (or not yet) a primary that takes writes.
