@@ -996,7 +996,9 @@ async fn sentinels_that_ask_for_a_password_are_given_theirs() {
     let auth = format!("requirepass sentinel-pw\nsentinel auth-pass cache-{} primary-pw", primary.port());
     let sentinel = OneSentinel::configured(primary.port(), &auth, None);
     let url = format!("redis+sentinel://:primary-pw@127.0.0.1:{}/{}", sentinel.port, sentinel.master);
-    let config = || CacheConfig::redis(&url).unwrap().with_op_timeout(Duration::from_millis(250));
+    // An `op_timeout` far above the question's few milliseconds: each refused call gets the
+    // sentinel's refusal, not a time-out.
+    let config = || CacheConfig::redis(&url).unwrap().with_op_timeout(Duration::from_secs(5));
     let subscriptions = || subscribed(&cli_with_password(sentinel.port, "sentinel-pw", &["CLIENT", "LIST"]));
     assert!(
         cli(sentinel.port, &["SENTINEL", "MASTERS"]).contains("NOAUTH"),
@@ -1009,8 +1011,10 @@ async fn sentinels_that_ask_for_a_password_are_given_theirs() {
     for refused in [config(), config().with_sentinel_credentials(None, "wrong")] {
         let refused = Runtime::new(refused);
         let (logs, guard) = support::logs::Logs::capture();
-        failures += never_cached(&refused, 1, &CALLS).await;
+        let counted = never_cached(&refused, 1, &CALLS).await;
         drop(guard);
+        assert_eq!(counted, 3, "each refused call is counted as a backend failure");
+        failures += counted;
         assert_eq!(
             logs.count("WARN", "REDIS_SENTINEL_PASSWORD"),
             1,
@@ -1018,8 +1022,6 @@ async fn sentinels_that_ask_for_a_password_are_given_theirs() {
             logs.text()
         );
     }
-    assert!(failures >= 1, "no failure counted without the sentinel's password");
-    assert_eq!(subscriptions(), 0, "subscribed without the sentinel's password");
 
     let rt = Runtime::new(config().with_sentinel_credentials(None, "sentinel-pw"));
     rt.scope(level(2, &CALLS)).await;
@@ -1049,7 +1051,7 @@ async fn sentinels_over_tls_are_reached_over_tls() {
         ]);
         CacheConfig::from_lookup(|name| vars.get(name).cloned())
             .unwrap()
-            .with_op_timeout(Duration::from_millis(250))
+            .with_op_timeout(Duration::from_secs(5))
     };
     let subscriptions = || subscribed(&tls_cli(&certs.ca(), sentinel.port, &["CLIENT", "LIST"]));
     let named =
@@ -1058,8 +1060,7 @@ async fn sentinels_over_tls_are_reached_over_tls() {
 
     let plain = Runtime::new(config("false"));
     let failures = never_cached(&plain, 1, &CALLS).await;
-    assert!(failures >= 1, "no failure counted with the sentinel asked over plain TCP");
-    assert_eq!(subscriptions(), 0, "subscribed over plain TCP");
+    assert_eq!(failures, 3, "each call counted as a backend failure with the sentinel asked over plain TCP");
 
     let rt = Runtime::new(config("true"));
     rt.scope(level(2, &CALLS)).await;

@@ -36,6 +36,11 @@ impl RedisFailure {
         self.0.code()
     }
 
+    /// Whether the server refused the credentials it was given (none, or wrong ones).
+    pub(crate) fn is_authentication_failure(&self) -> bool {
+        self.0.kind() == redis::ErrorKind::AuthenticationFailed
+    }
+
     /// Whether the connection failed (refused, reset, dropped, an I/O error), rather than the
     /// server answering with an error.
     pub fn is_connection_failure(&self) -> bool {

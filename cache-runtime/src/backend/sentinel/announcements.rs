@@ -114,7 +114,7 @@ async fn subscribe(shared: Weak<Shared>, address: String) {
             }
             failed => {
                 let error = match failed {
-                    Ok(Err(error)) => error.to_string(),
+                    Ok(Err(error)) => super::sentinel_error(&address, error).to_string(),
                     _ => format!("no answer within connect_timeout ({connect_timeout:?})"),
                 };
                 if std::mem::replace(&mut warned, true) {

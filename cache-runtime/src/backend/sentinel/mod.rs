@@ -205,7 +205,7 @@ impl Shared {
             builder = builder.set_client_to_sentinel_password(password);
         }
         // The CA is given only where TLS is spoken: the `redis` crate refuses certificates for
-        // a plain TCP address.
+        // sentinels at plain TCP addresses (and has no use for them on a plain-TCP primary).
         if target.tls {
             tls_provider();
             builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
@@ -302,10 +302,14 @@ impl Shared {
             None => sentinels.insert(self.client()?),
         };
         let ask = tokio::time::timeout(self.connect_timeout, client.async_get_client());
-        let found = ask
-            .await
-            .map_err(|_| BackendError::Timeout(self.connect_timeout))?
-            .map_err(|error| sentinel_error("the sentinels", error))?;
+        let found = match ask.await.map_err(|_| BackendError::Timeout(self.connect_timeout))? {
+            Ok(found) => found,
+            // A sentinel that refused the question's credentials refuses the fallback's too:
+            // that is the error to report (the fallback's could be the primary's own refusal,
+            // or name no sentinel).
+            Err(_) if refused(&failure) => return Err(failure),
+            Err(error) => return Err(error.into()),
+        };
         Ok(self.found(found.get_connection_info().clone(), None, seen))
     }
 
@@ -610,22 +614,29 @@ fn sentinel_address(sentinel: &str, tls: bool) -> ConnectionAddr {
     }
 }
 
-/// A sentinel's error, saying what to do when it refused the credentials it was given (none,
-/// or the primary's where the sentinels have their own): a `NOAUTH` or `WRONGPASS` reply, or a
-/// failed `AUTH`. `who`: the sentinel, or the sentinels.
-fn sentinel_error(who: &str, error: redis::RedisError) -> BackendError {
+/// The error of the sentinel at `sentinel`, saying what to do when it refused the credentials it
+/// was given (none, or wrong ones): a `NOAUTH` or `WRONGPASS` reply (a pipeline's included), or
+/// a failed `AUTH`. Such an error is an authentication failure ([`refused`]).
+fn sentinel_error(sentinel: &str, error: redis::RedisError) -> BackendError {
     let refused = error.kind() == redis::ErrorKind::AuthenticationFailed
-        || error.code().is_some_and(|code| matches!(code, "NOAUTH" | "WRONGPASS"));
+        || error.clone().into_server_errors().is_some_and(|errors| {
+            errors.iter().any(|(_, error)| matches!(error.code(), "NOAUTH" | "WRONGPASS"))
+        });
     if !refused {
         return error.into();
     }
-    let what = format!("{who}: {error}");
+    let what = format!("sentinel {sentinel}: {error}");
     redis::RedisError::from((
         redis::ErrorKind::AuthenticationFailed,
         "a sentinel refused the credentials it was given; the sentinels' own password (requirepass) is set with CacheConfig::with_sentinel_credentials or REDIS_SENTINEL_PASSWORD, apart from the primary's",
         what,
     ))
     .into()
+}
+
+/// Whether `error` is a sentinel's refusal of the credentials it was given ([`sentinel_error`]).
+fn refused(error: &BackendError) -> bool {
+    matches!(error, BackendError::Redis(failure) if failure.is_authentication_failure())
 }
 
 /// `addr` with a user and password (either may be absent).
