@@ -1069,3 +1069,54 @@ async fn sentinels_over_tls_are_reached_over_tls() {
     until_subscribed(1, subscriptions).await;
     println!("sentinel TLS: cached over TLS; over plain TCP, {failures} failures counted in 3 calls");
 }
+
+/// This process's established connections to loopback `port` (IPv4), seen from the client's side:
+/// a connection it closes leaves that state at once, even to a frozen server (the kernel
+/// acknowledges the close).
+fn connected_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp (Linux)");
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// A runtime dropped while its question to the sentinels hangs (the sentinel frozen, a
+/// `connect_timeout` of 30 s) ends the question at once: its connection to the sentinel is
+/// closed within 1 s of the drop. In the same run, while the runtime lives, the question holds
+/// that connection 1.5 s after the call that asked it returned: only the drop ends it sooner
+/// than its `connect_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_runtime_ends_its_question_to_the_sentinels() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let primary = RedisServer::start();
+    let sentinel = OneSentinel::watching(&primary);
+    sentinel.freeze();
+    let config = CacheConfig::redis(&sentinel.url())
+        .unwrap()
+        .with_connect_timeout(Duration::from_secs(30))
+        .with_op_timeout(Duration::from_millis(100));
+    let rt = Runtime::new(config);
+    assert_eq!(rt.scope(level(1, &CALLS)).await, 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(connected_to(sentinel.port), 1, "the question's connection to the frozen sentinel");
+    let dropped = Instant::now();
+    drop(rt);
+    while connected_to(sentinel.port) != 0 {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(1),
+            "the question still holds its connection to the sentinel {:?} after its runtime was dropped",
+            dropped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "sentinel question: its connection closed {:?} after its runtime was dropped",
+        dropped.elapsed()
+    );
+}

@@ -111,6 +111,11 @@ impl OneSentinel {
         OneSentinel { master, port, child, _dir: dir }
     }
 
+    /// Freezes it (SIGSTOP): it takes connections and never answers. Killed when dropped.
+    pub fn freeze(&self) {
+        super::signal(self.child.id(), "-STOP");
+    }
+
     /// `redis+sentinel://127.0.0.1:port/master`
     pub fn url(&self) -> String {
         format!("redis+sentinel://127.0.0.1:{}/{}", self.port, self.master)

@@ -38,7 +38,7 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 /// Starts one subscription per sentinel of `shared`'s target.
 pub(super) fn listen(shared: &Arc<Shared>) {
     for sentinel in &shared.target.sentinels {
-        let mut dropped = shared.dropped.subscribe();
+        let mut dropped = shared.dropped.clone();
         let subscription = subscribe(Arc::downgrade(shared), sentinel.clone());
         crate::background::spawn(async move {
             tokio::select! {

@@ -57,6 +57,11 @@ const MAJORITY_GRACE: Duration = Duration::from_millis(50);
 pub(crate) struct SentinelPrimary {
     shared: Arc<Shared>,
     namespace: String,
+    /// Never sent: dropped with the store, which ends its tasks at once (a question to the
+    /// sentinels, the subscriptions to their announcements). Owned here, not by `Shared`: those
+    /// tasks hold `Shared`, and would keep it, and themselves, alive for up to a question's
+    /// `connect_timeout`s after the runtime is gone.
+    _dropped: tokio::sync::watch::Sender<()>,
 }
 
 struct Shared {
@@ -90,8 +95,8 @@ struct Shared {
     /// that has started (on the first primary found).
     announcements: bool,
     listening: std::sync::atomic::AtomicBool,
-    /// Never sent: dropped with this, which ends the subscriptions to the announcements.
-    dropped: tokio::sync::watch::Sender<()>,
+    /// Told when the store is dropped (`SentinelPrimary::_dropped`).
+    dropped: tokio::sync::watch::Receiver<()>,
 }
 
 /// The last primary handed the connections.
@@ -160,6 +165,7 @@ struct Primary {
 
 impl SentinelPrimary {
     pub(crate) fn new(target: SentinelTarget, config: &CacheConfig) -> Self {
+        let (dropped, told) = tokio::sync::watch::channel(());
         SentinelPrimary {
             shared: Arc::new(Shared {
                 target,
@@ -176,9 +182,10 @@ impl SentinelPrimary {
                 near: OnceLock::new(),
                 announcements: config.sentinel_announcements,
                 listening: std::sync::atomic::AtomicBool::new(false),
-                dropped: tokio::sync::watch::Sender::new(()),
+                dropped: told,
             }),
             namespace: config.key_namespace.clone(),
+            _dropped: dropped,
         }
     }
 }
@@ -239,14 +246,21 @@ impl Shared {
                 _ => {
                     let (done, outcome) = tokio::sync::oneshot::channel();
                     let shared = Arc::clone(self);
+                    let mut dropped = self.dropped.clone();
                     // On the cache's own runtime: a caller's runtime may never run it again.
                     crate::background::spawn(async move {
-                        let _ = done.send(shared.discover().await.map_err(|e| Unfound::from(&e)));
+                        tokio::select! {
+                            // Never sent: the store is gone, and nobody is left to answer.
+                            _ = dropped.changed() => {}
+                            found = shared.discover() => {
+                                let _ = done.send(found.map_err(|e| Unfound::from(&e)));
+                            }
+                        }
                     });
                     let discovery: Discovery = async move {
                         outcome.await.unwrap_or(Err(Unfound {
                             timeout: None,
-                            text: "the question to the sentinels ended with the tokio runtime that ran it"
+                            text: "the question to the sentinels ended unanswered (its store dropped, or the tokio runtime that ran it ended)"
                                 .into(),
                         }))
                     }
