@@ -1120,3 +1120,43 @@ async fn a_dropped_runtime_ends_its_question_to_the_sentinels() {
         dropped.elapsed()
     );
 }
+
+/// The fallback (the `redis` crate's `SentinelClient`, asked when fewer than a majority of the
+/// sentinels answer the question to all of them) gives the sentinels their password too: of
+/// three sentinels that ask for one, two frozen, the one listed first answers the fallback, and
+/// the runtime caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_gives_the_sentinels_their_password() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let primary = RedisServer::start();
+    let sentinels: Vec<OneSentinel> =
+        (0..3).map(|_| OneSentinel::configured(primary.port(), "requirepass sentinel-pw", None)).collect();
+    for frozen in &sentinels[1..] {
+        frozen.freeze();
+        assert!(
+            !answers(frozen.port, Duration::from_millis(200)).await,
+            "sentinel :{} answers while frozen",
+            frozen.port
+        );
+    }
+    let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+    let url = format!("redis+sentinel://{}/{}", hosts.join(","), sentinels[0].master);
+    // The question to all of them waits `connect_timeout` (2 s) for the frozen two before the
+    // fallback is asked; the call waits for both.
+    let config = CacheConfig::redis(&url)
+        .unwrap()
+        .with_sentinel_credentials(None, "sentinel-pw")
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_op_timeout(Duration::from_secs(10));
+    let rt = Runtime::new(config);
+    let started = Instant::now();
+    rt.scope(level(3, &CALLS)).await;
+    let first = started.elapsed();
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 3, &CALLS).await, "cached through the primary the fallback found");
+    assert!(
+        first >= Duration::from_secs(2),
+        "the first call took {first:?}: the question to all three answered, not the fallback"
+    );
+    println!("sentinel fallback with a password: the first call took {first:?} (the question's 2 s, then the fallback)");
+}

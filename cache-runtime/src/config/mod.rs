@@ -395,15 +395,26 @@ impl CacheConfig {
     /// backends.
     pub fn with_sentinel_credentials(mut self, username: Option<&str>, password: &str) -> Self {
         if let BackendKind::Sentinel(target) = &mut self.backend {
-            target.set_sentinel_credentials(username.map(str::to_owned), Some(password.to_owned()));
+            target.set_sentinel_credentials(username.map(str::to_owned), password.to_owned());
+        }
+        self
+    }
+
+    /// Behind Sentinel: whether the primary the sentinels name is reached over TLS (off by
+    /// default), trusting the CA of [`Self::with_ca_cert`] if one is given, else the system
+    /// roots. The sentinels themselves are [`Self::with_sentinel_tls`]. Also `REDIS_TLS`. No
+    /// effect on other backends (a `rediss://` URL or Cluster node says TLS there).
+    pub fn with_primary_tls(mut self, on: bool) -> Self {
+        if let BackendKind::Sentinel(target) = &mut self.backend {
+            target.set_tls(on);
         }
         self
     }
 
     /// Behind Sentinel: whether the sentinels are reached over TLS (off by default), trusting
     /// the CA of [`Self::with_ca_cert`] if one is given, else the system roots. TLS to the
-    /// primary is its own setting (`REDIS_TLS`). Also `REDIS_SENTINEL_TLS`. No effect on other
-    /// backends.
+    /// primary is its own setting ([`Self::with_primary_tls`]). Also `REDIS_SENTINEL_TLS`. No
+    /// effect on other backends.
     pub fn with_sentinel_tls(mut self, on: bool) -> Self {
         if let BackendKind::Sentinel(target) = &mut self.backend {
             target.set_sentinel_tls(on);
@@ -645,8 +656,17 @@ impl CacheConfig {
                 if tls {
                     target.set_tls(true);
                 }
-                target
-                    .set_sentinel_credentials(var("REDIS_SENTINEL_USERNAME"), var("REDIS_SENTINEL_PASSWORD"));
+                match (var("REDIS_SENTINEL_USERNAME"), var("REDIS_SENTINEL_PASSWORD")) {
+                    (username, Some(password)) => target.set_sentinel_credentials(username, password),
+                    (Some(_), None) => {
+                        return Err(ConfigError::InvalidValue {
+                            variable: "REDIS_SENTINEL_PASSWORD",
+                            value: String::new(),
+                            expected: "the sentinels' password: REDIS_SENTINEL_USERNAME is set without it, and a user is only sent with a password",
+                        })
+                    }
+                    (None, None) => {}
+                }
                 if sentinel_tls {
                     target.set_sentinel_tls(true);
                 }
@@ -943,6 +963,21 @@ mod tests {
         assert_eq!(target.sentinel_password.as_deref(), Some("s3ntinel"));
         assert!(target.sentinel_tls);
         assert!(from(&[("REDIS_SENTINEL_TLS", "maybe")]).is_err());
+        let alone = [
+            ("REDIS_SENTINELS", "h1:26379"),
+            ("REDIS_SENTINEL_MASTER", "cache"),
+            ("REDIS_SENTINEL_USERNAME", "watcher"),
+        ];
+        let err = from(&alone).unwrap_err().to_string();
+        assert!(err.contains("REDIS_SENTINEL_PASSWORD"), "{err}");
+        // The builder sets both: no user is the default user, whatever was set before.
+        let reset = built.with_sentinel_credentials(None, "other").with_primary_tls(true);
+        let BackendKind::Sentinel(target) = &reset.backend else { panic!("{reset:?}") };
+        assert_eq!(
+            (target.sentinel_username.as_deref(), target.sentinel_password.as_deref()),
+            (None, Some("other"))
+        );
+        assert!(target.tls && target.sentinel_tls);
         // Not behind Sentinel: nothing to set, and nothing else changes.
         let one = CacheConfig::redis("redis://h:6379").unwrap().with_sentinel_credentials(None, "s3ntinel");
         assert!(matches!(&one.backend, BackendKind::Redis(_)) && !format!("{one:?}").contains("s3ntinel"));

@@ -294,9 +294,9 @@ impl SentinelTarget {
         self.ca = Some(ca);
     }
 
-    pub(crate) fn set_sentinel_credentials(&mut self, username: Option<String>, password: Option<String>) {
-        self.sentinel_username = username.or(self.sentinel_username.take());
-        self.sentinel_password = password.or(self.sentinel_password.take());
+    pub(crate) fn set_sentinel_credentials(&mut self, username: Option<String>, password: String) {
+        self.sentinel_username = username;
+        self.sentinel_password = Some(password);
     }
 
     pub(crate) fn set_sentinel_tls(&mut self, tls: bool) {
