@@ -1160,3 +1160,43 @@ async fn the_fallback_gives_the_sentinels_their_password() {
     );
     println!("sentinel fallback with a password: the first call took {first:?} (the question's 2 s, then the fallback)");
 }
+
+/// A sentinel whose clients sign in as an ACL user of its own (the `default` user off) is given
+/// that user's name with its password (`with_sentinel_credentials(Some(..), ..)`): the runtime
+/// caches and subscribes to the announcements; in the same run, given the password alone (no
+/// user: `default`), it never caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_acl_user_is_given_its_name() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let primary = RedisServer::start();
+    let acl = "user default off\nuser watcher on >watcher-pw ~* &* +@all";
+    let sentinel = OneSentinel::configured(primary.port(), acl, None);
+    let config = || CacheConfig::redis(&sentinel.url()).unwrap().with_op_timeout(Duration::from_secs(5));
+
+    let nameless = Runtime::new(config().with_sentinel_credentials(None, "watcher-pw"));
+    assert_eq!(never_cached(&nameless, 1, &CALLS).await, 3, "each call counted as a backend failure");
+
+    let rt = Runtime::new(config().with_sentinel_credentials(Some("watcher"), "watcher-pw"));
+    rt.scope(level(4, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 4, &CALLS).await, "cached through the primary the sentinel named to its ACL user");
+    // The subscription signs in as the user too (as the question does; the fallback alone would
+    // have found the primary).
+    let list = || {
+        let output = std::process::Command::new("redis-cli")
+            .args([
+                "--no-auth-warning",
+                "--user",
+                "watcher",
+                "--pass",
+                "watcher-pw",
+                "-p",
+                &sentinel.port.to_string(),
+            ])
+            .args(["CLIENT", "LIST"])
+            .output()
+            .expect("redis-cli runs");
+        subscribed(&String::from_utf8_lossy(&output.stdout))
+    };
+    until_subscribed(1, list).await;
+}
