@@ -116,6 +116,11 @@ impl OneSentinel {
         super::signal(self.child.id(), "-STOP");
     }
 
+    /// Lets it run again after [`Self::freeze`] (SIGCONT): it answers what was sent meanwhile.
+    pub fn thaw(&self) {
+        super::signal(self.child.id(), "-CONT");
+    }
+
     /// `redis+sentinel://127.0.0.1:port/master`
     pub fn url(&self) -> String {
         format!("redis+sentinel://127.0.0.1:{}/{}", self.port, self.master)

@@ -57,12 +57,16 @@ const MAJORITY_GRACE: Duration = Duration::from_millis(50);
 pub(crate) struct SentinelPrimary {
     shared: Arc<Shared>,
     namespace: String,
-    /// Never sent: dropped with the store, which ends its tasks at once (a question to the
-    /// sentinels, the subscriptions to their announcements). Owned here, not by `Shared`: those
-    /// tasks hold `Shared`, and would keep it, and themselves, alive for up to a question's
-    /// `connect_timeout`s after the runtime is gone.
-    _dropped: tokio::sync::watch::Sender<()>,
+    /// Held by the store and each of its connections ([`Users`]).
+    users: Users,
 }
+
+/// Never sent: dropped with the last of the store and its connections (`SentinelConn`: the
+/// batcher's, writing fills still queued when the runtime was dropped), which ends the store's
+/// tasks at once (a question to the sentinels, the subscriptions to their announcements).
+/// Not held by `Shared`: those tasks hold it, and would keep it, and themselves, alive for up to
+/// a question's `connect_timeout`s after nothing can use them.
+type Users = Arc<tokio::sync::watch::Sender<()>>;
 
 struct Shared {
     target: SentinelTarget,
@@ -95,7 +99,7 @@ struct Shared {
     /// that has started (on the first primary found).
     announcements: bool,
     listening: std::sync::atomic::AtomicBool,
-    /// Told when the store is dropped (`SentinelPrimary::_dropped`).
+    /// Told when the store and its connections are all dropped ([`Users`]).
     dropped: tokio::sync::watch::Receiver<()>,
 }
 
@@ -185,7 +189,7 @@ impl SentinelPrimary {
                 dropped: told,
             }),
             namespace: config.key_namespace.clone(),
-            _dropped: dropped,
+            users: Arc::new(dropped),
         }
     }
 }
@@ -250,7 +254,8 @@ impl Shared {
                     // On the cache's own runtime: a caller's runtime may never run it again.
                     crate::background::spawn(async move {
                         tokio::select! {
-                            // Never sent: the store is gone, and nobody is left to answer.
+                            // Never sent: the store and its connections are gone, and nobody is
+                            // left to answer.
                             _ = dropped.changed() => {}
                             found = shared.discover() => {
                                 let _ = done.send(found.map_err(|e| Unfound::from(&e)));
@@ -517,7 +522,13 @@ impl Shared {
                         cut = Some(tokio::time::Instant::now() + started.elapsed() + MAJORITY_GRACE);
                     }
                 }
-                Err(error) => failure = Some(error),
+                // A sentinel's refusal of its credentials is kept over a later failure (a
+                // time-out): it is the one that says what to do.
+                Err(error) => {
+                    if !failure.as_ref().is_some_and(refused) {
+                        failure = Some(error);
+                    }
+                }
             }
         }
         match newest {
@@ -750,6 +761,7 @@ impl Source for Tracked {
 #[derive(Clone)]
 pub(crate) struct SentinelConn {
     shared: Arc<Shared>,
+    _users: Users,
     db: u8,
     /// For a pinned clone (`Connections::pinned`): the primary known when it was made, and a
     /// pinned clone of its connection, which every command goes to.
@@ -848,7 +860,12 @@ impl Connections for SentinelPrimary {
     }
 
     fn conn(&self, db: u8) -> Result<SentinelConn, BackendError> {
-        Ok(SentinelConn { shared: Arc::clone(&self.shared), db, pinned: None })
+        Ok(SentinelConn {
+            shared: Arc::clone(&self.shared),
+            _users: Arc::clone(&self.users),
+            db,
+            pinned: None,
+        })
     }
 
     /// Pinned to the primary known now and to the connection its link has now, so that a lease
