@@ -223,21 +223,33 @@ fn spawn(port: u16, dir: &Path, persistent: bool, extra: &[String]) -> Result<Ch
 
 /// `child` (a `program` started on `port`) once it answers there as itself, within 10 s; an
 /// error if it exits first (the port may be taken) or another process answers there.
-pub fn answering(program: &str, port: u16, mut child: Child) -> Result<Child, String> {
+pub fn answering(program: &str, port: u16, child: Child) -> Result<Child, String> {
+    // A server with a password answers PING with NOAUTH: it is up all the same.
+    up(program, port, child, "answer PING", ping)
+}
+
+/// `child` once `probe(port)` says it is up (`what` it must do, for the error), within 10 s,
+/// and as long as what answers there is not another process (`ours`).
+pub fn up(
+    program: &str,
+    port: u16,
+    mut child: Child,
+    what: &str,
+    probe: impl Fn(u16) -> bool,
+) -> Result<Child, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("{program} exited at start ({status}); port {port} may be taken"));
         }
-        // A server with a password answers PING with NOAUTH: it is up all the same.
-        if ping(port) {
+        if probe(port) {
             return ours(port, child);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
-    Err(format!("{program} on port {port} did not answer PING within 10 s"))
+    Err(format!("{program} on port {port} did not {what} within 10 s"))
 }
 
 /// `child` if it is what answers on `port`: the port may have been taken by another test's

@@ -99,20 +99,10 @@ impl Drop for TlsServer {
 
 /// `child` once it listens on `port` (a TLS port takes TCP connections once the server
 /// listens), within 10 s; an error if it exited first (the port may be taken).
-pub fn listening(program: &str, port: u16, mut child: Child) -> Result<Child, String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("{program} exited at start ({status}); port {port} may be taken"));
-        }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(child);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Err(format!("{program} did not listen on port {port} within 10 s"))
+pub fn listening(program: &str, port: u16, child: Child) -> Result<Child, String> {
+    super::up(program, port, child, "listen", |port| {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
 }
 
 fn spawn_tls(port: u16, dir: &Path, tls: &[String], extra: &[String]) -> Child {
