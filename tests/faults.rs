@@ -454,38 +454,53 @@ impl Write for Captured {
     }
 }
 
-/// A wrong password: every call still runs its function, and the log says so a bounded number of
-/// times (not once per call), never with the password.
+/// A wrong password, and none where the server asks for one: every call still runs its
+/// function, and the log says so a bounded number of times (not once per call), says what to do,
+/// and never shows the password. Both open the breaker: with no password the refusal comes as the
+/// answer to the new connection's `SELECT` (redis-rs reports it without the `NOAUTH` code), and
+/// is still a refusal of the credentials, not of one request.
 #[tokio::test]
-async fn wrong_password_is_logged_once_not_per_call() {
+async fn wrong_or_missing_password_is_logged_once_not_per_call() {
     let server = RedisServer::start_with_args(&["--requirepass", "right-one"]);
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let url = format!("redis://:wrong-one@127.0.0.1:{}", server.port());
-    let rt = runtime(&url, |c| c);
-    let ran = AtomicUsize::new(0);
-    for i in 0..100 {
-        let (_, hit) = timed(&rt, &format!("S{i}")).await;
-        ran.fetch_add(usize::from(!hit), SeqCst);
+    for (given, url) in [
+        ("wrong password", format!("redis://:wrong-one@127.0.0.1:{}", server.port())),
+        ("no password", format!("redis://127.0.0.1:{}", server.port())),
+    ] {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let rt = runtime(&url, |c| c);
+        let ran = AtomicUsize::new(0);
+        for i in 0..100 {
+            let (_, hit) = timed(&rt, &format!("S{i}")).await;
+            ran.fetch_add(usize::from(!hit), SeqCst);
+        }
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+        let stats = rt.stats().get(7, "fault").cloned().unwrap();
+        eprintln!(
+            "{given}, 100 calls: {warnings} warning lines, {} backend errors, {} bypassed",
+            stats.backend_errors, stats.bypassed
+        );
+        eprintln!("{text}");
+        assert_eq!(ran.load(SeqCst), 100, "{given}: every call ran its function");
+        assert_eq!(
+            warnings, 2,
+            "{given}: one warning when it starts failing, one when the breaker opens:\n{text}"
+        );
+        assert!(stats.bypassed >= 90, "{given}: the open breaker skips the server ({})", stats.bypassed);
+        assert_eq!(
+            text.lines().filter(|l| l.contains("WARN") && l.contains("REDIS_PASSWORD")).count(),
+            1,
+            "{given}: the failure's warning says where the password goes:\n{text}"
+        );
+        assert!(!text.contains("wrong-one"), "{given}: the password never appears in logs");
     }
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let warnings = text.lines().filter(|l| l.contains("WARN")).count();
-    let stats = rt.stats().get(7, "fault").cloned().unwrap();
-    eprintln!(
-        "wrong password, 100 calls: {warnings} warning lines, {} backend errors, {} bypassed",
-        stats.backend_errors, stats.bypassed
-    );
-    eprintln!("{text}");
-    assert_eq!(ran.load(SeqCst), 100, "every call ran its function");
-    assert_eq!(warnings, 2, "one warning when it starts failing, one when the breaker opens:\n{text}");
-    assert!(stats.bypassed >= 90, "the open breaker skips the server ({})", stats.bypassed);
-    assert!(!text.contains("wrong-one"), "the password never appears in logs");
 }
 
 /// Lookups are reads, generation refresh included: while the server pauses writes (a failover's

@@ -1023,6 +1023,8 @@ async fn sentinels_that_ask_for_a_password_are_given_theirs() {
             "the refusal was not logged once, saying what to do: {}",
             logs.text()
         );
+        // Shared by the calls that waited for one question, the error keeps its own text.
+        assert!(!logs.text().contains("redis: redis:"), "an error's prefix doubled: {}", logs.text());
     }
 
     let rt = Runtime::new(config().with_sentinel_credentials(None, "sentinel-pw"));

@@ -31,14 +31,22 @@ impl RedisFailure {
         self.0
     }
 
+    pub(crate) fn as_redis(&self) -> &redis::RedisError {
+        &self.0
+    }
+
     /// The error code Redis answered with (`WRONGPASS`, `NOPERM`, `LOADING`...), if it answered.
     pub fn code(&self) -> Option<&str> {
         self.0.code()
     }
 
-    /// Whether the server refused the credentials it was given (none, or wrong ones).
+    /// Whether the server refused the credentials it was given (none, or wrong ones): a failed
+    /// `AUTH`, a `NOAUTH` or `WRONGPASS` answer, or the `SELECT` of a new connection answered
+    /// "Authentication required" (which redis-rs reports without the `NOAUTH` code).
     pub(crate) fn is_authentication_failure(&self) -> bool {
         self.0.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(self.0.code(), Some("NOAUTH" | "WRONGPASS"))
+            || self.0.detail().is_some_and(|detail| detail.starts_with("Authentication required"))
     }
 
     /// Whether the connection failed (refused, reset, dropped, an I/O error), rather than the
@@ -56,7 +64,13 @@ impl RedisFailure {
 
 impl fmt::Display for RedisFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        self.0.fmt(f)?;
+        // What to do, unless the error already says it (a sentinel's refusal names its own
+        // setting).
+        if self.is_authentication_failure() && !self.0.to_string().contains("REDIS_") {
+            f.write_str("; the server refused the credentials it was given (none, or wrong ones): give them in the URL (redis://user:password@host:port/), or in REDIS_USERNAME and REDIS_PASSWORD")?;
+        }
+        Ok(())
     }
 }
 
@@ -107,7 +121,7 @@ impl BackendError {
                 // Not NOPERM either: an ACL user denied one key pattern or command is answered
                 // about that request; its other requests go on.
                 ErrorKind::Server(S::BusyLoading | S::ClusterDown | S::MasterDown | S::ReadOnly) => true,
-                _ => matches!(e.0.code(), Some("NOAUTH" | "WRONGPASS")),
+                _ => e.is_authentication_failure(),
             },
         }
     }

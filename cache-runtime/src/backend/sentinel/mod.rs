@@ -124,6 +124,10 @@ type Discovery = SharedFuture<BoxFuture<'static, Result<Arc<Primary>, Unfound>>>
 #[derive(Clone)]
 struct Unfound {
     timeout: Option<Duration>,
+    /// A sentinel's refusal of its credentials ([`sentinel_error`]), kept as it was.
+    refusal: Option<redis::RedisError>,
+    /// The failure's own text (a `redis` error's, without [`BackendError`]'s `redis: `, which
+    /// the waiter's error adds again).
     text: String,
 }
 
@@ -133,16 +137,24 @@ impl From<&BackendError> for Unfound {
             BackendError::Timeout(bound) => Some(*bound),
             _ => None,
         };
-        Unfound { timeout, text: error.to_string() }
+        let (refusal, text) = match error {
+            BackendError::Redis(failure) if failure.is_authentication_failure() => {
+                (Some(failure.as_redis().clone()), String::new())
+            }
+            BackendError::Redis(failure) => (None, failure.to_string()),
+            other => (None, other.to_string()),
+        };
+        Unfound { timeout, refusal, text }
     }
 }
 
 impl From<Unfound> for BackendError {
     fn from(unfound: Unfound) -> Self {
-        match unfound.timeout {
-            Some(bound) => BackendError::Timeout(bound),
+        match (unfound.timeout, unfound.refusal) {
+            (Some(bound), _) => BackendError::Timeout(bound),
+            (None, Some(refusal)) => refusal.into(),
             // Counted as a connection failure, as the sentinels' own were.
-            None => {
+            (None, None) => {
                 redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, unfound.text))
                     .into()
             }
@@ -265,6 +277,7 @@ impl Shared {
                     let discovery: Discovery = async move {
                         outcome.await.unwrap_or(Err(Unfound {
                             timeout: None,
+                            refusal: None,
                             text: "the question to the sentinels ended unanswered (its store dropped, or the tokio runtime that ran it ended)"
                                 .into(),
                         }))
