@@ -1075,6 +1075,86 @@ async fn sentinels_over_tls_are_reached_over_tls() {
     println!("sentinel TLS: cached over TLS; over plain TCP, {failures} failures counted in 3 calls");
 }
 
+/// Sentinels over TLS in front of a primary over plain TCP (`REDIS_SENTINEL_TLS` and the CA in
+/// `REDIS_CA_CERT`, no `REDIS_TLS`): the CA is for the TLS connections only, so the primary is
+/// reached over plain TCP and the runtime caches, and subscribes to the sentinel over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_for_tls_sentinels_leaves_a_plain_primary_plain() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let certs = Certificates::generate();
+    let primary = RedisServer::start();
+    // The sentinel itself reaches the primary over plain TCP too.
+    let sentinel = OneSentinel::configured(primary.port(), "tls-replication no", Some(&certs));
+    let vars = std::collections::HashMap::from([
+        ("REDIS_SENTINELS", format!("127.0.0.1:{}", sentinel.port)),
+        ("REDIS_SENTINEL_MASTER", sentinel.master.clone()),
+        ("REDIS_SENTINEL_TLS", "true".to_owned()),
+        ("REDIS_CA_CERT", certs.ca().to_str().unwrap().to_owned()),
+    ]);
+    let config = CacheConfig::from_lookup(|name| vars.get(name).cloned())
+        .unwrap()
+        .with_op_timeout(Duration::from_secs(5));
+    let rt = Runtime::new(config);
+    rt.scope(level(3, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 3, &CALLS).await, "cached on the plain primary the TLS sentinel named");
+    let key = KeyBuilder::new(module_path!(), "sn", "level").arg(&3u32).finish().unwrap();
+    assert!(
+        !cli(primary.port(), &["-n", "5", "GET", &key]).trim().is_empty(),
+        "the entry is on the plain primary"
+    );
+    let over_tls = |port| subscribed(&tls_cli(&certs.ca(), port, &["CLIENT", "LIST"]));
+    until_subscribers(sentinel.port, 1, Duration::from_secs(10), over_tls).await;
+    let s = rt.stats().get(5, "sn").cloned().expect("level's stats");
+    assert_eq!(s.backend_errors + s.bypassed, 0, "no call failed");
+}
+
+/// A `connect_timeout` of `Duration::MAX` (bounded to a day by the configuration) behind a
+/// frozen sentinel: the question to it waits, but each call still ends within its `op_timeout`
+/// (300 ms; the test fails above 450 ms), running its function; once the sentinel is thawed, the
+/// question it was sent is answered and calls hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_of_duration_max_behind_a_frozen_sentinel_bounds_no_call_beyond_op_timeout() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    const OP_TIMEOUT: Duration = Duration::from_millis(300);
+    let primary = RedisServer::start();
+    let sentinel = OneSentinel::watching(&primary);
+    sentinel.freeze();
+    let config = CacheConfig::redis(&sentinel.url())
+        .unwrap()
+        .with_connect_timeout(Duration::MAX)
+        .with_op_timeout(OP_TIMEOUT);
+    let rt = Runtime::new(config);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let before = CALLS.load(SeqCst);
+        let started = Instant::now();
+        assert_eq!(rt.scope(level(4, &CALLS)).await, 5);
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(CALLS.load(SeqCst), before + 1, "the function ran while the sentinel is frozen");
+    }
+    assert!(
+        slowest < OP_TIMEOUT * 3 / 2,
+        "a call waited {slowest:?} for a question bounded by a day, against an op_timeout of {OP_TIMEOUT:?}"
+    );
+    sentinel.thaw();
+    let thawed = Instant::now();
+    let mut cached = false;
+    while !cached && thawed.elapsed() < Duration::from_secs(10) {
+        rt.scope(level(4, &CALLS)).await;
+        let _ = rt.flush().await;
+        cached = is_hit(&rt, 4, &CALLS).await;
+        if !cached {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(cached, "never cached within 10 s of the thaw");
+    println!(
+        "connect_timeout Duration::MAX, sentinel frozen: slowest of 5 calls {slowest:?} (op_timeout {OP_TIMEOUT:?}); cached {:?} after the thaw",
+        thawed.elapsed()
+    );
+}
+
 /// The established connections to loopback `port` (IPv4), seen from the client's side (only the
 /// test's runtime connects to its sentinel's port): a connection its client closes leaves that
 /// state at once, even to a frozen server (the kernel acknowledges the close).
