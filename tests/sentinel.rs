@@ -1075,6 +1075,26 @@ async fn sentinels_over_tls_are_reached_over_tls() {
     println!("sentinel TLS: cached over TLS; over plain TCP, {failures} failures counted in 3 calls");
 }
 
+/// A runtime dropped ends its subscriptions to the sentinels' announcements: the sentinel lists
+/// them until the drop and none within 2 s of it (a bound for a loaded machine). Without the
+/// drop signal they would last until their next `PING` (every 10 s) found the store gone, or for
+/// as long as anything else held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_runtime_ends_its_subscriptions_to_the_sentinels() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let primary = RedisServer::start();
+    let sentinel = OneSentinel::watching(&primary);
+    let rt = Runtime::new(CacheConfig::redis(&sentinel.url()).unwrap());
+    rt.scope(level(5, &CALLS)).await;
+    until_subscribers(sentinel.port, 1, Duration::from_secs(10), plain).await;
+    // Still there a moment later: only the drop ends it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(plain(sentinel.port), 1, "the subscription lasts while the runtime lives");
+    drop(rt);
+    let ended = until_subscribers(sentinel.port, 0, Duration::from_secs(2), plain).await;
+    println!("sentinel subscriptions: ended {ended:?} after the runtime was dropped");
+}
+
 /// Sentinels over TLS in front of a primary over plain TCP (`REDIS_SENTINEL_TLS` and the CA in
 /// `REDIS_CA_CERT`, no `REDIS_TLS`): the CA is for the TLS connections only, so the primary is
 /// reached over plain TCP and the runtime caches, and subscribes to the sentinel over TLS.
