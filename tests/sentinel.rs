@@ -1075,6 +1075,76 @@ async fn sentinels_over_tls_are_reached_over_tls() {
     println!("sentinel TLS: cached over TLS; over plain TCP, {failures} failures counted in 3 calls");
 }
 
+/// An answer older than the one taken is never taken: of three sentinels, each configured alone,
+/// one names primary B at config epoch 5 and two name primary A at epoch 3. All answering, the
+/// runtime takes B (the newest answer). With B's sentinel frozen and B forgotten (its connections
+/// killed, a call failed on them), the majority that answers names A at the older epoch: the
+/// runtime keeps B, which still says it is a primary, and writes there. In the same run, a
+/// runtime that never saw epoch 5 takes A from the same sentinels: what the rule prevents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_older_than_the_one_taken_is_not_taken() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let master = format!("older-{}", a.port());
+    let epoch = |n: u64| format!("sentinel current-epoch {n}\nsentinel config-epoch {master} {n}\n");
+    let newest = OneSentinel::named(&master, b.port(), &epoch(5), None);
+    let older = [
+        OneSentinel::named(&master, a.port(), &epoch(3), None),
+        OneSentinel::named(&master, a.port(), &epoch(3), None),
+    ];
+    for (sentinel, want) in [(&newest, "5"), (&older[0], "3"), (&older[1], "3")] {
+        let fields = cli(sentinel.port, &["SENTINEL", "MASTER", &master]);
+        let mut lines = fields.lines().map(str::trim);
+        let said = lines.by_ref().skip_while(|line| *line != "config-epoch").nth(1);
+        assert_eq!(said, Some(want), "sentinel :{} at config epoch {want}: {fields}", sentinel.port);
+    }
+    let ports = [&newest, &older[0], &older[1]].map(|s| format!("127.0.0.1:{}", s.port)).join(",");
+    let vars = std::collections::HashMap::from([
+        ("REDIS_SENTINELS", ports),
+        ("REDIS_SENTINEL_MASTER", master.clone()),
+    ]);
+    let config = || {
+        CacheConfig::from_lookup(|name| vars.get(name).cloned())
+            .unwrap()
+            .with_op_timeout(Duration::from_secs(3))
+            .with_connect_timeout(Duration::from_secs(1))
+    };
+    let stored = |server: &RedisServer, n: u32| {
+        let key = KeyBuilder::new(module_path!(), "sn", "level").arg(&n).finish().unwrap();
+        !cli(server.port(), &["-n", "5", "GET", &key]).trim().is_empty()
+    };
+
+    let rt = Runtime::new(config());
+    rt.scope(level(11, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(stored(&b, 11) && !stored(&a, 11), "all answering, the newest answer (B, epoch 5) is taken");
+
+    newest.freeze();
+    cli(b.port(), &["CLIENT", "KILL", "TYPE", "normal"]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = rt.stats().get(5, "sn").map_or(0, |s| s.backend_errors);
+    // Its lookup finds the connection gone: B is forgotten, and asked for again.
+    rt.scope(level(12, &CALLS)).await;
+    let failed = rt.stats().get(5, "sn").map_or(0, |s| s.backend_errors) - before;
+    assert_eq!(failed, 1, "the lookup on the killed connection failed");
+    rt.scope(level(13, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(
+        stored(&b, 13) && !stored(&a, 13),
+        "the majority's older answer (A, epoch 3) was taken over B (epoch 5)"
+    );
+
+    let fresh = Runtime::new(config());
+    fresh.scope(level(14, &CALLS)).await;
+    fresh.flush().await.unwrap();
+    assert!(
+        stored(&a, 14) && !stored(&b, 14),
+        "a runtime that never saw epoch 5 takes the majority's answer, A"
+    );
+    newest.thaw();
+    println!("sentinel epochs: kept B (epoch 5) over the majority's A (epoch 3); a fresh runtime took A");
+}
+
 /// A runtime dropped ends its subscriptions to the sentinels' announcements: the sentinel lists
 /// them until the drop and none within 2 s of it (a bound for a loaded machine). Without the
 /// drop signal they would last until their next `PING` (every 10 s) found the store gone, or for

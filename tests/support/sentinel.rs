@@ -105,7 +105,13 @@ impl OneSentinel {
     /// (`requirepass`, `sentinel auth-pass`...); given `tls`, it speaks TLS only (`port 0`), to
     /// its clients and to the server it watches.
     pub fn configured(primary: u16, extra: &str, tls: Option<&Certificates>) -> OneSentinel {
-        let master = format!("cache-{primary}");
+        Self::named(&format!("cache-{primary}"), primary, extra, tls)
+    }
+
+    /// [`Self::configured`], the master named `master` (sentinels that disagree on where one
+    /// master's primary is, each configured alone).
+    pub fn named(master: &str, primary: u16, extra: &str, tls: Option<&Certificates>) -> OneSentinel {
+        let master = master.to_owned();
         let dir = tempfile::tempdir().unwrap();
         let (port, child) = start_sentinel(&dir.path().join("sentinel.conf"), &master, primary, extra, tls);
         OneSentinel { master, port, child, _dir: dir }
