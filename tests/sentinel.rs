@@ -1075,6 +1075,76 @@ async fn sentinels_over_tls_are_reached_over_tls() {
     println!("sentinel TLS: cached over TLS; over plain TCP, {failures} failures counted in 3 calls");
 }
 
+/// Every sentinel frozen when an invalidation is checked again: the round of questions before
+/// the check is waited for only as long as the recheck delay (500 ms; the `connect_timeout` is
+/// 30 s), then the check runs on the primary in use. The invalidation is made to look lost there
+/// (its entry put back, its stamp deleted, as a primary that failed before replicating it would
+/// leave them): the check applies it again about two delays after it was acknowledged (the test
+/// fails past 1.5 s), with no sentinel answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sentinel_frozen_at_a_recheck_leaves_it_to_run_on_the_primary_in_use() {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    const DELAY: Duration = Duration::from_millis(500);
+    let primary = RedisServer::start();
+    let sentinel = OneSentinel::watching(&primary);
+    let config = CacheConfig::redis(&sentinel.url())
+        .unwrap()
+        .with_op_timeout(Duration::from_secs(1))
+        .with_connect_timeout(Duration::from_secs(30))
+        .with_invalidation_recheck(DELAY);
+    let rt = Runtime::new(config);
+    rt.scope(level(21, &CALLS)).await;
+    rt.flush().await.unwrap();
+    assert!(is_hit(&rt, 21, &CALLS).await, "cached on the primary");
+    let key = KeyBuilder::new(module_path!(), "sn", "level").arg(&21u32).finish().unwrap();
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}/5", primary.port()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let dumped: Vec<u8> = redis::cmd("DUMP").arg(&key).query_async(&mut conn).await.unwrap();
+
+    sentinel.freeze();
+    rt.scope(invalidate!(level(21))).await;
+    let acknowledged = Instant::now();
+    let stamp = format!("{key}:inv");
+    let had_stamp: bool = redis::cmd("EXISTS").arg(&stamp).query_async(&mut conn).await.unwrap();
+    assert!(had_stamp, "the invalidation left its stamp on the primary");
+    // What a primary that failed before replicating it would leave: the entry, and no stamp.
+    let () = redis::pipe()
+        .cmd("RESTORE")
+        .arg(&key)
+        .arg(300_000)
+        .arg(dumped)
+        .arg("REPLACE")
+        .ignore()
+        .cmd("DEL")
+        .arg(&stamp)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let exists = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move { redis::cmd("EXISTS").arg(&key).query_async::<bool>(&mut conn).await.unwrap() }
+    };
+    assert!(exists(&mut conn).await, "the entry was put back");
+    while exists(&mut conn).await {
+        assert!(
+            acknowledged.elapsed() < Duration::from_millis(1500),
+            "the recheck did not apply the invalidation again within 1.5 s, every sentinel frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let applied = acknowledged.elapsed();
+    assert!(applied >= DELAY, "removed {applied:?} after the invalidation, before its recheck was due");
+    sentinel.thaw();
+    println!(
+        "sentinel frozen at a recheck (delay {DELAY:?}, connect_timeout 30 s): applied again {applied:?} after the invalidation"
+    );
+}
+
 /// An answer older than the one taken is never taken: of three sentinels, each configured alone,
 /// one names primary B at config epoch 5 and two name primary A at epoch 3. All answering, the
 /// runtime takes B (the newest answer). With B's sentinel frozen and B forgotten (its connections
