@@ -37,6 +37,55 @@ fn price_key(symbol: u32) -> String {
     KeyBuilder::new(module_path!(), "px", "price").arg(&symbol).finish().unwrap()
 }
 
+/// A cluster that asks for a password, reached with none or a wrong one: every call runs its
+/// function, the refusal (on Cluster, a pipeline of `NOAUTH` answers) opens the breaker, and it
+/// is logged once, saying where the password goes; given the password, the same calls hit.
+#[tokio::test]
+async fn a_cluster_that_refuses_the_credentials_says_so_once() {
+    let cluster = RedisCluster::start(2000);
+    for node in &cluster.nodes {
+        assert!(cli(node.port, &["CONFIG", "SET", "masterauth", "cluster-pw"]).contains("OK"));
+        assert!(cli(node.port, &["CONFIG", "SET", "requirepass", "cluster-pw"]).contains("OK"));
+    }
+    let nodes = cluster.addresses().join(",");
+    let runtime = |password: Option<&str>| {
+        let vars = std::collections::HashMap::from([
+            ("REDIS_CLUSTER_NODES", Some(nodes.clone())),
+            ("REDIS_PASSWORD", password.map(str::to_owned)),
+        ]);
+        Runtime::new(
+            cache_runtime::CacheConfig::from_lookup(|name| vars.get(name).cloned().flatten())
+                .unwrap()
+                .with_op_timeout(Duration::from_secs(2)),
+        )
+    };
+    let calls = AtomicUsize::new(0);
+    for (given, password) in [("no password", None), ("a wrong password", Some("wrong"))] {
+        let rt = runtime(password);
+        let (logs, guard) = support::logs::Logs::capture();
+        let before = calls.load(SeqCst);
+        for _ in 0..30 {
+            assert_eq!(rt.scope(price(1, &calls)).await, 2);
+        }
+        drop(guard);
+        assert_eq!(calls.load(SeqCst), before + 30, "{given}: every call ran its function");
+        let stats = rt.stats().get(5, "px").cloned().unwrap();
+        assert!(stats.bypassed >= 20, "{given}: the breaker did not open ({} bypassed)", stats.bypassed);
+        assert_eq!(
+            logs.count("WARN", "REDIS_PASSWORD"),
+            1,
+            "{given}: the refusal was not logged once, saying where the password goes:\n{}",
+            logs.text()
+        );
+    }
+    let rt = runtime(Some("cluster-pw"));
+    rt.scope(price(1, &calls)).await;
+    rt.flush().await.unwrap();
+    let before = calls.load(SeqCst);
+    assert_eq!(rt.scope(price(1, &calls)).await, 2);
+    assert_eq!(calls.load(SeqCst), before, "given the password, a hit");
+}
+
 /// Cluster has only DB 0: each DB marker's keys get a namespace of their own (`db5:`, `db3:`),
 /// and entries, `clear` and invalidation of one DB never touch another's.
 #[tokio::test]

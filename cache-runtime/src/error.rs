@@ -40,13 +40,9 @@ impl RedisFailure {
         self.0.code()
     }
 
-    /// Whether the server refused the credentials it was given (none, or wrong ones): a failed
-    /// `AUTH`, a `NOAUTH` or `WRONGPASS` answer, or the `SELECT` of a new connection answered
-    /// "Authentication required" (which redis-rs reports without the `NOAUTH` code).
+    /// Whether the server refused the credentials it was given ([`refuses_credentials`]).
     pub(crate) fn is_authentication_failure(&self) -> bool {
-        self.0.kind() == redis::ErrorKind::AuthenticationFailed
-            || matches!(self.0.code(), Some("NOAUTH" | "WRONGPASS"))
-            || self.0.detail().is_some_and(|detail| detail.starts_with("Authentication required"))
+        refuses_credentials(&self.0)
     }
 
     /// Whether the connection failed (refused, reset, dropped, an I/O error), rather than the
@@ -62,6 +58,18 @@ impl RedisFailure {
     }
 }
 
+/// Whether `error` is a refusal of the credentials given (none, or wrong ones): a failed `AUTH`,
+/// a `NOAUTH` or `WRONGPASS` answer (a pipeline's included: Cluster's first commands come as
+/// one), or the `SELECT` of a new connection answered "Authentication required" (which redis-rs
+/// reports without the `NOAUTH` code).
+pub(crate) fn refuses_credentials(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error.detail().is_some_and(|detail| detail.starts_with("Authentication required"))
+        || error.clone().into_server_errors().is_some_and(|errors| {
+            errors.iter().any(|(_, error)| matches!(error.code(), "NOAUTH" | "WRONGPASS"))
+        })
+}
+
 impl fmt::Display for RedisFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)?;
@@ -69,6 +77,11 @@ impl fmt::Display for RedisFailure {
         // setting).
         if self.is_authentication_failure() && !self.0.to_string().contains("REDIS_") {
             f.write_str("; the server refused the credentials it was given (none, or wrong ones): give them in the URL (redis://user:password@host:port/), or in REDIS_USERNAME and REDIS_PASSWORD")?;
+        } else if self.0.kind() == redis::ErrorKind::ClusterConnectionNotFound {
+            // redis-rs reports a cluster whose every node refused the password it was given
+            // (not none: that is `NOAUTH`, above) this way too, as a cluster whose nodes are all
+            // down.
+            f.write_str("; no node of the cluster could be used: each is down or unreachable, or refused the credentials it was given (the password is given in the URL or in REDIS_PASSWORD, with REDIS_USERNAME for an ACL user)")?;
         }
         Ok(())
     }

@@ -656,11 +656,7 @@ fn sentinel_address(sentinel: &str, tls: bool) -> ConnectionAddr {
 /// was given (none, or wrong ones): a `NOAUTH` or `WRONGPASS` reply (a pipeline's included), or
 /// a failed `AUTH`. Such an error is an authentication failure ([`refused`]).
 fn sentinel_error(sentinel: &str, error: redis::RedisError) -> BackendError {
-    let refused = error.kind() == redis::ErrorKind::AuthenticationFailed
-        || error.clone().into_server_errors().is_some_and(|errors| {
-            errors.iter().any(|(_, error)| matches!(error.code(), "NOAUTH" | "WRONGPASS"))
-        });
-    if !refused {
+    if !crate::error::refuses_credentials(&error) {
         return error.into();
     }
     let what = format!("sentinel {sentinel}: {error}");
