@@ -86,6 +86,30 @@ async fn a_cluster_that_refuses_the_credentials_says_so_once() {
     assert_eq!(calls.load(SeqCst), before, "given the password, a hit");
 }
 
+/// `REDIS_CA_CERT` beside plain-TCP cluster nodes leaves them plain: the calls cache. Before
+/// this release the CA made redis-rs speak TLS to them, and every call timed out uncached.
+#[tokio::test]
+async fn a_ca_leaves_plain_cluster_nodes_plain() {
+    let cluster = RedisCluster::shared();
+    let certs = support::tls::Certificates::generate();
+    let vars = std::collections::HashMap::from([
+        ("REDIS_CLUSTER_NODES", cluster.addresses().join(",")),
+        ("REDIS_CA_CERT", certs.ca().to_str().unwrap().to_owned()),
+        ("CACHE_KEY_NAMESPACE", support::unique_namespace()),
+    ]);
+    let config = cache_runtime::CacheConfig::from_lookup(|name| vars.get(name).cloned())
+        .unwrap()
+        .with_op_timeout(Duration::from_secs(2));
+    let rt = Runtime::new(config);
+    let calls = AtomicUsize::new(0);
+    for _ in 0..2 {
+        assert_eq!(rt.scope(price(2, &calls)).await, 4);
+        rt.flush().await.unwrap();
+    }
+    assert_eq!(calls.load(SeqCst), 1, "the second call was a hit");
+    assert_eq!(rt.stats().get(5, "px").unwrap().backend_errors, 0);
+}
+
 /// Cluster has only DB 0: each DB marker's keys get a namespace of their own (`db5:`, `db3:`),
 /// and entries, `clear` and invalidation of one DB never touch another's.
 #[tokio::test]

@@ -72,6 +72,12 @@ fn now_ms() -> u64 {
 
 fn worker(role: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // What the cache logs (at `RUST_LOG`, `warn`), on stderr, which the parent reads.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     rt.block_on(async {
         let runtime = Runtime::new(CacheConfig::from_env().expect("the test's environment"));
         let dir = std::env::var("CACHE_DIR").unwrap_or_default();
@@ -162,6 +168,8 @@ struct Report {
     runs: u64,
     errors: u64,
     rest: String,
+    /// What the worker logged (stderr).
+    log: String,
 }
 
 impl Report {
@@ -196,7 +204,8 @@ fn wait_report(child: std::process::Child) -> Report {
         String::from_utf8_lossy(&out.stderr)
     );
     let line = stdout.lines().find_map(|l| l.strip_prefix("REPORT ")).expect("a report");
-    let mut report = Report { runs: 0, errors: 0, rest: String::new() };
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut report = Report { runs: 0, errors: 0, rest: String::new(), log };
     for kv in line.split_whitespace() {
         match kv.split_once('=') {
             Some(("runs", v)) => report.runs = v.parse().unwrap(),
@@ -380,14 +389,26 @@ fn full_disk() {
         };
     }
     sh.env("BLOBS", "400").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let started = Instant::now();
     let report = wait_report(sh.spawn().unwrap());
+    let took = started.elapsed();
+    let warned =
+        report.log.lines().filter(|l| l.contains("WARN") && l.contains("cache backend failing")).count();
     println!(
-        "  full: 400 calls of 8 KB values under a 1 MB file limit: {} wrong, {} backend errors counted",
+        "  full: 400 calls of 8 KB values under a 1 MB file limit: {} wrong, {} backend errors counted, {warned} warning in {took:.1?}",
         report.field("wrong"),
         report.errors
     );
     assert_eq!(report.field("wrong"), "0", "every call answered with its function's value");
     assert!(report.errors > 0, "the refused writes were counted");
+    // Logged when the writes start failing, then at most once per 10 s while reads succeed in
+    // between: not once per failed write.
+    let most = 1 + took.as_secs() as usize / 10;
+    assert!(
+        (1..=most).contains(&warned),
+        "{warned} warnings of the failing file in {took:?} (1 to {most} expected):\n{}",
+        report.log
+    );
     // The entries written before the disk filled are still read.
     let later = run("blobs", dir.path(), &[("BLOBS", "5".to_owned())]);
     assert_eq!(later.runs, 0, "the first entries were kept and are read");

@@ -1023,8 +1023,14 @@ async fn sentinels_that_ask_for_a_password_are_given_theirs() {
             "the refusal was not logged once, saying what to do: {}",
             logs.text()
         );
-        // Shared by the calls that waited for one question, the error keeps its own text.
+        // Shared by the calls that waited for one question, the error keeps its own text, and
+        // is not taken for the primary's refusal.
         assert!(!logs.text().contains("redis: redis:"), "an error's prefix doubled: {}", logs.text());
+        assert!(
+            !logs.text().contains("REDIS_PASSWORD ("),
+            "the primary's hint on a sentinel's refusal: {}",
+            logs.text()
+        );
     }
 
     let rt = Runtime::new(config().with_sentinel_credentials(None, "sentinel-pw"));

@@ -135,3 +135,32 @@ async fn tls_from_the_environment() {
     assert_eq!(calls.load(SeqCst), 1);
     assert_eq!(rt.stats().get(5, "fx").unwrap().backend_errors, 0);
 }
+
+/// A CA is for TLS connections: `REDIS_CA_CERT` beside a plain `redis://` `REDIS_URL` (a
+/// variable set for the whole fleet, some of whose servers speak plain TCP) leaves the connection
+/// plain, and the calls cache. The same environment gives the URL its password
+/// (`REDIS_PASSWORD`). Before this release, the CA made redis-rs refuse to build the client
+/// ("requires a URL with the `rediss://` scheme") and every call ran uncached; the password was
+/// ignored.
+#[tokio::test]
+async fn a_ca_leaves_a_plain_url_plain_and_the_environments_password_reaches_it() {
+    let certs = Certificates::generate();
+    let server = support::RedisServer::start_with_args(&["--requirepass", "env-pw"]);
+    let url = format!("redis://127.0.0.1:{}", server.port());
+    let ca = certs.ca().to_str().unwrap().to_owned();
+    let config = CacheConfig::from_lookup(|name| match name {
+        "REDIS_URL" => Some(url.clone()),
+        "REDIS_PASSWORD" => Some("env-pw".into()),
+        "REDIS_CA_CERT" => Some(ca.clone()),
+        _ => None,
+    })
+    .unwrap();
+    let rt = Runtime::new(config);
+    let calls = AtomicUsize::new(0);
+    for _ in 0..2 {
+        assert_eq!(rt.scope(rate("USDJPY", &calls)).await, 6);
+        rt.flush().await.unwrap();
+    }
+    assert_eq!(calls.load(SeqCst), 1, "the second call was a hit over plain TCP");
+    assert_eq!(rt.stats().get(5, "fx").unwrap().backend_errors, 0);
+}

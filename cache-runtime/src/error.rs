@@ -58,6 +58,10 @@ impl RedisFailure {
     }
 }
 
+/// What a sentinel's refusal of its credentials says (`backend/sentinel`): its own setting, not
+/// the primary's.
+pub(crate) const SENTINEL_REFUSAL: &str = "a sentinel refused the credentials it was given; the sentinels' own password (requirepass) is set with CacheConfig::with_sentinel_credentials or REDIS_SENTINEL_PASSWORD, apart from the primary's";
+
 /// Whether `error` is a refusal of the credentials given (none, or wrong ones): a failed `AUTH`,
 /// a `NOAUTH` or `WRONGPASS` answer (a pipeline's included: Cluster's first commands come as
 /// one), or the `SELECT` of a new connection answered "Authentication required" (which redis-rs
@@ -73,10 +77,9 @@ pub(crate) fn refuses_credentials(error: &redis::RedisError) -> bool {
 impl fmt::Display for RedisFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)?;
-        // What to do, unless the error already says it (a sentinel's refusal names its own
-        // setting).
-        if self.is_authentication_failure() && !self.0.to_string().contains("REDIS_") {
-            f.write_str("; the server refused the credentials it was given (none, or wrong ones): give them in the URL (redis://user:password@host:port/), or in REDIS_USERNAME and REDIS_PASSWORD")?;
+        // What to do; a sentinel's refusal says its own.
+        if self.is_authentication_failure() && !self.0.to_string().starts_with(SENTINEL_REFUSAL) {
+            f.write_str("; the server refused the credentials it was given (none, wrong ones, or a password where it asks for none): give the password in the URL (redis://:password@host:port/, redis://user:password@... for an ACL user) or in REDIS_PASSWORD (with REDIS_USERNAME for an ACL user)")?;
         } else if self.0.kind() == redis::ErrorKind::ClusterConnectionNotFound {
             // redis-rs reports a cluster whose every node refused the password it was given
             // (not none: that is `NOAUTH`, above) this way too, as a cluster whose nodes are all
@@ -123,7 +126,11 @@ impl BackendError {
         use redis::{ErrorKind, ServerErrorKind as S};
         match self {
             BackendError::Timeout(_) | BackendError::Batch(_) => true,
-            BackendError::Bypassed | BackendError::Disk(_) => false,
+            BackendError::Bypassed => false,
+            // The disk backend's file: every failure of it (full, locked past `op_timeout`,
+            // corrupt) says the file is unusable for now. Its breaker never opens; this is what
+            // it logs.
+            BackendError::Disk(_) => true,
             BackendError::Redis(e) => match e.0.kind() {
                 ErrorKind::Io
                 | ErrorKind::AuthenticationFailed
@@ -211,5 +218,57 @@ impl std::error::Error for CacheError {
 impl From<BackendError> for CacheError {
     fn from(e: BackendError) -> Self {
         CacheError::Backend(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, detail: &str) -> redis::RedisError {
+        redis::make_extension_error(code.to_owned(), Some(detail.to_owned()))
+    }
+
+    #[test]
+    fn a_refusal_of_the_credentials_is_told_apart_from_a_refused_request() {
+        let select = |detail: &str| {
+            redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "Redis server refused to switch database",
+                detail.to_owned(),
+            ))
+        };
+        assert!(refuses_credentials(&select("Authentication required.")));
+        assert!(!refuses_credentials(&select("DB index is out of range")));
+        assert!(refuses_credentials(&server("NOAUTH", "Authentication required.")));
+        assert!(refuses_credentials(&server("WRONGPASS", "invalid username-password pair")));
+        assert!(!refuses_credentials(&server("NOPERM", "this user has no permissions")));
+        assert!(refuses_credentials(&redis::RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed"
+        ))));
+        let failure = |e| BackendError::Redis(RedisFailure(e));
+        assert!(failure(select("Authentication required.")).is_server_failure());
+        assert!(!failure(server("NOPERM", "no permissions")).is_server_failure());
+    }
+
+    #[test]
+    fn a_refusal_says_where_the_password_goes_once_and_a_sentinels_names_its_own() {
+        let text = BackendError::from(server("NOAUTH", "Authentication required.")).to_string();
+        assert_eq!(text.matches("REDIS_PASSWORD").count(), 1, "{text}");
+        assert!(!text.starts_with("redis: redis:"), "{text}");
+        let sentinel = BackendError::from(redis::RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            SENTINEL_REFUSAL,
+            "sentinel h:1: NOAUTH".to_owned(),
+        )))
+        .to_string();
+        assert!(!sentinel.contains("REDIS_PASSWORD ("), "{sentinel}");
+        let lost = BackendError::from(redis::RedisError::from((
+            redis::ErrorKind::ClusterConnectionNotFound,
+            "No connections found",
+        )))
+        .to_string();
+        assert!(lost.contains("down or unreachable") && lost.contains("REDIS_PASSWORD"), "{lost}");
     }
 }

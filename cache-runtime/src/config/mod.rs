@@ -504,8 +504,8 @@ impl CacheConfig {
     /// | `CACHE_DIR`, `CACHE_MAX_SIZE` | with `disk`: the directory (required) and the bound in bytes (default 1 GiB) |
     /// | `REDIS_URL` | `redis://[user:password@]host:port`, `rediss://...` (TLS), `redis+sentinel://host:port,.../master` |
     /// | `REDIS_HOST`, `REDIS_PORT` | used when `REDIS_URL` is unset |
-    /// | `REDIS_USERNAME`, `REDIS_PASSWORD` | the ACL user (with `REDIS_HOST`, Cluster and Sentinel) |
-    /// | `REDIS_TLS` | `true`: TLS with `REDIS_HOST`, Cluster nodes given as `host:port`, and Sentinel's primary |
+    /// | `REDIS_USERNAME`, `REDIS_PASSWORD` | the ACL user and its password (one server, Cluster, and Sentinel's primary; each over a URL's own) |
+    /// | `REDIS_TLS` | `true`: TLS with `REDIS_HOST`, Cluster nodes given as `host:port`, and Sentinel's primary; an error with a `redis://` `REDIS_URL` (write `rediss://`) |
     /// | `REDIS_CA_CERT` | a PEM file of CA certificates trusted instead of the system roots |
     /// | `REDIS_CLUSTER_NODES` | `host:port,host:port,...`: Redis Cluster |
     /// | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | `host:port,...` and the primary's name: Sentinel |
@@ -671,6 +671,20 @@ impl CacheConfig {
                     target.set_sentinel_tls(true);
                 }
                 CacheConfig { backend: BackendKind::Sentinel(target), ..config }
+            }
+            // `REDIS_URL` (or `REDIS_HOST`) takes the user and password of the environment as
+            // well, as the other deployments do; `REDIS_TLS` cannot turn a `redis://` URL, which
+            // says plain TCP, into TLS, and is not ignored either.
+            BackendKind::Redis(mut target) => {
+                if tls && !target.is_tls() {
+                    return Err(ConfigError::InvalidValue {
+                        variable: "REDIS_TLS",
+                        value: "true".into(),
+                        expected: "false with a redis:// REDIS_URL (plain TCP): for TLS write rediss:// in REDIS_URL",
+                    });
+                }
+                target.set_credentials(username.clone(), password.clone());
+                CacheConfig { backend: BackendKind::Redis(target), ..config }
             }
             _ => config,
         };
@@ -997,6 +1011,28 @@ mod tests {
         assert_eq!(target.to_string(), "rediss://h:6379");
         assert_eq!(target.info.redis_settings().username(), Some("app"));
         assert!(from(&[("REDIS_TLS", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn the_environments_user_and_password_reach_a_redis_url_and_tls_cannot_be_asked_of_a_plain_one() {
+        let config =
+            from(&[("REDIS_URL", "redis://h:1"), ("REDIS_USERNAME", "app"), ("REDIS_PASSWORD", "pw")])
+                .unwrap();
+        let BackendKind::Redis(target) = &config.backend else { panic!("{config:?}") };
+        assert_eq!(target.info.redis_settings().username(), Some("app"));
+        assert_eq!(target.info.redis_settings().password(), Some("pw"));
+        assert!(!format!("{config:?}").contains("pw"), "the password in Debug: {config:?}");
+        // Over the URL's own, as behind Sentinel; a URL's own is kept when the environment has none.
+        let config = from(&[("REDIS_URL", "redis://:url-pw@h:1"), ("REDIS_PASSWORD", "env-pw")]).unwrap();
+        let BackendKind::Redis(target) = &config.backend else { panic!("{config:?}") };
+        assert_eq!(target.info.redis_settings().password(), Some("env-pw"));
+        let config = from(&[("REDIS_URL", "redis://:url-pw@h:1")]).unwrap();
+        let BackendKind::Redis(target) = &config.backend else { panic!("{config:?}") };
+        assert_eq!(target.info.redis_settings().password(), Some("url-pw"));
+
+        let err = from(&[("REDIS_URL", "redis://h:1"), ("REDIS_TLS", "true")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_TLS") && err.to_string().contains("rediss://"), "{err}");
+        assert!(from(&[("REDIS_URL", "rediss://h:1"), ("REDIS_TLS", "true")]).is_ok());
     }
 
     #[test]

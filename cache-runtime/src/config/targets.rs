@@ -31,6 +31,24 @@ impl CaCert {
     pub(crate) fn certificates(ca: &Option<CaCert>) -> Option<TlsCertificates> {
         ca.as_ref().map(|ca| TlsCertificates { client_tls: None, root_cert: Some(ca.0.to_vec()) })
     }
+
+    /// A client for `info`, trusting `ca` if `info` is reached over TLS. A CA is for TLS
+    /// connections only: given with a plain-TCP address (`REDIS_CA_CERT` beside a `redis://`
+    /// URL, TLS sentinels in front of a plain primary), it is not used (redis-rs would refuse to
+    /// build the client, and every call would run uncached).
+    pub(crate) fn client(
+        info: redis::ConnectionInfo,
+        ca: &Option<CaCert>,
+    ) -> Result<redis::Client, BackendError> {
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Ok(redis::Client::open(info)?);
+        }
+        tls_provider();
+        Ok(match Self::certificates(ca) {
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
+        })
+    }
 }
 
 /// Installs rustls's `ring` provider as the process default unless one is installed: the TLS
@@ -90,6 +108,19 @@ impl RedisTarget {
         self.ca = Some(ca);
     }
 
+    /// The user and the password given apart from the URL (`REDIS_USERNAME`, `REDIS_PASSWORD`),
+    /// each over the URL's own when given.
+    pub(crate) fn set_credentials(&mut self, username: Option<String>, password: Option<String>) {
+        let mut settings = self.info.redis_settings().clone();
+        if let Some(username) = username {
+            settings = settings.set_username(&username);
+        }
+        if let Some(password) = password {
+            settings = settings.set_password(&password);
+        }
+        self.info = self.info.clone().set_redis_settings(settings);
+    }
+
     pub(crate) fn for_db(&self, db: u8) -> redis::ConnectionInfo {
         let settings = self.info.redis_settings().clone().set_db(i64::from(db));
         self.info.clone().set_redis_settings(settings)
@@ -108,13 +139,7 @@ impl RedisTarget {
     }
 
     fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, BackendError> {
-        if self.is_tls() {
-            tls_provider();
-        }
-        Ok(match CaCert::certificates(&self.ca) {
-            Some(certs) => redis::Client::build_with_tls(info, certs)?,
-            None => redis::Client::open(info)?,
-        })
+        CaCert::client(info, &self.ca)
     }
 }
 

@@ -71,9 +71,10 @@ impl ClusterNodes {
         if target.tls {
             tls_provider();
             builder = builder.tls(redis::TlsMode::Secure);
-        }
-        if let Some(certs) = CaCert::certificates(&target.ca) {
-            builder = builder.certs(certs);
+            // For TLS only: given to plain-TCP nodes, redis-rs would speak TLS to them.
+            if let Some(certs) = CaCert::certificates(&target.ca) {
+                builder = builder.certs(certs);
+            }
         }
         let client = builder.build()?;
         let config = ClusterConfig::new()

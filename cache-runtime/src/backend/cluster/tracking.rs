@@ -73,11 +73,7 @@ impl Nodes {
         if let Some(password) = &self.target.password {
             settings = settings.set_password(password);
         }
-        let info = template.set_addr(addr).set_redis_settings(settings);
-        Ok(match CaCert::certificates(&self.target.ca) {
-            Some(certs) => redis::Client::build_with_tls(info, certs)?,
-            None => redis::Client::open(info)?,
-        })
+        CaCert::client(template.set_addr(addr).set_redis_settings(settings), &self.target.ca)
     }
 }
 

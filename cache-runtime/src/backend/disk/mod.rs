@@ -14,8 +14,8 @@
 //!   aside (`cache.sqlite3.corrupt-<ms>`) and a new one is created, under a lock file, by the
 //!   first process that finds it; the others reopen the new one. The calls that failed ran
 //!   their functions.
-//! - A full disk fails the writes (counted and logged by the runtime; the functions run); reads
-//!   go on.
+//! - A full disk fails the writes (counted; logged once, then at most every 10 s, while it
+//!   fails; the functions run); reads go on.
 //!
 //! SQLite calls block the calling thread for microseconds (a write may wait for another
 //! process's transaction, at most `op_timeout`, SQLite's busy timeout).
@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
 
+use super::breaker::Breaker;
 use super::protocol::{Acquired, BackendInfo, FillOutcome, LeaseAsk, Renewal};
 use super::store::Store;
 use crate::config::{CacheConfig, DiskTarget};
@@ -77,6 +78,8 @@ pub(crate) struct DiskStore {
     /// Raised when this process meets a corrupt file: every connection reopens at its next call,
     /// not a second later.
     epoch: AtomicU64,
+    /// The failure log (a breaker that never opens).
+    log: Breaker,
 }
 
 #[derive(Default)]
@@ -130,9 +133,10 @@ impl DiskStore {
             next: AtomicUsize::new(0),
             writes: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            log: Breaker::new(0, Duration::ZERO, format!("disk {}", target.dir.display())),
         };
         // Opened (and checked) now, so a bad directory is logged at start-up.
-        if let Err(e) = store.call(|_| Ok(())) {
+        if let Err(e) = store.on_connection(|_| Ok(())) {
             tracing::error!(dir = %store.dir.display(), error = %e, "the disk cache cannot open its file; every call runs its function");
         }
         store
@@ -202,9 +206,26 @@ impl DiskStore {
         }
     }
 
+    /// [`Self::on_connection`], its failure logged as the Redis store's are (one `warn` when the
+    /// file starts failing, at most one per 10 s; one `info` when it answers again), through a
+    /// breaker that never opens: a failing file answers at once.
+    fn call<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> Result<R, BackendError> {
+        match self.log.admit() {
+            Ok(permit) => {
+                let result = self.on_connection(f);
+                permit.record(&result);
+                result
+            }
+            Err(never) => Err(never),
+        }
+    }
+
     /// Runs `f` on one of this process's connections, (re)opening it as needed; a corrupt file
     /// is replaced and the call fails (its function runs).
-    fn call<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> Result<R, BackendError> {
+    fn on_connection<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, BackendError> {
         let start = self.next.fetch_add(1, Relaxed);
         let mut slot = (0..CONNECTIONS)
             .find_map(|i| self.slots[(start + i) % CONNECTIONS].try_lock().ok())

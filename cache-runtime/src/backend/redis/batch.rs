@@ -303,7 +303,7 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
                     BackendError,
                 > = bounded(self.op_timeout, async { Ok(futures_util::future::join_all(sends).await) }).await;
                 let first_failure = match &replies {
-                    Ok(per_pipe) => per_pipe.iter().find_map(|r| r.as_ref().err()).map(copy_error),
+                    Ok(per_pipe) => per_pipe.iter().find_map(|r| r.as_ref().err()).cloned(),
                     Err(_) => None,
                 };
                 match (&replies, first_failure) {
@@ -323,7 +323,7 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
                             }
                             Err(e) => {
                                 for &i in indices {
-                                    ordered[i] = Some(Err(copy_error(&e)));
+                                    ordered[i] = Some(Err(e.clone()));
                                 }
                             }
                         }
@@ -393,11 +393,6 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
             }
         }
     }
-}
-
-/// The same failure again, for each write of a failed pipeline (`RedisError` is not `Clone`).
-fn copy_error(e: &redis::RedisError) -> redis::RedisError {
-    redis::RedisError::from((e.kind(), "a pipeline of the batch failed", e.to_string()))
 }
 
 /// What one pipelined write answered: the fill script's code (see `scripts.rs`), or `SET`'s OK.

@@ -124,7 +124,8 @@ type Discovery = SharedFuture<BoxFuture<'static, Result<Arc<Primary>, Unfound>>>
 #[derive(Clone)]
 struct Unfound {
     timeout: Option<Duration>,
-    /// A sentinel's refusal of its credentials ([`sentinel_error`]), kept as it was.
+    /// A refusal of the credentials, kept as it was: a sentinel's ([`sentinel_error`]), or the
+    /// primary's (through the `SentinelClient` fallback).
     refusal: Option<redis::RedisError>,
     /// The failure's own text (a `redis` error's, without [`BackendError`]'s `redis: `, which
     /// the waiter's error adds again).
@@ -578,14 +579,7 @@ impl Shared {
     /// A client for `info` (a primary's or a sentinel's address and credentials), trusting this
     /// target's CA if it is reached over TLS.
     fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, BackendError> {
-        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
-            return Ok(redis::Client::open(info)?);
-        }
-        tls_provider();
-        Ok(match CaCert::certificates(&self.target.ca) {
-            Some(certs) => redis::Client::build_with_tls(info, certs)?,
-            None => redis::Client::open(info)?,
-        })
+        CaCert::client(info, &self.target.ca)
     }
 
     /// `db`'s connection to `primary`, made on first use.
@@ -660,12 +654,8 @@ fn sentinel_error(sentinel: &str, error: redis::RedisError) -> BackendError {
         return error.into();
     }
     let what = format!("sentinel {sentinel}: {error}");
-    redis::RedisError::from((
-        redis::ErrorKind::AuthenticationFailed,
-        "a sentinel refused the credentials it was given; the sentinels' own password (requirepass) is set with CacheConfig::with_sentinel_credentials or REDIS_SENTINEL_PASSWORD, apart from the primary's",
-        what,
-    ))
-    .into()
+    redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, crate::error::SENTINEL_REFUSAL, what))
+        .into()
 }
 
 /// Whether `error` is a sentinel's refusal of the credentials it was given ([`sentinel_error`]).
