@@ -78,13 +78,18 @@ impl fmt::Display for RedisFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)?;
         // What to do; a sentinel's refusal says its own.
+        let credentials = "the password goes in the URL (redis://:password@host:port/, user:password@ for an ACL user; the same in a redis+sentinel:// URL or a cluster node's), or, configured from the environment, in REDIS_PASSWORD (with REDIS_USERNAME), which overrides the URL's";
         if self.is_authentication_failure() && !self.0.to_string().starts_with(SENTINEL_REFUSAL) {
-            f.write_str("; the server refused the credentials it was given (none, wrong ones, or a password where it asks for none): give the password in the URL (redis://:password@host:port/, redis://user:password@... for an ACL user) or in REDIS_PASSWORD (with REDIS_USERNAME for an ACL user)")?;
+            write!(f, "; the server refused the credentials it was given (none, wrong ones, or a password where it asks for none): {credentials}")?;
         } else if self.0.kind() == redis::ErrorKind::ClusterConnectionNotFound {
             // redis-rs reports a cluster whose every node refused the password it was given
-            // (not none: that is `NOAUTH`, above) this way too, as a cluster whose nodes are all
-            // down.
-            f.write_str("; no node of the cluster could be used: each is down or unreachable, or refused the credentials it was given (the password is given in the URL or in REDIS_PASSWORD, with REDIS_USERNAME for an ACL user)")?;
+            // (not none: that is `NOAUTH`, above) as a cluster whose nodes are all down, and a
+            // node asked by address that refused it as a node that is down.
+            if self.0.to_string().starts_with("No connections found") {
+                write!(f, "; no node of the cluster could be used: each is down or unreachable, or refused the credentials it was given ({credentials})")?;
+            } else {
+                write!(f, "; that node is down or unreachable, or refused the credentials it was given ({credentials})")?;
+            }
         }
         Ok(())
     }
@@ -269,6 +274,13 @@ mod tests {
             "No connections found",
         )))
         .to_string();
-        assert!(lost.contains("down or unreachable") && lost.contains("REDIS_PASSWORD"), "{lost}");
+        assert!(lost.contains("no node of the cluster") && lost.contains("REDIS_PASSWORD"), "{lost}");
+        let one = BackendError::from(redis::RedisError::from((
+            redis::ErrorKind::ClusterConnectionNotFound,
+            "Requested connection not found",
+            "10.0.0.1:7000".to_owned(),
+        )))
+        .to_string();
+        assert!(one.contains("that node is down") && !one.contains("no node of the cluster"), "{one}");
     }
 }

@@ -620,7 +620,8 @@ impl CacheConfig {
                 }
             }
             Some(b) if b == "redis" => {
-                Self::redis(&redis_url()?.unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()))?
+                let local = if tls { "rediss://127.0.0.1:6379" } else { "redis://127.0.0.1:6379" };
+                Self::redis(&redis_url()?.unwrap_or_else(|| local.to_owned()))?
             }
             Some(b) if b == "cluster" => cluster()?.ok_or(ConfigError::InvalidValue {
                 variable: "REDIS_CLUSTER_NODES",
@@ -676,12 +677,15 @@ impl CacheConfig {
             // well, as the other deployments do; `REDIS_TLS` cannot turn a `redis://` URL, which
             // says plain TCP, into TLS, and is not ignored either.
             BackendKind::Redis(mut target) => {
-                if tls && !target.is_tls() {
+                if tls && target.is_plain_tcp() {
                     return Err(ConfigError::InvalidValue {
                         variable: "REDIS_TLS",
-                        value: "true".into(),
-                        expected: "false with a redis:// REDIS_URL (plain TCP): for TLS write rediss:// in REDIS_URL",
+                        value: var("REDIS_TLS").unwrap_or_default(),
+                        expected: "false, or unset, with a plain-TCP REDIS_URL (redis://): for TLS write rediss:// in REDIS_URL",
                     });
+                }
+                if password.is_some() && target.info.redis_settings().password().is_some() {
+                    tracing::info!("REDIS_PASSWORD is set: it is used over the password in REDIS_URL");
                 }
                 target.set_credentials(username.clone(), password.clone());
                 CacheConfig { backend: BackendKind::Redis(target), ..config }
@@ -1030,9 +1034,15 @@ mod tests {
         let BackendKind::Redis(target) = &config.backend else { panic!("{config:?}") };
         assert_eq!(target.info.redis_settings().password(), Some("url-pw"));
 
-        let err = from(&[("REDIS_URL", "redis://h:1"), ("REDIS_TLS", "true")]).unwrap_err();
-        assert!(err.to_string().contains("REDIS_TLS") && err.to_string().contains("rediss://"), "{err}");
+        let err = from(&[("REDIS_URL", "redis://h:1"), ("REDIS_TLS", "yes")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("REDIS_TLS") && text.contains("yes") && text.contains("rediss://"), "{err}");
         assert!(from(&[("REDIS_URL", "rediss://h:1"), ("REDIS_TLS", "true")]).is_ok());
+        // Not a plain-TCP URL: a Unix socket has no TLS to ask for, and is left as it was.
+        assert!(from(&[("REDIS_URL", "redis+unix:///tmp/redis.sock"), ("REDIS_TLS", "true")]).is_ok());
+        let local = from(&[("CACHE_BACKEND", "redis"), ("REDIS_TLS", "true")]).unwrap();
+        let BackendKind::Redis(target) = &local.backend else { panic!("{local:?}") };
+        assert!(target.is_tls(), "the local default over TLS: {local:?}");
     }
 
     #[test]

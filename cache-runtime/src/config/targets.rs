@@ -104,6 +104,11 @@ impl RedisTarget {
         is_tls(&self.info)
     }
 
+    /// Whether connections use TCP without TLS (`redis://`; not a Unix socket).
+    pub(crate) fn is_plain_tcp(&self) -> bool {
+        matches!(self.info.addr(), ConnectionAddr::Tcp(..))
+    }
+
     pub(crate) fn set_ca(&mut self, ca: CaCert) {
         self.ca = Some(ca);
     }
