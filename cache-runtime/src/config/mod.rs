@@ -6,7 +6,6 @@ use std::time::Duration;
 
 pub(crate) mod targets;
 
-use self::targets::encode_userinfo;
 pub use self::targets::{ClusterTarget, DiskTarget, RedisTarget, SentinelTarget, DEFAULT_DISK_MAX_SIZE};
 
 /// Default bound on each backend call. A cached call makes at most two before its function runs
@@ -562,14 +561,10 @@ impl CacheConfig {
                     expected: "a port number",
                 });
             }
-            let user = username.as_deref().map(encode_userinfo).unwrap_or_default();
-            let auth = match &password {
-                Some(p) => format!("{user}:{}@", encode_userinfo(p)),
-                None if !user.is_empty() => format!("{user}@"),
-                None => String::new(),
-            };
+            // The user and password are not written into the URL: they are set on it below, as
+            // on a `REDIS_URL`, as given (no escaping to get right).
             let scheme = if tls { "rediss" } else { "redis" };
-            Ok(Some(format!("{scheme}://{auth}{}:{}", host.trim(), port.trim())))
+            Ok(Some(format!("{scheme}://{}:{}", host.trim(), port.trim())))
         };
         let cluster = || -> Result<Option<Self>, ConfigError> {
             let Some(nodes) = var("REDIS_CLUSTER_NODES") else { return Ok(None) };
@@ -1081,10 +1076,13 @@ mod tests {
     #[test]
     fn password_with_reserved_characters_reaches_the_server_unchanged() {
         let password = "p@ss/w?rd#1%2 :x";
-        let config = from(&[("REDIS_HOST", "h"), ("REDIS_PASSWORD", password)]).unwrap();
-        let BackendKind::Redis(target) = &config.backend else { panic!("expected redis") };
-        assert_eq!(target.info.redis_settings().password(), Some(password));
-        assert_eq!(target.address(), "h:6379");
+        for url in [("REDIS_HOST", "h"), ("REDIS_URL", "redis://h:6379")] {
+            let config = from(&[url, ("REDIS_USERNAME", "a@b"), ("REDIS_PASSWORD", password)]).unwrap();
+            let BackendKind::Redis(target) = &config.backend else { panic!("expected redis") };
+            assert_eq!(target.info.redis_settings().password(), Some(password));
+            assert_eq!(target.info.redis_settings().username(), Some("a@b"));
+            assert_eq!(target.address(), "h:6379");
+        }
     }
 
     #[test]

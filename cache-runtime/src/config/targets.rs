@@ -388,20 +388,6 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
-/// Percent-encodes a password for the userinfo of a URL (RFC 3986: everything but unreserved
-/// characters), so `@ / ? # %` and the like reach the server unchanged.
-pub(crate) fn encode_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 /// The disk backend's file: a directory (created if missing) that every process of the service
 /// on this machine names, and a bound on the bytes of its entries.
 #[derive(Clone, Debug)]
