@@ -130,7 +130,10 @@ async fn operators_see_and_steer_the_cache_over_http() {
     assert!(!config.body.contains(PASSWORD), "{}", config.body);
     assert!(config.json()["address"].as_str().unwrap().contains(&server.port().to_string()));
 
-    // Bad requests: a 4xx with a message, and nothing cleared.
+    // Bad requests: a 4xx with a message, and nothing cleared. Among the keys that must stay, one
+    // the service does not own (the IAM team's session).
+    let mut iam = raw(&server, 3).await;
+    let _: () = redis::cmd("SET").arg("session:u42").arg("token").query_async(&mut iam).await.unwrap();
     let before = (keys(&server, 5, "*").await, keys(&server, 3, "*").await);
     for (body, status, says) in [
         ("{\"db\": 5, \"prefix\": ", 400, "not JSON"),
@@ -146,6 +149,10 @@ async fn operators_see_and_steer_the_cache_over_http() {
         ("{\"db\": 5, \"prefix\": \"adm_quotes\", \"all\": true}", 400, "unknown field `all`"),
         ("{\"function\": \"nope\"}", 404, "no cached function is named `nope`"),
         ("{\"function\": 5}", 400, "must be a string"),
+        // Prefixes no function or handle of this process uses: a session prefix, and a prefix of
+        // this process's in a DB where it does not use it.
+        ("{\"db\": \"session\", \"prefix\": \"session\"}", 404, "uses prefix `session` in DB 3"),
+        ("{\"db\": 3, \"prefix\": \"adm_rates\"}", 404, "adm_rates in DB 5"),
     ] {
         let reply = post(port, "/cache/clear", body).await;
         assert_eq!(reply.status, status, "{body}: {}", reply.body);
@@ -153,6 +160,16 @@ async fn operators_see_and_steer_the_cache_over_http() {
         assert!(error.contains(says), "{body}: {error}");
     }
     assert_eq!((keys(&server, 5, "*").await, keys(&server, 3, "*").await), before, "a refused clear cleared");
+    assert_eq!(keys(&server, 3, "session:*").await, 1);
+
+    // A handle's prefix is this process's too, once the handle is made.
+    let tokens = cache_runtime::Cache::<Session, u64>::new("adm_tokens", std::time::Duration::from_secs(60))
+        .unwrap()
+        .with_runtime(runtime.clone());
+    tokens.set("t1", &1).await.unwrap();
+    let reply = post(port, "/cache/clear", "{\"db\": 3, \"prefix\": \"adm_tokens\"}").await;
+    assert_eq!((reply.status, reply.json()["removed"].as_u64()), (200, Some(1)), "{}", reply.body);
+    assert_eq!(tokens.get("t1").await.unwrap(), None);
 
     // A prefix in one DB: its keys go, the same prefix in another DB and other prefixes stay.
     let reply = post(port, "/cache/clear", "{\"db\": \"market\", \"prefix\": \"adm_quotes\"}").await;

@@ -228,6 +228,19 @@ async fn a_later_set_or_delete_wins_over_a_queued_set_behind() {
     assert_eq!(jobs.get("deleted").await.unwrap(), None, "delete wins");
     assert_eq!(jobs.get("replaced").await.unwrap(), Some(2), "set wins");
     assert_eq!(jobs.get("raced").await.unwrap(), Some(1), "around the handle, the queued write lands last");
+    // Counted as written: `replaced`'s set and `raced`'s set_behind; not the two cancelled ones.
+    let counted = rt.stats().get(6, "jobs").unwrap().clone();
+    assert_eq!((counted.fills, counted.backend_errors), (2, 0), "{counted:?}");
+    // A queue of one, held by a long delay: the second set_behind is written directly, and
+    // counted so.
+    let full = support::redis_runtime(&server.url(), |c| c.with_batching(256, Duration::from_secs(5), 1));
+    let jobs_full: Cache<Backtest, u32> =
+        Cache::new("full", Duration::from_secs(60)).unwrap().with_runtime(full.clone());
+    jobs_full.set_behind("a", &1).await.unwrap();
+    jobs_full.set_behind("b", &2).await.unwrap();
+    assert_eq!(jobs_full.get("b").await.unwrap(), Some(2), "written before set_behind returned");
+    let counted = full.stats().get(6, "full").unwrap().clone();
+    assert_eq!((counted.direct_fills, counted.fills), (1, 1), "{counted:?}");
     // Already sent when the delete comes: the delete waits for it and still lands last.
     let slow = support::redis_runtime(&server.url(), |c| c);
     let jobs: Cache<Backtest, u32> =

@@ -108,6 +108,38 @@ async fn same_name_in_two_modules_do_not_share(fx: &mut Fixture) {
     assert_eq!(stats.get(5, "fees").unwrap().hits, 2, "eu's second read and us's read after eu(..)");
 }
 
+/// `helper` written in the bodies of two functions of one module, same prefix and name:
+/// `module_path!()` names neither function.
+async fn first_body(fx: &mut Fixture, x: u32) -> u32 {
+    #[cached(db = MarketData, prefix = "nested", ttl = 300)]
+    async fn helper(x: u32) -> u32 {
+        x
+    }
+    fx.run(helper(x)).await
+}
+
+async fn second_body(fx: &mut Fixture, x: u32) -> u32 {
+    #[cached(db = MarketData, prefix = "nested", ttl = 300)]
+    async fn helper(x: u32) -> u32 {
+        x * 100
+    }
+    fx.run(helper(x)).await
+}
+
+async fn same_name_in_two_function_bodies_do_not_share(fx: &mut Fixture) {
+    assert_eq!(first_body(fx, 7).await, 7);
+    assert_eq!(second_body(fx, 7).await, 700, "the second helper must not read the first one's entry");
+    assert_eq!(first_body(fx, 7).await, 7);
+    assert_eq!(fx.stats().await.get(5, "nested").unwrap().hits, 1, "the first helper's second call");
+    // The registry tells them apart too.
+    let paths: Vec<String> = cache_runtime::registry::functions()
+        .into_iter()
+        .filter(|f| f.prefix == "nested")
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(paths, ["keys::first_body::helper", "keys::second_body::helper"]);
+}
+
 async fn instances_and_types_do_not_share(fx: &mut Fixture) {
     let (xnas, xnys) = (Feed { venue: "XNAS" }, Feed { venue: "XNYS" });
     assert_eq!(fx.run(xnas.last("AAPL")).await, "XNAS:AAPL");
@@ -208,6 +240,7 @@ async fn functions_write_the_builder_keys(fx: &mut Fixture) {
 on_every_backend!(
     generic_instantiations_have_their_own_entries,
     same_name_in_two_modules_do_not_share,
+    same_name_in_two_function_bodies_do_not_share,
     instances_and_types_do_not_share,
     functions_write_the_builder_keys,
 );

@@ -6,7 +6,9 @@
 //!   per DB and prefix, and per function.
 //! - `GET functions`: the registry ([`crate::registry::functions`]).
 //! - `POST clear` with a JSON body: `{"db": 5, "prefix": "market"}` (a DB by number or name)
-//!   removes every key under `prefix:` in that DB (`SCAN` + `UNLINK` on Redis, never `FLUSHDB`);
+//!   removes every key under `prefix:` in that DB (`SCAN` + `UNLINK` on Redis, never `FLUSHDB`),
+//!   if a `#[cached]` function or a [`Cache`](crate::Cache) handle of this process uses that
+//!   prefix in that DB (a 404 otherwise: keys the service does not own are never cleared);
 //!   `{"function": "my_service::market::quote"}` invalidates every entry of one function (its
 //!   path, or its bare name when only one function has it). Anything else, DB 15, or an unknown
 //!   DB or function is a 4xx with a message, and clears nothing.
@@ -202,6 +204,17 @@ async fn clear(State(admin): State<Admin>, body: Bytes) -> Response {
     match request {
         ClearRequest::Prefix { db, prefix } => {
             use crate::backend::Store;
+            let known = crate::registry::prefixes();
+            if !known.contains(&(db, prefix.clone())) {
+                let known: Vec<String> =
+                    known.iter().map(|(db, prefix)| format!("{prefix} in DB {db}")).collect();
+                let message = format!(
+                    "no cached function or Cache handle of this process uses prefix `{prefix}` in DB {db}: the \
+                     route clears only this service's own prefixes ({})",
+                    if known.is_empty() { "it has none yet".to_owned() } else { known.join(", ") }
+                );
+                return refuse(StatusCode::NOT_FOUND, message);
+            }
             let cleared = runtime.inner().backend.clear(db, &prefix).await;
             // This process's near copies go now; other processes' with the store's notifications.
             runtime.inner().near.flush();

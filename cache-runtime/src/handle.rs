@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::backend::protocol::FillOutcome;
 use crate::backend::Store;
 use crate::db::CacheDb;
 use crate::error::CacheError;
@@ -73,6 +74,7 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             return Err(CacheError::InvalidKey(format!("prefix `{prefix}`: {problem}")));
         }
         check_ttl(default_ttl)?;
+        crate::registry::record_handle_prefix(D::INDEX, prefix); // `D::INDEX`: checked above
         Ok(Cache { prefix: prefix.to_owned(), default_ttl, runtime: None, _types: PhantomData })
     }
 
@@ -91,16 +93,21 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         self.runtime.clone().unwrap_or_else(Runtime::current)
     }
 
+    /// This handle's counters (its prefix's, under no function) in `rt`.
+    fn counters(&self, rt: &crate::runtime::Inner) -> std::sync::Arc<crate::stats::Counters> {
+        rt.stats.counters(Self::DB, &self.prefix, "")
+    }
+
     /// The value under `key`, or `None`. A value that does not decode as `T` is an error.
     pub async fn get(&self, key: &str) -> Result<Option<T>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
+        let counters = self.counters(rt);
         let found = rt
             .backend
             .get_with(Self::DB, &self.key(key), |b| serde_json::from_slice::<T>(b))
             .await
-            .inspect_err(|_| counters.backend_error())?;
+            .inspect_err(|error| counters.failed(error))?;
         match found {
             Some(Ok(value)) => {
                 counters.hit();
@@ -130,13 +137,13 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
+        let counters = self.counters(rt);
         let key = self.key(key);
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
         let written = rt.backend.set(Self::DB, &key, &bytes, ttl).await;
         // A key of a `#[cached]` function written by hand: this process's near copy goes now.
         rt.near.forget(&key);
-        written.inspect_err(|_| counters.backend_error())?;
+        written.inspect_err(|error| counters.failed(error))?;
         counters.fill();
         Ok(())
     }
@@ -147,13 +154,13 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<T>>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
+        let counters = self.counters(rt);
         let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
         let found = rt
             .backend
             .get_many_with(Self::DB, &full, |b| serde_json::from_slice::<T>(b))
             .await
-            .inspect_err(|_| counters.backend_error())?;
+            .inspect_err(|error| counters.failed(error))?;
         Ok(found
             .into_iter()
             .map(|v| match v {
@@ -183,13 +190,13 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             .collect::<Result<Vec<_>, CacheError>>()?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
+        let counters = self.counters(rt);
         for (key, _) in &encoded {
             rt.backend.supersede(rt.op_timeout, Self::DB, key).await;
         }
         let written = rt.backend.set_many(Self::DB, &encoded, self.default_ttl).await;
         encoded.iter().for_each(|(key, _)| rt.near.forget(key));
-        written.inspect_err(|_| counters.backend_error())?;
+        written.inspect_err(|error| counters.failed(error))?;
         for _ in items {
             counters.fill();
         }
@@ -206,27 +213,30 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         }
         let deleted = rt.backend.delete_many(Self::DB, &full).await;
         full.iter().for_each(|key| rt.near.forget(key));
-        Ok(deleted?)
+        Ok(deleted.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
     /// Stores `value` under `key` with the default TTL, written behind the caller's back: on Redis
     /// it joins the runtime's write-behind batcher (pipelined with other writes) and this returns
     /// at once; when the queue is full, or after [`Runtime::shutdown`], it is written before this
-    /// returns. [`Runtime::flush`] waits for it. A failure of the background write is logged and
-    /// counted (`backend_errors`), not returned. A later `set`, `set_with_ttl`, `set_many`,
+    /// returns (counted in `direct_fills`). [`Runtime::flush`] waits for it. A failure of the
+    /// background write is counted (`backend_errors`, or `bypassed` when the breaker is open), not
+    /// returned, and logged as any backend failure is: once per episode, by the breaker. A later `set`, `set_with_ttl`, `set_many`,
     /// `delete` or `delete_many` of `key` through a handle wins over it: it cancels it if still
     /// queued, or waits (within `op_timeout`) for it if already sent. (`expire` does not wait.)
     pub async fn set_behind(&self, key: &str, value: &T) -> Result<(), CacheError> {
         let bytes = serde_json::to_vec(value).map_err(CacheError::Encode)?;
         let runtime = self.runtime();
         let rt = runtime.inner();
-        let counters = rt.stats.counters(Self::DB, &self.prefix, "");
+        let counters = self.counters(rt);
         let done_counters = std::sync::Arc::clone(&counters);
         let done: crate::backend::protocol::Done = Box::new(move |result| match result {
-            Ok(_) => done_counters.fill(),
+            Ok(FillOutcome::Written) => done_counters.fill(),
+            // Cancelled by a later write of the key (`supersede`), which counts for itself.
+            Ok(FillOutcome::Superseded | FillOutcome::Revoked) => {}
             Err(error) => {
-                done_counters.backend_error();
-                tracing::warn!(%error, "write-behind set failed");
+                done_counters.failed(&error);
+                tracing::debug!(%error, "write-behind set failed");
             }
         });
         let key = self.key(key);
@@ -241,10 +251,13 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             done: Some(done),
         };
         if let Err(write) = rt.backend.offer_handle_write(Self::DB, write) {
+            if rt.backend.writes_behind() {
+                counters.direct_fill(); // its queue was full or shut down
+            }
             rt.backend
                 .set(Self::DB, &write.key, &write.value, write.ttl)
                 .await
-                .inspect_err(|_| counters.backend_error())?;
+                .inspect_err(|error| counters.failed(error))?;
             counters.fill();
         }
         Ok(())
@@ -259,14 +272,15 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         rt.backend.supersede(rt.op_timeout, Self::DB, &key).await;
         let deleted = rt.backend.delete(Self::DB, &key).await;
         rt.near.forget(&key);
-        Ok(deleted?)
+        Ok(deleted.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
     /// Whether `key` holds a live entry.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.exists(Self::DB, &self.key(key)).await?)
+        let found = rt.backend.exists(Self::DB, &self.key(key)).await;
+        Ok(found.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
     /// Sets a new TTL (more than zero, at most 365 days) on `key`; `false` if it was not there.
@@ -277,14 +291,15 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         let key = self.key(key);
         let expired = rt.backend.expire(Self::DB, &key, ttl).await;
         rt.near.forget(&key);
-        Ok(expired?)
+        Ok(expired.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
     /// Time left before `key` expires, or `None` if it is not there.
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.ttl(Self::DB, &self.key(key)).await?)
+        let left = rt.backend.ttl(Self::DB, &self.key(key)).await;
+        Ok(left.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
     /// Removes every key under this handle's prefix, and nothing else (SCAN + UNLINK on Redis;
@@ -295,14 +310,15 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         // A clear walks the keyspace: give it many op timeouts, not one.
         let cleared = rt.backend.clear(Self::DB, &self.prefix).await;
         rt.near.flush();
-        Ok(cleared?)
+        Ok(cleared.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
     /// Whether the backend answers (PING on Redis).
     pub async fn health_check(&self) -> Result<(), CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();
-        Ok(rt.backend.ping(Self::DB).await?)
+        let answered = rt.backend.ping(Self::DB).await;
+        Ok(answered.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 }
 

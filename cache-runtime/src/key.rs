@@ -8,7 +8,8 @@
 //! 1. the module path where the function is written (`module_path!()`), so two same-named
 //!    functions with one prefix in two modules never share entries;
 //! 2. for methods, the `Self` type's name (`std::any::type_name`, generic arguments included),
-//!    for free functions the empty string;
+//!    for free functions the empty string, or, for one written in another function's body, its
+//!    companion type's `type_name` (which names that function; see `CachedFn::free_in`);
 //! 3. for generic functions, each type argument's `type_name` and each const argument's value;
 //! 4. the receiver, unless the function says `skip(self)`;
 //! 5. the arguments that are part of the key, in the order the function declares them.

@@ -147,11 +147,14 @@ where
     // lookup were boxed) took the allocator's shared lock, contended at 64 callers.
     let runtime = Runtime::current_ref();
     let rt = runtime.inner();
+    let function = rt.functions.hold(&cached, &rt.stats);
     if rt.backend.is_none() {
+        // Caching is off: the call is counted as one that skipped the cache.
+        function.counters.miss();
+        telemetry::outcome("uncached");
         return Box::pin(body()).await;
     }
     let spec = cached.spec();
-    let function = rt.functions.hold(&cached, &rt.stats);
     let counters = &function.counters;
     let Some(key) = key else {
         counters.key_failure();

@@ -25,6 +25,8 @@
 //! type's path cannot be followed at link time: `Self::f` matches the methods `f` written in the
 //! site's own module.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -60,11 +62,38 @@ impl Registration {
     /// The function as the runtime identifies it, if it can be named here.
     fn cached_fn(&'static self) -> Option<CachedFn> {
         match (self.owner, self.owner_type) {
-            ("", _) => Some(CachedFn::free(&self.spec)),
+            ("", Some(holder)) => Some(CachedFn::free_in(&self.spec, holder())),
+            ("", None) => Some(CachedFn::free(&self.spec)),
             (_, Some(type_name)) => Some(CachedFn::method(&self.spec, type_name())),
             (_, None) => None,
         }
     }
+}
+
+/// The prefixes `Cache` handles of this process were made with, by DB.
+static HANDLE_PREFIXES: Mutex<BTreeMap<u8, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+
+/// Records that a [`Cache`](crate::Cache) handle of this process uses `prefix` in `db` (its
+/// constructor calls it): the admin route clears the prefixes of this process's functions and
+/// handles, and no other.
+pub(crate) fn record_handle_prefix(db: u8, prefix: &str) {
+    let mut known = HANDLE_PREFIXES.lock().unwrap_or_else(PoisonError::into_inner);
+    let in_db = known.entry(db).or_default();
+    if !in_db.contains(prefix) {
+        in_db.insert(prefix.to_owned());
+    }
+}
+
+/// Every `(db, prefix)` this process caches under: its `#[cached]` functions' and the handles
+/// it has made, sorted.
+pub(crate) fn prefixes() -> BTreeSet<(u8, String)> {
+    let mut all: BTreeSet<(u8, String)> =
+        inventory::iter::<Registration>.into_iter().map(|r| (r.spec.db, r.spec.prefix.to_owned())).collect();
+    let handles = HANDLE_PREFIXES.lock().unwrap_or_else(PoisonError::into_inner);
+    for (db, in_db) in handles.iter() {
+        all.extend(in_db.iter().map(|prefix| (*db, prefix.clone())));
+    }
+    all
 }
 
 /// The prefixes whose keys the near tier must hear about (`{prefix}:` of every function with the
@@ -236,9 +265,17 @@ impl FunctionInfo {
     fn from_registration(r: &Registration) -> Self {
         let spec = &r.spec;
         let owner = (!r.owner.is_empty()).then(|| r.owner.to_owned());
-        let path = match &owner {
-            Some(owner) => format!("{}::{owner}::{}", spec.module, spec.function),
-            None => format!("{}::{}", spec.module, spec.function),
+        // A free function written in another function's body: its companion type's path names
+        // that function too.
+        let nested = match (r.owner, r.owner_type) {
+            ("", Some(holder)) => Some(crate::spec::free_owner(spec, holder())).filter(|o| !o.is_empty()),
+            _ => None,
+        };
+        let path = match (&owner, nested) {
+            // `type_name` names an `async fn`'s body `{{closure}}`: not part of a path one writes.
+            (None, Some(holder)) => holder.replace("::{{closure}}", ""),
+            (Some(owner), _) => format!("{}::{owner}::{}", spec.module, spec.function),
+            (None, None) => format!("{}::{}", spec.module, spec.function),
         };
         FunctionInfo {
             module: spec.module.to_owned(),

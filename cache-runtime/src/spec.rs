@@ -111,6 +111,17 @@ impl CachedFn {
         CachedFn { spec, owner: "", memo: None }
     }
 
+    /// A free function whose companion type (the hidden struct `#[cached]` declares beside it,
+    /// of its name) is named `holder` (`type_name`): as [`CachedFn::free`] when it is written
+    /// at module level (`holder` is its module's path and its name); written in a function's
+    /// body, which `module_path!()` does not name, `holder` (that function's path too) is its
+    /// owner, so that same-named functions in two function bodies of one module never share
+    /// entries.
+    #[inline]
+    pub fn free_in(spec: &'static Spec, holder: &'static str) -> CachedFn {
+        CachedFn { spec, owner: free_owner(spec, holder), memo: None }
+    }
+
     /// A method or associated function of the type named `owner` (`type_name::<Self>()`).
     pub const fn method(spec: &'static Spec, owner: &'static str) -> CachedFn {
         CachedFn { spec, owner, memo: None }
@@ -148,6 +159,18 @@ impl CachedFn {
         let s = self.spec;
         let owner = self.owner.split('<').next().unwrap_or("");
         (s.db, s.prefix, s.function, s.version, s.module, owner)
+    }
+}
+
+/// The owner of a free function whose companion type is named `holder` (see
+/// [`CachedFn::free_in`]): none at module level, `holder` in a function's body.
+pub(crate) fn free_owner(spec: &Spec, holder: &'static str) -> &'static str {
+    let at_module_level =
+        holder.strip_suffix(spec.function).and_then(|rest| rest.strip_suffix("::")) == Some(spec.module);
+    if at_module_level {
+        ""
+    } else {
+        holder
     }
 }
 

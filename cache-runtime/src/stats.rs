@@ -165,6 +165,15 @@ impl Counters {
     pub(crate) fn backend_error(&self) {
         self.backend_errors.fetch_add(1, Relaxed);
     }
+    /// A backend call that failed: `bypassed` when the open breaker refused it (no network),
+    /// else a backend error. Not logged here: the breaker logs each episode once.
+    pub(crate) fn failed(&self, error: &crate::error::BackendError) {
+        if error.is_bypassed() {
+            self.bypass();
+        } else {
+            self.backend_error();
+        }
+    }
 
     fn snapshot(&self, db: u8, prefix: &str, function: Option<&str>) -> PrefixStats {
         PrefixStats {

@@ -98,7 +98,11 @@ fn identity(func: &ItemFn, model: &Cached, function: &Ident, in_function: bool, 
     // A method's entries are also told apart by `Self` (two `impl` blocks, or one generic `impl`
     // with several type arguments).
     let value = match site {
-        Site::Module => quote!(::cache_runtime::__private::CachedFn::free(&#spec)),
+        // Its companion type is named by the function's name (see `companions`).
+        Site::Module => {
+            let holder = &func.sig.ident;
+            quote!(::cache_runtime::__private::CachedFn::free_in(&#spec, ::core::any::type_name::<#holder>()))
+        }
         Site::Associated => quote! {
             ::cache_runtime::__private::CachedFn::method(&#spec, ::core::any::type_name::<Self>())
         },
@@ -190,7 +194,10 @@ fn ttl_seconds(ttl: &TtlValue) -> TokenStream {
 /// when it can be named without arguments (a non-generic `impl`).
 fn registration(func: &ItemFn, model: &Cached, owner: &Owner) -> TokenStream {
     let (owner, owner_type) = match owner {
-        Owner::Free => (String::new(), quote!(::core::option::Option::None)),
+        Owner::Free => {
+            let holder = &func.sig.ident;
+            (String::new(), quote!(::core::option::Option::Some(::core::any::type_name::<#holder>)))
+        }
         Owner::Type { name, ty: Some(ty) } => {
             (name.clone(), quote!(::core::option::Option::Some(::core::any::type_name::<#ty>)))
         }

@@ -190,7 +190,16 @@ impl MemoryBackend {
         self.entries.get(&(db, key) as &dyn SlotRef).map(|e| decode(&e.bytes))
     }
 
+    /// Writes `value`, under the leases lock: every change of an entry is made under it, so that
+    /// one that reads the entry first (`expire`) or checks a lease (`fill`) is atomic with
+    /// respect to the others.
     pub(crate) fn set(&self, db: u8, key: &str, value: &[u8], ttl: Duration) {
+        let _changing = self.leases();
+        self.write(db, key, value, ttl);
+    }
+
+    /// `set`, with the leases lock held by the caller.
+    fn write(&self, db: u8, key: &str, value: &[u8], ttl: Duration) {
         // TTLs are bounded where they come in (`cache_rules::MAX_TTL_SECONDS`); `checked_add`
         // keeps a bad one from panicking here all the same.
         let now = Instant::now();
@@ -201,7 +210,9 @@ impl MemoryBackend {
     }
 
     pub(crate) fn delete(&self, db: u8, key: &str) -> bool {
+        let changing = self.leases();
         let removed = self.entries.remove(&(db, key) as &dyn SlotRef);
+        drop(changing);
         self.near.forget(key);
         removed.is_some_and(|e| e.expires_at > Instant::now())
     }
@@ -229,10 +240,18 @@ impl MemoryBackend {
         self.live(db, key).is_some()
     }
 
+    /// Under the leases lock: a write or invalidation of `key` made meanwhile is not undone by
+    /// writing back the bytes read here.
     pub(crate) fn expire(&self, db: u8, key: &str, ttl: Duration) -> bool {
+        let _changing = self.leases();
+        self.rewrite_ttl(db, key, ttl)
+    }
+
+    /// `expire`, with the leases lock held by the caller.
+    fn rewrite_ttl(&self, db: u8, key: &str, ttl: Duration) -> bool {
         match self.live(db, key) {
             Some(entry) => {
-                self.set(db, key, &entry.bytes, ttl);
+                self.write(db, key, &entry.bytes, ttl);
                 true
             }
             None => false,
@@ -243,8 +262,14 @@ impl MemoryBackend {
         self.live(db, key).map(|e| e.remaining(Instant::now()))
     }
 
+    /// Removes the prefix's entries, and its leases and invalidation stamps (as `SCAN` + `UNLINK`
+    /// does on Redis); how many entries went.
     pub(crate) fn clear(&self, db: u8, prefix: &str) -> u64 {
         let pattern = format!("{prefix}:");
+        let mut leases = self.leases();
+        let ours = |(d, key): &(u8, String)| *d == db && key.starts_with(&pattern);
+        leases.held.retain(|slot, _| !ours(slot));
+        leases.stamps.retain(|slot, _| !ours(slot));
         let slots: Vec<Arc<Slot>> = self
             .entries
             .iter()
@@ -254,6 +279,7 @@ impl MemoryBackend {
         for slot in &slots {
             self.entries.invalidate(slot.as_ref());
         }
+        drop(leases);
         self.near.flush();
         slots.len() as u64
     }
@@ -318,7 +344,7 @@ impl MemoryBackend {
             Some(lease) if lease.expires_at > Instant::now() => return FillOutcome::Superseded,
             _ => {}
         }
-        self.set(db, key, value, ttl);
+        self.write(db, key, value, ttl);
         FillOutcome::Written
     }
 
@@ -485,6 +511,43 @@ mod tests {
 
     fn near() -> Arc<NearTier> {
         Arc::new(NearTier::new(10, 1 << 20))
+    }
+
+    /// `set` on one thread, `expire` of the same key on another: a value read right after its
+    /// `set` returned is that value or a later one, never an older one that `expire` read and
+    /// wrote back. In the same run, `expire`'s body without the lock does write one back.
+    #[test]
+    fn an_expire_never_writes_back_an_older_value() {
+        fn older_values_seen(m: &Arc<MemoryBackend>, locked: bool, limit: Duration) -> (u32, u32) {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let expirer = {
+                let (m, stop) = (Arc::clone(m), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if locked {
+                            m.expire(5, "k", Duration::from_secs(60));
+                        } else {
+                            m.rewrite_ttl(5, "k", Duration::from_secs(60));
+                        }
+                    }
+                })
+            };
+            let (started, mut older, mut writes) = (Instant::now(), 0, 0u32);
+            while started.elapsed() < limit && (locked || older == 0) {
+                writes += 1;
+                m.set(5, "k", &writes.to_be_bytes(), Duration::from_secs(60));
+                let read = m.get_with(5, "k", |b| u32::from_be_bytes(b.try_into().unwrap())).unwrap();
+                older += u32::from(read < writes);
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            expirer.join().unwrap();
+            (older, writes)
+        }
+        let m = Arc::new(MemoryBackend::new(&CacheConfig::memory(), &near()));
+        let (older, writes) = older_values_seen(&m, false, Duration::from_secs(10));
+        assert!(older > 0, "the race did not show without the lock in {writes} writes");
+        let (older, writes) = older_values_seen(&m, true, Duration::from_secs(1));
+        assert_eq!(older, 0, "{older} of {writes} reads saw an older value");
     }
 
     #[test]
