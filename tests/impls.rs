@@ -25,6 +25,7 @@ pub trait Repo {
 pub trait Book {
     async fn depth(&self, symbol: &str, levels: u8) -> Vec<u64>;
     async fn spread(&self, symbol: &str) -> u64;
+    async fn reprice(&self, symbol: &str) -> Result<(), String>;
 }
 
 #[derive(serde::Serialize)]
@@ -55,6 +56,13 @@ impl Book for PgRepo {
     async fn spread(&self, symbol: &str) -> u64 {
         SPREADS.fetch_add(1, SeqCst);
         (self.venue.len() + symbol.len()) as u64
+    }
+
+    /// A write path of an `#[async_trait]` impl: `#[cached_impl]` expands it first.
+    #[invalidates(Self::spread(self, symbol))]
+    async fn reprice(&self, symbol: &str) -> Result<(), String> {
+        let _ = symbol;
+        Ok(())
     }
 }
 
@@ -133,6 +141,13 @@ async fn trait_impls_and_associated_functions(fx: &mut Fixture) {
     })
     .await;
     assert_eq!(delta(&SPREADS, s), 3, "another module invalidated XNAS's entry only");
+    fx.run(xnas.reprice("AB")).await.unwrap();
+    fx.run(async {
+        assert_eq!(xnas.spread("AB").await, 6);
+        assert_eq!(xnys.spread("AB").await, 7);
+    })
+    .await;
+    assert_eq!(delta(&SPREADS, s), 4, "the #[async_trait] write path dropped XNAS's entry only");
 }
 
 /// One backend after the other (the counters are shared statics).

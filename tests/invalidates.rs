@@ -58,6 +58,40 @@ async fn reprice_all(symbol: &str, price: u32, db: &Db) {
     db.price.store(price, SeqCst);
 }
 
+/// Write paths as services write them: an axum-style handler returning `impl Trait` (plain, and
+/// in a `Result`), naming the function through a renamed import.
+mod handlers {
+    use super::Db;
+    use crate::market::quote as market_quote;
+    use cache_runtime::invalidates;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    #[invalidates(market_quote(symbol))]
+    pub async fn put_quote(symbol: &str, price: u32, db: &Db) -> impl std::fmt::Display {
+        db.price.store(price, SeqCst);
+        format!("{symbol} = {price}")
+    }
+
+    #[invalidates(market_quote(symbol))]
+    pub async fn try_put_quote(symbol: &str, price: u32, db: &Db) -> Result<impl std::fmt::Display, String> {
+        let price = u8::try_from(price).map_err(|e| e.to_string())?;
+        db.price.store(u32::from(price), SeqCst);
+        Ok(price)
+    }
+}
+
+async fn impl_trait_write_paths_through_a_renamed_import(fx: &mut Fixture) {
+    let db = Db::new(100);
+    assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(100));
+    assert_eq!(fx.run(handlers::put_quote("AAPL", 101, &db)).await.to_string(), "AAPL = 101");
+    assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(101), "dropped through the renamed import");
+    assert_eq!(fx.run(handlers::try_put_quote("AAPL", 102, &db)).await.unwrap().to_string(), "102");
+    assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(102));
+    assert!(fx.run(handlers::try_put_quote("AAPL", 1000, &db)).await.is_err());
+    assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(102), "an `Err` drops nothing");
+    assert_eq!(db.reads.load(SeqCst), 3);
+}
+
 async fn drops_the_entry_after_ok(fx: &mut Fixture) {
     let db = Db::new(100);
     assert_eq!(fx.run(quote("AAPL", &db)).await, Ok(100));
@@ -152,6 +186,7 @@ on_every_backend!(
     dot_dot_drops_every_entry_in_one_write,
     runtime_form_checks_and_drops,
     methods_invalidate_through_self,
+    impl_trait_write_paths_through_a_renamed_import,
 );
 
 /// Another process's `quote(..)` is seen here within `generation_refresh`; with a refresh of zero,

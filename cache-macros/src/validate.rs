@@ -381,7 +381,10 @@ pub(crate) fn invalidations(
 ) -> Vec<Invalidation> {
     const FORM: &str = "each entry names a #[cached] function with its key arguments, `quote(symbol)`, or `quote(..)` to drop every entry of it";
     if let Some(func) = func {
-        if func.sig.asyncness.is_none() {
+        if func.sig.asyncness.is_none() && crate::expand::mentions(&func.sig.output, "Pin") {
+            // `#[async_trait]` expanded first, and made the `async fn` one returning a boxed future.
+            errors.on(func.sig.fn_token, "in an `#[async_trait]` impl, write `#[cached_impl]` above `#[async_trait]` on the `impl` block: it expands `#[invalidates]` while the function is the `async fn` you wrote");
+        } else if func.sig.asyncness.is_none() {
             errors.on(func.sig.fn_token, "#[invalidates] needs an `async fn`: invalidation talks to the cache after the body returns; write `async fn`");
         }
     }

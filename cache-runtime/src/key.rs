@@ -18,7 +18,7 @@
 //! any key derived from it for the same call share a slot.
 //!
 //! Because the encoding is serde's data model, `&str` and `String` (or `&[T]` and `Vec<T>`) hash
-//! alike. Types whose serialization is not deterministic (a `HashMap`'s iteration order) give
+//! alike as values (a generic or `impl Trait` parameter's type name is hashed too, item 3). Types whose serialization is not deterministic (a `HashMap`'s iteration order) give
 //! different keys for equal values: use `BTreeMap` in arguments. `type_name`'s text is chosen by
 //! the compiler: a Rust release that spells a type differently gives methods and generic
 //! functions new keys (misses, never another function's entry).

@@ -59,6 +59,23 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut path_tokens: Vec<syn::Path> = Vec::new();
     for item in &mut block.items {
         let ImplItem::Fn(f) = item else { continue };
+        // `#[invalidates]` is expanded here too, while the function is the `async fn` written:
+        // an `#[async_trait]` below would turn it into one returning a boxed future first.
+        if let (None, Some(at)) =
+            (f.attrs.iter().position(is_cached), f.attrs.iter().position(is_invalidates))
+        {
+            let attr = f.attrs.remove(at);
+            if !paths.contains(&attr.path().to_token_stream().to_string()) {
+                paths.push(attr.path().to_token_stream().to_string());
+                path_tokens.push(attr.path().clone());
+            }
+            let args = match &attr.meta {
+                syn::Meta::List(list) => list.tokens.clone(),
+                _ => TokenStream::new(),
+            };
+            *item = ImplItem::Verbatim(super::invalidates::expand_attribute(args, f.to_token_stream()));
+            continue;
+        }
         let Some(at) = f.attrs.iter().position(is_cached) else { continue };
         let attr = f.attrs.remove(at);
         let path = attr.path().to_token_stream().to_string();
@@ -234,9 +251,19 @@ fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
 
 /// `#[cached(..)]` or `#[cache_runtime::cached(..)]` (not another crate's `cached`).
 fn is_cached(attr: &syn::Attribute) -> bool {
+    is_ours(attr, "cached")
+}
+
+/// `#[invalidates(..)]` or `#[cache_runtime::invalidates(..)]`.
+fn is_invalidates(attr: &syn::Attribute) -> bool {
+    is_ours(attr, "invalidates")
+}
+
+fn is_ours(attr: &syn::Attribute, name: &str) -> bool {
     let segments: Vec<String> = attr.path().segments.iter().map(|s| s.ident.to_string()).collect();
-    matches!(
-        segments.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
-        ["cached"] | [.., "cache_runtime", "cached"]
-    )
+    match segments.as_slice() {
+        [only] => only == name,
+        [.., krate, last] => krate == "cache_runtime" && last == name,
+        [] => false,
+    }
 }

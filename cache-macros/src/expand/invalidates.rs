@@ -7,6 +7,7 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Ident, ItemFn, Path, ReturnType};
 
+use super::Site;
 use crate::args::InvalidatesArgs;
 use crate::ctxt::Errors;
 use crate::validate::{self, Invalidation};
@@ -133,16 +134,17 @@ fn method_target(path: &Path) -> Option<(String, String)> {
     method.then(|| (owner, path.segments[n - 1].ident.to_string()))
 }
 
-/// `a::b::f` → `a::b::f::__cache_key_f` for a free function, `Type::f` / `Self::f` →
-/// `Type::__cache_key_f` for a method (see `expand::Site`). The spec companion takes no generic
-/// arguments.
-fn companion(path: &Path, name: fn(&Ident) -> Ident, keep_generics: bool) -> Path {
+/// `a::b::f` → `a::b::f::__cache_key` for a free function, `Type::f` / `Self::f` →
+/// `Type::__cache_key_f` for a method (see `expand::Site` and `expand::key_fn_name`). The spec
+/// companion takes no generic arguments.
+fn companion(path: &Path, name: fn(&Ident, Site) -> Ident, keep_generics: bool) -> Path {
     let mut path = path.clone();
     let method = method_target(&path).is_some();
     let Some(last) = path.segments.pop().map(|p| p.into_value()) else {
         return path;
     };
-    let mut companion = syn::PathSegment::from(name(&last.ident));
+    let site = if method { Site::Associated } else { Site::Module };
+    let mut companion = syn::PathSegment::from(name(&last.ident, site));
     if keep_generics {
         companion.arguments = last.arguments.clone();
     }

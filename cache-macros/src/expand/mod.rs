@@ -27,7 +27,7 @@ pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
 pub(crate) enum Site {
     /// A free function: a hidden empty struct `f` (in the type namespace, so `use m::f;` brings
     /// it along with the function, and an `impl` resolves names where the function does, even in
-    /// a function body) with `f::__cache_key_f` and `f::__cache_spec_f`.
+    /// a function body) with `f::__cache_key` and `f::__cache_spec`.
     Module,
     /// Any function of an `impl` block marked `#[cached_impl]`: associated functions
     /// `Self::__cache_key_f` and `Self::__cache_spec_f`, in an inherent `impl` block of the same
@@ -56,13 +56,22 @@ pub(crate) fn mentions(tokens: impl ToTokens, word: &str) -> bool {
     walk(tokens.to_token_stream(), word)
 }
 
+/// The names of `f`'s companions. A method's are `__cache_key_f` and `__cache_spec_f`, beside the
+/// other functions of its type; a free function's are `__cache_key` and `__cache_spec`, its hidden
+/// struct's own, so that the struct imported under another name (`use m::f as g;`) still has them.
 /// The new names carry the user's span, so an error points at the `f` the user wrote.
-pub(crate) fn key_fn_name(function: &Ident) -> Ident {
-    format_ident!("__cache_key_{}", function, span = function.span())
+pub(crate) fn key_fn_name(function: &Ident, site: Site) -> Ident {
+    match site {
+        Site::Associated => format_ident!("__cache_key_{}", function, span = function.span()),
+        Site::Module => Ident::new("__cache_key", function.span()),
+    }
 }
 
-pub(crate) fn spec_fn_name(function: &Ident) -> Ident {
-    format_ident!("__cache_spec_{}", function, span = function.span())
+pub(crate) fn spec_fn_name(function: &Ident, site: Site) -> Ident {
+    match site {
+        Site::Associated => format_ident!("__cache_spec_{}", function, span = function.span()),
+        Site::Module => Ident::new("__cache_spec", function.span()),
+    }
 }
 
 /// The user's body as an `async move` block whose output type is pinned to `ret` by a fake
@@ -70,6 +79,11 @@ pub(crate) fn spec_fn_name(function: &Ident) -> Ident {
 /// before the attribute and type errors point at the user's return type.
 pub(crate) fn async_body(ret: Option<&Type>, block: &Block) -> TokenStream {
     let stmts = &block.stmts;
+    // `let x: impl Trait` is not Rust: a function returning `impl Trait` (an axum handler's
+    // `impl IntoResponse`) gets its body's type, unpinned.
+    if ret.is_some_and(|r| mentions(r, "impl")) {
+        return quote!(async move { #(#stmts)* });
+    }
     let span = ret.map_or_else(Span::call_site, |r| r.span());
     let ret = ret.map_or_else(|| quote!(()), |r| quote!(#r));
     let fake_return = quote_spanned!(span=>
