@@ -220,10 +220,11 @@ pub struct NearStatus {
     /// Whether copies answer now: the store tells this process of every change (always on the
     /// embedded backend; on Redis while the tracking connection tracks).
     pub trusted: bool,
-    /// Copies kept now.
+    /// Copies held now: those past their life, or of a function invalidated as a whole, until
+    /// they are evicted or replaced (they answer no hit).
     pub copies: u64,
-    /// Copies dropped so far because their entry changed (a write, a delete, an invalidation,
-    /// here or, on Redis, in any process).
+    /// Copies dropped so far because their key changed (a write, a delete, an invalidation of
+    /// that key, here or, on Redis, in any process); a function-wide invalidation is not counted.
     pub dropped: u64,
 }
 

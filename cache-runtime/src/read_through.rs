@@ -365,7 +365,16 @@ fn lookup<'a, T: serde::de::DeserializeOwned + 'a>(
                 // Kept with the generation its entry was written under: it answers while that
                 // is not older than the generation confirmed here (`near_hit`).
                 if let (Some(ticket), Some(near), None) = (ticket, near, refresh) {
-                    let life = spec.near_copy_life(near.life, left.map(|_| fresh_left.unwrap_or_default()));
+                    // Counted from before the read, as the server measured it: the reply's trip
+                    // and this task's wait are not added to the copy's life. An entry whose time
+                    // left is unknown (gone between the read and its time left) is not kept.
+                    let life = match left {
+                        Some(_) => {
+                            let fresh = fresh_left.unwrap_or_default().saturating_sub(started.elapsed());
+                            spec.near_copy_life(near.life, fresh)
+                        }
+                        None => Duration::ZERO,
+                    };
                     if !life.is_zero() {
                         let copy = (near.keeper.keep)(&value);
                         rt.near.keep(

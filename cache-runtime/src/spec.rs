@@ -69,10 +69,9 @@ impl Spec {
     }
 
     /// How long a near copy of an entry may live: at most `life`, and never past the entry's
-    /// fresh life (`fresh_left`, when known) or, with `eager_refresh`, the point a hit would
-    /// refresh it (so that such hits still reach the store).
-    pub(crate) fn near_copy_life(&self, life: Duration, fresh_left: Option<Duration>) -> Duration {
-        let Some(left) = fresh_left else { return life };
+    /// fresh life (`left`) or, with `eager_refresh`, the point a hit would refresh it (so that
+    /// such hits still reach the store).
+    pub(crate) fn near_copy_life(&self, life: Duration, left: Duration) -> Duration {
         let until = if self.eager_refresh_percent == 0 {
             left
         } else {

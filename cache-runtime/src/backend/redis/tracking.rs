@@ -188,7 +188,8 @@ impl Tracking {
             tokio::select! {
                 _ = lost.notified() => return Ok(true),
                 _ = self.source.moving() => {
-                    self.source.settle().await;
+                    // Within `op_timeout`, as below: the `PING`s wait meanwhile.
+                    let _ = tokio::time::timeout(self.op_timeout, self.source.settle()).await;
                     if self.source.moved(mark) {
                         tracing::info!(?addresses, "near tier: the store's connections moved to other servers; tracking there");
                         return Ok(true);
