@@ -28,6 +28,15 @@ pub trait Book {
     async fn reprice(&self, symbol: &str) -> Result<(), String>;
 }
 
+/// A trait whose method takes its associated type.
+#[allow(async_fn_in_trait)]
+pub trait Catalog {
+    type Id;
+    async fn title(&self, id: Self::Id) -> String;
+}
+
+static TITLES: AtomicUsize = AtomicUsize::new(0);
+
 #[derive(serde::Serialize)]
 pub struct PgRepo {
     venue: String,
@@ -63,6 +72,17 @@ impl Book for PgRepo {
     async fn reprice(&self, symbol: &str) -> Result<(), String> {
         let _ = symbol;
         Ok(())
+    }
+}
+
+#[cached_impl]
+impl Catalog for PgRepo {
+    type Id = u32;
+
+    #[cached(db = MarketData, prefix = "impls", ttl = 60, skip(self))]
+    async fn title(&self, id: Self::Id) -> String {
+        TITLES.fetch_add(1, SeqCst);
+        format!("title {id}")
     }
 }
 
@@ -141,6 +161,16 @@ async fn trait_impls_and_associated_functions(fx: &mut Fixture) {
     })
     .await;
     assert_eq!(delta(&SPREADS, s), 3, "another module invalidated XNAS's entry only");
+
+    // A parameter of the trait's associated type (`Self::Id`).
+    let t = TITLES.load(SeqCst);
+    for _ in 0..2 {
+        assert_eq!(fx.run(xnas.title(7)).await, "title 7");
+    }
+    assert_eq!(delta(&TITLES, t), 1);
+    fx.run(invalidate!(PgRepo::title(7))).await;
+    assert_eq!(fx.run(xnas.title(7)).await, "title 7");
+    assert_eq!(delta(&TITLES, t), 2, "invalidated through the type's name");
     fx.run(xnas.reprice("AB")).await.unwrap();
     fx.run(async {
         assert_eq!(xnas.spread("AB").await, 6);

@@ -48,7 +48,6 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             quote!(<#ty>)
         }
     };
-    let in_trait = block.trait_.is_some();
     let owner = super::cached::Owner::Type {
         name: owner_name(&block.self_ty),
         ty: block.generics.params.is_empty().then(|| block.self_ty.clone()),
@@ -119,8 +118,24 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         };
         // A trait's function has no visibility of its own; its companions are `pub` (and
         // hidden), so `#[invalidates(Type::f(..))]` works from any module, as for other methods.
-        let companion_func =
-            if in_trait { ItemFn { vis: syn::parse_quote!(pub), ..func.clone() } } else { func.clone() };
+        // Its parameters' `Self::Id` names the trait's associated type, which the inherent `impl`
+        // the companions go into cannot: there it is written `<Type as Trait>::Id`.
+        let companion_func = match &block.trait_ {
+            Some((_, tr, _)) => {
+                let mut sig = func.sig.clone();
+                let ty = &block.self_ty;
+                for input in &mut sig.inputs {
+                    if let syn::FnArg::Typed(typed) = input {
+                        let written = typed.ty.to_token_stream();
+                        if let Ok(ty) = syn::parse2(qualify_self(written, &quote!(<#ty as #tr>))) {
+                            *typed.ty = ty;
+                        }
+                    }
+                }
+                ItemFn { vis: syn::parse_quote!(pub), sig, ..func.clone() }
+            }
+            None => func.clone(),
+        };
         match super::cached::expand_parts(args.clone(), &func, Site::Associated, &owner) {
             Ok(parts) => {
                 *item = ImplItem::Verbatim(parts.function);
@@ -231,6 +246,35 @@ fn replace_self(tokens: TokenStream, ty: &TokenStream) -> TokenStream {
             }
         })
         .collect()
+}
+
+/// `tokens` with each `Self::` (a path through `Self`) written `qualified::` instead; a `Self`
+/// alone is left as it is.
+fn qualify_self(tokens: TokenStream, qualified: &TokenStream) -> TokenStream {
+    use proc_macro2::{Group, TokenTree};
+    let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+    let mut out = Vec::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        match t {
+            TokenTree::Ident(ident) if ident == "Self" && starts_path(&tokens[i + 1..]) => {
+                out.extend(respan(qualified.clone(), ident.span()));
+            }
+            TokenTree::Group(g) => {
+                let mut group = Group::new(g.delimiter(), qualify_self(g.stream(), qualified));
+                group.set_span(g.span());
+                out.push(TokenTree::Group(group));
+            }
+            other => out.push(other.clone()),
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Whether `rest` begins with `::`.
+fn starts_path(rest: &[proc_macro2::TokenTree]) -> bool {
+    use proc_macro2::{Spacing, TokenTree};
+    matches!(rest, [TokenTree::Punct(a), TokenTree::Punct(b), ..]
+        if a.as_char() == ':' && a.spacing() == Spacing::Joint && b.as_char() == ':')
 }
 
 fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
