@@ -205,6 +205,45 @@ async fn writes_keep_their_order() {
     assert_eq!(rt.stats().get(6, "order").unwrap().backend_errors, 0);
 }
 
+/// `flush` waits for the writes accepted before it, not for those other tasks keep adding: under
+/// a steady stream of `set_behind`s it returns `Ok` once its own writes have landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_under_load_waits_for_the_writes_before_it() {
+    let server = RedisServer::start();
+    let rt =
+        support::redis_runtime(&server.url(), |c| c.with_batching(256, Duration::from_millis(20), 16_384));
+    let jobs: Cache<Backtest, u32> =
+        Cache::new("under_load", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (jobs, stop) = (jobs.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                jobs.set_behind(&format!("load{}", i % 500), &i).await.unwrap();
+                i += 1;
+                if i.is_multiple_of(50) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut refused = Vec::new();
+    for round in 0..20u32 {
+        jobs.set_behind("mine", &round).await.unwrap();
+        match rt.flush().await {
+            Ok(()) => assert_eq!(jobs.get("mine").await.unwrap(), Some(round), "flushed, so written"),
+            Err(unflushed) => refused.push(unflushed.writes),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = load.await.unwrap();
+    assert!(written > 1_000, "the load kept writing: {written}");
+    assert!(refused.is_empty(), "flush reported later writes as unflushed: {refused:?}");
+}
+
 /// `set_behind(k, v)` then `delete(k)` or `set(k, w)`: the later operation wins, though the
 /// earlier write sits in the queue (a 150 ms batch delay keeps it there). The same sequence with
 /// the delete sent around the handle (a raw client) loses: the race exists.

@@ -294,7 +294,8 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
         Ok(expired.inspect_err(|error| self.counters(rt).failed(error))?)
     }
 
-    /// Time left before `key` expires, or `None` if it is not there.
+    /// Time left before `key` expires, or `None` if it is not there (or, on Redis, if it has no
+    /// expiry: a key written around this crate, which writes none without one).
     pub async fn ttl(&self, key: &str) -> Result<Option<Duration>, CacheError> {
         let runtime = self.runtime();
         let rt = runtime.inner();

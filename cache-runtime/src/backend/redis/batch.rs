@@ -193,20 +193,24 @@ impl<C: Connections> Batcher<C> {
     }
 
     /// Waits until every write accepted before this call is answered by the server, or until
-    /// `limit` has passed; how many accepted writes were still unanswered then.
+    /// `limit` has passed: 0 when each queue acknowledged its marker (the writes ahead of it are
+    /// answered; writes accepted meanwhile, behind it, are not waited for), else how many
+    /// accepted writes were still unanswered then.
     pub(crate) async fn flush(&self, limit: Duration) -> usize {
         let all = async {
+            let mut acknowledged = true;
             for cell in &self.queues {
                 if let Some(queue) = cell.get() {
                     let (ack, done) = oneshot::channel();
-                    if queue.send(Item::Flush(ack)).await.is_ok() {
-                        let _ = done.await;
-                    }
+                    acknowledged &= queue.send(Item::Flush(ack)).await.is_ok() && done.await.is_ok();
                 }
             }
+            acknowledged
         };
-        let _ = tokio::time::timeout(limit, all).await;
-        self.queued()
+        match tokio::time::timeout(limit, all).await {
+            Ok(true) => 0,
+            _ => self.queued(),
+        }
     }
 
     /// Flushes (within `limit`), and from now on hands every write back to be written directly.
