@@ -537,3 +537,46 @@ async fn hits_are_answered_while_writes_are_paused() {
     eprintln!("writes paused: 10 hits, slowest {slowest:?}");
     assert!(slowest < OP_TIMEOUT / 2, "no lookup waited for the pause ({slowest:?})");
 }
+
+/// A server that fails on and off (reset, then answering again, eight times in a few seconds):
+/// the breaker opens and closes with it, and its "opened" warning and "closed" note are logged
+/// once in those seconds, not once per cycle.
+#[tokio::test]
+async fn a_breaker_opening_and_closing_again_and_again_is_logged_once_per_10_s() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port());
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rt = runtime(&proxy.url(), |c| c.with_breaker(3, Duration::from_millis(50)));
+    let started = Instant::now();
+    let mut cycles = 0;
+    for cycle in 0..8 {
+        proxy.set(Fault::Reset);
+        for i in 0..6 {
+            timed(&rt, &format!("C{cycle}-{i}")).await;
+        }
+        assert!(rt.breaker_open(), "cycle {cycle}: the breaker opened");
+        proxy.set(Fault::Pass);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while rt.breaker_open() {
+            assert!(Instant::now() < deadline, "cycle {cycle}: the breaker did not close");
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            timed(&rt, &format!("C{cycle}-probe")).await;
+        }
+        cycles += 1;
+    }
+    let took = started.elapsed();
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let opened = text.lines().filter(|l| l.contains("WARN") && l.contains("breaker opened")).count();
+    let closed = text.lines().filter(|l| l.contains("INFO") && l.contains("breaker closed")).count();
+    eprintln!("{cycles} cycles in {took:?}: {opened} 'opened' warnings, {closed} 'closed' notes");
+    // One per started 10 s of the run.
+    let bound = 1 + usize::try_from(took.as_secs() / 10).unwrap();
+    assert!((1..=bound).contains(&opened) && (1..=bound).contains(&closed), "{text}");
+}

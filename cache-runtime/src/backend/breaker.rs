@@ -7,7 +7,9 @@
 //! It also owns the failure log: one `warn` when the backend starts failing (the first failure
 //! after a success), one `warn` when the breaker opens, one `info` when it closes; the calls in
 //! between log at debug level only. A backend that fails on and off (one Cluster node of three
-//! down: calls to the others succeed in between) warns at most once per [`LOG_QUIET`].
+//! down: calls to the others succeed in between) warns at most once per [`LOG_QUIET`], and so
+//! does a breaker that opens and closes again and again (its "closed" is logged after an "opened"
+//! that was).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -40,6 +42,10 @@ pub(crate) struct Breaker {
     /// When a refused request (NOPERM, a script error: the server is up) was last logged as a
     /// warning, the same way.
     refusal_warned_at: AtomicU64,
+    /// When "opened" was last logged as a warning, the same way, and whether its "closed" is
+    /// still owed.
+    opened_warned_at: AtomicU64,
+    open_announced: AtomicBool,
 }
 
 /// A call the breaker let through; its result must be recorded.
@@ -63,6 +69,8 @@ impl Breaker {
             warned_at: AtomicU64::new(0),
             announced: AtomicBool::new(false),
             refusal_warned_at: AtomicU64::new(0),
+            opened_warned_at: AtomicU64::new(0),
+            open_announced: AtomicBool::new(false),
         }
     }
 
@@ -106,7 +114,11 @@ impl Breaker {
         let was_failing = self.failing.load(Relaxed) && self.failing.swap(false, SeqCst);
         if probe || self.state.load(Relaxed) != CLOSED {
             self.state.store(CLOSED, SeqCst);
-            tracing::info!(server = %self.server, "cache backend answers again: breaker closed, caching resumes");
+            if self.open_announced.swap(false, SeqCst) {
+                tracing::info!(server = %self.server, "cache backend answers again: breaker closed, caching resumes");
+            } else {
+                tracing::debug!(server = %self.server, "cache breaker closed");
+            }
         } else if was_failing && self.announced.swap(false, SeqCst) {
             tracing::info!(server = %self.server, "cache backend answers again");
         }
@@ -142,17 +154,22 @@ impl Breaker {
             self.open();
             return;
         }
-        if self.threshold > 0
-            && consecutive >= self.threshold
-            && self.state.compare_exchange(CLOSED, OPEN, SeqCst, SeqCst).is_ok()
-        {
+        // `opened_at` first: a call that sees the breaker open reads when it opened.
+        if self.threshold > 0 && consecutive >= self.threshold && self.state.load(SeqCst) == CLOSED {
             self.opened_at.store(self.now(), SeqCst);
-            tracing::warn!(
-                server = %self.server,
-                consecutive,
-                cooldown_ms = self.cooldown.as_millis() as u64,
-                "cache breaker opened: calls skip the cache until a probe succeeds"
-            );
+            if self.state.compare_exchange(CLOSED, OPEN, SeqCst, SeqCst).is_ok() {
+                if self.may_warn(&self.opened_warned_at) {
+                    self.open_announced.store(true, SeqCst);
+                    tracing::warn!(
+                        server = %self.server,
+                        consecutive,
+                        cooldown_ms = self.cooldown.as_millis() as u64,
+                        "cache breaker opened: calls skip the cache until a probe succeeds (logged at most once per 10 s)"
+                    );
+                } else {
+                    tracing::debug!(server = %self.server, consecutive, "cache breaker opened");
+                }
+            }
         }
     }
 }

@@ -303,7 +303,15 @@ impl MemoryBackend {
         if leases.held.get(&slot).is_some_and(|l| l.expires_at > now) {
             return Acquired::Busy;
         }
-        let stamp = leases.stamp(&slot);
+        // A key without a stamp is given one of the grant's own (see `protocol::grant_stamp`).
+        let stamp = match leases.stamp(&slot) {
+            0 => {
+                let stamp = super::protocol::grant_stamp();
+                leases.stamps.insert(slot.clone(), (stamp, now));
+                stamp
+            }
+            stamp => stamp,
+        };
         leases.held.insert(slot, Lease { token: ask.token, expires_at: deadline(now, ask.ttl) });
         Acquired::Granted(stamp)
     }
@@ -316,6 +324,12 @@ impl MemoryBackend {
         // An expired lease is gone, as its key would be on Redis.
         if let Some(lease) = leases.held.get_mut(&slot).filter(|l| l.token == token && l.expires_at > now) {
             lease.expires_at = deadline(now, ttl);
+            // The grant's stamp lives on with the lease, as on Redis (no invalidation came since
+            // the grant: it would have removed the lease).
+            let current = leases.stamp(&slot);
+            if grant != 0 && (current == grant || current == 0) {
+                leases.stamps.insert(slot, (grant, now));
+            }
             return Renewal::Renewed;
         }
         if leases.stamp(&slot) != grant {
@@ -339,6 +353,10 @@ impl MemoryBackend {
         match leases.held.get(&slot) {
             Some(lease) if lease.token == token => {
                 leases.held.remove(&slot);
+                // The stamp its grant set, if still there, was there for the lease (as on Redis).
+                if grant.is_multiple_of(2) && leases.stamp(&slot) == grant {
+                    leases.stamps.remove(&slot);
+                }
             }
             _ if leases.stamp(&slot) != grant => return FillOutcome::Revoked,
             Some(lease) if lease.expires_at > Instant::now() => return FillOutcome::Superseded,
@@ -371,7 +389,7 @@ impl MemoryBackend {
             leases.stamps.retain(|_, (_, at)| now.duration_since(*at) < life);
             leases.prune_at = (leases.stamps.len() * 2).max(1024);
         }
-        leases.stamps.insert(slot, (super::protocol::unique(), now));
+        leases.stamps.insert(slot, (super::protocol::invalidation_stamp(), now));
         self.entries.invalidate(&(db, key) as &dyn SlotRef);
         drop(leases);
         self.near.forget(key);
@@ -548,6 +566,30 @@ mod tests {
         assert!(older > 0, "the race did not show without the lock in {writes} writes");
         let (older, writes) = older_values_seen(&m, true, Duration::from_secs(1));
         assert_eq!(older, 0, "{older} of {writes} reads saw an older value");
+    }
+
+    /// A holder whose lease an invalidation revoked fills after the invalidation's stamp was
+    /// forgotten (past its life, pruned by later invalidations): the key has no stamp then, which
+    /// must not read as the one its lease was granted under.
+    #[test]
+    fn a_fill_after_a_forgotten_invalidation_stamp_is_refused() {
+        let lease = Duration::from_millis(100);
+        let m = MemoryBackend::new(&CacheConfig::memory().with_lease_ttl(lease), &near());
+        // A grant sets a stamp of its own; its fill removes it.
+        let first = LeaseAsk { token: 6, ttl: lease, min_generation: 0 };
+        let Acquired::Granted(grant) = m.acquire(5, "j", first, |_| ()) else { panic!("the lease is free") };
+        assert_eq!(m.leases().stamp(&(5, "j".to_owned())), grant);
+        assert_eq!(m.fill(5, "j", 6, grant, b"[0,1]", Duration::from_secs(60)), FillOutcome::Written);
+        assert_eq!(m.leases().stamp(&(5, "j".to_owned())), 0, "left behind by a fill");
+        let ask = LeaseAsk { token: 7, ttl: lease, min_generation: 0 };
+        let Acquired::Granted(grant) = m.acquire(5, "k", ask, |_| ()) else { panic!("the lease is free") };
+        m.invalidate(5, "k");
+        std::thread::sleep(super::super::protocol::stamp_life(lease) + Duration::from_millis(100));
+        for i in 0..1100 {
+            m.invalidate(5, &format!("other{i}"));
+        }
+        assert_eq!(m.leases().stamp(&(5, "k".to_owned())), 0, "the stamp was forgotten");
+        assert_eq!(m.fill(5, "k", 7, grant, b"[0,1]", Duration::from_secs(60)), FillOutcome::Revoked);
     }
 
     #[test]

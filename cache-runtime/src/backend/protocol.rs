@@ -114,6 +114,20 @@ pub(crate) fn unique() -> u64 {
     h.finish().max(1)
 }
 
+/// A fresh invalidation stamp: odd (its last decimal digit is odd), so that a stamp a lease
+/// grant made ([`grant_stamp`]) is told from one an invalidation made (`RECHECK_INVALIDATION`).
+pub(crate) fn invalidation_stamp() -> u64 {
+    unique() | 1
+}
+
+/// A fresh stamp a lease grant sets on a key that has none: even, never 0. The grant is then
+/// made under a stamp of its own, so that if a later invalidation's stamp is forgotten (it
+/// expired, or was evicted) before an aged holder fills, the key's stamp (none) differs from the
+/// grant's and the fill is refused; under "no stamp" both would read alike and it would write.
+pub(crate) fn grant_stamp() -> u64 {
+    (unique() & !1).max(2)
+}
+
 /// Called with the write's result: written, refused (its lease was revoked) or superseded, or
 /// the backend failed.
 pub(crate) type Done = Box<dyn FnOnce(Result<FillOutcome, BackendError>) + Send>;

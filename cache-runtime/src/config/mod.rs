@@ -944,6 +944,12 @@ mod tests {
         assert!(from(&[("REDIS_SENTINELS", "h1"), ("REDIS_SENTINEL_MASTER", "m")]).is_err(), "no port");
         let err = CacheConfig::redis("redis+sentinel://u:hunter2@h1:26379").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+        // Credentials written into the list: refused, and not repeated.
+        for listed in ["redis://:hunter2@h1:26379", "app:hunter2@h1", "h2:26379,app:hunter2@h1:26379"] {
+            let err = from(&[("REDIS_SENTINELS", listed), ("REDIS_SENTINEL_MASTER", "m")]).unwrap_err();
+            let said = format!("{err} {err:?}");
+            assert!(!said.contains("hunter2") && said.contains("REDIS_SENTINEL_PASSWORD"), "{said}");
+        }
     }
 
     #[test]

@@ -256,6 +256,15 @@ impl SentinelTarget {
     pub fn new<S: AsRef<str>>(sentinels: &[S], master: &str) -> Result<Self, ConfigError> {
         let sentinels: Vec<String> = sentinels.iter().map(|s| s.as_ref().trim().to_owned()).collect();
         for s in &sentinels {
+            // A URL, or credentials (`user:pass@host:port`), is not an address: refused without
+            // its text, which may hold a password.
+            if s.contains('@') || s.contains("://") {
+                return Err(ConfigError::InvalidValue {
+                    variable: "REDIS_SENTINELS",
+                    value: "(a URL or credentials, not shown)".into(),
+                    expected: "host:port,host:port,... (each sentinel's address alone; their password goes in REDIS_SENTINEL_PASSWORD, TLS in REDIS_SENTINEL_TLS)",
+                });
+            }
             let ok = s
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());

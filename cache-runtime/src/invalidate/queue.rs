@@ -65,8 +65,10 @@ impl Queue {
             Target::Key(_, Some(key)) => {
                 if self.functions.contains_key(&id) {
                     // A queued function-wide invalidation covers this key; it must be applied
-                    // after this newer write too.
-                    self.functions.get_mut(&id).expect("checked").seq = seq;
+                    // after this newer write too, and tried for as long as this key's would be.
+                    let queued = self.functions.get_mut(&id).expect("checked");
+                    queued.seq = seq;
+                    queued.give_up_at = queued.give_up_at.max(give_up_at);
                     return None;
                 }
                 if self.keys.insert(key.clone(), Queued { target, give_up_at, seq }).is_none() {
@@ -228,8 +230,14 @@ mod tests {
         }
         assert_eq!(coalesced, MAX_QUEUED_KEYS_PER_FUNCTION + 1);
         assert_eq!((q.keys.len(), q.functions.len()), (0, 1));
-        // Later keys of that function are covered by it, not queued again.
+        // Later keys of that function are covered by it, not queued again, and keep it queued
+        // for as long as they would have been.
+        let before = q.functions.values().next().unwrap().give_up_at;
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let inserted = Instant::now();
         q.insert(Target::Key(F, Some("later".into())));
         assert_eq!(q.len(), 1);
+        let after = q.functions.values().next().unwrap().give_up_at;
+        assert!(after > before && after >= inserted + F.spec().entry_life(), "{before:?} {after:?}");
     }
 }

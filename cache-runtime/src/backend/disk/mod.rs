@@ -595,7 +595,18 @@ impl Store for DiskStore {
                 return Ok(Ok(None));
             }
             put(tx, db, &lease, ask.token.to_string().as_bytes(), deadline(ask.ttl), PROTOCOL)?;
-            Ok(Ok(Some(stamp_of(tx, db, key)?)))
+            // A key without a stamp is given one of the grant's own (see `protocol::grant_stamp`).
+            let stamp_key = crate::key::invalidation_key(key);
+            let stamp = match live_u64(tx, db, &stamp_key)? {
+                Some(stamp) => stamp,
+                None => {
+                    let stamp = super::protocol::grant_stamp();
+                    let life = deadline(super::protocol::stamp_life(ask.ttl));
+                    put(tx, db, &stamp_key, stamp.to_string().as_bytes(), life, PROTOCOL)?;
+                    stamp
+                }
+            };
+            Ok(Ok(Some(stamp)))
         })?;
         Ok(match answer {
             Err(value) => Acquired::Value(decode(&value)),
@@ -616,6 +627,12 @@ impl Store for DiskStore {
             let lease_key = lease_key(key);
             if live_u64(tx, db, &lease_key)? == Some(token) {
                 set_deadline(tx, db, &lease_key, deadline(lease))?;
+                // The grant's stamp lives on with the lease, as on Redis.
+                let stamp_key = crate::key::invalidation_key(key);
+                if live_u64(tx, db, &stamp_key)?.is_none() || stamp_of(tx, db, key)? == grant {
+                    let life = deadline(super::protocol::stamp_life(lease));
+                    put(tx, db, &stamp_key, grant.to_string().as_bytes(), life, PROTOCOL)?;
+                }
                 return Ok(Renewal::Renewed);
             }
             if stamp_of(tx, db, key)? != grant {
@@ -641,6 +658,11 @@ impl Store for DiskStore {
             if held == Some(token) {
                 put(tx, db, key, value, deadline(ttl), ENTRY)?;
                 remove(tx, db, &lease_key)?;
+                // The stamp its grant set, if still there, was there for the lease (as on Redis).
+                let stamp_key = crate::key::invalidation_key(key);
+                if grant.is_multiple_of(2) && live_u64(tx, db, &stamp_key)? == Some(grant) {
+                    remove(tx, db, &stamp_key)?;
+                }
                 return Ok(FillOutcome::Written);
             }
             if stamp_of(tx, db, key)? != grant {
@@ -668,7 +690,7 @@ impl Store for DiskStore {
         self.write(|tx| {
             remove(tx, db, key)?;
             remove(tx, db, &lease_key(key))?;
-            let stamp = super::unique();
+            let stamp = super::protocol::invalidation_stamp();
             put(
                 tx,
                 db,
@@ -718,7 +740,7 @@ mod tests {
                 Acquired::Granted(g) => g,
                 _ => panic!("the lease is free"),
             };
-            assert_ne!(grant, 0, "without a stamp, the file's token");
+            assert_ne!(grant, 0, "without a stamp, one of the grant's own");
             let value = vec![7u8; 1000];
             // Later keys expire later: the earliest are the nearest to expiry.
             for i in 0..200u64 {
@@ -790,6 +812,26 @@ mod tests {
 
     fn ask() -> LeaseAsk {
         LeaseAsk { token: 42, ttl: Duration::from_secs(5), min_generation: 0 }
+    }
+
+    /// A holder whose lease an invalidation revoked fills after the invalidation's stamp expired:
+    /// the key has no stamp then, which must not read as the one its lease was granted under.
+    #[test]
+    fn a_fill_after_a_forgotten_invalidation_stamp_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1 << 20);
+        let lease = Duration::from_millis(100);
+        block_on(async {
+            let short = LeaseAsk { token: 42, ttl: lease, min_generation: 0 };
+            let Acquired::Granted(grant) = Store::acquire(&s, 5, "k", short, |_| ()).await.unwrap() else {
+                panic!("the lease is free")
+            };
+            Store::invalidate(&s, 5, "k", super::super::stamp_life(lease)).await.unwrap();
+            std::thread::sleep(super::super::stamp_life(lease) + Duration::from_millis(100));
+            let outcome = Store::fill(&s, 5, "k", (42, grant), b"v", Duration::from_secs(60)).await.unwrap();
+            assert_eq!(outcome, FillOutcome::Revoked);
+            assert!(!Store::exists(&s, 5, "k").await.unwrap());
+        });
     }
 
     #[test]

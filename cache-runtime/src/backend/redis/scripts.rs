@@ -14,16 +14,25 @@ use crate::backend::protocol::{FillOutcome, Renewal};
 use crate::error::BackendError;
 use crate::key;
 
-/// KEYS: entry, lease, invalidation stamp. ARGV: token, lease ms, minimum generation. The
-/// generation is read from the head of a JSON (`[g,...]`) or MessagePack value (`0x93` then an
-/// integer; see `value.rs`) without decoding the rest.
-/// A fresh entry: `{1, value}`. Lease taken: `{2, stamp}`, the key's invalidation stamp at the
-/// grant (`'0'` if none). Someone else holds it: `{3}`. Held with our token already: this request
-/// ran before and its reply was lost (Cluster's client sends it again after a lost connection),
-/// so it is ours: granted again, with its life renewed and the stamp as it is now. No
-/// invalidation came since the first grant (it would have removed the lease); the stamp may have
-/// expired or been evicted meanwhile, and then reads `'0'`, as for any grant made after that.
+/// KEYS: entry, lease, invalidation stamp. ARGV: token, lease ms, minimum generation, a fresh
+/// grant stamp, stamp ms. The generation is read from the head of a JSON (`[g,...]`) or
+/// MessagePack value (`0x93` then an integer; see `value.rs`) without decoding the rest.
+/// A fresh entry: `{1, value}`. Lease taken: `{2, stamp}`, the key's stamp at the grant; a key
+/// without one is given the fresh grant stamp first (for the stamp's life), so that no grant is
+/// made under "no stamp" (see `protocol::grant_stamp`). Someone else holds it: `{3}`. Held with
+/// our token already: this request ran before and its reply was lost (Cluster's client sends it
+/// again after a lost connection), so it is ours: granted again, with its life renewed and the
+/// stamp as it is now. No invalidation came since the first grant (it would have removed the
+/// lease).
 const ACQUIRE: &str = r"
+local function granted()
+  local s = redis.call('GET', KEYS[3])
+  if not s then
+    s = ARGV[4]
+    redis.call('SET', KEYS[3], s, 'PX', ARGV[5])
+  end
+  return {2, s}
+end
 local v = redis.call('GET', KEYS[1])
 if v then
   local g
@@ -45,17 +54,19 @@ if v then
   if g and g >= tonumber(ARGV[3]) then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2, redis.call('GET', KEYS[3]) or '0'}
+  return granted()
 end
 if redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  return {2, redis.call('GET', KEYS[3]) or '0'}
+  return granted()
 end
 return {3}
 ";
 
 /// KEYS: entry, lease, invalidation stamp. ARGV: token, value, ttl ms, stamp at the grant.
-/// 1: written under our lease. 2: our lease aged out, nobody holds it now and the key's stamp is
+/// 1: written under our lease (and the stamp our grant set, if it is still there, removed: it
+/// was there for the lease; a grant's stamp is even, an invalidation's odd). A holder granted
+/// under that stamp after our lease aged is then refused: its value is older than ours. 2: our lease aged out, nobody holds it now and the key's stamp is
 /// the one we were granted under (no invalidation since): written. 0: the stamp changed (an
 /// invalidation came after our grant): refused. 3: our lease aged out and another caller holds
 /// the key's lease now: not written (it will fill), the value is not stale.
@@ -65,6 +76,8 @@ local l = redis.call('GET', KEYS[2])
 if l == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   redis.call('DEL', KEYS[2])
+  local s = redis.call('GET', KEYS[3])
+  if s == ARGV[4] and tonumber(string.sub(s, -1)) % 2 == 0 then redis.call('DEL', KEYS[3]) end
   return 1
 end
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[4] then return 0 end
@@ -75,13 +88,17 @@ end
 return 3
 ";
 
-/// KEYS: lease, invalidation stamp. ARGV: token, lease ms, stamp at the grant.
-/// 1: renewed. 0: revoked by an invalidation. 2: gone (aged out, or consumed by our own fill)
-/// or held by another caller: not taken back, so a renewal that lands after the fill never
-/// recreates a lease nobody holds.
+/// KEYS: lease, invalidation stamp. ARGV: token, lease ms, stamp at the grant, stamp ms.
+/// 1: renewed, and the grant's stamp with it (no invalidation came since the grant: it would
+/// have removed the lease), so that it outlives the lease as at the grant. 0: revoked by an
+/// invalidation. 2: gone (aged out, or consumed by our own fill) or held by another caller: not
+/// taken back, so a renewal that lands after the fill never recreates a lease nobody holds.
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if ARGV[3] ~= '0' and (redis.call('GET', KEYS[2]) or ARGV[3]) == ARGV[3] then
+    redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  end
   return 1
 end
 if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then return 0 end
@@ -97,12 +114,14 @@ redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
 return 1
 ";
 
-/// KEYS: entry, lease, invalidation stamp. ARGV: stamp ms, a fresh random stamp. Run a while
-/// after an invalidation on a replicated deployment: a stamp (ours, or a newer invalidation's)
-/// means the invalidation survived; none means it was lost (a primary that acknowledged it died
-/// before its replica had it) or has aged out: it is applied again. 1: applied again.
+/// KEYS: entry, lease, invalidation stamp. ARGV: stamp ms, a fresh invalidation stamp. Run a
+/// while after an invalidation on a replicated deployment: an invalidation's stamp (ours, or a
+/// newer one's; odd, see `protocol::invalidation_stamp`) means the invalidation survived; none,
+/// or a lease grant's (even), means it was lost (a primary that acknowledged it died before its
+/// replica had it) or has aged out: it is applied again. 1: applied again.
 const RECHECK_INVALIDATION: &str = r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local s = redis.call('GET', KEYS[3])
+if s and tonumber(string.sub(s, -1)) % 2 == 1 then return 0 end
 redis.call('UNLINK', KEYS[1], KEYS[2])
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
 return 1
@@ -192,6 +211,8 @@ pub(crate) async fn acquire(
         .arg(token)
         .arg(millis(lease))
         .arg(min_generation)
+        .arg(crate::backend::protocol::grant_stamp())
+        .arg(millis(crate::backend::protocol::stamp_life(lease)))
         .invoke_async(conn)
         .await?;
     Ok(match reply.as_slice() {
@@ -268,6 +289,7 @@ pub(crate) async fn renew(
         .arg(token)
         .arg(millis(lease))
         .arg(grant)
+        .arg(millis(crate::backend::protocol::stamp_life(lease)))
         .invoke_async(conn)
         .await?;
     Ok(match answer {
@@ -288,7 +310,7 @@ pub(crate) async fn invalidate(
         .key(key::lease_key(key))
         .key(key::invalidation_key(key))
         .arg(millis(stamp_life))
-        .arg(crate::backend::protocol::unique())
+        .arg(crate::backend::protocol::invalidation_stamp())
         .invoke_async::<()>(conn)
         .await?;
     Ok(())
@@ -340,7 +362,7 @@ pub(crate) async fn recheck_invalidation(
         .key(key::lease_key(key))
         .key(key::invalidation_key(key))
         .arg(millis(stamp_life))
-        .arg(crate::backend::protocol::unique())
+        .arg(crate::backend::protocol::invalidation_stamp())
         .invoke_async(conn)
         .await?;
     Ok(again == 1)
