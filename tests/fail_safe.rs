@@ -132,6 +132,22 @@ async fn an_invalidation_during_the_failing_call_wins(fx: &mut Fixture) {
     };
     let (read, ()) = tokio::join!(fx.run(slow_price("WRITTEN", &db)), write);
     assert_eq!(read, Err("the database is down".to_owned()), "a value from before the write was answered");
+    // Invalidated and filled again by another caller before the function fails: the entry is
+    // back under the same generation, but it is not the stale value.
+    let good = Dependency::default();
+    good.answers(2);
+    assert_eq!(fx.run(hanging_price("REFILLED", &good, Duration::ZERO)).await, Ok(2));
+    past_the_ttl().await;
+    let write_and_refill = async {
+        tokio::time::sleep(Duration::from_millis(100)).await; // while the function runs
+        runtime.scope(invalidate!(hanging_price("REFILLED"))).await;
+        good.answers(3);
+        assert_eq!(runtime.scope(hanging_price("REFILLED", &good, Duration::ZERO)).await, Ok(3));
+        runtime.flush().await.unwrap();
+    };
+    let (read, ()) =
+        tokio::join!(fx.run(hanging_price("REFILLED", &db, Duration::from_millis(600))), write_and_refill);
+    assert_eq!(read, Err("the database is down".to_owned()), "the value from before the write was answered");
 }
 
 #[cached(db = MarketData, prefix = "failsafe", ttl = 1, stale_if_error = "1h", skip(db))]

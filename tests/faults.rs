@@ -579,4 +579,24 @@ async fn a_breaker_opening_and_closing_again_and_again_is_logged_once_per_10_s()
     // One per started 10 s of the run.
     let bound = 1 + usize::try_from(took.as_secs() / 10).unwrap();
     assert!((1..=bound).contains(&opened) && (1..=bound).contains(&closed), "{text}");
+
+    // The last line said it closed; it opens again within the quiet time and stays open: that is
+    // said once the quiet time is over, not left unsaid.
+    proxy.set(Fault::Reset);
+    for i in 0..6 {
+        timed(&rt, &format!("last-{i}")).await;
+    }
+    assert!(rt.breaker_open());
+    let said = || {
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        text.lines().filter(|l| l.contains("WARN") && l.contains("breaker still open")).count()
+    };
+    let deadline = started + Duration::from_secs(13);
+    while said() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        timed(&rt, "last-probe").await;
+    }
+    let at = started.elapsed();
+    assert_eq!(said(), 1, "the breaker stayed open unsaid for {at:?}");
+    assert!(at >= Duration::from_secs(10), "said within the quiet time ({at:?})");
 }

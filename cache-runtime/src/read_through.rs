@@ -826,7 +826,9 @@ impl FailSafe<'_> {
     }
 
     /// Whether the stale entry is still stored under the function's current generation (read
-    /// again from the backend) with no invalidation of it queued here.
+    /// again from the backend), still past its TTL (a fresh one means it was invalidated, or its
+    /// lease lost, and filled again meanwhile: the stale value is not what is stored), with no
+    /// invalidation of it queued here.
     async fn still_valid(&self) -> bool {
         let (rt, spec) = (self.rt, self.spec);
         if rt.pending.covers(self.cached, self.key) {
@@ -842,7 +844,10 @@ impl FailSafe<'_> {
                 let known = rt.functions.current(self.function);
                 let current =
                     read.map_or(known.generation, |g| rt.functions.observe(self.function, g, &known));
-                written >= current.max(self.generation)
+                if written < current.max(self.generation) {
+                    return false;
+                }
+                matches!(rt.backend.ttl(spec.db, self.key).await, Ok(Some(left)) if spec.fresh_left(left).is_none())
             }
             _ => false,
         }
@@ -882,7 +887,7 @@ async fn fill(rt: &Inner, spec: &'static Spec, mut write: Write, flight: Flight,
             Ok(FillOutcome::Superseded) => Outcome::Value(value),
             Ok(FillOutcome::Revoked) => {
                 counters.refused_fill();
-                tracing::debug!(db, "fill refused: invalidated while computing");
+                tracing::debug!(db, "fill refused: invalidated while computing, or its lease aged out");
                 Outcome::Refused
             }
             Err(error) => {

@@ -276,7 +276,9 @@ pub struct PrefixStats {
     pub invalidation_retries: u64,
     /// Queued invalidations given up because every entry they covered had expired by then.
     pub invalidations_expired: u64,
-    /// Fills refused because an invalidation revoked their lease (a stale write prevented).
+    /// Fills refused by the lease protocol: an invalidation revoked their lease (a stale write
+    /// prevented), or their lease aged out and the key was filled again since, or the stamp it
+    /// was granted under expired (the protocol cannot tell these apart, so none is written).
     pub refused_fills: u64,
     /// Misses that waited for another caller's fill instead of running the function.
     pub lease_waits: u64,

@@ -46,6 +46,9 @@ pub(crate) struct Breaker {
     /// still owed.
     opened_warned_at: AtomicU64,
     open_announced: AtomicBool,
+    /// Whether it is open now without having said so (an opening within `LOG_QUIET` of the last
+    /// one said): a failed probe says so once the quiet time is over.
+    open_unsaid: AtomicBool,
 }
 
 /// A call the breaker let through; its result must be recorded.
@@ -71,6 +74,7 @@ impl Breaker {
             refusal_warned_at: AtomicU64::new(0),
             opened_warned_at: AtomicU64::new(0),
             open_announced: AtomicBool::new(false),
+            open_unsaid: AtomicBool::new(false),
         }
     }
 
@@ -114,6 +118,7 @@ impl Breaker {
         let was_failing = self.failing.load(Relaxed) && self.failing.swap(false, SeqCst);
         if probe || self.state.load(Relaxed) != CLOSED {
             self.state.store(CLOSED, SeqCst);
+            self.open_unsaid.store(false, SeqCst);
             if self.open_announced.swap(false, SeqCst) {
                 tracing::info!(server = %self.server, "cache backend answers again: breaker closed, caching resumes");
             } else {
@@ -152,6 +157,12 @@ impl Breaker {
         }
         if probe {
             self.open();
+            // Open since an opening that went unsaid (the last line logged may say it closed).
+            if self.open_unsaid.load(SeqCst) && self.may_warn(&self.opened_warned_at) {
+                self.open_unsaid.store(false, SeqCst);
+                self.open_announced.store(true, SeqCst);
+                tracing::warn!(server = %self.server, %error, "cache breaker still open: calls skip the cache until a probe succeeds (logged at most once per 10 s)");
+            }
             return;
         }
         // `opened_at` first: a call that sees the breaker open reads when it opened.
@@ -167,6 +178,7 @@ impl Breaker {
                         "cache breaker opened: calls skip the cache until a probe succeeds (logged at most once per 10 s)"
                     );
                 } else {
+                    self.open_unsaid.store(true, SeqCst);
                     tracing::debug!(server = %self.server, consecutive, "cache breaker opened");
                 }
             }

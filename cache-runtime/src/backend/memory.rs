@@ -133,6 +133,18 @@ impl Leases {
     fn stamp(&self, slot: &(u8, String)) -> u64 {
         self.stamps.get(slot).map_or(0, |(stamp, _)| *stamp)
     }
+
+    /// Sets a key's stamp (an invalidation's, or a grant's), first forgetting, when the map has
+    /// reached `prune_at`, the stamps older than `life` that no fill can still need (a holder
+    /// granted under a forgotten stamp is refused, never wrongly written): the map holds about
+    /// twice the stamps set within `life` at most.
+    fn insert_stamp(&mut self, slot: (u8, String), stamp: u64, now: Instant, life: Duration) {
+        if self.stamps.len() >= self.prune_at {
+            self.stamps.retain(|_, (_, at)| now.duration_since(*at) < life);
+            self.prune_at = (self.stamps.len() * 2).max(1024);
+        }
+        self.stamps.insert(slot, (stamp, now));
+    }
 }
 
 impl MemoryBackend {
@@ -307,7 +319,7 @@ impl MemoryBackend {
         let stamp = match leases.stamp(&slot) {
             0 => {
                 let stamp = super::protocol::grant_stamp();
-                leases.stamps.insert(slot.clone(), (stamp, now));
+                leases.insert_stamp(slot.clone(), stamp, now, self.stamp_life);
                 stamp
             }
             stamp => stamp,
@@ -324,11 +336,12 @@ impl MemoryBackend {
         // An expired lease is gone, as its key would be on Redis.
         if let Some(lease) = leases.held.get_mut(&slot).filter(|l| l.token == token && l.expires_at > now) {
             lease.expires_at = deadline(now, ttl);
-            // The grant's stamp lives on with the lease, as on Redis (no invalidation came since
-            // the grant: it would have removed the lease).
+            // A stamp the grant set (even) lives on with the lease, as on Redis (no invalidation
+            // came since the grant: it would have removed the lease); an invalidation's is left.
             let current = leases.stamp(&slot);
-            if grant != 0 && (current == grant || current == 0) {
-                leases.stamps.insert(slot, (grant, now));
+            if grant != 0 && grant.is_multiple_of(2) && (current == grant || current == 0) {
+                let life = self.stamp_life;
+                leases.insert_stamp(slot, grant, now, life);
             }
             return Renewal::Renewed;
         }
@@ -382,14 +395,7 @@ impl MemoryBackend {
         let slot = (db, key.to_owned());
         leases.held.remove(&slot);
         let now = Instant::now();
-        if leases.stamps.len() >= leases.prune_at {
-            // Forget stamps no fill can still need; a holder granted under a forgotten stamp is
-            // refused (its stamp no longer matches), never wrongly written.
-            let life = self.stamp_life;
-            leases.stamps.retain(|_, (_, at)| now.duration_since(*at) < life);
-            leases.prune_at = (leases.stamps.len() * 2).max(1024);
-        }
-        leases.stamps.insert(slot, (super::protocol::invalidation_stamp(), now));
+        leases.insert_stamp(slot, super::protocol::invalidation_stamp(), now, self.stamp_life);
         self.entries.invalidate(&(db, key) as &dyn SlotRef);
         drop(leases);
         self.near.forget(key);
@@ -590,6 +596,27 @@ mod tests {
         }
         assert_eq!(m.leases().stamp(&(5, "k".to_owned())), 0, "the stamp was forgotten");
         assert_eq!(m.fill(5, "k", 7, grant, b"[0,1]", Duration::from_secs(60)), FillOutcome::Revoked);
+    }
+
+    /// Leases given back without a fill (an `Err`, a `None`) leave their grants' stamps; those
+    /// past their life are forgotten as new ones are set, invalidations or not.
+    #[test]
+    fn stamps_left_by_grants_are_forgotten_past_their_life() {
+        let lease = Duration::from_millis(100);
+        let m = MemoryBackend::new(&CacheConfig::memory().with_lease_ttl(lease), &near());
+        let grant_and_release = |round: u32| {
+            for i in 0..2000 {
+                let key = format!("r{round}:{i}");
+                let ask = LeaseAsk { token: 9, ttl: lease, min_generation: 0 };
+                assert!(matches!(m.acquire(5, &key, ask, |_| ()), Acquired::Granted(_)));
+                m.release(5, &key, 9);
+            }
+        };
+        grant_and_release(0);
+        std::thread::sleep(super::super::protocol::stamp_life(lease) + Duration::from_millis(100));
+        grant_and_release(1);
+        let held = m.leases().stamps.len();
+        assert!(held <= 2100, "{held} stamps for 4,000 grants, half of them past their life");
     }
 
     #[test]

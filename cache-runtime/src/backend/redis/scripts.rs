@@ -89,14 +89,17 @@ return 3
 ";
 
 /// KEYS: lease, invalidation stamp. ARGV: token, lease ms, stamp at the grant, stamp ms.
-/// 1: renewed, and the grant's stamp with it (no invalidation came since the grant: it would
-/// have removed the lease), so that it outlives the lease as at the grant. 0: revoked by an
+/// 1: renewed, and a stamp the grant set with it (even; no invalidation came since the grant:
+/// it would have removed the lease), so that it outlives the lease as at the grant. An
+/// invalidation's stamp (odd) is left to expire: kept alive, it would hide a later invalidation
+/// lost in a failover from `RECHECK_INVALIDATION`. 0: revoked by an
 /// invalidation. 2: gone (aged out, or consumed by our own fill) or held by another caller: not
 /// taken back, so a renewal that lands after the fill never recreates a lease nobody holds.
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  if ARGV[3] ~= '0' and (redis.call('GET', KEYS[2]) or ARGV[3]) == ARGV[3] then
+  local even = tonumber(string.sub(ARGV[3], -1)) % 2 == 0
+  if ARGV[3] ~= '0' and even and (redis.call('GET', KEYS[2]) or ARGV[3]) == ARGV[3] then
     redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
   end
   return 1
