@@ -452,6 +452,20 @@ async fn a_connection_gone_silent_is_made_again_when_callers_stop_waiting_first(
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// What this thread logs at `info` and above, until the guard is dropped.
+    fn info() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -475,14 +489,7 @@ async fn wrong_or_missing_password_is_logged_once_not_per_call() {
         ("no password", format!("redis://127.0.0.1:{}", server.port()), 7),
         ("no password, DB 0", format!("redis://127.0.0.1:{}", server.port()), 0),
     ] {
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (logs, _guard) = Captured::info();
         let rt = runtime(&url, |c| c);
         let ran = AtomicUsize::new(0);
         for i in 0..100 {
@@ -545,14 +552,7 @@ async fn hits_are_answered_while_writes_are_paused() {
 async fn a_breaker_opening_and_closing_again_and_again_is_logged_once_per_10_s() {
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port());
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Captured::info();
     let rt = runtime(&proxy.url(), |c| c.with_breaker(3, Duration::from_millis(50)));
     let started = Instant::now();
     let mut cycles = 0;
