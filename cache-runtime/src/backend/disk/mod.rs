@@ -630,7 +630,7 @@ impl Store for DiskStore {
                 // A stamp the grant set (even) lives on with the lease, as on Redis; an
                 // invalidation's is left to expire.
                 let stamp_key = crate::key::invalidation_key(key);
-                let ours = live_u64(tx, db, &stamp_key)?.is_none() || stamp_of(tx, db, key)? == grant;
+                let ours = live_u64(tx, db, &stamp_key)?.is_none_or(|stamp| stamp == grant);
                 if grant.is_multiple_of(2) && ours {
                     let life = deadline(super::protocol::stamp_life(lease));
                     put(tx, db, &stamp_key, grant.to_string().as_bytes(), life, PROTOCOL)?;
