@@ -197,12 +197,72 @@ async fn a_dropped_stale_read_gives_the_lease_back(fx: &mut Fixture) {
     assert_eq!(db.calls.load(SeqCst), 2, "the next caller tried the function itself");
 }
 
+/// Callers waiting on a stale read's holder when the entry is invalidated do not each run the
+/// function: the stale value is no answer any more, and they serve the call as any other miss,
+/// one computation for all of them.
+async fn callers_waiting_when_the_stale_entry_goes_compute_once(fx: &mut Fixture) {
+    let db = Arc::new(Dependency::default());
+    db.answers(1);
+    assert_eq!(fx.run(hanging_price("GOES", &db, Duration::ZERO)).await, Ok(1));
+    past_the_ttl().await;
+    db.answers(2);
+    let mut callers = JoinSet::new();
+    for _ in 0..8 {
+        let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
+        callers.spawn(
+            async move { runtime.scope(hanging_price("GOES", &db, Duration::from_millis(400))).await },
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await; // while the stale read's holder runs
+    fx.run(invalidate!(hanging_price("GOES"))).await;
+    let answers = callers.join_all().await;
+    assert!(answers.iter().all(|answer| *answer == Ok(2)), "{answers:?}");
+    assert_eq!(
+        db.calls.load(SeqCst),
+        3,
+        "the warm-up, the stale read's holder, and one computation once the entry went (7 more: each waiting caller ran it)"
+    );
+}
+
 on_every_backend!(
+    callers_waiting_when_the_stale_entry_goes_compute_once,
     a_dropped_stale_read_gives_the_lease_back,
     a_failing_function_is_answered_by_its_stale_entry,
     an_invalidation_during_the_failing_call_wins,
     a_none_is_an_answer,
 );
+
+/// A stale read that gets the lease just after another process filled (its reads answered
+/// late, through a proxy that holds each reply 300 ms) reads the entry again before computing:
+/// the other process's value answers, and the function runs once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_read_granted_after_another_process_filled_takes_its_value() {
+    let server = RedisServer::start();
+    let proxy = support::proxy::FaultProxy::start(server.port());
+    let quiet = |c: CacheConfig| c.with_generation_refresh(Duration::from_secs(3600));
+    let (near, far) =
+        (support::redis_runtime(&server.url(), quiet), support::redis_runtime(&proxy.url(), quiet));
+    let db = Arc::new(Dependency::default());
+    db.answers(1);
+    assert_eq!(near.scope(price("RACE", &db)).await, Ok(1));
+    assert_eq!(far.scope(price("WARM", &db)).await, Ok(1), "the far process's connection and generation");
+    past_the_ttl().await;
+    db.answers(2);
+    proxy.set(support::proxy::Fault::Latency(Duration::from_millis(300)));
+    let late = tokio::spawn({
+        let (far, db) = (far.clone(), Arc::clone(&db));
+        async move { far.scope(price("RACE", &db)).await }
+    });
+    // The far process's read has run (its answer, stale, is held back); this one refills.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(near.scope(price("RACE", &db)).await, Ok(2));
+    assert_eq!(late.await.unwrap(), Ok(2));
+    assert_eq!(
+        db.calls.load(SeqCst),
+        3,
+        "two warm-ups and one refill; the far process computed again (4) after the refill"
+    );
+}
 
 /// 8 callers per runtime (two runtimes: two processes) for `run` on one key, the dependency down
 /// from the start (after one warm-up fill and the TTL): how many calls got an answer, how many an

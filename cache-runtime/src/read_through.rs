@@ -191,7 +191,22 @@ where
             }
             Lookup::Stale { value, generation } => {
                 let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-                return Box::pin(serve_stale::<P, R, F>(miss, value, body(), &function)).await;
+                return match Box::pin(serve_stale::<P, R, F>(miss, value, body(), &function)).await {
+                    Ok(output) => output,
+                    // The entry went while waiting for its holder: a miss like any other, one
+                    // computation per key here and across processes.
+                    Err(body) => {
+                        let miss = Miss {
+                            runtime: &runtime,
+                            cached: &cached,
+                            spec,
+                            key: &key,
+                            generation,
+                            counters,
+                        };
+                        Box::pin(follow_or_lead::<P, R, F>(miss, false, move || body)).await
+                    }
+                };
             }
             Lookup::Hit { value, refresh: None } => {
                 counters.hit();
@@ -213,13 +228,26 @@ where
         // Following a running flight: the generation this process knows is enough.
         (rt.functions.current(&function).generation, false)
     };
+    let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
+    Box::pin(follow_or_lead::<P, R, F>(miss, overwrite, body)).await
+}
+
+/// A miss in this process: follows the key's flight if one is running (its value, once filled,
+/// is the answer), else leads one (`lead`: the fill lease, the computation, the fill).
+async fn follow_or_lead<P, R, F>(miss: Miss<'_>, overwrite: bool, body: impl FnOnce() -> F) -> R
+where
+    P: Policy<R>,
+    F: Future<Output = R>,
+{
+    let Miss { runtime, cached, spec, key, generation, counters } = miss;
+    let rt = runtime.inner();
     let mut body = Some(body);
     loop {
         let joined_at = Instant::now();
-        match Flights::join(&rt.flights, spec.db, &key) {
+        match Flights::join(&rt.flights, spec.db, key) {
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
-                let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
+                let miss = Miss { runtime, cached, spec, key, generation, counters };
                 return Box::pin(lead::<P, R, F>(miss, overwrite, body(), leader)).await;
             }
             Join::Follower(rx) => {
@@ -668,9 +696,13 @@ where
 /// stale value answers instead. Callers that find the lease held poll for its holder (as a miss
 /// from another process does): a fresh entry is a hit; a failure seen by this process less than
 /// `Spec::stale_throttle` ago is answered with the stale value without running the function; else,
-/// once they get the lease, they compute as above. So a failing dependency sees about one attempt
-/// per key per process per throttle, not one per caller.
-async fn serve_stale<P, R, F>(miss: Miss<'_>, stale: P::Stored, body: F, function: &Function) -> R
+/// once they get the lease, they read the entry again (its holder may have filled it since their
+/// last read) and compute as above if it is still stale. So a failing dependency sees about one
+/// attempt per key per process per throttle, not one per caller.
+///
+/// `Err(body)` when the entry is gone (invalidated or expired) while waiting: the stale value is
+/// no answer, and the caller serves the call as any other miss, one computation per key.
+async fn serve_stale<P, R, F>(miss: Miss<'_>, stale: P::Stored, body: F, function: &Function) -> Result<R, F>
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -682,11 +714,12 @@ where
     if function.throttled(key) {
         // It failed on this key moments ago: answer without trying it again yet.
         counters.hit();
-        return fail_safe.answer_stale::<P, R>(stale);
+        return Ok(fail_safe.answer_stale::<P, R>(stale));
     }
     let token = crate::backend::unique();
     let mut pause = Duration::from_millis(2);
     let mut waited = false;
+    let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
     let grant = loop {
         match acquire_over(rt, spec.db, key, token).await {
             Ok(Acquired::Granted(grant)) => break grant,
@@ -697,42 +730,49 @@ where
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
-                let decode = |bytes: &[u8]| value::decode::<P::Stored>(spec.format, bytes);
                 match rt.backend.get_with_ttl(spec.db, key, decode).await {
                     Ok((Some(Ok((written, value))), Some(left)))
                         if written >= generation && spec.fresh_left(left).is_some() =>
                     {
                         counters.hit();
                         telemetry::outcome("hit");
-                        return P::restore(value);
+                        return Ok(P::restore(value));
                     }
                     // Gone: invalidated (or expired) meanwhile, so the stale value is no answer.
-                    Ok((None, _)) => {
-                        counters.miss();
-                        telemetry::outcome("miss");
-                        return body.await;
-                    }
+                    Ok((None, _)) => return Err(body),
                     Ok((Some(_), _)) if function.throttled(key) => {
                         counters.hit();
-                        return fail_safe.answer_stale::<P, R>(stale);
+                        return Ok(fail_safe.answer_stale::<P, R>(stale));
                     }
                     // Still stale: its holder is computing (or just gave up); ask again.
                     Ok((Some(_), _)) => {}
                     Err(error) => {
                         count_failure(counters, spec, key, &error, "lookup");
                         counters.miss();
-                        return fail_safe.unfilled::<P, R, F>(body, stale).await;
+                        return Ok(fail_safe.unfilled::<P, R, F>(body, stale).await);
                     }
                 }
             }
             Err(error) => {
                 count_failure(counters, spec, key, &error, "fill lease");
                 counters.miss();
-                return fail_safe.unfilled::<P, R, F>(body, stale).await;
+                return Ok(fail_safe.unfilled::<P, R, F>(body, stale).await);
             }
         }
     };
     let held = LeaseHeld::new(miss.runtime, spec.db, key, token);
+    // The lease's last holder (another caller, maybe in another process) may have filled between
+    // this caller's last read and the grant (its fill gave the lease back): read again before
+    // computing, so that its value answers rather than a second computation.
+    if let Ok((Some(Ok((written, value))), Some(left))) = rt.backend.get_with_ttl(spec.db, key, decode).await
+    {
+        if written >= generation && spec.fresh_left(left).is_some() {
+            drop(held);
+            counters.hit();
+            telemetry::outcome("hit");
+            return Ok(P::restore(value));
+        }
+    }
     counters.miss();
     telemetry::outcome("miss");
     let leader = Flights::detached(&rt.flights, spec.db, key);
@@ -740,7 +780,7 @@ where
     let computed = std::panic::AssertUnwindSafe(compute_and_fill::<P, R, F>(miss, held, grant, body, leader))
         .catch_unwind()
         .await;
-    match computed {
+    Ok(match computed {
         Ok(output) if !P::failed(&output) => {
             fail_safe.succeeded();
             // Until the fill lands, this process's next callers would still read the stale entry
@@ -751,7 +791,7 @@ where
         }
         // The lease went back on the way out (an `Err` is not filled; a panic dropped its guard).
         failed => fail_safe.failed::<P, R>(failed, stale).await,
-    }
+    })
 }
 
 /// What a stale read needs to decide whether its stale value may answer.
