@@ -554,17 +554,24 @@ impl CacheConfig {
                 return Ok(None);
             };
             let port = var("REDIS_PORT").unwrap_or_else(|| "6379".to_owned());
-            if port.trim().parse::<u16>().is_err() {
+            if !matches!(port.trim().parse::<u16>(), Ok(1..)) {
                 return Err(ConfigError::InvalidValue {
                     variable: "REDIS_PORT",
                     value: port,
-                    expected: "a port number",
+                    expected: "a port number, 1 to 65535",
                 });
             }
             // The user and password are not written into the URL: they are set on it below, as
-            // on a `REDIS_URL`, as given (no escaping to get right).
+            // on a `REDIS_URL`, as given (no escaping to get right). An IPv6 address is written
+            // in brackets, as a URL needs it.
             let scheme = if tls { "rediss" } else { "redis" };
-            Ok(Some(format!("{scheme}://{}:{}", host.trim(), port.trim())))
+            let host = host.trim();
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host.to_owned()
+            };
+            Ok(Some(format!("{scheme}://{host}:{}", port.trim())))
         };
         let cluster = || -> Result<Option<Self>, ConfigError> {
             let Some(nodes) = var("REDIS_CLUSTER_NODES") else { return Ok(None) };
@@ -687,6 +694,22 @@ impl CacheConfig {
             }
             _ => config,
         };
+        // A user is only sent with a password (the client sends no `AUTH` without one): a
+        // `REDIS_USERNAME` with no password anywhere would be dropped in silence, and the
+        // connections made as the default user.
+        let user_without_password = match &config.backend {
+            BackendKind::Redis(target) => target.info.redis_settings().password().is_none(),
+            BackendKind::Cluster(target) => target.password.is_none(),
+            BackendKind::Sentinel(target) => target.password.is_none(),
+            _ => false,
+        };
+        if username.is_some() && user_without_password {
+            return Err(ConfigError::InvalidValue {
+                variable: "REDIS_PASSWORD",
+                value: String::new(),
+                expected: "the user's password (in REDIS_PASSWORD or the URL): REDIS_USERNAME is set without one, and a user is only sent with a password",
+            });
+        }
         let config = match var("REDIS_CA_CERT") {
             Some(path) => config.with_ca_cert(path.trim())?,
             None => config,
@@ -844,6 +867,46 @@ mod tests {
     #[test]
     fn nothing_configured_means_memory() {
         assert!(matches!(from(&[]).unwrap().backend, BackendKind::Memory));
+    }
+
+    #[test]
+    fn an_ipv6_redis_host_is_bracketed_and_port_0_refused() {
+        for host in ["::1", "[::1]"] {
+            let config = from(&[("REDIS_HOST", host), ("REDIS_PORT", "6380")]).unwrap();
+            match config.backend {
+                BackendKind::Redis(target) => {
+                    assert_eq!(target.info.addr(), &redis::ConnectionAddr::Tcp("::1".into(), 6380), "{host}")
+                }
+                other => panic!("expected redis, got {other:?}"),
+            }
+        }
+        for port in ["0", "65536", "x"] {
+            let error = from(&[("REDIS_HOST", "h"), ("REDIS_PORT", port)]).unwrap_err().to_string();
+            assert!(error.contains("REDIS_PORT") && error.contains("1 to 65535"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_user_without_a_password_is_refused() {
+        let alone: [&[(&str, &str)]; 4] = [
+            &[("REDIS_HOST", "h")],
+            &[("REDIS_URL", "redis://h:6379")],
+            &[("REDIS_CLUSTER_NODES", "h:7000")],
+            &[("REDIS_SENTINELS", "h:26379"), ("REDIS_SENTINEL_MASTER", "m")],
+        ];
+        for vars in alone {
+            let mut vars = vars.to_vec();
+            vars.push(("REDIS_USERNAME", "app"));
+            let error = from(&vars).unwrap_err().to_string();
+            assert!(
+                error.contains("REDIS_PASSWORD") && error.contains("REDIS_USERNAME"),
+                "{vars:?}: {error}"
+            );
+            vars.push(("REDIS_PASSWORD", "pw"));
+            assert!(from(&vars).is_ok(), "{vars:?}");
+        }
+        // The URL's password serves the environment's user.
+        assert!(from(&[("REDIS_URL", "redis://:pw@h:6379"), ("REDIS_USERNAME", "app")]).is_ok());
     }
 
     #[test]
