@@ -222,10 +222,86 @@ async fn callers_waiting_when_the_stale_entry_goes_compute_once(fx: &mut Fixture
         3,
         "the warm-up, the stale read's holder, and one computation once the entry went (7 more: each waiting caller ran it)"
     );
+    let stats = fx.stats().await;
+    let waits = stats.function(5, "failsafe", "hanging_price").unwrap().lease_waits;
+    assert_eq!(
+        waits, 7,
+        "each waiting caller counted one lease wait, also when it waited again as a plain miss"
+    );
+}
+
+#[cached(db = MarketData, prefix = "failsafe", ttl = 1, stale_if_error = "1s", skip(db, delay))]
+async fn brief_price(symbol: &str, db: &Dependency, delay: Duration) -> Result<u64, String> {
+    let _ = symbol;
+    tokio::time::sleep(delay).await;
+    db.read().await
+}
+
+/// Callers waiting on a stale read's holder when the entry expires (its window is 1 s) go on
+/// waiting as a plain miss, for the same holder: one lease wait each, counted once, and its value.
+async fn callers_waiting_when_the_stale_entry_expires_count_one_wait_each(fx: &mut Fixture) {
+    let db = Arc::new(Dependency::default());
+    db.answers(1);
+    assert_eq!(fx.run(brief_price("BRIEF", &db, Duration::ZERO)).await, Ok(1));
+    past_the_ttl().await;
+    db.answers(2);
+    let mut callers = JoinSet::new();
+    for _ in 0..8 {
+        let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
+        // The holder runs past the entry's expiry (1 s of TTL and 1 s of window).
+        callers.spawn(
+            async move { runtime.scope(brief_price("BRIEF", &db, Duration::from_millis(1_500))).await },
+        );
+    }
+    let answers = callers.join_all().await;
+    assert!(answers.iter().all(|answer| *answer == Ok(2)), "{answers:?}");
+    assert_eq!(db.calls.load(SeqCst), 2, "the warm-up and the holder");
+    let stats = fx.stats().await;
+    let waits = stats.function(5, "failsafe", "brief_price").unwrap().lease_waits;
+    assert_eq!(
+        waits, 7,
+        "one lease wait per waiting caller (8: the one that led the plain miss counted twice)"
+    );
+}
+
+/// A stale read that waited while a function-wide invalidation returned fills under the new
+/// generation, so the next call is a hit (not a miss that computes once more).
+async fn a_stale_read_after_a_function_wide_invalidation_fills_the_new_generation(fx: &mut Fixture) {
+    let db = Arc::new(Dependency::default());
+    db.answers(1);
+    assert_eq!(fx.run(hanging_price("WIDE", &db, Duration::ZERO)).await, Ok(1));
+    past_the_ttl().await;
+    db.answers(2);
+    // The lease's holder hangs, and its caller gives up at 200 ms (the lease goes back then).
+    let holder = {
+        let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
+        tokio::spawn(async move {
+            let call = runtime.scope(hanging_price("WIDE", &db, Duration::from_secs(30)));
+            tokio::time::timeout(Duration::from_millis(200), call).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let waiter = {
+        let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
+        tokio::spawn(async move { runtime.scope(hanging_price("WIDE", &db, Duration::ZERO)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    fx.run(invalidate!(hanging_price(..))).await;
+    assert!(holder.await.unwrap().is_err(), "the holder was still running when its caller gave up");
+    assert_eq!(waiter.await.unwrap(), Ok(2));
+    fx.runtime.flush().await.unwrap();
+    assert_eq!(fx.run(hanging_price("WIDE", &db, Duration::ZERO)).await, Ok(2));
+    assert_eq!(
+        db.calls.load(SeqCst),
+        2,
+        "the warm-up and the waiter's computation; a third: its fill was under the old generation"
+    );
 }
 
 on_every_backend!(
     callers_waiting_when_the_stale_entry_goes_compute_once,
+    callers_waiting_when_the_stale_entry_expires_count_one_wait_each,
+    a_stale_read_after_a_function_wide_invalidation_fills_the_new_generation,
     a_dropped_stale_read_gives_the_lease_back,
     a_failing_function_is_answered_by_its_stale_entry,
     an_invalidation_during_the_failing_call_wins,

@@ -195,7 +195,7 @@ where
                     Ok(output) => output,
                     // The entry went while waiting for its holder: a miss like any other, one
                     // computation per key here and across processes.
-                    Err(body) => {
+                    Err((body, waited)) => {
                         let miss = Miss {
                             runtime: &runtime,
                             cached: &cached,
@@ -204,7 +204,7 @@ where
                             generation,
                             counters,
                         };
-                        Box::pin(follow_or_lead::<P, R, F>(miss, false, move || body)).await
+                        Box::pin(follow_or_lead::<P, R, F>(miss, false, waited, move || body)).await
                     }
                 };
             }
@@ -229,12 +229,13 @@ where
         (rt.functions.current(&function).generation, false)
     };
     let miss = Miss { runtime: &runtime, cached: &cached, spec, key: &key, generation, counters };
-    Box::pin(follow_or_lead::<P, R, F>(miss, overwrite, body)).await
+    Box::pin(follow_or_lead::<P, R, F>(miss, overwrite, false, body)).await
 }
 
 /// A miss in this process: follows the key's flight if one is running (its value, once filled,
-/// is the answer), else leads one (`lead`: the fill lease, the computation, the fill).
-async fn follow_or_lead<P, R, F>(miss: Miss<'_>, overwrite: bool, body: impl FnOnce() -> F) -> R
+/// is the answer), else leads one (`lead`: the fill lease, the computation, the fill). `waited`:
+/// the call has already waited for a lease (and counted it).
+async fn follow_or_lead<P, R, F>(miss: Miss<'_>, overwrite: bool, waited: bool, body: impl FnOnce() -> F) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -248,7 +249,7 @@ where
             Join::Leader(leader) => {
                 let body = body.take().expect("a caller leads at most once");
                 let miss = Miss { runtime, cached, spec, key, generation, counters };
-                return Box::pin(lead::<P, R, F>(miss, overwrite, body(), leader)).await;
+                return Box::pin(lead::<P, R, F>(miss, overwrite, waited, body(), leader)).await;
             }
             Join::Follower(rx) => {
                 let shared = match flight::wait(rx).await {
@@ -516,7 +517,7 @@ async fn compute_renewing<R>(
 
 /// The leader of this process's flight: takes the fill lease (or waits for whoever holds it),
 /// computes, hands the fill to the batcher, and (through the fill's result) tells the followers.
-async fn lead<P, R, F>(miss: Miss<'_>, mut overwrite: bool, body: F, leader: Leader) -> R
+async fn lead<P, R, F>(miss: Miss<'_>, mut overwrite: bool, mut waited: bool, body: F, leader: Leader) -> R
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -525,7 +526,6 @@ where
     let rt = runtime.inner();
     let token = crate::backend::unique();
     let mut pause = Duration::from_millis(2);
-    let mut waited = false;
     loop {
         // The generation this process knows now, not only the one the lookup knew: a
         // function-wide invalidation that returned since (its flights revoked, so callers
@@ -700,9 +700,15 @@ where
 /// last read) and compute as above if it is still stale. So a failing dependency sees about one
 /// attempt per key per process per throttle, not one per caller.
 ///
-/// `Err(body)` when the entry is gone (invalidated or expired) while waiting: the stale value is
-/// no answer, and the caller serves the call as any other miss, one computation per key.
-async fn serve_stale<P, R, F>(miss: Miss<'_>, stale: P::Stored, body: F, function: &Function) -> Result<R, F>
+/// `Err((body, waited))` when the entry is gone (invalidated or expired) while waiting: the stale
+/// value is no answer, and the caller serves the call as any other miss (`waited`: it has waited
+/// for the lease, and counted it).
+async fn serve_stale<P, R, F>(
+    miss: Miss<'_>,
+    stale: P::Stored,
+    body: F,
+    function: &Function,
+) -> Result<R, (F, bool)>
 where
     P: Policy<R>,
     F: Future<Output = R>,
@@ -739,7 +745,7 @@ where
                         return Ok(P::restore(value));
                     }
                     // Gone: invalidated (or expired) meanwhile, so the stale value is no answer.
-                    Ok((None, _)) => return Err(body),
+                    Ok((None, _)) => return Err((body, waited)),
                     Ok((Some(_), _)) if function.throttled(key) => {
                         counters.hit();
                         return Ok(fail_safe.answer_stale::<P, R>(stale));
@@ -761,17 +767,42 @@ where
         }
     };
     let held = LeaseHeld::new(miss.runtime, spec.db, key, token);
+    if function.throttled(key) {
+        // Its last holder, in this process, failed on the key just before the grant.
+        drop(held);
+        counters.hit();
+        return Ok(fail_safe.answer_stale::<P, R>(stale));
+    }
     // The lease's last holder (another caller, maybe in another process) may have filled between
     // this caller's last read and the grant (its fill gave the lease back): read again before
     // computing, so that its value answers rather than a second computation.
-    if let Ok((Some(Ok((written, value))), Some(left))) = rt.backend.get_with_ttl(spec.db, key, decode).await
-    {
-        if written >= generation && spec.fresh_left(left).is_some() {
+    let gone = match rt.backend.get_with_ttl(spec.db, key, decode).await {
+        Ok((Some(Ok((written, value))), Some(left)))
+            if written >= generation && spec.fresh_left(left).is_some() =>
+        {
             drop(held);
             counters.hit();
             telemetry::outcome("hit");
             return Ok(P::restore(value));
         }
+        Ok((None, _)) => true,
+        _ => false,
+    };
+    // Filled under the generation this process knows now (a function-wide invalidation may have
+    // returned while it waited), as `lead` does.
+    let current = rt.functions.current(function).generation;
+    let miss = Miss { generation: generation.max(current), ..miss };
+    if gone {
+        // Invalidated (or expired) since the last poll: a plain miss, which this caller leads in
+        // its process under the lease it holds (the callers arriving meanwhile follow it).
+        let Join::Leader(leader) = Flights::join(&rt.flights, spec.db, key) else {
+            // Another caller of this process leads one (waiting for this lease): follow it.
+            drop(held);
+            return Err((body, waited));
+        };
+        counters.miss();
+        telemetry::outcome("miss");
+        return Ok(compute_and_fill::<P, R, F>(miss, held, grant, body, leader).await);
     }
     counters.miss();
     telemetry::outcome("miss");

@@ -85,7 +85,8 @@ pub(crate) fn record_handle_prefix(db: u8, prefix: &str) {
 }
 
 /// Every `(db, prefix)` this process caches under: its `#[cached]` functions' and the handles
-/// it has made, sorted.
+/// it has made, sorted (what the admin routes may clear).
+#[cfg(feature = "admin")]
 pub(crate) fn prefixes() -> BTreeSet<(u8, String)> {
     let mut all: BTreeSet<(u8, String)> =
         inventory::iter::<Registration>.into_iter().map(|r| (r.spec.db, r.spec.prefix.to_owned())).collect();
