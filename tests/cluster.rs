@@ -187,6 +187,55 @@ async fn clear_reaches_every_primary() {
     assert_eq!(per_primary(format!("{ns}:db5:spread:*")), vec![0, 0, 0]);
 }
 
+/// A primary that is down does not stop `clear`: the others are cleared, and the error is the
+/// answer (before, the walk stopped at the first failing primary, in address order).
+#[tokio::test]
+async fn clear_goes_past_a_primary_that_is_down() {
+    let mut cluster = RedisCluster::start(60_000); // no failover while the test runs
+    let (config, ns) = cluster.config();
+    let rt = Runtime::new(support::relaxed(config));
+    let handle: Cache<MarketData, u64> =
+        Cache::new("downed", Duration::from_secs(60)).unwrap().with_runtime(rt);
+    let items: Vec<(String, u64)> = (0..300u64).map(|i| (format!("k{i}"), i)).collect();
+    let pairs: Vec<(&str, &u64)> = items.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    handle.set_many(&pairs).await.unwrap();
+    let mut primaries = cluster.primaries();
+    primaries.sort();
+    let pattern = format!("{ns}:db5:downed:*");
+    let left =
+        |port: u16| cli(port, &["--scan", "--pattern", &pattern]).lines().filter(|l| !l.is_empty()).count();
+    assert!(primaries.iter().all(|&port| left(port) > 0), "keys on every primary");
+    // The first primary walked (the lowest address) is down.
+    cluster.kill(primaries[0]);
+    assert!(handle.clear().await.is_err(), "a primary was not reached: the clear is not complete");
+    let after: Vec<usize> = primaries[1..].iter().map(|&port| left(port)).collect();
+    assert_eq!(after, vec![0, 0], "the primaries that are up were cleared");
+}
+
+/// A cluster of one node (a developer's) names itself with no host: `clear` reaches it,
+/// `backend_info` answers, and the near tier trusts its tracking connection (before, the first
+/// two failed with "Requested connection not found" and the tier was never trusted).
+#[tokio::test]
+async fn a_cluster_of_one_node_clears_reports_and_tracks() {
+    static SOURCE: AtomicU64 = AtomicU64::new(4);
+    let cluster = RedisCluster::single();
+    assert!(
+        cli(cluster.nodes[0].port, &["CLUSTER", "NODES"]).contains(&format!(" :{}@", cluster.nodes[0].port)),
+        "the node names itself with no host"
+    );
+    let (config, _ns) = cluster.config();
+    let rt = Runtime::new(support::relaxed(config));
+    let handle: Cache<MarketData, u64> =
+        Cache::new("solo", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
+    for key in ["a", "b", "c"] {
+        handle.set(key, &1).await.unwrap();
+    }
+    assert_eq!(handle.clear().await.unwrap(), 3);
+    assert_eq!(handle.get("a").await.unwrap(), None);
+    rt.backend_info().await.expect("the node's INFO");
+    assert_eq!(until_near(&rt, 1, &SOURCE, Duration::from_secs(5)).await, 4001);
+}
+
 /// Replication is asynchronous: a primary can acknowledge an invalidation and fail before its
 /// replica has it. What the promoted replica then holds (the old entry, no stamp) is planted here
 /// by hand, right after the invalidation returned: with the recheck, the old entry is dropped

@@ -677,6 +677,10 @@ where
             return P::restore(value);
         }
     }
+    // Filled under the generation this process knows now, as `lead` does (a function-wide
+    // invalidation may have returned since the lookup).
+    let known = rt.functions.with(miss.cached, &rt.stats, |f| rt.functions.current(f).generation);
+    let miss = Miss { generation: miss.generation.max(known), ..miss };
     counters.eager_refresh();
     counters.miss();
     telemetry::outcome("refresh");

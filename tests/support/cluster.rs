@@ -38,6 +38,19 @@ impl RedisCluster {
         SHARED.get_or_init(|| RedisCluster::create(true, 2000))
     }
 
+    /// A cluster of one node holding every slot (a developer's): it never learns its own IP, so
+    /// `CLUSTER SLOTS` and `CLUSTER NODES` name it with no host.
+    #[allow(dead_code)] // not every test binary starts one
+    pub fn single() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir for the cluster");
+        let node = spawn_node(dir.path(), false, 5000);
+        let added = cli(node.port, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        assert!(added.contains("OK"), "CLUSTER ADDSLOTSRANGE: {added}");
+        let cluster = RedisCluster { nodes: vec![node], _dir: dir };
+        cluster.wait_until_ready(Duration::from_secs(30));
+        cluster
+    }
+
     /// A cluster of the caller's own, stopped when dropped; `node_timeout_ms` is how soon a
     /// dead primary's replica takes over.
     pub fn start(node_timeout_ms: u64) -> RedisCluster {

@@ -208,6 +208,25 @@ impl ClusterTarget {
         Ok(target)
     }
 
+    /// The host of a node the cluster names with no address (`""` or `"?"` in `CLUSTER SLOTS` or
+    /// `CLUSTER NODES`: a node that has never learnt its own IP, as in a cluster of one, names
+    /// itself so): the configured node on `port`, else the first configured node (the client
+    /// does the same with the node it asked).
+    pub(crate) fn host_of_unnamed(&self, port: u16) -> Option<String> {
+        let hosts = self.nodes.iter().filter_map(|info| match info.addr() {
+            ConnectionAddr::Tcp(host, p) | ConnectionAddr::TcpTls { host, port: p, .. } => Some((host, *p)),
+            _ => None,
+        });
+        let mut first = None;
+        for (host, p) in hosts {
+            if p == port {
+                return Some(host.clone());
+            }
+            first.get_or_insert_with(|| host.clone());
+        }
+        first
+    }
+
     /// The nodes, `host:port,...`, for logs.
     pub fn address(&self) -> String {
         self.nodes.iter().map(host_port).collect::<Vec<_>>().join(",")

@@ -98,9 +98,15 @@ impl ClusterNodes {
             if let Some(node) = range.get(2) {
                 let node: Vec<redis::Value> = redis::from_redis_value(node.clone())?;
                 if let (Some(host), Some(port)) = (node.first(), node.get(1)) {
-                    let host: String = redis::from_redis_value(host.clone())?;
+                    let host: Option<String> = redis::from_redis_value(host.clone())?;
                     let port: u16 = redis::from_redis_value(port.clone())?;
-                    primaries.insert((host, port));
+                    let host = match host.filter(|h| !h.is_empty() && h != "?") {
+                        Some(host) => Some(host),
+                        None => self.target.host_of_unnamed(port),
+                    };
+                    if let Some(host) = host {
+                        primaries.insert((host, port));
+                    }
                 }
             }
         }
@@ -163,13 +169,15 @@ impl Connections for ClusterNodes {
     }
 
     /// `SCAN` on each primary; each page's keys removed by one `UNLINK` that the client splits
-    /// by slot.
+    /// by slot. A primary that fails does not stop the walk: every other one is cleared, and the
+    /// first failure is the answer.
     async fn clear(&self, db: u8, pattern: &str) -> Result<u64, BackendError> {
         let mut conn = self.conn(db)?;
         let mut removed = 0;
+        let mut failed = None;
         for (host, port) in self.primaries(&mut conn).await? {
             let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            removed += scan_and_unlink(pattern, |cmd, by_node| {
+            let walked = scan_and_unlink(pattern, |cmd, by_node| {
                 let (mut conn, node) = (conn.clone(), node.clone());
                 async move {
                     if by_node {
@@ -179,9 +187,18 @@ impl Connections for ClusterNodes {
                     }
                 }
             })
-            .await?;
+            .await;
+            match walked {
+                Ok(count) => removed += count,
+                Err(error) => {
+                    failed.get_or_insert(error);
+                }
+            }
         }
-        Ok(removed)
+        match failed {
+            None => Ok(removed),
+            Some(error) => Err(error),
+        }
     }
 
     async fn info(&self) -> Result<Vec<String>, BackendError> {

@@ -44,7 +44,7 @@ impl Nodes {
             )
             .await?;
         let text: String = redis::from_redis_value(reply)?;
-        let nodes = trackable(&text);
+        let nodes = trackable(&text, |port| self.target.host_of_unnamed(port));
         let mut hasher = DefaultHasher::new();
         nodes.hash(&mut hasher);
         self.seen.store(hasher.finish(), SeqCst);
@@ -112,8 +112,9 @@ impl Source for Nodes {
 }
 
 /// The nodes of a `CLUSTER NODES` reply to track: each line is `id ip:port@cport[,hostname]
-/// flags master ...`; those flagged `fail`, `handshake` or `noaddr` are left out.
-fn trackable(reply: &str) -> Vec<(String, u16)> {
+/// flags master ...`; those flagged `fail`, `handshake` or `noaddr` are left out. A node named with
+/// no host (`:7000@17000`: it has never learnt its IP, as in a cluster of one) gets `unnamed`'s.
+fn trackable(reply: &str, unnamed: impl Fn(u16) -> Option<String>) -> Vec<(String, u16)> {
     let mut nodes = Vec::new();
     for line in reply.lines() {
         let mut fields = line.split_whitespace();
@@ -129,10 +130,17 @@ fn trackable(reply: &str) -> Vec<(String, u16)> {
         else {
             continue;
         };
-        if host.is_empty() || port == 0 {
+        if port == 0 {
             continue;
         }
-        nodes.push((host.to_owned(), port));
+        let host = match host {
+            "" | "?" => match unnamed(port) {
+                Some(host) => host,
+                None => continue,
+            },
+            host => host.to_owned(),
+        };
+        nodes.push((host, port));
     }
     nodes.sort();
     nodes.dedup();
@@ -155,7 +163,7 @@ e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
 9a1b [::1]:30006@40006 handshake - 0 0 0 connected
 ";
         assert_eq!(
-            trackable(reply),
+            trackable(reply, |_| None),
             vec![
                 ("127.0.0.1".to_owned(), 30001),
                 ("127.0.0.1".to_owned(), 30002),
@@ -163,5 +171,13 @@ e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
                 ("127.0.0.1".to_owned(), 30005),
             ]
         );
+    }
+
+    #[test]
+    fn a_node_named_without_a_host_is_tracked_at_the_configured_one() {
+        // A cluster of one: the node has never learnt its IP.
+        let reply = "b52f :7451@17451 myself,master - 0 0 0 connected 0-16383\n";
+        assert_eq!(trackable(reply, |port| Some(format!("h{port}"))), vec![("h7451".to_owned(), 7451)]);
+        assert!(trackable(reply, |_| None).is_empty());
     }
 }
