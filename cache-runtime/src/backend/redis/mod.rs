@@ -37,6 +37,8 @@ pub(crate) struct RedisStore<C: Connections> {
     recheck_after: Duration,
     /// Rechecks waiting or running.
     rechecks: Arc<AtomicUsize>,
+    /// Whether rechecks are being skipped (past `MAX_RECHECKS`) since it was last said.
+    skipping_rechecks: std::sync::atomic::AtomicBool,
     breaker: Arc<Breaker>,
     batcher: Batcher<C>,
 }
@@ -74,6 +76,7 @@ impl<C: Connections> RedisStore<C> {
             retry_on_timeout: config.retry_on_timeout,
             recheck_after: config.invalidation_recheck,
             rechecks: Arc::default(),
+            skipping_rechecks: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -94,14 +97,23 @@ impl<C: Connections> RedisStore<C> {
                 return;
             }
         }
-        // Bounded: past this many checks waiting, new ones are skipped (and said so once).
+        let Ok(conn) = self.conn(db) else { return };
+        // Bounded: past this many checks waiting, new ones are skipped, said once per episode
+        // (a `warn`: those invalidations are not protected against a failover).
         if self.rechecks.fetch_add(1, SeqCst) >= MAX_RECHECKS {
             self.rechecks.fetch_sub(1, SeqCst);
-            tracing::debug!("too many invalidation rechecks waiting; this one is skipped");
+            if !self.skipping_rechecks.swap(true, SeqCst) {
+                tracing::warn!(
+                    limit = MAX_RECHECKS,
+                    "too many invalidation rechecks waiting: new ones are skipped until fewer wait (their invalidations are not checked again after a failover)"
+                );
+            }
             return;
         }
+        if self.skipping_rechecks.swap(false, SeqCst) {
+            tracing::info!("invalidation rechecks are taken again");
+        }
         let rechecks = Arc::clone(&self.rechecks);
-        let Ok(conn) = self.conn(db) else { return };
         let (delay, limit, links, acknowledged) =
             (self.recheck_after, self.op_timeout, Arc::clone(&self.links), Instant::now());
         crate::background::spawn(async move {
