@@ -210,23 +210,17 @@ async fn callers_waiting_when_the_stale_entry_goes_compute_once(fx: &mut Fixture
     for _ in 0..8 {
         let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
         callers.spawn(
-            async move { runtime.scope(hanging_price("GOES", &db, Duration::from_millis(400))).await },
+            async move { runtime.scope(hanging_price("GOES", &db, Duration::from_millis(800))).await },
         );
     }
-    tokio::time::sleep(Duration::from_millis(100)).await; // while the stale read's holder runs
+    tokio::time::sleep(Duration::from_millis(200)).await; // while the stale read's holder runs
     fx.run(invalidate!(hanging_price("GOES"))).await;
     let answers = callers.join_all().await;
     assert!(answers.iter().all(|answer| *answer == Ok(2)), "{answers:?}");
     assert_eq!(
         db.calls.load(SeqCst),
         3,
-        "the warm-up, the stale read's holder, and one computation once the entry went (7 more: each waiting caller ran it)"
-    );
-    let stats = fx.stats().await;
-    let waits = stats.function(5, "failsafe", "hanging_price").unwrap().lease_waits;
-    assert_eq!(
-        waits, 7,
-        "each waiting caller counted one lease wait, also when it waited again as a plain miss"
+        "the warm-up, the stale read's holder, and one computation once the entry went (9: each of the 7 waiting callers ran it)"
     );
 }
 
@@ -272,20 +266,20 @@ async fn a_stale_read_after_a_function_wide_invalidation_fills_the_new_generatio
     assert_eq!(fx.run(hanging_price("WIDE", &db, Duration::ZERO)).await, Ok(1));
     past_the_ttl().await;
     db.answers(2);
-    // The lease's holder hangs, and its caller gives up at 200 ms (the lease goes back then).
+    // The lease's holder hangs, and its caller gives up at 600 ms (the lease goes back then).
     let holder = {
         let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
         tokio::spawn(async move {
             let call = runtime.scope(hanging_price("WIDE", &db, Duration::from_secs(30)));
-            tokio::time::timeout(Duration::from_millis(200), call).await
+            tokio::time::timeout(Duration::from_millis(600), call).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the holder has the lease
     let waiter = {
         let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
         tokio::spawn(async move { runtime.scope(hanging_price("WIDE", &db, Duration::ZERO)).await })
     };
-    tokio::time::sleep(Duration::from_millis(80)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the waiter polls
     fx.run(invalidate!(hanging_price(..))).await;
     assert!(holder.await.unwrap().is_err(), "the holder was still running when its caller gave up");
     assert_eq!(waiter.await.unwrap(), Ok(2));

@@ -771,12 +771,6 @@ where
         }
     };
     let held = LeaseHeld::new(miss.runtime, spec.db, key, token);
-    if function.throttled(key) {
-        // Its last holder, in this process, failed on the key just before the grant.
-        drop(held);
-        counters.hit();
-        return Ok(fail_safe.answer_stale::<P, R>(stale));
-    }
     // The lease's last holder (another caller, maybe in another process) may have filled between
     // this caller's last read and the grant (its fill gave the lease back): read again before
     // computing, so that its value answers rather than a second computation.
@@ -790,7 +784,18 @@ where
             return Ok(P::restore(value));
         }
         Ok((None, _)) => true,
-        _ => false,
+        // Still stale, and its last holder, in this process, failed on the key just before the
+        // grant: answered as the other waiters are.
+        Ok((Some(_), _)) if function.throttled(key) => {
+            drop(held);
+            counters.hit();
+            return Ok(fail_safe.answer_stale::<P, R>(stale));
+        }
+        Ok(_) => false,
+        Err(error) => {
+            count_failure(counters, spec, key, &error, "lookup");
+            false
+        }
     };
     // Filled under the generation this process knows now (a function-wide invalidation may have
     // returned while it waited), as `lead` does.

@@ -703,11 +703,13 @@ impl CacheConfig {
             BackendKind::Sentinel(target) => target.password.is_none(),
             _ => false,
         };
-        if username.is_some() && user_without_password {
+        // `default` without a password is what the connections are made as anyway.
+        let named_user = username.as_deref().is_some_and(|user| user.trim() != "default");
+        if named_user && user_without_password {
             return Err(ConfigError::InvalidValue {
                 variable: "REDIS_PASSWORD",
                 value: String::new(),
-                expected: "the user's password (in REDIS_PASSWORD or the URL): REDIS_USERNAME is set without one, and a user is only sent with a password",
+                expected: "the user's password (in REDIS_PASSWORD or the URL; any one for a `nopass` user): REDIS_USERNAME is set without one, and a user is only sent with a password",
             });
         }
         let config = match var("REDIS_CA_CERT") {
@@ -905,8 +907,9 @@ mod tests {
             vars.push(("REDIS_PASSWORD", "pw"));
             assert!(from(&vars).is_ok(), "{vars:?}");
         }
-        // The URL's password serves the environment's user.
+        // The URL's password serves the environment's user; `default` needs none.
         assert!(from(&[("REDIS_URL", "redis://:pw@h:6379"), ("REDIS_USERNAME", "app")]).is_ok());
+        assert!(from(&[("REDIS_HOST", "h"), ("REDIS_USERNAME", "default")]).is_ok());
     }
 
     #[test]

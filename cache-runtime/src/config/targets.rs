@@ -208,10 +208,10 @@ impl ClusterTarget {
         Ok(target)
     }
 
-    /// The host of a node the cluster names with no address (`""` or `"?"` in `CLUSTER SLOTS` or
-    /// `CLUSTER NODES`: a node that has never learnt its own IP, as in a cluster of one, names
-    /// itself so): the configured node on `port`, else the first configured node (the client
-    /// does the same with the node it asked).
+    /// The host of a node the cluster names with an empty host (in `CLUSTER SLOTS` or `CLUSTER
+    /// NODES`: a node that has never learnt its own IP, as in a cluster of one, names itself so):
+    /// the configured node on `port`, else the first configured node. (The `redis` crate takes
+    /// the node that answered; which one did is not known here.)
     pub(crate) fn host_of_unnamed(&self, port: u16) -> Option<String> {
         let hosts = self.nodes.iter().filter_map(|info| match info.addr() {
             ConnectionAddr::Tcp(host, p) | ConnectionAddr::TcpTls { host, port: p, .. } => Some((host, *p)),

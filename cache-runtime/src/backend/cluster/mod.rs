@@ -100,7 +100,8 @@ impl ClusterNodes {
                 if let (Some(host), Some(port)) = (node.first(), node.get(1)) {
                     let host: Option<String> = redis::from_redis_value(host.clone())?;
                     let port: u16 = redis::from_redis_value(port.clone())?;
-                    let host = match host.filter(|h| !h.is_empty() && h != "?") {
+                    // (`?`, a node whose address is unknown, stays: a walk of it fails, and says so.)
+                    let host = match host.filter(|h| !h.is_empty()) {
                         Some(host) => Some(host),
                         None => self.target.host_of_unnamed(port),
                     };

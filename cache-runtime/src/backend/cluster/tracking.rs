@@ -134,7 +134,8 @@ fn trackable(reply: &str, unnamed: impl Fn(u16) -> Option<String>) -> Vec<(Strin
             continue;
         }
         let host = match host {
-            "" | "?" => match unnamed(port) {
+            "?" => continue,
+            "" => match unnamed(port) {
                 Some(host) => host,
                 None => continue,
             },

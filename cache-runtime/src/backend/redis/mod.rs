@@ -110,7 +110,9 @@ impl<C: Connections> RedisStore<C> {
             }
             return;
         }
-        if self.skipping_rechecks.swap(false, SeqCst) {
+        // Said again once the checks waiting are down to half the bound, not at the first one
+        // taken (which, under a steady overload, would alternate with the next skip).
+        if self.rechecks.load(SeqCst) <= MAX_RECHECKS / 2 && self.skipping_rechecks.swap(false, SeqCst) {
             tracing::info!("invalidation rechecks are taken again");
         }
         let rechecks = Arc::clone(&self.rechecks);
