@@ -175,6 +175,8 @@ impl Runtime {
     /// Waits until every cache write this runtime accepted so far has been answered by the
     /// backend (fills are written behind the caller's back, in batches), for at most the
     /// configured `shutdown_timeout` (default 5 s). `Err` says how many were still unanswered.
+    /// A write the backend refused or timed out (or the open breaker skipped) is answered too:
+    /// counted in the stats (`backend_errors`, `bypassed`), not in the `Err`.
     pub async fn flush(&self) -> Result<(), Unflushed> {
         let left = self.inner.backend.flush(self.inner.shutdown_timeout).await;
         self.unflushed(left)
@@ -187,7 +189,7 @@ impl Runtime {
         let left = self.inner.backend.shutdown(self.inner.shutdown_timeout).await;
         match self.unflushed(left) {
             Ok(()) => {
-                tracing::info!(backend = %self.inner.description, "cache runtime shut down; accepted writes flushed");
+                tracing::info!(backend = %self.inner.description, "cache runtime shut down; every accepted write answered (failed ones are counted as backend errors)");
                 Ok(())
             }
             Err(e) => {
