@@ -197,22 +197,37 @@ async fn a_dropped_stale_read_gives_the_lease_back(fx: &mut Fixture) {
     assert_eq!(db.calls.load(SeqCst), 2, "the next caller tried the function itself");
 }
 
-/// Callers waiting on a stale read's holder when the entry is invalidated do not each run the
-/// function: the stale value is no answer any more, and they serve the call as any other miss,
-/// one computation for all of them.
-async fn callers_waiting_when_the_stale_entry_goes_compute_once(fx: &mut Fixture) {
+/// `call(db, delay)` filled at version 1 (no delay), past its TTL, the dependency at version 2,
+/// then 8 callers of it at once, each with `delay` (one holds the lease, the others wait on it).
+async fn eight_stale_callers<Fut>(
+    fx: &Fixture,
+    delay: Duration,
+    call: impl Fn(Arc<Dependency>, Duration) -> Fut,
+) -> (Arc<Dependency>, JoinSet<Result<u64, String>>)
+where
+    Fut: std::future::Future<Output = Result<u64, String>> + Send + 'static,
+{
     let db = Arc::new(Dependency::default());
     db.answers(1);
-    assert_eq!(fx.run(hanging_price("GOES", &db, Duration::ZERO)).await, Ok(1));
+    assert_eq!(fx.run(call(Arc::clone(&db), Duration::ZERO)).await, Ok(1));
     past_the_ttl().await;
     db.answers(2);
     let mut callers = JoinSet::new();
     for _ in 0..8 {
-        let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
-        callers.spawn(
-            async move { runtime.scope(hanging_price("GOES", &db, Duration::from_millis(800))).await },
-        );
+        let (runtime, call) = (fx.runtime.clone(), call(Arc::clone(&db), delay));
+        callers.spawn(async move { runtime.scope(call).await });
     }
+    (db, callers)
+}
+
+/// Callers waiting on a stale read's holder when the entry is invalidated do not each run the
+/// function: the stale value is no answer any more, and they serve the call as any other miss,
+/// one computation for all of them.
+async fn callers_waiting_when_the_stale_entry_goes_compute_once(fx: &mut Fixture) {
+    let (db, callers) = eight_stale_callers(fx, Duration::from_millis(800), |db, delay| async move {
+        hanging_price("GOES", &db, delay).await
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await; // while the stale read's holder runs
     fx.run(invalidate!(hanging_price("GOES"))).await;
     let answers = callers.join_all().await;
@@ -234,19 +249,11 @@ async fn brief_price(symbol: &str, db: &Dependency, delay: Duration) -> Result<u
 /// Callers waiting on a stale read's holder when the entry expires (its window is 1 s) go on
 /// waiting as a plain miss, for the same holder: one lease wait each, counted once, and its value.
 async fn callers_waiting_when_the_stale_entry_expires_count_one_wait_each(fx: &mut Fixture) {
-    let db = Arc::new(Dependency::default());
-    db.answers(1);
-    assert_eq!(fx.run(brief_price("BRIEF", &db, Duration::ZERO)).await, Ok(1));
-    past_the_ttl().await;
-    db.answers(2);
-    let mut callers = JoinSet::new();
-    for _ in 0..8 {
-        let (runtime, db) = (fx.runtime.clone(), Arc::clone(&db));
-        // The holder runs past the entry's expiry (1 s of TTL and 1 s of window).
-        callers.spawn(
-            async move { runtime.scope(brief_price("BRIEF", &db, Duration::from_millis(1_500))).await },
-        );
-    }
+    // The holder runs past the entry's expiry (1 s of TTL and 1 s of window).
+    let (db, callers) = eight_stale_callers(fx, Duration::from_millis(1_500), |db, delay| async move {
+        brief_price("BRIEF", &db, delay).await
+    })
+    .await;
     let answers = callers.join_all().await;
     assert!(answers.iter().all(|answer| *answer == Ok(2)), "{answers:?}");
     assert_eq!(db.calls.load(SeqCst), 2, "the warm-up and the holder");

@@ -598,8 +598,14 @@ where
     P: Policy<R>,
     F: Future<Output = R>,
 {
-    let Miss { runtime, spec, key, generation, counters, .. } = miss;
+    let Miss { runtime, cached, spec, key, generation, counters } = miss;
     let rt = runtime.inner();
+    // Filled under the generation this process knows now, not only the one its caller read: a
+    // function-wide invalidation may have returned since (while a stale read waited for the
+    // lease, or between an eager refresh's lookup and its grant). The computation starts after
+    // this read, so its value is not older than that generation.
+    let generation =
+        generation.max(rt.functions.with(cached, &rt.stats, |f| rt.functions.current(f).generation));
     let token = held.token;
     let computed_from = Instant::now();
     let (output, lease) = compute_renewing(rt, spec.db, key, (token, grant), counters, body).await;
@@ -677,10 +683,6 @@ where
             return P::restore(value);
         }
     }
-    // Filled under the generation this process knows now, as `lead` does (a function-wide
-    // invalidation may have returned since the lookup).
-    let known = rt.functions.with(miss.cached, &rt.stats, |f| rt.functions.current(f).generation);
-    let miss = Miss { generation: miss.generation.max(known), ..miss };
     counters.eager_refresh();
     counters.miss();
     telemetry::outcome("refresh");
@@ -797,10 +799,6 @@ where
             false
         }
     };
-    // Filled under the generation this process knows now (a function-wide invalidation may have
-    // returned while it waited), as `lead` does.
-    let current = rt.functions.current(function).generation;
-    let miss = Miss { generation: generation.max(current), ..miss };
     if gone {
         // Invalidated (or expired) since the last poll: a plain miss, which this caller leads in
         // its process under the lease it holds (the callers arriving meanwhile follow it).
