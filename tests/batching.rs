@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cache_runtime::db::{Backtest, Grpc};
 use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
+use support::proxy::{Fault, FaultProxy};
 use support::{Fixture, RedisServer};
 use tokio::task::JoinSet;
 
@@ -303,25 +304,88 @@ async fn a_later_set_or_delete_wins_over_a_queued_set_behind() {
     assert!(left.iter().all(Option::is_none), "every delete landed after its set_behind");
 }
 
-/// A `set_behind` already sent (held by `CLIENT PAUSE WRITE` on the server) when a `delete` of
-/// its key comes, on another connection of the pool: the delete waits for its answer, so it lands
-/// after it.
+/// The value of the writes the proxy holds: a request carrying it waits [`HOLD`] on its way to
+/// the server.
+const HELD: u32 = 424_242;
+const HOLD: Duration = Duration::from_millis(400);
+
+/// `set_behind(key, HELD)` for both keys: sent in one pipeline after the 20 ms batch delay, and
+/// held by the proxy when this returns.
+async fn held(cache: &Cache<Backtest, u32>, keys: [&str; 2]) {
+    for key in keys {
+        cache.set_behind(key, &HELD).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn both(cache: &Cache<Backtest, u32>, keys: [&str; 2]) -> [Option<u32>; 2] {
+    [cache.get(keys[0]).await.unwrap(), cache.get(keys[1]).await.unwrap()]
+}
+
+/// `set_behind`s already sent (held on their way to the server by a proxy that holds requests
+/// carrying [`HELD`]) when a later operation on their key comes, with a pool of two connections:
+/// a `delete`; a `delete` after a `set_behind` of the key cancelled in between; a `set_behind`
+/// written directly because the queue is full. Each waits for the held write and lands after
+/// it. Each is made on two keys, one after the other, so that one of the two goes on the
+/// connection the proxy does not hold (round robin). The same `DEL` sent around the handle lands first and
+/// loses: the race exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delete_waits_for_a_set_behind_already_sent() {
+async fn later_operations_wait_for_a_set_behind_already_sent() {
     let server = RedisServer::start();
-    let rt = support::redis_runtime(&server.url(), |c| c.with_pool_size(2));
+    let proxy = FaultProxy::start(server.port());
+    let queue_of = |queue| {
+        support::redis_runtime(&proxy.url(), move |c| {
+            c.with_pool_size(2).with_batching(256, Duration::from_millis(20), queue)
+        })
+    };
+    let (rt, small) = (queue_of(1024), queue_of(2));
     let jobs: Cache<Backtest, u32> =
         Cache::new("sent", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
-    jobs.set("warm", &0).await.unwrap();
-    jobs.set_behind("warm", &0).await.unwrap(); // the batcher runs, its script loaded
-    rt.flush().await.unwrap();
-    server.pause_writes(500).await;
-    jobs.set_behind("k", &1).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await; // the batcher has sent it; the server holds it
+    let full: Cache<Backtest, u32> =
+        Cache::new("full", Duration::from_secs(60)).unwrap().with_runtime(small.clone());
+    for (cache, runtime) in [(&jobs, &rt), (&full, &small)] {
+        cache.set_behind("warm", &0).await.unwrap(); // the batcher runs, its script loaded
+        runtime.flush().await.unwrap();
+    }
+    proxy.set(Fault::HoldRequestsWith("424242", HOLD));
+    held(&jobs, ["deleted-a", "deleted-b"]).await;
     let started = std::time::Instant::now();
-    jobs.delete("k").await.unwrap();
+    jobs.delete("deleted-a").await.unwrap();
     let waited = started.elapsed();
+    jobs.delete("deleted-b").await.unwrap();
+
+    held(&jobs, ["cancelled-a", "cancelled-b"]).await;
+    for (key, value) in [("cancelled-a", 1), ("cancelled-b", 1), ("cancelled-a", 2), ("cancelled-b", 2)] {
+        jobs.set_behind(key, &value).await.unwrap(); // queued behind the held pipeline; 1 cancelled by 2
+    }
+    jobs.delete("cancelled-a").await.unwrap();
+    jobs.delete("cancelled-b").await.unwrap();
+
+    for key in ["direct-a", "direct-b"] {
+        held(&full, [key, "filler"]).await;
+        for (key, value) in [(key, 1), ("filler", 1), (key, 2)] {
+            full.set_behind(key, &value).await.unwrap(); // two fill the queue; `key, 2` is written directly
+        }
+    }
+
+    held(&jobs, ["raced", "raced-too"]).await;
+    ::redis::cmd("DEL").arg("sent:raced").query_async::<()>(&mut server.raw(6).await).await.unwrap();
+
     rt.flush().await.unwrap();
-    assert_eq!(jobs.get("k").await.unwrap(), None, "the delete landed after the set_behind");
-    assert!(waited >= Duration::from_millis(300), "it waited for the paused write ({waited:?})");
+    small.flush().await.unwrap();
+    assert_eq!(both(&jobs, ["deleted-a", "deleted-b"]).await, [None, None], "the deletes landed last");
+    assert!(waited >= HOLD / 2, "the first delete waited for the held write ({waited:?})");
+    assert_eq!(
+        both(&jobs, ["cancelled-a", "cancelled-b"]).await,
+        [None, None],
+        "a set_behind cancelled in between does not lose what it waited for"
+    );
+    assert_eq!(
+        both(&full, ["direct-a", "direct-b"]).await,
+        [Some(2), Some(2)],
+        "the direct writes landed last"
+    );
+    let counted = small.stats().get(6, "full").unwrap().clone();
+    assert_eq!(counted.direct_fills, 2, "the queue of two was full: {counted:?}");
+    assert_eq!(jobs.get("raced").await.unwrap(), Some(HELD), "around the handle, the held write lands last");
 }

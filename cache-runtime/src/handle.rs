@@ -219,7 +219,8 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
     /// Stores `value` under `key` with the default TTL, written behind the caller's back: on Redis
     /// it joins the runtime's write-behind batcher (pipelined with other writes) and this returns
     /// at once; when the queue is full, or after [`Runtime::shutdown`], it is written before this
-    /// returns (counted in `direct_fills`). [`Runtime::flush`] waits for it. A failure of the
+    /// returns (counted in `direct_fills`), after an earlier `set_behind` of `key` already sent
+    /// (waited for within `op_timeout`). [`Runtime::flush`] waits for it. A failure of the
     /// background write is counted (`backend_errors`, or `bypassed` when the breaker is open), not
     /// returned, and logged as any backend failure is: once per episode, by the breaker. A later `set`, `set_with_ttl`, `set_many`,
     /// `delete` or `delete_many` of `key` through a handle wins over it: it cancels it if still
@@ -254,6 +255,8 @@ impl<D: CacheDb, T: Serialize + DeserializeOwned> Cache<D, T> {
             if rt.backend.writes_behind() {
                 counters.direct_fill(); // its queue was full or shut down
             }
+            // Written directly, after the earlier set_behind of the key already sent.
+            rt.backend.supersede(rt.op_timeout, Self::DB, &write.key).await;
             rt.backend
                 .set(Self::DB, &write.key, &write.value, write.ttl)
                 .await

@@ -1,5 +1,6 @@
 //! A TCP proxy between the runtime and a real `redis-server` whose behaviour is switched while it
-//! runs (after the chaos wrappers of .NET's FusionCache): pass, added latency, blackhole (accept,
+//! runs (after the chaos wrappers of .NET's FusionCache): pass, added latency, one request held,
+//! blackhole (accept,
 //! never answer: bytes are held, not lost, and flow again when it ends), reset (every open
 //! connection is closed with RST, new ones too), refuse (the port stops listening), strand
 //! (the connections open now go silent for good, new ones pass) and cut (the connections open
@@ -20,6 +21,10 @@ pub enum Fault {
     Pass,
     /// Each reply waits this long before it is forwarded.
     Latency(Duration),
+    /// A request carrying these bytes waits this long before it is forwarded (and what follows
+    /// it on its connection waits behind it); other requests and connections pass: a path
+    /// that holds one write on its way to the server.
+    HoldRequestsWith(&'static str, Duration),
     /// Connections are accepted, nothing is forwarded or answered until the fault ends.
     Blackhole,
     /// Open connections are reset; new ones are reset as soon as they are accepted.
@@ -200,8 +205,14 @@ async fn pump(
         if state.resets != born {
             return;
         }
-        if let (Fault::Latency(d), true) = (state.fault, replies) {
-            tokio::time::sleep(d).await;
+        match (state.fault, replies) {
+            (Fault::Latency(d), true) => tokio::time::sleep(d).await,
+            (Fault::HoldRequestsWith(bytes, d), false)
+                if buf[..n].windows(bytes.len()).any(|w| w == bytes.as_bytes()) =>
+            {
+                tokio::time::sleep(d).await
+            }
+            _ => {}
         }
         if rx.borrow().fault == Fault::Blackhole {
             let _ = rx.wait_for(|s| s.fault != Fault::Blackhole).await;

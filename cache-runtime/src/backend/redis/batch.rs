@@ -47,6 +47,13 @@ impl Ticket {
     fn answer(&self) {
         self.state.store(ANSWERED, SeqCst);
         self.answered.notify_waiters();
+        // What it waited for was answered before it was sent (one pipeline at a time per DB):
+        // let the chain go, or a key written behind without pause would hold every ticket.
+        drop(self.earlier().take());
+    }
+
+    fn earlier(&self) -> std::sync::MutexGuard<'_, Option<Arc<Ticket>>> {
+        self.earlier.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -104,25 +111,25 @@ impl<C: Connections> Batcher<C> {
     }
 
     /// Takes a handle's write for the background, with a ticket that a later operation on the
-    /// same key can cancel or wait for.
+    /// same key can cancel or wait for. When it gives the write back (queue full, batching off,
+    /// shut down), its ticket stays registered with what it waits for: the caller calls
+    /// [`Batcher::supersede`] for the key before writing it directly, so that the direct write
+    /// lands after the ones already sent.
     pub(crate) fn offer_handle_write(&self, db: u8, write: Write) -> Result<(), Write> {
         let ticket = Arc::new(Ticket::default());
-        let key = (db, write.key.clone());
         // Registered first: a cancellation racing with the offer finds it.
-        let previous = self.tickets().insert(key.clone(), Arc::clone(&ticket));
+        let previous = self.tickets().insert((db, write.key.clone()), Arc::clone(&ticket));
         if let Some(previous) = previous {
-            // The earlier write of this key is superseded by this one: cancelled if still queued,
-            // remembered if already sent.
-            if previous.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_err() {
-                *ticket.earlier.lock().unwrap_or_else(|e| e.into_inner()) = Some(previous);
-            }
+            // The earlier write of this key is superseded by this one: cancelled if still queued
+            // (what it waited for, this one waits for), remembered if already sent.
+            let earlier = if previous.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_ok() {
+                previous.earlier().take()
+            } else {
+                Some(previous)
+            };
+            *ticket.earlier() = earlier;
         }
-        self.enqueue(db, Queued { write, ticket: Some(Arc::clone(&ticket)) }).inspect_err(|_| {
-            let mut tickets = self.tickets();
-            if tickets.get(&key).is_some_and(|t| Arc::ptr_eq(t, &ticket)) {
-                tickets.remove(&key);
-            }
-        })
+        self.enqueue(db, Queued { write, ticket: Some(ticket) })
     }
 
     /// Cancels the queued handle write of `key`, or waits (within `limit`) for its answer if it
@@ -137,7 +144,7 @@ impl<C: Connections> Batcher<C> {
                         answered.await;
                     }
                 }
-                next = ticket.earlier.lock().unwrap_or_else(|e| e.into_inner()).take();
+                next = ticket.earlier().take();
             }
         };
         let _ = tokio::time::timeout(limit, wait).await;
@@ -495,6 +502,22 @@ mod tests {
         // The entry and its lease (index 7 and 50) went together.
         assert!(pipes.iter().any(|(_, ix)| ix.contains(&7) && ix.contains(&50)));
         assert!(pipes.len() > 100, "200 random tags spread over many slots ({})", pipes.len());
+    }
+
+    /// A key written behind without pause: each ticket is sent while the one before is still
+    /// in flight, so each remembers the one before. Once answered, it lets it go; else the
+    /// latest ticket would hold every earlier one.
+    #[test]
+    fn an_answered_ticket_lets_go_of_the_one_before() {
+        let first = Arc::new(Ticket::default());
+        assert!(first.send());
+        let second = Arc::new(Ticket::default());
+        *second.earlier() = Some(Arc::clone(&first));
+        assert!(second.send());
+        first.answer();
+        assert_eq!(Arc::strong_count(&first), 2, "held while the second is in flight");
+        second.answer();
+        assert_eq!(Arc::strong_count(&first), 1, "let go once the second is answered");
     }
 
     #[test]
