@@ -281,7 +281,9 @@ async fn a_later_set_or_delete_wins_over_a_queued_set_behind() {
     assert_eq!(jobs_full.get("b").await.unwrap(), Some(2), "written before set_behind returned");
     let counted = full.stats().get(6, "full").unwrap().clone();
     assert_eq!((counted.direct_fills, counted.fills), (1, 1), "{counted:?}");
-    // Already sent when the delete comes: the delete waits for it and still lands last.
+    // A burst on one connection: each delete lands after its set_behind, whether it found it
+    // queued (cancelled) or sent. (On one connection the server keeps the order anyway: the
+    // wait for a sent write is proved in `later_operations_wait_for_a_set_behind_already_sent`.)
     let slow = support::redis_runtime(&server.url(), |c| c);
     let jobs: Cache<Backtest, u32> =
         Cache::new("jobs", Duration::from_secs(60)).unwrap().with_runtime(slow.clone());
@@ -388,4 +390,40 @@ async fn later_operations_wait_for_a_set_behind_already_sent() {
     let counted = small.stats().get(6, "full").unwrap().clone();
     assert_eq!(counted.direct_fills, 2, "the queue of two was full: {counted:?}");
     assert_eq!(jobs.get("raced").await.unwrap(), Some(HELD), "around the handle, the held write lands last");
+}
+
+/// A `set_behind` whose pipeline timed out, held by the proxy past `op_timeout` and run by the
+/// server when it arrives: a later `delete` of its key waits until a read sent after it on its
+/// connection is answered, so it lands after the late write. Two keys, one after the other, so
+/// that one of the two deletes goes on the connection the proxy does not hold. The same `DEL`
+/// sent around the handle lands first and loses: the race exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_waits_for_a_set_behind_that_timed_out() {
+    const OP_TIMEOUT: Duration = Duration::from_millis(400);
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.port());
+    let rt = support::redis_runtime(&proxy.url(), |c| {
+        c.with_pool_size(2).with_batching(256, Duration::from_millis(20), 1024).with_op_timeout(OP_TIMEOUT)
+    });
+    let jobs: Cache<Backtest, u32> =
+        Cache::new("late", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
+    jobs.set_behind("warm", &0).await.unwrap(); // the batcher runs, its script loaded
+    rt.flush().await.unwrap();
+    proxy.set(Fault::HoldRequestsWith("424242", Duration::from_millis(650)));
+    for key in ["deleted-a", "deleted-b", "raced"] {
+        jobs.set_behind(key, &HELD).await.unwrap();
+    }
+    // Sent at about 20 ms, timed out at about 420 ms, run by the server at about 670 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ::redis::cmd("DEL").arg("late:raced").query_async::<()>(&mut server.raw(6).await).await.unwrap();
+    let started = std::time::Instant::now();
+    jobs.delete("deleted-a").await.unwrap();
+    let waited = started.elapsed();
+    jobs.delete("deleted-b").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await; // the held write has landed
+    assert_eq!(both(&jobs, ["deleted-a", "deleted-b"]).await, [None, None], "the deletes landed last");
+    assert!(waited >= Duration::from_millis(100), "the first delete waited for the late write ({waited:?})");
+    assert_eq!(jobs.get("raced").await.unwrap(), Some(HELD), "around the handle, the late write lands last");
+    let counted = rt.stats().get(6, "late").unwrap().clone();
+    assert_eq!(counted.backend_errors, 3, "the timed-out writes count as failed: {counted:?}");
 }

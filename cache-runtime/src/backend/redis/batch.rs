@@ -355,10 +355,17 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
             Err(bypassed) => Err(bypassed),
         };
         let count = writes.len();
+        // Handle writes whose fate is unknown: no reply came (timed out, connection lost), so
+        // the server may still run them. Their tickets are answered once it cannot.
+        let mut unsure: Vec<(String, Arc<Ticket>)> = Vec::new();
         match replies {
             Ok(replies) => {
                 for (mut q, reply) in writes.drain(..).zip(replies) {
                     let w = &q.write;
+                    let unanswered = matches!(&reply, Err(e) if e.is_timeout() || e.is_io_error() || e.is_connection_dropped());
+                    if let Some(ticket) = q.ticket.take_if(|_| unanswered) {
+                        unsure.push((w.key.clone(), ticket));
+                    }
                     let result = match written(reply) {
                         Ok(outcome) => Ok(outcome),
                         // The script is not loaded yet, or the server lost it (a restart): the
@@ -380,15 +387,47 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
                 let message = e.to_string();
                 for mut q in writes.drain(..) {
                     let error = match e {
-                        // Skipped by the open breaker: counted as bypassed, not as an error.
+                        // Skipped by the open breaker (never sent): counted as bypassed, not as
+                        // an error.
                         BackendError::Bypassed => BackendError::Bypassed,
-                        _ => BackendError::Batch(message.clone()),
+                        _ => {
+                            if let Some(ticket) = q.ticket.take() {
+                                unsure.push((q.write.key.clone(), ticket));
+                            }
+                            BackendError::Batch(message.clone())
+                        }
                     };
                     self.finish(&mut q, Err(error));
                 }
             }
         }
         self.queued.fetch_sub(count, SeqCst);
+        if !unsure.is_empty() {
+            self.confirm(unsure);
+        }
+    }
+
+    /// Answers the tickets of writes sent without a reply once a read of their keys, sent after
+    /// them on the same connection (per node on Cluster), is answered or has failed within
+    /// `op_timeout`: the server ran them by then, or never will if the connection is gone. A
+    /// later operation on their keys waits for that (within its own bound), so that it does not
+    /// land before a write the server ran late. In the background: the next pipeline goes on.
+    fn confirm(&self, unsure: Vec<(String, Arc<Ticket>)>) {
+        let pipes = by_slot(self.cross_slots, &unsure, |pipe, (key, _)| {
+            pipe.cmd("EXISTS").arg(key);
+        });
+        let (conn, limit, tickets, db) =
+            (self.conn.clone(), self.op_timeout, Arc::clone(&self.tickets), self.db);
+        crate::background::spawn(async move {
+            let reads = pipes.iter().map(|(pipe, _)| {
+                let mut conn = conn.clone();
+                async move { pipe.query_async::<redis::Value>(&mut conn).await }
+            });
+            let _ = bounded(limit, async { Ok(futures_util::future::join_all(reads).await) }).await;
+            for (key, ticket) in unsure {
+                release(&tickets, db, key, &ticket);
+            }
+        });
     }
 
     fn finish(&self, q: &mut Queued, result: Result<FillOutcome, BackendError>) {
@@ -396,13 +435,19 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
             done(result);
         }
         if let Some(ticket) = &q.ticket {
-            ticket.answer();
-            let mut tickets = lock(&self.tickets);
-            let key = (self.db, std::mem::take(&mut q.write.key));
-            if tickets.get(&key).is_some_and(|t| Arc::ptr_eq(t, ticket)) {
-                tickets.remove(&key);
-            }
+            release(&self.tickets, self.db, std::mem::take(&mut q.write.key), ticket);
         }
+    }
+}
+
+/// Answers `ticket` (its write has landed, failed, or will never run), and forgets it unless a
+/// later write of its key took its place.
+fn release(tickets: &Tickets, db: u8, key: String, ticket: &Arc<Ticket>) {
+    ticket.answer();
+    let mut tickets = lock(tickets);
+    let key = (db, key);
+    if tickets.get(&key).is_some_and(|t| Arc::ptr_eq(t, ticket)) {
+        tickets.remove(&key);
     }
 }
 
