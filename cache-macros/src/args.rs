@@ -93,6 +93,7 @@ impl CachedArgs {
                     at,
                     parse_seconds(
                         &nv.value,
+                        "stale_if_error",
                         "`stale_if_error` takes whole seconds or a duration literal, e.g. `stale_if_error = \"1h\"`",
                         errors,
                     ),
@@ -102,6 +103,7 @@ impl CachedArgs {
                     at,
                     parse_seconds(
                         &nv.value,
+                        "near",
                         "`near` takes whole seconds or a duration literal, e.g. `near = \"30s\"`",
                         errors,
                     ),
@@ -221,11 +223,11 @@ fn parse_percent(value: &Expr, help: &str, errors: &mut Errors) -> Option<(u64, 
 
 /// `stale_if_error = "1h"`, `near = 30`: a duration in seconds (bounds checked in
 /// `validate.rs`). `help` is the error when it is not one.
-fn parse_seconds(value: &Expr, help: &'static str, errors: &mut Errors) -> Option<(u64, Span)> {
+fn parse_seconds(value: &Expr, option: &str, help: &'static str, errors: &mut Errors) -> Option<(u64, Span)> {
     let parsed = match value {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX)),
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
-        _ => Err(help),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => whole_seconds(i, option),
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()).map_err(String::from),
+        _ => Err(help.to_owned()),
     };
     parsed.map(|seconds| (seconds, value.span())).map_err(|message| errors.on(value, message)).ok()
 }
@@ -256,11 +258,9 @@ fn parse_db(value: &Expr, errors: &mut Errors) -> Option<DbArg> {
 
 fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
     let parsed = match value {
-        // A number too large for `u64` is over any bound: kept saturated, so that validation
-        // reports it as too long (syn's digits are base 10, so overflow is the only failure).
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX)),
-        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()),
-        Expr::Lit(_) => Err("`ttl` takes whole seconds, a duration literal or a constant, e.g. `ttl = 300`, `ttl = \"5m\"` or `ttl = TTL_MARKET`"),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => whole_seconds(i, "ttl"),
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => parse_duration(&s.value()).map_err(String::from),
+        Expr::Lit(_) => Err("`ttl` takes whole seconds, a duration literal or a constant, e.g. `ttl = 300`, `ttl = \"5m\"` or `ttl = TTL_MARKET`".to_owned()),
         // A constant, a path to one, or arithmetic on them: its value is checked at compile time
         // where the function is (`expand/cached.rs`).
         other => return Some(Ttl::Const(other.clone())),
@@ -272,6 +272,20 @@ fn parse_ttl(value: &Expr, errors: &mut Errors) -> Option<Ttl> {
             None
         }
     }
+}
+
+/// Whole seconds from an integer literal, `300` or `300u64`. Rust reads `5m`, `1h` or `2d`
+/// written without quotes as a number with a suffix: refused, since the suffix would otherwise
+/// be dropped and `5m` mean 5 seconds.
+fn whole_seconds(i: &syn::LitInt, option: &str) -> Result<u64, String> {
+    const INTEGER_TYPES: [&str; 12] =
+        ["u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize"];
+    if i.suffix().is_empty() || INTEGER_TYPES.contains(&i.suffix()) {
+        // Too large for `u64` is over any bound: kept saturated, so that validation reports it
+        // as too long (syn's digits are base 10, so overflow is the only failure).
+        return Ok(i.base10_parse::<u64>().unwrap_or(u64::MAX));
+    }
+    Err(format!("`{i}` is not a number of seconds: write a duration in quotes, `{option} = \"{i}\"`"))
 }
 
 /// `"90s"`, `"5m"`, `"1h30m"`, `"2d"`: numbers each followed by a unit (s, m, h, d). A total
