@@ -261,11 +261,13 @@ struct Registry {
 
 impl NearTier {
     /// A tier of at most `capacity` copies and `max_bytes` (values counted by their encoded size):
-    /// each copy weighs at least `max_bytes / capacity`, so neither bound can be passed.
+    /// each copy weighs at least `max_bytes / capacity` (the floor), and the copies at most
+    /// `capacity` floors, so neither bound can be passed.
     pub(crate) fn new(capacity: u64, max_bytes: u64) -> Self {
+        let floor = (max_bytes / capacity.max(1)).max(1);
         NearTier {
-            copies: Copies::new(max_bytes),
-            floor: (max_bytes / capacity.max(1)).max(1),
+            copies: Copies::new(max_bytes.min(floor.saturating_mul(capacity.max(1)))),
+            floor,
             hasher: foldhash::fast::RandomState::default(),
             notified: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             flushes: AtomicU64::new(0),
@@ -635,6 +637,27 @@ mod tests {
         assert_eq!(indexed(), copies, "evicted copies leave it");
         near.copies.clear(near.gone());
         assert_eq!(indexed(), 0, "removed copies leave it");
+    }
+
+    /// The entry bound holds exactly, whatever the byte bound: at the defaults (64 MiB / 100,000
+    /// copies is not whole) and with the bytes unbounded (`u64::MAX`, which once wrapped the
+    /// weight and stopped eviction).
+    #[test]
+    fn the_entry_bound_holds_whatever_the_byte_bound() {
+        for (entries, bytes) in [(100_000, crate::config::DEFAULT_NEAR_MAX_BYTES), (10, u64::MAX)] {
+            let config = crate::CacheConfig::memory().with_near_bounds(entries, bytes);
+            let near = NearTier::new(config.near_capacity, config.near_max_bytes);
+            near.trust();
+            let f = Arc::new(AtomicU64::new(0));
+            let base = near.register("p:f:gen:00", "p:f", &Arc::default());
+            for i in 0..entries as u32 + 50 {
+                let mut hash = [0; 16];
+                hash[..4].copy_from_slice(&i.to_le_bytes());
+                let e = Entry { base, hash, bytes: Some(i.to_le_bytes().to_vec()), text: String::new() };
+                e.keep(&near, &f, i, LIFE);
+            }
+            assert_eq!(near.status().copies, entries, "at most {entries} copies ({bytes} bytes)");
+        }
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub const DEFAULT_NEAR_CAPACITY: u64 = 100_000;
 /// How many bytes (encoded size) the near tier keeps by default: 64 MiB.
 pub const DEFAULT_NEAR_MAX_BYTES: u64 = 64 << 20;
 
+/// The most bytes `with_near_bounds` takes (1 PiB); more are taken as this, so that the copies'
+/// weights add up far from `u64`'s end.
+pub const MAX_NEAR_BYTES: u64 = 1 << 50;
+
 /// A duration setting, bounded up front (see [`MAX_SETTING`]).
 fn bounded(d: Duration) -> Duration {
     d.min(MAX_SETTING)
@@ -487,10 +491,11 @@ impl CacheConfig {
     }
 
     /// Sets how many copies the near tier keeps (at least 1) and how many bytes (their encoded
-    /// size and 128 bytes each, the key's share included; at least 1 KiB).
+    /// size and 128 bytes each, the key's share included; at least 1 KiB, at most
+    /// [`MAX_NEAR_BYTES`]: `u64::MAX` bounds by entries alone).
     pub fn with_near_bounds(mut self, entries: u64, bytes: u64) -> Self {
         self.near_capacity = entries.max(1);
-        self.near_max_bytes = bytes.max(1024);
+        self.near_max_bytes = bytes.clamp(1024, MAX_NEAR_BYTES);
         self
     }
 
