@@ -112,8 +112,12 @@ impl Source for Nodes {
 }
 
 /// The nodes of a `CLUSTER NODES` reply to track: each line is `id ip:port@cport[,hostname]
-/// flags master ...`; those flagged `fail`, `handshake` or `noaddr` are left out. A node named with
-/// no host (`:7000@17000`: it has never learnt its IP, as in a cluster of one) gets `unnamed`'s.
+/// flags master ping-sent pong-recv epoch link-state slot...`; those flagged `handshake` or
+/// `noaddr` are left out, and those flagged `fail` unless they still own slots. (A primary that
+/// comes back before a replica took its slots keeps its `fail` flag for twice the node timeout
+/// while clients read its keys from it again: untracked, its copies would never be dropped. While
+/// it is down, no session starts, and no copy is answered: the safe side.) A node named with no
+/// host (`:7000@17000`: it has never learnt its IP, as in a cluster of one) gets `unnamed`'s.
 fn trackable(reply: &str, unnamed: impl Fn(u16) -> Option<String>) -> Vec<(String, u16)> {
     let mut nodes = Vec::new();
     for line in reply.lines() {
@@ -121,7 +125,9 @@ fn trackable(reply: &str, unnamed: impl Fn(u16) -> Option<String>) -> Vec<(Strin
         let (Some(_id), Some(addr), Some(flags)) = (fields.next(), fields.next(), fields.next()) else {
             continue;
         };
-        if flags.split(',').any(|flag| matches!(flag, "fail" | "handshake" | "noaddr")) {
+        let owns_slots = fields.nth(5).is_some();
+        let mut flags = flags.split(',');
+        if flags.any(|flag| matches!(flag, "handshake" | "noaddr") || (flag == "fail" && !owns_slots)) {
             continue;
         }
         let addr = addr.split(['@', ',']).next().unwrap_or(addr);
@@ -153,11 +159,12 @@ mod tests {
     use super::trackable;
 
     #[test]
-    fn every_node_but_the_failed_and_unknown_ones_is_tracked() {
+    fn every_node_but_unknown_ones_and_failed_ones_without_slots_is_tracked() {
         let reply = "\
 07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
 67ed 127.0.0.1:30002@40002,node-b.example master - 0 1426238316232 2 connected 5461-10922
 292f 127.0.0.1:30003@40003 master,fail - 1426238318243 1426238318243 3 disconnected
+b3c9 127.0.0.1:30007@40007 master,fail - 1426238318243 1426238318243 7 connected 10923-16383
 6ec2 127.0.0.1:30005@40005 master,fail? - 0 1426238316232 5 connected
 824f :0@0 master,noaddr - 0 0 0 disconnected
 e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
@@ -170,6 +177,7 @@ e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
                 ("127.0.0.1".to_owned(), 30002),
                 ("127.0.0.1".to_owned(), 30004),
                 ("127.0.0.1".to_owned(), 30005),
+                ("127.0.0.1".to_owned(), 30007),
             ]
         );
     }
