@@ -37,6 +37,46 @@ async fn temperature<T: Reading>(station: u32, calls: &AtomicUsize) -> T {
     T::from_celsius(f64::from(station) * 10.0)
 }
 
+/// A database executor: the pool and a transaction read the same rows, so its type is
+/// `skip`ped with it, and stays out of the key.
+pub trait Executor: Send {
+    fn base(&self) -> u64;
+}
+pub struct Pool;
+pub struct Transaction;
+impl Executor for Pool {
+    fn base(&self) -> u64 {
+        1000
+    }
+}
+impl Executor for Transaction {
+    fn base(&self) -> u64 {
+        1000
+    }
+}
+
+#[cached(db = MarketData, prefix = "executor", ttl = 300, skip(db, calls))]
+async fn balance<'e, E: Executor + 'e>(db: E, account: u32, calls: &AtomicUsize) -> u64 {
+    calls.fetch_add(1, SeqCst);
+    db.base() + u64::from(account)
+}
+
+#[cached(db = MarketData, prefix = "executor", ttl = 300, skip(db, calls))]
+async fn limit<E>(db: E, account: u32, calls: &AtomicUsize) -> u64
+where
+    E: Executor,
+{
+    calls.fetch_add(1, SeqCst);
+    db.base() * 2 + u64::from(account)
+}
+
+/// Invalidation names the key argument alone: the executor's type is not asked for.
+#[cache_runtime::invalidates(balance(account), limit(account))]
+async fn deposit(account: u32) -> Result<(), String> {
+    let _ = account;
+    Ok(())
+}
+
 mod eu {
     #[cache_runtime::cached(db = cache_runtime::db::MarketData, prefix = "fees", ttl = 300)]
     pub async fn fee(symbol: &str) -> u64 {
@@ -95,6 +135,19 @@ async fn generic_instantiations_have_their_own_entries(fx: &mut Fixture) {
     let _: Celsius = fx.run(temperature::<Celsius>(1, &calls)).await;
     let _: Fahrenheit = fx.run(temperature::<Fahrenheit>(1, &calls)).await;
     assert_eq!(calls.load(SeqCst), 4, "both instantiations recomputed after temperature(..)");
+}
+
+async fn an_executor_type_stays_out_of_the_key_and_of_its_invalidation(fx: &mut Fixture) {
+    let calls = AtomicUsize::new(0);
+    assert_eq!(fx.run(balance(Pool, 7, &calls)).await, 1007);
+    assert_eq!(fx.run(balance(Transaction, 7, &calls)).await, 1007, "a hit, whichever executor");
+    assert_eq!(fx.run(limit(Pool, 7, &calls)).await, 2007);
+    assert_eq!(fx.run(limit(Transaction, 7, &calls)).await, 2007);
+    assert_eq!(calls.load(SeqCst), 2);
+    fx.run(deposit(7)).await.unwrap();
+    fx.run(balance(Transaction, 7, &calls)).await;
+    fx.run(limit(Transaction, 7, &calls)).await;
+    assert_eq!(calls.load(SeqCst), 4, "deposit(7) dropped both entries");
 }
 
 async fn same_name_in_two_modules_do_not_share(fx: &mut Fixture) {
@@ -239,6 +292,7 @@ async fn functions_write_the_builder_keys(fx: &mut Fixture) {
 
 on_every_backend!(
     generic_instantiations_have_their_own_entries,
+    an_executor_type_stays_out_of_the_key_and_of_its_invalidation,
     same_name_in_two_modules_do_not_share,
     same_name_in_two_function_bodies_do_not_share,
     instances_and_types_do_not_share,

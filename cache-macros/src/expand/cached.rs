@@ -257,13 +257,7 @@ fn key_expr(
     // parameter without a name). A generic parameter that only `skip`ped parameters name (an
     // executor, a pool) stays out of the key, as those parameters do; every other one is in it,
     // including one named only in the body or by a turbofish.
-    let in_key_or_return = |name: &str| {
-        super::mentions(&model.ret, name) || model.key_params.iter().any(|(_, ty)| super::mentions(ty, name))
-    };
-    let only_in_skipped = |name: &str| {
-        !in_key_or_return(name) && model.skipped_types.iter().any(|ty| super::mentions(ty, name))
-    };
-    let matters = |name: &Ident| !only_in_skipped(&name.to_string());
+    let matters = |name: &Ident| !only_in_skipped(model, &name.to_string());
     let type_arg = quote!(::cache_runtime::__private::KeyHasher::type_arg);
     let type_args = generics.type_params().filter(|p| matters(&p.ident)).map(|p| {
         let name = &p.ident;
@@ -396,9 +390,70 @@ fn function(func: &ItemFn, model: &Cached, site: Site) -> TokenStream {
     }
 }
 
+/// Whether the generic parameter `name` is named only by `skip`ped parameters' types (an
+/// executor's, a pool's): not by a key parameter's, nor by the return type.
+fn only_in_skipped(model: &Cached, name: &str) -> bool {
+    let in_key_or_return =
+        super::mentions(&model.ret, name) || model.key_params.iter().any(|(_, ty)| super::mentions(ty, name));
+    !in_key_or_return && model.skipped_types.iter().any(|ty| super::mentions(ty, name))
+}
+
+/// The key companion's generic parameters: the function's, less those only `skip`ped
+/// parameters name, which the key leaves out too: invalidation names the key arguments alone
+/// (`user(id)` for `user<E: Executor>(db: E, id: i64)` with `skip(db)`), and nothing would
+/// infer them. Their `where` predicates go with them. When a parameter kept is bounded by
+/// one left out, all are kept (the invalidation then names them, as before).
+fn companion_generics(func: &ItemFn, model: &Cached) -> syn::Generics {
+    let all = &func.sig.generics;
+    let left_out: Vec<String> = all
+        .type_params()
+        .map(|p| &p.ident)
+        .chain(all.const_params().map(|p| &p.ident))
+        .map(ToString::to_string)
+        .filter(|name| only_in_skipped(model, name))
+        .collect();
+    if left_out.is_empty() {
+        return all.clone();
+    }
+    let names_left_out = |tokens: &dyn ToTokens| left_out.iter().any(|name| super::mentions(tokens, name));
+    let mut kept = all.clone();
+    kept.params = all
+        .params
+        .iter()
+        .filter(|p| match p {
+            syn::GenericParam::Type(t) => !left_out.contains(&t.ident.to_string()),
+            syn::GenericParam::Const(c) => !left_out.contains(&c.ident.to_string()),
+            syn::GenericParam::Lifetime(_) => true,
+        })
+        .cloned()
+        .collect();
+    if kept.params.iter().any(|p| names_left_out(p)) {
+        return all.clone();
+    }
+    if let Some(clause) = &mut kept.where_clause {
+        let mut predicates = syn::punctuated::Punctuated::new();
+        for predicate in &clause.predicates {
+            match predicate {
+                // `E: Executor`: goes with `E`.
+                syn::WherePredicate::Type(t) if names_left_out(&t.bounded_ty) => {
+                    let alone = matches!(&t.bounded_ty, syn::Type::Path(p) if p.qself.is_none()
+                        && p.path.get_ident().is_some_and(|i| left_out.contains(&i.to_string())));
+                    if !alone {
+                        return all.clone();
+                    }
+                }
+                other if names_left_out(other) => return all.clone(),
+                other => predicates.push(other.clone()),
+            }
+        }
+        clause.predicates = predicates;
+    }
+    kept
+}
+
 /// The key and spec functions that invalidation calls (see `expand::Site`).
 fn companions(func: &ItemFn, model: &Cached, site: Site, registration: TokenStream) -> TokenStream {
-    let generics = &func.sig.generics;
+    let generics = &companion_generics(func, model);
     let where_clause = &generics.where_clause;
     let function = Ident::new("__cache_fn", Span::mixed_site());
     let identity = identity(func, model, &function, false, site);
