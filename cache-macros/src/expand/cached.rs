@@ -205,7 +205,7 @@ fn registration(func: &ItemFn, model: &Cached, owner: &Owner) -> TokenStream {
     };
     let spec_value = spec_value(func, model);
     let db = &model.db;
-    let cfgs = func.attrs.iter().filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"));
+    let cfgs = super::conditions(&func.attrs);
     quote! {
         #(#cfgs)*
         const _: () = {
@@ -466,8 +466,7 @@ fn companions(func: &ItemFn, model: &Cached, site: Site, registration: TokenStre
     let key_expr = key_expr(func, model, &function, KeyIn::Companion, TokenStream::new());
     let params = receiver.into_iter().chain(model.key_params.iter().map(|(name, ty)| quote!(#name: #ty)));
     // A function under `#[cfg]` has its companions under the same `#[cfg]`.
-    let cfgs: Vec<_> =
-        func.attrs.iter().filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr")).collect();
+    let cfgs = super::conditions(&func.attrs);
     let key_sig = |vis: TokenStream, name: &Ident| {
         quote! {
             #(#cfgs)*

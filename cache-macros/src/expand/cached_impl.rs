@@ -152,8 +152,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let (impl_generics, _, where_clause) = block.generics.split_for_impl();
     let self_ty = &block.self_ty;
     // The companions exist where the functions do.
-    let cfgs = block.attrs.iter().filter(|a| a.path().is_ident("cfg") || a.path().is_ident("cfg_attr"));
-    let cfgs: Vec<_> = cfgs.cloned().collect();
+    let cfgs = super::conditions(&block.attrs);
     let mut tokens = block.to_token_stream();
     // The `#[cached]` attributes were consumed here, not expanded: name each path once more, so
     // the user's `use cache_runtime::cached;` still counts as used.

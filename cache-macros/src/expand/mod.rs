@@ -11,6 +11,30 @@ use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{Block, Ident, Type};
 
+/// The conditions an item is compiled under, for the items generated beside it: its `#[cfg]`s,
+/// and of each `#[cfg_attr(predicate, ...)]` the `cfg`s it applies (as
+/// `#[cfg_attr(predicate, cfg(..))]`), not the other attributes it applies
+/// (`tracing::instrument(skip(pool))` would fail on a companion without `pool`).
+pub(crate) fn conditions(attrs: &[syn::Attribute]) -> Vec<TokenStream> {
+    let mut conditions = Vec::new();
+    for attr in attrs {
+        if attr.path().is_ident("cfg") {
+            conditions.push(attr.to_token_stream());
+        } else if attr.path().is_ident("cfg_attr") {
+            let parsed = attr
+                .parse_args_with(syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated);
+            let Ok(list) = parsed else { continue };
+            let mut list = list.into_iter();
+            let Some(predicate) = list.next() else { continue };
+            let cfgs: Vec<syn::Meta> = list.filter(|meta| meta.path().is_ident("cfg")).collect();
+            if !cfgs.is_empty() {
+                conditions.push(quote!(#[cfg_attr(#predicate, #(#cfgs),*)]));
+            }
+        }
+    }
+    conditions
+}
+
 pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
     let mut tokens = error.to_compile_error();
     item.to_tokens(&mut tokens);
