@@ -70,6 +70,12 @@ where
     db.base() * 2 + u64::from(account)
 }
 
+/// A raw identifier: its key names `type`, as `KeyBuilder` and README's formula do.
+#[cached(db = MarketData, prefix = "raw", ttl = 300)]
+async fn r#type(id: u32) -> u32 {
+    id
+}
+
 /// Invalidation names the key argument alone: the executor's type is not asked for.
 #[cache_runtime::invalidates(balance(account), limit(account))]
 async fn deposit(account: u32) -> Result<(), String> {
@@ -288,6 +294,9 @@ async fn functions_write_the_builder_keys(fx: &mut Fixture) {
         .finish()
         .unwrap();
     assert!(fx.ttl::<MarketData>(&key).await.is_some(), "Feed::last wrote {key}");
+    fx.run(r#type(3)).await;
+    let key = KeyBuilder::new("keys", "raw", "type").arg(&3u32).finish().unwrap();
+    assert!(fx.ttl::<MarketData>(&key).await.is_some(), "r#type(3) wrote {key}");
 }
 
 on_every_backend!(

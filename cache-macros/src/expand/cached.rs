@@ -150,7 +150,8 @@ fn spec_value(func: &ItemFn, model: &Cached) -> TokenStream {
         ..
     } = model;
     let near_seconds = near.map_or(0, |(seconds, _)| seconds);
-    let name = func.sig.ident.to_string();
+    // `r#type` is `type` in keys, as in `type_name` and `KeyBuilder`.
+    let name = syn::ext::IdentExt::unraw(&func.sig.ident).to_string();
     let version = match version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
