@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
@@ -179,4 +180,42 @@ async fn lookups_at_the_longest_op_timeout_are_coalesced_and_each_gets_its_own_v
     eprintln!("op_timeout Duration::MAX: {} lookups, {mgets} MGETs", IDS * 5);
     assert_eq!(PATIENT_CALLS.load(SeqCst), filled, "every lookup a hit");
     assert!(mgets > 0, "some lookups went as MGETs");
+}
+
+/// A lookup opens a batch on a current-thread runtime, which then stops running tasks (between
+/// two `block_on` calls) while eight lookups are in flight on a slow server (a proxy holds each
+/// reply 300 ms): a lookup from another runtime joins that batch, and is answered within its
+/// `op_timeout`.
+#[test]
+fn a_lookup_joined_to_a_batch_opened_on_a_current_thread_runtime_is_answered() {
+    let server = RedisServer::start();
+    let proxy = support::proxy::FaultProxy::start(server.port());
+    let cache = support::redis_runtime(&proxy.url(), |c| c.with_op_timeout(Duration::from_millis(1000)));
+    let main = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let stalled = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pages: cache_runtime::Cache<Grpc, u32> =
+        cache_runtime::Cache::new("joined", Duration::from_secs(60)).unwrap().with_runtime(cache.clone());
+    main.block_on(pages.set("k", &7)).unwrap();
+    proxy.set(support::proxy::Fault::Latency(Duration::from_millis(300)));
+    let in_flight: Vec<_> = (0..8)
+        .map(|_| {
+            let pages = pages.clone();
+            main.spawn(async move { pages.get("k").await })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50)); // the eight are sent, each alone
+    stalled.block_on(async {
+        let mut opener = std::pin::pin!(pages.get("k"));
+        // Polled once: the batch is open, its task spawned; then this runtime stops.
+        let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(opener.as_mut().poll(cx))).await;
+        assert!(polled.is_pending());
+    });
+    let started = Instant::now();
+    let joined = main.block_on(async { tokio::time::timeout(Duration::from_secs(5), pages.get("k")).await });
+    let took = started.elapsed();
+    assert!(matches!(joined, Ok(Ok(Some(7)))), "{joined:?} after {took:?}");
+    assert!(took < Duration::from_millis(1000), "answered within its op_timeout: {took:?}");
+    for read in in_flight {
+        assert_eq!(main.block_on(read).unwrap().unwrap(), Some(7));
+    }
 }

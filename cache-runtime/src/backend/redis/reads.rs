@@ -3,9 +3,10 @@
 //! - A read that finds fewer than `ALONE_BELOW` of the connection's reads in flight (the reads
 //!   made here; other commands on the connection are not counted) is sent at once, a `GET`, as
 //!   it would be alone: it costs a `GET` plus a lock taken twice.
-//! - One that finds more opens a batch and starts a task that sends it: the task yields to the
-//!   scheduler once, so that the reads made meanwhile (by the tasks that were ready to run) join
-//!   the batch, then sends them all as one `MGET` (a `GET` if none joined) and answers each from
+//! - One that finds more opens a batch and starts a task that sends it (on the caller's
+//!   runtime; on the cache's background runtime when the caller's is a current-thread one,
+//!   which runs tasks only inside `block_on`): the task yields to the scheduler once, so that
+//!   the reads made meanwhile (by the tasks that were ready to run) join the batch, then sends them all as one `MGET` (a `GET` if none joined) and answers each from
 //!   its reply. A read that finds a batch open joins it, unless the batch holds `MAX_BATCH`
 //!   reads already: then it is sent alone. No read waits for another read's reply
 //!   before its own is sent, and none depends on another caller's future: a caller that stops
@@ -118,11 +119,16 @@ impl Reads {
         queue.in_flight += 1;
         queue.open = Some(vec![member(tell)]);
         drop(queue);
-        // Counted out (and the batch closed) when the task ends or is dropped, run or not.
+        // Counted out (and the batch closed) when the task ends or is dropped, run or not. On
+        // the caller's runtime, unless it is a current-thread one: that one runs tasks only
+        // inside a `block_on`, and lookups from other runtimes that join the batch would wait
+        // for the next.
         let batch = send_batch(Batch { sender: sender.clone(), gathering: true });
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(batch)),
-            Err(_) => crate::background::spawn(batch),
+            Ok(runtime) if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread => {
+                drop(runtime.spawn(batch))
+            }
+            _ => crate::background::spawn(batch),
         }
         Either::Right(wait(answer))
     }
