@@ -6,9 +6,10 @@
 //! - One that finds more opens a batch and starts a task that sends it (on the caller's
 //!   runtime; on the cache's background runtime when the caller's is a current-thread one,
 //!   which runs tasks only inside `block_on`): the task yields to the scheduler once, so that
-//!   the reads made meanwhile (by the tasks that were ready to run) join the batch, then sends them all as one `MGET` (a `GET` if none joined) and answers each from
-//!   its reply. A read that finds a batch open joins it, unless the batch holds `MAX_BATCH`
-//!   reads already: then it is sent alone. No read waits for another read's reply
+//!   the reads made meanwhile (by the tasks that were ready to run) join the batch, then sends
+//!   them all as one `MGET` (a `GET` if none joined) and answers each from its reply. A read
+//!   that finds a batch open joins it, unless the batch holds `MAX_BATCH` reads already: then
+//!   it is sent alone. No read waits for another read's reply
 //!   before its own is sent, and none depends on another caller's future: a caller that stops
 //!   waiting takes nothing with it.
 //!
