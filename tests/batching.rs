@@ -188,8 +188,9 @@ async fn the_batcher_reconnects_and_reloads_its_script() {
     assert_eq!(present(&server, 2_000..2_500).await, 500, "every fill after the restart was written");
 }
 
-/// Writes to one key leave the batcher in the order they were accepted: the last one wins, and
-/// every intermediate value was written before the next (checked at the end by the last value).
+/// Many `set_behind`s of one key, round after round: the last one wins, and none fails. (Each
+/// cancels the one still queued, so few are sent: the order of writes already sent is proved by
+/// `later_operations_wait_for_a_set_behind_already_sent`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_keep_their_order() {
     let server = RedisServer::start();
