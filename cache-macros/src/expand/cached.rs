@@ -30,7 +30,9 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             at,
             format!(
                 "`{name}` is a method: put `#[cached_impl]` on its `impl` block (above `#[async_trait]` if \
-                 there is one); `#[cached]` needs it on every function of an `impl`"
+                 there is one); `#[cached]` needs it on every function of an `impl`, written in the block \
+                 itself (not through `cfg_attr` or a macro). A trait's default method cannot be cached: \
+                 cache it in each `impl`"
             ),
         );
         return super::fallback(item, e);
