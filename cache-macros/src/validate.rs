@@ -326,13 +326,25 @@ fn key_params(func: &ItemFn, skip: &[Ident], errors: &mut Errors) -> Option<Para
     for name in skip.iter().filter(|name| *name != "self") {
         if !params.iter().any(|(p, _)| p == name) {
             ok = false;
-            errors.on(
-                name,
-                format_args!(
-                    "`{name}` is not a parameter of `{}`: `skip` names parameters to leave out of the key",
-                    func.sig.ident
-                ),
-            );
+            let in_pattern =
+                destructured.iter().any(|(_, pattern)| crate::expand::mentions(pattern, &name.to_string()));
+            if in_pattern {
+                errors.on(
+                    name,
+                    format_args!(
+                        "`{name}` is bound by a pattern, and `skip` names whole parameters: give that \
+                         parameter a plain name, skip that name, and destructure it in the body"
+                    ),
+                );
+            } else {
+                errors.on(
+                    name,
+                    format_args!(
+                        "`{name}` is not a parameter of `{}`: `skip` names parameters to leave out of the key",
+                        func.sig.ident
+                    ),
+                );
+            }
         }
     }
     let (skipped, key): (Vec<_>, Vec<_>) = params.into_iter().partition(|(p, _)| skip.contains(p));
