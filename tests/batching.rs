@@ -5,7 +5,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cache_runtime::db::{Backtest, Grpc};
 use cache_runtime::{cached, invalidate, Cache, CacheConfig, KeyBuilder, Runtime};
@@ -173,14 +173,14 @@ async fn the_batcher_reconnects_and_reloads_its_script() {
     assert_eq!(present(&server, 0..100).await, 100);
     server.restart();
     // Let the connections notice; the first calls may fail over while they do.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         fill_all(&rt, 1_000..1_001, &CALLS).await;
         rt.flush().await.unwrap();
         if present(&server, 1_000..1_001).await == 1 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "fills never reached the restarted server");
+        assert!(Instant::now() < deadline, "fills never reached the restarted server");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     fill_all(&rt, 2_000..2_500, &CALLS).await;
@@ -352,7 +352,7 @@ async fn later_operations_wait_for_a_set_behind_already_sent() {
     }
     proxy.set(Fault::HoldRequestsWith("424242", HOLD));
     held(&jobs, ["deleted-a", "deleted-b"]).await;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     jobs.delete("deleted-a").await.unwrap();
     let waited = started.elapsed();
     jobs.delete("deleted-b").await.unwrap();
@@ -361,7 +361,9 @@ async fn later_operations_wait_for_a_set_behind_already_sent() {
     for (key, value) in [("cancelled-a", 1), ("cancelled-b", 1), ("cancelled-a", 2), ("cancelled-b", 2)] {
         jobs.set_behind(key, &value).await.unwrap(); // queued behind the held pipeline; 1 cancelled by 2
     }
+    let started = Instant::now();
     jobs.delete("cancelled-a").await.unwrap();
+    let waited_past_cancelled = started.elapsed();
     jobs.delete("cancelled-b").await.unwrap();
 
     for key in ["direct-a", "direct-b"] {
@@ -369,6 +371,7 @@ async fn later_operations_wait_for_a_set_behind_already_sent() {
         for (key, value) in [(key, 1), ("filler", 1), (key, 2)] {
             full.set_behind(key, &value).await.unwrap(); // two fill the queue; `key, 2` is written directly
         }
+        small.flush().await.unwrap(); // the queue empty again
     }
 
     held(&jobs, ["raced", "raced-too"]).await;
@@ -383,6 +386,10 @@ async fn later_operations_wait_for_a_set_behind_already_sent() {
         [None, None],
         "a set_behind cancelled in between does not lose what it waited for"
     );
+    assert!(
+        waited_past_cancelled >= HOLD / 2,
+        "that delete waited for the held write ({waited_past_cancelled:?})"
+    );
     assert_eq!(
         both(&full, ["direct-a", "direct-b"]).await,
         [Some(2), Some(2)],
@@ -394,13 +401,13 @@ async fn later_operations_wait_for_a_set_behind_already_sent() {
 }
 
 /// A `set_behind` whose pipeline timed out, held by the proxy past `op_timeout` and run by the
-/// server when it arrives: a later `delete` of its key waits until a read sent after it on its
+/// server when it arrives (1.5 s after it was sent, 1 s `op_timeout`): a later `delete` of its key waits until a read sent after it on its
 /// connection is answered, so it lands after the late write. Two keys, one after the other, so
 /// that one of the two deletes goes on the connection the proxy does not hold. The same `DEL`
 /// sent around the handle lands first and loses: the race exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_waits_for_a_set_behind_that_timed_out() {
-    const OP_TIMEOUT: Duration = Duration::from_millis(400);
+    const OP_TIMEOUT: Duration = Duration::from_secs(1);
     let server = RedisServer::start();
     let proxy = FaultProxy::start(server.port());
     let rt = support::redis_runtime(&proxy.url(), |c| {
@@ -410,21 +417,28 @@ async fn a_delete_waits_for_a_set_behind_that_timed_out() {
         Cache::new("late", Duration::from_secs(60)).unwrap().with_runtime(rt.clone());
     jobs.set_behind("warm", &0).await.unwrap(); // the batcher runs, its script loaded
     rt.flush().await.unwrap();
-    proxy.set(Fault::HoldRequestsWith("424242", Duration::from_millis(650)));
+    // Held 1.5 s: past the write's 1 s op_timeout, within the 1 s its confirm then has.
+    proxy.set(Fault::HoldRequestsWith("424242", Duration::from_millis(1500)));
+    let sent = Instant::now();
     for key in ["deleted-a", "deleted-b", "raced"] {
         jobs.set_behind(key, &HELD).await.unwrap();
     }
-    // Sent at about 20 ms, timed out at about 420 ms, run by the server at about 670 ms.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Timed out (counted failed) at about 1 s; run by the server at about 1.5 s.
+    let failed = || rt.stats().get(6, "late").map_or(0, |s| s.backend_errors);
+    while failed() < 3 {
+        assert!(sent.elapsed() < Duration::from_secs(5), "the held writes never timed out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     ::redis::cmd("DEL").arg("late:raced").query_async::<()>(&mut server.raw(6).await).await.unwrap();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     jobs.delete("deleted-a").await.unwrap();
     let waited = started.elapsed();
     jobs.delete("deleted-b").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await; // the held write has landed
+    while sent.elapsed() < Duration::from_millis(2000) {
+        tokio::time::sleep(Duration::from_millis(50)).await; // the held writes have landed
+    }
     assert_eq!(both(&jobs, ["deleted-a", "deleted-b"]).await, [None, None], "the deletes landed last");
-    assert!(waited >= Duration::from_millis(100), "the first delete waited for the late write ({waited:?})");
+    assert!(waited >= Duration::from_millis(200), "the first delete waited for the late write ({waited:?})");
     assert_eq!(jobs.get("raced").await.unwrap(), Some(HELD), "around the handle, the late write lands last");
-    let counted = rt.stats().get(6, "late").unwrap().clone();
-    assert_eq!(counted.backend_errors, 3, "the timed-out writes count as failed: {counted:?}");
+    assert_eq!(failed(), 3, "the timed-out writes count as failed");
 }

@@ -45,11 +45,15 @@ impl Ticket {
     }
 
     fn answer(&self) {
-        self.state.store(ANSWERED, SeqCst);
+        let was = self.state.swap(ANSWERED, SeqCst);
         self.answered.notify_waiters();
-        // What it waited for was answered before it was sent (one pipeline at a time per DB):
-        // let the chain go, or a key written behind without pause would hold every ticket.
-        drop(self.earlier().take());
+        // Sent and answered: what it waited for was answered before it was sent (one pipeline
+        // at a time per DB, and one that got no reply answered only once confirmed); let the
+        // chain go, or a key written behind without pause would hold every ticket. Cancelled:
+        // whoever cancelled it takes the chain, and may not have yet.
+        if was == SENT {
+            drop(self.earlier().take());
+        }
     }
 
     fn earlier(&self) -> std::sync::MutexGuard<'_, Option<Arc<Ticket>>> {
@@ -117,9 +121,10 @@ impl<C: Connections> Batcher<C> {
     /// lands after the ones already sent.
     pub(crate) fn offer_handle_write(&self, db: u8, write: Write) -> Result<(), Write> {
         let ticket = Arc::new(Ticket::default());
-        // Registered first: a cancellation racing with the offer finds it.
-        let previous = self.tickets().insert((db, write.key.clone()), Arc::clone(&ticket));
-        if let Some(previous) = previous {
+        // Registered, and linked to the one it replaces, under the map's lock: an operation on
+        // the key made meanwhile finds this one with its link, or the one before.
+        let mut tickets = self.tickets();
+        if let Some(previous) = tickets.insert((db, write.key.clone()), Arc::clone(&ticket)) {
             // The earlier write of this key is superseded by this one: cancelled if still queued
             // (what it waited for, this one waits for), remembered if already sent.
             let earlier = if previous.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_ok() {
@@ -129,6 +134,7 @@ impl<C: Connections> Batcher<C> {
             };
             *ticket.earlier() = earlier;
         }
+        drop(tickets);
         self.enqueue(db, Queued { write, ticket: Some(ticket) })
     }
 
@@ -563,6 +569,13 @@ mod tests {
         assert_eq!(Arc::strong_count(&first), 2, "held while the second is in flight");
         second.answer();
         assert_eq!(Arc::strong_count(&first), 1, "let go once the second is answered");
+        // Cancelled (by a later write, or an operation on the key, which then takes the chain),
+        // and answered unsent by the flush loop before the canceller took it: the chain stays.
+        let third = Arc::new(Ticket::default());
+        *third.earlier() = Some(Arc::clone(&first));
+        assert!(third.state.compare_exchange(QUEUED, CANCELLED, SeqCst, SeqCst).is_ok());
+        third.answer();
+        assert!(third.earlier().take().is_some(), "the canceller still finds what it waits for");
     }
 
     #[test]
