@@ -3,13 +3,13 @@
 //! - A read that finds fewer than `ALONE_BELOW` of the connection's reads in flight (the reads
 //!   made here; other commands on the connection are not counted) is sent at once, a `GET`, as
 //!   it would be alone: it costs a `GET` plus a lock taken twice.
-//! - One that finds more opens a batch and starts a task that sends it (on the caller's
-//!   runtime; on the cache's background runtime when the caller's is a current-thread one,
-//!   which runs tasks only inside `block_on`): the task yields to the scheduler once, so that
-//!   the reads made meanwhile (by the tasks that were ready to run) join the batch, then sends
-//!   them all as one `MGET` (a `GET` if none joined) and answers each from its reply. A read
-//!   that finds a batch open joins it, unless the batch holds `MAX_BATCH` reads already: then
-//!   it is sent alone. No read waits for another read's reply
+//! - One that finds more opens a batch and starts a task that sends it, on the caller's
+//!   runtime: the task yields to the scheduler once, so that the reads made meanwhile (by the
+//!   tasks that were ready to run) join the batch, then sends them all as one `MGET` (a `GET` if
+//!   none joined) and answers each from its reply. A read that finds a batch open joins it,
+//!   unless the batch holds `MAX_BATCH` reads already, or was opened on another, current-thread
+//!   runtime (which runs tasks only inside `block_on`, so the read could wait for its next
+//!   call): then it is sent alone. No read waits for another read's reply
 //!   before its own is sent, and none depends on another caller's future: a caller that stops
 //!   waiting takes nothing with it.
 //!
@@ -53,6 +53,8 @@ struct Queue {
     in_flight: usize,
     /// The batch being gathered, if one is.
     open: Option<Vec<Member>>,
+    /// The current-thread runtime that opened it, if one did.
+    opened_on: Option<tokio::runtime::Id>,
 }
 
 /// A read in a batch.
@@ -95,8 +97,15 @@ impl Reads {
         }
         let mut queue = self.queue();
         let member = |tell| Member { key: key.to_owned(), joined: Instant::now(), tell };
+        // A batch opened on a current-thread runtime is joined from that runtime alone.
+        let opened_on = queue.opened_on;
+        let joinable = |open: &Vec<Member>| {
+            open.len() < MAX_BATCH
+                && opened_on
+                    .is_none_or(|id| tokio::runtime::Handle::try_current().is_ok_and(|rt| rt.id() == id))
+        };
         let full = match &mut queue.open {
-            Some(open) if open.len() < MAX_BATCH => {
+            Some(open) if joinable(open) => {
                 let (tell, answer) = oneshot::channel();
                 open.push(member(tell));
                 return Either::Right(wait(answer));
@@ -119,17 +128,22 @@ impl Reads {
         let (tell, answer) = oneshot::channel();
         queue.in_flight += 1;
         queue.open = Some(vec![member(tell)]);
-        drop(queue);
-        // Counted out (and the batch closed) when the task ends or is dropped, run or not. On
-        // the caller's runtime, unless it is a current-thread one: that one runs tasks only
-        // inside a `block_on`, and lookups from other runtimes that join the batch would wait
-        // for the next.
-        let batch = send_batch(Batch { sender: sender.clone(), gathering: true });
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread => {
-                drop(runtime.spawn(batch))
+        let runtime = tokio::runtime::Handle::try_current();
+        // A current-thread runtime runs its tasks only inside a `block_on`: a lookup from
+        // another runtime that joined the batch would wait for the next call. Those are sent
+        // alone; lookups of its own still join (they wait with the batch's task).
+        queue.opened_on = match &runtime {
+            Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+                Some(runtime.id())
             }
-            _ => crate::background::spawn(batch),
+            _ => None,
+        };
+        drop(queue);
+        // Counted out (and the batch closed) when the task ends or is dropped, run or not.
+        let batch = send_batch(Batch { sender: sender.clone(), gathering: true });
+        match runtime {
+            Ok(runtime) => drop(runtime.spawn(batch)),
+            Err(_) => crate::background::spawn(batch),
         }
         Either::Right(wait(answer))
     }
@@ -144,7 +158,11 @@ fn wait(answer: Answer) -> impl Future<Output = RedisResult<Option<Vec<u8>>>> {
 /// answers each.
 async fn send_batch<S: Sender>(mut batch: Batch<S>) {
     tokio::task::yield_now().await;
-    let mut members = batch.sender.reads().queue().open.take().unwrap_or_default();
+    let mut members = {
+        let mut queue = batch.sender.reads().queue();
+        queue.opened_on = None;
+        queue.open.take().unwrap_or_default()
+    };
     batch.gathering = false;
     let sender = &batch.sender;
     // Callers that stopped waiting are left out.
@@ -213,6 +231,7 @@ impl<S: Sender> Drop for Batch<S> {
         let mut queue = self.sender.reads().queue();
         if self.gathering {
             queue.open = None;
+            queue.opened_on = None;
         }
         queue.in_flight -= 1;
     }
