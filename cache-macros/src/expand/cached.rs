@@ -404,8 +404,9 @@ fn only_in_skipped(model: &Cached, name: &str) -> bool {
 /// The key companion's generic parameters: the function's, less those only `skip`ped
 /// parameters name, which the key leaves out too: invalidation names the key arguments alone
 /// (`user(id)` for `user<E: Executor>(db: E, id: i64)` with `skip(db)`), and nothing would
-/// infer them. Their `where` predicates go with them. When a parameter kept is bounded by
-/// one left out, all are kept (the invalidation then names them, as before).
+/// infer them. The `where` predicates that name them (and no parameter kept) go with them. When
+/// a parameter kept is bounded together with one left out, all are kept (the invalidation then
+/// names them all, as before).
 fn companion_generics(func: &ItemFn, model: &Cached) -> syn::Generics {
     let all = &func.sig.generics;
     let left_out: Vec<String> = all
@@ -433,20 +434,21 @@ fn companion_generics(func: &ItemFn, model: &Cached) -> syn::Generics {
     if kept.params.iter().any(|p| names_left_out(p)) {
         return all.clone();
     }
+    let kept_names: Vec<String> = kept
+        .type_params()
+        .map(|p| &p.ident)
+        .chain(kept.const_params().map(|p| &p.ident))
+        .map(ToString::to_string)
+        .collect();
+    let names_kept = |tokens: &dyn ToTokens| kept_names.iter().any(|name| super::mentions(tokens, name));
     if let Some(clause) = &mut kept.where_clause {
         let mut predicates = syn::punctuated::Punctuated::new();
         for predicate in &clause.predicates {
-            match predicate {
-                // `E: Executor`: goes with `E`.
-                syn::WherePredicate::Type(t) if names_left_out(&t.bounded_ty) => {
-                    let alone = matches!(&t.bounded_ty, syn::Type::Path(p) if p.qself.is_none()
-                        && p.path.get_ident().is_some_and(|i| left_out.contains(&i.to_string())));
-                    if !alone {
-                        return all.clone();
-                    }
-                }
-                other if names_left_out(other) => return all.clone(),
-                other => predicates.push(other.clone()),
+            match (names_left_out(predicate), names_kept(predicate)) {
+                // `E: Executor`, `for<'c> &'c mut E: Executor<'c>`: goes with `E`.
+                (true, false) => {}
+                (true, true) => return all.clone(),
+                (false, _) => predicates.push(predicate.clone()),
             }
         }
         clause.predicates = predicates;
@@ -574,6 +576,40 @@ mod tests {
     fn assert_valid(expansion: &str) {
         assert!(errors(expansion).is_empty(), "{expansion}");
         syn::parse_file(expansion).unwrap_or_else(|e| panic!("{e}: {expansion}"));
+    }
+
+    /// The key companion: without the parameters only skipped ones name, and without the
+    /// `where` predicates about them alone; kept whole when a predicate ties one to a kept one.
+    #[test]
+    fn the_key_companion_leaves_out_what_only_skipped_parameters_name() {
+        let squeeze = |s: &str| s.split_whitespace().collect::<String>();
+        let key_fn = |item: TokenStream| {
+            let out = squeeze(&expand(quote!(db = MarketData, prefix = "m", ttl = 60, skip(db)), item));
+            let at = out.find("fn__cache_key").expect("a key companion");
+            out[at..].split('{').next().unwrap().to_owned()
+        };
+        let apart = key_fn(quote!(
+            async fn balance<'e, E: Executor<'e>, T: Clone>(db: E, account: T) -> u64
+            where
+                for<'c> &'c E: Send,
+                T: Send,
+            {
+                0
+            }
+        ));
+        assert_eq!(
+            apart,
+            "fn__cache_key<'e,T:Clone>(account:T)->::core::option::Option<::std::string::String>whereT:Send"
+        );
+        let tied = key_fn(quote!(
+            async fn balance<E, T: Clone>(db: E, account: T) -> u64
+            where
+                T: From<E>,
+            {
+                0
+            }
+        ));
+        assert!(tied.starts_with("fn__cache_key<E,T:Clone>"), "{tied}");
     }
 
     #[test]

@@ -16,23 +16,43 @@ use syn::{Block, Ident, Type};
 /// `#[cfg_attr(predicate, cfg(..))]`), not the other attributes it applies
 /// (`tracing::instrument(skip(pool))` would fail on a companion without `pool`).
 pub(crate) fn conditions(attrs: &[syn::Attribute]) -> Vec<TokenStream> {
-    let mut conditions = Vec::new();
-    for attr in attrs {
-        if attr.path().is_ident("cfg") {
-            conditions.push(attr.to_token_stream());
-        } else if attr.path().is_ident("cfg_attr") {
-            let parsed = attr
-                .parse_args_with(syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated);
-            let Ok(list) = parsed else { continue };
-            let mut list = list.into_iter();
-            let Some(predicate) = list.next() else { continue };
-            let cfgs: Vec<syn::Meta> = list.filter(|meta| meta.path().is_ident("cfg")).collect();
-            if !cfgs.is_empty() {
-                conditions.push(quote!(#[cfg_attr(#predicate, #(#cfgs),*)]));
+    attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr"))
+        .filter_map(|attr| match &attr.meta {
+            syn::Meta::List(list) if attr.path().is_ident("cfg_attr") => match cfg_only(list) {
+                // One that does not parse (rustc rejects it anyway): copied as written, so that
+                // the items beside the function are compiled where it is.
+                Err(()) => Some(attr.to_token_stream()),
+                Ok(Some(kept)) => Some(quote!(#[#kept])),
+                Ok(None) => None,
+            },
+            _ => Some(attr.to_token_stream()),
+        })
+        .collect()
+}
+
+/// `cfg_attr(predicate, attrs..)` with only the `cfg`s among `attrs` (nested `cfg_attr`s
+/// filtered the same way); `None` when none is left; `Err` when it does not parse.
+fn cfg_only(list: &syn::MetaList) -> Result<Option<TokenStream>, ()> {
+    let parsed = list
+        .parse_args_with(syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated)
+        .map_err(|_| ())?;
+    let mut parsed = parsed.into_iter();
+    let predicate = parsed.next().ok_or(())?;
+    let mut kept = Vec::new();
+    for meta in parsed {
+        match &meta {
+            syn::Meta::List(nested) if nested.path.is_ident("cfg_attr") => {
+                if let Some(nested) = cfg_only(nested)? {
+                    kept.push(nested);
+                }
             }
+            _ if meta.path().is_ident("cfg") => kept.push(meta.to_token_stream()),
+            _ => {}
         }
     }
-    conditions
+    Ok((!kept.is_empty()).then(|| quote!(cfg_attr(#predicate, #(#kept),*))))
 }
 
 pub(crate) fn fallback(item: impl ToTokens, error: syn::Error) -> TokenStream {
@@ -122,5 +142,32 @@ pub(crate) fn async_body(ret: Option<&Type>, block: &Block) -> TokenStream {
             #fake_return
             #(#stmts)*
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::ToTokens;
+
+    /// What the items beside a function are compiled under: its `cfg`s, and of its `cfg_attr`s
+    /// the `cfg`s they apply (nested ones too), not the other attributes.
+    #[test]
+    fn conditions_keep_the_cfgs_alone() {
+        let item: syn::ItemFn = syn::parse_quote! {
+            #[cfg(unix)]
+            #[cfg_attr(feature = "a", tracing::instrument(skip(pool)))]
+            #[cfg_attr(feature = "b", cfg(windows), inline)]
+            #[cfg_attr(x, cfg_attr(y, cfg(z), inline))]
+            #[doc = "d"]
+            fn f() {}
+        };
+        let got: Vec<String> = super::conditions(&item.attrs)
+            .iter()
+            .map(|c| c.to_token_stream().to_string().split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            got,
+            ["#[cfg(unix)]", "#[cfg_attr(feature=\"b\",cfg(windows))]", "#[cfg_attr(x,cfg_attr(y,cfg(z)))]"]
+        );
     }
 }
