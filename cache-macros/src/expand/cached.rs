@@ -404,9 +404,9 @@ fn only_in_skipped(model: &Cached, name: &str) -> bool {
 /// The key companion's generic parameters: the function's, less those only `skip`ped
 /// parameters name, which the key leaves out too: invalidation names the key arguments alone
 /// (`user(id)` for `user<E: Executor>(db: E, id: i64)` with `skip(db)`), and nothing would
-/// infer them. The `where` predicates that name them (and no parameter kept) go with them. When
-/// a parameter kept is bounded together with one left out, all are kept (the invalidation then
-/// names them all, as before).
+/// infer them. Their bounds go with them, inline or in `where`. When a kept parameter's bound
+/// names one left out (`T: From<E>`), all are kept (the invalidation then names them all, as
+/// before).
 fn companion_generics(func: &ItemFn, model: &Cached) -> syn::Generics {
     let all = &func.sig.generics;
     let left_out: Vec<String> = all
@@ -444,11 +444,18 @@ fn companion_generics(func: &ItemFn, model: &Cached) -> syn::Generics {
     if let Some(clause) = &mut kept.where_clause {
         let mut predicates = syn::punctuated::Punctuated::new();
         for predicate in &clause.predicates {
-            match (names_left_out(predicate), names_kept(predicate)) {
-                // `E: Executor`, `for<'c> &'c mut E: Executor<'c>`: goes with `E`.
-                (true, false) => {}
-                (true, true) => return all.clone(),
-                (false, _) => predicates.push(predicate.clone()),
+            // As written inline: a bound on a left-out parameter goes with it, whatever it names;
+            // one on a kept parameter that names a left-out one ties them.
+            let (bounded, bounds): (&dyn ToTokens, &dyn ToTokens) = match predicate {
+                syn::WherePredicate::Type(t) => (&t.bounded_ty, &t.bounds),
+                other => (other, other),
+            };
+            match (names_left_out(bounded), names_kept(bounded), names_left_out(bounds)) {
+                // `E: Executor`, `E: From<T>`, `for<'c> &'c mut E: Executor<'c>`: goes with `E`.
+                (true, false, _) => {}
+                (false, _, false) => predicates.push(predicate.clone()),
+                // `T: From<E>`, `(E, T): Trait`.
+                _ => return all.clone(),
             }
         }
         clause.predicates = predicates;
@@ -601,6 +608,15 @@ mod tests {
             apart,
             "fn__cache_key<'e,T:Clone>(account:T)->::core::option::Option<::std::string::String>whereT:Send"
         );
+        let bound_apart = key_fn(quote!(
+            async fn balance<E, T: Clone>(db: E, account: T) -> u64
+            where
+                E: From<T>,
+            {
+                0
+            }
+        ));
+        assert!(bound_apart.starts_with("fn__cache_key<T:Clone>"), "as written inline: {bound_apart}");
         let tied = key_fn(quote!(
             async fn balance<E, T: Clone>(db: E, account: T) -> u64
             where
