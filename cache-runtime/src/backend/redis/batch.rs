@@ -309,16 +309,11 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
         });
         let replies = match self.breaker.admit() {
             Ok(permit) => {
-                let conn = &self.conn;
-                let sends = pipes.iter().map(|(pipe, _)| {
-                    let mut conn = conn.clone();
-                    async move { pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn).await }
-                });
                 // Each pipeline's own result: one slot's node failing fails its writes only.
                 let replies: Result<
                     Vec<redis::RedisResult<Vec<redis::RedisResult<redis::Value>>>>,
                     BackendError,
-                > = bounded(self.op_timeout, async { Ok(futures_util::future::join_all(sends).await) }).await;
+                > = send_each(&self.conn, &pipes, self.op_timeout).await;
                 let first_failure = match &replies {
                     Ok(per_pipe) => per_pipe.iter().find_map(|r| r.as_ref().err()).cloned(),
                     Err(_) => None,
@@ -425,11 +420,7 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
         let (conn, limit, tickets, db) =
             (self.conn.clone(), self.op_timeout, Arc::clone(&self.tickets), self.db);
         crate::background::spawn(async move {
-            let reads = pipes.iter().map(|(pipe, _)| {
-                let mut conn = conn.clone();
-                async move { pipe.query_async::<redis::Value>(&mut conn).await }
-            });
-            let _ = bounded(limit, async { Ok(futures_util::future::join_all(reads).await) }).await;
+            let _ = send_each::<_, redis::Value>(&conn, &pipes, limit).await;
             for (key, ticket) in unsure {
                 release(&tickets, db, key, &ticket);
             }
@@ -444,6 +435,24 @@ impl<Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> Writer<Co
             release(&self.tickets, self.db, std::mem::take(&mut q.write.key), ticket);
         }
     }
+}
+
+/// Sends every pipeline at once (one per slot on Cluster), all under one timer of `limit`; each
+/// pipeline's own reply.
+async fn send_each<Conn, T>(
+    conn: &Conn,
+    pipes: &[(redis::Pipeline, Vec<usize>)],
+    limit: Duration,
+) -> Result<Vec<redis::RedisResult<T>>, BackendError>
+where
+    Conn: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    T: redis::FromRedisValue,
+{
+    let sends = pipes.iter().map(|(pipe, _)| {
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<T>(&mut conn).await }
+    });
+    bounded(limit, async { Ok(futures_util::future::join_all(sends).await) }).await
 }
 
 /// Answers `ticket` (its write has landed, failed, or will never run), and forgets it unless a

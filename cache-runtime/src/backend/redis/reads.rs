@@ -52,9 +52,23 @@ struct Queue {
     /// Reads sent alone and not answered yet, and batches being gathered or sent.
     in_flight: usize,
     /// The batch being gathered, if one is.
-    open: Option<Vec<Member>>,
-    /// The current-thread runtime that opened it, if one did.
-    opened_on: Option<tokio::runtime::Id>,
+    open: Option<Open>,
+}
+
+/// A batch being gathered.
+struct Open {
+    members: Vec<Member>,
+    /// The current-thread runtime that opened it, if one did: joined from that runtime alone.
+    on: Option<tokio::runtime::Id>,
+}
+
+impl Open {
+    /// Whether a read made here may join: the batch has room, and its task runs without
+    /// waiting for another runtime's next `block_on`.
+    fn joinable(&self) -> bool {
+        self.members.len() < MAX_BATCH
+            && self.on.is_none_or(|id| tokio::runtime::Handle::try_current().is_ok_and(|rt| rt.id() == id))
+    }
 }
 
 /// A read in a batch.
@@ -97,17 +111,10 @@ impl Reads {
         }
         let mut queue = self.queue();
         let member = |tell| Member { key: key.to_owned(), joined: Instant::now(), tell };
-        // A batch opened on a current-thread runtime is joined from that runtime alone.
-        let opened_on = queue.opened_on;
-        let joinable = |open: &Vec<Member>| {
-            open.len() < MAX_BATCH
-                && opened_on
-                    .is_none_or(|id| tokio::runtime::Handle::try_current().is_ok_and(|rt| rt.id() == id))
-        };
         let full = match &mut queue.open {
-            Some(open) if joinable(open) => {
+            Some(open) if open.joinable() => {
                 let (tell, answer) = oneshot::channel();
-                open.push(member(tell));
+                open.members.push(member(tell));
                 return Either::Right(wait(answer));
             }
             Some(_) => true,
@@ -127,17 +134,17 @@ impl Reads {
         }
         let (tell, answer) = oneshot::channel();
         queue.in_flight += 1;
-        queue.open = Some(vec![member(tell)]);
         let runtime = tokio::runtime::Handle::try_current();
         // A current-thread runtime runs its tasks only inside a `block_on`: a lookup from
         // another runtime that joined the batch would wait for the next call. Those are sent
         // alone; lookups of its own still join (they wait with the batch's task).
-        queue.opened_on = match &runtime {
+        let on = match &runtime {
             Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
                 Some(runtime.id())
             }
             _ => None,
         };
+        queue.open = Some(Open { members: vec![member(tell)], on });
         drop(queue);
         // Counted out (and the batch closed) when the task ends or is dropped, run or not.
         let batch = send_batch(Batch { sender: sender.clone(), gathering: true });
@@ -158,11 +165,7 @@ fn wait(answer: Answer) -> impl Future<Output = RedisResult<Option<Vec<u8>>>> {
 /// answers each.
 async fn send_batch<S: Sender>(mut batch: Batch<S>) {
     tokio::task::yield_now().await;
-    let mut members = {
-        let mut queue = batch.sender.reads().queue();
-        queue.opened_on = None;
-        queue.open.take().unwrap_or_default()
-    };
+    let mut members = batch.sender.reads().queue().open.take().map(|open| open.members).unwrap_or_default();
     batch.gathering = false;
     let sender = &batch.sender;
     // Callers that stopped waiting are left out.
@@ -231,7 +234,6 @@ impl<S: Sender> Drop for Batch<S> {
         let mut queue = self.sender.reads().queue();
         if self.gathering {
             queue.open = None;
-            queue.opened_on = None;
         }
         queue.in_flight -= 1;
     }
